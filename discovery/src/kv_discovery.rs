@@ -1,0 +1,349 @@
+//! `KvDiscovery`: `Discovery` on top of any `KeyValue`. Each instance is one JSON record at
+//! `<root>/services/<service>/<id>`, attached to its own lease, so an instance whose
+//! process dies disappears after its TTL on every backend alike.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use crate::discovery::{
+    Discovery, DiscoveryCapabilities, Health, Instance, Query, Registration, RegistrationHandle, RegistrationLease, Snapshot, SnapshotStream,
+};
+use crate::error::{Error, Result};
+use crate::kv::{Expect, KeyValue, KvEntry, KvEventKind, LeaseId};
+use crate::lease_keeper::LeaseKeeper;
+use crate::memory_kv::MemoryKv;
+use crate::name::{validate_instance_id, ServiceName};
+
+/// Default key root for service records.
+pub const DEFAULT_ROOT: &str = "keelson";
+
+/// `Discovery` stored in a `KeyValue`.
+#[derive(Clone, Debug)]
+pub struct KvDiscovery {
+    kv: Arc<dyn KeyValue>,
+    root: String,
+    retry: Duration,
+}
+
+/// The embedded default: [`KvDiscovery`] over a [`MemoryKv`]. Needs no server.
+pub type MemoryDiscovery = KvDiscovery;
+
+impl KvDiscovery {
+    /// Discovery in an in-process [`MemoryKv`].
+    pub fn memory() -> Self {
+        KvDiscovery::new(Arc::new(MemoryKv::new()))
+    }
+
+    /// Discovery in `kv`, under [`DEFAULT_ROOT`].
+    pub fn new(kv: Arc<dyn KeyValue>) -> Self {
+        KvDiscovery { kv, root: DEFAULT_ROOT.to_owned(), retry: Duration::from_millis(500) }
+    }
+
+    /// Uses `root` as the key prefix, to keep several catalogs in one store.
+    pub fn with_root(mut self, root: impl Into<String>) -> Result<Self> {
+        let root = root.into();
+        crate::kv::validate_key(&root)?;
+        self.root = root.trim_end_matches('/').to_owned();
+        Ok(self)
+    }
+
+    /// The store underneath.
+    pub fn kv(&self) -> &Arc<dyn KeyValue> {
+        &self.kv
+    }
+
+    fn prefix_for(&self, service: Option<&ServiceName>) -> String {
+        match service {
+            Some(s) => format!("{}/services/{}/", self.root, s),
+            None => format!("{}/services/", self.root),
+        }
+    }
+
+    fn key(&self, service: &ServiceName, id: &str) -> String {
+        format!("{}{}", self.prefix_for(Some(service)), id)
+    }
+
+    async fn read(&self, service: &ServiceName, id: &str) -> Result<(KvEntry, Record)> {
+        validate_instance_id(id)?;
+        let key = self.key(service, id);
+        let entry = self.kv.get(&key).await?.ok_or_else(|| Error::NotFound { kind: "instance", name: format!("{service}/{id}") })?;
+        let record = Record::decode(&entry)?;
+        Ok((entry, record))
+    }
+}
+
+/// The stored form of an instance.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Record {
+    service: ServiceName,
+    id: String,
+    address: String,
+    port: u16,
+    #[serde(default)]
+    tags: Vec<String>,
+    #[serde(default)]
+    meta: BTreeMap<String, String>,
+    health: Health,
+}
+
+impl Record {
+    fn decode(entry: &KvEntry) -> Result<Record> {
+        serde_json::from_slice(&entry.value).map_err(|e| Error::Backend { backend: "kv-discovery", source: format!("record {:?} is not a service record: {e}", entry.key).into() })
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        // Serialising plain strings and numbers cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    fn into_instance(self) -> Instance {
+        Instance { service: self.service, id: self.id, address: self.address, port: self.port, tags: self.tags, meta: self.meta, health: self.health }
+    }
+}
+
+#[derive(Debug)]
+struct KvLease {
+    kv: Arc<dyn KeyValue>,
+    key: String,
+    current: Arc<std::sync::Mutex<LeaseId>>,
+    _keeper: LeaseKeeper,
+}
+
+#[async_trait]
+impl RegistrationLease for KvLease {
+    async fn release(&self) -> Result<()> {
+        let lease = *self.current.lock().unwrap_or_else(|p| p.into_inner());
+        match self.kv.revoke_lease(lease).await {
+            Ok(()) => Ok(()),
+            // Already expired: make sure the key is gone all the same.
+            Err(Error::NotFound { .. }) => self.kv.delete(&self.key).await.map(|_| ()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[async_trait]
+impl Discovery for KvDiscovery {
+    fn backend(&self) -> &'static str {
+        self.kv.backend()
+    }
+
+    fn capabilities(&self) -> DiscoveryCapabilities {
+        DiscoveryCapabilities::new(true, true, true)
+    }
+
+    async fn register(&self, registration: Registration) -> Result<RegistrationHandle> {
+        registration.validate()?;
+        let key = self.key(&registration.service, &registration.id);
+        let record = Record {
+            service: registration.service.clone(),
+            id: registration.id.clone(),
+            address: registration.address,
+            port: registration.port,
+            tags: registration.tags,
+            meta: registration.meta,
+            health: registration.initial_health,
+        };
+        let ttl = registration.ttl;
+        let lease = self.kv.grant_lease(ttl).await?;
+        if let Err(e) = self.kv.put(&key, record.encode(), Some(lease)).await {
+            let _ = self.kv.revoke_lease(lease).await;
+            return Err(e);
+        }
+        // If the lease is lost (a long partition), put the record back on a new lease,
+        // keeping whatever health the checks set meanwhile if the key still exists.
+        let current = Arc::new(std::sync::Mutex::new(lease));
+        let keeper = {
+            let (kv, key, current) = (self.kv.clone(), key.clone(), current.clone());
+            LeaseKeeper::spawn(self.kv.clone(), lease, ttl, move || {
+                let (kv, key, current, mut record) = (kv.clone(), key.clone(), current.clone(), record.clone());
+                async move {
+                    let lease = kv.grant_lease(ttl).await.ok()?;
+                    if let Ok(Some(existing)) = kv.get(&key).await {
+                        if let Ok(r) = Record::decode(&existing) {
+                            record.health = r.health;
+                        }
+                    }
+                    kv.put(&key, record.encode(), Some(lease)).await.ok()?;
+                    *current.lock().unwrap_or_else(|p| p.into_inner()) = lease;
+                    Some(lease)
+                }
+            })
+        };
+        tracing::debug!(service = %registration.service, id = %registration.id, "registered");
+        Ok(RegistrationHandle::new(registration.service, registration.id, Box::new(KvLease { kv: self.kv.clone(), key, current, _keeper: keeper })))
+    }
+
+    async fn deregister(&self, service: &ServiceName, id: &str) -> Result<()> {
+        validate_instance_id(id)?;
+        if self.kv.delete(&self.key(service, id)).await? {
+            Ok(())
+        } else {
+            Err(Error::NotFound { kind: "instance", name: format!("{service}/{id}") })
+        }
+    }
+
+    async fn set_health(&self, service: &ServiceName, id: &str, health: Health) -> Result<()> {
+        // Read-modify-CAS, so a concurrent re-registration is never overwritten with stale data.
+        loop {
+            let (entry, mut record) = self.read(service, id).await?;
+            if record.health == health {
+                return Ok(());
+            }
+            record.health = health;
+            match self.kv.compare_and_swap(&entry.key, Expect::Version(entry.version), record.encode(), entry.lease).await {
+                Ok(_) => return Ok(()),
+                Err(Error::Conflict { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn instances(&self, query: &Query) -> Result<Vec<Instance>> {
+        let list = self.kv.list(&self.prefix_for(query.service.as_ref())).await?;
+        Ok(sorted(decode_all(&list.entries).into_values().filter(|i| query.matches(i)).collect()))
+    }
+
+    async fn services(&self) -> Result<Vec<ServiceName>> {
+        let list = self.kv.list(&self.prefix_for(None)).await?;
+        let mut names: Vec<ServiceName> = decode_all(&list.entries).into_values().map(|i| i.service).collect();
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+
+    async fn watch(&self, query: Query) -> Result<SnapshotStream> {
+        let prefix = self.prefix_for(query.service.as_ref());
+        // The first list happens here so that a bad backend fails the call, not the stream.
+        let list = self.kv.list(&prefix).await?;
+        let state = WatchState { kv: self.kv.clone(), prefix, query, retry: self.retry, all: decode_all(&list.entries), revision: list.revision, last_sent: None, events: None };
+        Ok(futures::stream::unfold(state, WatchState::next).boxed())
+    }
+}
+
+/// Decodes records keyed by their KV key; undecodable records are skipped with a warning
+/// rather than failing every lookup of the service.
+fn decode_all(entries: &[KvEntry]) -> BTreeMap<String, Instance> {
+    entries
+        .iter()
+        .filter_map(|e| match Record::decode(e) {
+            Ok(r) => Some((e.key.clone(), r.into_instance())),
+            Err(err) => {
+                tracing::warn!(%err, "skipping record");
+                None
+            }
+        })
+        .collect()
+}
+
+fn sorted(mut instances: Vec<Instance>) -> Vec<Instance> {
+    instances.sort_by(|a, b| (&a.service, &a.id).cmp(&(&b.service, &b.id)));
+    instances
+}
+
+struct WatchState {
+    kv: Arc<dyn KeyValue>,
+    prefix: String,
+    query: Query,
+    retry: Duration,
+    /// Every instance under the prefix, by key, as of `revision`.
+    all: BTreeMap<String, Instance>,
+    revision: u64,
+    last_sent: Option<Vec<Instance>>,
+    events: Option<crate::kv::KvWatch>,
+}
+
+impl WatchState {
+    async fn next(mut self) -> Option<(Snapshot, Self)> {
+        loop {
+            let view = sorted(self.all.values().filter(|i| self.query.matches(i)).cloned().collect());
+            if self.last_sent.as_ref() != Some(&view) {
+                self.last_sent = Some(view.clone());
+                return Some((Snapshot { version: self.revision, instances: view }, self));
+            }
+            self.advance().await;
+        }
+    }
+
+    /// Applies the next batch of changes, resuming or re-listing after errors. Only ever
+    /// replaces `all` with a successful read, so errors never empty the view.
+    async fn advance(&mut self) {
+        loop {
+            let mut events = match self.events.take() {
+                Some(events) => events,
+                None => match self.kv.watch(&self.prefix, Some(self.revision + 1)).await {
+                    Ok(w) => w,
+                    Err(Error::Compacted { .. }) => {
+                        // The re-listed view may already differ: let the caller compare.
+                        self.relist().await;
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "discovery watch failed; retrying");
+                        tokio::time::sleep(self.retry).await;
+                        continue;
+                    }
+                },
+            };
+            match events.next().await {
+                Some(Ok(first)) => {
+                    self.apply(first);
+                    // Coalesce whatever else is already there into one snapshot.
+                    while let Some(Some(Ok(ev))) = futures::FutureExt::now_or_never(events.next()) {
+                        self.apply(ev);
+                    }
+                    self.events = Some(events);
+                    return;
+                }
+                Some(Err(Error::Compacted { .. })) => {
+                    self.relist().await;
+                    return;
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, revision = self.revision, "discovery watch interrupted; resuming");
+                    tokio::time::sleep(self.retry).await;
+                }
+                None => tokio::time::sleep(self.retry).await,
+            }
+        }
+    }
+
+    fn apply(&mut self, ev: crate::kv::KvEvent) {
+        self.revision = ev.revision;
+        match ev.kind {
+            KvEventKind::Delete => {
+                self.all.remove(&ev.key);
+            }
+            KvEventKind::Put => {
+                let entry = KvEntry { key: ev.key.clone(), value: ev.value, version: ev.revision, create_revision: 0, lease: None };
+                match Record::decode(&entry) {
+                    Ok(r) => {
+                        self.all.insert(ev.key, r.into_instance());
+                    }
+                    Err(err) => tracing::warn!(%err, "skipping record"),
+                }
+            }
+        }
+    }
+
+    async fn relist(&mut self) {
+        loop {
+            match self.kv.list(&self.prefix).await {
+                Ok(list) => {
+                    self.all = decode_all(&list.entries);
+                    self.revision = list.revision;
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "discovery re-list failed; retrying");
+                    tokio::time::sleep(self.retry).await;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! Service discovery and cluster state for keelson.
+//!
+//! Two traits: [`Discovery`] (register service instances, look them up, watch them) and
+//! [`KeyValue`] (etcd-style cluster state: revisions, compare-and-swap, prefix watches,
+//! leases, locks). The embedded default needs no server: [`MemoryKv`], and
+//! [`MemoryDiscovery`], which is [`KvDiscovery`] over it. `KvDiscovery` works over any
+//! `KeyValue`, so a store backend gets discovery for free. [`health`] runs active
+//! checks that set instance health through any `Discovery`.
+//!
+//! ```
+//! use keelson_discovery::{Discovery, MemoryDiscovery, Query, Registration, ServiceName};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), keelson_discovery::Error> {
+//! let discovery = MemoryDiscovery::memory();
+//! let web = ServiceName::new("web")?;
+//! let handle = discovery
+//!     .register(Registration::new(web.clone(), "web-1", "127.0.0.1", 8080).with_tag("keelson.http.host=web.localhost"))
+//!     .await?;
+//! let found = discovery.instances(&Query::service(web).healthy()).await?;
+//! assert_eq!(found[0].tag_value("keelson.http.host"), Some("web.localhost"));
+//! handle.deregister().await?;
+//! # Ok(())
+//! # }
+//! ```
+
+mod discovery;
+mod error;
+pub mod health;
+mod kv;
+mod kv_discovery;
+mod lease_keeper;
+mod memory_kv;
+mod name;
+
+#[cfg(feature = "conformance")]
+pub mod conformance;
+
+pub use discovery::{
+    Discovery, DiscoveryCapabilities, Health, Instance, Query, Registration, RegistrationHandle, RegistrationLease, Snapshot, SnapshotStream, DEFAULT_TTL,
+};
+pub use error::{Error, Result};
+pub use kv::{
+    validate_key, Expect, KeyValue, KvCapabilities, KvEntry, KvEvent, KvEventKind, KvList, KvLock, KvWatch, LeaseId, LOCK_PREFIX, MAX_KEY_BYTES, MAX_VALUE_BYTES,
+    MIN_LEASE_TTL,
+};
+pub use kv_discovery::{KvDiscovery, MemoryDiscovery, DEFAULT_ROOT};
+pub use lease_keeper::LeaseKeeper;
+pub use memory_kv::{MemoryKv, DEFAULT_HISTORY};
+pub use name::{validate_instance_id, validate_label, ServiceName};

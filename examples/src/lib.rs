@@ -1,0 +1,1 @@
+//! Reference platforms built from keelson crates.

@@ -1,0 +1,1 @@
+//! Log sources, sinks and shipping for keelson.

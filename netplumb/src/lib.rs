@@ -1,0 +1,1 @@
+//! Container networking drivers for keelson.

@@ -1,0 +1,1 @@
+//! OCI image registry storage for keelson.

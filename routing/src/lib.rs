@@ -1,0 +1,1 @@
+//! Route tables and an HTTP reverse proxy for keelson.

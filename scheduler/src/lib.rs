@@ -1,0 +1,1 @@
+//! Placement, orchestration drivers and volumes for keelson.

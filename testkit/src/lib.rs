@@ -1,0 +1,1 @@
+//! Dev-only helpers: start real etcd, dnsmasq, Docker images and network namespaces for tests.
