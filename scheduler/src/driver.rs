@@ -1,0 +1,171 @@
+//! The `Driver` trait: run a task on this node, stop it with a grace period, inspect it,
+//! read its output.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{validate_id, Error, Result};
+
+/// What to run.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSpec {
+    /// Task id, unique on the driver (an allocation id, say).
+    pub id: String,
+    /// Image to run, for drivers that run images; ignored by the process driver.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Program and arguments.
+    pub command: Vec<String>,
+    /// Extra environment variables.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory.
+    #[serde(default)]
+    pub working_dir: Option<PathBuf>,
+    /// Labels kept with the task (job, allocation, version), for adoption and listing.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl TaskSpec {
+    /// A task running `command`.
+    pub fn new(id: impl Into<String>, command: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        TaskSpec { id: id.into(), command: command.into_iter().map(Into::into).collect(), ..TaskSpec::default() }
+    }
+
+    /// Adds an environment variable.
+    pub fn with_env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.insert(key.into(), value.into());
+        self
+    }
+
+    /// Adds a label.
+    pub fn with_label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.labels.insert(key.into(), value.into());
+        self
+    }
+
+    /// Checks the spec before anything starts.
+    pub fn validate(&self) -> Result<()> {
+        validate_id("task id", &self.id)?;
+        match self.command.first() {
+            None => return Err(Error::invalid("command", "", format!("task {:?}: must name a program", self.id))),
+            Some(p) if p.is_empty() => return Err(Error::invalid("command", "", format!("task {:?}: program must not be empty", self.id))),
+            _ => {}
+        }
+        if let Some(k) = self.env.keys().find(|k| k.is_empty() || k.contains('=') || k.contains('\0')) {
+            return Err(Error::invalid("env name", k, "must be non-empty without '=' or NUL"));
+        }
+        Ok(())
+    }
+}
+
+/// Where a task is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskState {
+    /// Running.
+    Running,
+    /// Finished: by its own exit (`code`) or by a signal.
+    Exited {
+        /// Exit code, if it exited by itself.
+        code: Option<i32>,
+        /// Signal number, if a signal ended it.
+        signal: Option<i32>,
+    },
+}
+
+impl TaskState {
+    /// Whether the task has finished.
+    pub fn is_exited(self) -> bool {
+        matches!(self, TaskState::Exited { .. })
+    }
+}
+
+/// A task as the driver reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskStatus {
+    /// Task id.
+    pub id: String,
+    /// Current state.
+    pub state: TaskState,
+    /// Labels given at start.
+    pub labels: BTreeMap<String, String>,
+    /// When it started.
+    pub started_at: SystemTime,
+}
+
+/// Which output stream a line came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputStream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// One line of a task's output, without its newline.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutputLine {
+    /// Stdout or stderr.
+    pub stream: OutputStream,
+    /// The text (invalid UTF-8 replaced).
+    pub line: String,
+    /// When the driver read it.
+    pub timestamp: SystemTime,
+}
+
+/// A task's output: recent lines first, then live lines until the task's streams close.
+pub type Output = BoxStream<'static, OutputLine>;
+
+/// What a driver supports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DriverCapabilities {
+    /// Runs images (`TaskSpec::image`).
+    pub images: bool,
+    /// Enforces cpu/memory limits.
+    pub resource_limits: bool,
+}
+
+impl DriverCapabilities {
+    /// Capabilities with every flag given.
+    pub fn new(images: bool, resource_limits: bool) -> Self {
+        DriverCapabilities { images, resource_limits }
+    }
+}
+
+/// Runs tasks on this node.
+#[async_trait]
+pub trait Driver: Send + Sync + std::fmt::Debug {
+    /// The driver's name.
+    fn name(&self) -> &'static str;
+
+    /// What it supports.
+    fn capabilities(&self) -> DriverCapabilities;
+
+    /// Starts a task. [`Error::Conflict`] if a task with that id is still running.
+    async fn start(&self, spec: TaskSpec) -> Result<TaskStatus>;
+
+    /// Asks the task to stop (SIGTERM or the runtime's equivalent); after `grace`, kills
+    /// it. Returns the final status. Stopping an exited task returns its status.
+    async fn stop(&self, id: &str, grace: Duration) -> Result<TaskStatus>;
+
+    /// The task's current status.
+    async fn inspect(&self, id: &str) -> Result<TaskStatus>;
+
+    /// The task's output.
+    async fn output(&self, id: &str) -> Result<Output>;
+
+    /// Every task the driver knows.
+    async fn list(&self) -> Result<Vec<TaskStatus>>;
+
+    /// Forgets an exited task. [`Error::Conflict`] if it is still running.
+    async fn remove(&self, id: &str) -> Result<()>;
+}

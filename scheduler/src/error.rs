@@ -1,0 +1,130 @@
+//! The one error type of this crate.
+
+use std::time::Duration;
+
+/// Result alias for this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What went wrong, in terms a caller can act on.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An argument was rejected before anything was done.
+    #[error("invalid {field} {value:?}: {reason}")]
+    InvalidInput {
+        /// Which argument.
+        field: &'static str,
+        /// The offending value.
+        value: String,
+        /// Why.
+        reason: String,
+    },
+    /// A task group asks for more of a resource than the largest node has: no amount of
+    /// waiting or draining will place it.
+    #[error("group {group:?} asks for {requested} {dimension} per task, but the largest node has {largest}")]
+    ExceedsNodeCapacity {
+        /// The task group.
+        group: String,
+        /// The resource dimension.
+        dimension: Dimension,
+        /// What one task asks for.
+        requested: u64,
+        /// The largest capacity of any eligible node.
+        largest: u64,
+    },
+    /// The thing does not exist.
+    #[error("{kind} {name:?} not found")]
+    NotFound {
+        /// What kind of thing.
+        kind: &'static str,
+        /// Its name.
+        name: String,
+    },
+    /// The thing already exists.
+    #[error("{kind} {name:?} already exists")]
+    Conflict {
+        /// What kind of thing.
+        kind: &'static str,
+        /// Its name.
+        name: String,
+    },
+    /// The backend cannot do this.
+    #[error("{backend} does not support {operation}")]
+    Unsupported {
+        /// The operation.
+        operation: &'static str,
+        /// The backend.
+        backend: &'static str,
+    },
+    /// The backend cannot be reached right now.
+    #[error("{backend} unavailable: {reason}")]
+    Unavailable {
+        /// The backend.
+        backend: &'static str,
+        /// What failed.
+        reason: String,
+    },
+    /// The operation did not finish in time.
+    #[error("{operation} timed out after {after:?}")]
+    Timeout {
+        /// The operation.
+        operation: &'static str,
+        /// How long we waited.
+        after: Duration,
+    },
+    /// Any other backend failure.
+    #[error("{backend} error: {source}")]
+    Backend {
+        /// The backend.
+        backend: &'static str,
+        /// Its error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl Error {
+    /// Whether the same call may succeed later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Error::Unavailable { .. } | Error::Timeout { .. })
+    }
+
+    pub(crate) fn invalid(field: &'static str, value: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::InvalidInput { field, value: value.into(), reason: reason.into() }
+    }
+}
+
+/// A resource dimension, for capacity errors and placement explanations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dimension {
+    /// CPU, in millicores.
+    Cpu,
+    /// Memory, in MiB.
+    Memory,
+    /// A static port.
+    Ports,
+}
+
+impl std::fmt::Display for Dimension {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Dimension::Cpu => "cpu millicores",
+            Dimension::Memory => "memory MiB",
+            Dimension::Ports => "ports",
+        })
+    }
+}
+
+/// A name used as an id (job, group, node, task, volume): 1 to 128 of `A-Za-z0-9_.-`,
+/// starting with an alphanumeric, so it is safe in keys, labels, file names and logs.
+pub fn validate_id(field: &'static str, value: &str) -> Result<()> {
+    let ok_len = !value.is_empty() && value.len() <= 128;
+    let ok_chars = value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    let ok_start = value.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric());
+    if ok_len && ok_chars && ok_start {
+        Ok(())
+    } else {
+        Err(Error::invalid(field, value, "must be 1 to 128 of A-Za-z0-9_.- starting with a letter or digit"))
+    }
+}

@@ -1,0 +1,155 @@
+//! `VolumeManager`: named storage that tasks mount. `LocalVolumes` keeps each volume as a
+//! directory under one root.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{validate_id, Error, Result};
+
+/// A volume as the manager reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    /// Volume name.
+    pub name: String,
+    /// Where a task mounts it from on this node.
+    pub mountpoint: PathBuf,
+    /// Labels given at creation.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// What a volume manager supports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct VolumeCapabilities {
+    /// Volumes survive the manager's process.
+    pub durable: bool,
+}
+
+/// Creates, lists and removes named volumes.
+#[async_trait]
+pub trait VolumeManager: Send + Sync + std::fmt::Debug {
+    /// The manager's name.
+    fn name(&self) -> &'static str;
+
+    /// What it supports.
+    fn capabilities(&self) -> VolumeCapabilities;
+
+    /// Creates a volume. [`Error::Conflict`] if it exists.
+    async fn create(&self, name: &str, labels: BTreeMap<String, String>) -> Result<Volume>;
+
+    /// Looks a volume up.
+    async fn get(&self, name: &str) -> Result<Volume>;
+
+    /// Every volume, sorted by name.
+    async fn list(&self) -> Result<Vec<Volume>>;
+
+    /// Removes a volume and its data. [`Error::NotFound`] if absent.
+    async fn remove(&self, name: &str) -> Result<()>;
+}
+
+/// Volumes as directories under a root: `<root>/<name>/data` holds the data and
+/// `<root>/<name>/labels.json` the labels. Names are ids (no `/`, no `..`), so a volume
+/// can never point outside the root.
+#[derive(Clone, Debug)]
+pub struct LocalVolumes {
+    root: PathBuf,
+}
+
+const BACKEND: &str = "local";
+
+fn io_err(e: std::io::Error) -> Error {
+    Error::Backend { backend: BACKEND, source: Box::new(e) }
+}
+
+impl LocalVolumes {
+    /// Uses (and creates) `root`.
+    pub fn new(root: impl Into<PathBuf>) -> Result<Self> {
+        let root = root.into();
+        std::fs::create_dir_all(&root).map_err(|e| Error::invalid("volume root", root.display().to_string(), e.to_string()))?;
+        Ok(LocalVolumes { root })
+    }
+
+    fn dir(&self, name: &str) -> Result<PathBuf> {
+        validate_id("volume name", name)?;
+        Ok(self.root.join(name))
+    }
+
+    async fn read(&self, name: &str, dir: &Path) -> Result<Volume> {
+        let labels = match tokio::fs::read(dir.join("labels.json")).await {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| Error::Backend { backend: BACKEND, source: Box::new(e) })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Error::NotFound { kind: "volume", name: name.to_owned() }),
+            Err(e) => return Err(io_err(e)),
+        };
+        Ok(Volume { name: name.to_owned(), mountpoint: dir.join("data"), labels })
+    }
+}
+
+#[async_trait]
+impl VolumeManager for LocalVolumes {
+    fn name(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn capabilities(&self) -> VolumeCapabilities {
+        VolumeCapabilities { durable: true }
+    }
+
+    async fn create(&self, name: &str, labels: BTreeMap<String, String>) -> Result<Volume> {
+        let dir = self.dir(name)?;
+        // create_dir (not _all) is the atomic claim: of two concurrent creates one fails.
+        match tokio::fs::create_dir(&dir).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(Error::Conflict { kind: "volume", name: name.to_owned() }),
+            Err(e) => return Err(io_err(e)),
+        }
+        let made = async {
+            tokio::fs::create_dir(dir.join("data")).await?;
+            let tmp = dir.join(".labels.json.tmp");
+            tokio::fs::write(&tmp, serde_json::to_vec(&labels).unwrap_or_default()).await?;
+            // The labels file appearing is the commit point: a crash before it leaves a
+            // directory `get` reports as absent, and `create` can be retried after removal.
+            tokio::fs::rename(&tmp, dir.join("labels.json")).await
+        }
+        .await;
+        if let Err(e) = made {
+            let _ = tokio::fs::remove_dir_all(&dir).await;
+            return Err(io_err(e));
+        }
+        Ok(Volume { name: name.to_owned(), mountpoint: dir.join("data"), labels })
+    }
+
+    async fn get(&self, name: &str) -> Result<Volume> {
+        let dir = self.dir(name)?;
+        self.read(name, &dir).await
+    }
+
+    async fn list(&self) -> Result<Vec<Volume>> {
+        let mut out = Vec::new();
+        let mut entries = tokio::fs::read_dir(&self.root).await.map_err(io_err)?;
+        while let Some(entry) = entries.next_entry().await.map_err(io_err)? {
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else { continue };
+            if validate_id("volume name", &name).is_err() {
+                continue;
+            }
+            match self.read(&name, &entry.path()).await {
+                Ok(v) => out.push(v),
+                Err(Error::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    async fn remove(&self, name: &str) -> Result<()> {
+        let dir = self.dir(name)?;
+        match tokio::fs::remove_dir_all(&dir).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::NotFound { kind: "volume", name: name.to_owned() }),
+            Err(e) => Err(io_err(e)),
+        }
+    }
+}
