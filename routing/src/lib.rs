@@ -1,1 +1,41 @@
-//! Route tables and an HTTP reverse proxy for keelson.
+//! Routing for keelson: route tables, the [`Router`] trait, and an HTTP/1.1 reverse
+//! [`Proxy`] on hyper.
+//!
+//! The table is an immutable [`RouteTable`] snapshot behind `arc-swap`
+//! ([`MemoryRouter`]): the proxy reads it lock-free on every request, and changes build a
+//! new table and swap it in, atomically per batch. Routes come from code, a
+//! [`RoutesFile`], or a `Discovery` watch ([`follow_discovery`]) where instances carry the
+//! tag `keelson.http.host=<host>`.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use keelson_routing::{Endpoint, Host, MemoryRouter, Route, RouteChange, Router};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), keelson_routing::Error> {
+//! let router = Arc::new(MemoryRouter::new());
+//! let host = Host::new("web.localhost")?;
+//! let endpoints = vec![Endpoint::new("web-1", "127.0.0.1:8081".parse().unwrap()), Endpoint::new("web-2", "127.0.0.1:8082".parse().unwrap())];
+//! router.apply(vec![RouteChange::Upsert(Route::new(host, endpoints))]).await?;
+//! let table = router.snapshot();
+//! let route = table.lookup("web.localhost").expect("route");
+//! assert_ne!(route.pick().unwrap().id, route.pick().unwrap().id, "round robin");
+//! // To serve it: Arc::new(Proxy::new(router, ProxyConfig::default())).serve(listener, shutdown).await
+//! # Ok(())
+//! # }
+//! ```
+
+mod error;
+mod proxy;
+mod router;
+mod sources;
+mod table;
+
+#[cfg(feature = "conformance")]
+pub mod conformance;
+
+pub use error::{Error, Result};
+pub use proxy::{strip_hop_by_hop, Proxy, ProxyBody, ProxyConfig};
+pub use router::{MemoryRouter, Router, RouterCapabilities};
+pub use sources::{follow_discovery, routes_from_instances, RoutesFile, HTTP_HOST_TAG};
+pub use table::{Endpoint, Host, Route, RouteChange, RouteEntry, RouteTable};

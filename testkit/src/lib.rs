@@ -1,1 +1,24 @@
-//! Dev-only helpers: start real etcd, dnsmasq, Docker images and network namespaces for tests.
+//! Dev-only helpers that start **real** components for keelson's tests: etcd from
+//! Debian's `etcd-server`, dnsmasq with given records, a `FROM scratch` busybox image
+//! for Docker, network namespaces joined by veth pairs, and small HTTP helpers.
+//!
+//! Every helper that needs a tool checks for it first and fails with the exact
+//! `apt-get install` line when it is missing; nothing silently passes. Everything
+//! started is stopped and removed on drop.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), keelson_testkit::TestkitError> {
+//! let etcd = keelson_testkit::etcd::Etcd::start()?;
+//! println!("etcd at {}", etcd.client_url());
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod dnsmasq;
+pub mod docker;
+pub mod etcd;
+pub mod http;
+pub mod netns;
+mod tools;
+
+pub use tools::{free_port, require, run, wait_for_tcp, TestkitError};

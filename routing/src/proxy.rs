@@ -1,0 +1,227 @@
+//! An HTTP/1.1 reverse proxy on hyper that serves any [`Router`].
+//!
+//! Per request: one lock-free snapshot load, one hash lookup, one atomic increment to pick
+//! the endpoint. Upstream connections are pooled (keep-alive on by default). Errors get a
+//! plain-text body that says what failed: 404 no route, 503 no healthy endpoint,
+//! 502 upstream unreachable or broken, 504 upstream too slow.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_TYPE, HOST};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+
+use crate::router::Router;
+
+/// The body type the proxy answers with.
+pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// Proxy timeouts and pool settings. Defaults suit a LAN upstream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxyConfig {
+    /// Time to establish an upstream TCP connection (default 2 s).
+    pub connect_timeout: Duration,
+    /// Time from sending the request upstream to its response headers (default 30 s).
+    pub upstream_timeout: Duration,
+    /// Time a client has to send its request headers; protects against slowloris
+    /// (default 10 s).
+    pub header_read_timeout: Duration,
+    /// How long an idle upstream connection stays pooled (default 90 s).
+    pub pool_idle_timeout: Duration,
+    /// Idle upstream connections kept per endpoint (default 64).
+    pub pool_max_idle_per_host: usize,
+    /// How long shutdown waits for in-flight requests (default 10 s).
+    pub drain_timeout: Duration,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            connect_timeout: Duration::from_secs(2),
+            upstream_timeout: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(10),
+            pool_idle_timeout: Duration::from_secs(90),
+            pool_max_idle_per_host: 64,
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A reverse proxy over a [`Router`].
+#[derive(Debug)]
+pub struct Proxy {
+    router: Arc<dyn Router>,
+    client: Client<HttpConnector, Incoming>,
+    config: ProxyConfig,
+}
+
+/// Headers that describe one hop's connection and must not be forwarded (RFC 9110 7.6.1),
+/// plus the legacy `proxy-connection` and `keep-alive`.
+const HOP_BY_HOP: [&str; 9] =
+    ["connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade"];
+
+impl Proxy {
+    /// A proxy serving `router`'s routes.
+    pub fn new(router: Arc<dyn Router>, config: ProxyConfig) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(config.pool_idle_timeout)
+            .pool_max_idle_per_host(config.pool_max_idle_per_host)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(connector);
+        Proxy { router, client, config }
+    }
+
+    /// Serves connections from `listener` until `shutdown` completes, then stops
+    /// accepting and waits up to `drain_timeout` for in-flight requests.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(TokioTimer::new()).header_read_timeout(self.config.header_read_timeout).max_buf_size(64 * 1024);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let (stream, peer) = match accepted {
+                        Ok(a) => a,
+                        Err(e) => {
+                            // Typically EMFILE: back off instead of spinning.
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    let _ = stream.set_nodelay(true);
+                    let proxy = self.clone();
+                    let service = service_fn(move |req| {
+                        let proxy = proxy.clone();
+                        async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
+                    });
+                    let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+                    tokio::spawn(async move {
+                        if let Err(e) = conn.await {
+                            tracing::debug!(%peer, error = %e, "client connection ended with an error");
+                        }
+                    });
+                }
+                () = &mut shutdown => break,
+            }
+        }
+        drop(listener);
+        if tokio::time::timeout(self.config.drain_timeout, graceful.shutdown()).await.is_err() {
+            tracing::warn!(timeout = ?self.config.drain_timeout, "drain timed out; closing remaining connections");
+        }
+    }
+
+    /// Handles one request from `client`.
+    pub async fn handle(&self, req: Request<Incoming>, client: SocketAddr) -> Response<ProxyBody> {
+        let Some(host) = request_host(&req) else {
+            return error(StatusCode::BAD_REQUEST, "missing or invalid Host header".to_owned());
+        };
+        let table = self.router.snapshot();
+        let Some(route) = table.lookup(&host) else {
+            return error(StatusCode::NOT_FOUND, format!("no route for host {host}"));
+        };
+        let Some(endpoint) = route.pick() else {
+            return error(StatusCode::SERVICE_UNAVAILABLE, format!("no healthy endpoint for host {host}"));
+        };
+        let addr = endpoint.addr;
+        let upstream = match upstream_request(req, addr, client, &host) {
+            Ok(r) => r,
+            Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
+        };
+        drop(table);
+        match tokio::time::timeout(self.config.upstream_timeout, self.client.request(upstream)).await {
+            Err(_) => error(StatusCode::GATEWAY_TIMEOUT, format!("upstream {addr} for host {host} did not answer within {:?}", self.config.upstream_timeout)),
+            Ok(Err(e)) if e.is_connect() => error(StatusCode::BAD_GATEWAY, format!("upstream {addr} for host {host} is unreachable: {}", root_cause(&e))),
+            Ok(Err(e)) => error(StatusCode::BAD_GATEWAY, format!("upstream {addr} for host {host} failed: {}", root_cause(&e))),
+            Ok(Ok(resp)) => {
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                Response::from_parts(parts, body.boxed())
+            }
+        }
+    }
+}
+
+/// The host a request is for: the absolute-form URI's authority, else the Host header;
+/// lower-cased, port removed. `None` if absent or malformed.
+fn request_host<B>(req: &Request<B>) -> Option<String> {
+    let authority = match req.uri().authority() {
+        Some(a) => a.clone(),
+        None => req.headers().get(HOST)?.to_str().ok()?.parse::<http::uri::Authority>().ok()?,
+    };
+    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+    (!host.is_empty()).then(|| host.to_ascii_lowercase())
+}
+
+fn upstream_request(req: Request<Incoming>, addr: SocketAddr, client: SocketAddr, host: &str) -> Result<Request<Incoming>, String> {
+    let (mut parts, body) = req.into_parts();
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    parts.uri = Uri::builder().scheme("http").authority(addr.to_string()).path_and_query(path).build().map_err(|e| format!("bad request target: {e}"))?;
+    parts.version = Version::HTTP_11;
+    strip_hop_by_hop(&mut parts.headers);
+    let forwarded_for = match parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prior) => format!("{prior}, {}", client.ip()),
+        None => client.ip().to_string(),
+    };
+    set(&mut parts.headers, "x-forwarded-for", &forwarded_for);
+    set(&mut parts.headers, "x-forwarded-proto", "http");
+    set(&mut parts.headers, "x-forwarded-host", host);
+    Ok(Request::from_parts(parts, body))
+}
+
+fn set(headers: &mut HeaderMap, name: &'static str, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        headers.insert(HeaderName::from_static(name), v);
+    }
+}
+
+/// Removes hop-by-hop headers, including any header the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+fn error(status: StatusCode, message: String) -> Response<ProxyBody> {
+    tracing::debug!(%status, %message, "proxy error");
+    let body = Full::new(Bytes::from(format!("keelson: {message}\n"))).map_err(|never: Infallible| match never {}).boxed();
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    resp
+}

@@ -1,0 +1,106 @@
+//! Where routes come from: a static routes file, or a `Discovery` watch with tags.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use keelson_discovery::{Discovery, Instance, Query};
+use serde::Deserialize;
+use tokio::task::JoinHandle;
+
+use crate::error::{Error, Result};
+use crate::router::Router;
+use crate::table::{Endpoint, Host, Route, RouteChange};
+
+/// The tag an instance carries to be routed: `keelson.http.host=<host>`.
+pub const HTTP_HOST_TAG: &str = "keelson.http.host";
+
+/// A routes file: `{"routes": [{"host": "...", "endpoints": [{"id": "...", "addr": "ip:port"}]}]}`.
+/// Unknown keys are rejected, so a typo is an error and not a silently ignored setting.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutesFile {
+    /// The routes.
+    pub routes: Vec<Route>,
+}
+
+impl RoutesFile {
+    /// Parses a routes file from JSON text; errors carry serde's line and column.
+    pub fn parse(text: &str) -> Result<Self> {
+        let file: RoutesFile = serde_json::from_str(text).map_err(|e| Error::invalid("routes file", e.to_string(), "is not a valid routes file"))?;
+        let mut hosts = BTreeSet::new();
+        for r in &file.routes {
+            if !hosts.insert(&r.host) {
+                return Err(Error::invalid("route host", r.host.as_str(), "appears twice in the routes file"));
+            }
+        }
+        Ok(file)
+    }
+
+    /// Reads and parses a routes file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { context: format!("reading routes file {}", path.display()), source })?;
+        RoutesFile::parse(&text)
+    }
+
+    /// The changes that install these routes.
+    pub fn changes(self) -> Vec<RouteChange> {
+        self.routes.into_iter().map(RouteChange::Upsert).collect()
+    }
+}
+
+/// Groups instances into routes by their [`HTTP_HOST_TAG`]. Instances without the tag
+/// are ignored; ones with an invalid host or a non-IP address are skipped with a warning
+/// (DNS names are not resolved on the request path).
+pub fn routes_from_instances(instances: &[Instance]) -> BTreeMap<Host, Route> {
+    let mut routes: BTreeMap<Host, Route> = BTreeMap::new();
+    for i in instances {
+        let Some(tag) = i.tag_value(HTTP_HOST_TAG) else { continue };
+        let host = match Host::new(tag) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(service = %i.service, id = %i.id, error = %e, "ignoring instance with a bad host tag");
+                continue;
+            }
+        };
+        let Ok(ip) = i.address.parse::<IpAddr>() else {
+            tracing::warn!(service = %i.service, id = %i.id, address = %i.address, "ignoring instance whose address is not an IP");
+            continue;
+        };
+        let endpoint = Endpoint { id: format!("{}/{}", i.service, i.id), addr: SocketAddr::new(ip, i.port), healthy: i.health.is_healthy() };
+        routes.entry(host.clone()).or_insert_with(|| Route::new(host, Vec::new())).endpoints.push(endpoint);
+    }
+    routes
+}
+
+/// Keeps `router` in step with `discovery`: every instance tagged `keelson.http.host=<h>`
+/// becomes an endpoint of route `h`, marked unhealthy while its health is critical.
+/// Only hosts this follower created are changed or removed. The watch resumes by itself
+/// after backend errors, and an error never removes routes.
+pub async fn follow_discovery(discovery: Arc<dyn Discovery>, router: Arc<dyn Router>) -> Result<JoinHandle<()>> {
+    let mut snapshots = discovery.watch(Query::all()).await?;
+    Ok(tokio::spawn(async move {
+        let mut owned: BTreeMap<Host, Route> = BTreeMap::new();
+        while let Some(snapshot) = snapshots.next().await {
+            let wanted = routes_from_instances(&snapshot.instances);
+            let mut changes: Vec<RouteChange> = wanted.iter().filter(|(h, r)| owned.get(*h) != Some(*r)).map(|(_, r)| RouteChange::Upsert(r.clone())).collect();
+            changes.extend(owned.keys().filter(|h| !wanted.contains_key(*h)).cloned().map(RouteChange::Remove));
+            if changes.is_empty() {
+                continue;
+            }
+            match router.apply(changes).await {
+                Ok(version) => {
+                    tracing::info!(version, discovery_version = snapshot.version, routes = wanted.len(), "routes follow discovery");
+                    owned = wanted;
+                }
+                // Someone else removed one of our routes: re-sync from scratch next time.
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not apply routes from discovery");
+                    owned.retain(|h, _| router.snapshot().lookup(h.as_str()).is_some());
+                }
+            }
+        }
+    }))
+}

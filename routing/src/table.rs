@@ -1,0 +1,233 @@
+//! Routes and the immutable route table that the proxy reads on every request.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// A route host: a DNS name, lower-cased, without port.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Host(String);
+
+impl Host {
+    /// Validates and lower-cases `host` (names are case-insensitive; the table stores one
+    /// spelling). Rejects empty names, ports, and characters outside DNS names.
+    pub fn new(host: impl Into<String>) -> Result<Self> {
+        let host = host.into();
+        let lower = host.to_ascii_lowercase();
+        let bad = |reason: &str| Err(Error::invalid("route host", &host, reason));
+        if lower.is_empty() {
+            return bad("must not be empty");
+        }
+        if lower.len() > 253 {
+            return bad("must be at most 253 characters");
+        }
+        for label in lower.split('.') {
+            if label.is_empty() || label.len() > 63 {
+                return bad("each dot-separated label must be 1 to 63 characters");
+            }
+            if !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') || label.starts_with('-') || label.ends_with('-') {
+                return bad("labels may contain only a-z, 0-9 and inner '-' (no port, no scheme)");
+            }
+        }
+        Ok(Host(lower))
+    }
+
+    /// The host name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for Host {
+    type Error = Error;
+    fn try_from(value: String) -> Result<Self> {
+        Host::new(value)
+    }
+}
+
+// Lets the table be probed with a `&str` without allocating. Sound because the derived
+// `Hash`/`Eq` of the newtype are exactly those of its `String`, hence of `str`.
+impl std::borrow::Borrow<str> for Host {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<Host> for String {
+    fn from(h: Host) -> String {
+        h.0
+    }
+}
+
+/// One upstream server of a route.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoint {
+    /// Stable id (an instance id), so per-endpoint state can follow it across updates.
+    pub id: String,
+    /// Where to connect.
+    pub addr: SocketAddr,
+    /// Whether it may receive traffic.
+    #[serde(default = "yes")]
+    pub healthy: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Endpoint {
+    /// A healthy endpoint.
+    pub fn new(id: impl Into<String>, addr: SocketAddr) -> Self {
+        Endpoint { id: id.into(), addr, healthy: true }
+    }
+}
+
+/// Requests for `host` go to `endpoints`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// The host it serves.
+    pub host: Host,
+    /// Upstream servers.
+    pub endpoints: Vec<Endpoint>,
+}
+
+impl Route {
+    /// A route.
+    pub fn new(host: Host, endpoints: Vec<Endpoint>) -> Self {
+        Route { host, endpoints }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let mut ids = std::collections::HashSet::new();
+        for e in &self.endpoints {
+            if e.id.is_empty() || !ids.insert(e.id.as_str()) {
+                return Err(Error::invalid("endpoint id", &e.id, format!("route {}: endpoint ids must be non-empty and distinct", self.host)));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One change to the table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RouteChange {
+    /// Adds a route or replaces the one for its host.
+    Upsert(Route),
+    /// Removes the route for a host.
+    Remove(Host),
+}
+
+impl RouteChange {
+    fn host(&self) -> &Host {
+        match self {
+            RouteChange::Upsert(r) => &r.host,
+            RouteChange::Remove(h) => h,
+        }
+    }
+}
+
+/// A route as the table holds it, with the balancing state that survives updates.
+#[derive(Debug)]
+pub struct RouteEntry {
+    route: Route,
+    /// Round-robin position, shared with the entry that replaces this one.
+    cursor: Arc<AtomicUsize>,
+}
+
+impl RouteEntry {
+    /// The route.
+    pub fn route(&self) -> &Route {
+        &self.route
+    }
+
+    /// The next healthy endpoint in round-robin order; `None` when none is healthy.
+    /// Lock-free: one atomic increment.
+    pub fn pick(&self) -> Option<&Endpoint> {
+        let n = self.route.endpoints.len();
+        if n == 0 {
+            return None;
+        }
+        let start = self.cursor.fetch_add(1, Ordering::Relaxed);
+        (0..n).map(|i| &self.route.endpoints[(start + i) % n]).find(|e| e.healthy)
+    }
+}
+
+/// An immutable snapshot of every route. The proxy reads one per request; updates build
+/// a new table and swap it in.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    version: u64,
+    routes: HashMap<Host, Arc<RouteEntry>>,
+}
+
+impl RouteTable {
+    /// The table's version; each applied batch increments it.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// The route for `host` (already lower-cased and without port).
+    pub fn lookup(&self, host: &str) -> Option<&RouteEntry> {
+        self.routes.get(host).map(AsRef::as_ref)
+    }
+
+    /// Every route, sorted by host.
+    pub fn routes(&self) -> Vec<&Route> {
+        let mut all: Vec<&Route> = self.routes.values().map(|e| &e.route).collect();
+        all.sort_by(|a, b| a.host.cmp(&b.host));
+        all
+    }
+
+    /// How many routes.
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    /// Whether there are no routes.
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+
+    /// A new table with `changes` applied, all or nothing. Cost is the size of the table
+    /// (entries are shared `Arc`s, not copied) plus the changes.
+    pub fn apply(&self, changes: &[RouteChange]) -> Result<RouteTable> {
+        let mut seen = std::collections::HashSet::new();
+        for c in changes {
+            if !seen.insert(c.host()) {
+                return Err(Error::invalid("route host", c.host().as_str(), "appears twice in one batch of changes"));
+            }
+            match c {
+                RouteChange::Upsert(r) => r.validate()?,
+                RouteChange::Remove(h) if !self.routes.contains_key(h) => return Err(Error::NotFound { kind: "route", name: h.to_string() }),
+                RouteChange::Remove(_) => {}
+            }
+        }
+        let mut routes = self.routes.clone();
+        for c in changes {
+            match c {
+                RouteChange::Upsert(r) => {
+                    let cursor = routes.get(&r.host).map(|e| e.cursor.clone()).unwrap_or_default();
+                    routes.insert(r.host.clone(), Arc::new(RouteEntry { route: r.clone(), cursor }));
+                }
+                RouteChange::Remove(h) => {
+                    routes.remove(h);
+                }
+            }
+        }
+        Ok(RouteTable { version: self.version + 1, routes })
+    }
+}

@@ -1,0 +1,104 @@
+//! A real dnsmasq on a free loopback port serving given A and SRV records, and nothing
+//! else (no upstream resolvers, no /etc/hosts).
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::tools::{free_port, io, require, run, TestkitError};
+
+/// A record dnsmasq serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DnsRecord {
+    /// `name` has address `ip`.
+    A {
+        /// Fully qualified name.
+        name: String,
+        /// Address.
+        ip: Ipv4Addr,
+    },
+    /// SRV record `name` (like `_web._tcp.example.test`) pointing at `target:port`.
+    Srv {
+        /// Fully qualified SRV owner name.
+        name: String,
+        /// Target host name.
+        target: String,
+        /// Port.
+        port: u16,
+        /// Priority.
+        priority: u16,
+        /// Weight.
+        weight: u16,
+    },
+}
+
+/// A running dnsmasq; killed on drop.
+#[derive(Debug)]
+pub struct Dnsmasq {
+    child: Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Dnsmasq {
+    /// Starts dnsmasq with `records` (TTL `ttl` seconds) and waits until it answers.
+    pub fn start(records: &[DnsRecord], ttl: u32) -> Result<Dnsmasq, TestkitError> {
+        let dnsmasq = require("dnsmasq", "dnsmasq")?;
+        let dig = require("dig", "dnsutils")?;
+        let dir = tempfile::tempdir().map_err(io("creating dnsmasq dir"))?;
+        // UDP and TCP on the same number: pick a TCP port that is free, which is nearly
+        // always free for UDP too on a test machine.
+        let port = free_port()?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let mut cmd = Command::new(dnsmasq);
+        cmd.args(["--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--no-poll"])
+            .args(["--listen-address=127.0.0.1", "--bind-interfaces", "--user=root", "--group=root"])
+            .arg(format!("--port={port}"))
+            .arg(format!("--local-ttl={ttl}"))
+            .arg(format!("--pid-file={}", dir.path().join("pid").display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        for r in records {
+            match r {
+                DnsRecord::A { name, ip } => cmd.arg(format!("--host-record={name},{ip}")),
+                DnsRecord::Srv { name, target, port, priority, weight } => cmd.arg(format!("--srv-host={name},{target},{port},{priority},{weight}")),
+            };
+        }
+        let child = cmd.spawn().map_err(io("starting dnsmasq"))?;
+        let mut d = Dnsmasq { child, addr, _dir: dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let probe = ["+time=1", "+tries=1", "@127.0.0.1", "-p", &port.to_string(), "keelson-probe.invalid"];
+        loop {
+            // Any answer, even NXDOMAIN, means it is serving.
+            if run(&dig, &probe).is_ok_and(|out| out.contains("status:")) {
+                return Ok(d);
+            }
+            if let Ok(Some(status)) = d.child.try_wait() {
+                return Err(TestkitError::Failed { what: "starting dnsmasq".into(), detail: format!("exited with {status}") });
+            }
+            if Instant::now() > deadline {
+                return Err(TestkitError::Failed { what: "starting dnsmasq".into(), detail: "no answer after 10 s".into() });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Where it listens (UDP and TCP).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Asks with `dig +short` (an independent client) for `name` of `rtype`.
+    pub fn dig_short(&self, name: &str, rtype: &str) -> Result<Vec<String>, TestkitError> {
+        let dig = require("dig", "dnsutils")?;
+        let out = run(&dig, &["+short", "+time=2", "+tries=1", "@127.0.0.1", "-p", &self.addr.port().to_string(), name, rtype])?;
+        Ok(out.lines().map(str::to_owned).collect())
+    }
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

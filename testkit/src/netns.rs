@@ -1,0 +1,64 @@
+//! Network namespaces as test hosts, joined to the host by veth pairs. Uses iproute2's
+//! `ip` (this is test scaffolding; keelson's own code talks netlink).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use crate::tools::{require, run, TestkitError};
+
+fn ip() -> Result<PathBuf, TestkitError> {
+    require("ip", "iproute2")
+}
+
+/// A network namespace, deleted (with its interfaces) on drop.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates a namespace named `<prefix>-<pid>-<n>` with its loopback up.
+    pub fn create(prefix: &str) -> Result<Netns, TestkitError> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+        let ip = ip()?;
+        run(&ip, &["netns", "add", &name])?;
+        let ns = Netns { name };
+        ns.exec(&ip.to_string_lossy(), &["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// The namespace's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs `program args` inside the namespace; its stdout.
+    pub fn exec(&self, program: &str, args: &[&str]) -> Result<String, TestkitError> {
+        let mut all = vec!["netns", "exec", &self.name, program];
+        all.extend_from_slice(args);
+        run(&ip()?, &all)
+    }
+
+    /// Adds a veth pair: `host_if` (address `host_cidr`) in the host namespace and
+    /// `ns_if` (address `ns_cidr`) in this one, both up. Deleted with the namespace.
+    pub fn add_veth(&self, host_if: &str, host_cidr: &str, ns_if: &str, ns_cidr: &str) -> Result<(), TestkitError> {
+        let ip = ip()?;
+        run(&ip, &["link", "add", host_if, "type", "veth", "peer", "name", ns_if, "netns", &self.name])?;
+        run(&ip, &["addr", "add", host_cidr, "dev", host_if])?;
+        run(&ip, &["link", "set", host_if, "up"])?;
+        let ip_s = ip.to_string_lossy();
+        self.exec(&ip_s, &["addr", "add", ns_cidr, "dev", ns_if])?;
+        self.exec(&ip_s, &["link", "set", ns_if, "up"])?;
+        Ok(())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting the namespace destroys its veth ends, which destroys the host ends.
+        if let Ok(ip) = ip() {
+            let _ = run(&ip, &["netns", "del", &self.name]);
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! Finding tools, running commands, ports.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Why a helper could not do its job.
+#[derive(Debug, thiserror::Error)]
+pub enum TestkitError {
+    /// A tool is not installed.
+    #[error("`{tool}` not found: install it with `apt-get install -y {package}` (scripts/test installs everything the tests need)")]
+    Missing {
+        /// The program looked for.
+        tool: String,
+        /// The Debian package that provides it.
+        package: String,
+    },
+    /// A command or component failed.
+    #[error("{what} failed: {detail}")]
+    Failed {
+        /// What was being done.
+        what: String,
+        /// Output or reason.
+        detail: String,
+    },
+    /// An I/O error.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> TestkitError {
+    let context = context.into();
+    move |source| TestkitError::Io { context, source }
+}
+
+/// The path of `tool`, searched in `PATH` and the sbin directories (root tools live
+/// there and are not always on a test runner's `PATH`).
+pub fn require(tool: &str, package: &str) -> Result<PathBuf, TestkitError> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let found = path
+        .split(':')
+        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/bin", "/bin"])
+        .map(|dir| PathBuf::from(dir).join(tool))
+        .find(|p| p.is_file());
+    found.ok_or_else(|| TestkitError::Missing { tool: tool.to_owned(), package: package.to_owned() })
+}
+
+/// Runs a command to completion; its stdout on success, a `Failed` error with stderr
+/// otherwise.
+pub fn run(program: &std::path::Path, args: &[&str]) -> Result<String, TestkitError> {
+    let out = Command::new(program).args(args).output().map_err(io(format!("running {}", program.display())))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(TestkitError::Failed {
+            what: format!("{} {}", program.display(), args.join(" ")),
+            detail: format!("{}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim()),
+        })
+    }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> Result<u16, TestkitError> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(io("binding a free port"))?;
+    Ok(l.local_addr().map_err(io("reading a bound port"))?.port())
+}
+
+/// Waits until something accepts TCP connections at `addr`.
+pub fn wait_for_tcp(addr: SocketAddr, timeout: Duration) -> Result<(), TestkitError> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(TestkitError::Failed { what: format!("waiting for {addr}"), detail: format!("nothing listening after {timeout:?}") })
+}
