@@ -144,6 +144,9 @@ impl RouteChange {
 #[derive(Debug)]
 pub struct RouteEntry {
     route: Route,
+    /// Indices of healthy endpoints, computed once per update so that picking is O(1)
+    /// and unhealthy endpoints' share is spread evenly instead of going to a neighbour.
+    healthy: Vec<usize>,
     /// Round-robin position, shared with the entry that replaces this one.
     cursor: Arc<AtomicUsize>,
 }
@@ -157,12 +160,11 @@ impl RouteEntry {
     /// The next healthy endpoint in round-robin order; `None` when none is healthy.
     /// Lock-free: one atomic increment.
     pub fn pick(&self) -> Option<&Endpoint> {
-        let n = self.route.endpoints.len();
-        if n == 0 {
+        if self.healthy.is_empty() {
             return None;
         }
-        let start = self.cursor.fetch_add(1, Ordering::Relaxed);
-        (0..n).map(|i| &self.route.endpoints[(start + i) % n]).find(|e| e.healthy)
+        let turn = self.cursor.fetch_add(1, Ordering::Relaxed);
+        Some(&self.route.endpoints[self.healthy[turn % self.healthy.len()]])
     }
 }
 
@@ -221,7 +223,8 @@ impl RouteTable {
             match c {
                 RouteChange::Upsert(r) => {
                     let cursor = routes.get(&r.host).map(|e| e.cursor.clone()).unwrap_or_default();
-                    routes.insert(r.host.clone(), Arc::new(RouteEntry { route: r.clone(), cursor }));
+                    let healthy = r.endpoints.iter().enumerate().filter(|(_, e)| e.healthy).map(|(i, _)| i).collect();
+                    routes.insert(r.host.clone(), Arc::new(RouteEntry { route: r.clone(), healthy, cursor }));
                 }
                 RouteChange::Remove(h) => {
                     routes.remove(h);
