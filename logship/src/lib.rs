@@ -1,1 +1,44 @@
-//! Log sources, sinks and shipping for keelson.
+//! Log shipping for keelson: [`Source`]s produce [`Record`]s, [`Sink`]s store them, and
+//! [`ship`] moves them in batches, dropping a batch only after the sink acknowledged it
+//! (at least once).
+//!
+//! Sources: [`ChildOutputSource`] (a child process's stdout and stderr) and
+//! [`StreamSource`] (any stream, such as a driver's output). Sink: [`FileSink`] (JSON
+//! lines, one file per service).
+//!
+//! ```
+//! use keelson_logship::{ship, ChildOutputSource, FileSink, ShipConfig};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = tempfile::tempdir()?;
+//! let mut child = tokio::process::Command::new("sh")
+//!     .args(["-c", "echo hello; echo oops >&2"])
+//!     .stdout(std::process::Stdio::piped())
+//!     .stderr(std::process::Stdio::piped())
+//!     .spawn()?;
+//! let (out, err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+//! let mut source = ChildOutputSource::new("web", "web-1", out, err);
+//! let sink = FileSink::new(dir.path())?;
+//! let stats = ship(&mut source, &sink, &ShipConfig::default()).await?;
+//! assert_eq!(stats.records, 2);
+//! let text = std::fs::read_to_string(dir.path().join("web.log"))?;
+//! assert!(text.contains("\"line\":\"hello\"") && text.contains("\"stream\":\"stderr\""));
+//! # Ok(())
+//! # }
+//! ```
+
+mod error;
+mod record;
+mod ship;
+mod sink;
+mod source;
+
+#[cfg(feature = "conformance")]
+pub mod conformance;
+
+pub use error::{Error, Result};
+pub use record::{validate_service, Record, Stream};
+pub use ship::{ship, ShipConfig, ShipStats};
+pub use sink::{FileSink, Sink};
+pub use source::{ChildOutputSource, Source, StreamSource};
