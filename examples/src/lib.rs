@@ -1,1 +1,24 @@
-//! Reference platforms built from keelson crates.
+//! Reference platforms built from keelson crates: small, real programs a platform team
+//! can start from.
+//!
+//! - `minipaas demo`: three replicas of [`hello`] run by the process driver, placed by
+//!   the bin-packing scheduler, registered in in-memory discovery with HTTP health checks,
+//!   served by the router on `127.0.0.1:8080` as `hello.localhost`, their output shipped
+//!   to JSON-lines files. No server, no Docker, no protoc.
+//! - `hello`: the tiny HTTP service the demo runs.
+//!
+//! The pieces are library functions, so the wiring can be read and reused:
+//!
+//! ```no_run
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = keelson_examples::minipaas::DemoConfig::default();
+//! let demo = keelson_examples::minipaas::Demo::start(config).await?;
+//! println!("serving on {}", demo.listen_addr());
+//! demo.shutdown().await?;
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod hello;
+pub mod minipaas;
