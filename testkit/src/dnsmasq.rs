@@ -43,7 +43,7 @@ pub struct Dnsmasq {
 impl Dnsmasq {
     /// Starts dnsmasq with `records` (TTL `ttl` seconds) and waits until it answers.
     pub fn start(records: &[DnsRecord], ttl: u32) -> Result<Dnsmasq, TestkitError> {
-        let dnsmasq = require("dnsmasq", "dnsmasq")?;
+        let dnsmasq = require("dnsmasq", "dnsmasq-base")?;
         let dig = require("dig", "dnsutils")?;
         let dir = tempfile::tempdir().map_err(io("creating dnsmasq dir"))?;
         // UDP and TCP on the same number: pick a TCP port that is free, which is nearly

@@ -1,0 +1,45 @@
+//! Hot paths of the embedded defaults: route lookup + pick (per request) and bin-pack
+//! placement (per plan).
+
+use std::net::SocketAddr;
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
+use keelson_routing::{Endpoint, Host, MemoryRouter, Route, RouteChange, Router};
+use keelson_scheduler::{BinPack, Scheduler};
+
+fn route_lookup(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+    let router = MemoryRouter::new();
+    let changes: Vec<RouteChange> = (0..10_000)
+        .map(|i| {
+            let endpoints = (0..4).map(|e| Endpoint::new(format!("e{e}"), SocketAddr::from(([127, 0, 0, 1], 10_000 + e)))).collect();
+            RouteChange::Upsert(Route::new(Host::new(format!("svc-{i}.bench.test")).expect("host"), endpoints))
+        })
+        .collect();
+    rt.block_on(router.apply(changes)).expect("apply");
+    let mut g = c.benchmark_group("routing");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("snapshot+lookup+pick, 10k routes", |b| {
+        let mut i = 0usize;
+        b.iter(|| {
+            i = (i + 7919) % 10_000;
+            let host = format!("svc-{i}.bench.test");
+            let table = router.snapshot();
+            black_box(table.lookup(&host).and_then(|r| r.pick()).map(|e| e.addr))
+        })
+    });
+    g.finish();
+}
+
+fn placement(c: &mut Criterion) {
+    let mut g = c.benchmark_group("scheduler");
+    for (nodes, tasks) in [(100usize, 100u32), (1_000, 1_000)] {
+        let (cluster, job) = keelson_benches::placement_workload(nodes, tasks, 42);
+        g.throughput(Throughput::Elements(u64::from(tasks)));
+        g.bench_function(format!("binpack {tasks} tasks on {nodes} nodes"), |b| b.iter(|| black_box(BinPack.plan(&cluster, &job).expect("plan"))));
+    }
+    g.finish();
+}
+
+criterion_group!(benches, route_lookup, placement);
+criterion_main!(benches);
