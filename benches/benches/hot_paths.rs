@@ -36,7 +36,9 @@ fn placement(c: &mut Criterion) {
     for (nodes, tasks) in [(100usize, 100u32), (1_000, 1_000)] {
         let (cluster, job) = keelson_benches::placement_workload(nodes, tasks, 42);
         g.throughput(Throughput::Elements(u64::from(tasks)));
-        g.bench_function(format!("binpack {tasks} tasks on {nodes} nodes"), |b| b.iter(|| black_box(BinPack.plan(&cluster, &job).expect("plan"))));
+        g.bench_function(format!("binpack {tasks} tasks on {nodes} nodes"), |b| {
+            b.iter(|| black_box(BinPack.plan(&cluster, &job).expect("plan")))
+        });
     }
     g.finish();
 }

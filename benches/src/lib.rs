@@ -48,6 +48,9 @@ pub fn placement_workload(nodes: usize, tasks: u32, seed: u64) -> (ClusterSnapsh
             Node::new(format!("node-{i}"), Resources::new(size * 4000, size * 8192)).with_attribute("zone", format!("z{}", i % 4))
         })
         .collect();
-    let job = Job::new("bench", vec![TaskGroup::new("web", tasks, Resources::new(250, 512)).with_constraint(Constraint::not_equal("zone", "z3"))]);
+    let job = Job::new(
+        "bench",
+        vec![TaskGroup::new("web", tasks, Resources::new(250, 512)).with_constraint(Constraint::not_equal("zone", "z3"))],
+    );
     (ClusterSnapshot { nodes, allocations: vec![] }, job)
 }

@@ -21,7 +21,11 @@ pub fn unique(base: &str) -> String {
 }
 
 async fn next_event(w: &mut crate::KvWatch) -> crate::KvEvent {
-    tokio::time::timeout(Duration::from_secs(5), w.next()).await.expect("watch event within 5 s").expect("watch stream open").expect("watch event, not error")
+    tokio::time::timeout(Duration::from_secs(5), w.next())
+        .await
+        .expect("watch event within 5 s")
+        .expect("watch stream open")
+        .expect("watch event, not error")
 }
 
 /// Every `KeyValue` scenario.

@@ -120,14 +120,25 @@ impl Registration {
     /// Checks every field; called by every backend before anything is stored.
     pub fn validate(&self) -> Result<()> {
         validate_instance_id(&self.id)?;
-        if self.address.is_empty() || self.address.len() > 253 || self.address.chars().any(|c| c.is_whitespace() || c.is_control() || c == '/') {
-            return Err(Error::InvalidInput { field: "address", value: self.address.clone(), reason: "must be a host name or IP address".into() });
+        if self.address.is_empty()
+            || self.address.len() > 253
+            || self.address.chars().any(|c| c.is_whitespace() || c.is_control() || c == '/')
+        {
+            return Err(Error::InvalidInput {
+                field: "address",
+                value: self.address.clone(),
+                reason: "must be a host name or IP address".into(),
+            });
         }
         if self.port == 0 {
             return Err(Error::InvalidInput { field: "port", value: "0".into(), reason: "must be 1 to 65535".into() });
         }
         if let Some(tag) = self.tags.iter().find(|t| t.is_empty() || t.chars().any(char::is_control)) {
-            return Err(Error::InvalidInput { field: "tag", value: tag.clone(), reason: "must be non-empty without control characters".into() });
+            return Err(Error::InvalidInput {
+                field: "tag",
+                value: tag.clone(),
+                reason: "must be non-empty without control characters".into(),
+            });
         }
         crate::kv::validate_ttl(self.ttl)
     }

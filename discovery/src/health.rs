@@ -52,10 +52,18 @@ impl Default for CheckConfig {
 impl CheckConfig {
     fn validate(&self) -> Result<()> {
         if self.interval.is_zero() || self.timeout.is_zero() {
-            return Err(Error::InvalidInput { field: "check interval/timeout", value: format!("{:?}/{:?}", self.interval, self.timeout), reason: "must be positive".into() });
+            return Err(Error::InvalidInput {
+                field: "check interval/timeout",
+                value: format!("{:?}/{:?}", self.interval, self.timeout),
+                reason: "must be positive".into(),
+            });
         }
         if self.rise == 0 || self.fall == 0 {
-            return Err(Error::InvalidInput { field: "check rise/fall", value: format!("{}/{}", self.rise, self.fall), reason: "must be at least 1".into() });
+            return Err(Error::InvalidInput {
+                field: "check rise/fall",
+                value: format!("{}/{}", self.rise, self.fall),
+                reason: "must be at least 1".into(),
+            });
         }
         Ok(())
     }
@@ -80,7 +88,8 @@ async fn http_get_ok(addr: SocketAddr, path: &str) -> bool {
     let io = hyper_util::rt::TokioIo::new(stream);
     let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake::<_, Empty<hyper::body::Bytes>>(io).await else { return false };
     let conn = tokio::spawn(conn);
-    let request = http::Request::get(path).header(http::header::HOST, addr.to_string()).header("user-agent", "keelson-health/0.1").body(Empty::new());
+    let request =
+        http::Request::get(path).header(http::header::HOST, addr.to_string()).header("user-agent", "keelson-health/0.1").body(Empty::new());
     let ok = match request {
         Ok(req) => match sender.send_request(req).await {
             Ok(resp) => {

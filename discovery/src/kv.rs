@@ -173,7 +173,8 @@ pub trait KeyValue: Send + Sync + std::fmt::Debug {
     /// a key under [`LOCK_PREFIX`] on a fresh lease of `ttl`: if the holder dies, the lock
     /// frees itself after `ttl`. Release with [`KeyValue::unlock`].
     async fn lock(&self, name: &str, ttl: Duration, wait: Duration) -> Result<KvLock> {
-        crate::name::validate_instance_id(name).map_err(|_| Error::invalid("lock name", name, "must be 1 to 128 printable characters without '/'"))?;
+        crate::name::validate_instance_id(name)
+            .map_err(|_| Error::invalid("lock name", name, "must be 1 to 128 printable characters without '/'"))?;
         let key = format!("{LOCK_PREFIX}{name}");
         let lease = self.grant_lease(ttl).await?;
         let deadline = tokio::time::Instant::now() + wait;

@@ -11,7 +11,8 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::discovery::{
-    Discovery, DiscoveryCapabilities, Health, Instance, Query, Registration, RegistrationHandle, RegistrationLease, Snapshot, SnapshotStream,
+    Discovery, DiscoveryCapabilities, Health, Instance, Query, Registration, RegistrationHandle, RegistrationLease, Snapshot,
+    SnapshotStream,
 };
 use crate::error::{Error, Result};
 use crate::kv::{Expect, KeyValue, KvEntry, KvEventKind, LeaseId};
@@ -93,7 +94,10 @@ struct Record {
 
 impl Record {
     fn decode(entry: &KvEntry) -> Result<Record> {
-        serde_json::from_slice(&entry.value).map_err(|e| Error::Backend { backend: "kv-discovery", source: format!("record {:?} is not a service record: {e}", entry.key).into() })
+        serde_json::from_slice(&entry.value).map_err(|e| Error::Backend {
+            backend: "kv-discovery",
+            source: format!("record {:?} is not a service record: {e}", entry.key).into(),
+        })
     }
 
     fn encode(&self) -> Vec<u8> {
@@ -102,7 +106,15 @@ impl Record {
     }
 
     fn into_instance(self) -> Instance {
-        Instance { service: self.service, id: self.id, address: self.address, port: self.port, tags: self.tags, meta: self.meta, health: self.health }
+        Instance {
+            service: self.service,
+            id: self.id,
+            address: self.address,
+            port: self.port,
+            tags: self.tags,
+            meta: self.meta,
+            health: self.health,
+        }
     }
 }
 
@@ -176,7 +188,11 @@ impl Discovery for KvDiscovery {
             })
         };
         tracing::debug!(service = %registration.service, id = %registration.id, "registered");
-        Ok(RegistrationHandle::new(registration.service, registration.id, Box::new(KvLease { kv: self.kv.clone(), key, current, _keeper: keeper })))
+        Ok(RegistrationHandle::new(
+            registration.service,
+            registration.id,
+            Box::new(KvLease { kv: self.kv.clone(), key, current, _keeper: keeper }),
+        ))
     }
 
     async fn deregister(&self, service: &ServiceName, id: &str) -> Result<()> {
@@ -221,7 +237,16 @@ impl Discovery for KvDiscovery {
         let prefix = self.prefix_for(query.service.as_ref());
         // The first list happens here so that a bad backend fails the call, not the stream.
         let list = self.kv.list(&prefix).await?;
-        let state = WatchState { kv: self.kv.clone(), prefix, query, retry: self.retry, all: decode_all(&list.entries), revision: list.revision, last_sent: None, events: None };
+        let state = WatchState {
+            kv: self.kv.clone(),
+            prefix,
+            query,
+            retry: self.retry,
+            all: decode_all(&list.entries),
+            revision: list.revision,
+            last_sent: None,
+            events: None,
+        };
         Ok(futures::stream::unfold(state, WatchState::next).boxed())
     }
 }

@@ -37,12 +37,13 @@ mod name;
 pub mod conformance;
 
 pub use discovery::{
-    Discovery, DiscoveryCapabilities, Health, Instance, Query, Registration, RegistrationHandle, RegistrationLease, Snapshot, SnapshotStream, DEFAULT_TTL,
+    Discovery, DiscoveryCapabilities, Health, Instance, Query, Registration, RegistrationHandle, RegistrationLease, Snapshot,
+    SnapshotStream, DEFAULT_TTL,
 };
 pub use error::{Error, Result};
 pub use kv::{
-    validate_key, Expect, KeyValue, KvCapabilities, KvEntry, KvEvent, KvEventKind, KvList, KvLock, KvWatch, LeaseId, LOCK_PREFIX, MAX_KEY_BYTES, MAX_VALUE_BYTES,
-    MIN_LEASE_TTL,
+    validate_key, Expect, KeyValue, KvCapabilities, KvEntry, KvEvent, KvEventKind, KvList, KvLock, KvWatch, LeaseId, LOCK_PREFIX,
+    MAX_KEY_BYTES, MAX_VALUE_BYTES, MIN_LEASE_TTL,
 };
 pub use kv_discovery::{KvDiscovery, MemoryDiscovery, DEFAULT_ROOT};
 pub use lease_keeper::LeaseKeeper;

@@ -227,12 +227,8 @@ impl KeyValue for MemoryKv {
 
     async fn list(&self, prefix: &str) -> Result<KvList> {
         let state = self.inner.lock();
-        let entries = state
-            .entries
-            .range(prefix.to_owned()..)
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(k, s)| entry(k, s))
-            .collect();
+        let entries =
+            state.entries.range(prefix.to_owned()..).take_while(|(k, _)| k.starts_with(prefix)).map(|(k, s)| entry(k, s)).collect();
         Ok(KvList { revision: state.revision, entries })
     }
 
@@ -250,7 +246,14 @@ impl KeyValue for MemoryKv {
                 state.history.iter().filter(|e| e.revision >= from && e.key.starts_with(prefix)).cloned().collect();
             (rx, backlog, from)
         };
-        let watch = MemoryWatch { inner: Arc::downgrade(&self.inner), prefix: prefix.to_owned(), rx, pending: backlog, last: from - 1, done: false };
+        let watch = MemoryWatch {
+            inner: Arc::downgrade(&self.inner),
+            prefix: prefix.to_owned(),
+            rx,
+            pending: backlog,
+            last: from - 1,
+            done: false,
+        };
         Ok(futures::stream::unfold(watch, MemoryWatch::next).boxed())
     }
 

@@ -16,7 +16,9 @@ use keelson_discovery::{Discovery, Health, MemoryDiscovery, Query, Registration,
 use keelson_logship::{FileSink, Record, ShipConfig, Sink, StreamSource};
 use keelson_netplumb::{EndpointSpec, HostNetwork, NetworkDriver, NetworkSpec};
 use keelson_routing::{follow_discovery, MemoryRouter, Proxy, ProxyConfig, HTTP_HOST_TAG};
-use keelson_scheduler::{BinPack, ClusterSnapshot, Driver, Job, Node, OutputStream, ProcessDriver, Resources, Scheduler, TaskGroup, TaskSpec};
+use keelson_scheduler::{
+    BinPack, ClusterSnapshot, Driver, Job, Node, OutputStream, ProcessDriver, Resources, Scheduler, TaskGroup, TaskSpec,
+};
 use tokio::task::JoinHandle;
 
 /// The service the demo runs.
@@ -147,7 +149,9 @@ impl Demo {
         let router = Arc::new(MemoryRouter::new());
         let follower = follow_discovery(discovery.clone(), router.clone()).await?;
 
-        let listener = tokio::net::TcpListener::bind(config.listen).await.map_err(|source| DemoError::Io { context: format!("binding the router to {}", config.listen), source })?;
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| DemoError::Io { context: format!("binding the router to {}", config.listen), source })?;
         let listen = listener.local_addr().map_err(|source| DemoError::Io { context: "router address".into(), source })?;
         let (proxy_stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let proxy = tokio::spawn(Arc::new(Proxy::new(router, ProxyConfig::default())).serve(listener, async move {
@@ -179,7 +183,14 @@ impl Demo {
         Ok(demo)
     }
 
-    async fn start_replica(&self, config: &DemoConfig, discovery: &Arc<dyn Discovery>, service: &ServiceName, id: &str, node: &str) -> Result<Replica, DemoError> {
+    async fn start_replica(
+        &self,
+        config: &DemoConfig,
+        discovery: &Arc<dyn Discovery>,
+        service: &ServiceName,
+        id: &str,
+        node: &str,
+    ) -> Result<Replica, DemoError> {
         let endpoint = self.network.attach(EndpointSpec::new("minipaas", id)).await?;
         let ip = endpoint.addresses.iter().copied().find(IpAddr::is_loopback).unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
         let port = free_port()?;
@@ -259,7 +270,13 @@ impl Demo {
     }
 }
 
-async fn wait_healthy(discovery: &dyn Discovery, service: &ServiceName, wanted: u32, timeout: Duration, data_dir: &std::path::Path) -> Result<(), DemoError> {
+async fn wait_healthy(
+    discovery: &dyn Discovery,
+    service: &ServiceName,
+    wanted: u32,
+    timeout: Duration,
+    data_dir: &std::path::Path,
+) -> Result<(), DemoError> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let healthy = discovery.instances(&Query::service(service.clone()).healthy()).await?.len();

@@ -7,7 +7,11 @@ use crate::{Error, Record, Sink, Stream};
 /// Every sink scenario. `read_back` returns what the sink has durably stored for
 /// `service`, in order (the test reads the file, queries the server, ...).
 pub async fn sink_all(sink: &dyn Sink, read_back: &(dyn Fn(&str) -> Vec<Record> + Sync)) {
-    let batch: Vec<Record> = (0..5).map(|i| Record::now("conf-svc", format!("i{}", i % 2), if i % 2 == 0 { Stream::Stdout } else { Stream::Stderr }, format!("line {i}"))).collect();
+    let batch: Vec<Record> = (0..5)
+        .map(|i| {
+            Record::now("conf-svc", format!("i{}", i % 2), if i % 2 == 0 { Stream::Stdout } else { Stream::Stderr }, format!("line {i}"))
+        })
+        .collect();
     sink.send(&[]).await.unwrap();
     sink.send(&batch[..3]).await.unwrap();
     sink.send(&batch[3..]).await.unwrap();

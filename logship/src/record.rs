@@ -58,7 +58,11 @@ pub fn validate_service(service: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(Error::InvalidInput { field: "record service", value: service.to_owned(), reason: "must be 1 to 128 of A-Za-z0-9_.- starting with a letter or digit".into() })
+        Err(Error::InvalidInput {
+            field: "record service",
+            value: service.to_owned(),
+            reason: "must be 1 to 128 of A-Za-z0-9_.- starting with a letter or digit".into(),
+        })
     }
 }
 

@@ -43,7 +43,11 @@ pub struct ShipStats {
 /// running out of attempts, stops shipping and returns the error.
 pub async fn ship(source: &mut dyn Source, sink: &dyn Sink, config: &ShipConfig) -> Result<ShipStats> {
     if config.max_batch == 0 || config.attempts == 0 {
-        return Err(Error::InvalidInput { field: "ship config", value: format!("{config:?}"), reason: "max_batch and attempts must be at least 1".into() });
+        return Err(Error::InvalidInput {
+            field: "ship config",
+            value: format!("{config:?}"),
+            reason: "max_batch and attempts must be at least 1".into(),
+        });
     }
     let mut stats = ShipStats::default();
     let mut batch: Vec<Record> = Vec::with_capacity(config.max_batch);

@@ -25,7 +25,12 @@ pub struct ChildOutputSource {
 
 impl ChildOutputSource {
     /// Reads `stdout` and `stderr` (a child's pipes, say) concurrently.
-    pub fn new(service: &str, instance: &str, stdout: impl AsyncRead + Send + Unpin + 'static, stderr: impl AsyncRead + Send + Unpin + 'static) -> Self {
+    pub fn new(
+        service: &str,
+        instance: &str,
+        stdout: impl AsyncRead + Send + Unpin + 'static,
+        stderr: impl AsyncRead + Send + Unpin + 'static,
+    ) -> Self {
         // Bounded: a slow sink pushes back on the readers instead of growing memory.
         let (tx, rx) = mpsc::channel(1024);
         spawn_reader(tx.clone(), service, instance, Stream::Stdout, stdout);

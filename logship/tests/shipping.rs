@@ -86,5 +86,8 @@ async fn a_sink_that_stays_down_stops_shipping_with_its_error() {
     let err = ship(&mut records(5), &sink, &config).await.expect_err("gives up");
     assert!(matches!(err, Error::Io { .. }), "{err}");
     assert_eq!(sink.calls.load(Ordering::SeqCst), 3);
-    assert!(matches!(ship(&mut records(1), &sink, &ShipConfig { max_batch: 0, ..ShipConfig::default() }).await, Err(Error::InvalidInput { .. })));
+    assert!(matches!(
+        ship(&mut records(1), &sink, &ShipConfig { max_batch: 0, ..ShipConfig::default() }).await,
+        Err(Error::InvalidInput { .. })
+    ));
 }

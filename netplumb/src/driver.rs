@@ -166,6 +166,10 @@ pub fn validate_name(field: &'static str, value: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(Error::InvalidInput { field, value: value.to_owned(), reason: "must be 1 to 64 of A-Za-z0-9_.- starting with a letter or digit".into() })
+        Err(Error::InvalidInput {
+            field,
+            value: value.to_owned(),
+            reason: "must be 1 to 64 of A-Za-z0-9_.- starting with a letter or digit".into(),
+        })
     }
 }

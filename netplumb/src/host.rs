@@ -58,7 +58,11 @@ impl NetworkDriver for HostNetwork {
     async fn create_network(&self, spec: NetworkSpec) -> Result<NetworkInfo> {
         validate_name("network name", &spec.name)?;
         if spec.subnet.is_some() || spec.mtu.is_some() {
-            return Err(Error::InvalidInput { field: "network spec", value: spec.name, reason: "the host network has no subnet or MTU of its own".into() });
+            return Err(Error::InvalidInput {
+                field: "network spec",
+                value: spec.name,
+                reason: "the host network has no subnet or MTU of its own".into(),
+            });
         }
         let mut nets = self.lock();
         if nets.contains_key(&spec.name) {
@@ -73,7 +77,11 @@ impl NetworkDriver for HostNetwork {
         let mut nets = self.lock();
         let net = nets.get(name).ok_or_else(|| Error::NotFound { kind: "network", name: name.to_owned() })?;
         if !net.endpoints.is_empty() {
-            return Err(Error::Conflict { kind: "network", name: name.to_owned(), reason: format!("{} endpoints still attached", net.endpoints.len()) });
+            return Err(Error::Conflict {
+                kind: "network",
+                name: name.to_owned(),
+                reason: format!("{} endpoints still attached", net.endpoints.len()),
+            });
         }
         nets.remove(name);
         Ok(())

@@ -23,6 +23,8 @@ mod host;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
-pub use driver::{validate_name, Endpoint, EndpointSpec, GcReport, NetworkCapabilities, NetworkDriver, NetworkInfo, NetworkSpec, PortMapping, Protocol};
+pub use driver::{
+    validate_name, Endpoint, EndpointSpec, GcReport, NetworkCapabilities, NetworkDriver, NetworkInfo, NetworkSpec, PortMapping, Protocol,
+};
 pub use error::{Error, Result};
 pub use host::{host_addresses, HostNetwork};

@@ -87,7 +87,9 @@ mod tests {
 
     #[test]
     fn rejects_malformed_digests_naming_them() {
-        for bad in ["", "sha256:", "sha512:abcd", "sha256:ABCDEF", &format!("sha256:{}", "0".repeat(63)), &format!("sha256:{}g", "0".repeat(63))] {
+        for bad in
+            ["", "sha256:", "sha512:abcd", "sha256:ABCDEF", &format!("sha256:{}", "0".repeat(63)), &format!("sha256:{}g", "0".repeat(63))]
+        {
             let err = bad.parse::<Digest>().expect_err(bad);
             assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");
         }

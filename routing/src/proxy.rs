@@ -69,8 +69,17 @@ pub struct Proxy {
 
 /// Headers that describe one hop's connection and must not be forwarded (RFC 9110 7.6.1),
 /// plus the legacy `proxy-connection` and `keep-alive`.
-const HOP_BY_HOP: [&str; 9] =
-    ["connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade"];
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
 
 impl Proxy {
     /// A proxy serving `router`'s routes.
@@ -147,8 +156,13 @@ impl Proxy {
         };
         drop(table);
         match tokio::time::timeout(self.config.upstream_timeout, self.client.request(upstream)).await {
-            Err(_) => error(StatusCode::GATEWAY_TIMEOUT, format!("upstream {addr} for host {host} did not answer within {:?}", self.config.upstream_timeout)),
-            Ok(Err(e)) if e.is_connect() => error(StatusCode::BAD_GATEWAY, format!("upstream {addr} for host {host} is unreachable: {}", root_cause(&e))),
+            Err(_) => error(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("upstream {addr} for host {host} did not answer within {:?}", self.config.upstream_timeout),
+            ),
+            Ok(Err(e)) if e.is_connect() => {
+                error(StatusCode::BAD_GATEWAY, format!("upstream {addr} for host {host} is unreachable: {}", root_cause(&e)))
+            }
             Ok(Err(e)) => error(StatusCode::BAD_GATEWAY, format!("upstream {addr} for host {host} failed: {}", root_cause(&e))),
             Ok(Ok(resp)) => {
                 let (mut parts, body) = resp.into_parts();
@@ -173,7 +187,12 @@ fn request_host<B>(req: &Request<B>) -> Option<String> {
 fn upstream_request(req: Request<Incoming>, addr: SocketAddr, client: SocketAddr, host: &str) -> Result<Request<Incoming>, String> {
     let (mut parts, body) = req.into_parts();
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    parts.uri = Uri::builder().scheme("http").authority(addr.to_string()).path_and_query(path).build().map_err(|e| format!("bad request target: {e}"))?;
+    parts.uri = Uri::builder()
+        .scheme("http")
+        .authority(addr.to_string())
+        .path_and_query(path)
+        .build()
+        .map_err(|e| format!("bad request target: {e}"))?;
     parts.version = Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
     let forwarded_for = match parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {

@@ -29,7 +29,8 @@ pub struct RoutesFile {
 impl RoutesFile {
     /// Parses a routes file from JSON text; errors carry serde's line and column.
     pub fn parse(text: &str) -> Result<Self> {
-        let file: RoutesFile = serde_json::from_str(text).map_err(|e| Error::invalid("routes file", e.to_string(), "is not a valid routes file"))?;
+        let file: RoutesFile =
+            serde_json::from_str(text).map_err(|e| Error::invalid("routes file", e.to_string(), "is not a valid routes file"))?;
         let mut hosts = BTreeSet::new();
         for r in &file.routes {
             if !hosts.insert(&r.host) {
@@ -41,7 +42,8 @@ impl RoutesFile {
 
     /// Reads and parses a routes file.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { context: format!("reading routes file {}", path.display()), source })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| Error::Io { context: format!("reading routes file {}", path.display()), source })?;
         RoutesFile::parse(&text)
     }
 
@@ -69,7 +71,8 @@ pub fn routes_from_instances(instances: &[Instance]) -> BTreeMap<Host, Route> {
             tracing::warn!(service = %i.service, id = %i.id, address = %i.address, "ignoring instance whose address is not an IP");
             continue;
         };
-        let endpoint = Endpoint { id: format!("{}/{}", i.service, i.id), addr: SocketAddr::new(ip, i.port), healthy: i.health.is_healthy() };
+        let endpoint =
+            Endpoint { id: format!("{}/{}", i.service, i.id), addr: SocketAddr::new(ip, i.port), healthy: i.health.is_healthy() };
         routes.entry(host.clone()).or_insert_with(|| Route::new(host, Vec::new())).endpoints.push(endpoint);
     }
     routes
@@ -85,7 +88,8 @@ pub async fn follow_discovery(discovery: Arc<dyn Discovery>, router: Arc<dyn Rou
         let mut owned: BTreeMap<Host, Route> = BTreeMap::new();
         while let Some(snapshot) = snapshots.next().await {
             let wanted = routes_from_instances(&snapshot.instances);
-            let mut changes: Vec<RouteChange> = wanted.iter().filter(|(h, r)| owned.get(*h) != Some(*r)).map(|(_, r)| RouteChange::Upsert(r.clone())).collect();
+            let mut changes: Vec<RouteChange> =
+                wanted.iter().filter(|(h, r)| owned.get(*h) != Some(*r)).map(|(_, r)| RouteChange::Upsert(r.clone())).collect();
             changes.extend(owned.keys().filter(|h| !wanted.contains_key(*h)).cloned().map(RouteChange::Remove));
             if changes.is_empty() {
                 continue;

@@ -115,7 +115,11 @@ impl Route {
         let mut ids = std::collections::HashSet::new();
         for e in &self.endpoints {
             if e.id.is_empty() || !ids.insert(e.id.as_str()) {
-                return Err(Error::invalid("endpoint id", &e.id, format!("route {}: endpoint ids must be non-empty and distinct", self.host)));
+                return Err(Error::invalid(
+                    "endpoint id",
+                    &e.id,
+                    format!("route {}: endpoint ids must be non-empty and distinct", self.host),
+                ));
             }
         }
         Ok(())
@@ -214,7 +218,9 @@ impl RouteTable {
             }
             match c {
                 RouteChange::Upsert(r) => r.validate()?,
-                RouteChange::Remove(h) if !self.routes.contains_key(h) => return Err(Error::NotFound { kind: "route", name: h.to_string() }),
+                RouteChange::Remove(h) if !self.routes.contains_key(h) => {
+                    return Err(Error::NotFound { kind: "route", name: h.to_string() })
+                }
                 RouteChange::Remove(_) => {}
             }
         }

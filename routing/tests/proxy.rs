@@ -8,7 +8,10 @@ use keelson_discovery::{Discovery, Health, MemoryDiscovery, Registration, Servic
 use keelson_routing::{follow_discovery, Endpoint, Error, Host, MemoryRouter, Proxy, ProxyConfig, Route, RouteChange, Router, RoutesFile};
 use keelson_testkit::http::{echo_server, get, request};
 
-async fn start_proxy(router: Arc<dyn Router>, config: ProxyConfig) -> (SocketAddr, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+async fn start_proxy(
+    router: Arc<dyn Router>,
+    config: ProxyConfig,
+) -> (SocketAddr, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -32,9 +35,21 @@ async fn round_robin_over_healthy_upstreams_with_forwarding_headers() {
 
     let mut seen = Vec::new();
     for _ in 0..4 {
-        let r = request(proxy, "GET", "App.Test:8080", "/x?y=1", &[("x-forwarded-for", "203.0.113.9"), ("connection", "close, x-secret"), ("x-secret", "1"), ("keep-alive", "timeout=5"), ("te", "trailers")])
-            .await
-            .expect("response");
+        let r = request(
+            proxy,
+            "GET",
+            "App.Test:8080",
+            "/x?y=1",
+            &[
+                ("x-forwarded-for", "203.0.113.9"),
+                ("connection", "close, x-secret"),
+                ("x-secret", "1"),
+                ("keep-alive", "timeout=5"),
+                ("te", "trailers"),
+            ],
+        )
+        .await
+        .expect("response");
         assert_eq!(r.status, 200);
         let mut lines = r.body.lines();
         seen.push(lines.next().expect("id line").to_owned());
@@ -93,7 +108,9 @@ async fn upstream_connections_are_reused() {
             let Ok((s, _)) = listener.accept().await else { return };
             count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|_req| async { Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(b"ok")))) });
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(b"ok"))))
+                });
                 let _ = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(s), svc).await;
             });
         }
@@ -116,7 +133,8 @@ async fn routes_follow_discovery_tags_and_health() {
     let router = Arc::new(MemoryRouter::new());
     let _follow = follow_discovery(discovery.clone(), router.clone()).await.expect("follow");
     let web = ServiceName::new("web").expect("name");
-    let reg = |id: &str, addr: SocketAddr| Registration::new(web.clone(), id, "127.0.0.1", addr.port()).with_tag("keelson.http.host=web.test");
+    let reg =
+        |id: &str, addr: SocketAddr| Registration::new(web.clone(), id, "127.0.0.1", addr.port()).with_tag("keelson.http.host=web.test");
     let _ha = discovery.register(reg("a", a)).await.expect("register a");
     let _hb = discovery.register(reg("b", b)).await.expect("register b");
     let _untagged = discovery.register(Registration::new(ServiceName::new("db").expect("name"), "d", "127.0.0.1", 5432)).await.expect("db");
@@ -135,7 +153,8 @@ async fn routes_follow_discovery_tags_and_health() {
     assert_eq!(router.snapshot().len(), 1, "untagged services get no route");
     assert_eq!(bodies(4).await, vec!["inst-a", "inst-b"]);
     discovery.set_health(&web, "a", Health::Critical).await.expect("health");
-    wait_until(|| router.snapshot().lookup("web.test").is_some_and(|r| r.route().endpoints.iter().filter(|e| e.healthy).count() == 1)).await;
+    wait_until(|| router.snapshot().lookup("web.test").is_some_and(|r| r.route().endpoints.iter().filter(|e| e.healthy).count() == 1))
+        .await;
     assert_eq!(bodies(4).await, vec!["inst-b"], "critical instance gets no traffic");
     discovery.deregister(&web, "a").await.expect("dereg a");
     discovery.deregister(&web, "b").await.expect("dereg b");

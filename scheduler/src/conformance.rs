@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 
-use crate::{ClusterSnapshot, Constraint, Dimension, Driver, Error, Job, Node, OutputStream, Resources, Scheduler, TaskGroup, TaskSpec, TaskState, VolumeManager};
+use crate::{
+    ClusterSnapshot, Constraint, Dimension, Driver, Error, Job, Node, OutputStream, Resources, Scheduler, TaskGroup, TaskSpec, TaskState,
+    VolumeManager,
+};
 
 fn unique(base: &str) -> String {
     static N: AtomicU64 = AtomicU64::new(0);
@@ -71,7 +74,12 @@ pub fn scheduler_all(s: &dyn Scheduler) {
 /// Capacity, including existing allocations, is never exceeded.
 pub fn scheduler_respects_capacity(s: &dyn Scheduler) {
     let mut snap = cluster();
-    snap.allocations.push(crate::Allocation { id: "old".into(), node: "n1".into(), resources: Resources::new(3500, 1024), ports: BTreeSet::new() });
+    snap.allocations.push(crate::Allocation {
+        id: "old".into(),
+        node: "n1".into(),
+        resources: Resources::new(3500, 1024),
+        ports: BTreeSet::new(),
+    });
     let job = Job::new("cap", vec![TaskGroup::new("web", 9, Resources::new(1000, 1024))]);
     let plan = s.plan(&snap, &job).unwrap();
     assert_plan_valid(&snap, &job, &plan);
@@ -102,7 +110,12 @@ pub fn scheduler_respects_constraints(s: &dyn Scheduler) {
 /// A static port is used once per node, so N tasks need N nodes.
 pub fn scheduler_never_double_books_static_ports(s: &dyn Scheduler) {
     let mut snap = cluster();
-    snap.allocations.push(crate::Allocation { id: "holder".into(), node: "n2".into(), resources: Resources::new(1, 1), ports: BTreeSet::from([8080]) });
+    snap.allocations.push(crate::Allocation {
+        id: "holder".into(),
+        node: "n2".into(),
+        resources: Resources::new(1, 1),
+        ports: BTreeSet::from([8080]),
+    });
     let job = Job::new("ports", vec![TaskGroup::new("web", 3, Resources::new(100, 64)).with_static_port(8080)]);
     let plan = s.plan(&snap, &job).unwrap();
     assert_plan_valid(&snap, &job, &plan);
@@ -203,9 +216,10 @@ pub async fn driver_captures_output_and_exit_code(d: &dyn Driver, shell: ShellSp
     let id = unique("out");
     d.start(shell(&id, "echo to-out; echo to-err >&2; exit 3")).await.unwrap();
     assert_eq!(wait_exit(d, &id).await, TaskState::Exited { code: Some(3), signal: None });
-    let lines: Vec<(OutputStream, String)> = tokio::time::timeout(Duration::from_secs(10), d.output(&id).await.unwrap().map(|l| (l.stream, l.line)).collect())
-        .await
-        .expect("output stream ends after exit");
+    let lines: Vec<(OutputStream, String)> =
+        tokio::time::timeout(Duration::from_secs(10), d.output(&id).await.unwrap().map(|l| (l.stream, l.line)).collect())
+            .await
+            .expect("output stream ends after exit");
     assert!(lines.contains(&(OutputStream::Stdout, "to-out".into())), "{lines:?}");
     assert!(lines.contains(&(OutputStream::Stderr, "to-err".into())), "{lines:?}");
     d.remove(&id).await.unwrap();

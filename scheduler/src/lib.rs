@@ -34,7 +34,9 @@ pub mod conformance;
 
 pub use driver::{Driver, DriverCapabilities, Output, OutputLine, OutputStream, TaskSpec, TaskState, TaskStatus};
 pub use error::{validate_id, Dimension, Error, Result};
-pub use model::{Allocation, ClusterSnapshot, Constraint, ConstraintOp, Explanation, Job, Node, Placement, Plan, Resources, TaskGroup, Unplaced};
+pub use model::{
+    Allocation, ClusterSnapshot, Constraint, ConstraintOp, Explanation, Job, Node, Placement, Plan, Resources, TaskGroup, Unplaced,
+};
 pub use placement::{BinPack, Scheduler, SchedulerCapabilities, MAX_GROUP_COUNT};
 pub use process::{ProcessDriver, OUTPUT_TAIL};
 pub use volumes::{LocalVolumes, Volume, VolumeCapabilities, VolumeManager};

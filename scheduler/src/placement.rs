@@ -56,7 +56,8 @@ impl Scheduler for BinPack {
 
     fn plan(&self, snapshot: &ClusterSnapshot, job: &Job) -> Result<Plan> {
         let index = validate(snapshot, job)?;
-        let mut usage: Vec<NodeUse> = snapshot.nodes.iter().map(|_| NodeUse { used: Resources::default(), ports: BTreeSet::new() }).collect();
+        let mut usage: Vec<NodeUse> =
+            snapshot.nodes.iter().map(|_| NodeUse { used: Resources::default(), ports: BTreeSet::new() }).collect();
         for a in &snapshot.allocations {
             let u = &mut usage[index[a.node.as_str()]];
             u.used = u.used.saturating_add(a.resources);
@@ -81,7 +82,11 @@ impl Scheduler for BinPack {
                         });
                     }
                     None => {
-                        plan.unplaced.push(Unplaced { group: group.name.clone(), count: group.count - i, explanation: explain(snapshot, &usage, group) });
+                        plan.unplaced.push(Unplaced {
+                            group: group.name.clone(),
+                            count: group.count - i,
+                            explanation: explain(snapshot, &usage, group),
+                        });
                         break;
                     }
                 }
@@ -166,7 +171,11 @@ fn validate<'a>(snapshot: &'a ClusterSnapshot, job: &Job) -> Result<HashMap<&'a 
         let mut ports = BTreeSet::new();
         for &p in &g.static_ports {
             if p == 0 || !ports.insert(p) {
-                return Err(Error::invalid("static port", p.to_string(), format!("group {:?}: ports must be 1-65535 and distinct", g.name)));
+                return Err(Error::invalid(
+                    "static port",
+                    p.to_string(),
+                    format!("group {:?}: ports must be 1-65535 and distinct", g.name),
+                ));
             }
         }
         for c in &g.constraints {

@@ -138,8 +138,12 @@ impl Driver for ProcessDriver {
         if let Some(dir) = &spec.working_dir {
             cmd.current_dir(dir);
         }
-        let mut child = cmd.spawn().map_err(|e| Error::invalid("command", &spec.command[0], format!("task {:?} could not start: {e}", spec.id)))?;
-        let pgid = child.id().and_then(|p| i32::try_from(p).ok()).ok_or_else(|| Error::Backend { backend: BACKEND, source: "child has no pid".into() })?;
+        let mut child =
+            cmd.spawn().map_err(|e| Error::invalid("command", &spec.command[0], format!("task {:?} could not start: {e}", spec.id)))?;
+        let pgid = child
+            .id()
+            .and_then(|p| i32::try_from(p).ok())
+            .ok_or_else(|| Error::Backend { backend: BACKEND, source: "child has no pid".into() })?;
         let (state_tx, state_rx) = watch::channel(TaskState::Running);
         let (live, _) = broadcast::channel(1024);
         let task = Arc::new(Task {

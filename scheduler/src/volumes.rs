@@ -102,7 +102,9 @@ impl VolumeManager for LocalVolumes {
         // create_dir (not _all) is the atomic claim: of two concurrent creates one fails.
         match tokio::fs::create_dir(&dir).await {
             Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(Error::Conflict { kind: "volume", name: name.to_owned() }),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(Error::Conflict { kind: "volume", name: name.to_owned() })
+            }
             Err(e) => return Err(io_err(e)),
         }
         let made = async {

@@ -8,7 +8,7 @@ use keelson_scheduler::{Driver, Error, ProcessDriver, TaskSpec, TaskState};
 fn alive(pid: i32) -> bool {
     // /proc/<pid> exists for live processes and zombies; a zombie's state is 'Z'.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat.split_whitespace().nth(2).is_some_and(|s| s == "Z"),
+        Ok(stat) => stat.split_whitespace().nth(2).is_none_or(|s| s != "Z"),
         Err(_) => false,
     }
 }

@@ -61,7 +61,9 @@ impl Dnsmasq {
         for r in records {
             match r {
                 DnsRecord::A { name, ip } => cmd.arg(format!("--host-record={name},{ip}")),
-                DnsRecord::Srv { name, target, port, priority, weight } => cmd.arg(format!("--srv-host={name},{target},{port},{priority},{weight}")),
+                DnsRecord::Srv { name, target, port, priority, weight } => {
+                    cmd.arg(format!("--srv-host={name},{target},{port},{priority},{weight}"))
+                }
             };
         }
         let child = cmd.spawn().map_err(io("starting dnsmasq"))?;

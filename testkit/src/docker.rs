@@ -44,7 +44,8 @@ pub fn busybox_image() -> Result<String, TestkitError> {
     let mut p = perms(&copy)?;
     std::os::unix::fs::PermissionsExt::set_mode(&mut p, 0o755);
     std::fs::set_permissions(&copy, p).map_err(io("making busybox executable"))?;
-    let dockerfile = "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\nCMD [\"/bin/sh\"]\n";
+    let dockerfile =
+        "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\nCMD [\"/bin/sh\"]\n";
     std::fs::write(ctx.path().join("Dockerfile"), dockerfile).map_err(io("writing Dockerfile"))?;
     let ctx_path = ctx.path().to_string_lossy().into_owned();
     run(&docker, &["build", "--quiet", "--label", "keelson.test=1", "-t", &image, &ctx_path])?;

@@ -72,8 +72,13 @@ impl Etcd {
     pub fn request(&self, method: &str, path: &str, body: &str) -> Result<String, TestkitError> {
         let mut s = TcpStream::connect_timeout(&self.client, Duration::from_secs(2)).map_err(io("connecting to etcd"))?;
         s.set_read_timeout(Some(Duration::from_secs(5))).map_err(io("socket option"))?;
-        write!(s, "{method} {path} HTTP/1.0\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", self.client, body.len())
-            .map_err(io("writing to etcd"))?;
+        write!(
+            s,
+            "{method} {path} HTTP/1.0\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            self.client,
+            body.len()
+        )
+        .map_err(io("writing to etcd"))?;
         let mut response = String::new();
         s.read_to_string(&mut response).map_err(io("reading from etcd"))?;
         let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
