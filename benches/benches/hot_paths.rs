@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use keelson_routing::{Endpoint, Host, MemoryRouter, Route, RouteChange, Router};
-use keelson_scheduler::{BinPack, Scheduler};
+use keelson_scheduler::{PlacementEngine, Scheduler};
 
 fn route_lookup(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
@@ -35,11 +35,12 @@ fn route_lookup(c: &mut Criterion) {
 
 fn placement(c: &mut Criterion) {
     let mut g = c.benchmark_group("scheduler");
+    let engine = PlacementEngine::new();
     for (nodes, tasks) in [(100usize, 100u32), (1_000, 1_000)] {
         let (cluster, job) = keelson_benches::placement_workload(nodes, tasks, 42);
         g.throughput(Throughput::Elements(u64::from(tasks)));
-        g.bench_function(format!("binpack {tasks} tasks on {nodes} nodes"), |b| {
-            b.iter(|| black_box(BinPack.plan(&cluster, &job).expect("plan")))
+        g.bench_function(format!("plan {tasks} tasks on {nodes} nodes"), |b| {
+            b.iter(|| black_box(engine.plan(&cluster, &job).expect("plan")))
         });
     }
     g.finish();

@@ -50,7 +50,7 @@ pub fn placement_workload(nodes: usize, tasks: u32, seed: u64) -> (ClusterSnapsh
         .collect();
     let job = Job::new(
         "bench",
-        vec![TaskGroup::new("web", tasks, Resources::new(250, 512)).with_constraint(Constraint::not_equal("zone", "z3"))],
+        vec![TaskGroup::new("web", tasks, Resources::new(250, 512)).with_constraint(Constraint::not_equal("attr.zone", "z3"))],
     );
-    (ClusterSnapshot { nodes, allocations: vec![] }, job)
+    (ClusterSnapshot { nodes, ..ClusterSnapshot::default() }, job)
 }

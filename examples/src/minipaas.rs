@@ -1,6 +1,6 @@
 //! The `minipaas demo` wiring: every keelson building block on its embedded default.
 //!
-//! scheduler (BinPack) places the replicas on this machine, netplumb (HostNetwork) gives
+//! the scheduler (PlacementEngine) places the replicas on this machine, netplumb (HostNetwork) gives
 //! them an address, the ProcessDriver runs them, discovery (in memory) registers them with
 //! HTTP health checks, the router follows discovery and the proxy serves it, and logship
 //! ships each replica's output to `<data-dir>/logs/<service>.log`.
@@ -17,7 +17,7 @@ use keelson_logship::{FileSink, Record, ShipConfig, Sink, StreamSource};
 use keelson_netplumb::{EndpointSpec, HostNetwork, NetworkDriver, NetworkSpec};
 use keelson_routing::{follow_discovery, MemoryRouter, Proxy, ProxyConfig, HTTP_HOST_TAG};
 use keelson_scheduler::{
-    BinPack, ClusterSnapshot, Driver, Job, Node, OutputStream, ProcessDriver, Resources, Scheduler, TaskGroup, TaskSpec,
+    ClusterSnapshot, Driver, Job, Node, OutputStream, PlacementEngine, ProcessDriver, Resources, Scheduler, TaskGroup, TaskSpec,
 };
 use tokio::task::JoinHandle;
 
@@ -158,9 +158,9 @@ impl Demo {
             let _ = stopped.await;
         }));
 
-        let cluster = ClusterSnapshot { nodes: vec![local_node()], allocations: vec![] };
+        let cluster = ClusterSnapshot { nodes: vec![local_node()], ..ClusterSnapshot::default() };
         let job = Job::new("minipaas-demo", vec![TaskGroup::new(SERVICE, config.replicas, Resources::new(100, 64))]);
-        let plan = BinPack.plan(&cluster, &job).map_err(|e| DemoError::Schedule(e.to_string()))?;
+        let plan = PlacementEngine::new().plan(&cluster, &job).map_err(|e| DemoError::Schedule(e.to_string()))?;
         if let Some(u) = plan.unplaced.first() {
             return Err(DemoError::Schedule(format!("{} replicas did not fit: {}", u.count, u.explanation)));
         }

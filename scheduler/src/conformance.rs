@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 
 use crate::{
-    ClusterSnapshot, Constraint, Dimension, Driver, Error, Job, Node, OutputStream, Resources, Scheduler, TaskGroup, TaskSpec, TaskState,
-    VolumeManager,
+    Allocation, ClusterSnapshot, Constraint, ConstraintOp, Dimension, Driver, Eligibility, Error, Job, Node, OutputStream, Plan, Resources,
+    Scheduler, TaskGroup, TaskSpec, TaskState, VolumeAccess, VolumeManager,
 };
 
 fn unique(base: &str) -> String {
@@ -27,37 +27,242 @@ fn cluster() -> ClusterSnapshot {
             Node::new("n2", Resources::new(4000, 8192)).with_attribute("zone", "b"),
             Node::new("n3", Resources::new(2000, 4096)).with_attribute("zone", "a"),
         ],
-        allocations: Vec::new(),
+        ..ClusterSnapshot::default()
     }
 }
 
-/// An independent check of a plan: nothing over-committed, no port twice on a node,
-/// every constraint held. Counts on its own, not with the scheduler's code.
-pub fn assert_plan_valid(snapshot: &ClusterSnapshot, job: &Job, plan: &crate::Plan) {
-    let mut used: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+/// Like [`validate_plan`], panicking with the violations.
+pub fn assert_plan_valid(snapshot: &ClusterSnapshot, job: &Job, plan: &Plan) {
+    if let Err(v) = validate_plan(snapshot, job, plan) {
+        panic!("plan violates the cluster's rules:\n{}", v.join("\n"));
+    }
+}
+
+/// An independent check of a plan against the snapshot it was made for. It shares no
+/// code with the engine (its own constraint evaluation, its own counting): nothing
+/// over-committed, no port twice on a node or outside the node's rules, every constraint
+/// (including distinct ones) held, only eligible nodes, evictions only of allocations at
+/// least 10 priority points lower, volumes local to one node with at most one writer when
+/// single-writer. Returns every violation found.
+pub fn validate_plan(snapshot: &ClusterSnapshot, job: &Job, plan: &Plan) -> Result<(), Vec<String>> {
+    let mut v = Vec::new();
+    let nodes: BTreeMap<&str, &Node> = snapshot.nodes.iter().map(|n| (n.id.as_str(), n)).collect();
+    let evicted: BTreeSet<&str> = plan.evictions.iter().map(|e| e.allocation.as_str()).collect();
+    let live: Vec<&Allocation> = snapshot.allocations.iter().filter(|a| !evicted.contains(a.id.as_str())).collect();
+    for e in &plan.evictions {
+        match snapshot.allocations.iter().find(|a| a.id == e.allocation) {
+            None => v.push(format!("eviction of unknown allocation {}", e.allocation)),
+            Some(a) if u16::from(a.priority) + 10 > u16::from(job.priority) => {
+                v.push(format!("evicted {} (priority {}) for a job of priority {}", a.id, a.priority, job.priority))
+            }
+            Some(_) => {}
+        }
+    }
+    let mut used: BTreeMap<&str, (u64, u64, u64)> = BTreeMap::new();
     let mut ports: BTreeSet<(&str, u16)> = BTreeSet::new();
-    for a in &snapshot.allocations {
+    for a in &live {
         let u = used.entry(a.node.as_str()).or_default();
         u.0 += a.resources.cpu_millis;
         u.1 += a.resources.memory_mb;
+        u.2 += a.resources.disk_mb;
         for p in &a.ports {
             ports.insert((a.node.as_str(), *p));
         }
     }
+    let mut group_on_node: BTreeMap<(&str, &str), u32> = BTreeMap::new();
+    for a in live.iter().filter(|a| a.job == job.id) {
+        *group_on_node.entry((a.group.as_str(), a.node.as_str())).or_default() += 1;
+    }
+    let mut writers: BTreeMap<String, u32> = BTreeMap::new();
+    let mut volume_node: BTreeMap<String, String> = snapshot.volumes.iter().map(|x| (x.name.clone(), x.node.clone())).collect();
+    let mut single: BTreeSet<String> =
+        snapshot.volumes.iter().filter(|x| x.access == VolumeAccess::SingleWriter).map(|x| x.name.clone()).collect();
+    for a in &live {
+        for m in a.volumes.iter().filter(|m| !m.read_only) {
+            *writers.entry(m.name.clone()).or_default() += 1;
+        }
+    }
     for p in &plan.placements {
-        let group = job.groups.iter().find(|g| g.name == p.group).expect("placement of a known group");
-        let node = snapshot.nodes.iter().find(|n| n.id == p.node).expect("placement on a known node");
-        assert!(node.eligible, "placed on ineligible node {}", node.id);
-        for c in &group.constraints {
-            assert!(c.matches(node), "constraint {c} broken on {}", node.id);
+        let Some(group) = job.groups.iter().find(|g| g.name == p.group) else {
+            v.push(format!("placement of unknown group {}", p.group));
+            continue;
+        };
+        let Some(node) = nodes.get(p.node.as_str()) else {
+            v.push(format!("placement on unknown node {}", p.node));
+            continue;
+        };
+        if node.eligibility != Eligibility::Eligible {
+            v.push(format!("{}[{}] placed on ineligible node {}", p.group, p.index, node.id));
+        }
+        if p.resources != group.resources {
+            v.push(format!("{}[{}] reserves {:?}, group asks {:?}", p.group, p.index, p.resources, group.resources));
+        }
+        for c in job
+            .constraints
+            .iter()
+            .chain(&group.constraints)
+            .filter(|c| !matches!(c.op, ConstraintOp::DistinctHosts | ConstraintOp::DistinctProperty))
+        {
+            if !holds(node, c) {
+                v.push(format!("{}[{}] on {} breaks constraint {c}", p.group, p.index, node.id));
+            }
         }
         let u = used.entry(node.id.as_str()).or_default();
         u.0 += p.resources.cpu_millis;
         u.1 += p.resources.memory_mb;
-        assert!(u.0 <= node.capacity.cpu_millis && u.1 <= node.capacity.memory_mb, "node {} over-committed: {u:?}", node.id);
+        u.2 += p.resources.disk_mb;
+        *group_on_node.entry((group.name.as_str(), node.id.as_str())).or_default() += 1;
         for port in &p.ports {
-            assert!(ports.insert((node.id.as_str(), *port)), "port {port} double-booked on {}", node.id);
+            if !ports.insert((node.id.as_str(), *port)) {
+                v.push(format!("port {port} double-booked on {}", node.id));
+            }
+            if node.reserved_ports.contains(port) {
+                v.push(format!("reserved port {port} given out on {}", node.id));
+            }
+            let is_static = group.static_ports.contains(port);
+            if !is_static && !(node.dynamic_ports.start..=node.dynamic_ports.end).contains(port) {
+                v.push(format!("dynamic port {port} outside {}'s range", node.id));
+            }
         }
+        let want_ports = group.static_ports.len() + usize::from(group.dynamic_ports);
+        if p.ports.len() != want_ports {
+            v.push(format!("{}[{}] got {} ports, wants {want_ports}", p.group, p.index, p.ports.len()));
+        }
+        for (req, m) in group.volumes.iter().zip(&p.volumes) {
+            let home = volume_node.entry(m.name.clone()).or_insert_with(|| node.id.clone());
+            if *home != node.id {
+                v.push(format!("volume {} lives on {} but {}[{}] mounts it on {}", m.name, home, p.group, p.index, node.id));
+            }
+            if req.access == VolumeAccess::SingleWriter && !snapshot.volumes.iter().any(|x| x.name == m.name) {
+                single.insert(m.name.clone());
+            }
+            if !m.read_only {
+                *writers.entry(m.name.clone()).or_default() += 1;
+            }
+        }
+    }
+    for (name, n) in &writers {
+        if *n > 1 && single.contains(name) {
+            v.push(format!("single-writer volume {name} has {n} writers"));
+        }
+    }
+    for (node, (c, m, d)) in &used {
+        let Some(n) = nodes.get(node) else { continue };
+        let over = *c > n.capacity.cpu_millis || *m > n.capacity.memory_mb || *d > n.capacity.disk_mb;
+        // Only the plan's doing if the plan put something there.
+        if over && plan.placements.iter().any(|p| p.node == *node) {
+            v.push(format!(
+                "node {node} over-committed: cpu {c}/{}, memory {m}/{}, disk {d}/{}",
+                n.capacity.cpu_millis, n.capacity.memory_mb, n.capacity.disk_mb
+            ));
+        }
+    }
+    for group in &job.groups {
+        for c in &group.constraints {
+            match c.op {
+                ConstraintOp::DistinctHosts => {
+                    for ((g, node), n) in &group_on_node {
+                        if *g == group.name && *n > 1 {
+                            v.push(format!("distinct_hosts broken: {n} tasks of {g} on {node}"));
+                        }
+                    }
+                }
+                ConstraintOp::DistinctProperty => {
+                    let limit: u32 = if c.value.is_empty() { 1 } else { c.value.parse().unwrap_or(1) };
+                    let mut per_value: BTreeMap<Option<String>, u32> = BTreeMap::new();
+                    for ((g, node), n) in &group_on_node {
+                        if *g == group.name {
+                            *per_value.entry(nodes.get(node).and_then(|n| lookup(n, &c.target))).or_default() += n;
+                        }
+                    }
+                    for (value, n) in per_value {
+                        if n > limit {
+                            v.push(format!("distinct_property {} broken: {n} tasks on value {value:?} (limit {limit})", c.target));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    if v.is_empty() {
+        Ok(())
+    } else {
+        Err(v)
+    }
+}
+
+fn lookup(node: &Node, target: &str) -> Option<String> {
+    match target.split_once('.')? {
+        ("attr", k) => node.attributes.get(k).cloned(),
+        ("label", k) => node.labels.get(k).cloned(),
+        ("node", "datacenter") => Some(node.datacenter.clone()),
+        ("node", "pool") => Some(node.pool.clone()),
+        ("node", "id") => Some(node.id.clone()),
+        _ => None,
+    }
+}
+
+/// The validator's own ordering: numbers as numbers, else dotted versions.
+fn order(a: &str, b: &str) -> std::cmp::Ordering {
+    if let (Ok(x), Ok(y)) = (a.trim().parse::<f64>(), b.trim().parse::<f64>()) {
+        return x.partial_cmp(&y).unwrap_or(std::cmp::Ordering::Equal);
+    }
+    let parts = |s: &str| s.trim().trim_start_matches('v').split(['.', '-', '+', '_']).map(str::to_owned).collect::<Vec<_>>();
+    let (pa, pb) = (parts(a), parts(b));
+    for i in 0..pa.len().max(pb.len()) {
+        let (x, y) = match (pa.get(i), pb.get(i)) {
+            (Some(x), Some(y)) => (x, y),
+            (None, _) => return std::cmp::Ordering::Less,
+            (_, None) => return std::cmp::Ordering::Greater,
+        };
+        let o = match (x.parse::<u64>(), y.parse::<u64>()) {
+            (Ok(p), Ok(q)) => p.cmp(&q),
+            _ => x.cmp(y),
+        };
+        if o.is_ne() {
+            return o;
+        }
+    }
+    std::cmp::Ordering::Equal
+}
+
+/// The validator's own reading of a constraint (deliberately not the engine's code).
+fn holds(node: &Node, c: &Constraint) -> bool {
+    let have = lookup(node, &c.target);
+    let items = |s: &str| s.split(',').map(|x| x.trim().to_owned()).filter(|x| !x.is_empty()).collect::<BTreeSet<_>>();
+    match c.op {
+        ConstraintOp::Equal => have.as_deref() == Some(c.value.as_str()),
+        ConstraintOp::NotEqual => have.as_deref() != Some(c.value.as_str()),
+        ConstraintOp::Less => have.is_some_and(|h| order(&h, &c.value).is_lt()),
+        ConstraintOp::LessEqual => have.is_some_and(|h| order(&h, &c.value).is_le()),
+        ConstraintOp::Greater => have.is_some_and(|h| order(&h, &c.value).is_gt()),
+        ConstraintOp::GreaterEqual => have.is_some_and(|h| order(&h, &c.value).is_ge()),
+        ConstraintOp::Version => have.is_some_and(|h| {
+            c.value.split(',').all(|clause| {
+                let clause = clause.trim();
+                let (cmp, ver): (fn(std::cmp::Ordering) -> bool, &str) = if let Some(r) = clause.strip_prefix(">=") {
+                    (std::cmp::Ordering::is_ge, r)
+                } else if let Some(r) = clause.strip_prefix("<=") {
+                    (std::cmp::Ordering::is_le, r)
+                } else if let Some(r) = clause.strip_prefix("!=") {
+                    (std::cmp::Ordering::is_ne, r)
+                } else if let Some(r) = clause.strip_prefix('>') {
+                    (std::cmp::Ordering::is_gt, r)
+                } else if let Some(r) = clause.strip_prefix('<') {
+                    (std::cmp::Ordering::is_lt, r)
+                } else {
+                    (std::cmp::Ordering::is_eq, clause.trim_start_matches('='))
+                };
+                cmp(order(&h, ver.trim()))
+            })
+        }),
+        ConstraintOp::Regex => have.is_some_and(|h| regex::Regex::new(&c.value).is_ok_and(|re| re.is_match(&h))),
+        ConstraintOp::SetContainsAny => have.is_some_and(|h| !items(&h).is_disjoint(&items(&c.value))),
+        ConstraintOp::SetContainsAll => have.is_some_and(|h| items(&c.value).is_subset(&items(&h))),
+        ConstraintOp::IsSet => have.is_some(),
+        ConstraintOp::IsNotSet => have.is_none(),
+        ConstraintOp::DistinctHosts | ConstraintOp::DistinctProperty => true,
     }
 }
 
@@ -74,12 +279,7 @@ pub fn scheduler_all(s: &dyn Scheduler) {
 /// Capacity, including existing allocations, is never exceeded.
 pub fn scheduler_respects_capacity(s: &dyn Scheduler) {
     let mut snap = cluster();
-    snap.allocations.push(crate::Allocation {
-        id: "old".into(),
-        node: "n1".into(),
-        resources: Resources::new(3500, 1024),
-        ports: BTreeSet::new(),
-    });
+    snap.allocations.push(Allocation::new("old", "n1", "other", "g", Resources::new(3500, 1024)));
     let job = Job::new("cap", vec![TaskGroup::new("web", 9, Resources::new(1000, 1024))]);
     let plan = s.plan(&snap, &job).unwrap();
     assert_plan_valid(&snap, &job, &plan);
@@ -88,14 +288,14 @@ pub fn scheduler_respects_capacity(s: &dyn Scheduler) {
     assert_eq!(plan.unplaced[0].count, 3);
 }
 
-/// Equality constraints filter nodes.
+/// Constraints filter nodes.
 pub fn scheduler_respects_constraints(s: &dyn Scheduler) {
     let snap = cluster();
     let job = Job::new(
         "cons",
         vec![
-            TaskGroup::new("in-a", 3, Resources::new(500, 512)).with_constraint(Constraint::equal("zone", "a")),
-            TaskGroup::new("not-a", 3, Resources::new(500, 512)).with_constraint(Constraint::not_equal("zone", "a")),
+            TaskGroup::new("in-a", 3, Resources::new(500, 512)).with_constraint(Constraint::equal("attr.zone", "a")),
+            TaskGroup::new("not-a", 3, Resources::new(500, 512)).with_constraint(Constraint::not_equal("attr.zone", "a")),
         ],
     );
     let plan = s.plan(&snap, &job).unwrap();
@@ -110,12 +310,9 @@ pub fn scheduler_respects_constraints(s: &dyn Scheduler) {
 /// A static port is used once per node, so N tasks need N nodes.
 pub fn scheduler_never_double_books_static_ports(s: &dyn Scheduler) {
     let mut snap = cluster();
-    snap.allocations.push(crate::Allocation {
-        id: "holder".into(),
-        node: "n2".into(),
-        resources: Resources::new(1, 1),
-        ports: BTreeSet::from([8080]),
-    });
+    let mut holder = Allocation::new("holder", "n2", "other", "g", Resources::new(1, 1));
+    holder.ports.insert(8080);
+    snap.allocations.push(holder);
     let job = Job::new("ports", vec![TaskGroup::new("web", 3, Resources::new(100, 64)).with_static_port(8080)]);
     let plan = s.plan(&snap, &job).unwrap();
     assert_plan_valid(&snap, &job, &plan);
@@ -123,21 +320,23 @@ pub fn scheduler_never_double_books_static_ports(s: &dyn Scheduler) {
     assert_eq!(plan.unplaced[0].explanation.exhausted.get(&Dimension::Ports), Some(&3));
 }
 
-/// Unplaced tasks say why: per constraint and per exhausted dimension.
+/// Unplaced tasks say why: per constraint and per exhausted dimension, adding up.
 pub fn scheduler_explains_what_did_not_fit(s: &dyn Scheduler) {
     let mut snap = cluster();
-    snap.nodes[1].eligible = false;
-    let job = Job::new("why", vec![TaskGroup::new("big", 3, Resources::new(3000, 1024)).with_constraint(Constraint::equal("zone", "a"))]);
+    snap.nodes[1].eligibility = Eligibility::Draining;
+    let job =
+        Job::new("why", vec![TaskGroup::new("big", 3, Resources::new(3000, 1024)).with_constraint(Constraint::equal("attr.zone", "a"))]);
     let plan = s.plan(&snap, &job).unwrap();
     assert_eq!(plan.placements.len(), 1, "only n1 has 3000 free in zone a");
     let e = &plan.unplaced[0].explanation;
     assert_eq!((plan.unplaced[0].count, e.nodes_evaluated, e.nodes_ineligible), (2, 3, 1));
     assert_eq!(e.exhausted.get(&Dimension::Cpu), Some(&2), "n1 (now full) and n3 (too small) lack cpu: {e}");
+    assert!(e.adds_up(), "{e:?}");
     let text = e.to_string();
     assert!(text.contains("3 nodes evaluated") && text.contains("cpu"), "{text}");
-    let job = Job::new("why2", vec![TaskGroup::new("g", 1, Resources::new(1, 1)).with_constraint(Constraint::equal("zone", "z"))]);
+    let job = Job::new("why2", vec![TaskGroup::new("g", 1, Resources::new(1, 1)).with_constraint(Constraint::equal("attr.zone", "z"))]);
     let plan = s.plan(&snap, &job).unwrap();
-    assert_eq!(plan.unplaced[0].explanation.filtered_by_constraint.get("zone = z"), Some(&2));
+    assert_eq!(plan.unplaced[0].explanation.filtered_by_constraint.get("attr.zone = z"), Some(&2));
 }
 
 /// Jobs that can never fit, and malformed jobs, are typed errors naming the value.
@@ -153,6 +352,11 @@ pub fn scheduler_rejects_impossible_and_bad_jobs(s: &dyn Scheduler) {
         Job::new("j", vec![TaskGroup::new("g", 1, Resources::default())]),
         Job::new("j", vec![TaskGroup::new("g", 1, Resources::new(1, 1)).with_static_port(0)]),
         Job::new("j", vec![TaskGroup::new("bad name", 1, Resources::new(1, 1))]),
+        Job::new(
+            "j",
+            vec![TaskGroup::new("g", 1, Resources::new(1, 1)).with_constraint(Constraint::new("attr.x", ConstraintOp::Regex, "(("))],
+        ),
+        Job::new("j", vec![TaskGroup::new("g", 1, Resources::new(1, 1)).with_constraint(Constraint::equal("zone", "a"))]),
     ];
     for job in bad {
         let err = s.plan(&snap, &job).unwrap_err();

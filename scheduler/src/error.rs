@@ -102,8 +102,14 @@ pub enum Dimension {
     Cpu,
     /// Memory, in MiB.
     Memory,
-    /// A static port.
+    /// Disk, in MiB.
+    Disk,
+    /// Static or dynamic ports.
     Ports,
+    /// A volume: absent where needed, or its single writer taken.
+    Volume,
+    /// A `distinct_hosts` / `distinct_property` limit.
+    Distinct,
 }
 
 impl std::fmt::Display for Dimension {
@@ -111,7 +117,10 @@ impl std::fmt::Display for Dimension {
         f.write_str(match self {
             Dimension::Cpu => "cpu millicores",
             Dimension::Memory => "memory MiB",
+            Dimension::Disk => "disk MiB",
             Dimension::Ports => "ports",
+            Dimension::Volume => "volume",
+            Dimension::Distinct => "distinct limit",
         })
     }
 }

@@ -1,42 +1,61 @@
 //! Placement, task drivers and volumes for keelson.
 //!
-//! - [`Scheduler`]: pure, synchronous placement (`plan(&ClusterSnapshot, &Job)`);
-//!   [`BinPack`] is the embedded default (best fit on cpu/memory, static ports,
-//!   equality constraints, explanations for what did not fit).
+//! - [`Scheduler`]: pure, synchronous placement (`plan(&ClusterSnapshot, &Job)`).
+//!   [`PlacementEngine`] is the embedded default: constraints (`=`, `!=`, ordering,
+//!   version ranges, regexp, sets, presence, distinct hosts/properties), weighted
+//!   affinities, spread with targets, volume locality and single writers, static and
+//!   dynamic ports, bin-pack or spread policy, priorities with preemption, and an
+//!   explanation for every task that did not fit. For many jobs against one cluster,
+//!   index it once as a [`ClusterState`] and call [`ClusterState::place`];
+//!   [`ClusterState::rebalance`] proposes moves that free whole nodes.
 //! - [`Driver`]: runs a task on this node; [`ProcessDriver`] runs local processes in
 //!   their own process groups (SIGTERM, then SIGKILL after the grace period).
 //! - [`VolumeManager`]: named volumes; [`LocalVolumes`] keeps them as directories.
 //!
 //! ```
-//! use keelson_scheduler::{BinPack, ClusterSnapshot, Job, Node, Resources, Scheduler, TaskGroup};
+//! use keelson_scheduler::{ClusterSnapshot, Constraint, Job, Node, PlacementEngine, Resources, Scheduler, TaskGroup};
 //!
 //! let cluster = ClusterSnapshot {
-//!     nodes: vec![Node::new("n1", Resources::new(2000, 4096)), Node::new("n2", Resources::new(2000, 4096))],
-//!     allocations: vec![],
+//!     nodes: vec![
+//!         Node::new("n1", Resources::new(2000, 4096)).with_attribute("zone", "a"),
+//!         Node::new("n2", Resources::new(2000, 4096)).with_attribute("zone", "a"),
+//!         Node::new("n3", Resources::new(8000, 8192)).with_attribute("zone", "b"),
+//!     ],
+//!     ..ClusterSnapshot::default()
 //! };
-//! let job = Job::new("web", vec![TaskGroup::new("http", 3, Resources::new(1000, 512))]);
-//! let plan = BinPack.plan(&cluster, &job)?;
+//! let web = TaskGroup::new("http", 3, Resources::new(1000, 512)).with_constraint(Constraint::equal("attr.zone", "a"));
+//! let plan = PlacementEngine::new().plan(&cluster, &Job::new("web", vec![web]))?;
 //! assert!(plan.is_complete());
-//! // Best fit fills n1 before opening n2.
+//! // Best fit fills n1 before opening n2; n3 is filtered out by the constraint.
 //! assert_eq!(plan.placements.iter().filter(|p| p.node == "n1").count(), 2);
+//! assert!(plan.placements.iter().all(|p| p.node != "n3"));
 //! # Ok::<(), keelson_scheduler::Error>(())
 //! ```
 
+mod constraints;
 mod driver;
+mod engine;
 mod error;
 mod model;
 mod placement;
 mod process;
+mod rebalance;
+mod state;
 mod volumes;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
 pub use driver::{Driver, DriverCapabilities, Output, OutputLine, OutputStream, TaskSpec, TaskState, TaskStatus};
+pub use engine::{EngineConfig, PREEMPTION_GAP};
 pub use error::{validate_id, Dimension, Error, Result};
 pub use model::{
-    Allocation, ClusterSnapshot, Constraint, ConstraintOp, Explanation, Job, Node, Placement, Plan, Resources, TaskGroup, Unplaced,
+    Affinity, Allocation, ClusterSnapshot, Constraint, ConstraintOp, Eligibility, Eviction, Explanation, HostVolume, Job, Node, Placement,
+    Plan, Policy, PortRange, Resources, ScoreBreakdown, Spread, SpreadTarget, TaskGroup, Unplaced, VolumeAccess, VolumeMount,
+    VolumeRequest,
 };
-pub use placement::{BinPack, Scheduler, SchedulerCapabilities, MAX_GROUP_COUNT};
+pub use placement::{PlacementEngine, Scheduler, SchedulerCapabilities};
 pub use process::{ProcessDriver, OUTPUT_TAIL};
+pub use rebalance::{Move, RebalancePlan};
+pub use state::ClusterState;
 pub use volumes::{LocalVolumes, Volume, VolumeCapabilities, VolumeManager};

@@ -1,14 +1,14 @@
 //! The embedded defaults pass every conformance scenario.
 
-use keelson_scheduler::{conformance, BinPack, LocalVolumes, ProcessDriver, TaskSpec};
+use keelson_scheduler::{conformance, LocalVolumes, PlacementEngine, ProcessDriver, TaskSpec};
 
 fn sh(id: &str, script: &str) -> TaskSpec {
     TaskSpec::new(id, ["/bin/sh", "-c", script])
 }
 
 #[test]
-fn binpack_passes_scheduler_conformance() {
-    conformance::scheduler_all(&BinPack);
+fn placement_engine_passes_scheduler_conformance() {
+    conformance::scheduler_all(&PlacementEngine::new());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
