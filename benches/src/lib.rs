@@ -10,6 +10,8 @@
 //! assert_eq!(job.groups[0].count, 50);
 //! ```
 
+pub mod placement;
+
 use keelson_scheduler::{ClusterSnapshot, Constraint, Job, Node, Resources, TaskGroup};
 
 /// A small deterministic PRNG (SplitMix64), so workloads are reproducible without a

@@ -487,3 +487,104 @@ pub async fn volumes_all(v: &dyn VolumeManager) {
         assert!(matches!(v.create(bad, BTreeMap::new()).await, Err(Error::InvalidInput { field: "volume name", .. })), "{bad:?}");
     }
 }
+
+/// The validator's reading of one constraint on one node, for callers that check plans
+/// their own way (the placement bench's reference policies).
+pub fn constraint_holds(node: &Node, c: &Constraint) -> bool {
+    holds(node, c)
+}
+
+/// An independent check of a whole cluster against the jobs that placed its allocations:
+/// no node over-committed, no port twice on a node, every allocation of a known job on a
+/// node that satisfies its job's and group's constraints, distinct limits held, volumes on
+/// one node with at most one writer when single-writer. Shares no code with the engine.
+pub fn validate_cluster(snapshot: &ClusterSnapshot, jobs: &[Job]) -> Result<(), Vec<String>> {
+    let mut v = Vec::new();
+    let nodes: BTreeMap<&str, &Node> = snapshot.nodes.iter().map(|n| (n.id.as_str(), n)).collect();
+    let jobs: BTreeMap<&str, &Job> = jobs.iter().map(|j| (j.id.as_str(), j)).collect();
+    let mut used: BTreeMap<&str, (u64, u64, u64)> = BTreeMap::new();
+    let mut ports: BTreeSet<(&str, u16)> = BTreeSet::new();
+    let mut per_group_node: BTreeMap<(&str, &str, &str), u32> = BTreeMap::new();
+    let mut writers: BTreeMap<&str, u32> = BTreeMap::new();
+    let mut homes: BTreeMap<&str, &str> = snapshot.volumes.iter().map(|x| (x.name.as_str(), x.node.as_str())).collect();
+    for a in &snapshot.allocations {
+        let Some(node) = nodes.get(a.node.as_str()) else {
+            v.push(format!("{} on unknown node {}", a.id, a.node));
+            continue;
+        };
+        let u = used.entry(node.id.as_str()).or_default();
+        u.0 += a.resources.cpu_millis;
+        u.1 += a.resources.memory_mb;
+        u.2 += a.resources.disk_mb;
+        for p in &a.ports {
+            if !ports.insert((node.id.as_str(), *p)) {
+                v.push(format!("port {p} double-booked on {}", node.id));
+            }
+        }
+        for m in &a.volumes {
+            let home = homes.entry(m.name.as_str()).or_insert(node.id.as_str());
+            if *home != node.id {
+                v.push(format!("volume {} used on {} and {}", m.name, home, node.id));
+            }
+            if !m.read_only {
+                *writers.entry(m.name.as_str()).or_default() += 1;
+            }
+        }
+        *per_group_node.entry((a.job.as_str(), a.group.as_str(), node.id.as_str())).or_default() += 1;
+        let Some(job) = jobs.get(a.job.as_str()) else { continue };
+        let Some(group) = job.groups.iter().find(|g| g.name == a.group) else {
+            v.push(format!("{} of unknown group {}/{}", a.id, a.job, a.group));
+            continue;
+        };
+        for c in job.constraints.iter().chain(&group.constraints) {
+            if !holds(node, c) {
+                v.push(format!("{} on {} breaks constraint {c}", a.id, node.id));
+            }
+        }
+    }
+    for (id, (c, m, d)) in &used {
+        if let Some(n) = nodes.get(id) {
+            if *c > n.capacity.cpu_millis || *m > n.capacity.memory_mb || *d > n.capacity.disk_mb {
+                v.push(format!("node {id} over-committed"));
+            }
+        }
+    }
+    for (name, n) in &writers {
+        let single = snapshot.volumes.iter().find(|x| x.name == *name).is_none_or(|x| x.access == VolumeAccess::SingleWriter);
+        if *n > 1 && single {
+            v.push(format!("single-writer volume {name} has {n} writers"));
+        }
+    }
+    for job in jobs.values() {
+        for group in &job.groups {
+            let on = |node: &str| per_group_node.get(&(job.id.as_str(), group.name.as_str(), node)).copied().unwrap_or(0);
+            for c in &group.constraints {
+                match c.op {
+                    ConstraintOp::DistinctHosts => {
+                        for n in nodes.keys() {
+                            if on(n) > 1 {
+                                v.push(format!("distinct_hosts broken for {}/{} on {n}", job.id, group.name));
+                            }
+                        }
+                    }
+                    ConstraintOp::DistinctProperty => {
+                        let limit: u32 = if c.value.is_empty() { 1 } else { c.value.parse().unwrap_or(1) };
+                        let mut per: BTreeMap<Option<String>, u32> = BTreeMap::new();
+                        for (id, node) in &nodes {
+                            *per.entry(lookup(node, &c.target)).or_default() += on(id);
+                        }
+                        if per.values().any(|n| *n > limit) {
+                            v.push(format!("distinct_property {} broken for {}/{}", c.target, job.id, group.name));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    if v.is_empty() {
+        Ok(())
+    } else {
+        Err(v)
+    }
+}

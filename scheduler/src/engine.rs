@@ -10,8 +10,10 @@
 
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::ops::Bound;
+use std::sync::Arc;
 
-use crate::constraints::{validate_target, Matcher};
+use crate::class_cache::{AffinityScores, CompiledConstraints};
+use crate::constraints::validate_target;
 use crate::error::{validate_id, Dimension, Error, Result};
 use crate::model::{
     ConstraintOp, Eviction, Explanation, Job, Placement, Plan, Policy, Resources, ScoreBreakdown, TaskGroup, Unplaced, VolumeAccess,
@@ -44,17 +46,14 @@ pub(crate) struct GroupCtx<'g> {
     pub(crate) group: &'g TaskGroup,
     pub(crate) gid: u32,
     priority: u8,
-    /// Static constraints (job's then group's); class-level and per-node ones.
-    matchers: Vec<Matcher>,
-    /// Per class: index of the first failing class-level matcher.
-    class_fail: Vec<Option<usize>>,
-    per_node: Vec<usize>,
+    /// Node-predicate constraints (job's then group's), with their verdict per class.
+    constraints: Arc<CompiledConstraints>,
     distinct_hosts: bool,
     /// (target, limit, count per value so far).
     distinct_props: Vec<(String, u32, HashMap<String, u32>)>,
-    class_affinity: Vec<i32>,
+    class_affinity: Arc<AffinityScores>,
     /// Spread target and each class's value.
-    spread: Option<(String, Vec<Option<String>>)>,
+    spread: Option<(String, Arc<Vec<Option<String>>>)>,
 }
 
 /// Which nodes a filling pass may use.
@@ -81,7 +80,7 @@ pub(crate) fn validate_job(job: &Job, config: &EngineConfig) -> Result<()> {
         if c.op.is_distinct() {
             return Err(Error::invalid("job constraint", c.to_string(), "distinct constraints belong on a group"));
         }
-        Matcher::compile("job constraint", &c.target, c.op, &c.value)?;
+        validate_target("job constraint target", &c.target)?;
     }
     let mut names = std::collections::BTreeSet::new();
     for g in &job.groups {
@@ -123,16 +122,16 @@ pub(crate) fn validate_job(job: &Job, config: &EngineConfig) -> Result<()> {
                     validate_target("constraint target", &c.target)?;
                     distinct_limit(&c.value)?;
                 }
-                _ => {
-                    Matcher::compile("constraint", &c.target, c.op, &c.value)?;
-                }
+                _ => validate_target("constraint target", &c.target)?,
             }
         }
         for a in &g.affinities {
             if !(-100..=100).contains(&a.weight) || a.weight == 0 {
                 return Err(Error::invalid("affinity weight", a.weight.to_string(), "must be -100 to 100 and not 0"));
             }
-            Matcher::compile("affinity", &a.target, a.op, &a.value)?;
+            if a.op.is_distinct() {
+                return Err(Error::invalid("affinity", a.op.as_str(), "distinct operators are not preferences"));
+            }
         }
         if let Some(s) = &g.spread {
             validate_target("spread target", &s.target)?;
@@ -187,6 +186,13 @@ impl ClusterState {
     fn run(&mut self, job: &Job, config: &EngineConfig, commit: bool) -> Result<Plan> {
         validate_job(job, config)?;
         self.check_fits_somewhere(job)?;
+        // Compile (or fetch) every group's constraints first, so a bad regex or version
+        // is reported before anything is placed.
+        for g in &job.groups {
+            let all: Vec<crate::model::Constraint> = job.constraints.iter().chain(&g.constraints).cloned().collect();
+            self.compiled_constraints(&all)?;
+            self.affinity_scores(&g.affinities)?;
+        }
         let outer = self.journal.take();
         self.journal = Some(Vec::new());
         let mut plan = Plan::default();
@@ -207,21 +213,7 @@ impl ClusterState {
     /// "Asks for more than any node has" is a property of the job, not of the moment:
     /// report it as an error instead of an unplaced group.
     fn check_fits_somewhere(&self, job: &Job) -> Result<()> {
-        let mut largest = Resources::default();
-        let mut any = false;
-        for (i, c) in self.cap.iter().enumerate() {
-            if self.eligible[i] {
-                any = true;
-                largest = Resources {
-                    cpu_millis: largest.cpu_millis.max(c.cpu_millis),
-                    memory_mb: largest.memory_mb.max(c.memory_mb),
-                    disk_mb: largest.disk_mb.max(c.disk_mb),
-                };
-            }
-        }
-        if !any {
-            return Ok(());
-        }
+        let Some(largest) = self.largest else { return Ok(()) };
         for g in &job.groups {
             if let Some(dimension) = g.resources.exceeds(largest) {
                 let (requested, largest) = match dimension {
@@ -237,25 +229,9 @@ impl ClusterState {
 
     pub(crate) fn group_ctx<'g>(&mut self, job: &Job, group: &'g TaskGroup) -> Result<GroupCtx<'g>> {
         let gid = self.intern_group(&job.id, &group.name);
-        let mut matchers = Vec::new();
-        for c in job.constraints.iter().chain(&group.constraints).filter(|c| !c.op.is_distinct()) {
-            matchers.push(Matcher::compile("constraint", &c.target, c.op, &c.value)?);
-        }
-        let per_node: Vec<usize> = matchers.iter().enumerate().filter(|(_, m)| m.per_node()).map(|(i, _)| i).collect();
-        let class_fail = self
-            .class_rep
-            .iter()
-            .map(|&rep| matchers.iter().enumerate().find(|(_, m)| !m.per_node() && !m.matches(&self.nodes[rep as usize])).map(|(i, _)| i))
-            .collect();
-        let mut affinities = Vec::new();
-        for a in &group.affinities {
-            affinities.push((Matcher::compile("affinity", &a.target, a.op, &a.value)?, i32::from(a.weight)));
-        }
-        let class_affinity = self
-            .class_rep
-            .iter()
-            .map(|&rep| affinities.iter().filter(|(m, _)| m.matches(&self.nodes[rep as usize])).map(|(_, w)| w).sum())
-            .collect();
+        let all: Vec<crate::model::Constraint> = job.constraints.iter().chain(&group.constraints).cloned().collect();
+        let constraints = self.compiled_constraints(&all)?;
+        let class_affinity = self.affinity_scores(&group.affinities)?;
         let distinct_hosts = group.constraints.iter().any(|c| c.op == ConstraintOp::DistinctHosts);
         let mut distinct_props = Vec::new();
         for c in group.constraints.iter().filter(|c| c.op == ConstraintOp::DistinctProperty) {
@@ -269,30 +245,18 @@ impl ClusterState {
             }
             distinct_props.push((c.target.clone(), distinct_limit(&c.value)?, counts));
         }
-        let spread = group.spread.as_ref().map(|s| {
-            (
-                s.target.clone(),
-                self.class_rep.iter().map(|&rep| self.nodes[rep as usize].target_value(&s.target).map(str::to_owned)).collect(),
-            )
-        });
-        Ok(GroupCtx {
-            group,
-            gid,
-            priority: job.priority,
-            matchers,
-            class_fail,
-            per_node,
-            distinct_hosts,
-            distinct_props,
-            class_affinity,
-            spread,
-        })
+        let spread = match &group.spread {
+            Some(sp) => Some((sp.target.clone(), self.spread_values(&sp.target))),
+            None => None,
+        };
+        Ok(GroupCtx { group, gid, priority: job.priority, constraints, distinct_hosts, distinct_props, class_affinity, spread })
     }
 
     /// The first constraint `node` fails, as an index into the context's matchers.
     fn failed_constraint(&self, ctx: &GroupCtx<'_>, node: u32) -> Option<usize> {
-        ctx.class_fail[self.class_of[node as usize] as usize]
-            .or_else(|| ctx.per_node.iter().copied().find(|&i| !ctx.matchers[i].matches(&self.nodes[node as usize])))
+        ctx.constraints.class_fail[self.class_of[node as usize] as usize].or_else(|| {
+            ctx.constraints.per_node.iter().copied().find(|&i| !ctx.constraints.matchers[i].matches(&self.nodes[node as usize]))
+        })
     }
 
     fn passes(&self, ctx: &GroupCtx<'_>, pass: &Pass<'_>, node: u32) -> bool {
@@ -302,7 +266,7 @@ impl ClusterState {
             && pass.pin.is_none_or(|p| p == node)
             && pass.exclude.is_none_or(|x| !x[i])
             && (!pass.non_empty_only || !self.node_allocs[i].is_empty())
-            && pass.affinity.is_none_or(|a| ctx.class_affinity[class] == a)
+            && pass.affinity.is_none_or(|a| ctx.class_affinity.per_class[class] == a)
             && pass.spread_value.is_none_or(|v| ctx.spread.as_ref().is_some_and(|(_, vals)| vals[class].as_deref() == Some(v)))
             && self.failed_constraint(ctx, node).is_none()
     }
@@ -401,7 +365,7 @@ impl ClusterState {
             volumes,
             score: ScoreBreakdown {
                 fullness: self.fullness(node),
-                affinity: ctx.class_affinity[class],
+                affinity: ctx.class_affinity.per_class[class],
                 spread_value: ctx.spread.as_ref().and_then(|(_, vals)| vals[class].clone()),
                 policy,
             },
@@ -452,17 +416,28 @@ impl ClusterState {
             }
             return Ok(placed);
         }
+        // Nodes below the demand's bound cannot fit it: start the walk there. One iterator
+        // per segment between placements; placing re-keys the node behind the cursor.
+        let start = (self.demand_key(ctx.group.resources), 0);
         while placed < want {
-            let next = match cursor {
-                None => self.fit.iter().next().copied(),
-                Some(c) => self.fit.range((Bound::Excluded(c), Bound::Unbounded)).next().copied(),
+            let found = {
+                let walk = match cursor {
+                    None => self.fit.range((Bound::Included(start), Bound::Unbounded)),
+                    Some(c) => self.fit.range((Bound::Excluded(c), Bound::Unbounded)),
+                };
+                let mut found = None;
+                for &(key, node) in walk {
+                    if self.passes(ctx, pass, node) {
+                        if let Ok(k) = self.capacity(ctx, node) {
+                            found = Some((key, node, k));
+                            break;
+                        }
+                    }
+                }
+                found
             };
-            let Some((key, node)) = next else { break };
+            let Some((key, node, k)) = found else { break };
             cursor = Some((key, node));
-            if !self.passes(ctx, pass, node) {
-                continue;
-            }
-            let Ok(k) = self.capacity(ctx, node) else { continue };
             for _ in 0..k.min(want - placed) {
                 let Some(index) = indices.next() else { return Ok(placed) };
                 out.push(self.put(ctx, node, index, pass.reuse_id.map(str::to_owned), Policy::Binpack)?);
@@ -598,10 +573,10 @@ impl ClusterState {
         if want == 0 {
             return Ok(0);
         }
-        let mut tiers: Vec<i32> = ctx.class_affinity.clone();
-        tiers.sort_unstable_by(|a, b| b.cmp(a));
-        tiers.dedup();
-        let tiers: Vec<Option<i32>> = if tiers.len() <= 1 { vec![None] } else { tiers.into_iter().map(Some).collect() };
+        let tiers: Vec<Option<i32>> = match ctx.class_affinity.tiers.len() {
+            0 | 1 => vec![None],
+            _ => ctx.class_affinity.tiers.iter().copied().map(Some).collect(),
+        };
         let mut placed = 0;
         for (value, quota) in self.spread_quotas(ctx, want) {
             let mut got = 0;
@@ -629,7 +604,7 @@ impl ClusterState {
             let mut vals: Vec<String> = class_values
                 .iter()
                 .enumerate()
-                .filter(|(c, v)| v.is_some() && ctx.class_fail[*c].is_none())
+                .filter(|(c, v)| v.is_some() && ctx.constraints.class_fail[*c].is_none())
                 .filter_map(|(_, v)| v.clone())
                 .collect();
             vals.sort();
@@ -694,7 +669,7 @@ impl ClusterState {
             if !self.eligible[node as usize] {
                 e.nodes_ineligible += 1;
             } else if let Some(i) = self.failed_constraint(ctx, node) {
-                *e.filtered_by_constraint.entry(ctx.matchers[i].display.clone()).or_default() += 1;
+                *e.filtered_by_constraint.entry(ctx.constraints.matchers[i].display.clone()).or_default() += 1;
             } else if pin.is_some_and(|p| p != node) {
                 *e.exhausted.entry(Dimension::Volume).or_default() += 1;
             } else {

@@ -32,6 +32,7 @@
 //! # Ok::<(), keelson_scheduler::Error>(())
 //! ```
 
+mod class_cache;
 mod constraints;
 mod driver;
 mod engine;

@@ -12,6 +12,15 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use crate::error::{validate_id, Error, Result};
 use crate::model::{Allocation, ClusterSnapshot, HostVolume, Node, Resources, VolumeAccess, VolumeMount};
 
+/// `part / whole` in fixed point (0 when `whole` is 0).
+fn frac(part: u64, whole: u64) -> u64 {
+    if whole == 0 {
+        0
+    } else {
+        (u128::from(part) * u128::from(SCALE) / u128::from(whole)) as u64
+    }
+}
+
 /// What makes two nodes interchangeable for constraints: datacenter, pool, attributes,
 /// labels (everything but the id).
 type ClassKey<'a> = (&'a str, &'a str, &'a BTreeMap<String, String>, &'a BTreeMap<String, String>);
@@ -77,6 +86,9 @@ pub struct ClusterState {
     pub(crate) fit_key: Vec<u64>,
     pub(crate) priority_count: [u32; 101],
     pub(crate) journal: Option<Vec<Change>>,
+    /// The largest capacity of any eligible node, per dimension (`None`: no eligible node).
+    pub(crate) largest: Option<Resources>,
+    pub(crate) cache: crate::class_cache::ClassCache,
 }
 
 impl ClusterState {
@@ -107,6 +119,8 @@ impl ClusterState {
             fit_key: vec![0; n],
             priority_count: [0; 101],
             journal: None,
+            largest: None,
+            cache: crate::class_cache::ClassCache::default(),
         };
         let mut classes: HashMap<ClassKey<'_>, u32> = HashMap::new();
         for (i, node) in snapshot.nodes.iter().enumerate() {
@@ -132,6 +146,16 @@ impl ClusterState {
             s.dyn_free.push(node.dynamic_ports.len() - in_range);
             s.ports.push(reserved);
             s.rekey(i);
+        }
+        for (i, c) in s.cap.iter().enumerate() {
+            if s.eligible[i] {
+                let l = s.largest.get_or_insert(Resources::default());
+                *l = Resources {
+                    cpu_millis: l.cpu_millis.max(c.cpu_millis),
+                    memory_mb: l.memory_mb.max(c.memory_mb),
+                    disk_mb: l.disk_mb.max(c.disk_mb),
+                };
+            }
         }
         for v in &snapshot.volumes {
             s.add_volume(v)?;
@@ -246,18 +270,41 @@ impl ClusterState {
         self.cap[node as usize].saturating_sub(self.used[node as usize])
     }
 
-    /// Free fraction summed over the dimensions the node has, in fixed point.
+    /// The best-fit order: the node's tightest free fraction over cpu and memory, in fixed
+    /// point. A node can hold a task only if every free fraction covers the task's, so
+    /// nodes below the task's smallest fraction are skipped outright, and among the rest
+    /// the walk reaches first the node whose bottleneck is closest to full. (A sum of
+    /// fractions would rank a cpu-full node with spare memory above an empty-ish one, and
+    /// walk past every such node for every task.) Disk is checked when fitting but left
+    /// out of the order: it is rarely the binding dimension.
     fn key_of(&self, node: u32) -> u64 {
         let (c, f) = (self.cap[node as usize], self.free(node));
-        let frac = |free: u64, cap: u64| if cap == 0 { 0 } else { (u128::from(free) * u128::from(SCALE) / u128::from(cap)) as u64 };
-        frac(f.cpu_millis, c.cpu_millis) + frac(f.memory_mb, c.memory_mb) + frac(f.disk_mb, c.disk_mb)
+        let dims = [(f.cpu_millis, c.cpu_millis), (f.memory_mb, c.memory_mb)];
+        dims.iter().filter(|(_, cap)| *cap > 0).map(|(free, cap)| frac(*free, *cap)).min().unwrap_or(0)
+    }
+
+    /// A lower bound on the fit key of any node that can hold `r`: every free fraction is
+    /// at least the demand over the largest capacity in that dimension, so the tightest
+    /// one is at least the smallest of those.
+    pub(crate) fn demand_key(&self, r: Resources) -> u64 {
+        let Some(l) = self.largest else { return 0 };
+        let dims = [(r.cpu_millis, l.cpu_millis), (r.memory_mb, l.memory_mb)];
+        dims.iter().filter(|(_, cap)| *cap > 0).map(|(d, cap)| frac(*d, *cap)).min().unwrap_or(0)
     }
 
     /// How full a node is, 0 to 1, averaged over the dimensions it has.
     pub(crate) fn fullness(&self, node: u32) -> f64 {
-        let c = self.cap[node as usize];
-        let dims = [c.cpu_millis, c.memory_mb, c.disk_mb].iter().filter(|x| **x > 0).count().max(1) as f64;
-        1.0 - self.key_of(node) as f64 / (SCALE as f64 * dims)
+        let (c, u) = (self.cap[node as usize], self.used[node as usize]);
+        let parts: Vec<f64> = [(u.cpu_millis, c.cpu_millis), (u.memory_mb, c.memory_mb), (u.disk_mb, c.disk_mb)]
+            .iter()
+            .filter(|(_, cap)| *cap > 0)
+            .map(|(used, cap)| (*used as f64 / *cap as f64).min(1.0))
+            .collect();
+        if parts.is_empty() {
+            0.0
+        } else {
+            parts.iter().sum::<f64>() / parts.len() as f64
+        }
     }
 
     fn rekey(&mut self, node: u32) {
