@@ -169,8 +169,26 @@ impl<'a> Sim<'a> {
     }
 }
 
-fn skew(per_zone: &[u64; ZONES as usize]) -> u64 {
-    per_zone.iter().max().copied().unwrap_or(0) - per_zone.iter().min().copied().unwrap_or(0)
+/// The zones (by number) where at least one node satisfies the group's constraints:
+/// spread can only be even over those, so skew is measured over those.
+pub fn feasible_zones(nodes: &[Node], g: &TaskGroup) -> [bool; ZONES as usize] {
+    let mut out = [false; ZONES as usize];
+    for n in nodes {
+        let z: usize = n.attributes.get("zone").and_then(|z| z.trim_start_matches('z').parse().ok()).unwrap_or(0);
+        if z < out.len() && !out[z] && g.constraints.iter().all(|c| constraint_holds(n, c)) {
+            out[z] = true;
+        }
+        if out.iter().all(|x| *x) {
+            break;
+        }
+    }
+    out
+}
+
+/// max - min tasks per zone, over the zones the group can use.
+pub fn skew_over(per_zone: &[u64; ZONES as usize], feasible: &[bool; ZONES as usize]) -> u64 {
+    let used: Vec<u64> = per_zone.iter().zip(feasible).filter(|(_, f)| **f).map(|(n, _)| *n).collect();
+    used.iter().max().copied().unwrap_or(0) - used.iter().min().copied().unwrap_or(0)
 }
 
 /// Offline best-fit decreasing: all groups sorted by task size, largest first, each task
@@ -216,7 +234,8 @@ pub fn nomad_like(snapshot: &ClusterSnapshot, jobs: &[Job], seed: u64) -> RefRes
         let ok = sim.feasible_classes(g);
         let limit = if g.spread.is_some() { (g.count as usize).max(100) } else { base_limit };
         let mut per_zone = [0u64; ZONES as usize];
-        let desired = f64::from(g.count) / ZONES as f64;
+        let feasible = feasible_zones(sim.nodes, g);
+        let desired = f64::from(g.count) / feasible.iter().filter(|f| **f).count().max(1) as f64;
         for _ in 0..g.count {
             let mut best: Option<(f64, usize)> = None;
             let mut seen = 0;
@@ -247,7 +266,7 @@ pub fn nomad_like(snapshot: &ClusterSnapshot, jobs: &[Job], seed: u64) -> RefRes
             placed += 1;
         }
         if g.spread.is_some() {
-            worst_skew = worst_skew.max(skew(&per_zone));
+            worst_skew = worst_skew.max(skew_over(&per_zone, &feasible));
         }
     }
     sim.result(placed, worst_skew)
@@ -266,6 +285,8 @@ pub fn kubernetes_like(snapshot: &ClusterSnapshot, jobs: &[Job]) -> RefResult {
     for g in jobs.iter().flat_map(|j| &j.groups) {
         let ok = sim.feasible_classes(g);
         let mut per_zone = [0u64; ZONES as usize];
+        // Topology spread counts only domains with nodes the pod may use.
+        let feasible = feasible_zones(sim.nodes, g);
         for _ in 0..g.count {
             let mut best: Option<(f64, usize)> = None;
             let mut found = 0;
@@ -281,7 +302,7 @@ pub fn kubernetes_like(snapshot: &ClusterSnapshot, jobs: &[Job]) -> RefResult {
                 let mem = (NODE.memory_mb - sim.used[i].1 - g.resources.memory_mb) as f64 / NODE.memory_mb as f64;
                 let mut score = (cpu + mem) / 2.0;
                 if g.spread.is_some() {
-                    let max = per_zone.iter().max().copied().unwrap_or(0) as f64;
+                    let max = per_zone.iter().zip(&feasible).filter(|(_, f)| **f).map(|(n, _)| *n).max().unwrap_or(0) as f64;
                     score += (max - per_zone[sim.zone(i)] as f64) / (max + 1.0);
                 }
                 if best.is_none_or(|(s, _)| score > s) {
@@ -296,7 +317,7 @@ pub fn kubernetes_like(snapshot: &ClusterSnapshot, jobs: &[Job]) -> RefResult {
             placed += 1;
         }
         if g.spread.is_some() {
-            worst_skew = worst_skew.max(skew(&per_zone));
+            worst_skew = worst_skew.max(skew_over(&per_zone, &feasible));
         }
     }
     sim.result(placed, worst_skew)

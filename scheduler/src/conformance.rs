@@ -75,6 +75,7 @@ pub fn validate_plan(snapshot: &ClusterSnapshot, job: &Job, plan: &Plan) -> Resu
     }
     let mut writers: BTreeMap<String, u32> = BTreeMap::new();
     let mut volume_node: BTreeMap<String, String> = snapshot.volumes.iter().map(|x| (x.name.clone(), x.node.clone())).collect();
+    let existing: BTreeSet<&str> = snapshot.volumes.iter().map(|x| x.name.as_str()).collect();
     let mut single: BTreeSet<String> =
         snapshot.volumes.iter().filter(|x| x.access == VolumeAccess::SingleWriter).map(|x| x.name.clone()).collect();
     for a in &live {
@@ -133,7 +134,7 @@ pub fn validate_plan(snapshot: &ClusterSnapshot, job: &Job, plan: &Plan) -> Resu
             if *home != node.id {
                 v.push(format!("volume {} lives on {} but {}[{}] mounts it on {}", m.name, home, p.group, p.index, node.id));
             }
-            if req.access == VolumeAccess::SingleWriter && !snapshot.volumes.iter().any(|x| x.name == m.name) {
+            if req.access == VolumeAccess::SingleWriter && !existing.contains(m.name.as_str()) {
                 single.insert(m.name.clone());
             }
             if !m.read_only {
@@ -549,8 +550,9 @@ pub fn validate_cluster(snapshot: &ClusterSnapshot, jobs: &[Job]) -> Result<(), 
             }
         }
     }
+    let access: BTreeMap<&str, VolumeAccess> = snapshot.volumes.iter().map(|x| (x.name.as_str(), x.access)).collect();
     for (name, n) in &writers {
-        let single = snapshot.volumes.iter().find(|x| x.name == *name).is_none_or(|x| x.access == VolumeAccess::SingleWriter);
+        let single = access.get(name).is_none_or(|a| *a == VolumeAccess::SingleWriter);
         if *n > 1 && single {
             v.push(format!("single-writer volume {name} has {n} writers"));
         }

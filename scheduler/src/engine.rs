@@ -245,10 +245,7 @@ impl ClusterState {
             }
             distinct_props.push((c.target.clone(), distinct_limit(&c.value)?, counts));
         }
-        let spread = match &group.spread {
-            Some(sp) => Some((sp.target.clone(), self.spread_values(&sp.target))),
-            None => None,
-        };
+        let spread = group.spread.as_ref().map(|sp| (sp.target.clone(), self.spread_values(&sp.target)));
         Ok(GroupCtx { group, gid, priority: job.priority, constraints, distinct_hosts, distinct_props, class_affinity, spread })
     }
 
@@ -470,6 +467,11 @@ impl ClusterState {
         let mut placed = 0;
         while placed < want {
             let Some((_, std::cmp::Reverse(node))) = heap.pop() else { break };
+            // Re-check at pop time: a placement elsewhere can use up a limit this node
+            // shares (a distinct_property value), so the heap entry may be stale.
+            if self.capacity(ctx, node).is_err() {
+                continue;
+            }
             let Some(index) = indices.next() else { break };
             out.push(self.put(ctx, node, index, None, Policy::Spread)?);
             placed += 1;
@@ -740,27 +742,30 @@ impl ClusterState {
             (a.map_or(0, |a| a.priority), std::cmp::Reverse(a.map_or(0, |a| a.resources.cpu_millis + a.resources.memory_mb)))
         });
         let need = ctx.group.resources;
-        let mut free = self.free(node);
+        let cap = self.cap[i];
+        // Track what stays used, not what is free: on an over-committed node "free" is
+        // clamped at zero, and adding a victim back to it would overstate the room.
+        let mut used = self.used[i];
         let mut freed_ports: Vec<u16> = Vec::new();
         let mut dyn_free = self.dyn_free[i];
         let range = self.nodes[i].dynamic_ports;
         let mut chosen = Vec::new();
-        let fits = |free: Resources, freed: &[u16], dyn_free: u32| {
-            need.exceeds(free).is_none()
+        let fits = |used: Resources, freed: &[u16], dyn_free: u32| {
+            used.saturating_add(need).exceeds(cap).is_none()
                 && ctx.group.static_ports.iter().all(|p| !self.port_used(node, *p) || freed.contains(p))
                 && dyn_free >= u32::from(ctx.group.dynamic_ports)
         };
         for s in candidates {
-            if fits(free, &freed_ports, dyn_free) {
+            if fits(used, &freed_ports, dyn_free) {
                 break;
             }
             if let Some(a) = &self.allocs[*s as usize] {
-                free = free.saturating_add(a.resources);
+                used = used.saturating_sub(a.resources);
                 dyn_free += a.ports.iter().filter(|p| range.contains(**p)).count() as u32;
                 freed_ports.extend(&a.ports);
                 chosen.push(*s);
             }
         }
-        (fits(free, &freed_ports, dyn_free) && !chosen.is_empty()).then_some(chosen)
+        (fits(used, &freed_ports, dyn_free) && !chosen.is_empty()).then_some(chosen)
     }
 }

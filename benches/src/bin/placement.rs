@@ -10,7 +10,9 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use keelson_benches::placement::{best_fit_decreasing, cluster, jobs, kubernetes_like, lower_bound, nomad_like, RefResult, Workload};
+use keelson_benches::placement::{
+    best_fit_decreasing, cluster, feasible_zones, jobs, kubernetes_like, lower_bound, nomad_like, skew_over, RefResult, Workload,
+};
 use keelson_benches::SplitMix;
 use keelson_scheduler::conformance::validate_cluster;
 use keelson_scheduler::{ClusterState, EngineConfig, Job, TaskGroup};
@@ -43,41 +45,56 @@ fn percentile(v: &mut [Duration], p: f64) -> Duration {
     v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1]
 }
 
-/// Largest (max - min) tasks per zone over the jobs that spread.
+/// Largest (max - min) tasks per zone, over the zones each spreading job can use.
 fn spread_skew(state: &ClusterState, jobs: &[Job]) -> u64 {
-    let zone: BTreeMap<&str, &str> =
-        state.nodes().iter().map(|n| (n.id.as_str(), n.attributes.get("zone").map_or("", String::as_str))).collect();
-    let zones: Vec<&str> = {
-        let mut z: Vec<&str> = zone.values().copied().collect();
-        z.sort();
-        z.dedup();
-        z
-    };
-    let mut counts: BTreeMap<&str, BTreeMap<&str, u64>> = BTreeMap::new();
+    let zone_of: BTreeMap<&str, usize> = state
+        .nodes()
+        .iter()
+        .map(|n| (n.id.as_str(), n.attributes.get("zone").and_then(|z| z.trim_start_matches('z').parse().ok()).unwrap_or(0)))
+        .collect();
+    let mut counts: BTreeMap<&str, [u64; 5]> = BTreeMap::new();
     let allocs = state.allocations();
     for a in &allocs {
-        if jobs.iter().any(|j| j.id == a.job && j.groups.iter().any(|g| g.spread.is_some())) {
-            *counts.entry(a.job.as_str()).or_default().entry(zone.get(a.node.as_str()).copied().unwrap_or("")).or_default() += 1;
+        if let Some(z) = zone_of.get(a.node.as_str()).filter(|z| **z < 5) {
+            counts.entry(a.job.as_str()).or_default()[*z] += 1;
         }
     }
-    counts
-        .values()
-        .map(|per| {
-            zones.iter().map(|z| per.get(z).copied().unwrap_or(0)).max().unwrap_or(0)
-                - zones.iter().map(|z| per.get(z).copied().unwrap_or(0)).min().unwrap_or(0)
-        })
+    jobs.iter()
+        .filter(|j| j.groups.iter().any(|g| g.spread.is_some()))
+        .map(|j| skew_over(&counts.get(j.id.as_str()).copied().unwrap_or_default(), &feasible_zones(state.nodes(), &j.groups[0])))
         .max()
         .unwrap_or(0)
 }
 
-fn report(name: &str, placed: u64, total: u64, took: Duration, non_empty: u64, lb: u64, bfd: Option<u64>, skew: Option<u64>) {
-    let bfd = bfd.map_or(String::new(), |b| format!(", {:.3}x BFD ({b})", non_empty as f64 / b.max(1) as f64));
-    let skew = skew.map_or(String::new(), |s| format!("; spread skew {s}"));
+/// One policy's result on the workload.
+struct Row<'a> {
+    name: &'a str,
+    placed: u64,
+    took: Duration,
+    non_empty: u64,
+    skew: Option<u64>,
+}
+
+/// What every row is compared with.
+struct Baseline {
+    total: u64,
+    lower_bound: u64,
+    bfd: Option<u64>,
+}
+
+fn report(row: &Row<'_>, base: &Baseline) {
+    let bfd = base.bfd.map_or(String::new(), |b| format!(", {:.3}x BFD ({b})", row.non_empty as f64 / b.max(1) as f64));
+    let skew = row.skew.map_or(String::new(), |s| format!("; spread skew {s}"));
     println!(
-        "{name:<12} placed {placed}/{total} in {:.3} s = {:.0} placements/s; non-empty nodes {non_empty} = {:.3}x lower bound ({lb}){bfd}{skew}",
-        took.as_secs_f64(),
-        per_sec(placed, took),
-        non_empty as f64 / lb.max(1) as f64
+        "{:<12} placed {}/{} in {:.3} s = {:.0} placements/s; non-empty nodes {} = {:.3}x lower bound ({}){bfd}{skew}",
+        row.name,
+        row.placed,
+        base.total,
+        row.took.as_secs_f64(),
+        per_sec(row.placed, row.took),
+        row.non_empty,
+        row.non_empty as f64 / base.lower_bound.max(1) as f64,
+        base.lower_bound
     );
 }
 
@@ -110,7 +127,8 @@ fn main() -> ExitCode {
     let took = t.elapsed();
     let bfd = (!args.no_references).then(|| best_fit_decreasing(&snap, &all_jobs));
     let skew = (args.workload == Workload::Spread).then(|| spread_skew(&state, &all_jobs));
-    report("keelson", placed, args.tasks, took, state.non_empty_nodes() as u64, lb, bfd.as_ref().map(|b| b.non_empty), skew);
+    let base = Baseline { total: args.tasks, lower_bound: lb, bfd: bfd.as_ref().map(|b| b.non_empty) };
+    report(&Row { name: "keelson", placed, took, non_empty: state.non_empty_nodes() as u64, skew }, &base);
     let keelson_rate = per_sec(placed, took);
     let keelson_nodes = state.non_empty_nodes() as u64;
 
@@ -171,8 +189,13 @@ fn main() -> ExitCode {
     }
     let mut one = Vec::new();
     for i in 0..1000 {
-        let g = &all_jobs[i % all_jobs.len()].groups[0];
-        let job = Job::new(format!("probe-one-{i}"), vec![TaskGroup { count: 1, ..g.clone() }]);
+        let mut g = TaskGroup { count: 1, ..all_jobs[i % all_jobs.len()].groups[0].clone() };
+        // A new task mounts a new volume; reusing the workload's would ask for a volume
+        // whose single writer is already running (an unplaceable task, not a placement).
+        for v in &mut g.volumes {
+            v.name = format!("probe{i}");
+        }
+        let job = Job::new(format!("probe-one-{i}"), vec![g]);
         let t = Instant::now();
         let _ = state.plan(&job, &config);
         one.push(t.elapsed());
@@ -186,15 +209,12 @@ fn main() -> ExitCode {
     );
 
     if !args.no_references {
-        let refs: [(&str, Box<dyn Fn() -> RefResult>); 2] = [
-            ("nomad-like", Box::new(|| nomad_like(&snap, &all_jobs, args.seed))),
-            ("k8s-like", Box::new(|| kubernetes_like(&snap, &all_jobs))),
-        ];
-        for (name, run) in refs {
+        for name in ["nomad-like", "k8s-like"] {
             let t = Instant::now();
-            let r = run();
+            let r: RefResult =
+                if name == "nomad-like" { nomad_like(&snap, &all_jobs, args.seed) } else { kubernetes_like(&snap, &all_jobs) };
             let took = t.elapsed();
-            report(name, r.placed, args.tasks, took, r.non_empty, lb, bfd.as_ref().map(|b| b.non_empty), skew.map(|_| r.spread_skew));
+            report(&Row { name, placed: r.placed, took, non_empty: r.non_empty, skew: skew.map(|_| r.spread_skew) }, &base);
             println!("ratio placements/s keelson/{name}: {:.2}", keelson_rate / per_sec(r.placed, took));
             println!("ratio non-empty-nodes keelson/{name}: {:.3}", keelson_nodes as f64 / r.non_empty.max(1) as f64);
         }
