@@ -4,8 +4,9 @@
 use std::net::SocketAddr;
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
+use keelson_benches::placement::{cluster, jobs, Workload};
 use keelson_routing::{Endpoint, Host, MemoryRouter, Route, RouteChange, Router};
-use keelson_scheduler::{PlacementEngine, Scheduler};
+use keelson_scheduler::{ClusterState, EngineConfig, Job, PlacementEngine, Scheduler, TaskGroup};
 
 fn route_lookup(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
@@ -46,5 +47,35 @@ fn placement(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, route_lookup, placement);
+/// One-task and 1,000-task dry-run plans on a 10,000-node cluster already holding the
+/// plain workload (1M tasks): the per-job cost a control plane pays.
+fn loaded_cluster(c: &mut Criterion) {
+    let snap = cluster(10_000, 42);
+    let all = jobs(Workload::Plain, 10_000, 1_000_000, 42);
+    let config = EngineConfig::default();
+    let mut state = ClusterState::from_snapshot(&snap).expect("cluster");
+    for j in &all {
+        state.place(j, &config).expect("place");
+    }
+    let mut g = c.benchmark_group("scheduler-loaded-10k");
+    g.sample_size(20);
+    let mut i = 0usize;
+    g.bench_function("plan 1 task", |b| {
+        b.iter(|| {
+            i += 1;
+            let job = Job::new(format!("p{i}"), vec![TaskGroup { count: 1, ..all[i % all.len()].groups[0].clone() }]);
+            black_box(state.plan(&job, &config).expect("plan"))
+        })
+    });
+    g.bench_function("plan 1000 tasks", |b| {
+        b.iter(|| {
+            i += 1;
+            let job = Job::new(format!("q{i}"), vec![TaskGroup { count: 1000, ..all[i % all.len()].groups[0].clone() }]);
+            black_box(state.plan(&job, &config).expect("plan"))
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, route_lookup, placement, loaded_cluster);
 criterion_main!(benches);
