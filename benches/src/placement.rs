@@ -164,6 +164,13 @@ impl<'a> Sim<'a> {
         RefResult { placed, non_empty: self.used.iter().filter(|u| u.0 > 0 || u.1 > 0).count() as u64, spread_skew }
     }
 
+    /// Records one task of `r` on node `i`.
+    fn take(&mut self, i: usize, r: Resources, per_zone: &mut [u64; ZONES as usize]) {
+        self.used[i].0 += r.cpu_millis;
+        self.used[i].1 += r.memory_mb;
+        per_zone[self.zone(i)] += 1;
+    }
+
     fn zone(&self, i: usize) -> usize {
         self.nodes[i].attributes.get("zone").and_then(|z| z.trim_start_matches('z').parse().ok()).unwrap_or(0)
     }
@@ -260,9 +267,7 @@ pub fn nomad_like(snapshot: &ClusterSnapshot, jobs: &[Job], seed: u64) -> RefRes
             }
             offset = (offset + 1) % n;
             let Some((_, i)) = best else { continue };
-            sim.used[i].0 += g.resources.cpu_millis;
-            sim.used[i].1 += g.resources.memory_mb;
-            per_zone[sim.zone(i)] += 1;
+            sim.take(i, g.resources, &mut per_zone);
             placed += 1;
         }
         if g.spread.is_some() {
@@ -311,9 +316,7 @@ pub fn kubernetes_like(snapshot: &ClusterSnapshot, jobs: &[Job]) -> RefResult {
             }
             start = (start + k) % n;
             let Some((_, i)) = best else { continue };
-            sim.used[i].0 += g.resources.cpu_millis;
-            sim.used[i].1 += g.resources.memory_mb;
-            per_zone[sim.zone(i)] += 1;
+            sim.take(i, g.resources, &mut per_zone);
             placed += 1;
         }
         if g.spread.is_some() {
