@@ -66,7 +66,8 @@ pub enum KvEventKind {
 /// One change seen by a watch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KvEvent {
-    /// Store revision of the change; strictly increasing along one watch.
+    /// Store revision of the change. Never decreases along one watch; changes made in
+    /// one transaction share a revision and arrive together.
     pub revision: u64,
     /// Put or delete.
     pub kind: KvEventKind,
@@ -95,9 +96,10 @@ impl Expect {
     }
 }
 
-/// A stream of changes under a prefix. It ends with `Err(Error::Compacted)` if the backend
-/// can no longer deliver every change since the last one seen; other errors are yielded and
-/// the caller resumes with a new watch from the last revision + 1.
+/// A stream of changes under a prefix, in revision order, each exactly once. Backends
+/// resume it by themselves after transient failures (a lost connection or member). It ends
+/// with `Err(Error::Compacted)` when the backend can no longer deliver every change since
+/// the last one seen: re-list, then watch from the list's revision + 1.
 pub type KvWatch = BoxStream<'static, Result<KvEvent>>;
 
 /// A held lock: the key, the lease that keeps it, and the revision it was taken at

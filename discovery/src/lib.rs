@@ -7,6 +7,18 @@
 //! `KeyValue`, so a store backend gets discovery for free. [`health`] runs active
 //! checks that set instance health through any `Discovery`.
 //!
+//! ## Backends
+//!
+//! | backend | cargo feature | `KeyValue` | `Discovery` |
+//! |---|---|---|---|
+//! | in memory (default) | none | [`MemoryKv`] | [`MemoryDiscovery`] |
+//! | etcd v3 | `etcd` (build needs `protoc`) | `EtcdKv::connect(EtcdConfig::new(["http://10.0.0.1:2379", ...]))` | `KvDiscovery::new(Arc::new(etcd_kv))` |
+//!
+//! The etcd backend resumes watches by itself after member loss (no event lost or
+//! repeated), reports compaction as [`Error::Compacted`], bounds every call by
+//! `EtcdConfig::request_timeout` (then [`Error::Unavailable`]), and keeps leases alive
+//! through a fresh stream per renewal. Consul and DNS backends are planned.
+//!
 //! ```
 //! use keelson_discovery::{Discovery, MemoryDiscovery, Query, Registration, ServiceName};
 //!
@@ -26,6 +38,8 @@
 
 mod discovery;
 mod error;
+#[cfg(feature = "etcd")]
+mod etcd;
 pub mod health;
 mod kv;
 mod kv_discovery;
@@ -41,6 +55,8 @@ pub use discovery::{
     SnapshotStream, DEFAULT_TTL,
 };
 pub use error::{Error, Result};
+#[cfg(feature = "etcd")]
+pub use etcd::{EtcdConfig, EtcdKv};
 pub use kv::{
     validate_key, Expect, KeyValue, KvCapabilities, KvEntry, KvEvent, KvEventKind, KvList, KvLock, KvWatch, LeaseId, LOCK_PREFIX,
     MAX_KEY_BYTES, MAX_VALUE_BYTES, MIN_LEASE_TTL,

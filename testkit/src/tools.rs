@@ -72,6 +72,14 @@ pub fn free_port() -> Result<u16, TestkitError> {
     Ok(l.local_addr().map_err(io("reading a bound port"))?.port())
 }
 
+/// `n` distinct free TCP ports on 127.0.0.1. All are held until all are chosen, so no
+/// two are the same (picking one at a time can hand out a port twice).
+pub fn free_ports(n: usize) -> Result<Vec<u16>, TestkitError> {
+    let held: Vec<TcpListener> =
+        (0..n).map(|_| TcpListener::bind("127.0.0.1:0").map_err(io("binding a free port"))).collect::<Result<_, _>>()?;
+    held.iter().map(|l| Ok(l.local_addr().map_err(io("reading a bound port"))?.port())).collect()
+}
+
 /// Waits until something accepts TCP connections at `addr`.
 pub fn wait_for_tcp(addr: SocketAddr, timeout: Duration) -> Result<(), TestkitError> {
     let deadline = Instant::now() + timeout;
