@@ -46,6 +46,7 @@ mod kv_discovery;
 mod lease_keeper;
 mod memory_kv;
 mod name;
+mod wrappers;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
@@ -65,3 +66,4 @@ pub use kv_discovery::{KvDiscovery, MemoryDiscovery, DEFAULT_ROOT};
 pub use lease_keeper::LeaseKeeper;
 pub use memory_kv::{MemoryKv, DEFAULT_HISTORY};
 pub use name::{validate_instance_id, validate_label, ServiceName};
+pub use wrappers::{MetricsDiscovery, RetryDiscovery, RetryPolicy};
