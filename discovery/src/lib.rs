@@ -37,6 +37,8 @@
 //! ```
 
 mod discovery;
+#[cfg(feature = "dns-server")]
+mod dns_server;
 mod error;
 #[cfg(feature = "etcd")]
 mod etcd;
@@ -55,6 +57,8 @@ pub use discovery::{
     Discovery, DiscoveryCapabilities, Health, Instance, Query, Registration, RegistrationHandle, RegistrationLease, Snapshot,
     SnapshotStream, DEFAULT_TTL,
 };
+#[cfg(feature = "dns-server")]
+pub use dns_server::{instance_label, DnsServer, DnsServerConfig};
 pub use error::{Error, Result};
 #[cfg(feature = "etcd")]
 pub use etcd::{EtcdConfig, EtcdKv};

@@ -92,10 +92,19 @@ impl Dnsmasq {
 
     /// Asks with `dig +short` (an independent client) for `name` of `rtype`.
     pub fn dig_short(&self, name: &str, rtype: &str) -> Result<Vec<String>, TestkitError> {
-        let dig = require("dig", "dnsutils")?;
-        let out = run(&dig, &["+short", "+time=2", "+tries=1", "@127.0.0.1", "-p", &self.addr.port().to_string(), name, rtype])?;
-        Ok(out.lines().map(str::to_owned).collect())
+        Ok(dig(self.addr, &["+short", name, rtype])?.lines().map(str::to_owned).collect())
     }
+}
+
+/// Runs `dig @addr -p port <args>` (Debian's dnsutils: an independent DNS client) with a
+/// 2 s timeout and one try; its whole output.
+pub fn dig(addr: SocketAddr, args: &[&str]) -> Result<String, TestkitError> {
+    let dig = require("dig", "dnsutils")?;
+    let server = format!("@{}", addr.ip());
+    let port = addr.port().to_string();
+    let mut all = vec!["+time=2", "+tries=1", server.as_str(), "-p", port.as_str()];
+    all.extend_from_slice(args);
+    run(&dig, &all)
 }
 
 impl Drop for Dnsmasq {

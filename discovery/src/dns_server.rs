@@ -1,0 +1,265 @@
+//! A DNS server that serves any [`Discovery`] (feature `dns-server`, hickory-server).
+//!
+//! Names, under the configured domain:
+//! - `<service>.service.<domain>`: A / AAAA of the healthy instances, and SRV;
+//! - `_<service>._tcp.<domain>`: SRV;
+//! - `<instance>.<service>.service.<domain>`: A / AAAA of one instance (the SRV targets,
+//!   sent as additional records too, so clients need no second lookup).
+//!
+//! Answers come from an in-memory snapshot kept current by a discovery watch: no backend
+//! call per query, and a backend outage keeps the last good catalog. The TTL is the
+//! configured one (never derived from backend data). Names outside the domain get
+//! REFUSED: this is not a recursive resolver and cannot be used for amplification. UDP
+//! answers larger than the client's payload size are truncated with the TC bit set, so
+//! the client retries over TCP, where the whole answer fits.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use futures::StreamExt;
+use hickory_server::net::runtime::Time;
+use hickory_server::proto::op::{Header, HeaderCounts, Metadata, OpCode, ResponseCode};
+use hickory_server::proto::rr::rdata::{A, AAAA, SRV};
+use hickory_server::proto::rr::{Name, RData, Record, RecordType};
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::zone_handler::MessageResponseBuilder;
+use hickory_server::Server;
+use tokio::task::JoinHandle;
+
+use crate::discovery::{Discovery, Instance, Query};
+use crate::error::{Error, Result};
+use crate::name::validate_label;
+
+/// DNS server settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsServerConfig {
+    /// The zone served, like `keelson.test` (default `keelson`).
+    pub domain: String,
+    /// TTL of every answer, in seconds (default 5).
+    pub ttl: u32,
+    /// UDP and TCP listen address (default `127.0.0.1:8600`).
+    pub listen: SocketAddr,
+    /// Idle timeout of TCP connections (default 5 s).
+    pub tcp_timeout: Duration,
+}
+
+impl Default for DnsServerConfig {
+    fn default() -> Self {
+        DnsServerConfig {
+            domain: "keelson".into(),
+            ttl: 5,
+            listen: SocketAddr::from(([127, 0, 0, 1], 8600)),
+            tcp_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Healthy instances by service, as served.
+#[derive(Debug, Default)]
+struct Catalog {
+    services: HashMap<String, Vec<Instance>>,
+}
+
+#[derive(Debug)]
+struct Handler {
+    catalog: Arc<ArcSwap<Catalog>>,
+    domain: Name,
+    ttl: u32,
+}
+
+/// A running DNS server; [`DnsServer::shutdown`] stops it.
+pub struct DnsServer {
+    addr: SocketAddr,
+    server: Server<Handler>,
+    watcher: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for DnsServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DnsServer").field("addr", &self.addr).finish_non_exhaustive()
+    }
+}
+
+/// A DNS label for an instance id: lower-case, anything outside `a-z0-9-` becomes `-`.
+pub fn instance_label(id: &str) -> String {
+    let mut s: String = id.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).take(63).collect();
+    while s.starts_with('-') {
+        s.remove(0);
+    }
+    while s.ends_with('-') {
+        s.pop();
+    }
+    if s.is_empty() {
+        "instance".to_owned()
+    } else {
+        s
+    }
+}
+
+fn build_catalog(instances: Vec<Instance>) -> Catalog {
+    let mut services: HashMap<String, Vec<Instance>> = HashMap::new();
+    for i in instances.into_iter().filter(|i| i.health.is_healthy()) {
+        services.entry(i.service.to_string()).or_default().push(i);
+    }
+    Catalog { services }
+}
+
+impl DnsServer {
+    /// Binds UDP and TCP on `config.listen` (port 0 picks a free port for both), takes
+    /// the first snapshot of `discovery`, and starts serving.
+    pub async fn start(discovery: Arc<dyn Discovery>, config: DnsServerConfig) -> Result<DnsServer> {
+        let domain = config.domain.trim_end_matches('.').to_ascii_lowercase();
+        for label in domain.split('.') {
+            validate_label("dns domain", label)?;
+        }
+        let domain = Name::from_ascii(format!("{domain}.")).map_err(|e| Error::invalid("dns domain", &config.domain, e.to_string()))?;
+        if !discovery.capabilities().query_all_services {
+            return Err(Error::Unsupported { operation: "watching every service (needed to serve DNS)", backend: discovery.backend() });
+        }
+        let mut snapshots = discovery.watch(Query::all()).await?;
+        let first = snapshots.next().await.map(|s| s.instances).unwrap_or_default();
+        let catalog = Arc::new(ArcSwap::from_pointee(build_catalog(first)));
+        let feed = catalog.clone();
+        let watcher = tokio::spawn(async move {
+            // The watch retries backend errors itself and never empties the view because
+            // of one, so the catalog only ever holds real data.
+            while let Some(snapshot) = snapshots.next().await {
+                feed.store(Arc::new(build_catalog(snapshot.instances)));
+            }
+        });
+        let io = |e: std::io::Error| Error::Unavailable { backend: "dns-server", reason: format!("binding {}: {e}", config.listen) };
+        let udp = tokio::net::UdpSocket::bind(config.listen).await.map_err(io)?;
+        let addr = udp.local_addr().map_err(io)?;
+        let tcp = tokio::net::TcpListener::bind(addr).await.map_err(io)?;
+        let mut server = Server::new(Handler { catalog, domain, ttl: config.ttl });
+        server.register_socket(udp);
+        server.register_listener(tcp, config.tcp_timeout, 64);
+        tracing::info!(%addr, "DNS server serving discovery");
+        Ok(DnsServer { addr, server, watcher })
+    }
+
+    /// Where it listens (UDP and TCP).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops serving and following discovery.
+    pub async fn shutdown(mut self) {
+        self.watcher.abort();
+        let _ = self.server.shutdown_gracefully().await;
+    }
+}
+
+/// What a query name refers to.
+enum Target<'a> {
+    Service(&'a str),
+    Instance { service: &'a str, label: &'a str },
+}
+
+impl Handler {
+    /// Parses `name` (lower-case, absolute) relative to the domain.
+    fn target<'n>(&self, labels: &'n [String]) -> Option<Target<'n>> {
+        match labels {
+            [service, svc] if svc == "service" => Some(Target::Service(service)),
+            [srv, tcp] if tcp == "_tcp" => srv.strip_prefix('_').map(Target::Service),
+            [label, service, svc] if svc == "service" => Some(Target::Instance { service, label }),
+            _ => None,
+        }
+    }
+
+    fn address_record(&self, name: Name, ip: IpAddr) -> Record {
+        match ip {
+            IpAddr::V4(v4) => Record::from_rdata(name, self.ttl, RData::A(A(v4))),
+            IpAddr::V6(v6) => Record::from_rdata(name, self.ttl, RData::AAAA(AAAA(v6))),
+        }
+    }
+
+    /// Answer and additional records, or `None` for a name that does not exist.
+    fn answer(&self, qname: &Name, qtype: RecordType, labels: &[String]) -> Option<(Vec<Record>, Vec<Record>)> {
+        let catalog = self.catalog.load();
+        let (service, only) = match self.target(labels)? {
+            Target::Service(s) => (s, None),
+            Target::Instance { service, label } => (service, Some(label)),
+        };
+        let instances = catalog.services.get(service)?;
+        let target_name = |i: &Instance| Name::from_ascii(format!("{}.{service}.service.{}", instance_label(&i.id), self.domain)).ok();
+        let chosen: Vec<&Instance> = instances.iter().filter(|i| only.is_none_or(|l| instance_label(&i.id) == l)).collect();
+        if chosen.is_empty() {
+            return None;
+        }
+        let mut answers = Vec::new();
+        let mut additional = Vec::new();
+        for i in chosen {
+            let Ok(ip) = i.address.parse::<IpAddr>() else { continue };
+            match qtype {
+                RecordType::A if ip.is_ipv4() => answers.push(self.address_record(qname.clone(), ip)),
+                RecordType::AAAA if ip.is_ipv6() => answers.push(self.address_record(qname.clone(), ip)),
+                RecordType::SRV | RecordType::ANY if only.is_none() => {
+                    if let Some(target) = target_name(i) {
+                        answers.push(Record::from_rdata(qname.clone(), self.ttl, RData::SRV(SRV::new(1, 1, i.port, target.clone()))));
+                        additional.push(self.address_record(target, ip));
+                    }
+                }
+                _ => {}
+            }
+        }
+        Some((answers, additional))
+    }
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for Handler {
+    async fn handle_request<R: ResponseHandler, T: Time>(&self, request: &Request, mut response: R) -> ResponseInfo {
+        let builder = MessageResponseBuilder::from_message_request(request);
+        let mut metadata = Metadata::response_from_request(&request.metadata);
+        let info = match request.request_info() {
+            Ok(info) if request.metadata.op_code == OpCode::Query => info,
+            Ok(_) => return send(&mut response, builder.error_msg(&request.metadata, ResponseCode::NotImp)).await,
+            Err(_) => return send(&mut response, builder.error_msg(&request.metadata, ResponseCode::FormErr)).await,
+        };
+        let qname: Name = info.query.name().clone().into();
+        let qtype = info.query.query_type();
+        if !self.domain.zone_of(&qname) {
+            return send(&mut response, builder.error_msg(&request.metadata, ResponseCode::Refused)).await;
+        }
+        // Labels below the domain, lower-cased, leaf first.
+        let below = usize::from(qname.num_labels().saturating_sub(self.domain.num_labels()));
+        let labels: Vec<String> = qname.iter().take(below).map(|l| String::from_utf8_lossy(l).to_ascii_lowercase()).collect();
+        metadata.authoritative = true;
+        match self.answer(&qname, qtype, &labels) {
+            Some((answers, additional)) => {
+                metadata.response_code = ResponseCode::NoError;
+                send(&mut response, builder.build(metadata, answers.iter(), [], [], additional.iter())).await
+            }
+            None => {
+                metadata.response_code = ResponseCode::NXDomain;
+                send(&mut response, builder.build_no_records(metadata)).await
+            }
+        }
+    }
+}
+
+async fn send<'a, R: ResponseHandler>(
+    response: &mut R,
+    message: hickory_server::zone_handler::MessageResponse<
+        '_,
+        'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+    >,
+) -> ResponseInfo {
+    // Returned if sending fails (the client went away): the response we meant to send.
+    let fallback = Header { metadata: *message.metadata(), counts: HeaderCounts::default() };
+    match response.send_response(message).await {
+        Ok(info) => info,
+        Err(e) => {
+            tracing::debug!(error = %e, "could not send DNS response");
+            ResponseInfo::from(fallback)
+        }
+    }
+}

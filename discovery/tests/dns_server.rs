@@ -1,0 +1,113 @@
+//! The DNS server serving discovery, queried with `dig` (an independent client).
+#![cfg(feature = "dns-server")]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keelson_discovery::{Discovery, DnsServer, DnsServerConfig, Health, MemoryDiscovery, Registration, ServiceName};
+use keelson_testkit::dnsmasq::dig;
+
+async fn serve(d: Arc<dyn Discovery>) -> DnsServer {
+    let config = DnsServerConfig {
+        domain: "keelson.test".into(),
+        ttl: 7,
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        ..DnsServerConfig::default()
+    };
+    DnsServer::start(d, config).await.expect("server starts")
+}
+
+/// `dig` blocks; run it off the runtime.
+async fn ask(addr: SocketAddr, args: &[&str]) -> String {
+    let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+    tokio::task::spawn_blocking(move || dig(addr, &args.iter().map(String::as_str).collect::<Vec<_>>()).expect("dig runs"))
+        .await
+        .expect("join")
+}
+
+fn lines(out: &str) -> Vec<String> {
+    let mut v: Vec<String> = out.lines().map(str::to_owned).filter(|l| !l.is_empty()).collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_a_and_srv_for_healthy_instances() {
+    let d = Arc::new(MemoryDiscovery::memory());
+    let web = ServiceName::new("web").expect("name");
+    let _a = d.register(Registration::new(web.clone(), "web-1", "127.0.0.11", 8080)).await.expect("reg");
+    let _b = d.register(Registration::new(web.clone(), "web-2", "127.0.0.12", 8081)).await.expect("reg");
+    let _c =
+        d.register(Registration::new(web.clone(), "web-3", "127.0.0.13", 8082).with_initial_health(Health::Critical)).await.expect("reg");
+    let server = serve(d.clone()).await;
+    let addr = server.local_addr();
+
+    assert_eq!(lines(&ask(addr, &["+short", "web.service.keelson.test", "A"]).await), vec!["127.0.0.11", "127.0.0.12"], "healthy only");
+    assert_eq!(
+        lines(&ask(addr, &["+short", "_web._tcp.keelson.test", "SRV"]).await),
+        vec!["1 1 8080 web-1.web.service.keelson.test.", "1 1 8081 web-2.web.service.keelson.test."]
+    );
+    assert_eq!(lines(&ask(addr, &["+short", "web.service.keelson.test", "SRV"]).await).len(), 2, "Consul-style SRV name");
+    assert_eq!(lines(&ask(addr, &["+short", "web-2.web.service.keelson.test", "A"]).await), vec!["127.0.0.12"], "SRV targets resolve");
+    let full = ask(addr, &["_web._tcp.keelson.test", "SRV"]).await;
+    assert!(full.contains("ADDITIONAL: 2"), "targets' addresses sent as additional records:\n{full}");
+    assert!(full.contains(" 7\tIN\tSRV") || full.contains("\t7\tIN\tSRV"), "configured TTL:\n{full}");
+    assert!(full.contains("flags: qr aa"), "authoritative:\n{full}");
+
+    // Changes in discovery reach DNS without a restart.
+    d.set_health(&web, "web-1", Health::Critical).await.expect("health");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = lines(&ask(addr, &["+short", "web.service.keelson.test", "A"]).await);
+        if now == vec!["127.0.0.12"] {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still {now:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refuses_other_zones_and_answers_nxdomain_for_unknown_names() {
+    let d = Arc::new(MemoryDiscovery::memory());
+    let server = serve(d).await;
+    let addr = server.local_addr();
+    assert!(ask(addr, &["example.com", "A"]).await.contains("status: REFUSED"), "not a recursive resolver");
+    assert!(ask(addr, &["nope.service.keelson.test", "A"]).await.contains("status: NXDOMAIN"));
+    assert!(ask(addr, &["a.b.c.d.keelson.test", "A"]).await.contains("status: NXDOMAIN"));
+    // Garbage on the wire does not take the server down.
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    for junk in [&b"\x00"[..], &[0xff; 12], &[0u8; 600]] {
+        let _ = sock.send_to(junk, addr);
+    }
+    assert!(ask(addr, &["nope.service.keelson.test", "A"]).await.contains("status: NXDOMAIN"), "still serving");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_udp_answers_are_truncated_with_tc_and_complete_over_tcp() {
+    let d = Arc::new(MemoryDiscovery::memory());
+    let big = ServiceName::new("big").expect("name");
+    let mut handles = Vec::new();
+    for i in 0..100u8 {
+        handles.push(d.register(Registration::new(big.clone(), format!("b{i}"), format!("127.0.1.{i}"), 9000)).await.expect("reg"));
+    }
+    let server = serve(d).await;
+    let addr = server.local_addr();
+    let udp = ask(addr, &["+ignore", "+noedns", "big.service.keelson.test", "SRV"]).await;
+    let flags = udp.lines().find(|l| l.starts_with(";; flags:")).unwrap_or_default();
+    assert!(flags.split(';').nth(2).is_some_and(|f| f.split_whitespace().any(|x| x == "tc")), "UDP answer truncated with TC:\n{udp}");
+    let tcp = ask(addr, &["+tcp", "+short", "big.service.keelson.test", "SRV"]).await;
+    assert_eq!(tcp.lines().count(), 100, "all 100 over TCP");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_domain_is_a_typed_error() {
+    let d = Arc::new(MemoryDiscovery::memory());
+    let config =
+        DnsServerConfig { domain: "Bad_Domain".into(), listen: SocketAddr::from(([127, 0, 0, 1], 0)), ..DnsServerConfig::default() };
+    assert!(matches!(DnsServer::start(d, config).await, Err(keelson_discovery::Error::InvalidInput { field: "dns domain", .. })));
+}
