@@ -37,6 +37,8 @@
 //! ```
 
 mod discovery;
+#[cfg(feature = "dns")]
+mod dns;
 #[cfg(feature = "dns-server")]
 mod dns_server;
 mod error;
@@ -57,6 +59,8 @@ pub use discovery::{
     Discovery, DiscoveryCapabilities, Health, Instance, Query, Registration, RegistrationHandle, RegistrationLease, Snapshot,
     SnapshotStream, DEFAULT_TTL,
 };
+#[cfg(feature = "dns")]
+pub use dns::{DnsConfig, DnsDiscovery};
 #[cfg(feature = "dns-server")]
 pub use dns_server::{instance_label, DnsServer, DnsServerConfig};
 pub use error::{Error, Result};

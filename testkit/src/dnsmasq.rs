@@ -42,13 +42,19 @@ pub struct Dnsmasq {
 
 impl Dnsmasq {
     /// Starts dnsmasq with `records` (TTL `ttl` seconds) and waits until it answers.
+    /// It is authoritative for the records' domains (their last two labels): unknown names
+    /// there get NXDOMAIN; anything else is refused (no upstream).
     pub fn start(records: &[DnsRecord], ttl: u32) -> Result<Dnsmasq, TestkitError> {
-        let dnsmasq = require("dnsmasq", "dnsmasq-base")?;
-        let dig = require("dig", "dnsutils")?;
-        let dir = tempfile::tempdir().map_err(io("creating dnsmasq dir"))?;
         // UDP and TCP on the same number: pick a TCP port that is free, which is nearly
         // always free for UDP too on a test machine.
-        let port = free_port()?;
+        Dnsmasq::start_on(free_port()?, records, ttl)
+    }
+
+    /// Like [`Dnsmasq::start`], on a given port.
+    pub fn start_on(port: u16, records: &[DnsRecord], ttl: u32) -> Result<Dnsmasq, TestkitError> {
+        let dnsmasq = require("dnsmasq", "dnsmasq-base")?;
+        require("dig", "dnsutils")?;
+        let dir = tempfile::tempdir().map_err(io("creating dnsmasq dir"))?;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let mut cmd = Command::new(dnsmasq);
         cmd.args(["--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--no-poll"])
@@ -58,21 +64,30 @@ impl Dnsmasq {
             .arg(format!("--pid-file={}", dir.path().join("pid").display()))
             .stdout(Stdio::null())
             .stderr(Stdio::null());
+        let mut domains = std::collections::BTreeSet::new();
         for r in records {
-            match r {
-                DnsRecord::A { name, ip } => cmd.arg(format!("--host-record={name},{ip}")),
+            let name = match r {
+                DnsRecord::A { name, ip } => {
+                    cmd.arg(format!("--host-record={name},{ip}"));
+                    name
+                }
                 DnsRecord::Srv { name, target, port, priority, weight } => {
-                    cmd.arg(format!("--srv-host={name},{target},{port},{priority},{weight}"))
+                    cmd.arg(format!("--srv-host={name},{target},{port},{priority},{weight}"));
+                    name
                 }
             };
+            let labels: Vec<&str> = name.trim_end_matches('.').rsplit('.').take(2).collect();
+            domains.insert(labels.into_iter().rev().collect::<Vec<_>>().join("."));
+        }
+        for d in domains {
+            cmd.arg(format!("--local=/{d}/"));
         }
         let child = cmd.spawn().map_err(io("starting dnsmasq"))?;
         let mut d = Dnsmasq { child, addr, _dir: dir };
         let deadline = Instant::now() + Duration::from_secs(10);
-        let probe = ["+time=1", "+tries=1", "@127.0.0.1", "-p", &port.to_string(), "keelson-probe.invalid"];
         loop {
-            // Any answer, even NXDOMAIN, means it is serving.
-            if run(&dig, &probe).is_ok_and(|out| out.contains("status:")) {
+            // Any answer, even NXDOMAIN or REFUSED, means it is serving.
+            if dig(addr, &["keelson-probe.invalid"]).is_ok_and(|out| out.contains("status:")) {
                 return Ok(d);
             }
             if let Ok(Some(status)) = d.child.try_wait() {
@@ -83,6 +98,14 @@ impl Dnsmasq {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Stops this dnsmasq and starts one with `records` on the same port (a zone change,
+    /// as clients see it).
+    pub fn restart_with(self, records: &[DnsRecord], ttl: u32) -> Result<Dnsmasq, TestkitError> {
+        let port = self.addr.port();
+        drop(self);
+        Dnsmasq::start_on(port, records, ttl)
     }
 
     /// Where it listens (UDP and TCP).
