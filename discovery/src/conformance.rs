@@ -303,6 +303,10 @@ pub async fn discovery_rejects_bad_input(d: &dyn Discovery) {
         (Registration::new(svc.clone(), "a", "127.0.0.1", 0), "port"),
         (Registration::new(svc.clone(), "a", "127.0.0.1", 1).with_ttl(Duration::ZERO), "lease ttl"),
         (Registration::new(svc.clone(), "a", "127.0.0.1", 1).with_tag(""), "tag"),
+        (Registration::new(svc.clone(), "a", "127.0.0.1", 1).with_tag("x".repeat(256)), "tag"),
+        ((0..65).fold(Registration::new(svc.clone(), "a", "127.0.0.1", 1), |r, i| r.with_tag(format!("t{i}"))), "tags"),
+        (Registration::new(svc.clone(), "a", "127.0.0.1", 1).with_meta("k", "v".repeat(513)), "meta value"),
+        (Registration::new(svc.clone(), "a", "127.0.0.1", 1).with_meta("", "v"), "meta key"),
     ] {
         match d.register(reg).await {
             Err(Error::InvalidInput { field: f, .. }) => assert_eq!(f, field),

@@ -55,6 +55,17 @@ pub struct Registration {
     pub initial_health: Health,
 }
 
+/// Most tags one registration may carry.
+pub const MAX_TAGS: usize = 64;
+/// Longest tag, in bytes.
+pub const MAX_TAG_BYTES: usize = 255;
+/// Most metadata entries one registration may carry.
+pub const MAX_META: usize = 64;
+/// Longest metadata key, in bytes.
+pub const MAX_META_KEY_BYTES: usize = 128;
+/// Longest metadata value, in bytes.
+pub const MAX_META_VALUE_BYTES: usize = 512;
+
 /// Default registration TTL: 10 s, renewed every ~3.3 s by the handle.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
 
@@ -140,7 +151,40 @@ impl Registration {
                 reason: "must be non-empty without control characters".into(),
             });
         }
+        self.validate_sizes()?;
         crate::kv::validate_ttl(self.ttl)
+    }
+
+    /// Limits keep a record small enough for every backend (Consul's 512 KB KV values, a
+    /// DNS answer) and stop a runaway registration from bloating every lookup.
+    fn validate_sizes(&self) -> Result<()> {
+        let invalid = |field: &'static str, value: String, reason: String| Err(Error::InvalidInput { field, value, reason });
+        if self.tags.len() > MAX_TAGS {
+            return invalid("tags", self.tags.len().to_string(), format!("at most {MAX_TAGS} tags"));
+        }
+        if let Some(tag) = self.tags.iter().find(|t| t.len() > MAX_TAG_BYTES) {
+            return invalid("tag", tag.chars().take(32).collect::<String>() + "...", format!("at most {MAX_TAG_BYTES} bytes"));
+        }
+        if self.meta.len() > MAX_META {
+            return invalid("meta", self.meta.len().to_string(), format!("at most {MAX_META} entries"));
+        }
+        for (k, v) in &self.meta {
+            if k.is_empty() || k.len() > MAX_META_KEY_BYTES || k.chars().any(char::is_control) {
+                return invalid(
+                    "meta key",
+                    k.chars().take(32).collect(),
+                    format!("1 to {MAX_META_KEY_BYTES} bytes without control characters"),
+                );
+            }
+            if v.len() > MAX_META_VALUE_BYTES {
+                return invalid(
+                    "meta value",
+                    k.clone(),
+                    format!("the value of {k:?} is {} bytes; at most {MAX_META_VALUE_BYTES}", v.len()),
+                );
+            }
+        }
+        Ok(())
     }
 }
 
@@ -219,10 +263,15 @@ pub struct Snapshot {
     pub version: u64,
     /// Matching instances, sorted by service then id.
     pub instances: Vec<Instance>,
+    /// Set while the backend is failing: `instances` is then the last good view, kept
+    /// rather than emptied, and this says why it may be stale. Cleared by the next
+    /// snapshot after the backend answers again.
+    pub error: Option<String>,
 }
 
 /// A watch: each item is a complete snapshot. Backend errors are retried inside the
-/// stream; a snapshot is never emptied because of an error.
+/// stream and reported once per outage as a snapshot with [`Snapshot::error`] set; a
+/// snapshot is never emptied because of an error.
 pub type SnapshotStream = BoxStream<'static, Snapshot>;
 
 /// What a `Discovery` backend can do.

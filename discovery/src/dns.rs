@@ -216,8 +216,16 @@ impl Discovery for DnsDiscovery {
         let service = service_of(&query)?.clone();
         // The first resolution happens here so a dead server fails the call.
         let (first, ttl) = self.resolve(&service).await?;
-        let state =
-            WatchState { dns: self.clone(), service, query, last: None, next_in: Duration::ZERO, pending: Some((first, ttl)), version: 0 };
+        let state = WatchState {
+            dns: self.clone(),
+            service,
+            query,
+            last: None,
+            error: None,
+            next_in: Duration::ZERO,
+            pending: Some((first, ttl)),
+            version: 0,
+        };
         Ok(futures::stream::unfold(state, WatchState::next).boxed())
     }
 }
@@ -226,7 +234,8 @@ struct WatchState {
     dns: DnsDiscovery,
     service: ServiceName,
     query: Query,
-    last: Option<Vec<Instance>>,
+    last: Option<(Vec<Instance>, Option<String>)>,
+    error: Option<String>,
     next_in: Duration,
     pending: Option<(Vec<Instance>, Duration)>,
     version: u64,
@@ -243,20 +252,28 @@ impl WatchState {
                     match self.dns.resolve(&self.service).await {
                         Ok(r) => r,
                         Err(e) => {
-                            // Keep the last answer; try again soon.
+                            // Keep the last answer; report the outage once; retry soon.
                             tracing::warn!(service = %self.service, error = %e, "DNS re-resolution failed; keeping the last answer");
                             self.next_in = min;
+                            let first = self.error.is_none();
+                            self.error = Some(e.to_string());
+                            if let (true, Some((view, _))) = (first, self.last.clone()) {
+                                self.last = Some((view.clone(), self.error.clone()));
+                                return Some((Snapshot { version: self.version, instances: view, error: self.error.clone() }, self));
+                            }
                             continue;
                         }
                     }
                 }
             };
             self.next_in = ttl.clamp(min, max);
+            self.error = None;
             let view: Vec<Instance> = all.into_iter().filter(|i| self.query.matches(i)).collect();
-            if self.last.as_ref() != Some(&view) {
+            let sent = (view, None);
+            if self.last.as_ref() != Some(&sent) {
                 self.version += 1;
-                self.last = Some(view.clone());
-                return Some((Snapshot { version: self.version, instances: view }, self));
+                self.last = Some(sent.clone());
+                return Some((Snapshot { version: self.version, instances: sent.0, error: None }, self));
             }
         }
     }

@@ -246,6 +246,7 @@ impl Discovery for KvDiscovery {
             revision: list.revision,
             last_sent: None,
             events: None,
+            error: None,
         };
         Ok(futures::stream::unfold(state, WatchState::next).boxed())
     }
@@ -279,24 +280,36 @@ struct WatchState {
     /// Every instance under the prefix, by key, as of `revision`.
     all: BTreeMap<String, Instance>,
     revision: u64,
-    last_sent: Option<Vec<Instance>>,
+    last_sent: Option<(Vec<Instance>, Option<String>)>,
     events: Option<crate::kv::KvWatch>,
+    /// The backend error the view is stale because of, until a read succeeds again.
+    error: Option<String>,
 }
 
 impl WatchState {
     async fn next(mut self) -> Option<(Snapshot, Self)> {
         loop {
             let view = sorted(self.all.values().filter(|i| self.query.matches(i)).cloned().collect());
-            if self.last_sent.as_ref() != Some(&view) {
-                self.last_sent = Some(view.clone());
-                return Some((Snapshot { version: self.revision, instances: view }, self));
+            let sent = (view, self.error.clone());
+            if self.last_sent.as_ref() != Some(&sent) {
+                self.last_sent = Some(sent.clone());
+                return Some((Snapshot { version: self.revision, instances: sent.0, error: sent.1 }, self));
             }
             self.advance().await;
         }
     }
 
+    /// Notes a backend error. Returns whether it starts a new failure episode, which the
+    /// caller reports once (the last good view, with the error) before retrying quietly.
+    fn failed(&mut self, e: &Error) -> bool {
+        let first = self.error.is_none();
+        self.error = Some(e.to_string());
+        first
+    }
+
     /// Applies the next batch of changes, resuming or re-listing after errors. Only ever
-    /// replaces `all` with a successful read, so errors never empty the view.
+    /// replaces `all` with a successful read, so errors never empty the view; the first
+    /// error of an episode returns early so that it is reported on the stream.
     async fn advance(&mut self) {
         loop {
             let mut events = match self.events.take() {
@@ -310,13 +323,18 @@ impl WatchState {
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "discovery watch failed; retrying");
+                        let report = self.failed(&e);
                         tokio::time::sleep(self.retry).await;
+                        if report {
+                            return;
+                        }
                         continue;
                     }
                 },
             };
             match events.next().await {
                 Some(Ok(first)) => {
+                    self.error = None;
                     self.apply(first);
                     // Coalesce whatever else is already there into one snapshot.
                     while let Some(Some(Ok(ev))) = futures::FutureExt::now_or_never(events.next()) {
@@ -331,7 +349,11 @@ impl WatchState {
                 }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, revision = self.revision, "discovery watch interrupted; resuming");
+                    let report = self.failed(&e);
                     tokio::time::sleep(self.retry).await;
+                    if report {
+                        return;
+                    }
                 }
                 None => tokio::time::sleep(self.retry).await,
             }
@@ -362,10 +384,12 @@ impl WatchState {
                 Ok(list) => {
                     self.all = decode_all(&list.entries);
                     self.revision = list.revision;
+                    self.error = None;
                     return;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "discovery re-list failed; retrying");
+                    self.failed(&e);
                     tokio::time::sleep(self.retry).await;
                 }
             }

@@ -57,7 +57,7 @@ pub mod conformance;
 
 pub use discovery::{
     Discovery, DiscoveryCapabilities, Health, Instance, Query, Registration, RegistrationHandle, RegistrationLease, Snapshot,
-    SnapshotStream, DEFAULT_TTL,
+    SnapshotStream, DEFAULT_TTL, MAX_META, MAX_META_KEY_BYTES, MAX_META_VALUE_BYTES, MAX_TAGS, MAX_TAG_BYTES,
 };
 #[cfg(feature = "dns")]
 pub use dns::{DnsConfig, DnsDiscovery};

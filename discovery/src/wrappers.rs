@@ -128,13 +128,20 @@ fn latency_histogram() -> Histogram {
 }
 
 /// Counts calls by outcome and times them:
-/// `keelson_discovery_calls_total{backend,op,outcome}` (outcome `ok` or the error kind) and
-/// `keelson_discovery_call_seconds{backend,op}`.
+/// `keelson_discovery_calls_total{backend,op,outcome}` (outcome `ok` or the error kind),
+/// `keelson_discovery_call_seconds{backend,op}`, and
+/// `keelson_discovery_watch_errors_total{backend}` (snapshots that report a backend error).
 #[derive(Debug)]
 pub struct MetricsDiscovery {
     inner: Arc<dyn Discovery>,
     calls: Family<CallLabels, Counter>,
     latency: Family<OpLabels, Histogram, fn() -> Histogram>,
+    watch_errors: Family<BackendLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabels {
+    backend: String,
 }
 
 fn outcome<T>(r: &Result<T>) -> &'static str {
@@ -158,7 +165,13 @@ impl MetricsDiscovery {
         let latency = Family::<OpLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
         registry.register("keelson_discovery_calls", "Discovery calls by backend, operation and outcome", calls.clone());
         registry.register("keelson_discovery_call_seconds", "Discovery call latency by backend and operation", latency.clone());
-        MetricsDiscovery { inner, calls, latency }
+        let watch_errors = Family::<BackendLabels, Counter>::default();
+        registry.register(
+            "keelson_discovery_watch_errors",
+            "Watch snapshots reporting a backend error (last good view kept)",
+            watch_errors.clone(),
+        );
+        MetricsDiscovery { inner, calls, latency, watch_errors }
     }
 
     fn record<T>(&self, op: &str, started: Instant, r: &Result<T>) {
@@ -208,6 +221,12 @@ impl Discovery for MetricsDiscovery {
     }
 
     async fn watch(&self, query: Query) -> Result<SnapshotStream> {
-        measured!(self, "watch", self.inner.watch(query))
+        let stream = measured!(self, "watch", self.inner.watch(query))?;
+        let errors = self.watch_errors.get_or_create(&BackendLabels { backend: self.inner.backend().to_owned() }).clone();
+        Ok(futures::StreamExt::boxed(futures::StreamExt::inspect(stream, move |snapshot| {
+            if snapshot.error.is_some() {
+                errors.inc();
+            }
+        })))
     }
 }

@@ -88,6 +88,33 @@ async fn http_check_requires_a_good_status() {
     wait_for_health(&*d, &svc, Health::Passing).await;
 }
 
+#[tokio::test]
+async fn a_failing_instance_drops_out_within_two_intervals_and_returns_after_rise() {
+    let d: Arc<dyn Discovery> = Arc::new(KvDiscovery::memory());
+    let svc = ServiceName::new("timed").expect("name");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let _h = d.register(Registration::new(svc.clone(), "a", "127.0.0.1", addr.port())).await.expect("register");
+    let interval = Duration::from_millis(300);
+    let cfg = CheckConfig { interval, timeout: Duration::from_millis(200), rise: 3, fall: 2 };
+    let _check = HealthCheck::spawn(d.clone(), svc.clone(), "a".into(), Probe::Tcp(addr), cfg).expect("check");
+    tokio::time::sleep(interval * 4).await;
+    drop(listener);
+    let t0 = tokio::time::Instant::now();
+    wait_for_health(&*d, &svc, Health::Critical).await;
+    let dropped = t0.elapsed();
+    // Two failed probes at most two intervals apart, plus scheduling slack.
+    assert!(dropped <= interval * 2 + Duration::from_millis(250), "dropped out after {dropped:?}");
+    assert!(d.instances(&Query::service(svc.clone()).healthy()).await.expect("lookup").is_empty());
+    let _listener = tokio::net::TcpListener::bind(addr).await.expect("rebind");
+    let t1 = tokio::time::Instant::now();
+    wait_for_health(&*d, &svc, Health::Passing).await;
+    let back = t1.elapsed();
+    // Three passes are needed: not before the second interval, not much after the third.
+    assert!(back >= interval * 2 - Duration::from_millis(50), "came back after {back:?}, before rise = 3 passes");
+    assert!(back <= interval * 3 + Duration::from_millis(250), "came back after {back:?}");
+}
+
 async fn wait_for_health(d: &dyn Discovery, svc: &ServiceName, want: Health) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
@@ -96,6 +123,6 @@ async fn wait_for_health(d: &dyn Discovery, svc: &ServiceName, want: Health) {
             return;
         }
         assert!(tokio::time::Instant::now() < deadline, "health stayed {got:?}, wanted {want:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

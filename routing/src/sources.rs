@@ -87,6 +87,11 @@ pub async fn follow_discovery(discovery: Arc<dyn Discovery>, router: Arc<dyn Rou
     Ok(tokio::spawn(async move {
         let mut owned: BTreeMap<Host, Route> = BTreeMap::new();
         while let Some(snapshot) = snapshots.next().await {
+            if let Some(e) = &snapshot.error {
+                // The snapshot is the last good view: keep the routes we have.
+                tracing::warn!(error = %e, "discovery is failing; keeping the last good routes");
+                continue;
+            }
             let wanted = routes_from_instances(&snapshot.instances);
             let mut changes: Vec<RouteChange> =
                 wanted.iter().filter(|(h, r)| owned.get(*h) != Some(*r)).map(|(_, r)| RouteChange::Upsert(r.clone())).collect();
