@@ -13,7 +13,7 @@
 //! answers larger than the client's payload size are truncated with the TC bit set, so
 //! the client retries over TCP, where the whole answer fits.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +23,7 @@ use futures::StreamExt;
 use hickory_server::net::runtime::Time;
 use hickory_server::proto::op::{Header, HeaderCounts, Metadata, OpCode, ResponseCode};
 use hickory_server::proto::rr::rdata::{A, AAAA, SRV};
-use hickory_server::proto::rr::{Name, RData, Record, RecordType};
+use hickory_server::proto::rr::{LowerName, Name, RData, Record, RecordType};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
 use hickory_server::Server;
@@ -57,17 +57,25 @@ impl Default for DnsServerConfig {
     }
 }
 
-/// Healthy instances by service, as served.
+/// Every answer the server can give, built when discovery changes, so that a query
+/// costs one hash lookup (no parsing, no record building on the request path).
 #[derive(Debug, Default)]
 struct Catalog {
-    services: HashMap<String, Vec<Instance>>,
+    answers: HashMap<(LowerName, RecordType), Answer>,
+    /// Names that exist (for NOERROR with no data instead of NXDOMAIN).
+    names: HashSet<LowerName>,
+}
+
+#[derive(Debug, Default)]
+struct Answer {
+    records: Vec<Record>,
+    additional: Vec<Record>,
 }
 
 #[derive(Debug)]
 struct Handler {
     catalog: Arc<ArcSwap<Catalog>>,
-    domain: Name,
-    ttl: u32,
+    domain: LowerName,
 }
 
 /// A running DNS server; [`DnsServer::shutdown`] stops it.
@@ -99,12 +107,54 @@ pub fn instance_label(id: &str) -> String {
     }
 }
 
-fn build_catalog(instances: Vec<Instance>) -> Catalog {
+fn address_record(name: Name, ip: IpAddr, ttl: u32) -> Record {
+    match ip {
+        IpAddr::V4(v4) => Record::from_rdata(name, ttl, RData::A(A(v4))),
+        IpAddr::V6(v6) => Record::from_rdata(name, ttl, RData::AAAA(AAAA(v6))),
+    }
+}
+
+fn build_catalog(instances: Vec<Instance>, domain: &Name, ttl: u32) -> Catalog {
     let mut services: HashMap<String, Vec<Instance>> = HashMap::new();
     for i in instances.into_iter().filter(|i| i.health.is_healthy()) {
         services.entry(i.service.to_string()).or_default().push(i);
     }
-    Catalog { services }
+    let mut catalog = Catalog::default();
+    let name = |s: String| Name::from_ascii(s).ok();
+    for (service, instances) in services {
+        let (Some(svc_name), Some(tcp_name)) = (name(format!("{service}.service.{domain}")), name(format!("_{service}._tcp.{domain}")))
+        else {
+            continue;
+        };
+        let mut addresses: Vec<Record> = Vec::new();
+        let mut srv = Answer::default();
+        let mut srv_tcp = Answer::default();
+        for i in &instances {
+            let Ok(ip) = i.address.parse::<IpAddr>() else { continue };
+            let Some(target) = name(format!("{}.{service}.service.{domain}", instance_label(&i.id))) else { continue };
+            addresses.push(address_record(svc_name.clone(), ip, ttl));
+            let glue = address_record(target.clone(), ip, ttl);
+            srv.records.push(Record::from_rdata(svc_name.clone(), ttl, RData::SRV(SRV::new(1, 1, i.port, target.clone()))));
+            srv_tcp.records.push(Record::from_rdata(tcp_name.clone(), ttl, RData::SRV(SRV::new(1, 1, i.port, target.clone()))));
+            srv.additional.push(glue.clone());
+            srv_tcp.additional.push(glue.clone());
+            let key = LowerName::from(target.clone());
+            catalog.names.insert(key.clone());
+            let rtype = glue.record_type();
+            catalog.answers.entry((key, rtype)).or_default().records.push(glue);
+        }
+        for (n, answer) in [(&svc_name, srv), (&tcp_name, srv_tcp)] {
+            let key = LowerName::from(n.clone());
+            catalog.names.insert(key.clone());
+            catalog.answers.insert((key, RecordType::SRV), answer);
+        }
+        let svc_key = LowerName::from(svc_name.clone());
+        for r in addresses {
+            let rtype = r.record_type();
+            catalog.answers.entry((svc_key.clone(), rtype)).or_default().records.push(r);
+        }
+    }
+    catalog
 }
 
 impl DnsServer {
@@ -121,20 +171,23 @@ impl DnsServer {
         }
         let mut snapshots = discovery.watch(Query::all()).await?;
         let first = snapshots.next().await.map(|s| s.instances).unwrap_or_default();
-        let catalog = Arc::new(ArcSwap::from_pointee(build_catalog(first)));
+        let ttl = config.ttl;
+        let catalog = Arc::new(ArcSwap::from_pointee(build_catalog(first, &domain, ttl)));
         let feed = catalog.clone();
+        let zone = domain.clone();
         let watcher = tokio::spawn(async move {
             // The watch retries backend errors itself and never empties the view because
-            // of one, so the catalog only ever holds real data.
+            // of one (an error snapshot carries the last good instances), so the catalog
+            // only ever holds real data.
             while let Some(snapshot) = snapshots.next().await {
-                feed.store(Arc::new(build_catalog(snapshot.instances)));
+                feed.store(Arc::new(build_catalog(snapshot.instances, &zone, ttl)));
             }
         });
         let io = |e: std::io::Error| Error::Unavailable { backend: "dns-server", reason: format!("binding {}: {e}", config.listen) };
         let udp = tokio::net::UdpSocket::bind(config.listen).await.map_err(io)?;
         let addr = udp.local_addr().map_err(io)?;
         let tcp = tokio::net::TcpListener::bind(addr).await.map_err(io)?;
-        let mut server = Server::new(Handler { catalog, domain, ttl: config.ttl });
+        let mut server = Server::new(Handler { catalog, domain: LowerName::from(domain) });
         server.register_socket(udp);
         server.register_listener(tcp, config.tcp_timeout, 64);
         tracing::info!(%addr, "DNS server serving discovery");
@@ -153,63 +206,6 @@ impl DnsServer {
     }
 }
 
-/// What a query name refers to.
-enum Target<'a> {
-    Service(&'a str),
-    Instance { service: &'a str, label: &'a str },
-}
-
-impl Handler {
-    /// Parses `name` (lower-case, absolute) relative to the domain.
-    fn target<'n>(&self, labels: &'n [String]) -> Option<Target<'n>> {
-        match labels {
-            [service, svc] if svc == "service" => Some(Target::Service(service)),
-            [srv, tcp] if tcp == "_tcp" => srv.strip_prefix('_').map(Target::Service),
-            [label, service, svc] if svc == "service" => Some(Target::Instance { service, label }),
-            _ => None,
-        }
-    }
-
-    fn address_record(&self, name: Name, ip: IpAddr) -> Record {
-        match ip {
-            IpAddr::V4(v4) => Record::from_rdata(name, self.ttl, RData::A(A(v4))),
-            IpAddr::V6(v6) => Record::from_rdata(name, self.ttl, RData::AAAA(AAAA(v6))),
-        }
-    }
-
-    /// Answer and additional records, or `None` for a name that does not exist.
-    fn answer(&self, qname: &Name, qtype: RecordType, labels: &[String]) -> Option<(Vec<Record>, Vec<Record>)> {
-        let catalog = self.catalog.load();
-        let (service, only) = match self.target(labels)? {
-            Target::Service(s) => (s, None),
-            Target::Instance { service, label } => (service, Some(label)),
-        };
-        let instances = catalog.services.get(service)?;
-        let target_name = |i: &Instance| Name::from_ascii(format!("{}.{service}.service.{}", instance_label(&i.id), self.domain)).ok();
-        let chosen: Vec<&Instance> = instances.iter().filter(|i| only.is_none_or(|l| instance_label(&i.id) == l)).collect();
-        if chosen.is_empty() {
-            return None;
-        }
-        let mut answers = Vec::new();
-        let mut additional = Vec::new();
-        for i in chosen {
-            let Ok(ip) = i.address.parse::<IpAddr>() else { continue };
-            match qtype {
-                RecordType::A if ip.is_ipv4() => answers.push(self.address_record(qname.clone(), ip)),
-                RecordType::AAAA if ip.is_ipv6() => answers.push(self.address_record(qname.clone(), ip)),
-                RecordType::SRV | RecordType::ANY if only.is_none() => {
-                    if let Some(target) = target_name(i) {
-                        answers.push(Record::from_rdata(qname.clone(), self.ttl, RData::SRV(SRV::new(1, 1, i.port, target.clone()))));
-                        additional.push(self.address_record(target, ip));
-                    }
-                }
-                _ => {}
-            }
-        }
-        Some((answers, additional))
-    }
-}
-
 #[async_trait::async_trait]
 impl RequestHandler for Handler {
     async fn handle_request<R: ResponseHandler, T: Time>(&self, request: &Request, mut response: R) -> ResponseInfo {
@@ -220,22 +216,23 @@ impl RequestHandler for Handler {
             Ok(_) => return send(&mut response, builder.error_msg(&request.metadata, ResponseCode::NotImp)).await,
             Err(_) => return send(&mut response, builder.error_msg(&request.metadata, ResponseCode::FormErr)).await,
         };
-        let qname: Name = info.query.name().clone().into();
-        let qtype = info.query.query_type();
-        if !self.domain.zone_of(&qname) {
+        let qname = info.query.name();
+        if !self.domain.zone_of(qname) {
             return send(&mut response, builder.error_msg(&request.metadata, ResponseCode::Refused)).await;
         }
-        // Labels below the domain, lower-cased, leaf first.
-        let below = usize::from(qname.num_labels().saturating_sub(self.domain.num_labels()));
-        let labels: Vec<String> = qname.iter().take(below).map(|l| String::from_utf8_lossy(l).to_ascii_lowercase()).collect();
         metadata.authoritative = true;
-        match self.answer(&qname, qtype, &labels) {
-            Some((answers, additional)) => {
+        let catalog = self.catalog.load();
+        let qtype = match info.query.query_type() {
+            RecordType::ANY => RecordType::SRV,
+            t => t,
+        };
+        match catalog.answers.get(&(qname.clone(), qtype)) {
+            Some(answer) => {
                 metadata.response_code = ResponseCode::NoError;
-                send(&mut response, builder.build(metadata, answers.iter(), [], [], additional.iter())).await
+                send(&mut response, builder.build(metadata, answer.records.iter(), [], [], answer.additional.iter())).await
             }
             None => {
-                metadata.response_code = ResponseCode::NXDomain;
+                metadata.response_code = if catalog.names.contains(qname) { ResponseCode::NoError } else { ResponseCode::NXDomain };
                 send(&mut response, builder.build_no_records(metadata)).await
             }
         }

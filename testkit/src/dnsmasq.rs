@@ -108,6 +108,11 @@ impl Dnsmasq {
         Dnsmasq::start_on(port, records, ttl)
     }
 
+    /// The dnsmasq process id (to pin it to a core in benchmarks, say).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Where it listens (UDP and TCP).
     pub fn addr(&self) -> SocketAddr {
         self.addr
