@@ -126,14 +126,30 @@ impl DnsDiscovery {
             match self.resolver.lookup(name.as_str(), RecordType::SRV).await {
                 Ok(lookup) => {
                     let ttl = lookup.valid_until().saturating_duration_since(Instant::now());
+                    // Targets are resolved explicitly (the additional section may be
+                    // dropped), concurrently, at most 32 at a time.
+                    let targets: Vec<(String, u16)> = lookup
+                        .answers()
+                        .iter()
+                        .filter_map(|r| match &r.data {
+                            RData::SRV(srv) => Some((srv.target.to_ascii(), srv.port)),
+                            _ => None,
+                        })
+                        .collect();
+                    let resolved: Vec<_> = futures::stream::iter(targets.into_iter().map(|(target, port)| async move {
+                        let ips = self.resolver.lookup_ip(target.as_str()).await.map_err(net_err)?;
+                        Ok::<_, Error>(
+                            ips.iter()
+                                .map(|ip| instance(service, &format!("{}:{port}", target.trim_end_matches('.')), ip, port))
+                                .collect::<Vec<_>>(),
+                        )
+                    }))
+                    .buffer_unordered(32)
+                    .collect()
+                    .await;
                     let mut out = Vec::new();
-                    for record in lookup.answers() {
-                        let RData::SRV(srv) = &record.data else { continue };
-                        let target = srv.target.to_ascii();
-                        let addrs = self.resolver.lookup_ip(target.as_str()).await.map_err(net_err)?;
-                        for ip in addrs.iter() {
-                            out.push(instance(service, &format!("{}:{}", target.trim_end_matches('.'), srv.port), ip, srv.port));
-                        }
+                    for r in resolved {
+                        out.extend(r?);
                     }
                     if !out.is_empty() {
                         return Ok((sorted(out), ttl));

@@ -29,6 +29,47 @@ pub struct KvDiscovery {
     kv: Arc<dyn KeyValue>,
     root: String,
     retry: Duration,
+    leases: Arc<LeasePool>,
+}
+
+/// Leases granted ahead of need, per TTL, so that registering is one write instead of
+/// two round trips (grant, then put). A pooled lease is handed out only while younger
+/// than a third of its TTL, so its keeper's first renewal (at TTL/3 after hand-out) lands
+/// before it could expire. Unused ones simply expire; they hold no keys.
+#[derive(Debug, Default)]
+struct LeasePool {
+    ready: std::sync::Mutex<std::collections::HashMap<Duration, Vec<(LeaseId, std::time::Instant)>>>,
+}
+
+/// Leases kept ready per TTL.
+const POOLED_LEASES: usize = 2;
+
+impl LeasePool {
+    fn take(&self, ttl: Duration) -> Option<LeaseId> {
+        let mut ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
+        let list = ready.get_mut(&ttl)?;
+        list.retain(|(_, at)| at.elapsed() < ttl / 3);
+        list.pop().map(|(id, _)| id)
+    }
+
+    /// Tops the pool for `ttl` up in the background.
+    fn refill(self: &Arc<Self>, kv: Arc<dyn KeyValue>, ttl: Duration) {
+        let pool = self.clone();
+        tokio::spawn(async move {
+            let missing = {
+                let ready = pool.ready.lock().unwrap_or_else(|p| p.into_inner());
+                POOLED_LEASES.saturating_sub(ready.get(&ttl).map_or(0, Vec::len))
+            };
+            for _ in 0..missing {
+                let Ok(id) = kv.grant_lease(ttl).await else { return };
+                let mut ready = pool.ready.lock().unwrap_or_else(|p| p.into_inner());
+                let list = ready.entry(ttl).or_default();
+                if list.len() < POOLED_LEASES {
+                    list.push((id, std::time::Instant::now()));
+                }
+            }
+        });
+    }
 }
 
 /// The embedded default: [`KvDiscovery`] over a [`MemoryKv`]. Needs no server.
@@ -42,7 +83,7 @@ impl KvDiscovery {
 
     /// Discovery in `kv`, under [`DEFAULT_ROOT`].
     pub fn new(kv: Arc<dyn KeyValue>) -> Self {
-        KvDiscovery { kv, root: DEFAULT_ROOT.to_owned(), retry: Duration::from_millis(500) }
+        KvDiscovery { kv, root: DEFAULT_ROOT.to_owned(), retry: Duration::from_millis(500), leases: Arc::default() }
     }
 
     /// Uses `root` as the key prefix, to keep several catalogs in one store.
@@ -162,8 +203,20 @@ impl Discovery for KvDiscovery {
             health: registration.initial_health,
         };
         let ttl = registration.ttl;
-        let lease = self.kv.grant_lease(ttl).await?;
-        if let Err(e) = self.kv.put(&key, record.encode(), Some(lease)).await {
+        crate::kv::validate_ttl(ttl)?;
+        let pooled = self.leases.take(ttl);
+        self.leases.refill(self.kv.clone(), ttl);
+        let mut lease = match pooled {
+            Some(lease) => lease,
+            None => self.kv.grant_lease(ttl).await?,
+        };
+        let mut written = self.kv.put(&key, record.encode(), Some(lease)).await;
+        if pooled.is_some() && matches!(written, Err(Error::NotFound { kind: "lease", .. })) {
+            // The pooled lease is gone (the store restarted, say): use a fresh one.
+            lease = self.kv.grant_lease(ttl).await?;
+            written = self.kv.put(&key, record.encode(), Some(lease)).await;
+        }
+        if let Err(e) = written {
             let _ = self.kv.revoke_lease(lease).await;
             return Err(e);
         }

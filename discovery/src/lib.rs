@@ -13,11 +13,15 @@
 //! |---|---|---|---|
 //! | in memory (default) | none | [`MemoryKv`] | [`MemoryDiscovery`] |
 //! | etcd v3 | `etcd` (build needs `protoc`) | `EtcdKv::connect(EtcdConfig::new(["http://10.0.0.1:2379", ...]))` | `KvDiscovery::new(Arc::new(etcd_kv))` |
+//! | DNS (read-only) | `dns` | | `DnsDiscovery::new(DnsConfig::new(vec![server], "example.test"))` |
+//!
+//! Serving: `DnsServer` (feature `dns-server`) answers DNS from any `Discovery`;
+//! [`ServiceView`] keeps a lock-free local copy for hot paths.
 //!
 //! The etcd backend resumes watches by itself after member loss (no event lost or
 //! repeated), reports compaction as [`Error::Compacted`], bounds every call by
 //! `EtcdConfig::request_timeout` (then [`Error::Unavailable`]), and keeps leases alive
-//! through a fresh stream per renewal. Consul and DNS backends are planned.
+//! through a fresh stream per renewal. A Consul backend is planned.
 //!
 //! ```
 //! use keelson_discovery::{Discovery, MemoryDiscovery, Query, Registration, ServiceName};
@@ -50,6 +54,7 @@ mod kv_discovery;
 mod lease_keeper;
 mod memory_kv;
 mod name;
+mod view;
 mod wrappers;
 
 #[cfg(feature = "conformance")]
@@ -74,4 +79,5 @@ pub use kv_discovery::{KvDiscovery, MemoryDiscovery, DEFAULT_ROOT};
 pub use lease_keeper::LeaseKeeper;
 pub use memory_kv::{MemoryKv, DEFAULT_HISTORY};
 pub use name::{validate_instance_id, validate_label, ServiceName};
+pub use view::{ServiceView, ViewSnapshot};
 pub use wrappers::{MetricsDiscovery, RetryDiscovery, RetryPolicy};
