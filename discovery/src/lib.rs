@@ -40,6 +40,8 @@
 //! # }
 //! ```
 
+#[cfg(feature = "consul")]
+pub mod consul_api;
 mod discovery;
 #[cfg(feature = "dns")]
 mod dns;
