@@ -41,6 +41,8 @@
 //! ```
 
 #[cfg(feature = "consul")]
+mod consul;
+#[cfg(feature = "consul")]
 pub mod consul_api;
 mod discovery;
 #[cfg(feature = "dns")]
@@ -62,6 +64,8 @@ mod wrappers;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
+#[cfg(feature = "consul")]
+pub use consul::{next_index as consul_next_index, ConsulConfig, ConsulDiscovery};
 pub use discovery::{
     Discovery, DiscoveryCapabilities, Health, Instance, Query, Registration, RegistrationHandle, RegistrationLease, Snapshot,
     SnapshotStream, DEFAULT_TTL, MAX_META, MAX_META_KEY_BYTES, MAX_META_VALUE_BYTES, MAX_TAGS, MAX_TAG_BYTES,

@@ -14,6 +14,7 @@
 //! # }
 //! ```
 
+pub mod consul;
 pub mod dnsmasq;
 pub mod docker;
 pub mod etcd;

@@ -1,0 +1,450 @@
+//! The Consul backend (feature `consul`): [`ConsulDiscovery`] implements [`Discovery`] on a
+//! Consul agent's HTTP API.
+//!
+//! - Registration goes through the local agent (`/v1/agent/service/register`, so the
+//!   agent's anti-entropy keeps the catalog right) with a TTL check `service:<id>`. The
+//!   handle keeps the check updated every TTL/3 with the instance's *desired* status, so
+//!   health set through this `ConsulDiscovery` sticks; if the agent forgot the instance
+//!   (restart), the handle registers it again. Dropped, the check goes critical after the
+//!   TTL and Consul removes the instance after `max(3 × TTL, 1 min)`.
+//! - Lookups read `/v1/health/service/<name>`; health is Consul's aggregate of the node
+//!   and service checks. Watches are blocking queries with Consul's index rules: an index
+//!   that goes backwards resets to 0, an index below 1 is never sent after the first
+//!   call, and queries are spaced by at least `min_query_interval` since one may return
+//!   early with no change.
+//! - Every request is bounded by `request_timeout` (plus the blocking wait) and fails
+//!   with [`Error::Unavailable`]; the ACL token goes in `X-Consul-Token` and never into
+//!   logs or `Debug`.
+//!
+//! Consul's KV store and sessions (a `KeyValue` on Consul) are not implemented yet.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use crate::consul_api::{parse, CatalogServices, HealthServiceEntry, ServiceRegistration};
+use crate::discovery::{
+    Discovery, DiscoveryCapabilities, Health, Instance, Query, Registration, RegistrationHandle, RegistrationLease, Snapshot,
+    SnapshotStream,
+};
+use crate::error::{Error, Result};
+use crate::name::{validate_instance_id, ServiceName};
+
+const BACKEND: &str = "consul";
+
+/// How to reach the Consul agent.
+#[derive(Clone)]
+pub struct ConsulConfig {
+    /// Agent URL, `http://127.0.0.1:8500`.
+    pub address: String,
+    /// ACL token, sent as `X-Consul-Token`. Never printed.
+    pub token: Option<String>,
+    /// Datacenter to query (default: the agent's).
+    pub datacenter: Option<String>,
+    /// Bound on every request, on top of a blocking query's wait (default 5 s).
+    pub request_timeout: Duration,
+    /// How long a blocking query waits for a change (default 60 s; Consul caps it at 10 min).
+    pub wait: Duration,
+    /// Least time between two blocking queries of one watch (default 100 ms).
+    pub min_query_interval: Duration,
+}
+
+impl std::fmt::Debug for ConsulConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsulConfig")
+            .field("address", &self.address)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("datacenter", &self.datacenter)
+            .field("request_timeout", &self.request_timeout)
+            .field("wait", &self.wait)
+            .field("min_query_interval", &self.min_query_interval)
+            .finish()
+    }
+}
+
+impl ConsulConfig {
+    /// The agent at `address`, with defaults for the rest.
+    pub fn new(address: impl Into<String>) -> Self {
+        ConsulConfig {
+            address: address.into(),
+            token: None,
+            datacenter: None,
+            request_timeout: Duration::from_secs(5),
+            wait: Duration::from_secs(60),
+            min_query_interval: Duration::from_millis(100),
+        }
+    }
+}
+
+/// `Discovery` on a Consul agent.
+#[derive(Clone)]
+pub struct ConsulDiscovery {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Client<HttpConnector, Full<Bytes>>,
+    config: ConsulConfig,
+    base: String,
+    /// Desired health of the instances registered through this client, by id.
+    desired: Mutex<HashMap<String, Health>>,
+}
+
+impl std::fmt::Debug for ConsulDiscovery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsulDiscovery").field("config", &self.inner.config).finish_non_exhaustive()
+    }
+}
+
+fn status_text(h: Health) -> &'static str {
+    match h {
+        Health::Passing => "passing",
+        Health::Warning => "warning",
+        Health::Critical => "critical",
+    }
+}
+
+/// A response: status, `X-Consul-Index` (0 if absent), body.
+struct Reply {
+    status: StatusCode,
+    index: u64,
+    body: Bytes,
+}
+
+impl ConsulDiscovery {
+    /// A client for the agent at `config.address`. Connects lazily.
+    pub fn new(config: ConsulConfig) -> Result<Self> {
+        let base = config.address.trim_end_matches('/').to_owned();
+        if !(base.starts_with("http://") || base.starts_with("https://")) || base.len() < 8 {
+            return Err(Error::invalid("consul address", &config.address, "must be an http:// or https:// URL"));
+        }
+        if base.starts_with("https://") {
+            return Err(Error::Unsupported {
+                operation: "TLS to the Consul agent (use an http:// address or a local TLS-terminating proxy)",
+                backend: BACKEND,
+            });
+        }
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(config.request_timeout));
+        let client = Client::builder(TokioExecutor::new()).build(connector);
+        Ok(ConsulDiscovery { inner: Arc::new(Inner { client, config, base, desired: Mutex::new(HashMap::new()) }) })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Health>> {
+        self.inner.desired.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Inner {
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        mut query: Vec<(&str, String)>,
+        body: Option<Vec<u8>>,
+        extra_wait: Duration,
+    ) -> Result<Reply> {
+        if let Some(dc) = &self.config.datacenter {
+            query.push(("dc", dc.clone()));
+        }
+        let qs: String = query.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("&");
+        let uri = if qs.is_empty() { format!("{}{path}", self.base) } else { format!("{}{path}?{qs}", self.base) };
+        let mut req = Request::builder().method(method).uri(&uri);
+        if let Some(token) = &self.config.token {
+            req = req.header("X-Consul-Token", token);
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| Error::invalid("consul request", path, e.to_string()))?;
+        let limit = self.config.request_timeout + extra_wait;
+        let exchange = async {
+            let resp =
+                self.client.request(req).await.map_err(|e| Error::Unavailable { backend: BACKEND, reason: format!("{path}: {e}") })?;
+            let status = resp.status();
+            let index = resp.headers().get("X-Consul-Index").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(0);
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| Error::Unavailable { backend: BACKEND, reason: format!("{path}: {e}") })?
+                .to_bytes();
+            Ok(Reply { status, index, body })
+        };
+        match tokio::time::timeout(limit, exchange).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Unavailable { backend: BACKEND, reason: format!("{path}: no answer within {limit:?}") }),
+        }
+    }
+
+    /// Maps a non-success reply to a typed error.
+    fn check(&self, what: &str, name: &str, r: Reply) -> Result<Reply> {
+        let text = String::from_utf8_lossy(&r.body).into_owned();
+        match r.status {
+            s if s.is_success() => Ok(r),
+            StatusCode::NOT_FOUND => Err(Error::NotFound { kind: "instance", name: name.to_owned() }),
+            StatusCode::BAD_REQUEST => {
+                Err(Error::InvalidInput { field: "consul request", value: name.to_owned(), reason: format!("{what}: {text}") })
+            }
+            StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED => {
+                Err(Error::Backend { backend: BACKEND, source: format!("{what}: permission denied: {text}").into() })
+            }
+            s if s.is_server_error() && text.contains("Unknown") => Err(Error::NotFound { kind: "instance", name: name.to_owned() }),
+            s if s.is_server_error() => Err(Error::Unavailable { backend: BACKEND, reason: format!("{what}: {s} {text}") }),
+            s => Err(Error::Backend { backend: BACKEND, source: format!("{what}: unexpected {s}: {text}").into() }),
+        }
+    }
+
+    async fn register_raw(&self, payload: &ServiceRegistration) -> Result<()> {
+        let body = serde_json::to_vec(payload).map_err(|e| Error::Backend { backend: BACKEND, source: Box::new(e) })?;
+        let r = self.call(Method::PUT, "/v1/agent/service/register", vec![], Some(body), Duration::ZERO).await?;
+        self.check("register", &payload.id, r).map(|_| ())
+    }
+
+    async fn update_check(&self, id: &str, health: Health) -> Result<()> {
+        let body = serde_json::json!({ "Status": status_text(health), "Output": "set by keelson" }).to_string().into_bytes();
+        let path = format!("/v1/agent/check/update/service:{id}");
+        let r = self.call(Method::PUT, &path, vec![], Some(body), Duration::ZERO).await?;
+        self.check("check update", id, r).map(|_| ())
+    }
+
+    /// Instances of one service, with the reply's index. `wait_from`: block until the
+    /// index moves past it.
+    async fn health_service(&self, service: &str, wait_from: Option<u64>) -> Result<(Vec<Instance>, u64)> {
+        let mut q = Vec::new();
+        let mut extra = Duration::ZERO;
+        if let Some(index) = wait_from {
+            q.push(("index", index.to_string()));
+            q.push(("wait", format!("{}ms", self.config.wait.as_millis())));
+            extra = self.config.wait + self.config.wait / 16;
+        }
+        let r = self.call(Method::GET, &format!("/v1/health/service/{service}"), q, None, extra).await?;
+        let r = self.check("health/service", service, r)?;
+        let entries: Vec<HealthServiceEntry> = parse("health/service", &r.body)?;
+        let mut out = Vec::with_capacity(entries.len());
+        for e in &entries {
+            match e.to_instance() {
+                Ok(i) => out.push(i),
+                Err(err) => tracing::warn!(service, error = %err, "skipping a Consul entry keelson cannot represent"),
+            }
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok((out, r.index))
+    }
+
+    async fn catalog_services(&self, wait_from: Option<u64>) -> Result<(Vec<String>, u64)> {
+        let mut q = Vec::new();
+        let mut extra = Duration::ZERO;
+        if let Some(index) = wait_from {
+            q.push(("index", index.to_string()));
+            q.push(("wait", format!("{}ms", self.config.wait.as_millis())));
+            extra = self.config.wait + self.config.wait / 16;
+        }
+        let r = self.call(Method::GET, "/v1/catalog/services", q, None, extra).await?;
+        let r = self.check("catalog/services", "catalog", r)?;
+        let services: CatalogServices = parse("catalog/services", &r.body)?;
+        Ok((services.into_keys().collect(), r.index))
+    }
+
+    /// Every instance of the query's service(s), and an index to block on.
+    async fn read(&self, query: &Query, wait_from: Option<u64>) -> Result<(Vec<Instance>, u64)> {
+        match &query.service {
+            Some(s) => {
+                let (all, index) = self.health_service(s.as_str(), wait_from).await?;
+                Ok((all.into_iter().filter(|i| query.matches(i)).collect(), index))
+            }
+            None => {
+                // Any check change moves the health index: block on it, then read all.
+                let index = match wait_from {
+                    Some(from) => {
+                        let extra = self.config.wait + self.config.wait / 16;
+                        let q = vec![("index", from.to_string()), ("wait", format!("{}ms", self.config.wait.as_millis()))];
+                        let r = self.call(Method::GET, "/v1/health/state/any", q, None, extra).await?;
+                        self.check("health/state", "any", r)?.index
+                    }
+                    None => 0,
+                };
+                let (names, catalog_index) = self.catalog_services(None).await?;
+                let mut out = Vec::new();
+                for n in names {
+                    let (instances, _) = self.health_service(&n, None).await?;
+                    out.extend(instances.into_iter().filter(|i| query.matches(i)));
+                }
+                out.sort_by(|a, b| (&a.service, &a.id).cmp(&(&b.service, &b.id)));
+                Ok((out, index.max(catalog_index)))
+            }
+        }
+    }
+}
+
+/// Consul's index rules for the next blocking query.
+pub fn next_index(previous: u64, returned: u64) -> u64 {
+    if returned < previous {
+        // The index went backwards (a restarted server, a new leader): start over.
+        0
+    } else {
+        returned.max(1)
+    }
+}
+
+#[derive(Debug)]
+struct ConsulLease {
+    client: ConsulDiscovery,
+    id: String,
+    keeper: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ConsulLease {
+    fn drop(&mut self) {
+        self.keeper.abort();
+    }
+}
+
+#[async_trait]
+impl RegistrationLease for ConsulLease {
+    async fn release(&self) -> Result<()> {
+        self.keeper.abort();
+        self.client.lock().remove(&self.id);
+        let r =
+            self.client.inner.call(Method::PUT, &format!("/v1/agent/service/deregister/{}", self.id), vec![], None, Duration::ZERO).await?;
+        self.client.inner.check("deregister", &self.id, r).map(|_| ())
+    }
+}
+
+#[async_trait]
+impl Discovery for ConsulDiscovery {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn capabilities(&self) -> DiscoveryCapabilities {
+        DiscoveryCapabilities::new(true, true, true)
+    }
+
+    async fn register(&self, registration: Registration) -> Result<RegistrationHandle> {
+        let payload = ServiceRegistration::from_registration(&registration)?;
+        self.lock().insert(registration.id.clone(), registration.initial_health);
+        if let Err(e) = self.inner.register_raw(&payload).await {
+            self.lock().remove(&registration.id);
+            return Err(e);
+        }
+        let me = self.clone();
+        let id = registration.id.clone();
+        let every = (registration.ttl / 3).max(Duration::from_millis(100));
+        let keeper = tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(every);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticker.tick().await;
+            loop {
+                ticker.tick().await;
+                let desired = me.lock().get(&id).copied().unwrap_or(Health::Passing);
+                match me.inner.update_check(&id, desired).await {
+                    Ok(()) => {}
+                    Err(Error::NotFound { .. }) => {
+                        // The agent forgot us (a restart): register again.
+                        let mut again = payload.clone();
+                        again.check.status = status_text(desired).into();
+                        if let Err(e) = me.inner.register_raw(&again).await {
+                            tracing::warn!(id, error = %e, "re-registering with Consul failed; will retry");
+                        }
+                    }
+                    Err(e) => tracing::warn!(id, error = %e, "Consul check update failed; will retry"),
+                }
+            }
+        });
+        Ok(RegistrationHandle::new(
+            registration.service,
+            registration.id.clone(),
+            Box::new(ConsulLease { client: self.clone(), id: registration.id, keeper }),
+        ))
+    }
+
+    async fn deregister(&self, _service: &ServiceName, id: &str) -> Result<()> {
+        validate_instance_id(id)?;
+        self.lock().remove(id);
+        let r = self.inner.call(Method::PUT, &format!("/v1/agent/service/deregister/{id}"), vec![], None, Duration::ZERO).await?;
+        self.inner.check("deregister", id, r).map(|_| ())
+    }
+
+    async fn set_health(&self, _service: &ServiceName, id: &str, health: Health) -> Result<()> {
+        validate_instance_id(id)?;
+        self.inner.update_check(id, health).await?;
+        // Remembered so this client's keep-alive keeps sending it.
+        if let Some(h) = self.lock().get_mut(id) {
+            *h = health;
+        }
+        Ok(())
+    }
+
+    async fn instances(&self, query: &Query) -> Result<Vec<Instance>> {
+        Ok(self.inner.read(query, None).await?.0)
+    }
+
+    async fn services(&self) -> Result<Vec<ServiceName>> {
+        let (names, _) = self.inner.catalog_services(None).await?;
+        Ok(names.into_iter().filter_map(|n| ServiceName::new(n).ok()).collect())
+    }
+
+    async fn watch(&self, query: Query) -> Result<SnapshotStream> {
+        let (first, index) = self.inner.read(&query, None).await?;
+        let state = ConsulWatch {
+            inner: self.inner.clone(),
+            query,
+            index: next_index(0, index),
+            view: first.clone(),
+            pending: Some(first),
+            error: None,
+            last_query: tokio::time::Instant::now(),
+        };
+        Ok(futures::stream::unfold(state, ConsulWatch::next).boxed())
+    }
+}
+
+struct ConsulWatch {
+    inner: Arc<Inner>,
+    query: Query,
+    index: u64,
+    view: Vec<Instance>,
+    pending: Option<Vec<Instance>>,
+    error: Option<String>,
+    last_query: tokio::time::Instant,
+}
+
+impl ConsulWatch {
+    async fn next(mut self) -> Option<(Snapshot, Self)> {
+        loop {
+            if let Some(view) = self.pending.take() {
+                return Some((Snapshot { version: self.index, instances: view, error: self.error.clone() }, self));
+            }
+            // A blocking query may return at once with no change: space them out.
+            tokio::time::sleep_until(self.last_query + self.inner.config.min_query_interval).await;
+            self.last_query = tokio::time::Instant::now();
+            match self.inner.read(&self.query, Some(self.index)).await {
+                Ok((now, index)) => {
+                    self.index = next_index(self.index, index);
+                    let recovered = self.error.take().is_some();
+                    if now != self.view || recovered {
+                        self.view = now.clone();
+                        self.pending = Some(now);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "Consul watch failed; keeping the last view");
+                    if self.error.is_none() {
+                        self.error = Some(e.to_string());
+                        self.pending = Some(self.view.clone());
+                    }
+                    tokio::time::sleep(self.inner.config.min_query_interval * 5).await;
+                }
+            }
+        }
+    }
+}

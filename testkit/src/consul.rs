@@ -1,0 +1,267 @@
+//! A small fake Consul agent for tests: the subset of the HTTP API keelson's Consul
+//! backend uses, with real blocking-query semantics (`X-Consul-Index`, `index`, `wait`),
+//! TTL checks that go critical when not updated, and a hook to make the index go
+//! backwards (as after a Consul restart). No Consul server can be installed on keelson's
+//! test machines; this serves Consul's own documented samples (`shared/fixtures/consul`)
+//! verbatim alongside what tests register.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+use crate::tools::TestkitError;
+
+#[derive(Debug)]
+struct Registered {
+    /// The registration body as sent (ID, Name, Tags, Address, Port, Meta, Check).
+    body: Value,
+    status: String,
+    ttl: Duration,
+    updated: Instant,
+}
+
+#[derive(Debug)]
+struct State {
+    index: u64,
+    services: BTreeMap<String, Registered>,
+    /// Entries served verbatim from the fixture, by service name.
+    fixture: Vec<Value>,
+}
+
+/// A running fake Consul; stopped on drop.
+#[derive(Debug)]
+pub struct FakeConsul {
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    changed: watch::Sender<u64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Consul durations: `10s`, `100ms`, `1m`.
+fn parse_duration(s: &str) -> Option<Duration> {
+    if let Some(ms) = s.strip_suffix("ms") {
+        return ms.parse().ok().map(Duration::from_millis);
+    }
+    if let Some(sec) = s.strip_suffix('s') {
+        return sec.parse::<f64>().ok().map(Duration::from_secs_f64);
+    }
+    if let Some(min) = s.strip_suffix('m') {
+        return min.parse::<u64>().ok().map(|m| Duration::from_secs(m * 60));
+    }
+    None
+}
+
+impl FakeConsul {
+    /// Starts on a free loopback port, seeded with the health sample at `fixture`
+    /// (`shared/fixtures/consul/health_service.json`).
+    pub async fn start(fixture: &std::path::Path) -> Result<FakeConsul, TestkitError> {
+        let text = std::fs::read_to_string(fixture).map_err(|e| TestkitError::Failed {
+            what: format!("reading Consul fixture {}", fixture.display()),
+            detail: format!("{e} (shared/ must sit beside the repository)"),
+        })?;
+        let fixture: Vec<Value> = serde_json::from_str(&text)
+            .map_err(|e| TestkitError::Failed { what: "parsing the Consul fixture".into(), detail: e.to_string() })?;
+        let state = Arc::new(Mutex::new(State { index: 10, services: BTreeMap::new(), fixture }));
+        let (changed, _) = watch::channel(10u64);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(crate::tools::io("binding fake Consul"))?;
+        let addr = listener.local_addr().map_err(crate::tools::io("fake Consul address"))?;
+        let (st, ch) = (state.clone(), changed.clone());
+        let server = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { return };
+                let (st, ch) = (st.clone(), ch.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        let (st, ch) = (st.clone(), ch.clone());
+                        async move { Ok::<_, Infallible>(handle(req, st, ch).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                });
+            }
+        });
+        // TTL checks go critical on their own, like Consul's.
+        let (st, ch) = (state.clone(), changed.clone());
+        let expiry = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let mut s = lock(&st);
+                let mut bumped = false;
+                for r in s.services.values_mut() {
+                    if r.status != "critical" && r.updated.elapsed() > r.ttl {
+                        r.status = "critical".into();
+                        bumped = true;
+                    }
+                }
+                if bumped {
+                    s.index += 1;
+                    let _ = ch.send(s.index);
+                }
+            }
+        });
+        Ok(FakeConsul { addr, state, changed, tasks: vec![server, expiry] })
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The current index.
+    pub fn index(&self) -> u64 {
+        lock(&self.state).index
+    }
+
+    /// Sets the index (lower than now simulates a restarted server) and wakes blocked
+    /// queries.
+    pub fn set_index(&self, index: u64) {
+        let mut s = lock(&self.state);
+        s.index = index;
+        let _ = self.changed.send(index);
+    }
+}
+
+impl Drop for FakeConsul {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn reply(status: StatusCode, index: u64, body: Value) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert("X-Consul-Index", index.to_string().parse().unwrap_or_else(|_| http::HeaderValue::from_static("0")));
+    r.headers_mut().insert("Content-Type", http::HeaderValue::from_static("application/json"));
+    r
+}
+
+fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query.split('&').find_map(|kv| kv.strip_prefix(name).and_then(|rest| rest.strip_prefix('=')))
+}
+
+/// Waits, as Consul does, while the caller's index equals the current one, up to `wait`.
+async fn block(req_query: &str, state: &Mutex<State>, changed: &watch::Sender<u64>) {
+    let Some(index) = query_param(req_query, "index").and_then(|i| i.parse::<u64>().ok()) else { return };
+    let wait = query_param(req_query, "wait").and_then(parse_duration).unwrap_or(Duration::from_secs(300));
+    let mut rx = changed.subscribe();
+    if lock(state).index != index {
+        return;
+    }
+    let _ = tokio::time::timeout(wait, rx.changed()).await;
+}
+
+fn health_entry(r: &Registered) -> Value {
+    let b = &r.body;
+    let id = b["ID"].as_str().unwrap_or_default();
+    json!({
+        "Node": {"ID": "fake-node", "Node": "fake", "Address": "127.0.0.1", "Datacenter": "dc1"},
+        "Service": {
+            "ID": id, "Service": b["Name"], "Tags": b.get("Tags").cloned().unwrap_or(json!([])),
+            "Address": b.get("Address").cloned().unwrap_or(json!("")), "Meta": b.get("Meta").cloned().unwrap_or(json!({})),
+            "Port": b.get("Port").cloned().unwrap_or(json!(0))
+        },
+        "Checks": [
+            {"Node": "fake", "CheckID": format!("service:{id}"), "Status": r.status, "ServiceID": id},
+            {"Node": "fake", "CheckID": "serfHealth", "Status": "passing", "ServiceID": ""}
+        ]
+    })
+}
+
+async fn handle(req: Request<Incoming>, state: Arc<Mutex<State>>, changed: watch::Sender<u64>) -> Response<Full<Bytes>> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().unwrap_or("").to_owned();
+    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let bump = |s: &mut State| {
+        s.index += 1;
+        let _ = changed.send(s.index);
+    };
+    match (method, path.as_str()) {
+        (Method::PUT, "/v1/agent/service/register") => {
+            let Ok(v) = serde_json::from_slice::<Value>(&body) else {
+                return reply(StatusCode::BAD_REQUEST, 0, json!("Request decode failed"));
+            };
+            let Some(id) = v["ID"].as_str().map(str::to_owned) else { return reply(StatusCode::BAD_REQUEST, 0, json!("missing ID")) };
+            let ttl = v["Check"]["TTL"].as_str().and_then(parse_duration).unwrap_or(Duration::from_secs(30));
+            let status = v["Check"]["Status"].as_str().unwrap_or("critical").to_owned();
+            let mut s = lock(&state);
+            s.services.insert(id, Registered { body: v, status, ttl, updated: Instant::now() });
+            bump(&mut s);
+            reply(StatusCode::OK, s.index, Value::Null)
+        }
+        (Method::PUT, p) if p.starts_with("/v1/agent/service/deregister/") => {
+            let id = &p["/v1/agent/service/deregister/".len()..];
+            let mut s = lock(&state);
+            if s.services.remove(id).is_none() {
+                return reply(StatusCode::NOT_FOUND, s.index, json!(format!("Unknown service ID {id:?}")));
+            }
+            bump(&mut s);
+            reply(StatusCode::OK, s.index, Value::Null)
+        }
+        (Method::PUT, p) if p.starts_with("/v1/agent/check/update/") => {
+            let check = &p["/v1/agent/check/update/".len()..];
+            let status =
+                serde_json::from_slice::<Value>(&body).ok().and_then(|v| v["Status"].as_str().map(str::to_owned)).unwrap_or_default();
+            if !["passing", "warning", "critical"].contains(&status.as_str()) {
+                return reply(StatusCode::BAD_REQUEST, 0, json!("Invalid check status"));
+            }
+            let mut s = lock(&state);
+            let Some(r) = check.strip_prefix("service:").and_then(|id| s.services.get_mut(id)) else {
+                return reply(StatusCode::NOT_FOUND, s.index, json!(format!("Unknown check ID {check:?}")));
+            };
+            r.updated = Instant::now();
+            let changed_status = r.status != status;
+            r.status = status;
+            if changed_status {
+                bump(&mut s);
+            }
+            reply(StatusCode::OK, s.index, Value::Null)
+        }
+        (Method::GET, p) if p.starts_with("/v1/health/service/") => {
+            block(&query, &state, &changed).await;
+            let name = &p["/v1/health/service/".len()..];
+            let s = lock(&state);
+            let mut entries: Vec<Value> = s.fixture.iter().filter(|e| e["Service"]["Service"] == name).cloned().collect();
+            entries.extend(s.services.values().filter(|r| r.body["Name"] == name).map(health_entry));
+            reply(StatusCode::OK, s.index, Value::Array(entries))
+        }
+        (Method::GET, "/v1/health/state/any") => {
+            block(&query, &state, &changed).await;
+            let s = lock(&state);
+            reply(StatusCode::OK, s.index, json!([]))
+        }
+        (Method::GET, "/v1/catalog/services") => {
+            block(&query, &state, &changed).await;
+            let s = lock(&state);
+            let mut out = serde_json::Map::new();
+            for e in &s.fixture {
+                if let Some(n) = e["Service"]["Service"].as_str() {
+                    out.insert(n.to_owned(), e["Service"]["Tags"].clone());
+                }
+            }
+            for r in s.services.values() {
+                if let Some(n) = r.body["Name"].as_str() {
+                    out.insert(n.to_owned(), r.body.get("Tags").cloned().unwrap_or(json!([])));
+                }
+            }
+            reply(StatusCode::OK, s.index, Value::Object(out))
+        }
+        _ => reply(StatusCode::NOT_FOUND, 0, json!("not found")),
+    }
+}
