@@ -317,3 +317,29 @@ pub async fn discovery_rejects_bad_input(d: &dyn Discovery) {
     }
     assert!(d.instances(&Query::service(svc)).await.unwrap().is_empty(), "nothing registered");
 }
+
+/// Every scenario for read-only backends (DNS): `service` must already hold exactly the
+/// instances with `expected_ids` (set up in the backend's source of truth), all healthy.
+pub async fn discovery_read_only_all(d: &dyn Discovery, service: &ServiceName, expected_ids: &[&str]) {
+    let caps = d.capabilities();
+    assert!(!caps.register && !caps.set_health, "a read-only backend says so in its capabilities");
+    let mut ids: Vec<String> = d.instances(&Query::service(service.clone())).await.unwrap().into_iter().map(|i| i.id).collect();
+    ids.sort();
+    let mut want: Vec<String> = expected_ids.iter().map(|s| (*s).to_owned()).collect();
+    want.sort();
+    assert_eq!(ids, want, "lookup returns exactly the published instances");
+    assert!(d.instances(&Query::service(service.clone()).healthy()).await.unwrap().iter().all(|i| i.health.is_healthy()));
+    let absent = ServiceName::new(unique("absent")).unwrap();
+    assert!(d.instances(&Query::service(absent)).await.unwrap().is_empty(), "an unknown service is empty, not an error");
+    let mut w = d.watch(Query::service(service.clone())).await.unwrap();
+    let first = next_snapshot(&mut w).await;
+    assert_eq!(first.instances.len(), expected_ids.len(), "a watch starts with the current view");
+    assert!(first.error.is_none());
+    for result in [
+        d.register(Registration::new(service.clone(), "x", "127.0.0.1", 1)).await.map(|_| ()),
+        d.deregister(service, "x").await,
+        d.set_health(service, "x", Health::Critical).await,
+    ] {
+        assert!(matches!(result, Err(Error::Unsupported { .. })), "writes are Unsupported, got {result:?}");
+    }
+}

@@ -54,6 +54,24 @@ async fn srv_then_consul_style_then_a_fallback() {
 }
 
 #[tokio::test]
+async fn dns_passes_the_read_only_conformance_suite() {
+    let records = [
+        srv("_web._tcp.zone.test", "w1.zone.test", 8080),
+        srv("_web._tcp.zone.test", "w2.zone.test", 8081),
+        a("w1.zone.test", 1),
+        a("w2.zone.test", 2),
+    ];
+    let dns = Dnsmasq::start(&records, 1).expect("dnsmasq");
+    let d = DnsDiscovery::new(config(dns.addr())).expect("resolver");
+    keelson_discovery::conformance::discovery_read_only_all(
+        &d,
+        &ServiceName::new("web").expect("name"),
+        &["w1.zone.test:8080", "w2.zone.test:8081"],
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn dns_is_read_only_and_says_so() {
     let dns = Dnsmasq::start(&[a("x.zone.test", 1)], 1).expect("dnsmasq");
     let d = DnsDiscovery::new(config(dns.addr())).expect("resolver");
