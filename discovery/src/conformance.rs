@@ -97,6 +97,18 @@ pub async fn kv_watch_from_revision(kv: &dyn KeyValue) {
     kv.put(&format!("{p}/y"), b"2".to_vec(), None).await.unwrap();
     kv.delete(&format!("{p}/x")).await.unwrap();
     kv.put(&format!("{p}-other/z"), b"not under the prefix".to_vec(), None).await.unwrap();
+    if !kv.capabilities().watch_from_revision {
+        // No history: a past revision with changes since must be reported, not papered over.
+        assert!(
+            matches!(kv.watch(&format!("{p}/"), Some(r1)).await, Err(Error::Compacted { .. })),
+            "a backend without history reports Compacted"
+        );
+        let mut w = kv.watch(&format!("{p}/"), None).await.unwrap();
+        let live = kv.put(&format!("{p}/z"), b"3".to_vec(), None).await.unwrap();
+        let e = next_event(&mut w).await;
+        assert_eq!((e.kind, e.key.as_str(), e.revision), (KvEventKind::Put, format!("{p}/z").as_str(), live));
+        return;
+    }
     let mut w = kv.watch(&format!("{p}/"), Some(r1)).await.unwrap();
     let seen: Vec<(KvEventKind, String)> = {
         let mut v = Vec::new();
@@ -126,6 +138,10 @@ pub async fn kv_watch_resume_without_duplicates(kv: &dyn KeyValue) {
     for i in 3..5 {
         revs.push(kv.put(&format!("{p}/k{i}"), vec![i], None).await.unwrap());
     }
+    if !kv.capabilities().watch_from_revision {
+        assert!(matches!(kv.watch(&format!("{p}/"), Some(first.revision + 1)).await, Err(Error::Compacted { .. })));
+        return;
+    }
     let mut w = kv.watch(&format!("{p}/"), Some(first.revision + 1)).await.unwrap();
     let mut got = Vec::new();
     for _ in 1..5 {
@@ -139,11 +155,12 @@ pub async fn kv_watch_resume_without_duplicates(kv: &dyn KeyValue) {
 pub async fn kv_lease_expiry_deletes_and_notifies(kv: &dyn KeyValue) {
     let p = unique("conf-lease");
     let key = format!("{p}/k");
-    let lease = kv.grant_lease(Duration::from_secs(2)).await.unwrap();
+    let ttl = kv.capabilities().min_lease_ttl.max(Duration::from_secs(2));
+    let lease = kv.grant_lease(ttl).await.unwrap();
     kv.put(&key, b"v".to_vec(), Some(lease)).await.unwrap();
     assert_eq!(kv.get(&key).await.unwrap().unwrap().lease, Some(lease));
     let mut w = kv.watch(&format!("{p}/"), None).await.unwrap();
-    let e = tokio::time::timeout(Duration::from_secs(10), w.next()).await.expect("lease expiry within 10 s").unwrap().unwrap();
+    let e = tokio::time::timeout(ttl * 3 + Duration::from_secs(4), w.next()).await.expect("lease expiry within 3 TTL").unwrap().unwrap();
     assert_eq!((e.kind, e.key.as_str()), (KvEventKind::Delete, key.as_str()));
     assert_eq!(kv.get(&key).await.unwrap(), None);
     assert!(matches!(kv.keep_alive(lease).await, Err(Error::NotFound { .. })), "an expired lease cannot be renewed");
@@ -152,10 +169,11 @@ pub async fn kv_lease_expiry_deletes_and_notifies(kv: &dyn KeyValue) {
 /// Keep-alive holds a lease past its TTL; revoke deletes its keys at once.
 pub async fn kv_keep_alive_and_revoke(kv: &dyn KeyValue) {
     let key = format!("{}/k", unique("conf-keep"));
-    let lease = kv.grant_lease(Duration::from_secs(2)).await.unwrap();
+    let ttl = kv.capabilities().min_lease_ttl.max(Duration::from_secs(2));
+    let lease = kv.grant_lease(ttl).await.unwrap();
     kv.put(&key, b"v".to_vec(), Some(lease)).await.unwrap();
     for _ in 0..6 {
-        tokio::time::sleep(Duration::from_millis(600)).await;
+        tokio::time::sleep(ttl * 3 / 10).await;
         kv.keep_alive(lease).await.unwrap();
     }
     assert!(kv.get(&key).await.unwrap().is_some(), "kept alive past 1.5 TTL");
@@ -180,19 +198,20 @@ pub async fn kv_rejects_bad_input(kv: &dyn KeyValue) {
 /// A lock is held by one caller at a time; the next holder gets a larger fencing revision.
 pub async fn kv_lock_is_exclusive(kv: &dyn KeyValue) {
     let name = unique("conf-lock");
-    let first = kv.lock(&name, Duration::from_secs(5), Duration::from_secs(1)).await.unwrap();
-    match kv.lock(&name, Duration::from_secs(5), Duration::from_millis(300)).await {
+    let ttl = kv.capabilities().min_lease_ttl.max(Duration::from_secs(5));
+    let first = kv.lock(&name, ttl, Duration::from_secs(1)).await.unwrap();
+    match kv.lock(&name, ttl, Duration::from_millis(300)).await {
         Err(Error::Timeout { operation: "lock", .. }) => {}
         other => panic!("second lock must time out while held, got {other:?}"),
     }
-    let (second, ()) = tokio::join!(kv.lock(&name, Duration::from_secs(5), Duration::from_secs(5)), async {
+    let (second, ()) = tokio::join!(kv.lock(&name, ttl, Duration::from_secs(5)), async {
         tokio::time::sleep(Duration::from_millis(200)).await;
         kv.unlock(&first).await.unwrap();
     });
     let second = second.unwrap();
     assert!(second.revision > first.revision, "fencing revision grows");
     kv.unlock(&second).await.unwrap();
-    assert!(matches!(kv.lock("bad/name", Duration::from_secs(5), Duration::ZERO).await, Err(Error::InvalidInput { .. })));
+    assert!(matches!(kv.lock("bad/name", ttl, Duration::ZERO).await, Err(Error::InvalidInput { .. })));
 }
 
 /// Every `Discovery` scenario for backends that can register.

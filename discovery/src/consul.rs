@@ -16,7 +16,15 @@
 //!   with [`Error::Unavailable`]; the ACL token goes in `X-Consul-Token` and never into
 //!   logs or `Debug`.
 //!
-//! Consul's KV store and sessions (a `KeyValue` on Consul) are not implemented yet.
+//! [`ConsulKv`] implements [`KeyValue`] on Consul's KV store: every write goes through
+//! `/v1/txn` (so it returns its `ModifyIndex`, the version), compare-and-swap is
+//! `check-index` / `check-not-exists` plus the write in one transaction, leases are
+//! sessions with `Behavior: delete` (keys written under a lease are locked by its session
+//! and deleted when it is invalidated), and watches are blocking recursive reads turned
+//! into events by comparing listings. Consul keeps no history: a watch from a past
+//! revision works only if nothing under the prefix changed since (the prefix's index
+//! covers deletions); otherwise it is [`crate::Error::Compacted`]. Sessions live 10 s at
+//! least.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -31,12 +39,13 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use crate::consul_api::{parse, CatalogServices, HealthServiceEntry, ServiceRegistration};
+use crate::consul_api::{duration_text, parse, CatalogServices, HealthServiceEntry, KvPair, ServiceRegistration, SessionCreated};
 use crate::discovery::{
     Discovery, DiscoveryCapabilities, Health, Instance, Query, Registration, RegistrationHandle, RegistrationLease, Snapshot,
     SnapshotStream,
 };
 use crate::error::{Error, Result};
+use crate::kv::{self, Expect, KeyValue, KvCapabilities, KvEntry, KvEvent, KvEventKind, KvList, KvWatch, LeaseId};
 use crate::name::{validate_instance_id, ServiceName};
 
 const BACKEND: &str = "consul";
@@ -123,6 +132,16 @@ struct Reply {
 impl ConsulDiscovery {
     /// A client for the agent at `config.address`. Connects lazily.
     pub fn new(config: ConsulConfig) -> Result<Self> {
+        Ok(ConsulDiscovery { inner: Arc::new(Inner::new(config)?) })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Health>> {
+        self.inner.desired.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Inner {
+    fn new(config: ConsulConfig) -> Result<Inner> {
         let base = config.address.trim_end_matches('/').to_owned();
         if !(base.starts_with("http://") || base.starts_with("https://")) || base.len() < 8 {
             return Err(Error::invalid("consul address", &config.address, "must be an http:// or https:// URL"));
@@ -136,15 +155,9 @@ impl ConsulDiscovery {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(config.request_timeout));
         let client = Client::builder(TokioExecutor::new()).build(connector);
-        Ok(ConsulDiscovery { inner: Arc::new(Inner { client, config, base, desired: Mutex::new(HashMap::new()) }) })
+        Ok(Inner { client, config, base, desired: Mutex::new(HashMap::new()) })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Health>> {
-        self.inner.desired.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-impl Inner {
     async fn call(
         &self,
         method: Method,
@@ -445,6 +458,302 @@ impl ConsulWatch {
                     tokio::time::sleep(self.inner.config.min_query_interval * 5).await;
                 }
             }
+        }
+    }
+}
+
+/// Consul refuses session TTLs outside 10 s ..= 24 h.
+pub const SESSION_TTL_RANGE: (Duration, Duration) = (Duration::from_secs(10), Duration::from_secs(86_400));
+
+/// `KeyValue` on Consul's KV store (see the module docs).
+#[derive(Clone)]
+pub struct ConsulKv {
+    inner: Arc<Inner>,
+    sessions: Arc<Mutex<Sessions>>,
+}
+
+impl std::fmt::Debug for ConsulKv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsulKv").field("config", &self.inner.config).finish_non_exhaustive()
+    }
+}
+
+/// Consul session ids are UUIDs; `LeaseId` is a number local to this client.
+#[derive(Debug, Default)]
+struct Sessions {
+    by_lease: HashMap<LeaseId, String>,
+    by_uuid: HashMap<String, LeaseId>,
+    next: LeaseId,
+}
+
+/// Percent-encodes a key for a URL path (keeping `/`).
+fn encode_key(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for b in key.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'/') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+impl ConsulKv {
+    /// A client for the agent at `config.address`. Connects lazily.
+    pub fn new(config: ConsulConfig) -> Result<Self> {
+        Ok(ConsulKv { inner: Arc::new(Inner::new(config)?), sessions: Arc::default() })
+    }
+
+    fn sessions(&self) -> std::sync::MutexGuard<'_, Sessions> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lease_of(&self, uuid: &str) -> LeaseId {
+        let mut s = self.sessions();
+        if let Some(id) = s.by_uuid.get(uuid) {
+            return *id;
+        }
+        s.next += 1;
+        let id = s.next;
+        s.by_uuid.insert(uuid.to_owned(), id);
+        s.by_lease.insert(id, uuid.to_owned());
+        id
+    }
+
+    fn uuid_of(&self, lease: LeaseId) -> Result<String> {
+        self.sessions().by_lease.get(&lease).cloned().ok_or(Error::NotFound { kind: "lease", name: lease.to_string() })
+    }
+
+    fn entry(&self, p: &KvPair) -> Result<KvEntry> {
+        Ok(KvEntry {
+            key: p.key.clone(),
+            value: p.value_bytes()?,
+            version: p.modify_index,
+            create_revision: p.create_index,
+            lease: p.session.as_deref().map(|u| self.lease_of(u)),
+        })
+    }
+
+    /// Runs a transaction: `Ok(Ok(results))`, or `Ok(Err((op index, reason)))` when a
+    /// check failed (HTTP 409).
+    async fn txn(&self, ops: Vec<serde_json::Value>) -> Result<std::result::Result<Vec<serde_json::Value>, (usize, String)>> {
+        let body = serde_json::to_vec(&ops).map_err(|e| Error::Backend { backend: BACKEND, source: Box::new(e) })?;
+        let r = self.inner.call(Method::PUT, "/v1/txn", vec![], Some(body), Duration::ZERO).await?;
+        if r.status == StatusCode::CONFLICT {
+            let v: serde_json::Value = parse("txn", &r.body)?;
+            let first = &v["Errors"][0];
+            return Ok(Err((first["OpIndex"].as_u64().unwrap_or(0) as usize, first["What"].as_str().unwrap_or_default().to_owned())));
+        }
+        let r = self.inner.check("txn", "txn", r)?;
+        let v: serde_json::Value = parse("txn", &r.body)?;
+        Ok(Ok(v["Results"].as_array().cloned().unwrap_or_default()))
+    }
+
+    fn write_op(&self, key: &str, value: &[u8], lease: Option<LeaseId>) -> Result<serde_json::Value> {
+        let value = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, value);
+        Ok(match lease {
+            Some(l) => serde_json::json!({"KV": {"Verb": "lock", "Key": key, "Value": value, "Session": self.uuid_of(l)?}}),
+            None => serde_json::json!({"KV": {"Verb": "set", "Key": key, "Value": value}}),
+        })
+    }
+
+    fn written_index(results: &[serde_json::Value]) -> u64 {
+        results.iter().filter_map(|r| r["KV"]["ModifyIndex"].as_u64()).max().unwrap_or(0)
+    }
+
+    fn write_failure(&self, key: &str, reason: &str, lease: Option<LeaseId>) -> Error {
+        if reason.contains("session") && !reason.contains("locked") {
+            Error::NotFound { kind: "lease", name: lease.map(|l| l.to_string()).unwrap_or_default() }
+        } else {
+            Error::Conflict { key: key.to_owned(), expected: None, actual: None }
+        }
+    }
+
+    async fn listing(&self, prefix: &str, wait_from: Option<u64>) -> Result<(Vec<KvPair>, u64)> {
+        let mut q = vec![("recurse", "true".to_owned())];
+        let mut extra = Duration::ZERO;
+        if let Some(index) = wait_from {
+            q.push(("index", index.to_string()));
+            q.push(("wait", format!("{}ms", self.inner.config.wait.as_millis())));
+            extra = self.inner.config.wait + self.inner.config.wait / 16;
+        }
+        let r = self.inner.call(Method::GET, &format!("/v1/kv/{}", encode_key(prefix)), q, None, extra).await?;
+        if r.status == StatusCode::NOT_FOUND {
+            return Ok((Vec::new(), r.index));
+        }
+        let r = self.inner.check("kv list", prefix, r)?;
+        let pairs: Vec<KvPair> = parse("kv list", &r.body)?;
+        Ok((pairs, r.index))
+    }
+}
+
+#[async_trait]
+impl KeyValue for ConsulKv {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn capabilities(&self) -> KvCapabilities {
+        KvCapabilities::new(false, true, true).with_min_lease_ttl(SESSION_TTL_RANGE.0)
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<KvEntry>> {
+        kv::validate_key(key)?;
+        let r = self.inner.call(Method::GET, &format!("/v1/kv/{}", encode_key(key)), vec![], None, Duration::ZERO).await?;
+        if r.status == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let r = self.inner.check("kv get", key, r)?;
+        let pairs: Vec<KvPair> = parse("kv get", &r.body)?;
+        pairs.iter().find(|p| p.key == key).map(|p| self.entry(p)).transpose()
+    }
+
+    async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<u64> {
+        kv::validate_key(key)?;
+        kv::validate_value(key, &value)?;
+        match self.txn(vec![self.write_op(key, &value, lease)?]).await? {
+            Ok(results) => Ok(Self::written_index(&results)),
+            Err((_, reason)) => Err(self.write_failure(key, &reason, lease)),
+        }
+    }
+
+    async fn compare_and_swap(&self, key: &str, expect: Expect, value: Vec<u8>, lease: Option<LeaseId>) -> Result<u64> {
+        kv::validate_key(key)?;
+        kv::validate_value(key, &value)?;
+        let check = match expect {
+            Expect::Absent => serde_json::json!({"KV": {"Verb": "check-not-exists", "Key": key}}),
+            Expect::Version(v) => serde_json::json!({"KV": {"Verb": "check-index", "Key": key, "Index": v}}),
+        };
+        match self.txn(vec![check, self.write_op(key, &value, lease)?]).await? {
+            Ok(results) => Ok(Self::written_index(&results)),
+            Err((0, _)) => {
+                let actual = self.get(key).await?.map(|e| e.version);
+                Err(Error::Conflict { key: key.to_owned(), expected: expect.version(), actual })
+            }
+            Err((_, reason)) => Err(self.write_failure(key, &reason, lease)),
+        }
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool> {
+        kv::validate_key(key)?;
+        let ops = vec![serde_json::json!({"KV": {"Verb": "get", "Key": key}}), serde_json::json!({"KV": {"Verb": "delete", "Key": key}})];
+        Ok(self.txn(ops).await?.is_ok())
+    }
+
+    async fn list(&self, prefix: &str) -> Result<KvList> {
+        let (pairs, index) = self.listing(prefix, None).await?;
+        let entries = pairs.iter().map(|p| self.entry(p)).collect::<Result<Vec<_>>>()?;
+        Ok(KvList { revision: index, entries })
+    }
+
+    async fn watch(&self, prefix: &str, from_revision: Option<u64>) -> Result<KvWatch> {
+        let (pairs, index) = self.listing(prefix, None).await?;
+        if let Some(r) = from_revision {
+            if r <= index {
+                return Err(Error::Compacted { requested: r, oldest: index + 1 });
+            }
+        }
+        let known = pairs.iter().map(|p| (p.key.clone(), p.modify_index)).collect();
+        let state = KvWatchState {
+            kv: self.clone(),
+            prefix: prefix.to_owned(),
+            index: next_index(0, index),
+            known,
+            pending: std::collections::VecDeque::new(),
+        };
+        Ok(futures::stream::unfold(state, KvWatchState::next).boxed())
+    }
+
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId> {
+        kv::validate_ttl(ttl)?;
+        let (min, max) = SESSION_TTL_RANGE;
+        if ttl < min || ttl > max {
+            return Err(Error::InvalidInput {
+                field: "lease ttl",
+                value: format!("{ttl:?}"),
+                reason: format!("Consul sessions live {min:?} to {max:?}"),
+            });
+        }
+        let body = serde_json::json!({"Name": "keelson", "TTL": duration_text(ttl), "Behavior": "delete", "LockDelay": "0s"})
+            .to_string()
+            .into_bytes();
+        let r = self.inner.call(Method::PUT, "/v1/session/create", vec![], Some(body), Duration::ZERO).await?;
+        let r = self.inner.check("session create", "session", r)?;
+        let created: SessionCreated = parse("session create", &r.body)?;
+        Ok(self.lease_of(&created.id))
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<()> {
+        let uuid = self.uuid_of(lease)?;
+        let r = self.inner.call(Method::PUT, &format!("/v1/session/renew/{uuid}"), vec![], None, Duration::ZERO).await?;
+        self.inner.check("session renew", &uuid, r).map(|_| ()).map_err(|e| match e {
+            Error::NotFound { .. } => Error::NotFound { kind: "lease", name: lease.to_string() },
+            other => other,
+        })
+    }
+
+    async fn revoke_lease(&self, lease: LeaseId) -> Result<()> {
+        let uuid = self.uuid_of(lease)?;
+        let info = self.inner.call(Method::GET, &format!("/v1/session/info/{uuid}"), vec![], None, Duration::ZERO).await?;
+        let info = self.inner.check("session info", &uuid, info)?;
+        let found: serde_json::Value = parse("session info", &info.body)?;
+        if found.as_array().is_none_or(Vec::is_empty) {
+            return Err(Error::NotFound { kind: "lease", name: lease.to_string() });
+        }
+        let r = self.inner.call(Method::PUT, &format!("/v1/session/destroy/{uuid}"), vec![], None, Duration::ZERO).await?;
+        self.inner.check("session destroy", &uuid, r).map(|_| ())
+    }
+}
+
+struct KvWatchState {
+    kv: ConsulKv,
+    prefix: String,
+    index: u64,
+    /// Keys as of the last listing, with their modify index.
+    known: HashMap<String, u64>,
+    pending: std::collections::VecDeque<KvEvent>,
+}
+
+impl KvWatchState {
+    async fn next(mut self) -> Option<(Result<KvEvent>, Self)> {
+        loop {
+            if let Some(ev) = self.pending.pop_front() {
+                return Some((Ok(ev), self));
+            }
+            let started = tokio::time::Instant::now();
+            match self.kv.listing(&self.prefix, Some(self.index)).await {
+                Ok((pairs, index)) => {
+                    let mut puts: Vec<KvEvent> = Vec::new();
+                    let mut now: HashMap<String, u64> = HashMap::with_capacity(pairs.len());
+                    for p in &pairs {
+                        now.insert(p.key.clone(), p.modify_index);
+                        if self.known.get(&p.key) != Some(&p.modify_index) {
+                            let value = p.value_bytes().unwrap_or_default();
+                            puts.push(KvEvent { revision: p.modify_index, kind: KvEventKind::Put, key: p.key.clone(), value });
+                        }
+                    }
+                    puts.sort_by_key(|e| e.revision);
+                    let mut deletes: Vec<String> = self.known.keys().filter(|k| !now.contains_key(*k)).cloned().collect();
+                    deletes.sort();
+                    let delete_rev = index.max(puts.last().map_or(0, |e| e.revision));
+                    self.pending.extend(puts);
+                    self.pending.extend(deletes.into_iter().map(|key| KvEvent {
+                        revision: delete_rev,
+                        kind: KvEventKind::Delete,
+                        key,
+                        value: Vec::new(),
+                    }));
+                    self.known = now;
+                    self.index = next_index(self.index, index);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, prefix = %self.prefix, "Consul KV watch failed; retrying");
+                    tokio::time::sleep(self.kv.inner.config.min_query_interval * 5).await;
+                }
+            }
+            // A blocking query may return early with no change: space them out.
+            tokio::time::sleep_until(started + self.kv.inner.config.min_query_interval).await;
         }
     }
 }

@@ -124,12 +124,20 @@ pub struct KvCapabilities {
     pub leases: bool,
     /// Data survives a restart of the process.
     pub durable: bool,
+    /// Shortest lease TTL the backend accepts (Consul sessions: 10 s).
+    pub min_lease_ttl: Duration,
 }
 
 impl KvCapabilities {
-    /// Capabilities with every flag given.
+    /// Capabilities with every flag given and [`MIN_LEASE_TTL`].
     pub fn new(watch_from_revision: bool, leases: bool, durable: bool) -> Self {
-        KvCapabilities { watch_from_revision, leases, durable }
+        KvCapabilities { watch_from_revision, leases, durable, min_lease_ttl: MIN_LEASE_TTL }
+    }
+
+    /// Sets the shortest lease TTL.
+    pub fn with_min_lease_ttl(mut self, ttl: Duration) -> Self {
+        self.min_lease_ttl = ttl;
+        self
     }
 }
 
@@ -159,7 +167,9 @@ pub trait KeyValue: Send + Sync + std::fmt::Debug {
     async fn list(&self, prefix: &str) -> Result<KvList>;
 
     /// Watches changes under `prefix`, from `from_revision` inclusive (`None`: from now on).
-    /// Fails with [`Error::Compacted`] if that revision is no longer kept.
+    /// Fails with [`Error::Compacted`] if that revision is no longer kept (a backend without
+    /// history, like Consul, keeps only "now": any past revision with changes since is
+    /// compacted for it).
     async fn watch(&self, prefix: &str, from_revision: Option<u64>) -> Result<KvWatch>;
 
     /// Grants a lease that expires after `ttl` unless kept alive.
@@ -190,7 +200,17 @@ pub trait KeyValue: Send + Sync + std::fmt::Debug {
                 // Someone holds it: wait for its key to go away. Watching from the holder's
                 // version + 1 means a release between our CAS and the watch is not missed.
                 let Some(holder) = self.get(&key).await? else { continue };
-                let mut events = self.watch(&key, Some(holder.version + 1)).await?;
+                let mut events = match self.watch(&key, Some(holder.version + 1)).await {
+                    Ok(events) => events,
+                    // Changed since we read it (and the backend keeps no history): retry.
+                    Err(Error::Compacted { .. }) => continue,
+                    Err(e) => return Err(e),
+                };
+                // A backend that cannot replay may have missed a release between the read
+                // and the watch: look again before waiting.
+                if self.get(&key).await?.is_none_or(|now| now.version != holder.version) {
+                    continue;
+                }
                 let released = async {
                     let renew_every = ttl / 3;
                     loop {

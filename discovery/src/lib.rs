@@ -65,7 +65,7 @@ mod wrappers;
 pub mod conformance;
 
 #[cfg(feature = "consul")]
-pub use consul::{next_index as consul_next_index, ConsulConfig, ConsulDiscovery};
+pub use consul::{next_index as consul_next_index, ConsulConfig, ConsulDiscovery, ConsulKv, SESSION_TTL_RANGE};
 pub use discovery::{
     Discovery, DiscoveryCapabilities, Health, Instance, Query, Registration, RegistrationHandle, RegistrationLease, Snapshot,
     SnapshotStream, DEFAULT_TTL, MAX_META, MAX_META_KEY_BYTES, MAX_META_VALUE_BYTES, MAX_TAGS, MAX_TAG_BYTES,

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use keelson_discovery::{
-    conformance, consul_next_index, ConsulConfig, ConsulDiscovery, Discovery, Error, Health, Query, Registration, ServiceName,
+    conformance, consul_next_index, ConsulConfig, ConsulDiscovery, ConsulKv, Discovery, Error, Health, KeyValue, Query, Registration,
+    ServiceName,
 };
 use keelson_testkit::consul::FakeConsul;
 
@@ -97,4 +98,30 @@ async fn unreachable_agent_is_unavailable_and_bad_config_is_rejected() {
     assert!(t0.elapsed() < Duration::from_secs(3));
     assert!(matches!(ConsulDiscovery::new(ConsulConfig::new("localhost:8500")), Err(Error::InvalidInput { .. })));
     let _ = Arc::new(d);
+}
+
+fn kv_client(url: String) -> ConsulKv {
+    let config = ConsulConfig { wait: Duration::from_secs(2), min_query_interval: Duration::from_millis(20), ..ConsulConfig::new(url) };
+    ConsulKv::new(config).expect("kv client")
+}
+
+/// Sessions live 10 s at least on Consul, so the lease scenarios take a while.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consul_kv_passes_kv_conformance_on_the_fake_agent() {
+    let consul = FakeConsul::start(&fixture()).await.expect("fake consul");
+    conformance::kv_all(&kv_client(consul.url())).await;
+}
+
+#[tokio::test]
+async fn consul_kv_values_are_bytes_and_sessions_follow_consul_limits() {
+    let consul = FakeConsul::start(&fixture()).await.expect("fake consul");
+    let kv = kv_client(consul.url());
+    let bytes: Vec<u8> = (0..=255u8).collect();
+    kv.put("bin/k", bytes.clone(), None).await.expect("put");
+    assert_eq!(kv.get("bin/k").await.expect("get").expect("present").value, bytes);
+    assert!(
+        matches!(kv.grant_lease(Duration::from_secs(2)).await, Err(Error::InvalidInput { field: "lease ttl", .. })),
+        "Consul's 10 s minimum"
+    );
+    assert!(!kv.capabilities().watch_from_revision, "no history on Consul");
 }

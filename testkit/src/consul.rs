@@ -31,12 +31,75 @@ struct Registered {
     updated: Instant,
 }
 
+#[derive(Debug, Clone)]
+struct Pair {
+    value: Vec<u8>,
+    create_index: u64,
+    modify_index: u64,
+    session: Option<String>,
+}
+
+#[derive(Debug)]
+struct Session {
+    ttl: Duration,
+    renewed: Instant,
+}
+
 #[derive(Debug)]
 struct State {
     index: u64,
     services: BTreeMap<String, Registered>,
     /// Entries served verbatim from the fixture, by service name.
     fixture: Vec<Value>,
+    kv: BTreeMap<String, Pair>,
+    /// Index of the last deletion per key, so a prefix's index covers deletions (as
+    /// Consul's tombstones do).
+    tombstones: BTreeMap<String, u64>,
+    sessions: BTreeMap<String, Session>,
+    next_session: u64,
+}
+
+impl State {
+    fn prefix_index(&self, prefix: &str) -> u64 {
+        let live =
+            self.kv.range(prefix.to_owned()..).take_while(|(k, _)| k.starts_with(prefix)).map(|(_, p)| p.modify_index).max().unwrap_or(0);
+        let dead =
+            self.tombstones.range(prefix.to_owned()..).take_while(|(k, _)| k.starts_with(prefix)).map(|(_, i)| *i).max().unwrap_or(0);
+        live.max(dead).max(1)
+    }
+
+    fn delete_key(&mut self, key: &str) {
+        if self.kv.remove(key).is_some() {
+            self.index += 1;
+            self.tombstones.insert(key.to_owned(), self.index);
+        }
+    }
+
+    /// Invalidates a session: its keys are deleted (Behavior "delete").
+    fn drop_session(&mut self, id: &str) -> bool {
+        if self.sessions.remove(id).is_none() {
+            return false;
+        }
+        let held: Vec<String> = self.kv.iter().filter(|(_, p)| p.session.as_deref() == Some(id)).map(|(k, _)| k.clone()).collect();
+        for k in held {
+            self.delete_key(&k);
+        }
+        self.index += 1;
+        true
+    }
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::Engine::encode(&base64::engine::general_purpose::STANDARD, bytes)
+}
+
+fn unb64(s: &str) -> Option<Vec<u8>> {
+    base64::Engine::decode(&base64::engine::general_purpose::STANDARD, s).ok()
+}
+
+fn pair_json(key: &str, p: &Pair) -> Value {
+    json!({"Key": key, "Value": if p.value.is_empty() { Value::Null } else { json!(b64(&p.value)) }, "CreateIndex": p.create_index,
+           "ModifyIndex": p.modify_index, "LockIndex": 0, "Flags": 0, "Session": p.session})
 }
 
 /// A running fake Consul; stopped on drop.
@@ -76,7 +139,15 @@ impl FakeConsul {
         })?;
         let fixture: Vec<Value> = serde_json::from_str(&text)
             .map_err(|e| TestkitError::Failed { what: "parsing the Consul fixture".into(), detail: e.to_string() })?;
-        let state = Arc::new(Mutex::new(State { index: 10, services: BTreeMap::new(), fixture }));
+        let state = Arc::new(Mutex::new(State {
+            index: 10,
+            services: BTreeMap::new(),
+            fixture,
+            kv: BTreeMap::new(),
+            tombstones: BTreeMap::new(),
+            sessions: BTreeMap::new(),
+            next_session: 1,
+        }));
         let (changed, _) = watch::channel(10u64);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(crate::tools::io("binding fake Consul"))?;
         let addr = listener.local_addr().map_err(crate::tools::io("fake Consul address"))?;
@@ -106,6 +177,12 @@ impl FakeConsul {
                         r.status = "critical".into();
                         bumped = true;
                     }
+                }
+                let expired: Vec<String> =
+                    s.sessions.iter().filter(|(_, x)| x.renewed.elapsed() > x.ttl).map(|(id, _)| id.clone()).collect();
+                for id in expired {
+                    s.drop_session(&id);
+                    bumped = true;
                 }
                 if bumped {
                     s.index += 1;
@@ -261,6 +338,146 @@ async fn handle(req: Request<Incoming>, state: Arc<Mutex<State>>, changed: watch
                 }
             }
             reply(StatusCode::OK, s.index, Value::Object(out))
+        }
+        (Method::GET, p) if p.starts_with("/v1/kv/") => {
+            let key = &p["/v1/kv/".len()..];
+            let recurse = query.split('&').any(|q| q == "recurse" || q.starts_with("recurse="));
+            // Block on the prefix's own index, like Consul.
+            if let Some(index) = query_param(&query, "index").and_then(|i| i.parse::<u64>().ok()) {
+                let wait = query_param(&query, "wait").and_then(parse_duration).unwrap_or(Duration::from_secs(300));
+                let mut rx = changed.subscribe();
+                let deadline = tokio::time::Instant::now() + wait;
+                while lock(&state).prefix_index(key) == index {
+                    if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            let s = lock(&state);
+            let idx = if recurse { s.prefix_index(key) } else { s.kv.get(key).map_or(s.prefix_index(key), |p| p.modify_index) };
+            let found: Vec<Value> = if recurse {
+                s.kv.range(key.to_owned()..).take_while(|(k, _)| k.starts_with(key)).map(|(k, p)| pair_json(k, p)).collect()
+            } else {
+                s.kv.get(key).map(|p| vec![pair_json(key, p)]).unwrap_or_default()
+            };
+            if found.is_empty() {
+                return reply(StatusCode::NOT_FOUND, idx, Value::Null);
+            }
+            reply(StatusCode::OK, idx, Value::Array(found))
+        }
+        (Method::PUT, "/v1/txn") => {
+            let Ok(ops) = serde_json::from_slice::<Vec<Value>>(&body) else {
+                return reply(StatusCode::BAD_REQUEST, 0, json!("Failed to parse body"));
+            };
+            let mut s = lock(&state);
+            // Check every op first: all or nothing.
+            let mut errors = Vec::new();
+            for (i, op) in ops.iter().enumerate() {
+                let kv = &op["KV"];
+                let key = kv["Key"].as_str().unwrap_or_default();
+                let cur = s.kv.get(key);
+                let err = match kv["Verb"].as_str().unwrap_or_default() {
+                    "set" | "delete" => None,
+                    "get" => cur.is_none().then(|| "key doesn't exist".to_owned()),
+                    "cas" => {
+                        let want = kv["Index"].as_u64().unwrap_or(0);
+                        let ok = if want == 0 { cur.is_none() } else { cur.is_some_and(|p| p.modify_index == want) };
+                        (!ok).then(|| "failed to set key: index mismatch".to_owned())
+                    }
+                    "check-index" => cur
+                        .is_none_or(|p| p.modify_index != kv["Index"].as_u64().unwrap_or(0))
+                        .then(|| "current modify index mismatch".to_owned()),
+                    "check-not-exists" => cur.is_some().then(|| "key already exists".to_owned()),
+                    "lock" => {
+                        let sess = kv["Session"].as_str().unwrap_or_default();
+                        if !s.sessions.contains_key(sess) {
+                            Some(format!("invalid session {sess:?}"))
+                        } else if cur.and_then(|p| p.session.as_deref()).is_some_and(|h| h != sess) {
+                            Some("key is locked by another session".to_owned())
+                        } else {
+                            None
+                        }
+                    }
+                    other => Some(format!("unknown verb {other:?}")),
+                };
+                if let Some(what) = err {
+                    errors.push(json!({"OpIndex": i, "What": what}));
+                }
+            }
+            if !errors.is_empty() {
+                return reply(StatusCode::CONFLICT, s.index, json!({"Results": null, "Errors": errors}));
+            }
+            let mut results = Vec::new();
+            for op in &ops {
+                let kv = &op["KV"];
+                let key = kv["Key"].as_str().unwrap_or_default().to_owned();
+                match kv["Verb"].as_str().unwrap_or_default() {
+                    "set" | "cas" | "lock" => {
+                        s.index += 1;
+                        let index = s.index;
+                        let value = kv["Value"].as_str().and_then(unb64).unwrap_or_default();
+                        let session = kv["Session"].as_str().map(str::to_owned);
+                        let create_index = s.kv.get(&key).map_or(index, |p| p.create_index);
+                        let session = session.or_else(|| s.kv.get(&key).and_then(|p| p.session.clone()));
+                        let pair = Pair { value, create_index, modify_index: index, session };
+                        results.push(json!({"KV": pair_json(&key, &pair)}));
+                        s.tombstones.remove(&key);
+                        s.kv.insert(key, pair);
+                    }
+                    "delete" => s.delete_key(&key),
+                    "get" => {
+                        if let Some(p) = s.kv.get(&key) {
+                            results.push(json!({"KV": pair_json(&key, p)}));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            let _ = changed.send(s.index);
+            reply(StatusCode::OK, s.index, json!({"Results": results, "Errors": null}))
+        }
+        (Method::PUT, "/v1/session/create") => {
+            let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let Some(ttl) = v["TTL"].as_str().and_then(parse_duration) else {
+                return reply(StatusCode::BAD_REQUEST, 0, json!("TTL required"));
+            };
+            if ttl < Duration::from_secs(10) || ttl > Duration::from_secs(86_400) {
+                return reply(
+                    StatusCode::BAD_REQUEST,
+                    0,
+                    json!(format!("Invalid Session TTL '{}', must be between [10s=24h0m0s]", v["TTL"])),
+                );
+            }
+            let mut s = lock(&state);
+            let id = format!("00000000-0000-4000-8000-{:012x}", s.next_session);
+            s.next_session += 1;
+            s.sessions.insert(id.clone(), Session { ttl, renewed: Instant::now() });
+            bump(&mut s);
+            reply(StatusCode::OK, s.index, json!({"ID": id}))
+        }
+        (Method::PUT, p) if p.starts_with("/v1/session/renew/") => {
+            let id = &p["/v1/session/renew/".len()..];
+            let mut s = lock(&state);
+            match s.sessions.get_mut(id) {
+                Some(x) => {
+                    x.renewed = Instant::now();
+                    reply(StatusCode::OK, s.index, json!([{"ID": id}]))
+                }
+                None => reply(StatusCode::NOT_FOUND, s.index, json!(format!("Session id '{id}' not found"))),
+            }
+        }
+        (Method::PUT, p) if p.starts_with("/v1/session/destroy/") => {
+            let id = &p["/v1/session/destroy/".len()..];
+            let mut s = lock(&state);
+            s.drop_session(id);
+            let _ = changed.send(s.index);
+            reply(StatusCode::OK, s.index, json!(true))
+        }
+        (Method::GET, p) if p.starts_with("/v1/session/info/") => {
+            let id = &p["/v1/session/info/".len()..];
+            let s = lock(&state);
+            let found = if s.sessions.contains_key(id) { json!([{"ID": id}]) } else { json!([]) };
+            reply(StatusCode::OK, s.index, found)
         }
         _ => reply(StatusCode::NOT_FOUND, 0, json!("not found")),
     }
