@@ -13,6 +13,7 @@
 //! |---|---|---|---|
 //! | in memory (default) | none | [`MemoryKv`] | [`MemoryDiscovery`] |
 //! | etcd v3 | `etcd` (build needs `protoc`) | `EtcdKv::connect(EtcdConfig::new(["http://10.0.0.1:2379", ...]))` | `KvDiscovery::new(Arc::new(etcd_kv))` |
+//! | Consul | `consul` | `ConsulKv::new(ConsulConfig::new("http://127.0.0.1:8500"))` | `ConsulDiscovery::new(ConsulConfig::new("http://127.0.0.1:8500"))` |
 //! | DNS (read-only) | `dns` | | `DnsDiscovery::new(DnsConfig::new(vec![server], "example.test"))` |
 //!
 //! Serving: `DnsServer` (feature `dns-server`) answers DNS from any `Discovery`;
@@ -21,7 +22,11 @@
 //! The etcd backend resumes watches by itself after member loss (no event lost or
 //! repeated), reports compaction as [`Error::Compacted`], bounds every call by
 //! `EtcdConfig::request_timeout` (then [`Error::Unavailable`]), and keeps leases alive
-//! through a fresh stream per renewal. A Consul backend is planned.
+//! through a fresh stream per renewal. The Consul backend registers through the local
+//! agent with TTL checks, watches with blocking queries (Consul's index rules), and keeps
+//! cluster state in Consul KV with sessions as leases; Consul keeps no history, so its
+//! `KeyValue` reports past revisions as compacted. `ConsulConfig` takes the ACL token
+//! (never printed) and the datacenter.
 //!
 //! ```
 //! use keelson_discovery::{Discovery, MemoryDiscovery, Query, Registration, ServiceName};
