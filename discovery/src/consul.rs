@@ -14,7 +14,8 @@
 //!   early with no change.
 //! - Every request is bounded by `request_timeout` (plus the blocking wait) and fails
 //!   with [`Error::Unavailable`]; the ACL token goes in `X-Consul-Token` and never into
-//!   logs or `Debug`.
+//!   logs or `Debug`. `https://` agents are reached over TLS (rustls), trusting exactly
+//!   the CA in `ca_file`.
 //!
 //! [`ConsulKv`] implements [`KeyValue`] on Consul's KV store: every write goes through
 //! `/v1/txn` (so it returns its `ModifyIndex`, the version), compare-and-swap is
@@ -35,6 +36,7 @@ use futures::StreamExt;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -65,6 +67,8 @@ pub struct ConsulConfig {
     pub wait: Duration,
     /// Least time between two blocking queries of one watch (default 100 ms).
     pub min_query_interval: Duration,
+    /// PEM file of the CA that signed the agent's certificate; required for `https://`.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for ConsulConfig {
@@ -76,6 +80,7 @@ impl std::fmt::Debug for ConsulConfig {
             .field("request_timeout", &self.request_timeout)
             .field("wait", &self.wait)
             .field("min_query_interval", &self.min_query_interval)
+            .field("ca_file", &self.ca_file)
             .finish()
     }
 }
@@ -90,8 +95,36 @@ impl ConsulConfig {
             request_timeout: Duration::from_secs(5),
             wait: Duration::from_secs(60),
             min_query_interval: Duration::from_millis(100),
+            ca_file: None,
         }
     }
+}
+
+/// An HTTP and HTTPS connector; HTTPS trusts exactly the configured CA.
+fn connector(config: &ConsulConfig) -> Result<HttpsConnector<HttpConnector>> {
+    let mut http = HttpConnector::new();
+    http.set_connect_timeout(Some(config.request_timeout));
+    http.enforce_http(false);
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(path) = &config.ca_file {
+        use rustls::pki_types::pem::PemObject;
+        let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
+            .map_err(|e| Error::invalid("consul ca_file", path.display().to_string(), e.to_string()))?
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| Error::invalid("consul ca_file", path.display().to_string(), e.to_string()))?;
+        if certs.is_empty() {
+            return Err(Error::invalid("consul ca_file", path.display().to_string(), "holds no PEM certificate"));
+        }
+        for c in certs {
+            roots.add(c).map_err(|e| Error::invalid("consul ca_file", path.display().to_string(), e.to_string()))?;
+        }
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Backend { backend: BACKEND, source: Box::new(e) })?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1().wrap_connector(http))
 }
 
 /// `Discovery` on a Consul agent.
@@ -101,7 +134,7 @@ pub struct ConsulDiscovery {
 }
 
 struct Inner {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     config: ConsulConfig,
     base: String,
     /// Desired health of the instances registered through this client, by id.
@@ -146,15 +179,10 @@ impl Inner {
         if !(base.starts_with("http://") || base.starts_with("https://")) || base.len() < 8 {
             return Err(Error::invalid("consul address", &config.address, "must be an http:// or https:// URL"));
         }
-        if base.starts_with("https://") {
-            return Err(Error::Unsupported {
-                operation: "TLS to the Consul agent (use an http:// address or a local TLS-terminating proxy)",
-                backend: BACKEND,
-            });
+        if base.starts_with("https://") && config.ca_file.is_none() {
+            return Err(Error::invalid("consul ca_file", "", "an https:// address needs the CA's PEM file (ConsulConfig::ca_file)"));
         }
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(config.request_timeout));
-        let client = Client::builder(TokioExecutor::new()).build(connector);
+        let client = Client::builder(TokioExecutor::new()).build(connector(&config)?);
         Ok(Inner { client, config, base, desired: Mutex::new(HashMap::new()) })
     }
 

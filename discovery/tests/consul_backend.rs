@@ -125,3 +125,35 @@ async fn consul_kv_values_are_bytes_and_sessions_follow_consul_limits() {
     );
     assert!(!kv.capabilities().watch_from_revision, "no history on Consul");
 }
+
+#[tokio::test]
+async fn tls_to_the_agent_trusts_exactly_the_configured_ca() {
+    let key = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("test certificate");
+    let (cert_pem, key_pem) = (key.cert.pem(), key.signing_key.serialize_pem());
+    let consul = FakeConsul::start_tls(&fixture(), &cert_pem, &key_pem).await.expect("fake consul over TLS");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &cert_pem).expect("write CA");
+    let config = ConsulConfig { ca_file: Some(ca), ..ConsulConfig::new(consul.url()) };
+    assert!(consul.url().starts_with("https://"));
+    let d = ConsulDiscovery::new(config).expect("client");
+    let redis = d.instances(&Query::service(ServiceName::new("redis").expect("name"))).await.expect("lookup over TLS");
+    assert_eq!(redis.len(), 1);
+
+    // Another CA: the handshake fails, as Unavailable, not as a panic or a silent success.
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("other certificate");
+    let wrong = dir.path().join("wrong.pem");
+    std::fs::write(&wrong, other.cert.pem()).expect("write");
+    let mut config = ConsulConfig { ca_file: Some(wrong), ..ConsulConfig::new(consul.url()) };
+    config.request_timeout = Duration::from_secs(2);
+    let d = ConsulDiscovery::new(config).expect("client");
+    assert!(matches!(d.instances(&Query::service(ServiceName::new("redis").expect("name"))).await, Err(Error::Unavailable { .. })));
+    // https without a CA, or a CA file with no certificate: typed errors.
+    assert!(matches!(ConsulDiscovery::new(ConsulConfig::new(consul.url())), Err(Error::InvalidInput { field: "consul ca_file", .. })));
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "").expect("write");
+    assert!(matches!(
+        ConsulDiscovery::new(ConsulConfig { ca_file: Some(empty), ..ConsulConfig::new(consul.url()) }),
+        Err(Error::InvalidInput { .. })
+    ));
+}

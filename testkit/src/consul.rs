@@ -109,6 +109,7 @@ pub struct FakeConsul {
     state: Arc<Mutex<State>>,
     changed: watch::Sender<u64>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    https: bool,
 }
 
 fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
@@ -133,6 +134,28 @@ impl FakeConsul {
     /// Starts on a free loopback port, seeded with the health sample at `fixture`
     /// (`shared/fixtures/consul/health_service.json`).
     pub async fn start(fixture: &std::path::Path) -> Result<FakeConsul, TestkitError> {
+        FakeConsul::start_with(fixture, None).await
+    }
+
+    /// Like [`FakeConsul::start`], serving HTTPS with the PEM certificate chain and key.
+    pub async fn start_tls(fixture: &std::path::Path, cert_pem: &str, key_pem: &str) -> Result<FakeConsul, TestkitError> {
+        use rustls::pki_types::pem::PemObject;
+        let bad = |what: &str, e: String| TestkitError::Failed { what: what.into(), detail: e };
+        let certs = rustls::pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad("reading the test certificate", e.to_string()))?;
+        let key =
+            rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| bad("reading the test key", e.to_string()))?;
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad("TLS versions", e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| bad("TLS certificate", e.to_string()))?;
+        FakeConsul::start_with(fixture, Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))).await
+    }
+
+    async fn start_with(fixture: &std::path::Path, tls: Option<tokio_rustls::TlsAcceptor>) -> Result<FakeConsul, TestkitError> {
         let text = std::fs::read_to_string(fixture).map_err(|e| TestkitError::Failed {
             what: format!("reading Consul fixture {}", fixture.display()),
             detail: format!("{e} (shared/ must sit beside the repository)"),
@@ -152,16 +175,27 @@ impl FakeConsul {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(crate::tools::io("binding fake Consul"))?;
         let addr = listener.local_addr().map_err(crate::tools::io("fake Consul address"))?;
         let (st, ch) = (state.clone(), changed.clone());
+        let tls_enabled = tls.is_some();
         let server = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { return };
-                let (st, ch) = (st.clone(), ch.clone());
+                let (st, ch, tls) = (st.clone(), ch.clone(), tls.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
                         let (st, ch) = (st.clone(), ch.clone());
                         async move { Ok::<_, Infallible>(handle(req, st, ch).await) }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                let _ = http.serve_connection(TokioIo::new(stream), svc).await;
+                            }
+                        }
+                        None => {
+                            let _ = http.serve_connection(TokioIo::new(stream), svc).await;
+                        }
+                    }
                 });
             }
         });
@@ -190,12 +224,17 @@ impl FakeConsul {
                 }
             }
         });
-        Ok(FakeConsul { addr, state, changed, tasks: vec![server, expiry] })
+        Ok(FakeConsul { addr, state, changed, tasks: vec![server, expiry], https: tls_enabled })
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>`, or `https://localhost:<port>` when serving TLS (the
+    /// certificate names `localhost`).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        if self.https {
+            format!("https://localhost:{}", self.addr.port())
+        } else {
+            format!("http://{}", self.addr)
+        }
     }
 
     /// The current index.
