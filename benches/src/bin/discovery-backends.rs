@@ -4,9 +4,9 @@
 //! lookups/s from a [`ServiceView`] snapshot, and register-to-watch latency (p50, p99).
 //! For etcd also its own put-to-watch latency through the raw `KeyValue`, the floor the
 //! discovery layer is compared with. For DNS (a real dnsmasq with the same instances):
-//! lookups/s through the resolver (DNS is read-only). Consul when `KEELSON_TEST_CONSUL_ADDR`
-//! is set is not implemented yet and is reported as skipped. Exits non-zero if a backend
-//! returns a wrong answer.
+//! lookups/s through the resolver (DNS is read-only). Consul, against the real agent at
+//! `KEELSON_TEST_CONSUL_ADDR` when set (none can be installed here). Exits non-zero if a
+//! backend returns a wrong answer.
 //!
 //! `cargo run --release -p keelson-benches --bin discovery-backends`
 
@@ -203,8 +203,12 @@ async fn main() -> ExitCode {
         n + 1
     );
     match std::env::var("KEELSON_TEST_CONSUL_ADDR") {
-        Ok(addr) => println!("consul   skipped: KEELSON_TEST_CONSUL_ADDR={addr} is set, but the Consul backend is not implemented yet"),
-        Err(_) => println!("consul   skipped: set KEELSON_TEST_CONSUL_ADDR to include a real Consul agent (backend not implemented yet)"),
+        Ok(addr) => {
+            let consul = keelson_discovery::ConsulDiscovery::new(keelson_discovery::ConsulConfig::new(addr)).expect("consul client");
+            let f = measure(Arc::new(consul), &args, &mut wrong).await;
+            print("consul", &f);
+        }
+        Err(_) => println!("consul   skipped: set KEELSON_TEST_CONSUL_ADDR to a real Consul agent's URL to include it (none can be installed here)"),
     }
     if wrong > 0 {
         println!("wrong answers: {wrong}");
