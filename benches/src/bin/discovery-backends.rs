@@ -208,7 +208,9 @@ async fn main() -> ExitCode {
             let f = measure(Arc::new(consul), &args, &mut wrong).await;
             print("consul", &f);
         }
-        Err(_) => println!("consul   skipped: set KEELSON_TEST_CONSUL_ADDR to a real Consul agent's URL to include it (none can be installed here)"),
+        Err(_) => println!(
+            "consul   skipped: set KEELSON_TEST_CONSUL_ADDR to a real Consul agent's URL to include it (none can be installed here)"
+        ),
     }
     if wrong > 0 {
         println!("wrong answers: {wrong}");
