@@ -25,6 +25,7 @@
 //! # }
 //! ```
 
+mod balance;
 mod error;
 mod proxy;
 mod router;
@@ -34,8 +35,9 @@ mod table;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
+pub use balance::{Balancer, EndpointStats, InFlight};
 pub use error::{Error, Result};
 pub use proxy::{strip_hop_by_hop, Proxy, ProxyBody, ProxyConfig};
 pub use router::{MemoryRouter, Router, RouterCapabilities};
-pub use sources::{follow_discovery, routes_from_instances, RoutesFile, HTTP_HOST_TAG};
-pub use table::{Endpoint, Host, Route, RouteChange, RouteEntry, RouteTable};
+pub use sources::{follow_discovery, routes_from_instances, RoutesFile, BALANCER_TAG, HTTP_HOST_TAG, WEIGHT_TAG};
+pub use table::{Endpoint, Host, Picked, Route, RouteChange, RouteEntry, RouteTable};

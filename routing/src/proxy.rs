@@ -146,25 +146,37 @@ impl Proxy {
         let Some(route) = table.lookup(&host) else {
             return error(StatusCode::NOT_FOUND, format!("no route for host {host}"));
         };
-        let Some(endpoint) = route.pick() else {
+        // Consistent hashing keys on a request header; the other balancers need no key.
+        let key = match &route.route().balancer {
+            crate::Balancer::ConsistentHash { header } => req.headers().get(header.as_str()).map(|v| v.as_bytes().to_vec()),
+            _ => None,
+        };
+        let Some(picked) = route.pick_for(key.as_deref()) else {
             return error(StatusCode::SERVICE_UNAVAILABLE, format!("no healthy endpoint for host {host}"));
         };
-        let addr = endpoint.addr;
+        let addr = picked.endpoint.addr;
+        let in_flight = crate::InFlight::start(picked.stats);
         let upstream = match upstream_request(req, addr, client, &host) {
             Ok(r) => r,
             Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
         };
         drop(table);
         match tokio::time::timeout(self.config.upstream_timeout, self.client.request(upstream)).await {
-            Err(_) => error(
-                StatusCode::GATEWAY_TIMEOUT,
-                format!("upstream {addr} for host {host} did not answer within {:?}", self.config.upstream_timeout),
-            ),
-            Ok(Err(e)) if e.is_connect() => {
-                error(StatusCode::BAD_GATEWAY, format!("upstream {addr} for host {host} is unreachable: {}", root_cause(&e)))
+            Err(_) => {
+                in_flight.fail(self.config.upstream_timeout);
+                error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!("upstream {addr} for host {host} did not answer within {:?}", self.config.upstream_timeout),
+                )
             }
-            Ok(Err(e)) => error(StatusCode::BAD_GATEWAY, format!("upstream {addr} for host {host} failed: {}", root_cause(&e))),
+            Ok(Err(e)) => {
+                // A failure counts as a slow answer, so latency-aware balancing backs off.
+                in_flight.fail(self.config.connect_timeout);
+                let what = if e.is_connect() { "is unreachable" } else { "failed" };
+                error(StatusCode::BAD_GATEWAY, format!("upstream {addr} for host {host} {what}: {}", root_cause(&e)))
+            }
             Ok(Ok(resp)) => {
+                in_flight.finish();
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 Response::from_parts(parts, body.boxed())

@@ -10,12 +10,18 @@ use keelson_discovery::{Discovery, Instance, Query};
 use serde::Deserialize;
 use tokio::task::JoinHandle;
 
+use crate::balance::Balancer;
 use crate::error::{Error, Result};
 use crate::router::Router;
 use crate::table::{Endpoint, Host, Route, RouteChange};
 
 /// The tag an instance carries to be routed: `keelson.http.host=<host>`.
 pub const HTTP_HOST_TAG: &str = "keelson.http.host";
+/// An instance's weight for weighted balancing: `keelson.weight=<1..=100>`.
+pub const WEIGHT_TAG: &str = "keelson.weight";
+/// The route's balancer, from its first instance: `keelson.http.balancer=round_robin |
+/// weighted | least_requests | peak_ewma`.
+pub const BALANCER_TAG: &str = "keelson.http.balancer";
 
 /// A routes file: `{"routes": [{"host": "...", "endpoints": [{"id": "...", "addr": "ip:port"}]}]}`.
 /// Unknown keys are rejected, so a typo is an error and not a silently ignored setting.
@@ -71,9 +77,23 @@ pub fn routes_from_instances(instances: &[Instance]) -> BTreeMap<Host, Route> {
             tracing::warn!(service = %i.service, id = %i.id, address = %i.address, "ignoring instance whose address is not an IP");
             continue;
         };
+        let weight = match i.tag_value(WEIGHT_TAG).map(str::parse::<u32>) {
+            None => 1,
+            Some(Ok(w)) if (1..=100).contains(&w) => w,
+            Some(_) => {
+                tracing::warn!(service = %i.service, id = %i.id, "ignoring a weight tag outside 1..=100");
+                1
+            }
+        };
         let endpoint =
-            Endpoint { id: format!("{}/{}", i.service, i.id), addr: SocketAddr::new(ip, i.port), healthy: i.health.is_healthy() };
-        routes.entry(host.clone()).or_insert_with(|| Route::new(host, Vec::new())).endpoints.push(endpoint);
+            Endpoint { id: format!("{}/{}", i.service, i.id), addr: SocketAddr::new(ip, i.port), healthy: i.health.is_healthy(), weight };
+        let balancer = match i.tag_value(BALANCER_TAG) {
+            Some("weighted") => Balancer::Weighted,
+            Some("least_requests") => Balancer::LeastRequests,
+            Some("peak_ewma") => Balancer::PeakEwma,
+            _ => Balancer::RoundRobin,
+        };
+        routes.entry(host.clone()).or_insert_with(|| Route::new(host, Vec::new()).with_balancer(balancer)).endpoints.push(endpoint);
     }
     routes
 }

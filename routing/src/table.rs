@@ -2,11 +2,12 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::balance::{Balancer, EndpointStats, Selector};
 use crate::error::{Error, Result};
 
 /// A route host: a DNS name, lower-cased, without port.
@@ -82,6 +83,13 @@ pub struct Endpoint {
     /// Whether it may receive traffic.
     #[serde(default = "yes")]
     pub healthy: bool,
+    /// Relative share for the weighted and consistent-hash balancers, 1 to 100 (default 1).
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 fn yes() -> bool {
@@ -91,7 +99,7 @@ fn yes() -> bool {
 impl Endpoint {
     /// A healthy endpoint.
     pub fn new(id: impl Into<String>, addr: SocketAddr) -> Self {
-        Endpoint { id: id.into(), addr, healthy: true }
+        Endpoint { id: id.into(), addr, healthy: true, weight: 1 }
     }
 }
 
@@ -103,12 +111,21 @@ pub struct Route {
     pub host: Host,
     /// Upstream servers.
     pub endpoints: Vec<Endpoint>,
+    /// How requests are spread over them (default round robin).
+    #[serde(default)]
+    pub balancer: Balancer,
 }
 
 impl Route {
     /// A route.
     pub fn new(host: Host, endpoints: Vec<Endpoint>) -> Self {
-        Route { host, endpoints }
+        Route { host, endpoints, balancer: Balancer::RoundRobin }
+    }
+
+    /// Sets the balancer.
+    pub fn with_balancer(mut self, balancer: Balancer) -> Self {
+        self.balancer = balancer;
+        self
     }
 
     fn validate(&self) -> Result<()> {
@@ -120,6 +137,9 @@ impl Route {
                     &e.id,
                     format!("route {}: endpoint ids must be non-empty and distinct", self.host),
                 ));
+            }
+            if !(1..=100).contains(&e.weight) {
+                return Err(Error::invalid("endpoint weight", e.weight.to_string(), format!("route {}: weights are 1 to 100", self.host)));
             }
         }
         Ok(())
@@ -148,11 +168,22 @@ impl RouteChange {
 #[derive(Debug)]
 pub struct RouteEntry {
     route: Route,
-    /// Indices of healthy endpoints, computed once per update so that picking is O(1)
-    /// and unhealthy endpoints' share is spread evenly instead of going to a neighbour.
-    healthy: Vec<usize>,
-    /// Round-robin position, shared with the entry that replaces this one.
+    /// Precomputed per update (healthy indices, weighted schedule, hash ring), so that
+    /// picking is O(1) or O(log n) and unhealthy endpoints' share is spread evenly.
+    selector: Selector,
+    /// Per-endpoint state, parallel to `route.endpoints`; carried over by endpoint id.
+    stats: Vec<Arc<EndpointStats>>,
+    /// Rotation position, shared with the entry that replaces this one.
     cursor: Arc<AtomicUsize>,
+}
+
+/// An endpoint chosen for a request, with its live state.
+#[derive(Debug)]
+pub struct Picked<'a> {
+    /// The endpoint.
+    pub endpoint: &'a Endpoint,
+    /// Its state; wrap the request in [`crate::InFlight`] to keep it current.
+    pub stats: Arc<EndpointStats>,
 }
 
 impl RouteEntry {
@@ -161,14 +192,22 @@ impl RouteEntry {
         &self.route
     }
 
-    /// The next healthy endpoint in round-robin order; `None` when none is healthy.
-    /// Lock-free: one atomic increment.
+    /// The next healthy endpoint by the route's balancer (no request key); `None` when
+    /// none is healthy.
     pub fn pick(&self) -> Option<&Endpoint> {
-        if self.healthy.is_empty() {
-            return None;
-        }
-        let turn = self.cursor.fetch_add(1, Ordering::Relaxed);
-        Some(&self.route.endpoints[self.healthy[turn % self.healthy.len()]])
+        self.pick_for(None).map(|p| p.endpoint)
+    }
+
+    /// The endpoint for a request whose hash key (for consistent hashing) is `key`.
+    /// Lock-free.
+    pub fn pick_for(&self, key: Option<&[u8]>) -> Option<Picked<'_>> {
+        let i = self.selector.pick(&self.route.balancer, &self.cursor, &self.stats, key)?;
+        Some(Picked { endpoint: &self.route.endpoints[i], stats: self.stats[i].clone() })
+    }
+
+    /// The live state of endpoint `id`.
+    pub fn stats(&self, id: &str) -> Option<&Arc<EndpointStats>> {
+        self.route.endpoints.iter().position(|e| e.id == id).map(|i| &self.stats[i])
     }
 }
 
@@ -228,9 +267,12 @@ impl RouteTable {
         for c in changes {
             match c {
                 RouteChange::Upsert(r) => {
-                    let cursor = routes.get(&r.host).map(|e| e.cursor.clone()).unwrap_or_default();
-                    let healthy = r.endpoints.iter().enumerate().filter(|(_, e)| e.healthy).map(|(i, _)| i).collect();
-                    routes.insert(r.host.clone(), Arc::new(RouteEntry { route: r.clone(), healthy, cursor }));
+                    let old = routes.get(&r.host);
+                    let cursor = old.map(|e| e.cursor.clone()).unwrap_or_default();
+                    // What the balancer learned about an endpoint follows its id.
+                    let stats = r.endpoints.iter().map(|e| old.and_then(|o| o.stats(&e.id)).cloned().unwrap_or_default()).collect();
+                    let selector = Selector::build(&r.balancer, &r.endpoints);
+                    routes.insert(r.host.clone(), Arc::new(RouteEntry { route: r.clone(), selector, stats, cursor }));
                 }
                 RouteChange::Remove(h) => {
                     routes.remove(h);

@@ -1,0 +1,296 @@
+//! Load balancing: which healthy endpoint of a route gets the next request.
+//!
+//! Every policy reads per-endpoint state ([`EndpointStats`]: requests in flight, a
+//! Peak-EWMA of latency) that the proxy updates and that follows the endpoint id across
+//! route updates, so a table change never resets what the balancer has learned. Picking
+//! is lock-free: atomics and structures precomputed when the route changes.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// How a route spreads requests.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "BalancerSpec", into = "BalancerSpec")]
+pub enum Balancer {
+    /// Each healthy endpoint in turn.
+    #[default]
+    RoundRobin,
+    /// In turn, in proportion to endpoint weights (smoothly interleaved).
+    Weighted,
+    /// Power of two choices on requests in flight.
+    LeastRequests,
+    /// Power of two choices on Peak-EWMA latency × (requests in flight + 1), as
+    /// Finagle and Linkerd do: a slow endpoint's share drops within a few requests.
+    PeakEwma,
+    /// The same `header` value goes to the same endpoint (a ring with virtual nodes), unless
+    /// that endpoint is over 1.25 × the average load, then the next one on the ring
+    /// (consistent hashing with bounded loads). Requests without the header are spread
+    /// round robin.
+    ConsistentHash {
+        /// The request header whose value is hashed.
+        header: String,
+    },
+}
+
+/// The file form: `{"kind": "peak_ewma"}`, `{"kind": "consistent_hash", "header": "x-user"}`.
+/// Parsed through this strict struct because serde lets internally tagged unit variants
+/// ignore unknown keys, and a typo must be an error.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BalancerSpec {
+    kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    header: Option<String>,
+}
+
+impl TryFrom<BalancerSpec> for Balancer {
+    type Error = String;
+    fn try_from(spec: BalancerSpec) -> std::result::Result<Self, String> {
+        let no_header = |b: Balancer| match &spec.header {
+            None => Ok(b),
+            Some(_) => Err(format!("balancer {:?} takes no header", spec.kind)),
+        };
+        match spec.kind.as_str() {
+            "round_robin" => no_header(Balancer::RoundRobin),
+            "weighted" => no_header(Balancer::Weighted),
+            "least_requests" => no_header(Balancer::LeastRequests),
+            "peak_ewma" => no_header(Balancer::PeakEwma),
+            "consistent_hash" => match spec.header {
+                Some(h) if !h.is_empty() && http::HeaderName::from_bytes(h.as_bytes()).is_ok() => {
+                    Ok(Balancer::ConsistentHash { header: h.to_ascii_lowercase() })
+                }
+                other => Err(format!("consistent_hash needs a valid header name, got {other:?}")),
+            },
+            other => Err(format!("unknown balancer {other:?}: round_robin, weighted, least_requests, peak_ewma or consistent_hash")),
+        }
+    }
+}
+
+impl From<Balancer> for BalancerSpec {
+    fn from(b: Balancer) -> Self {
+        let (kind, header) = match b {
+            Balancer::RoundRobin => ("round_robin", None),
+            Balancer::Weighted => ("weighted", None),
+            Balancer::LeastRequests => ("least_requests", None),
+            Balancer::PeakEwma => ("peak_ewma", None),
+            Balancer::ConsistentHash { header } => ("consistent_hash", Some(header)),
+        };
+        BalancerSpec { kind: kind.into(), header }
+    }
+}
+
+/// The EWMA's time constant: an observation's weight halves in about 7 s.
+const EWMA_DECAY: Duration = Duration::from_secs(10);
+/// What a new endpoint's latency is assumed to be, so it is not flooded before its first
+/// answer.
+const DEFAULT_RTT: Duration = Duration::from_millis(1);
+
+/// Live state of one endpoint, shared by every table version that contains it.
+#[derive(Debug)]
+pub struct EndpointStats {
+    in_flight: AtomicU32,
+    /// Peak-EWMA of response latency, in nanoseconds.
+    ewma_ns: AtomicU64,
+    /// When the EWMA was last updated, in nanoseconds since `epoch`.
+    stamp_ns: AtomicU64,
+    epoch: Instant,
+}
+
+impl Default for EndpointStats {
+    fn default() -> Self {
+        EndpointStats {
+            in_flight: AtomicU32::new(0),
+            ewma_ns: AtomicU64::new(DEFAULT_RTT.as_nanos() as u64),
+            stamp_ns: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl EndpointStats {
+    /// Requests in flight.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// The current Peak-EWMA latency.
+    pub fn ewma(&self) -> Duration {
+        Duration::from_nanos(self.ewma_ns.load(Ordering::Relaxed))
+    }
+
+    /// Records one response's latency: a slower one replaces the average at once (the
+    /// peak), a faster one is blended in with a weight that grows with the time since the
+    /// last observation. Races between observations only lose an update, never corrupt.
+    pub fn observe(&self, rtt: Duration) {
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        let rtt = rtt.as_nanos() as f64;
+        let prev = self.ewma_ns.load(Ordering::Relaxed) as f64;
+        let last = self.stamp_ns.swap(now, Ordering::Relaxed);
+        let next = if rtt > prev {
+            rtt
+        } else {
+            let w = (-((now.saturating_sub(last)) as f64) / EWMA_DECAY.as_nanos() as f64).exp();
+            prev * w + rtt * (1.0 - w)
+        };
+        self.ewma_ns.store(next as u64, Ordering::Relaxed);
+    }
+
+    fn cost(&self) -> f64 {
+        self.ewma_ns.load(Ordering::Relaxed) as f64 * f64::from(self.in_flight() + 1)
+    }
+}
+
+/// Counts a request in flight until dropped; [`InFlight::finish`] also records latency.
+#[derive(Debug)]
+pub struct InFlight {
+    stats: Arc<EndpointStats>,
+    started: Instant,
+}
+
+impl InFlight {
+    /// Starts counting a request on `stats`.
+    pub fn start(stats: Arc<EndpointStats>) -> Self {
+        stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight { stats, started: Instant::now() }
+    }
+
+    /// The request got its response: record the latency.
+    pub fn finish(self) {
+        self.stats.observe(self.started.elapsed());
+    }
+
+    /// The request failed: record `penalty` as its latency, steering traffic away.
+    pub fn fail(self, penalty: Duration) {
+        self.stats.observe(penalty.max(self.started.elapsed()));
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// FNV-1a, then a 64-bit finalizer: stable across runs and versions (a key maps to the
+/// same endpoint after a restart), and well spread even for keys that differ in one
+/// character (FNV-1a alone clusters those on the ring).
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for b in *p {
+            h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    mix(h)
+}
+
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Virtual nodes per unit of weight on the consistent-hash ring.
+const VNODES: u32 = 40;
+
+/// What a route precomputes for its balancer when it changes.
+#[derive(Debug, Default)]
+pub(crate) struct Selector {
+    /// Indices of healthy endpoints.
+    pub(crate) healthy: Vec<usize>,
+    /// Weighted round robin: healthy indices repeated by weight, smoothly interleaved.
+    schedule: Vec<usize>,
+    /// Consistent hash ring: (point, endpoint index), sorted.
+    ring: Vec<(u64, usize)>,
+}
+
+impl Selector {
+    pub(crate) fn build(balancer: &Balancer, endpoints: &[crate::Endpoint]) -> Selector {
+        let healthy: Vec<usize> = endpoints.iter().enumerate().filter(|(_, e)| e.healthy).map(|(i, _)| i).collect();
+        let mut schedule = Vec::new();
+        if *balancer == Balancer::Weighted {
+            // Smooth weighted round robin (nginx's), run once to a fixed sequence.
+            let total: i64 = healthy.iter().map(|i| i64::from(endpoints[*i].weight)).sum();
+            let mut current: Vec<i64> = vec![0; healthy.len()];
+            for _ in 0..total {
+                for (c, i) in current.iter_mut().zip(&healthy) {
+                    *c += i64::from(endpoints[*i].weight);
+                }
+                if let Some((best, _)) = current.iter().enumerate().max_by_key(|(k, c)| (**c, std::cmp::Reverse(*k))) {
+                    current[best] -= total;
+                    schedule.push(healthy[best]);
+                }
+            }
+        }
+        let mut ring = Vec::new();
+        if matches!(balancer, Balancer::ConsistentHash { .. }) {
+            for &i in &healthy {
+                for v in 0..VNODES * endpoints[i].weight {
+                    ring.push((fnv1a(&[endpoints[i].id.as_bytes(), b"#", &v.to_le_bytes()]), i));
+                }
+            }
+            ring.sort_unstable();
+        }
+        Selector { healthy, schedule, ring }
+    }
+
+    /// The endpoint index for the next request.
+    pub(crate) fn pick(
+        &self,
+        balancer: &Balancer,
+        cursor: &AtomicUsize,
+        stats: &[Arc<EndpointStats>],
+        key: Option<&[u8]>,
+    ) -> Option<usize> {
+        let n = self.healthy.len();
+        if n == 0 {
+            return None;
+        }
+        let turn = cursor.fetch_add(1, Ordering::Relaxed);
+        match balancer {
+            Balancer::RoundRobin => Some(self.healthy[turn % n]),
+            Balancer::Weighted => self.schedule.get(turn % self.schedule.len().max(1)).copied(),
+            Balancer::LeastRequests | Balancer::PeakEwma => {
+                if n == 1 {
+                    return Some(self.healthy[0]);
+                }
+                let r = mix(turn as u64);
+                let a = (r % n as u64) as usize;
+                let mut b = ((r >> 32) % (n as u64 - 1)) as usize;
+                if b >= a {
+                    b += 1;
+                }
+                let (a, b) = (self.healthy[a], self.healthy[b]);
+                let better = if *balancer == Balancer::LeastRequests {
+                    if stats[b].in_flight() < stats[a].in_flight() {
+                        b
+                    } else {
+                        a
+                    }
+                } else if stats[b].cost() < stats[a].cost() {
+                    b
+                } else {
+                    a
+                };
+                Some(better)
+            }
+            Balancer::ConsistentHash { .. } => {
+                let Some(key) = key else { return Some(self.healthy[turn % n]) };
+                let h = fnv1a(&[key]);
+                let start = self.ring.partition_point(|(p, _)| *p < h);
+                let total: u64 = self.healthy.iter().map(|i| u64::from(stats[*i].in_flight())).sum();
+                // Bounded load: no endpoint takes more than 1.25 × its fair share.
+                let cap = ((total + 1) as f64 * 1.25 / n as f64).ceil() as u64;
+                let len = self.ring.len();
+                (0..len)
+                    .map(|k| self.ring[(start + k) % len].1)
+                    .find(|i| u64::from(stats[*i].in_flight()) < cap)
+                    .or(Some(self.ring[start % len].1))
+            }
+        }
+    }
+}
