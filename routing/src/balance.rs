@@ -88,9 +88,32 @@ const EWMA_DECAY: Duration = Duration::from_secs(10);
 /// answer.
 const DEFAULT_RTT: Duration = Duration::from_millis(1);
 
+/// Passive health: when an endpoint is ejected after failures, and for how long.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutlierPolicy {
+    /// Consecutive failures (connect errors, broken exchanges) that eject (default 1).
+    pub consecutive_failures: u32,
+    /// First ejection; doubles with each ejection in a row (default 2 s).
+    pub base_ejection: Duration,
+    /// Longest ejection (default 30 s).
+    pub max_ejection: Duration,
+}
+
+impl Default for OutlierPolicy {
+    fn default() -> Self {
+        OutlierPolicy { consecutive_failures: 1, base_ejection: Duration::from_secs(2), max_ejection: Duration::from_secs(30) }
+    }
+}
+
 /// Live state of one endpoint, shared by every table version that contains it.
 #[derive(Debug)]
 pub struct EndpointStats {
+    /// Ejected until this time (nanoseconds since `epoch`; 0: not ejected).
+    ejected_until_ns: AtomicU64,
+    /// Ejections in a row (the backoff exponent); reset by a success.
+    ejections: AtomicU32,
+    consecutive_failures: AtomicU32,
+    failures_total: AtomicU64,
     in_flight: AtomicU32,
     /// Peak-EWMA of response latency, in nanoseconds.
     ewma_ns: AtomicU64,
@@ -102,6 +125,10 @@ pub struct EndpointStats {
 impl Default for EndpointStats {
     fn default() -> Self {
         EndpointStats {
+            ejected_until_ns: AtomicU64::new(0),
+            ejections: AtomicU32::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            failures_total: AtomicU64::new(0),
             in_flight: AtomicU32::new(0),
             ewma_ns: AtomicU64::new(DEFAULT_RTT.as_nanos() as u64),
             stamp_ns: AtomicU64::new(0),
@@ -111,6 +138,40 @@ impl Default for EndpointStats {
 }
 
 impl EndpointStats {
+    /// Whether passive health has taken the endpoint out of rotation right now.
+    pub fn is_ejected(&self) -> bool {
+        let until = self.ejected_until_ns.load(Ordering::Relaxed);
+        until != 0 && (self.epoch.elapsed().as_nanos() as u64) < until
+    }
+
+    /// Failed exchanges since the endpoint was added.
+    pub fn failures_total(&self) -> u64 {
+        self.failures_total.load(Ordering::Relaxed)
+    }
+
+    /// Records a failed exchange; returns whether it ejected the endpoint. An ejected
+    /// endpoint comes back by itself when its time is up: the next request tries it
+    /// (re-admission), and another failure ejects it for twice as long.
+    pub fn record_failure(&self, policy: &OutlierPolicy) -> bool {
+        self.failures_total.fetch_add(1, Ordering::Relaxed);
+        let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures < policy.consecutive_failures.max(1) || self.is_ejected() {
+            return false;
+        }
+        let n = self.ejections.fetch_add(1, Ordering::Relaxed).min(16);
+        let duration = policy.base_ejection.saturating_mul(1 << n).min(policy.max_ejection);
+        let until = self.epoch.elapsed().as_nanos() as u64 + duration.as_nanos() as u64;
+        self.ejected_until_ns.store(until.max(1), Ordering::Relaxed);
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        true
+    }
+
+    /// Records a successful exchange: the failure streak and ejection backoff reset.
+    pub fn record_success(&self) {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        self.ejections.store(0, Ordering::Relaxed);
+    }
+
     /// Requests in flight.
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
@@ -239,6 +300,9 @@ impl Selector {
     }
 
     /// The endpoint index for the next request.
+    /// The endpoint index for the next request: the policy's choice, or if passive health
+    /// ejected it, the next healthy endpoint that is not ejected. If every one is ejected,
+    /// ejection is ignored (better a likely failure than a certain one).
     pub(crate) fn pick(
         &self,
         balancer: &Balancer,
@@ -246,6 +310,16 @@ impl Selector {
         stats: &[Arc<EndpointStats>],
         key: Option<&[u8]>,
     ) -> Option<usize> {
+        let first = self.choose(balancer, cursor, stats, key)?;
+        if !stats[first].is_ejected() {
+            return Some(first);
+        }
+        let at = self.healthy.iter().position(|i| *i == first).unwrap_or(0);
+        let n = self.healthy.len();
+        Some((1..n).map(|k| self.healthy[(at + k) % n]).find(|i| !stats[*i].is_ejected()).unwrap_or(first))
+    }
+
+    fn choose(&self, balancer: &Balancer, cursor: &AtomicUsize, stats: &[Arc<EndpointStats>], key: Option<&[u8]>) -> Option<usize> {
         let n = self.healthy.len();
         if n == 0 {
             return None;

@@ -35,7 +35,7 @@ mod table;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
-pub use balance::{Balancer, EndpointStats, InFlight};
+pub use balance::{Balancer, EndpointStats, InFlight, OutlierPolicy};
 pub use error::{Error, Result};
 pub use proxy::{strip_hop_by_hop, Proxy, ProxyBody, ProxyConfig};
 pub use router::{MemoryRouter, Router, RouterCapabilities};

@@ -23,13 +23,14 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
+use crate::balance::OutlierPolicy;
 use crate::router::Router;
 
 /// The body type the proxy answers with.
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
 /// Proxy timeouts and pool settings. Defaults suit a LAN upstream.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ProxyConfig {
     /// Time to establish an upstream TCP connection (default 2 s).
     pub connect_timeout: Duration,
@@ -44,6 +45,16 @@ pub struct ProxyConfig {
     pub pool_max_idle_per_host: usize,
     /// How long shutdown waits for in-flight requests (default 10 s).
     pub drain_timeout: Duration,
+    /// When failing endpoints are ejected (default: after 1 failure, 2 s doubling to 30 s).
+    pub outlier: OutlierPolicy,
+    /// Retries per request at most (default 2). Only idempotent requests without a body
+    /// are retried, only after a connect failure (nothing was sent), and only within the
+    /// retry budget.
+    pub max_retries: u32,
+    /// Retries allowed as a share of requests (default 0.2), on top of `retry_floor_per_sec`.
+    pub retry_ratio: f64,
+    /// Retries allowed per second whatever the traffic (default 10).
+    pub retry_floor_per_sec: f64,
 }
 
 impl Default for ProxyConfig {
@@ -55,6 +66,10 @@ impl Default for ProxyConfig {
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle_per_host: 64,
             drain_timeout: Duration::from_secs(10),
+            outlier: OutlierPolicy::default(),
+            max_retries: 2,
+            retry_ratio: 0.2,
+            retry_floor_per_sec: 10.0,
         }
     }
 }
@@ -63,8 +78,47 @@ impl Default for ProxyConfig {
 #[derive(Debug)]
 pub struct Proxy {
     router: Arc<dyn Router>,
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector, ProxyBody>,
     config: ProxyConfig,
+    budget: RetryBudget,
+}
+
+/// Retries as a token bucket: each request deposits `ratio` tokens, time deposits
+/// `floor_per_sec`; a retry takes one. Under a broad outage retries stay a small share of
+/// traffic instead of multiplying it (a retry storm).
+#[derive(Debug)]
+struct RetryBudget {
+    state: std::sync::Mutex<(f64, std::time::Instant)>,
+    ratio: f64,
+    floor_per_sec: f64,
+}
+
+impl RetryBudget {
+    fn new(ratio: f64, floor_per_sec: f64) -> Self {
+        RetryBudget { state: std::sync::Mutex::new((floor_per_sec, std::time::Instant::now())), ratio, floor_per_sec }
+    }
+
+    fn deposit(&self) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.0 = (s.0 + self.ratio).min(self.cap());
+    }
+
+    fn withdraw(&self) -> bool {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        s.0 = (s.0 + now.duration_since(s.1).as_secs_f64() * self.floor_per_sec).min(self.cap());
+        s.1 = now;
+        if s.0 >= 1.0 {
+            s.0 -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn cap(&self) -> f64 {
+        (self.floor_per_sec * 10.0).max(10.0)
+    }
 }
 
 /// Headers that describe one hop's connection and must not be forwarded (RFC 9110 7.6.1),
@@ -93,7 +147,8 @@ impl Proxy {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .build(connector);
-        Proxy { router, client, config }
+        let budget = RetryBudget::new(config.retry_ratio, config.retry_floor_per_sec);
+        Proxy { router, client, config, budget }
     }
 
     /// Serves connections from `listener` until `shutdown` completes, then stops
@@ -151,38 +206,79 @@ impl Proxy {
             crate::Balancer::ConsistentHash { header } => req.headers().get(header.as_str()).map(|v| v.as_bytes().to_vec()),
             _ => None,
         };
-        let Some(picked) = route.pick_for(key.as_deref()) else {
-            return error(StatusCode::SERVICE_UNAVAILABLE, format!("no healthy endpoint for host {host}"));
-        };
-        let addr = picked.endpoint.addr;
-        let in_flight = crate::InFlight::start(picked.stats);
-        let upstream = match upstream_request(req, addr, client, &host) {
-            Ok(r) => r,
-            Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
-        };
         drop(table);
-        match tokio::time::timeout(self.config.upstream_timeout, self.client.request(upstream)).await {
-            Err(_) => {
-                in_flight.fail(self.config.upstream_timeout);
-                error(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    format!("upstream {addr} for host {host} did not answer within {:?}", self.config.upstream_timeout),
-                )
-            }
-            Ok(Err(e)) => {
-                // A failure counts as a slow answer, so latency-aware balancing backs off.
-                in_flight.fail(self.config.connect_timeout);
-                let what = if e.is_connect() { "is unreachable" } else { "failed" };
-                error(StatusCode::BAD_GATEWAY, format!("upstream {addr} for host {host} {what}: {}", root_cause(&e)))
-            }
-            Ok(Ok(resp)) => {
-                in_flight.finish();
-                let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, body.boxed())
+        self.budget.deposit();
+        let retryable = is_idempotent(req.method()) && has_no_body(req.headers());
+        let (parts, body) = req.into_parts();
+        // A request with a body is sent once: a streamed body cannot be replayed.
+        let mut body = if retryable { None } else { Some(body.boxed()) };
+        let mut attempt = 0u32;
+        loop {
+            let table = self.router.snapshot();
+            let Some(route) = table.lookup(&host) else {
+                return error(StatusCode::NOT_FOUND, format!("no route for host {host}"));
+            };
+            let Some(picked) = route.pick_for(key.as_deref()) else {
+                return error(StatusCode::SERVICE_UNAVAILABLE, format!("no healthy endpoint for host {host}"));
+            };
+            let addr = picked.endpoint.addr;
+            let stats = picked.stats.clone();
+            drop(table);
+            let in_flight = crate::InFlight::start(stats.clone());
+            let upstream_body = body.take().unwrap_or_else(empty_body);
+            let upstream = match upstream_request(&parts, upstream_body, addr, client, &host) {
+                Ok(r) => r,
+                Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
+            };
+            match tokio::time::timeout(self.config.upstream_timeout, self.client.request(upstream)).await {
+                Err(_) => {
+                    stats.record_failure(&self.config.outlier);
+                    in_flight.fail(self.config.upstream_timeout);
+                    return error(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        format!("upstream {addr} for host {host} did not answer within {:?}", self.config.upstream_timeout),
+                    );
+                }
+                Ok(Err(e)) => {
+                    // A failure counts as a slow answer too, so latency-aware balancing backs off.
+                    if stats.record_failure(&self.config.outlier) {
+                        tracing::warn!(%addr, %host, "upstream ejected after failing");
+                    }
+                    in_flight.fail(self.config.connect_timeout);
+                    // Only a connect failure guarantees nothing reached the upstream.
+                    if e.is_connect() && retryable && attempt < self.config.max_retries && self.budget.withdraw() {
+                        attempt += 1;
+                        continue;
+                    }
+                    let what = if e.is_connect() { "is unreachable" } else { "failed" };
+                    return error(StatusCode::BAD_GATEWAY, format!("upstream {addr} for host {host} {what}: {}", root_cause(&e)));
+                }
+                Ok(Ok(resp)) => {
+                    stats.record_success();
+                    in_flight.finish();
+                    let (mut parts, body) = resp.into_parts();
+                    strip_hop_by_hop(&mut parts.headers);
+                    return Response::from_parts(parts, body.boxed());
+                }
             }
         }
     }
+}
+
+/// RFC 9110 9.2.2: repeating these has the same effect as sending them once.
+fn is_idempotent(m: &http::Method) -> bool {
+    matches!(
+        *m,
+        http::Method::GET | http::Method::HEAD | http::Method::OPTIONS | http::Method::TRACE | http::Method::PUT | http::Method::DELETE
+    )
+}
+
+fn has_no_body(h: &HeaderMap) -> bool {
+    !h.contains_key(http::header::TRANSFER_ENCODING) && h.get(http::header::CONTENT_LENGTH).is_none_or(|v| v.as_bytes() == b"0")
+}
+
+fn empty_body() -> ProxyBody {
+    http_body_util::Empty::new().map_err(|never: Infallible| match never {}).boxed()
 }
 
 /// The host a request is for: the absolute-form URI's authority, else the Host header;
@@ -196,8 +292,17 @@ fn request_host<B>(req: &Request<B>) -> Option<String> {
     (!host.is_empty()).then(|| host.to_ascii_lowercase())
 }
 
-fn upstream_request(req: Request<Incoming>, addr: SocketAddr, client: SocketAddr, host: &str) -> Result<Request<Incoming>, String> {
-    let (mut parts, body) = req.into_parts();
+fn upstream_request(
+    original: &http::request::Parts,
+    body: ProxyBody,
+    addr: SocketAddr,
+    client: SocketAddr,
+    host: &str,
+) -> Result<Request<ProxyBody>, String> {
+    let mut parts = Request::new(()).into_parts().0;
+    parts.method = original.method.clone();
+    parts.uri = original.uri.clone();
+    parts.headers = original.headers.clone();
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     parts.uri = Uri::builder()
         .scheme("http")
