@@ -47,6 +47,8 @@ pub struct ProxyConfig {
     pub drain_timeout: Duration,
     /// When failing endpoints are ejected (default: after 1 failure, 2 s doubling to 30 s).
     pub outlier: OutlierPolicy,
+    /// Largest total size of a request's headers (default 32 KiB); larger gets 431.
+    pub max_header_bytes: usize,
     /// Retries per request at most (default 2). Only idempotent requests without a body
     /// are retried, only after a connect failure (nothing was sent), and only within the
     /// retry budget.
@@ -67,6 +69,7 @@ impl Default for ProxyConfig {
             pool_max_idle_per_host: 64,
             drain_timeout: Duration::from_secs(10),
             outlier: OutlierPolicy::default(),
+            max_header_bytes: 32 * 1024,
             max_retries: 2,
             retry_ratio: 0.2,
             retry_floor_per_sec: 10.0,
@@ -156,7 +159,9 @@ impl Proxy {
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let mut http = hyper::server::conn::http1::Builder::new();
-        http.timer(TokioTimer::new()).header_read_timeout(self.config.header_read_timeout).max_buf_size(64 * 1024);
+        http.timer(TokioTimer::new())
+            .header_read_timeout(self.config.header_read_timeout)
+            .max_buf_size((self.config.max_header_bytes * 2).max(16 * 1024));
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -197,6 +202,21 @@ impl Proxy {
         let Some(host) = request_host(&req) else {
             return error(StatusCode::BAD_REQUEST, "missing or invalid Host header".to_owned());
         };
+        if let Err(why) = check_path(req.uri().path()) {
+            return error(StatusCode::BAD_REQUEST, format!("rejected path: {why}"));
+        }
+        // Request smuggling (Content-Length and Transfer-Encoding together, or two
+        // differing Content-Lengths) is handled by hyper before we see the request: it
+        // rejects differing lengths with 400, and for CL+TE it frames by
+        // Transfer-Encoding alone, drops Content-Length and closes the connection after
+        // answering, which RFC 9112 section 6.1 requires. tests/hostile.rs pins that down.
+        let header_bytes: usize = req.headers().iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
+        if header_bytes > self.config.max_header_bytes {
+            return error(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                format!("request headers are {header_bytes} bytes; the limit is {}", self.config.max_header_bytes),
+            );
+        }
         let table = self.router.snapshot();
         let Some(route) = table.lookup(&host) else {
             return error(StatusCode::NOT_FOUND, format!("no route for host {host}"));
@@ -263,6 +283,27 @@ impl Proxy {
             }
         }
     }
+}
+
+/// Rejects paths an upstream could resolve differently from the router: dot segments
+/// (plain or percent-encoded), encoded slashes and backslashes, NUL. Forwarding them as
+/// they are would let `/public/../admin` reach what `/admin` routing would have refused.
+fn check_path(path: &str) -> Result<(), &'static str> {
+    let lower = path.to_ascii_lowercase();
+    if !path.starts_with('/') && path != "*" {
+        return Err("must start with '/'");
+    }
+    if lower.contains("%2f") || lower.contains("%5c") || path.contains('\\') {
+        return Err("encoded slash or backslash");
+    }
+    if lower.contains("%00") {
+        return Err("NUL byte");
+    }
+    let decoded = lower.replace("%2e", ".");
+    if decoded.split('/').any(|seg| seg == "." || seg == "..") {
+        return Err("dot segment");
+    }
+    Ok(())
 }
 
 /// RFC 9110 9.2.2: repeating these has the same effect as sending them once.
