@@ -1,6 +1,5 @@
 //! Routes and the immutable route table that the proxy reads on every request.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
@@ -216,7 +215,10 @@ impl RouteEntry {
 #[derive(Debug, Default)]
 pub struct RouteTable {
     version: u64,
-    routes: HashMap<Host, Arc<RouteEntry>>,
+    // A persistent (structurally shared) map: `apply` copies only the path to the
+    // changed entries, so a delta costs O(changes × log routes), not O(routes), and old
+    // snapshots held by in-flight requests stay valid.
+    routes: imbl::HashMap<Host, Arc<RouteEntry>>,
 }
 
 impl RouteTable {
@@ -247,8 +249,8 @@ impl RouteTable {
         self.routes.is_empty()
     }
 
-    /// A new table with `changes` applied, all or nothing. Cost is the size of the table
-    /// (entries are shared `Arc`s, not copied) plus the changes.
+    /// A new table with `changes` applied, all or nothing. Cost is proportional to the
+    /// changes (times log of the table size); untouched entries are shared with `self`.
     pub fn apply(&self, changes: &[RouteChange]) -> Result<RouteTable> {
         let mut seen = std::collections::HashSet::new();
         for c in changes {

@@ -123,6 +123,30 @@ async fn endpoint_state_survives_route_updates() {
 }
 
 #[tokio::test]
+async fn a_delta_shares_untouched_routes_and_leaves_old_snapshots_intact() {
+    let r = MemoryRouter::new();
+    let hosts: Vec<Host> = (0..500).map(|i| Host::new(format!("s{i}.test")).expect("host")).collect();
+    r.apply(hosts.iter().map(|h| RouteChange::Upsert(Route::new(h.clone(), vec![ep("a", 1, 1)]))).collect()).await.expect("apply");
+    let before = r.snapshot();
+    r.apply(vec![RouteChange::Upsert(Route::new(hosts[7].clone(), vec![ep("b", 2, 1)])), RouteChange::Remove(hosts[8].clone())])
+        .await
+        .expect("apply");
+    let after = r.snapshot();
+    assert_eq!((before.len(), after.len()), (500, 499));
+    assert_eq!(after.version(), before.version() + 1);
+    // Untouched entries are the same objects, not copies: that is what keeps a delta's
+    // cost independent of the table size (measured in benches: "one-endpoint delta").
+    for h in hosts.iter().filter(|h| !["s7.test", "s8.test"].contains(&h.as_str())) {
+        assert!(std::ptr::eq(before.lookup(h.as_str()).expect("before"), after.lookup(h.as_str()).expect("after")), "{h} was copied");
+    }
+    // The old snapshot, as an in-flight request holds it, is unchanged.
+    assert_eq!(before.lookup("s7.test").expect("old").pick().expect("pick").id, "a");
+    assert!(before.lookup("s8.test").is_some());
+    assert_eq!(after.lookup("s7.test").expect("new").pick().expect("pick").id, "b");
+    assert!(after.lookup("s8.test").is_none());
+}
+
+#[tokio::test]
 async fn bad_weights_and_balancer_specs_are_typed_errors() {
     let r = MemoryRouter::new();
     for w in [0, 101] {
