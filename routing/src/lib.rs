@@ -27,6 +27,7 @@
 
 mod balance;
 mod error;
+mod metrics;
 mod proxy;
 mod router;
 mod sources;

@@ -24,6 +24,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
 use crate::balance::OutlierPolicy;
+use crate::metrics::ProxyMetrics;
 use crate::router::Router;
 
 /// The body type the proxy answers with.
@@ -84,6 +85,7 @@ pub struct Proxy {
     client: Client<HttpConnector, ProxyBody>,
     config: ProxyConfig,
     budget: RetryBudget,
+    metrics: ProxyMetrics,
 }
 
 /// Retries as a token bucket: each request deposits `ratio` tokens, time deposits
@@ -151,7 +153,7 @@ impl Proxy {
             .timer(TokioTimer::new())
             .build(connector);
         let budget = RetryBudget::new(config.retry_ratio, config.retry_floor_per_sec);
-        Proxy { router, client, config, budget }
+        Proxy { router, client, config, budget, metrics: ProxyMetrics::default() }
     }
 
     /// Serves connections from `listener` until `shutdown` completes, then stops
@@ -197,8 +199,25 @@ impl Proxy {
         }
     }
 
+    /// Registers the proxy's metrics in `registry`: `keelson_proxy_requests_total{route,code}`
+    /// (`route` empty when none matched), `keelson_proxy_response_seconds`,
+    /// `keelson_proxy_retries_total`, `keelson_proxy_retries_denied_total` and
+    /// `keelson_proxy_ejections_total`. They count from the proxy's creation.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        self.metrics.register(registry);
+    }
+
     /// Handles one request from `client`.
     pub async fn handle(&self, req: Request<Incoming>, client: SocketAddr) -> Response<ProxyBody> {
+        let started = std::time::Instant::now();
+        let mut matched = None;
+        let response = self.route_request(req, client, &mut matched).await;
+        self.metrics.request(matched.as_deref(), response.status().as_u16(), started.elapsed());
+        response
+    }
+
+    /// Routes one request; sets `matched` to the route's host once a route matched.
+    async fn route_request(&self, req: Request<Incoming>, client: SocketAddr, matched: &mut Option<String>) -> Response<ProxyBody> {
         let Some(host) = request_host(&req) else {
             return error(StatusCode::BAD_REQUEST, "missing or invalid Host header".to_owned());
         };
@@ -221,6 +240,7 @@ impl Proxy {
         let Some(route) = table.lookup(&host) else {
             return error(StatusCode::NOT_FOUND, format!("no route for host {host}"));
         };
+        *matched = Some(host.clone());
         // Consistent hashing keys on a request header; the other balancers need no key.
         let key = match &route.route().balancer {
             crate::Balancer::ConsistentHash { header } => req.headers().get(header.as_str()).map(|v| v.as_bytes().to_vec()),
@@ -252,7 +272,10 @@ impl Proxy {
             };
             match tokio::time::timeout(self.config.upstream_timeout, self.client.request(upstream)).await {
                 Err(_) => {
-                    stats.record_failure(&self.config.outlier);
+                    if stats.record_failure(&self.config.outlier) {
+                        self.metrics.ejection();
+                        tracing::warn!(%addr, %host, "upstream ejected after timing out");
+                    }
                     in_flight.fail(self.config.upstream_timeout);
                     return error(
                         StatusCode::GATEWAY_TIMEOUT,
@@ -262,13 +285,18 @@ impl Proxy {
                 Ok(Err(e)) => {
                     // A failure counts as a slow answer too, so latency-aware balancing backs off.
                     if stats.record_failure(&self.config.outlier) {
+                        self.metrics.ejection();
                         tracing::warn!(%addr, %host, "upstream ejected after failing");
                     }
                     in_flight.fail(self.config.connect_timeout);
                     // Only a connect failure guarantees nothing reached the upstream.
-                    if e.is_connect() && retryable && attempt < self.config.max_retries && self.budget.withdraw() {
-                        attempt += 1;
-                        continue;
+                    if e.is_connect() && retryable && attempt < self.config.max_retries {
+                        if self.budget.withdraw() {
+                            self.metrics.retry();
+                            attempt += 1;
+                            continue;
+                        }
+                        self.metrics.retry_denied();
                     }
                     let what = if e.is_connect() { "is unreachable" } else { "failed" };
                     return error(StatusCode::BAD_GATEWAY, format!("upstream {addr} for host {host} {what}: {}", root_cause(&e)));
