@@ -1,0 +1,154 @@
+//! `edge`: the keelson reverse proxy as a program.
+//!
+//! ```text
+//! edge --routes routes.json --listen 127.0.0.1:8080 --metrics 127.0.0.1:9100
+//! curl -H 'Host: app.example' http://127.0.0.1:8080/
+//! kill -HUP $(pidof edge)     # re-read routes.json; connections are not dropped
+//! curl http://127.0.0.1:9100/metrics
+//! ```
+//!
+//! `routes.json` is a keelson-routing routes file:
+//! `{"routes": [{"host": "app.example", "endpoints": [{"id": "a", "addr": "127.0.0.1:9000"}]}]}`.
+//! On SIGHUP the file is read again and only the difference is applied; a file that no
+//! longer parses is reported and the routes in force are kept. SIGINT or SIGTERM stop
+//! accepting and drain in-flight requests.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use keelson_routing::{Host, MemoryRouter, Proxy, ProxyConfig, Route, RouteChange, Router, RoutesFile};
+use prometheus_client::registry::Registry;
+use tokio::signal::unix::{signal, SignalKind};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "Serve HTTP routes from a routes file through the keelson proxy")]
+struct Args {
+    /// Routes file (JSON); re-read on SIGHUP.
+    #[arg(long)]
+    routes: PathBuf,
+    /// Proxy listen address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Serve Prometheus metrics at http://<addr>/metrics.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
+    /// Upstream answer timeout, in milliseconds.
+    #[arg(long, default_value_t = 30_000)]
+    upstream_timeout_ms: u64,
+}
+
+/// The routes the file installed, so a reload can compute its difference.
+type FileRoutes = BTreeMap<Host, Route>;
+
+fn load(path: &Path) -> Result<FileRoutes, keelson_routing::Error> {
+    Ok(RoutesFile::load(path)?.routes.into_iter().map(|r| (r.host.clone(), r)).collect())
+}
+
+/// The changes that turn `old` into `new`: upserts of new or changed routes, removals of
+/// the rest. Unchanged routes are not touched, so their balancer state is kept.
+fn diff(old: &FileRoutes, new: &FileRoutes) -> Vec<RouteChange> {
+    let upserts = new.iter().filter(|(h, r)| old.get(*h) != Some(*r)).map(|(_, r)| RouteChange::Upsert(r.clone()));
+    let removals = old.keys().filter(|h| !new.contains_key(*h)).map(|h| RouteChange::Remove(h.clone()));
+    upserts.chain(removals).collect()
+}
+
+async fn reload(path: &Path, router: &MemoryRouter, current: &mut FileRoutes) {
+    let new = match load(path) {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::error!(error = %e, "reload failed; keeping the routes in force");
+            return;
+        }
+    };
+    let changes = diff(current, &new);
+    let n = changes.len();
+    match router.apply(changes).await {
+        Ok(version) => {
+            tracing::info!(changes = n, version, "routes reloaded");
+            *current = new;
+        }
+        Err(e) => tracing::error!(error = %e, "reload rejected; keeping the routes in force"),
+    }
+}
+
+/// A minimal metrics endpoint: GET /metrics in Prometheus text format, 404 otherwise.
+async fn serve_metrics(listener: tokio::net::TcpListener, registry: Arc<Registry>) {
+    use http_body_util::Full;
+    use hyper::{Request, Response};
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let registry = registry.clone();
+        let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+            let registry = registry.clone();
+            async move {
+                let mut text = String::new();
+                let response = if req.uri().path() != "/metrics" {
+                    Response::builder().status(404).body(Full::new(bytes::Bytes::from_static(b"try /metrics\n")))
+                } else if prometheus_client::encoding::text::encode(&mut text, &registry).is_err() {
+                    Response::builder().status(500).body(Full::new(bytes::Bytes::from_static(b"encoding failed\n")))
+                } else {
+                    Response::builder()
+                        .header("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")
+                        .body(Full::new(bytes::Bytes::from(text)))
+                };
+                response
+            }
+        });
+        tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(stream), service));
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let mut current = load(&args.routes).map_err(|e| e.to_string())?;
+    let router = Arc::new(MemoryRouter::new());
+    router.apply(diff(&FileRoutes::new(), &current)).await.map_err(|e| e.to_string())?;
+    let config = ProxyConfig { upstream_timeout: Duration::from_millis(args.upstream_timeout_ms), ..ProxyConfig::default() };
+    let proxy = Arc::new(Proxy::new(router.clone(), config));
+    if let Some(addr) = args.metrics {
+        let mut registry = Registry::default();
+        proxy.register_metrics(&mut registry);
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("metrics listen {addr}: {e}"))?;
+        tokio::spawn(serve_metrics(listener, Arc::new(registry)));
+    }
+    let listener = tokio::net::TcpListener::bind(args.listen).await.map_err(|e| format!("listen {}: {e}", args.listen))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(proxy.serve(listener, async move {
+        let _ = stopped.await;
+    }));
+    println!("edge serving {} routes on {local}", current.len());
+    loop {
+        tokio::select! {
+            _ = hup.recv() => reload(&args.routes, &router, &mut current).await,
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    let _ = stop.send(());
+    server.await.map_err(|e| e.to_string())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Args::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("edge: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

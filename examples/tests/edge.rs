@@ -1,0 +1,101 @@
+//! Runs the real `edge` binary: routes from a file, reload on SIGHUP (a broken file keeps
+//! the routes in force), Prometheus metrics, and a clear error for a bad file at start.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use keelson_testkit::http::{echo_server, get};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+fn routes(entries: &[(&str, SocketAddr)]) -> String {
+    let routes: Vec<serde_json::Value> = entries
+        .iter()
+        .map(|(host, addr)| serde_json::json!({"host": host, "endpoints": [{"id": "e", "addr": addr.to_string()}]}))
+        .collect();
+    serde_json::json!({ "routes": routes }).to_string()
+}
+
+fn signal(child: &Child, s: Signal) {
+    kill(Pid::from_raw(i32::try_from(child.id()).expect("pid")), s).expect("signal");
+}
+
+/// Polls until `host` answers `status` through the proxy, for up to 5 s.
+async fn until_status(proxy: SocketAddr, host: &str, status: u16) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let got = get(proxy, host, "/").await.expect("response").status;
+        if got == status {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{host}: still {got}, wanted {status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_serves_reloads_and_reports_metrics() {
+    let (a, _ta) = echo_server("upstream-a").await.expect("a");
+    let (b, _tb) = echo_server("upstream-b").await.expect("b");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("routes.json");
+    std::fs::write(&file, routes(&[("one.test", a)])).expect("write");
+    let listen: SocketAddr = format!("127.0.0.1:{}", keelson_testkit::free_port().expect("port")).parse().expect("addr");
+    let metrics: SocketAddr = format!("127.0.0.1:{}", keelson_testkit::free_port().expect("port")).parse().expect("addr");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edge"))
+        .args(["--routes", file.to_str().expect("path"), "--listen", &listen.to_string(), "--metrics", &metrics.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("ready line");
+    assert!(line.starts_with("edge serving 1 routes on"), "{line}");
+
+    let r = get(listen, "one.test", "/").await.expect("response");
+    assert_eq!((r.status, r.body.lines().next()), (200, Some("upstream-a")), "{}", r.body);
+    assert_eq!(get(listen, "two.test", "/").await.expect("response").status, 404);
+
+    // Reload: two.test appears, one.test goes.
+    std::fs::write(&file, routes(&[("two.test", b)])).expect("write");
+    signal(&child, Signal::SIGHUP);
+    until_status(listen, "two.test", 200).await;
+    until_status(listen, "one.test", 404).await;
+    assert_eq!(get(listen, "two.test", "/").await.expect("response").body.lines().next(), Some("upstream-b"));
+
+    // A broken file is reported and changes nothing.
+    std::fs::write(&file, "{\"routes\": [{\"host\": \"three.test\", \"bogus\": 1}]}").expect("write");
+    signal(&child, Signal::SIGHUP);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(get(listen, "two.test", "/").await.expect("response").status, 200, "routes in force survive a bad reload");
+    assert_eq!(get(listen, "three.test", "/").await.expect("response").status, 404);
+
+    let m = get(metrics, "metrics.test", "/metrics").await.expect("metrics");
+    assert_eq!(m.status, 200);
+    assert!(m.body.contains(r#"keelson_proxy_requests_total{route="two.test",code="2xx"}"#), "{}", m.body);
+    assert!(m.body.contains(r#"keelson_proxy_requests_total{route="",code="4xx"}"#), "{}", m.body);
+
+    signal(&child, Signal::SIGTERM);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while child.try_wait().expect("wait").is_none() {
+        assert!(std::time::Instant::now() < deadline, "did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(child.try_wait().expect("wait").expect("exited").success());
+}
+
+#[test]
+fn a_bad_routes_file_at_start_is_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("routes.json");
+    std::fs::write(&file, "{\"routes\": [{\"host\": \"bad host\", \"endpoints\": []}]}").expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_edge")).args(["--routes", file.to_str().expect("path")]).output().expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("edge: ") && err.contains("routes file"), "{err}");
+    let missing = Command::new(env!("CARGO_BIN_EXE_edge")).args(["--routes", "/nonexistent/routes.json"]).output().expect("runs");
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/routes.json"));
+}
