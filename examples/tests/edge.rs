@@ -99,3 +99,48 @@ fn a_bad_routes_file_at_start_is_a_clear_error() {
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/routes.json"));
 }
+
+/// `--etcd`: instances registered in a real etcd by another process's `KvDiscovery`
+/// become routes, and go away when deregistered.
+#[cfg(feature = "etcd")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_follows_the_catalog_in_etcd() {
+    use std::sync::Arc;
+
+    use keelson_discovery::{Discovery, EtcdConfig, EtcdKv, KvDiscovery, Registration, ServiceName};
+
+    let etcd = keelson_testkit::etcd::Etcd::start().expect("etcd (apt-get install -y etcd-server)");
+    let (up, _task) = echo_server("from-etcd").await.expect("upstream");
+    let kv = EtcdKv::connect(EtcdConfig::new(vec![etcd.client_url()])).await.expect("connect");
+    let discovery = KvDiscovery::new(Arc::new(kv));
+    let listen: SocketAddr = format!("127.0.0.1:{}", keelson_testkit::free_port().expect("port")).parse().expect("addr");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edge"))
+        .args(["--etcd", &etcd.client_url(), "--listen", &listen.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("ready line");
+    assert!(line.starts_with("edge serving"), "{line}");
+    assert_eq!(get(listen, "cat.test", "/").await.expect("response").status, 404);
+
+    let handle = discovery
+        .register(
+            Registration::new(ServiceName::new("cat").expect("name"), "cat-1", up.ip().to_string(), up.port())
+                .with_tag("keelson.http.host=cat.test"),
+        )
+        .await
+        .expect("register");
+    until_status(listen, "cat.test", 200).await;
+    assert_eq!(get(listen, "cat.test", "/").await.expect("response").body.lines().next(), Some("from-etcd"));
+    handle.deregister().await.expect("deregister");
+    until_status(listen, "cat.test", 404).await;
+
+    signal(&child, Signal::SIGTERM);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while child.try_wait().expect("wait").is_none() {
+        assert!(std::time::Instant::now() < deadline, "did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -7,6 +7,11 @@
 //! curl http://127.0.0.1:9100/metrics
 //! ```
 //!
+//! With `--etcd http://127.0.0.1:2379` (build with `--features etcd`) it also follows
+//! the keelson catalog in etcd: instances tagged `keelson.http.host=<host>` become
+//! endpoints of that host, updated as they register, fail health checks or go away.
+//! Hosts from the file and from the catalog must not overlap.
+//!
 //! `routes.json` is a keelson-routing routes file:
 //! `{"routes": [{"host": "app.example", "endpoints": [{"id": "a", "addr": "127.0.0.1:9000"}]}]}`.
 //! On SIGHUP the file is read again and only the difference is applied; a file that no
@@ -29,8 +34,11 @@ use tokio::signal::unix::{signal, SignalKind};
 #[command(version, about = "Serve HTTP routes from a routes file through the keelson proxy")]
 struct Args {
     /// Routes file (JSON); re-read on SIGHUP.
+    #[arg(long, required_unless_present = "etcd")]
+    routes: Option<PathBuf>,
+    /// etcd client URLs (repeatable): follow the keelson catalog stored there.
     #[arg(long)]
-    routes: PathBuf,
+    etcd: Vec<String>,
     /// Proxy listen address.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
@@ -45,7 +53,8 @@ struct Args {
 /// The routes the file installed, so a reload can compute its difference.
 type FileRoutes = BTreeMap<Host, Route>;
 
-fn load(path: &Path) -> Result<FileRoutes, keelson_routing::Error> {
+fn load(path: Option<&Path>) -> Result<FileRoutes, keelson_routing::Error> {
+    let Some(path) = path else { return Ok(FileRoutes::new()) };
     Ok(RoutesFile::load(path)?.routes.into_iter().map(|r| (r.host.clone(), r)).collect())
 }
 
@@ -57,7 +66,7 @@ fn diff(old: &FileRoutes, new: &FileRoutes) -> Vec<RouteChange> {
     upserts.chain(removals).collect()
 }
 
-async fn reload(path: &Path, router: &MemoryRouter, current: &mut FileRoutes) {
+async fn reload(path: Option<&Path>, router: &MemoryRouter, current: &mut FileRoutes) {
     let new = match load(path) {
         Ok(n) => n,
         Err(e) => {
@@ -106,10 +115,31 @@ async fn serve_metrics(listener: tokio::net::TcpListener, registry: Arc<Registry
     }
 }
 
+/// Follows the catalog in etcd, if asked to.
+async fn follow_catalog(etcd: &[String], router: Arc<MemoryRouter>) -> Result<(), String> {
+    if etcd.is_empty() {
+        return Ok(());
+    }
+    #[cfg(feature = "etcd")]
+    {
+        let kv = keelson_discovery::EtcdKv::connect(keelson_discovery::EtcdConfig::new(etcd.to_vec())).await.map_err(|e| e.to_string())?;
+        let discovery = Arc::new(keelson_discovery::KvDiscovery::new(Arc::new(kv)));
+        // The follower runs for the life of the process and resumes after etcd errors.
+        keelson_routing::follow_discovery(discovery, router).await.map_err(|e| e.to_string())?;
+        Ok(())
+    }
+    #[cfg(not(feature = "etcd"))]
+    {
+        let _ = router;
+        Err("this build has no etcd support: rebuild with `--features etcd` (needs protoc: apt-get install -y protobuf-compiler)".into())
+    }
+}
+
 async fn run(args: Args) -> Result<(), String> {
-    let mut current = load(&args.routes).map_err(|e| e.to_string())?;
+    let mut current = load(args.routes.as_deref()).map_err(|e| e.to_string())?;
     let router = Arc::new(MemoryRouter::new());
     router.apply(diff(&FileRoutes::new(), &current)).await.map_err(|e| e.to_string())?;
+    follow_catalog(&args.etcd, router.clone()).await?;
     let config = ProxyConfig { upstream_timeout: Duration::from_millis(args.upstream_timeout_ms), ..ProxyConfig::default() };
     let proxy = Arc::new(Proxy::new(router.clone(), config));
     if let Some(addr) = args.metrics {
@@ -129,7 +159,7 @@ async fn run(args: Args) -> Result<(), String> {
     println!("edge serving {} routes on {local}", current.len());
     loop {
         tokio::select! {
-            _ = hup.recv() => reload(&args.routes, &router, &mut current).await,
+            _ = hup.recv() => reload(args.routes.as_deref(), &router, &mut current).await,
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
         }
