@@ -50,6 +50,10 @@ pub struct ProxyConfig {
     pub outlier: OutlierPolicy,
     /// Largest total size of a request's headers (default 32 KiB); larger gets 431.
     pub max_header_bytes: usize,
+    /// Circuit breaker: requests in flight to one route at most (default 1024, as
+    /// Envoy's per-cluster default). Beyond it the proxy answers 503 at once instead of
+    /// queueing more work on an upstream that is already behind.
+    pub max_in_flight_per_route: u64,
     /// Retries per request at most (default 2). Only idempotent requests without a body
     /// are retried, only after a connect failure (nothing was sent), and only within the
     /// retry budget.
@@ -71,6 +75,7 @@ impl Default for ProxyConfig {
             drain_timeout: Duration::from_secs(10),
             outlier: OutlierPolicy::default(),
             max_header_bytes: 32 * 1024,
+            max_in_flight_per_route: 1024,
             max_retries: 2,
             retry_ratio: 0.2,
             retry_floor_per_sec: 10.0,
@@ -241,6 +246,13 @@ impl Proxy {
             return error(StatusCode::NOT_FOUND, format!("no route for host {host}"));
         };
         *matched = Some(host.clone());
+        let in_flight = route.in_flight();
+        if in_flight >= self.config.max_in_flight_per_route {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("host {host} has {in_flight} requests in flight, the limit is {}", self.config.max_in_flight_per_route),
+            );
+        }
         // Consistent hashing keys on a request header; the other balancers need no key.
         let key = match &route.route().balancer {
             crate::Balancer::ConsistentHash { header } => req.headers().get(header.as_str()).map(|v| v.as_bytes().to_vec()),

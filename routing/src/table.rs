@@ -204,6 +204,11 @@ impl RouteEntry {
         Some(Picked { endpoint: &self.route.endpoints[i], stats: self.stats[i].clone() })
     }
 
+    /// Requests in flight to this route's endpoints, summed.
+    pub fn in_flight(&self) -> u64 {
+        self.stats.iter().map(|s| u64::from(s.in_flight())).sum()
+    }
+
     /// The live state of endpoint `id`.
     pub fn stats(&self, id: &str) -> Option<&Arc<EndpointStats>> {
         self.route.endpoints.iter().position(|e| e.id == id).map(|i| &self.stats[i])
