@@ -70,8 +70,9 @@ impl ProxyMetrics {
         registry.register("keelson_proxy_ejections", "Endpoints ejected by passive health checks", self.ejections.clone());
     }
 
-    pub(crate) fn request(&self, route: Option<&str>, status: u16, took: Duration) {
-        self.requests.get_or_create(&RequestLabels { route: route.unwrap_or_default().to_owned(), code: code_class(status) }).inc();
+    /// Takes the route label by value: it is the one allocation metrics add per request.
+    pub(crate) fn request(&self, route: Option<String>, status: u16, took: Duration) {
+        self.requests.get_or_create(&RequestLabels { route: route.unwrap_or_default(), code: code_class(status) }).inc();
         self.duration.observe(took.as_secs_f64());
     }
 
