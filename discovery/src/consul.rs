@@ -186,6 +186,16 @@ impl Inner {
         Ok(Inner { client, config, base, desired: Mutex::new(HashMap::new()) })
     }
 
+    /// Makes `query` a blocking query when `wait_from` is set (Consul answers once the
+    /// index moves past it, or after `wait`); returns the extra time the HTTP timeout
+    /// must allow for the wait, plus Consul's up-to-1/16 jitter.
+    fn blocking(&self, query: &mut Vec<(&str, String)>, wait_from: Option<u64>) -> Duration {
+        let Some(index) = wait_from else { return Duration::ZERO };
+        query.push(("index", index.to_string()));
+        query.push(("wait", format!("{}ms", self.config.wait.as_millis())));
+        self.config.wait + self.config.wait / 16
+    }
+
     async fn call(
         &self,
         method: Method,
@@ -261,12 +271,7 @@ impl Inner {
     /// index moves past it.
     async fn health_service(&self, service: &str, wait_from: Option<u64>) -> Result<(Vec<Instance>, u64)> {
         let mut q = Vec::new();
-        let mut extra = Duration::ZERO;
-        if let Some(index) = wait_from {
-            q.push(("index", index.to_string()));
-            q.push(("wait", format!("{}ms", self.config.wait.as_millis())));
-            extra = self.config.wait + self.config.wait / 16;
-        }
+        let extra = self.blocking(&mut q, wait_from);
         let r = self.call(Method::GET, &format!("/v1/health/service/{service}"), q, None, extra).await?;
         let r = self.check("health/service", service, r)?;
         let entries: Vec<HealthServiceEntry> = parse("health/service", &r.body)?;
@@ -283,12 +288,7 @@ impl Inner {
 
     async fn catalog_services(&self, wait_from: Option<u64>) -> Result<(Vec<String>, u64)> {
         let mut q = Vec::new();
-        let mut extra = Duration::ZERO;
-        if let Some(index) = wait_from {
-            q.push(("index", index.to_string()));
-            q.push(("wait", format!("{}ms", self.config.wait.as_millis())));
-            extra = self.config.wait + self.config.wait / 16;
-        }
+        let extra = self.blocking(&mut q, wait_from);
         let r = self.call(Method::GET, "/v1/catalog/services", q, None, extra).await?;
         let r = self.check("catalog/services", "catalog", r)?;
         let services: CatalogServices = parse("catalog/services", &r.body)?;
@@ -600,12 +600,7 @@ impl ConsulKv {
 
     async fn listing(&self, prefix: &str, wait_from: Option<u64>) -> Result<(Vec<KvPair>, u64)> {
         let mut q = vec![("recurse", "true".to_owned())];
-        let mut extra = Duration::ZERO;
-        if let Some(index) = wait_from {
-            q.push(("index", index.to_string()));
-            q.push(("wait", format!("{}ms", self.inner.config.wait.as_millis())));
-            extra = self.inner.config.wait + self.inner.config.wait / 16;
-        }
+        let extra = self.inner.blocking(&mut q, wait_from);
         let r = self.inner.call(Method::GET, &format!("/v1/kv/{}", encode_key(prefix)), q, None, extra).await?;
         if r.status == StatusCode::NOT_FOUND {
             return Ok((Vec::new(), r.index));
