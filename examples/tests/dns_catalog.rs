@@ -33,11 +33,7 @@ fn dns_catalog_answers_registered_services() {
     let srv = keelson_testkit::dnsmasq::dig(addr.parse().expect("addr"), &["+short", "_api._tcp.corp.test", "SRV"]).expect("dig");
     assert_eq!(srv.lines().count(), 2, "{srv}");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).expect("SIGINT");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while child.try_wait().expect("wait").is_none() {
-        assert!(std::time::Instant::now() < deadline, "did not stop on SIGINT");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    keelson_testkit::wait_exit(&mut child, Duration::from_secs(10)).expect("stops on SIGINT");
 }
 
 #[test]

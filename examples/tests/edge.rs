@@ -78,12 +78,8 @@ async fn edge_serves_reloads_and_reports_metrics() {
     assert!(m.body.contains(r#"keelson_proxy_requests_total{route="",code="4xx"}"#), "{}", m.body);
 
     signal(&child, Signal::SIGTERM);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while child.try_wait().expect("wait").is_none() {
-        assert!(std::time::Instant::now() < deadline, "did not stop on SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(child.try_wait().expect("wait").expect("exited").success());
+    let status = keelson_testkit::wait_exit(&mut child, Duration::from_secs(10)).expect("stops on SIGTERM");
+    assert!(status.success(), "{status}");
 }
 
 #[test]
@@ -138,9 +134,5 @@ async fn edge_follows_the_catalog_in_etcd() {
     until_status(listen, "cat.test", 404).await;
 
     signal(&child, Signal::SIGTERM);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while child.try_wait().expect("wait").is_none() {
-        assert!(std::time::Instant::now() < deadline, "did not stop on SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    keelson_testkit::wait_exit(&mut child, Duration::from_secs(10)).expect("stops on SIGTERM");
 }

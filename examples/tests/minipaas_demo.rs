@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -71,14 +71,7 @@ async fn demo_serves_three_replicas_and_stops_cleanly() {
     assert_eq!(answered.len(), 3, "all 3 replicas answered: {answered:?}");
 
     kill(Pid::from_raw(pid as i32), Signal::SIGINT).expect("SIGINT");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "minipaas still running 30 s after SIGINT");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = keelson_testkit::wait_exit(&mut child, Duration::from_secs(30)).expect("minipaas stops on SIGINT");
     assert!(status.success(), "clean exit: {status}");
     for r in &replicas {
         assert!(!alive(*r), "replica process {r} survived minipaas");

@@ -22,4 +22,4 @@ pub mod http;
 pub mod netns;
 mod tools;
 
-pub use tools::{free_port, free_ports, require, run, wait_for_tcp, TestkitError};
+pub use tools::{free_port, free_ports, require, run, wait_exit, wait_for_tcp, TestkitError};

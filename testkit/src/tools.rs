@@ -91,3 +91,21 @@ pub fn wait_for_tcp(addr: SocketAddr, timeout: Duration) -> Result<(), TestkitEr
     }
     Err(TestkitError::Failed { what: format!("waiting for {addr}"), detail: format!("nothing listening after {timeout:?}") })
 }
+
+/// Waits up to `within` for `child` to exit (after the test signalled it) and returns
+/// its status; an error if it is still running, so a hung shutdown fails the test.
+pub fn wait_exit(child: &mut std::process::Child, within: Duration) -> Result<std::process::ExitStatus, TestkitError> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().map_err(io("waiting for a child process"))? {
+            return Ok(status);
+        }
+        if Instant::now() >= deadline {
+            return Err(TestkitError::Failed {
+                what: format!("waiting for process {} to exit", child.id()),
+                detail: format!("still running after {within:?}"),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

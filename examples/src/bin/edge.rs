@@ -99,7 +99,7 @@ async fn serve_metrics(listener: tokio::net::TcpListener, registry: Arc<Registry
             let registry = registry.clone();
             async move {
                 let mut text = String::new();
-                let response = if req.uri().path() != "/metrics" {
+                if req.uri().path() != "/metrics" {
                     Response::builder().status(404).body(Full::new(bytes::Bytes::from_static(b"try /metrics\n")))
                 } else if prometheus_client::encoding::text::encode(&mut text, &registry).is_err() {
                     Response::builder().status(500).body(Full::new(bytes::Bytes::from_static(b"encoding failed\n")))
@@ -107,8 +107,7 @@ async fn serve_metrics(listener: tokio::net::TcpListener, registry: Arc<Registry
                     Response::builder()
                         .header("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")
                         .body(Full::new(bytes::Bytes::from(text)))
-                };
-                response
+                }
             }
         });
         tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(stream), service));
