@@ -96,6 +96,80 @@ fn a_bad_routes_file_at_start_is_a_clear_error() {
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/routes.json"));
 }
 
+/// `--tls-listen`: TLS termination with the certificate from `--cert`, rotated by SIGHUP
+/// (new handshakes get the new certificate; a broken file keeps the one in force).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_terminates_tls_and_rotates_certificates_on_sighup() {
+    use keelson_testkit::tls::{handshake, test_cert};
+    let (a, _ta) = echo_server("tls-upstream").await.expect("upstream");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("routes.json");
+    std::fs::write(&file, routes(&[("one.test", a)])).expect("write");
+    let (chain, key) = (dir.path().join("chain.pem"), dir.path().join("key.pem"));
+    let first = test_cert(&["one.test"]).expect("cert");
+    let second = test_cert(&["one.test"]).expect("cert");
+    std::fs::write(&chain, &first.chain_pem).expect("write");
+    std::fs::write(&key, &first.key_pem).expect("write");
+    let ports = keelson_testkit::free_ports(2).expect("ports");
+    let (listen, tls): (SocketAddr, SocketAddr) = (([127, 0, 0, 1], ports[0]).into(), ([127, 0, 0, 1], ports[1]).into());
+    let cert_arg = format!("one.test={},{}", chain.display(), key.display());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edge"))
+        .args([
+            "--routes",
+            file.to_str().expect("path"),
+            "--listen",
+            &listen.to_string(),
+            "--tls-listen",
+            &tls.to_string(),
+            "--cert",
+            &cert_arg,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starts");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("ready line");
+    out.read_line(&mut line).expect("TLS line");
+    assert!(line.contains("edge serving TLS for [\"one.test\"]"), "{line}");
+
+    let roots = [&first, &second];
+    let h = handshake(tls, "one.test", &roots).await.expect("TLS handshake");
+    assert_eq!(h.leaf, first.der);
+    // A request over TLS reaches the upstream and says it came over https.
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(h.stream)).await.expect("http over tls");
+    tokio::spawn(conn);
+    let req = http::Request::get("/").header("host", "one.test").body(http_body_util::Empty::<bytes::Bytes>::new()).expect("request");
+    let resp = sender.send_request(req).await.expect("response");
+    assert_eq!(resp.status(), 200);
+    let body = http_body_util::BodyExt::collect(resp.into_body()).await.expect("body").to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.starts_with("tls-upstream\n") && body.contains("x-forwarded-proto: https"), "{body}");
+
+    std::fs::write(&chain, &second.chain_pem).expect("write");
+    std::fs::write(&key, &second.key_pem).expect("write");
+    signal(&child, Signal::SIGHUP);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while handshake(tls, "one.test", &roots).await.expect("handshake").leaf != second.der {
+        assert!(tokio::time::Instant::now() < deadline, "rotated certificate not served within 5 s of SIGHUP");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    std::fs::write(&chain, "garbage").expect("write");
+    signal(&child, Signal::SIGHUP);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        handshake(tls, "one.test", &roots).await.expect("handshake").leaf,
+        second.der,
+        "a broken file keeps the certificate in force"
+    );
+
+    signal(&child, Signal::SIGTERM);
+    let status = keelson_testkit::wait_exit(&mut child, Duration::from_secs(10)).expect("stops on SIGTERM");
+    assert!(status.success(), "{status}");
+}
+
 /// `--etcd`: instances registered in a real etcd by another process's `KvDiscovery`
 /// become routes, and go away when deregistered.
 #[cfg(feature = "etcd")]

@@ -1,5 +1,6 @@
-//! Routing for keelson: route tables, the [`Router`] trait, and an HTTP/1.1 reverse
-//! [`Proxy`] on hyper.
+//! Routing for keelson: route tables, the [`Router`] trait, and a reverse [`Proxy`] on
+//! hyper: HTTP/1.1 and HTTP/2 (h2c, or ALPN behind TLS with certificates chosen by SNI
+//! from a [`CertStore`]), WebSocket and other upgrades, gRPC to h2c upstreams.
 //!
 //! The table is an immutable [`RouteTable`] snapshot behind `arc-swap`
 //! ([`MemoryRouter`]): the proxy reads it lock-free on every request, and changes build a
@@ -32,6 +33,7 @@ mod proxy;
 mod router;
 mod sources;
 mod table;
+mod tls;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
@@ -40,5 +42,6 @@ pub use balance::{Balancer, EndpointStats, InFlight, OutlierPolicy};
 pub use error::{Error, Result};
 pub use proxy::{strip_hop_by_hop, Proxy, ProxyBody, ProxyConfig};
 pub use router::{MemoryRouter, Router, RouterCapabilities};
-pub use sources::{follow_discovery, routes_from_instances, RoutesFile, BALANCER_TAG, HTTP_HOST_TAG, WEIGHT_TAG};
-pub use table::{Endpoint, Host, Picked, Route, RouteChange, RouteEntry, RouteTable};
+pub use sources::{follow_discovery, routes_from_instances, RoutesFile, BALANCER_TAG, HTTP_HOST_TAG, PROTOCOL_TAG, WEIGHT_TAG};
+pub use table::{Endpoint, Host, Picked, Route, RouteChange, RouteEntry, RouteTable, UpstreamProtocol};
+pub use tls::CertStore;

@@ -1,4 +1,9 @@
-//! An HTTP/1.1 reverse proxy on hyper that serves any [`Router`].
+//! A reverse proxy on hyper that serves any [`Router`].
+//!
+//! Clients speak HTTP/1.1 or HTTP/2 (h2c by prior knowledge in clear text, ALPN over TLS
+//! with [`Proxy::serve_tls`]); upstreams speak HTTP/1.1 or, per route, h2c
+//! ([`UpstreamProtocol`]), which carries gRPC with its trailers. HTTP/1.1 upgrades
+//! (WebSocket and others) are tunnelled once the upstream answers 101.
 //!
 //! Per request: one lock-free snapshot load, one hash lookup, one atomic increment to pick
 //! the endpoint. Upstream connections are pooled (keep-alive on by default). Errors get a
@@ -12,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_TYPE, HOST};
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_TYPE, HOST, TE, UPGRADE};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
@@ -21,11 +26,16 @@ use hyper::service::service_fn;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::balance::OutlierPolicy;
 use crate::metrics::ProxyMetrics;
 use crate::router::Router;
+use crate::table::UpstreamProtocol;
+use crate::tls::CertStore;
 
 /// The body type the proxy answers with.
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
@@ -46,6 +56,11 @@ pub struct ProxyConfig {
     pub pool_max_idle_per_host: usize,
     /// How long shutdown waits for in-flight requests (default 10 s).
     pub drain_timeout: Duration,
+    /// How long shutdown lets upgraded connections (WebSockets) run on after the
+    /// listener closed, so clients can finish and reconnect elsewhere (default 30 s).
+    pub upgrade_drain_grace: Duration,
+    /// Time a client has to complete the TLS handshake (default 10 s).
+    pub tls_handshake_timeout: Duration,
     /// When failing endpoints are ejected (default: after 1 failure, 2 s doubling to 30 s).
     pub outlier: OutlierPolicy,
     /// Largest request head (request line and headers; default 32 KiB); larger gets 431
@@ -74,6 +89,8 @@ impl Default for ProxyConfig {
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle_per_host: 64,
             drain_timeout: Duration::from_secs(10),
+            upgrade_drain_grace: Duration::from_secs(30),
+            tls_handshake_timeout: Duration::from_secs(10),
             outlier: OutlierPolicy::default(),
             max_header_bytes: 32 * 1024,
             max_in_flight_per_route: 1024,
@@ -89,6 +106,11 @@ impl Default for ProxyConfig {
 pub struct Proxy {
     router: Arc<dyn Router>,
     client: Client<HttpConnector, ProxyBody>,
+    /// For routes whose upstream speaks h2c (gRPC): one multiplexed connection per endpoint.
+    h2_client: Client<HttpConnector, ProxyBody>,
+    /// Upgraded connections (WebSockets), which outlive their HTTP exchange.
+    tunnels: TaskTracker,
+    close_tunnels: CancellationToken,
     config: ProxyConfig,
     budget: RetryBudget,
     metrics: ProxyMetrics,
@@ -152,27 +174,66 @@ impl Proxy {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(config.connect_timeout));
         connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
             .pool_idle_timeout(config.pool_idle_timeout)
             .pool_max_idle_per_host(config.pool_max_idle_per_host)
             .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(connector);
+            .timer(TokioTimer::new());
+        let client = builder.build(connector.clone());
+        let h2_client = builder.http2_only(true).build(connector);
         let budget = RetryBudget::new(config.retry_ratio, config.retry_floor_per_sec);
-        Proxy { router, client, config, budget, metrics: ProxyMetrics::default() }
+        Proxy {
+            router,
+            client,
+            h2_client,
+            tunnels: TaskTracker::new(),
+            close_tunnels: CancellationToken::new(),
+            config,
+            budget,
+            metrics: ProxyMetrics::default(),
+        }
     }
 
-    /// Serves connections from `listener` until `shutdown` completes, then stops
-    /// accepting and waits up to `drain_timeout` for in-flight requests.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-        let mut http = hyper::server::conn::http1::Builder::new();
-        http.timer(TokioTimer::new())
+    /// The connection builder: HTTP/1.1 with upgrades and HTTP/2, told apart by the
+    /// connection preface (h2c prior knowledge; over TLS ALPN has agreed already).
+    fn server_builder(&self) -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
             .header_read_timeout(self.config.header_read_timeout)
             // hyper's parser enforces the head limit (431 and close) before a request
-            // exists, so the per-request path does no header accounting.
-            .max_header_size(self.config.max_header_bytes)
-            .max_buf_size((self.config.max_header_bytes * 2).max(16 * 1024));
+            // exists, so the per-request path does no header accounting. The read
+            // buffer bounds the head (8 KiB at least, hyper's minimum).
+            .max_buf_size(self.config.max_header_bytes.max(8 * 1024));
+        builder.http2().timer(TokioTimer::new()).max_header_list_size(u32::try_from(self.config.max_header_bytes).unwrap_or(u32::MAX));
+        builder
+    }
+
+    /// Serves clear-text connections (HTTP/1.1, or h2c by prior knowledge) from
+    /// `listener` until `shutdown` completes, then stops accepting and drains: in-flight
+    /// requests get up to `drain_timeout`, upgraded connections `upgrade_drain_grace`.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+        self.serve_with(listener, None, shutdown).await;
+    }
+
+    /// Like [`Proxy::serve`], but terminates TLS first: the certificate is chosen by SNI
+    /// from `certs` at each handshake (so [`CertStore::set`] rotates it for new
+    /// connections without touching open ones) and ALPN picks HTTP/2 or HTTP/1.1.
+    pub async fn serve_tls(self: Arc<Self>, listener: TcpListener, certs: Arc<CertStore>, shutdown: impl Future<Output = ()>) {
+        let acceptor = tokio_rustls::TlsAcceptor::from(certs.server_config());
+        self.serve_with(listener, Some(acceptor), shutdown).await;
+    }
+
+    async fn serve_with(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let builder = self.server_builder();
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -187,17 +248,23 @@ impl Proxy {
                         }
                     };
                     let _ = stream.set_nodelay(true);
+                    let watcher = graceful.watcher();
                     let proxy = self.clone();
-                    let service = service_fn(move |req| {
-                        let proxy = proxy.clone();
-                        async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
-                    });
-                    let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-                    tokio::spawn(async move {
-                        if let Err(e) = conn.await {
-                            tracing::debug!(%peer, error = %e, "client connection ended with an error");
+                    let builder = builder.clone();
+                    match tls.clone() {
+                        None => {
+                            tokio::spawn(proxy.serve_connection(builder, watcher, stream, peer, false));
                         }
-                    });
+                        Some(acceptor) => {
+                            tokio::spawn(async move {
+                                match tokio::time::timeout(proxy.config.tls_handshake_timeout, acceptor.accept(stream)).await {
+                                    Ok(Ok(stream)) => proxy.serve_connection(builder, watcher, stream, peer, true).await,
+                                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                                }
+                            });
+                        }
+                    }
                 }
                 () = &mut shutdown => break,
             }
@@ -205,6 +272,33 @@ impl Proxy {
         drop(listener);
         if tokio::time::timeout(self.config.drain_timeout, graceful.shutdown()).await.is_err() {
             tracing::warn!(timeout = ?self.config.drain_timeout, "drain timed out; closing remaining connections");
+        }
+        self.tunnels.close();
+        if tokio::time::timeout(self.config.upgrade_drain_grace, self.tunnels.wait()).await.is_err() {
+            tracing::info!(open = self.tunnels.len(), grace = ?self.config.upgrade_drain_grace, "closing upgraded connections after the grace period");
+            self.close_tunnels.cancel();
+            self.tunnels.wait().await;
+        }
+    }
+
+    async fn serve_connection<I>(
+        self: Arc<Self>,
+        builder: hyper_util::server::conn::auto::Builder<TokioExecutor>,
+        watcher: hyper_util::server::graceful::Watcher,
+        io: I,
+        peer: SocketAddr,
+        secure: bool,
+    ) where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let proxy = self;
+        let service = service_fn(move |req| {
+            let proxy = proxy.clone();
+            async move { Ok::<_, Infallible>(proxy.handle_as(req, peer, secure).await) }
+        });
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+        if let Err(e) = watcher.watch(conn.into_owned()).await {
+            tracing::debug!(%peer, error = %e, "client connection ended with an error");
         }
     }
 
@@ -216,17 +310,28 @@ impl Proxy {
         self.metrics.register(registry);
     }
 
-    /// Handles one request from `client`.
+    /// Handles one request that arrived in clear text from `client`.
     pub async fn handle(&self, req: Request<Incoming>, client: SocketAddr) -> Response<ProxyBody> {
+        self.handle_as(req, client, false).await
+    }
+
+    /// Handles one request from `client`; `secure` if it came over TLS.
+    async fn handle_as(&self, req: Request<Incoming>, client: SocketAddr, secure: bool) -> Response<ProxyBody> {
         let started = std::time::Instant::now();
         let mut matched = None;
-        let response = self.route_request(req, client, &mut matched).await;
+        let response = self.route_request(req, client, secure, &mut matched).await;
         self.metrics.request(matched, response.status().as_u16(), started.elapsed());
         response
     }
 
     /// Routes one request; sets `matched` to the route's host once a route matched.
-    async fn route_request(&self, req: Request<Incoming>, client: SocketAddr, matched: &mut Option<String>) -> Response<ProxyBody> {
+    async fn route_request(
+        &self,
+        req: Request<Incoming>,
+        client: SocketAddr,
+        secure: bool,
+        matched: &mut Option<String>,
+    ) -> Response<ProxyBody> {
         let Some(host) = request_host(&req) else {
             return error(StatusCode::BAD_REQUEST, "missing or invalid Host header".to_owned());
         };
@@ -255,10 +360,17 @@ impl Proxy {
             crate::Balancer::ConsistentHash { header } => req.headers().get(header.as_str()).map(|v| v.as_bytes().to_vec()),
             _ => None,
         };
+        let protocol = route.route().upstream;
         drop(table);
         self.budget.deposit();
         let retryable = is_idempotent(req.method()) && has_no_body(req.headers());
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
+        // An HTTP/1.1 upgrade (WebSocket): forward the offer, and if the upstream accepts
+        // with 101, join the two upgraded connections.
+        let upgrade = upgrade_offer(&parts).map(|offer| (offer, parts.extensions.remove::<hyper::upgrade::OnUpgrade>()));
+        // HTTP/2 has no Upgrade (RFC 9113 8.2.2), so an h2c upstream is never offered one.
+        let offer = upgrade.as_ref().filter(|_| protocol == UpstreamProtocol::Http1).map(|u| u.0.clone());
+        let forward = Forward { client, host: &host, secure, upgrade: offer, protocol };
         // A request with a body is sent once: a streamed body cannot be replayed.
         let mut body = if retryable { None } else { Some(body.boxed()) };
         let mut attempt = 0u32;
@@ -275,11 +387,15 @@ impl Proxy {
             drop(table);
             let in_flight = crate::InFlight::start(stats.clone());
             let upstream_body = body.take().unwrap_or_else(empty_body);
-            let upstream = match upstream_request(&parts, upstream_body, addr, client, &host) {
+            let upstream = match upstream_request(&parts, upstream_body, addr, &forward) {
                 Ok(r) => r,
                 Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
             };
-            match tokio::time::timeout(self.config.upstream_timeout, self.client.request(upstream)).await {
+            let client = match protocol {
+                UpstreamProtocol::Http1 => &self.client,
+                UpstreamProtocol::H2c => &self.h2_client,
+            };
+            match tokio::time::timeout(self.config.upstream_timeout, client.request(upstream)).await {
                 Err(_) => {
                     if stats.record_failure(&self.config.outlier) {
                         self.metrics.ejection();
@@ -313,6 +429,9 @@ impl Proxy {
                 Ok(Ok(resp)) => {
                     stats.record_success();
                     in_flight.finish();
+                    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                        return self.join_upgrade(resp, upgrade, addr);
+                    }
                     let (mut parts, body) = resp.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
                     return Response::from_parts(parts, body.boxed());
@@ -320,6 +439,74 @@ impl Proxy {
             }
         }
     }
+}
+
+impl Proxy {
+    /// The upstream switched protocols: answer the client with the same 101 and copy
+    /// bytes both ways between the two upgraded connections until either side closes or
+    /// the drain grace runs out.
+    fn join_upgrade(
+        &self,
+        mut resp: Response<Incoming>,
+        upgrade: Option<(HeaderValue, Option<hyper::upgrade::OnUpgrade>)>,
+        addr: SocketAddr,
+    ) -> Response<ProxyBody> {
+        let Some((offer, Some(client_side))) = upgrade else {
+            // 101 to a request that offered no upgrade breaks HTTP/1.1 framing.
+            return error(StatusCode::BAD_GATEWAY, format!("upstream {addr} switched protocols without being asked"));
+        };
+        let upstream_side = hyper::upgrade::on(&mut resp);
+        let close = self.close_tunnels.clone();
+        self.tunnels.spawn(async move {
+            let (client_io, upstream_io) = match tokio::join!(client_side, upstream_side) {
+                (Ok(c), Ok(u)) => (c, u),
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::debug!(%addr, error = %e, "upgrade failed");
+                    return;
+                }
+            };
+            let (mut client_io, mut upstream_io) = (TokioIo::new(client_io), TokioIo::new(upstream_io));
+            tokio::select! {
+                copied = tokio::io::copy_bidirectional(&mut client_io, &mut upstream_io) => {
+                    if let Err(e) = copied {
+                        tracing::debug!(%addr, error = %e, "upgraded connection ended with an error");
+                    }
+                }
+                () = close.cancelled() => tracing::debug!(%addr, "upgraded connection closed by shutdown"),
+            }
+        });
+        let (mut parts, _) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(UPGRADE, offer);
+        Response::from_parts(parts, empty_body())
+    }
+}
+
+/// The protocol an HTTP/1.1 request offers to upgrade to, if it offers one properly
+/// (`Upgrade` named in `Connection`).
+fn upgrade_offer(parts: &http::request::Parts) -> Option<HeaderValue> {
+    if parts.version != Version::HTTP_11 {
+        return None;
+    }
+    let offer = parts.headers.get(UPGRADE)?;
+    let connection_names_upgrade = parts
+        .headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    connection_names_upgrade.then(|| offer.clone())
+}
+
+/// What the upstream request needs besides the client's request.
+struct Forward<'a> {
+    client: SocketAddr,
+    host: &'a str,
+    secure: bool,
+    upgrade: Option<HeaderValue>,
+    protocol: UpstreamProtocol,
 }
 
 /// Rejects paths an upstream could resolve differently from the router: dot segments
@@ -374,29 +561,49 @@ fn upstream_request(
     original: &http::request::Parts,
     body: ProxyBody,
     addr: SocketAddr,
-    client: SocketAddr,
-    host: &str,
+    fwd: &Forward<'_>,
 ) -> Result<Request<ProxyBody>, String> {
     let mut parts = Request::new(()).into_parts().0;
     parts.method = original.method.clone();
-    parts.uri = original.uri.clone();
     parts.headers = original.headers.clone();
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let path = original.uri.path_and_query().map_or("/", |p| p.as_str());
     parts.uri = Uri::builder()
         .scheme("http")
         .authority(addr.to_string())
         .path_and_query(path)
         .build()
         .map_err(|e| format!("bad request target: {e}"))?;
-    parts.version = Version::HTTP_11;
+    parts.version = match fwd.protocol {
+        UpstreamProtocol::Http1 => Version::HTTP_11,
+        UpstreamProtocol::H2c => Version::HTTP_2,
+    };
+    // TE is hop-by-hop, but gRPC needs `te: trailers` to reach its HTTP/2 server, and
+    // HTTP/2 allows exactly that value (RFC 9113 8.2.2). HTTP/1.1 upstreams never see it.
+    let te_trailers =
+        fwd.protocol == UpstreamProtocol::H2c && original.headers.get(TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     strip_hop_by_hop(&mut parts.headers);
+    if te_trailers {
+        parts.headers.insert(TE, HeaderValue::from_static("trailers"));
+    }
+    if let Some(offer) = &fwd.upgrade {
+        parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(UPGRADE, offer.clone());
+    }
+    // HTTP/2 clients name the host in :authority, not Host; an HTTP/1.1 upstream needs Host.
+    if !parts.headers.contains_key(HOST) {
+        if let Some(authority) = original.uri.authority() {
+            if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+                parts.headers.insert(HOST, v);
+            }
+        }
+    }
     let forwarded_for = match parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prior) => format!("{prior}, {}", client.ip()),
-        None => client.ip().to_string(),
+        Some(prior) => format!("{prior}, {}", fwd.client.ip()),
+        None => fwd.client.ip().to_string(),
     };
     set(&mut parts.headers, "x-forwarded-for", &forwarded_for);
-    set(&mut parts.headers, "x-forwarded-proto", "http");
-    set(&mut parts.headers, "x-forwarded-host", host);
+    set(&mut parts.headers, "x-forwarded-proto", if fwd.secure { "https" } else { "http" });
+    set(&mut parts.headers, "x-forwarded-host", fwd.host);
     Ok(Request::from_parts(parts, body))
 }
 

@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use crate::balance::Balancer;
 use crate::error::{Error, Result};
 use crate::router::Router;
-use crate::table::{Endpoint, Host, Route, RouteChange};
+use crate::table::{Endpoint, Host, Route, RouteChange, UpstreamProtocol};
 
 /// The tag an instance carries to be routed: `keelson.http.host=<host>`.
 pub const HTTP_HOST_TAG: &str = "keelson.http.host";
@@ -22,6 +22,9 @@ pub const WEIGHT_TAG: &str = "keelson.weight";
 /// The route's balancer, from its first instance: `keelson.http.balancer=round_robin |
 /// weighted | least_requests | peak_ewma`.
 pub const BALANCER_TAG: &str = "keelson.http.balancer";
+/// What the route's endpoints speak, from its first instance: `keelson.http.protocol=
+/// http1 | h2c` (h2c for gRPC services).
+pub const PROTOCOL_TAG: &str = "keelson.http.protocol";
 
 /// A routes file: `{"routes": [{"host": "...", "endpoints": [{"id": "...", "addr": "ip:port"}]}]}`.
 /// Unknown keys are rejected, so a typo is an error and not a silently ignored setting.
@@ -93,7 +96,15 @@ pub fn routes_from_instances(instances: &[Instance]) -> BTreeMap<Host, Route> {
             Some("peak_ewma") => Balancer::PeakEwma,
             _ => Balancer::RoundRobin,
         };
-        routes.entry(host.clone()).or_insert_with(|| Route::new(host, Vec::new()).with_balancer(balancer)).endpoints.push(endpoint);
+        let upstream = match i.tag_value(PROTOCOL_TAG) {
+            Some("h2c") => UpstreamProtocol::H2c,
+            _ => UpstreamProtocol::Http1,
+        };
+        routes
+            .entry(host.clone())
+            .or_insert_with(|| Route::new(host, Vec::new()).with_balancer(balancer).with_upstream(upstream))
+            .endpoints
+            .push(endpoint);
     }
     routes
 }

@@ -113,12 +113,32 @@ pub struct Route {
     /// How requests are spread over them (default round robin).
     #[serde(default)]
     pub balancer: Balancer,
+    /// What the endpoints speak (default HTTP/1.1).
+    #[serde(default)]
+    pub upstream: UpstreamProtocol,
+}
+
+/// The protocol the proxy speaks to a route's endpoints, whatever the client speaks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 with keep-alive; upgrades (WebSocket) pass through.
+    #[default]
+    Http1,
+    /// HTTP/2 in clear text by prior knowledge: gRPC services, multiplexed upstreams.
+    H2c,
 }
 
 impl Route {
     /// A route.
     pub fn new(host: Host, endpoints: Vec<Endpoint>) -> Self {
-        Route { host, endpoints, balancer: Balancer::RoundRobin }
+        Route { host, endpoints, balancer: Balancer::RoundRobin, upstream: UpstreamProtocol::Http1 }
+    }
+
+    /// Sets the upstream protocol.
+    pub fn with_upstream(mut self, upstream: UpstreamProtocol) -> Self {
+        self.upstream = upstream;
+        self
     }
 
     /// Sets the balancer.

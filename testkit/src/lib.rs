@@ -20,6 +20,7 @@ pub mod docker;
 pub mod etcd;
 pub mod http;
 pub mod netns;
+pub mod tls;
 mod tools;
 
 pub use tools::{free_port, free_ports, require, run, wait_exit, wait_for_tcp, TestkitError};

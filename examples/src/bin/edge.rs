@@ -17,6 +17,12 @@
 //! On SIGHUP the file is read again and only the difference is applied; a file that no
 //! longer parses is reported and the routes in force are kept. SIGINT or SIGTERM stop
 //! accepting and drain in-flight requests.
+//!
+//! TLS: `--tls-listen 127.0.0.1:8443 --cert app.example=chain.pem,key.pem` (repeatable;
+//! the name may be `*.example` or `default`, the certificate for clients naming no known
+//! host). SIGHUP re-reads the certificate files too: new handshakes get the new
+//! certificate, open connections keep theirs, and a file that no longer loads leaves the
+//! previous certificate in place. Clients speak HTTP/1.1 or HTTP/2 on either listener.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -42,6 +48,12 @@ struct Args {
     /// Proxy listen address.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+    /// TLS listen address (needs at least one --cert).
+    #[arg(long, requires = "cert")]
+    tls_listen: Option<SocketAddr>,
+    /// A certificate: NAME=CHAIN_PEM,KEY_PEM, NAME an exact host, `*.parent` or `default`.
+    #[arg(long)]
+    cert: Vec<String>,
     /// Serve Prometheus metrics at http://<addr>/metrics.
     #[arg(long)]
     metrics: Option<SocketAddr>,
@@ -83,6 +95,43 @@ async fn reload(path: Option<&Path>, router: &MemoryRouter, current: &mut FileRo
         }
         Err(e) => tracing::error!(error = %e, "reload rejected; keeping the routes in force"),
     }
+}
+
+/// One `--cert` argument.
+#[derive(Debug, Clone)]
+struct CertSpec {
+    name: String,
+    chain: PathBuf,
+    key: PathBuf,
+}
+
+fn parse_cert_spec(spec: &str) -> Result<CertSpec, String> {
+    let bad = || format!("--cert {spec:?}: expected NAME=CHAIN_PEM,KEY_PEM");
+    let (name, files) = spec.split_once('=').ok_or_else(bad)?;
+    let (chain, key) = files.split_once(',').ok_or_else(bad)?;
+    if name.is_empty() || chain.is_empty() || key.is_empty() {
+        return Err(bad());
+    }
+    Ok(CertSpec { name: name.to_owned(), chain: chain.into(), key: key.into() })
+}
+
+/// Reads every certificate and installs it; the first failure is returned, and a
+/// certificate that fails leaves the one in force for its name untouched.
+fn load_certs(specs: &[CertSpec], store: &keelson_routing::CertStore) -> Result<(), String> {
+    let mut first_error = None;
+    for spec in specs {
+        let read = |p: &Path| std::fs::read(p).map_err(|e| format!("certificate {}: {}: {e}", spec.name, p.display()));
+        let result = read(&spec.chain).and_then(|chain| {
+            let key = read(&spec.key)?;
+            let set = if spec.name == "default" { store.set_fallback(&chain, &key) } else { store.set(&spec.name, &chain, &key) };
+            set.map_err(|e| e.to_string())
+        });
+        if let Err(e) = result {
+            tracing::error!(error = %e, "certificate not loaded; keeping the one in force");
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
 }
 
 /// A minimal metrics endpoint: GET /metrics in Prometheus text format, 404 otherwise.
@@ -151,20 +200,42 @@ async fn run(args: Args) -> Result<(), String> {
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(proxy.serve(listener, async move {
-        let _ = stopped.await;
-    }));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let mut servers = vec![tokio::spawn(proxy.clone().serve(listener, until_stopped(stopped.clone())))];
+    let specs = args.cert.iter().map(|s| parse_cert_spec(s)).collect::<Result<Vec<_>, _>>()?;
+    let certs = keelson_routing::CertStore::new();
+    load_certs(&specs, &certs)?;
+    let mut tls_local = None;
+    if let Some(addr) = args.tls_listen {
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("listen {addr}: {e}"))?;
+        tls_local = Some(listener.local_addr().map_err(|e| e.to_string())?);
+        servers.push(tokio::spawn(proxy.clone().serve_tls(listener, certs.clone(), until_stopped(stopped.clone()))));
+    }
+    // Printed once every listener is up, so a supervisor can wait for this line.
     println!("edge serving {} routes on {local}", current.len());
+    if let Some(tls_local) = tls_local {
+        println!("edge serving TLS for {:?} on {tls_local}", certs.names());
+    }
     loop {
         tokio::select! {
-            _ = hup.recv() => reload(args.routes.as_deref(), &router, &mut current).await,
+            _ = hup.recv() => {
+                reload(args.routes.as_deref(), &router, &mut current).await;
+                if load_certs(&specs, &certs).is_ok() && !specs.is_empty() {
+                    tracing::info!(names = ?certs.names(), "certificates reloaded");
+                }
+            }
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
         }
     }
-    let _ = stop.send(());
-    server.await.map_err(|e| e.to_string())
+    let _ = stop.send(true);
+    for server in servers {
+        server.await.map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 #[tokio::main]
