@@ -40,7 +40,7 @@ pub async fn router_batches_are_atomic(r: &dyn Router) {
     let before = r.snapshot();
     let dup = vec![RouteChange::Upsert(Route::new(host("b.test"), vec![])), RouteChange::Upsert(Route::new(host("b.test"), vec![]))];
     match r.apply(dup).await {
-        Err(Error::InvalidInput { field: "route host", value, .. }) => assert_eq!(value, "b.test"),
+        Err(Error::InvalidInput { field: "route", value, .. }) => assert_eq!(value, "b.test"),
         other => panic!("duplicate host must be rejected, got {other:?}"),
     }
     let missing = vec![RouteChange::Upsert(Route::new(host("c.test"), vec![])), RouteChange::Remove(host("absent.test"))];

@@ -26,10 +26,12 @@
 //! # }
 //! ```
 
+mod access_log;
 mod balance;
 mod error;
 mod metrics;
 mod proxy;
+mod rate_limit;
 mod router;
 mod sources;
 mod table;
@@ -38,10 +40,15 @@ mod tls;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
+pub use access_log::{AccessLog, AccessRecord};
 pub use balance::{Balancer, EndpointStats, InFlight, OutlierPolicy};
 pub use error::{Error, Result};
 pub use proxy::{strip_hop_by_hop, Proxy, ProxyBody, ProxyConfig};
+pub use rate_limit::RateLimit;
 pub use router::{MemoryRouter, Router, RouterCapabilities};
-pub use sources::{follow_discovery, routes_from_instances, RoutesFile, BALANCER_TAG, HTTP_HOST_TAG, PROTOCOL_TAG, WEIGHT_TAG};
-pub use table::{Endpoint, Host, Picked, Route, RouteChange, RouteEntry, RouteTable, UpstreamProtocol};
+pub use sources::{
+    follow_discovery, follow_discovery_with, routes_from_instances, RoutesFile, SourceStatus, BALANCER_TAG, HTTP_HOST_TAG, HTTP_PATH_TAG,
+    PROTOCOL_TAG, WEIGHT_TAG,
+};
+pub use table::{Endpoint, Host, PathPrefix, Picked, Route, RouteChange, RouteEntry, RouteKey, RouteTable, UpstreamProtocol};
 pub use tls::CertStore;

@@ -31,6 +31,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::access_log::{AccessLog, AccessRecord};
 use crate::balance::OutlierPolicy;
 use crate::metrics::ProxyMetrics;
 use crate::router::Router;
@@ -114,6 +115,16 @@ pub struct Proxy {
     config: ProxyConfig,
     budget: RetryBudget,
     metrics: ProxyMetrics,
+    access_log: Option<AccessLog>,
+}
+
+/// What routing a request found out, for metrics and the access log.
+#[derive(Debug, Default)]
+struct Outcome {
+    /// The matched route's name.
+    route: Option<String>,
+    /// The last upstream tried.
+    upstream: Option<SocketAddr>,
 }
 
 /// Retries as a token bucket: each request deposits `ratio` tokens, time deposits
@@ -192,7 +203,14 @@ impl Proxy {
             config,
             budget,
             metrics: ProxyMetrics::default(),
+            access_log: None,
         }
+    }
+
+    /// Logs every request to `log` (see [`AccessLog`]).
+    pub fn with_access_log(mut self, log: AccessLog) -> Self {
+        self.access_log = Some(log);
+        self
     }
 
     /// The connection builder: HTTP/1.1 with upgrades and HTTP/2, told apart by the
@@ -308,6 +326,13 @@ impl Proxy {
     /// `keelson_proxy_ejections_total`. They count from the proxy's creation.
     pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
         self.metrics.register(registry);
+        if let Some(log) = &self.access_log {
+            registry.register(
+                "keelson_proxy_access_log_dropped",
+                "Access log records dropped because the writer fell behind",
+                log.dropped_counter(),
+            );
+        }
     }
 
     /// Handles one request that arrived in clear text from `client`.
@@ -318,20 +343,34 @@ impl Proxy {
     /// Handles one request from `client`; `secure` if it came over TLS.
     async fn handle_as(&self, req: Request<Incoming>, client: SocketAddr, secure: bool) -> Response<ProxyBody> {
         let started = std::time::Instant::now();
-        let mut matched = None;
-        let response = self.route_request(req, client, secure, &mut matched).await;
-        self.metrics.request(matched, response.status().as_u16(), started.elapsed());
+        // The access log needs the request's identity after the request is consumed.
+        let logged = self.access_log.as_ref().map(|_| {
+            let target = req.uri().path_and_query().map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
+            (std::time::SystemTime::now(), req.method().to_string(), request_host(&req).unwrap_or_default(), target, req.version())
+        });
+        let mut outcome = Outcome::default();
+        let response = self.route_request(req, client, secure, &mut outcome).await;
+        let took = started.elapsed();
+        if let (Some(log), Some((at, method, host, target, version))) = (&self.access_log, logged) {
+            log.record(AccessRecord {
+                time: crate::access_log::timestamp(at),
+                client,
+                protocol: format!("{version:?}"),
+                method,
+                host,
+                target,
+                status: response.status().as_u16(),
+                route: outcome.route.clone(),
+                upstream: outcome.upstream,
+                duration_us: crate::access_log::micros(took),
+            });
+        }
+        self.metrics.request(outcome.route, response.status().as_u16(), took);
         response
     }
 
     /// Routes one request; sets `matched` to the route's host once a route matched.
-    async fn route_request(
-        &self,
-        req: Request<Incoming>,
-        client: SocketAddr,
-        secure: bool,
-        matched: &mut Option<String>,
-    ) -> Response<ProxyBody> {
+    async fn route_request(&self, req: Request<Incoming>, client: SocketAddr, secure: bool, outcome: &mut Outcome) -> Response<ProxyBody> {
         let Some(host) = request_host(&req) else {
             return error(StatusCode::BAD_REQUEST, "missing or invalid Host header".to_owned());
         };
@@ -344,16 +383,21 @@ impl Proxy {
         // Transfer-Encoding alone, drops Content-Length and closes the connection after
         // answering, which RFC 9112 section 6.1 requires. tests/hostile.rs pins that down.
         let table = self.router.snapshot();
-        let Some(route) = table.lookup(&host) else {
-            return error(StatusCode::NOT_FOUND, format!("no route for host {host}"));
+        let Some(route) = table.lookup_path(&host, req.uri().path()) else {
+            return error(StatusCode::NOT_FOUND, format!("no route for host {host} and path {}", req.uri().path()));
         };
-        *matched = Some(host.clone());
+        outcome.route = Some(route.name().to_owned());
         let in_flight = route.in_flight();
         if in_flight >= self.config.max_in_flight_per_route {
             return error(
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!("host {host} has {in_flight} requests in flight, the limit is {}", self.config.max_in_flight_per_route),
+                format!("route {} has {in_flight} requests in flight, the limit is {}", route.name(), self.config.max_in_flight_per_route),
             );
+        }
+        if !route.admit() {
+            let mut resp = error(StatusCode::TOO_MANY_REQUESTS, format!("route {} is over its rate limit", route.name()));
+            resp.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return resp;
         }
         // Consistent hashing keys on a request header; the other balancers need no key.
         let key = match &route.route().balancer {
@@ -376,13 +420,14 @@ impl Proxy {
         let mut attempt = 0u32;
         loop {
             let table = self.router.snapshot();
-            let Some(route) = table.lookup(&host) else {
-                return error(StatusCode::NOT_FOUND, format!("no route for host {host}"));
+            let Some(route) = table.lookup_path(&host, parts.uri.path()) else {
+                return error(StatusCode::NOT_FOUND, format!("no route for host {host} and path {}", parts.uri.path()));
             };
             let Some(picked) = route.pick_for(key.as_deref()) else {
                 return error(StatusCode::SERVICE_UNAVAILABLE, format!("no healthy endpoint for host {host}"));
             };
             let addr = picked.endpoint.addr;
+            outcome.upstream = Some(addr);
             let stats = picked.stats.clone();
             drop(table);
             let in_flight = crate::InFlight::start(stats.clone());

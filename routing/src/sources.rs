@@ -5,18 +5,26 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 
+use std::sync::atomic::AtomicU64;
+
 use futures::StreamExt;
 use keelson_discovery::{Discovery, Instance, Query};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use serde::Deserialize;
 use tokio::task::JoinHandle;
 
 use crate::balance::Balancer;
 use crate::error::{Error, Result};
 use crate::router::Router;
-use crate::table::{Endpoint, Host, Route, RouteChange, UpstreamProtocol};
+use crate::table::{Endpoint, Host, PathPrefix, Route, RouteChange, RouteKey, UpstreamProtocol};
 
-/// The tag an instance carries to be routed: `keelson.http.host=<host>`.
+/// The tag an instance carries to be routed: `keelson.http.host=<host>` (or `*.parent`).
 pub const HTTP_HOST_TAG: &str = "keelson.http.host";
+/// The path prefix an instance serves under its host: `keelson.http.path=/api`
+/// (default `/`).
+pub const HTTP_PATH_TAG: &str = "keelson.http.path";
 /// An instance's weight for weighted balancing: `keelson.weight=<1..=100>`.
 pub const WEIGHT_TAG: &str = "keelson.weight";
 /// The route's balancer, from its first instance: `keelson.http.balancer=round_robin |
@@ -40,10 +48,10 @@ impl RoutesFile {
     pub fn parse(text: &str) -> Result<Self> {
         let file: RoutesFile =
             serde_json::from_str(text).map_err(|e| Error::invalid("routes file", e.to_string(), "is not a valid routes file"))?;
-        let mut hosts = BTreeSet::new();
+        let mut keys = BTreeSet::new();
         for r in &file.routes {
-            if !hosts.insert(&r.host) {
-                return Err(Error::invalid("route host", r.host.as_str(), "appears twice in the routes file"));
+            if !keys.insert((&r.host, &r.path)) {
+                return Err(Error::invalid("route", format!("{}{}", r.host, r.path), "appears twice in the routes file"));
             }
         }
         Ok(file)
@@ -62,17 +70,25 @@ impl RoutesFile {
     }
 }
 
-/// Groups instances into routes by their [`HTTP_HOST_TAG`]. Instances without the tag
-/// are ignored; ones with an invalid host or a non-IP address are skipped with a warning
-/// (DNS names are not resolved on the request path).
-pub fn routes_from_instances(instances: &[Instance]) -> BTreeMap<Host, Route> {
-    let mut routes: BTreeMap<Host, Route> = BTreeMap::new();
+/// Groups instances into routes by their [`HTTP_HOST_TAG`] and [`HTTP_PATH_TAG`].
+/// Instances without a host tag are ignored; ones with an invalid host or path, or a
+/// non-IP address, are skipped with a warning (DNS names are not resolved on the
+/// request path).
+pub fn routes_from_instances(instances: &[Instance]) -> BTreeMap<RouteKey, Route> {
+    let mut routes: BTreeMap<RouteKey, Route> = BTreeMap::new();
     for i in instances {
         let Some(tag) = i.tag_value(HTTP_HOST_TAG) else { continue };
         let host = match Host::new(tag) {
             Ok(h) => h,
             Err(e) => {
                 tracing::warn!(service = %i.service, id = %i.id, error = %e, "ignoring instance with a bad host tag");
+                continue;
+            }
+        };
+        let path = match i.tag_value(HTTP_PATH_TAG).map(PathPrefix::new).transpose() {
+            Ok(p) => p.unwrap_or_default(),
+            Err(e) => {
+                tracing::warn!(service = %i.service, id = %i.id, error = %e, "ignoring instance with a bad path tag");
                 continue;
             }
         };
@@ -101,12 +117,65 @@ pub fn routes_from_instances(instances: &[Instance]) -> BTreeMap<Host, Route> {
             _ => UpstreamProtocol::Http1,
         };
         routes
-            .entry(host.clone())
-            .or_insert_with(|| Route::new(host, Vec::new()).with_balancer(balancer).with_upstream(upstream))
+            .entry((host.clone(), path.clone()))
+            .or_insert_with(|| Route::new(host, Vec::new()).with_path(path).with_balancer(balancer).with_upstream(upstream))
             .endpoints
             .push(endpoint);
     }
     routes
+}
+
+/// Whether a route source is current, as metrics: `keelson_route_source_stale` (1 while
+/// the source fails and the last good routes are served), `keelson_route_source_errors_total`
+/// and `keelson_route_source_last_success_seconds` (Unix time). Clones share the values.
+#[derive(Debug, Clone, Default)]
+pub struct SourceStatus {
+    stale: Gauge,
+    errors: Counter,
+    last_success: Gauge<f64, AtomicU64>,
+}
+
+impl SourceStatus {
+    /// A status that is not stale and has seen no success yet.
+    pub fn new() -> Self {
+        SourceStatus::default()
+    }
+
+    /// Whether the source is failing now.
+    pub fn is_stale(&self) -> bool {
+        self.stale.get() == 1
+    }
+
+    /// Failures seen (outages, each reported once by the watch).
+    pub fn errors(&self) -> u64 {
+        self.errors.get()
+    }
+
+    /// Registers the three metrics in `registry`.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "keelson_route_source_stale",
+            "1 while the route source fails and the last good routes are served",
+            self.stale.clone(),
+        );
+        registry.register("keelson_route_source_errors", "Route source failures", self.errors.clone());
+        registry.register(
+            "keelson_route_source_last_success_seconds",
+            "When the route source last answered, Unix time",
+            self.last_success.clone(),
+        );
+    }
+
+    fn succeeded(&self) {
+        self.stale.set(0);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        self.last_success.set(now);
+    }
+
+    fn failed(&self) {
+        self.stale.set(1);
+        self.errors.inc();
+    }
 }
 
 /// Keeps `router` in step with `discovery`: every instance tagged `keelson.http.host=<h>`
@@ -114,19 +183,26 @@ pub fn routes_from_instances(instances: &[Instance]) -> BTreeMap<Host, Route> {
 /// Only hosts this follower created are changed or removed. The watch resumes by itself
 /// after backend errors, and an error never removes routes.
 pub async fn follow_discovery(discovery: Arc<dyn Discovery>, router: Arc<dyn Router>) -> Result<JoinHandle<()>> {
+    follow_discovery_with(discovery, router, SourceStatus::new()).await
+}
+
+/// [`follow_discovery`], reporting into `status` whether the routes are current.
+pub async fn follow_discovery_with(discovery: Arc<dyn Discovery>, router: Arc<dyn Router>, status: SourceStatus) -> Result<JoinHandle<()>> {
     let mut snapshots = discovery.watch(Query::all()).await?;
     Ok(tokio::spawn(async move {
-        let mut owned: BTreeMap<Host, Route> = BTreeMap::new();
+        let mut owned: BTreeMap<RouteKey, Route> = BTreeMap::new();
         while let Some(snapshot) = snapshots.next().await {
             if let Some(e) = &snapshot.error {
                 // The snapshot is the last good view: keep the routes we have.
                 tracing::warn!(error = %e, "discovery is failing; keeping the last good routes");
+                status.failed();
                 continue;
             }
+            status.succeeded();
             let wanted = routes_from_instances(&snapshot.instances);
             let mut changes: Vec<RouteChange> =
                 wanted.iter().filter(|(h, r)| owned.get(*h) != Some(*r)).map(|(_, r)| RouteChange::Upsert(r.clone())).collect();
-            changes.extend(owned.keys().filter(|h| !wanted.contains_key(*h)).cloned().map(RouteChange::Remove));
+            changes.extend(owned.keys().filter(|k| !wanted.contains_key(*k)).cloned().map(|(h, p)| RouteChange::RemovePath(h, p)));
             if changes.is_empty() {
                 continue;
             }
@@ -138,7 +214,8 @@ pub async fn follow_discovery(discovery: Arc<dyn Discovery>, router: Arc<dyn Rou
                 // Someone else removed one of our routes: re-sync from scratch next time.
                 Err(e) => {
                     tracing::warn!(error = %e, "could not apply routes from discovery");
-                    owned.retain(|h, _| router.snapshot().lookup(h.as_str()).is_some());
+                    let table = router.snapshot();
+                    owned.retain(|(h, p), _| table.get(h, p).is_some());
                 }
             }
         }

@@ -8,8 +8,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::balance::{Balancer, EndpointStats, Selector};
 use crate::error::{Error, Result};
+use crate::rate_limit::{RateLimit, TokenBucket};
 
-/// A route host: a DNS name, lower-cased, without port.
+/// A route host: a DNS name, lower-cased, without port; or a wildcard `*.parent`, which
+/// matches any one label under `parent` (`a.parent`, not `a.b.parent` nor `parent`) when
+/// no exact host matches.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct Host(String);
@@ -27,7 +30,8 @@ impl Host {
         if lower.len() > 253 {
             return bad("must be at most 253 characters");
         }
-        for label in lower.split('.') {
+        let name = lower.strip_prefix("*.").unwrap_or(&lower);
+        for label in name.split('.') {
             if label.is_empty() || label.len() > 63 {
                 return bad("each dot-separated label must be 1 to 63 characters");
             }
@@ -41,6 +45,80 @@ impl Host {
     /// The host name.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// Whether this is a `*.parent` wildcard.
+    pub fn is_wildcard(&self) -> bool {
+        self.0.starts_with("*.")
+    }
+}
+
+/// A route's path prefix: `/` (everything, the default) or `/segment[/segment...]`
+/// without a trailing slash. It matches a request path equal to it or continuing with
+/// `/`, so `/api` matches `/api` and `/api/v1` but not `/apis`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PathPrefix(String);
+
+impl PathPrefix {
+    /// Validates `prefix`; a trailing `/` is dropped (`/api/` is `/api`).
+    pub fn new(prefix: impl Into<String>) -> Result<Self> {
+        let prefix = prefix.into();
+        let bad = |reason: &str| Err(Error::invalid("route path prefix", &prefix, reason));
+        if !prefix.starts_with('/') {
+            return bad("must start with '/'");
+        }
+        if prefix.len() > 1024 {
+            return bad("must be at most 1024 characters");
+        }
+        if !prefix.bytes().all(|b| b.is_ascii_graphic()) || prefix.contains(['?', '#', '%', '\\']) {
+            return bad("may contain only printable ASCII without '?', '#', '%' or '\\'");
+        }
+        let trimmed = if prefix.len() > 1 { prefix.trim_end_matches('/') } else { prefix.as_str() };
+        if trimmed.len() > 1 && trimmed[1..].split('/').any(|seg| seg.is_empty() || seg == "." || seg == "..") {
+            return bad("segments must be non-empty and not '.' or '..'");
+        }
+        Ok(PathPrefix(if trimmed.is_empty() { "/".to_owned() } else { trimmed.to_owned() }))
+    }
+
+    /// The catch-all prefix `/`.
+    pub fn root() -> Self {
+        PathPrefix("/".to_owned())
+    }
+
+    /// The prefix.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether `path` (a request path, without query) falls under this prefix.
+    pub fn matches(&self, path: &str) -> bool {
+        self.0 == "/" || (path.starts_with(&self.0) && matches!(path.as_bytes().get(self.0.len()), None | Some(b'/')))
+    }
+}
+
+impl Default for PathPrefix {
+    fn default() -> Self {
+        PathPrefix::root()
+    }
+}
+
+impl std::fmt::Display for PathPrefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for PathPrefix {
+    type Error = Error;
+    fn try_from(value: String) -> Result<Self> {
+        PathPrefix::new(value)
+    }
+}
+
+impl From<PathPrefix> for String {
+    fn from(p: PathPrefix) -> String {
+        p.0
     }
 }
 
@@ -102,12 +180,16 @@ impl Endpoint {
     }
 }
 
-/// Requests for `host` go to `endpoints`.
+/// Requests for `host` whose path falls under `path` go to `endpoints`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
-    /// The host it serves.
+    /// The host it serves (exact, or a `*.parent` wildcard).
     pub host: Host,
+    /// The path prefix it serves (default `/`, everything). A host's routes are tried
+    /// longest prefix first.
+    #[serde(default)]
+    pub path: PathPrefix,
     /// Upstream servers.
     pub endpoints: Vec<Endpoint>,
     /// How requests are spread over them (default round robin).
@@ -116,6 +198,9 @@ pub struct Route {
     /// What the endpoints speak (default HTTP/1.1).
     #[serde(default)]
     pub upstream: UpstreamProtocol,
+    /// Requests over this rate get 429 (default: no limit).
+    #[serde(default)]
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// The protocol the proxy speaks to a route's endpoints, whatever the client speaks.
@@ -132,7 +217,31 @@ pub enum UpstreamProtocol {
 impl Route {
     /// A route.
     pub fn new(host: Host, endpoints: Vec<Endpoint>) -> Self {
-        Route { host, endpoints, balancer: Balancer::RoundRobin, upstream: UpstreamProtocol::Http1 }
+        Route {
+            host,
+            path: PathPrefix::root(),
+            endpoints,
+            balancer: Balancer::RoundRobin,
+            upstream: UpstreamProtocol::Http1,
+            rate_limit: None,
+        }
+    }
+
+    /// Sets a rate limit.
+    pub fn with_rate_limit(mut self, limit: RateLimit) -> Self {
+        self.rate_limit = Some(limit);
+        self
+    }
+
+    /// Sets the path prefix.
+    pub fn with_path(mut self, path: PathPrefix) -> Self {
+        self.path = path;
+        self
+    }
+
+    /// The route's identity in a table: host and path prefix.
+    pub fn key(&self) -> RouteKey {
+        (self.host.clone(), self.path.clone())
     }
 
     /// Sets the upstream protocol.
@@ -148,6 +257,15 @@ impl Route {
     }
 
     fn validate(&self) -> Result<()> {
+        if let Some(l) = self.rate_limit {
+            if l.per_second == 0 || l.burst == 0 {
+                return Err(Error::invalid(
+                    "rate limit",
+                    format!("{l:?}"),
+                    format!("route {}: per_second and burst must be at least 1", self.host),
+                ));
+            }
+        }
         let mut ids = std::collections::HashSet::new();
         for e in &self.endpoints {
             if e.id.is_empty() || !ids.insert(e.id.as_str()) {
@@ -165,20 +283,34 @@ impl Route {
     }
 }
 
+/// A route's identity: its host and path prefix.
+pub type RouteKey = (Host, PathPrefix);
+
 /// One change to the table.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RouteChange {
-    /// Adds a route or replaces the one for its host.
+    /// Adds a route or replaces the one with the same host and path prefix.
     Upsert(Route),
-    /// Removes the route for a host.
+    /// Removes every route of a host, whatever its path prefix.
     Remove(Host),
+    /// Removes the route of a host for one path prefix.
+    RemovePath(Host, PathPrefix),
 }
 
 impl RouteChange {
     fn host(&self) -> &Host {
         match self {
             RouteChange::Upsert(r) => &r.host,
-            RouteChange::Remove(h) => h,
+            RouteChange::Remove(h) | RouteChange::RemovePath(h, _) => h,
+        }
+    }
+
+    /// The path the change is about; `None` for all of a host's paths.
+    fn path(&self) -> Option<&PathPrefix> {
+        match self {
+            RouteChange::Upsert(r) => Some(&r.path),
+            RouteChange::Remove(_) => None,
+            RouteChange::RemovePath(_, p) => Some(p),
         }
     }
 }
@@ -194,6 +326,11 @@ pub struct RouteEntry {
     stats: Vec<Arc<EndpointStats>>,
     /// Rotation position, shared with the entry that replaces this one.
     cursor: Arc<AtomicUsize>,
+    /// `host` or `host/path`: the route's label in metrics and messages.
+    name: String,
+    /// The route's rate limit, shared with the entry that replaces this one while the
+    /// limit stays the same (so an update does not refill the bucket).
+    limiter: Option<Arc<TokenBucket>>,
 }
 
 /// An endpoint chosen for a request, with its live state.
@@ -209,6 +346,16 @@ impl RouteEntry {
     /// The route.
     pub fn route(&self) -> &Route {
         &self.route
+    }
+
+    /// Whether the route's rate limit admits one more request now (always, without one).
+    pub fn admit(&self) -> bool {
+        self.limiter.as_ref().is_none_or(|l| l.try_take())
+    }
+
+    /// `host` for a route on `/`, else `host` followed by its path prefix.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// The next healthy endpoint by the route's balancer (no request key); `None` when
@@ -235,6 +382,26 @@ impl RouteEntry {
     }
 }
 
+/// A host's routes, longest path prefix first.
+#[derive(Debug, Clone, Default)]
+struct HostRoutes(Vec<Arc<RouteEntry>>);
+
+impl HostRoutes {
+    fn find(&self, path: &str) -> Option<&RouteEntry> {
+        self.0.iter().find(|e| e.route.path.matches(path)).map(AsRef::as_ref)
+    }
+
+    fn get(&self, prefix: &PathPrefix) -> Option<&Arc<RouteEntry>> {
+        self.0.iter().find(|e| &e.route.path == prefix)
+    }
+
+    fn upsert(&mut self, entry: Arc<RouteEntry>) {
+        self.0.retain(|e| e.route.path != entry.route.path);
+        let at = self.0.partition_point(|e| e.route.path.as_str().len() >= entry.route.path.as_str().len());
+        self.0.insert(at, entry);
+    }
+}
+
 /// An immutable snapshot of every route. The proxy reads one per request; updates build
 /// a new table and swap it in.
 #[derive(Debug, Default)]
@@ -242,8 +409,10 @@ pub struct RouteTable {
     version: u64,
     // A persistent (structurally shared) map: `apply` copies only the path to the
     // changed entries, so a delta costs O(changes × log routes), not O(routes), and old
-    // snapshots held by in-flight requests stay valid.
-    routes: imbl::HashMap<Host, Arc<RouteEntry>>,
+    // snapshots held by in-flight requests stay valid. Wildcards are stored under their
+    // `*.parent` spelling.
+    hosts: imbl::HashMap<Host, HostRoutes>,
+    len: usize,
 }
 
 impl RouteTable {
@@ -252,60 +421,192 @@ impl RouteTable {
         self.version
     }
 
-    /// The route for `host` (already lower-cased and without port).
+    /// The route for `host`'s root: what a request for `/` would use.
     pub fn lookup(&self, host: &str) -> Option<&RouteEntry> {
-        self.routes.get(host).map(AsRef::as_ref)
+        self.lookup_path(host, "/")
     }
 
-    /// Every route, sorted by host.
+    /// The route for a request: `host` (lower-case, no port) chooses the host's routes,
+    /// exact name first, else the `*.parent` wildcard; then the longest path prefix
+    /// matching `path` wins. As with nginx's `server_name`, a matching host whose
+    /// prefixes all miss does not fall back to the wildcard.
+    pub fn lookup_path(&self, host: &str, path: &str) -> Option<&RouteEntry> {
+        if let Some(routes) = self.hosts.get(host) {
+            return routes.find(path);
+        }
+        let (_, parent) = host.split_once('.')?;
+        // "*." + parent on the stack: a route lookup allocates nothing.
+        let mut buf = [0u8; 256];
+        let len = parent.len() + 2;
+        if len > buf.len() {
+            return None;
+        }
+        buf[..2].copy_from_slice(b"*.");
+        buf[2..len].copy_from_slice(parent.as_bytes());
+        let wildcard = std::str::from_utf8(&buf[..len]).ok()?;
+        self.hosts.get(wildcard)?.find(path)
+    }
+
+    /// The route with exactly this host and path prefix.
+    pub fn get(&self, host: &Host, path: &PathPrefix) -> Option<&RouteEntry> {
+        self.hosts.get(host)?.get(path).map(AsRef::as_ref)
+    }
+
+    /// Every route, sorted by host, then path prefix.
     pub fn routes(&self) -> Vec<&Route> {
-        let mut all: Vec<&Route> = self.routes.values().map(|e| &e.route).collect();
-        all.sort_by(|a, b| a.host.cmp(&b.host));
+        let mut all: Vec<&Route> = self.hosts.values().flat_map(|h| h.0.iter().map(|e| &e.route)).collect();
+        all.sort_by(|a, b| (&a.host, &a.path).cmp(&(&b.host, &b.path)));
         all
     }
 
     /// How many routes.
     pub fn len(&self) -> usize {
-        self.routes.len()
+        self.len
     }
 
     /// Whether there are no routes.
     pub fn is_empty(&self) -> bool {
-        self.routes.is_empty()
+        self.len == 0
     }
 
     /// A new table with `changes` applied, all or nothing. Cost is proportional to the
-    /// changes (times log of the table size); untouched entries are shared with `self`.
+    /// changes (times log of the table size, plus the host's own prefixes); untouched
+    /// entries are shared with `self`.
     pub fn apply(&self, changes: &[RouteChange]) -> Result<RouteTable> {
         let mut seen = std::collections::HashSet::new();
+        let mut whole_hosts = std::collections::HashSet::new();
         for c in changes {
-            if !seen.insert(c.host()) {
-                return Err(Error::invalid("route host", c.host().as_str(), "appears twice in one batch of changes"));
+            if !seen.insert((c.host(), c.path())) || (c.path().is_some() && whole_hosts.contains(c.host())) {
+                let path = c.path().map_or("", PathPrefix::as_str);
+                let name = if path == "/" { c.host().to_string() } else { format!("{}{path}", c.host()) };
+                return Err(Error::invalid("route", name, "appears twice in one batch of changes"));
             }
             match c {
                 RouteChange::Upsert(r) => r.validate()?,
-                RouteChange::Remove(h) if !self.routes.contains_key(h) => {
-                    return Err(Error::NotFound { kind: "route", name: h.to_string() })
+                RouteChange::Remove(h) => {
+                    if seen.iter().any(|(host, path)| *host == h && path.is_some()) {
+                        return Err(Error::invalid("route", h.as_str(), "appears twice in one batch of changes"));
+                    }
+                    whole_hosts.insert(h);
+                    if !self.hosts.contains_key(h) {
+                        return Err(Error::NotFound { kind: "route", name: h.to_string() });
+                    }
                 }
-                RouteChange::Remove(_) => {}
+                RouteChange::RemovePath(h, p) if self.get(h, p).is_none() => {
+                    return Err(Error::NotFound { kind: "route", name: format!("{h}{p}") })
+                }
+                RouteChange::RemovePath(..) => {}
             }
         }
-        let mut routes = self.routes.clone();
+        let mut hosts = self.hosts.clone();
+        let mut len = self.len;
         for c in changes {
             match c {
                 RouteChange::Upsert(r) => {
-                    let old = routes.get(&r.host);
+                    let mut routes = hosts.get(&r.host).cloned().unwrap_or_default();
+                    let old = routes.get(&r.path);
                     let cursor = old.map(|e| e.cursor.clone()).unwrap_or_default();
                     // What the balancer learned about an endpoint follows its id.
                     let stats = r.endpoints.iter().map(|e| old.and_then(|o| o.stats(&e.id)).cloned().unwrap_or_default()).collect();
                     let selector = Selector::build(&r.balancer, &r.endpoints);
-                    routes.insert(r.host.clone(), Arc::new(RouteEntry { route: r.clone(), selector, stats, cursor }));
+                    let name = if r.path.as_str() == "/" { r.host.to_string() } else { format!("{}{}", r.host, r.path) };
+                    let limiter = r.rate_limit.map(|limit| match old.and_then(|o| o.limiter.as_ref()) {
+                        Some(kept) if kept.limit() == limit => kept.clone(),
+                        _ => Arc::new(TokenBucket::new(limit)),
+                    });
+                    len += usize::from(old.is_none());
+                    routes.upsert(Arc::new(RouteEntry { route: r.clone(), selector, stats, cursor, name, limiter }));
+                    hosts.insert(r.host.clone(), routes);
                 }
                 RouteChange::Remove(h) => {
-                    routes.remove(h);
+                    len -= hosts.remove(h).map_or(0, |r| r.0.len());
+                }
+                RouteChange::RemovePath(h, p) => {
+                    if let Some(mut routes) = hosts.get(h).cloned() {
+                        routes.0.retain(|e| &e.route.path != p);
+                        len -= 1;
+                        if routes.0.is_empty() {
+                            hosts.remove(h);
+                        } else {
+                            hosts.insert(h.clone(), routes);
+                        }
+                    }
                 }
             }
         }
-        Ok(RouteTable { version: self.version + 1, routes })
+        Ok(RouteTable { version: self.version + 1, hosts, len })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(host: &str, path: &str, id: &str) -> Route {
+        let ep = Endpoint::new(id, SocketAddr::from(([127, 0, 0, 1], 9000)));
+        Route::new(Host::new(host).expect("host"), vec![ep]).with_path(PathPrefix::new(path).expect("path"))
+    }
+
+    fn picked<'a>(t: &'a RouteTable, host: &str, path: &str) -> Option<&'a str> {
+        t.lookup_path(host, path).map(|e| e.route().endpoints[0].id.as_str())
+    }
+
+    #[test]
+    fn longest_prefix_wins_on_segment_boundaries() {
+        let t = RouteTable::default()
+            .apply(&[
+                RouteChange::Upsert(route("a.test", "/", "root")),
+                RouteChange::Upsert(route("a.test", "/api", "api")),
+                RouteChange::Upsert(route("a.test", "/api/v2/", "v2")),
+            ])
+            .expect("apply");
+        assert_eq!(t.len(), 3);
+        assert_eq!(picked(&t, "a.test", "/"), Some("root"));
+        assert_eq!(picked(&t, "a.test", "/apis"), Some("root"), "prefixes match whole segments");
+        assert_eq!(picked(&t, "a.test", "/api"), Some("api"));
+        assert_eq!(picked(&t, "a.test", "/api/v1/x"), Some("api"));
+        assert_eq!(picked(&t, "a.test", "/api/v2"), Some("v2"), "a trailing slash in the prefix is dropped");
+        assert_eq!(picked(&t, "a.test", "/api/v2/users"), Some("v2"));
+        assert_eq!(t.lookup("a.test").map(RouteEntry::name), Some("a.test"));
+        assert_eq!(t.lookup_path("a.test", "/api/x").map(RouteEntry::name), Some("a.test/api"));
+
+        let t =
+            t.apply(&[RouteChange::RemovePath(Host::new("a.test").expect("host"), PathPrefix::new("/api").expect("path"))]).expect("apply");
+        assert_eq!(picked(&t, "a.test", "/api/v1/x"), Some("root"));
+        assert_eq!(t.len(), 2);
+        let t = t.apply(&[RouteChange::Remove(Host::new("a.test").expect("host"))]).expect("apply");
+        assert!(t.is_empty() && picked(&t, "a.test", "/").is_none(), "Remove takes every prefix of the host");
+    }
+
+    #[test]
+    fn wildcards_cover_one_label_and_yield_to_exact_hosts() {
+        let t = RouteTable::default()
+            .apply(&[
+                RouteChange::Upsert(route("*.apps.test", "/", "wild")),
+                RouteChange::Upsert(route("exact.apps.test", "/only", "exact")),
+            ])
+            .expect("apply");
+        assert_eq!(picked(&t, "one.apps.test", "/x"), Some("wild"));
+        assert_eq!(picked(&t, "a.b.apps.test", "/"), None, "one label only");
+        assert_eq!(picked(&t, "apps.test", "/"), None, "the parent itself is not covered");
+        assert_eq!(picked(&t, "exact.apps.test", "/only/x"), Some("exact"));
+        assert_eq!(picked(&t, "exact.apps.test", "/other"), None, "an exact host does not fall back to the wildcard");
+        assert!(Host::new("*.apps.test").expect("wildcard").is_wildcard());
+    }
+
+    #[test]
+    fn bad_prefixes_and_conflicting_batches_are_rejected() {
+        for bad in ["", "api", "/a//b", "/a/../b", "/a/./b", "/a?x", "/a%2f", "/a b", "/a\\b"] {
+            assert!(matches!(PathPrefix::new(bad), Err(Error::InvalidInput { .. })), "{bad:?} accepted");
+        }
+        for bad in ["*", "a.*.test", "**.test", "*.", "*a.test"] {
+            assert!(matches!(Host::new(bad), Err(Error::InvalidInput { .. })), "{bad:?} accepted");
+        }
+        let t = RouteTable::default().apply(&[RouteChange::Upsert(route("a.test", "/", "r"))]).expect("apply");
+        let host = Host::new("a.test").expect("host");
+        let twice = [RouteChange::Upsert(route("a.test", "/x", "x")), RouteChange::Remove(host.clone())];
+        assert!(matches!(t.apply(&twice), Err(Error::InvalidInput { .. })), "a path change and a whole-host removal conflict");
+        assert!(matches!(t.apply(&[RouteChange::RemovePath(host, PathPrefix::new("/nope").expect("path"))]), Err(Error::NotFound { .. })));
+        assert_eq!(t.len(), 1, "failed batches change nothing");
     }
 }

@@ -180,7 +180,7 @@ fn routes_file_rejects_unknown_keys_and_duplicates() {
         other => panic!("unknown key must be rejected, got {other:?}"),
     }
     let dup = r#"{"routes":[{"host":"a.test","endpoints":[]},{"host":"A.test","endpoints":[]}]}"#;
-    assert!(matches!(RoutesFile::parse(dup), Err(Error::InvalidInput { field: "route host", .. })));
+    assert!(matches!(RoutesFile::parse(dup), Err(Error::InvalidInput { field: "route", .. })), "same host and path twice");
     let empty_host = r#"{"routes":[{"host":"","endpoints":[]}]}"#;
     assert!(matches!(RoutesFile::parse(empty_host), Err(Error::InvalidInput { .. })));
 }
@@ -191,4 +191,41 @@ async fn wait_until(mut cond: impl FnMut() -> bool) {
         assert!(tokio::time::Instant::now() < deadline, "condition not met within 5 s");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+#[tokio::test]
+async fn path_prefixes_and_wildcard_hosts_route_through_the_proxy() {
+    use keelson_routing::PathPrefix;
+    let (root, _t1) = echo_server("root").await.expect("root");
+    let (api, _t2) = echo_server("api").await.expect("api");
+    let (wild, _t3) = echo_server("wild").await.expect("wild");
+    let router = Arc::new(MemoryRouter::new());
+    let prefix = |p: &str| PathPrefix::new(p).expect("prefix");
+    router
+        .apply(vec![
+            RouteChange::Upsert(Route::new(Host::new("site.test").expect("host"), vec![Endpoint::new("r", root)])),
+            RouteChange::Upsert(Route::new(Host::new("site.test").expect("host"), vec![Endpoint::new("a", api)]).with_path(prefix("/api"))),
+            RouteChange::Upsert(Route::new(Host::new("*.apps.test").expect("host"), vec![Endpoint::new("w", wild)])),
+        ])
+        .await
+        .expect("apply");
+    let (proxy, _stop, _task) = start_proxy(router.clone(), ProxyConfig::default()).await;
+    let first_line = |r: keelson_testkit::http::Reply| (r.status, r.body.lines().next().unwrap_or_default().to_owned());
+    assert_eq!(first_line(get(proxy, "site.test", "/").await.expect("get")), (200, "root".into()));
+    assert_eq!(first_line(get(proxy, "site.test", "/api/users?id=1").await.expect("get")), (200, "api".into()));
+    assert_eq!(first_line(get(proxy, "site.test", "/apis").await.expect("get")), (200, "root".into()));
+    assert_eq!(first_line(get(proxy, "Shop.Apps.Test:8080", "/x").await.expect("get")), (200, "wild".into()));
+    assert_eq!(get(proxy, "a.b.apps.test", "/").await.expect("get").status, 404);
+
+    // Discovery instances choose their prefix with a tag.
+    let discovery = Arc::new(MemoryDiscovery::memory());
+    let _follow = follow_discovery(discovery.clone(), router.clone()).await.expect("follow");
+    let reg = Registration::new(ServiceName::new("admin").expect("name"), "a1", "127.0.0.1", api.port())
+        .with_tag("keelson.http.host=tagged.test")
+        .with_tag("keelson.http.path=/admin/");
+    let _h = discovery.register(reg).await.expect("register");
+    wait_until(|| router.snapshot().lookup_path("tagged.test", "/admin/x").is_some()).await;
+    assert!(router.snapshot().lookup("tagged.test").is_none(), "only /admin is routed");
+    assert_eq!(first_line(get(proxy, "tagged.test", "/admin/panel").await.expect("get")), (200, "api".into()));
+    assert_eq!(get(proxy, "tagged.test", "/").await.expect("get").status, 404);
 }

@@ -13,7 +13,9 @@
 //! Hosts from the file and from the catalog must not overlap.
 //!
 //! `routes.json` is a keelson-routing routes file:
-//! `{"routes": [{"host": "app.example", "endpoints": [{"id": "a", "addr": "127.0.0.1:9000"}]}]}`.
+//! `{"routes": [{"host": "app.example", "endpoints": [{"id": "a", "addr": "127.0.0.1:9000"}]}]}`;
+//! a route may add `"path": "/api"` (longest prefix wins), `"balancer"` and
+//! `"upstream": "h2c"`, and `host` may be a `*.example` wildcard.
 //! On SIGHUP the file is read again and only the difference is applied; a file that no
 //! longer parses is reported and the routes in force are kept. SIGINT or SIGTERM stop
 //! accepting and drain in-flight requests.
@@ -32,7 +34,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use keelson_routing::{Host, MemoryRouter, Proxy, ProxyConfig, Route, RouteChange, Router, RoutesFile};
+use keelson_routing::{MemoryRouter, Proxy, ProxyConfig, Route, RouteChange, RouteKey, Router, RoutesFile};
 use prometheus_client::registry::Registry;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -54,27 +56,34 @@ struct Args {
     /// A certificate: NAME=CHAIN_PEM,KEY_PEM, NAME an exact host, `*.parent` or `default`.
     #[arg(long)]
     cert: Vec<String>,
+    /// Append one JSON line per request to this file.
+    #[arg(long)]
+    access_log: Option<PathBuf>,
     /// Serve Prometheus metrics at http://<addr>/metrics.
     #[arg(long)]
     metrics: Option<SocketAddr>,
+    /// Worker threads (default: one per available core). 1 runs everything on a single
+    /// thread, which is the fastest setup for a proxy pinned to one core.
+    #[arg(long)]
+    threads: Option<usize>,
     /// Upstream answer timeout, in milliseconds.
     #[arg(long, default_value_t = 30_000)]
     upstream_timeout_ms: u64,
 }
 
 /// The routes the file installed, so a reload can compute its difference.
-type FileRoutes = BTreeMap<Host, Route>;
+type FileRoutes = BTreeMap<RouteKey, Route>;
 
 fn load(path: Option<&Path>) -> Result<FileRoutes, keelson_routing::Error> {
     let Some(path) = path else { return Ok(FileRoutes::new()) };
-    Ok(RoutesFile::load(path)?.routes.into_iter().map(|r| (r.host.clone(), r)).collect())
+    Ok(RoutesFile::load(path)?.routes.into_iter().map(|r| (r.key(), r)).collect())
 }
 
 /// The changes that turn `old` into `new`: upserts of new or changed routes, removals of
 /// the rest. Unchanged routes are not touched, so their balancer state is kept.
 fn diff(old: &FileRoutes, new: &FileRoutes) -> Vec<RouteChange> {
-    let upserts = new.iter().filter(|(h, r)| old.get(*h) != Some(*r)).map(|(_, r)| RouteChange::Upsert(r.clone()));
-    let removals = old.keys().filter(|h| !new.contains_key(*h)).map(|h| RouteChange::Remove(h.clone()));
+    let upserts = new.iter().filter(|(k, r)| old.get(*k) != Some(*r)).map(|(_, r)| RouteChange::Upsert(r.clone()));
+    let removals = old.keys().filter(|k| !new.contains_key(*k)).map(|(h, p)| RouteChange::RemovePath(h.clone(), p.clone()));
     upserts.chain(removals).collect()
 }
 
@@ -164,7 +173,7 @@ async fn serve_metrics(listener: tokio::net::TcpListener, registry: Arc<Registry
 }
 
 /// Follows the catalog in etcd, if asked to.
-async fn follow_catalog(etcd: &[String], router: Arc<MemoryRouter>) -> Result<(), String> {
+async fn follow_catalog(etcd: &[String], router: Arc<MemoryRouter>, status: keelson_routing::SourceStatus) -> Result<(), String> {
     if etcd.is_empty() {
         return Ok(());
     }
@@ -173,12 +182,12 @@ async fn follow_catalog(etcd: &[String], router: Arc<MemoryRouter>) -> Result<()
         let kv = keelson_discovery::EtcdKv::connect(keelson_discovery::EtcdConfig::new(etcd.to_vec())).await.map_err(|e| e.to_string())?;
         let discovery = Arc::new(keelson_discovery::KvDiscovery::new(Arc::new(kv)));
         // The follower runs for the life of the process and resumes after etcd errors.
-        keelson_routing::follow_discovery(discovery, router).await.map_err(|e| e.to_string())?;
+        keelson_routing::follow_discovery_with(discovery, router, status).await.map_err(|e| e.to_string())?;
         Ok(())
     }
     #[cfg(not(feature = "etcd"))]
     {
-        let _ = router;
+        let _ = (router, status);
         Err("this build has no etcd support: rebuild with `--features etcd` (needs protoc: apt-get install -y protobuf-compiler)".into())
     }
 }
@@ -187,12 +196,21 @@ async fn run(args: Args) -> Result<(), String> {
     let mut current = load(args.routes.as_deref()).map_err(|e| e.to_string())?;
     let router = Arc::new(MemoryRouter::new());
     router.apply(diff(&FileRoutes::new(), &current)).await.map_err(|e| e.to_string())?;
-    follow_catalog(&args.etcd, router.clone()).await?;
+    let source_status = keelson_routing::SourceStatus::new();
+    follow_catalog(&args.etcd, router.clone(), source_status.clone()).await?;
     let config = ProxyConfig { upstream_timeout: Duration::from_millis(args.upstream_timeout_ms), ..ProxyConfig::default() };
-    let proxy = Arc::new(Proxy::new(router.clone(), config));
+    let mut proxy = Proxy::new(router.clone(), config);
+    if let Some(path) = &args.access_log {
+        let (log, _writer) = keelson_routing::AccessLog::to_file(path, 65_536).await.map_err(|e| e.to_string())?;
+        proxy = proxy.with_access_log(log);
+    }
+    let proxy = Arc::new(proxy);
     if let Some(addr) = args.metrics {
         let mut registry = Registry::default();
         proxy.register_metrics(&mut registry);
+        if !args.etcd.is_empty() {
+            source_status.register(&mut registry);
+        }
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("metrics listen {addr}: {e}"))?;
         tokio::spawn(serve_metrics(listener, Arc::new(registry)));
     }
@@ -238,13 +256,23 @@ async fn run(args: Args) -> Result<(), String> {
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
-    match run(Args::parse()).await {
+    let args = Args::parse();
+    let runtime = match args.threads {
+        Some(0) => Err(std::io::Error::other("--threads must be at least 1")),
+        Some(1) => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        Some(n) => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build(),
+        None => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+    };
+    let result = match runtime {
+        Ok(rt) => rt.block_on(run(args)),
+        Err(e) => Err(format!("starting the runtime: {e}")),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("edge: {e}");
