@@ -170,6 +170,65 @@ async fn edge_terminates_tls_and_rotates_certificates_on_sighup() {
     assert!(status.success(), "{status}");
 }
 
+/// A TCP server that greets with `id`, then closes.
+async fn greeter(id: &'static str) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let _ = tokio::io::AsyncWriteExt::write_all(&mut s, format!("{id}\n").as_bytes()).await;
+        }
+    });
+    addr
+}
+
+async fn greeting(addr: SocketAddr) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut text = String::new();
+    tokio::time::timeout(Duration::from_secs(5), tokio::io::AsyncReadExt::read_to_string(&mut s, &mut text))
+        .await
+        .expect("in time")
+        .expect("read");
+    text.trim().to_owned()
+}
+
+/// The `tcp` section: a listener per address, endpoints updated by SIGHUP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_proxies_tcp_routes_and_reloads_them() {
+    let (first, second) = (greeter("first").await, greeter("second").await);
+    let ports = keelson_testkit::free_ports(2).expect("ports");
+    let (listen, tcp): (SocketAddr, SocketAddr) = (([127, 0, 0, 1], ports[0]).into(), ([127, 0, 0, 1], ports[1]).into());
+    let file_text = |up: SocketAddr| {
+        serde_json::json!({"tcp": [{"listen": tcp.to_string(), "endpoints": [{"id": "g", "addr": up.to_string()}]}]}).to_string()
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("routes.json");
+    std::fs::write(&file, file_text(first)).expect("write");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edge"))
+        .args(["--routes", file.to_str().expect("path"), "--listen", &listen.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starts");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut lines = String::new();
+    out.read_line(&mut lines).expect("ready line");
+    out.read_line(&mut lines).expect("TCP line");
+    assert!(lines.contains(&format!("edge serving TCP on {tcp}")), "{lines}");
+    assert_eq!(greeting(tcp).await, "first");
+
+    std::fs::write(&file, file_text(second)).expect("write");
+    signal(&child, Signal::SIGHUP);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while greeting(tcp).await != "second" {
+        assert!(tokio::time::Instant::now() < deadline, "TCP route not reloaded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    signal(&child, Signal::SIGTERM);
+    let status = keelson_testkit::wait_exit(&mut child, Duration::from_secs(10)).expect("stops on SIGTERM");
+    assert!(status.success(), "{status}");
+}
+
 /// `--etcd`: instances registered in a real etcd by another process's `KvDiscovery`
 /// become routes, and go away when deregistered.
 #[cfg(feature = "etcd")]

@@ -34,13 +34,46 @@ pub const BALANCER_TAG: &str = "keelson.http.balancer";
 /// http1 | h2c` (h2c for gRPC services).
 pub const PROTOCOL_TAG: &str = "keelson.http.protocol";
 
-/// A routes file: `{"routes": [{"host": "...", "endpoints": [{"id": "...", "addr": "ip:port"}]}]}`.
+/// A routes file: `{"routes": [{"host": "...", "endpoints": [{"id": "...", "addr": "ip:port"}]}]}`,
+/// optionally with `"tcp": [{"listen": "0.0.0.0:5432", "sni": "db.example", "endpoints": [...]}]`.
 /// Unknown keys are rejected, so a typo is an error and not a silently ignored setting.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoutesFile {
-    /// The routes.
+    /// HTTP routes.
+    #[serde(default)]
     pub routes: Vec<Route>,
+    /// TCP routes, served by a [`crate::TcpProxy`] per listen address.
+    #[serde(default)]
+    pub tcp: Vec<TcpRoute>,
+}
+
+/// A TCP route: connections to `listen` whose TLS server name is `sni` (or, without
+/// `sni`, every other connection) go to `endpoints`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpRoute {
+    /// The listen address.
+    pub listen: SocketAddr,
+    /// The TLS server name (exact or `*.parent`); none for the listener's default.
+    #[serde(default)]
+    pub sni: Option<Host>,
+    /// Upstream servers.
+    pub endpoints: Vec<Endpoint>,
+    /// How connections are spread (default round robin).
+    #[serde(default)]
+    pub balancer: Balancer,
+}
+
+impl TcpRoute {
+    /// The route as its listener's [`crate::TcpProxy`] router holds it.
+    pub fn to_route(&self) -> Result<Route> {
+        let host = match &self.sni {
+            Some(h) => h.clone(),
+            None => Host::new(crate::TCP_DEFAULT_HOST)?,
+        };
+        Ok(Route::new(host, self.endpoints.clone()).with_balancer(self.balancer.clone()))
+    }
 }
 
 impl RoutesFile {
@@ -52,6 +85,13 @@ impl RoutesFile {
         for r in &file.routes {
             if !keys.insert((&r.host, &r.path)) {
                 return Err(Error::invalid("route", format!("{}{}", r.host, r.path), "appears twice in the routes file"));
+            }
+        }
+        let mut tcp_keys = BTreeSet::new();
+        for t in &file.tcp {
+            if !tcp_keys.insert((t.listen, &t.sni)) {
+                let sni = t.sni.as_ref().map_or("default", Host::as_str);
+                return Err(Error::invalid("TCP route", format!("{} {sni}", t.listen), "appears twice in the routes file"));
             }
         }
         Ok(file)

@@ -20,6 +20,11 @@
 //! longer parses is reported and the routes in force are kept. SIGINT or SIGTERM stop
 //! accepting and drain in-flight requests.
 //!
+//! TCP: a `"tcp"` section in the routes file, `[{"listen": "127.0.0.1:5432", "sni":
+//! "db.example", "endpoints": [...]}]`, opens each listen address; connections go by TLS
+//! server name without decrypting (SNI passthrough), or to the entry without `sni`.
+//! SIGHUP updates endpoints and names; a new listen address needs a restart.
+//!
 //! TLS: `--tls-listen 127.0.0.1:8443 --cert app.example=chain.pem,key.pem` (repeatable;
 //! the name may be `*.example` or `default`, the certificate for clients naming no known
 //! host). SIGHUP re-reads the certificate files too: new handshakes get the new
@@ -74,9 +79,22 @@ struct Args {
 /// The routes the file installed, so a reload can compute its difference.
 type FileRoutes = BTreeMap<RouteKey, Route>;
 
-fn load(path: Option<&Path>) -> Result<FileRoutes, keelson_routing::Error> {
-    let Some(path) = path else { return Ok(FileRoutes::new()) };
-    Ok(RoutesFile::load(path)?.routes.into_iter().map(|r| (r.key(), r)).collect())
+/// What the routes file installed: HTTP routes, and TCP routes per listen address.
+#[derive(Debug, Default)]
+struct Installed {
+    http: FileRoutes,
+    tcp: BTreeMap<SocketAddr, FileRoutes>,
+}
+
+fn load(path: Option<&Path>) -> Result<Installed, keelson_routing::Error> {
+    let Some(path) = path else { return Ok(Installed::default()) };
+    let file = RoutesFile::load(path)?;
+    let mut tcp: BTreeMap<SocketAddr, FileRoutes> = BTreeMap::new();
+    for t in &file.tcp {
+        let route = t.to_route()?;
+        tcp.entry(t.listen).or_default().insert(route.key(), route);
+    }
+    Ok(Installed { http: file.routes.into_iter().map(|r| (r.key(), r)).collect(), tcp })
 }
 
 /// The changes that turn `old` into `new`: upserts of new or changed routes, removals of
@@ -87,22 +105,40 @@ fn diff(old: &FileRoutes, new: &FileRoutes) -> Vec<RouteChange> {
     upserts.chain(removals).collect()
 }
 
-async fn reload(path: Option<&Path>, router: &MemoryRouter, current: &mut FileRoutes) {
-    let new = match load(path) {
+/// The routers the file feeds: one for HTTP, one per TCP listen address.
+struct Routers {
+    http: Arc<MemoryRouter>,
+    tcp: BTreeMap<SocketAddr, Arc<MemoryRouter>>,
+}
+
+/// Applies `new` over `current` on `router`; on success `current` becomes `new`.
+async fn apply_diff(what: &str, router: &MemoryRouter, current: &mut FileRoutes, new: FileRoutes) {
+    let changes = diff(current, &new);
+    let n = changes.len();
+    match router.apply(changes).await {
+        Ok(version) => {
+            tracing::info!(routes = what, changes = n, version, "routes reloaded");
+            *current = new;
+        }
+        Err(e) => tracing::error!(routes = what, error = %e, "reload rejected; keeping the routes in force"),
+    }
+}
+
+async fn reload(path: Option<&Path>, routers: &Routers, current: &mut Installed) {
+    let mut new = match load(path) {
         Ok(n) => n,
         Err(e) => {
             tracing::error!(error = %e, "reload failed; keeping the routes in force");
             return;
         }
     };
-    let changes = diff(current, &new);
-    let n = changes.len();
-    match router.apply(changes).await {
-        Ok(version) => {
-            tracing::info!(changes = n, version, "routes reloaded");
-            *current = new;
-        }
-        Err(e) => tracing::error!(error = %e, "reload rejected; keeping the routes in force"),
+    for addr in new.tcp.keys().filter(|a| !routers.tcp.contains_key(*a)) {
+        tracing::warn!(%addr, "a TCP listen address added by reload opens only when edge restarts");
+    }
+    apply_diff("http", &routers.http, &mut current.http, new.http).await;
+    for (addr, router) in &routers.tcp {
+        let wanted = new.tcp.remove(addr).unwrap_or_default();
+        apply_diff(&format!("tcp {addr}"), router, current.tcp.entry(*addr).or_default(), wanted).await;
     }
 }
 
@@ -195,7 +231,13 @@ async fn follow_catalog(etcd: &[String], router: Arc<MemoryRouter>, status: keel
 async fn run(args: Args) -> Result<(), String> {
     let mut current = load(args.routes.as_deref()).map_err(|e| e.to_string())?;
     let router = Arc::new(MemoryRouter::new());
-    router.apply(diff(&FileRoutes::new(), &current)).await.map_err(|e| e.to_string())?;
+    router.apply(diff(&FileRoutes::new(), &current.http)).await.map_err(|e| e.to_string())?;
+    let mut routers = Routers { http: router.clone(), tcp: BTreeMap::new() };
+    for (addr, routes) in &current.tcp {
+        let tcp_router = Arc::new(MemoryRouter::new());
+        tcp_router.apply(diff(&FileRoutes::new(), routes)).await.map_err(|e| format!("TCP routes on {addr}: {e}"))?;
+        routers.tcp.insert(*addr, tcp_router);
+    }
     let source_status = keelson_routing::SourceStatus::new();
     follow_catalog(&args.etcd, router.clone(), source_status.clone()).await?;
     let config = ProxyConfig { upstream_timeout: Duration::from_millis(args.upstream_timeout_ms), ..ProxyConfig::default() };
@@ -232,15 +274,25 @@ async fn run(args: Args) -> Result<(), String> {
         tls_local = Some(listener.local_addr().map_err(|e| e.to_string())?);
         servers.push(tokio::spawn(proxy.clone().serve_tls(listener, certs.clone(), until_stopped(stopped.clone()))));
     }
+    let mut tcp_local = Vec::new();
+    for (addr, tcp_router) in &routers.tcp {
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("TCP listen {addr}: {e}"))?;
+        tcp_local.push(listener.local_addr().map_err(|e| e.to_string())?);
+        let tcp = Arc::new(keelson_routing::TcpProxy::new(tcp_router.clone(), keelson_routing::TcpProxyConfig::default()));
+        servers.push(tokio::spawn(tcp.serve(listener, until_stopped(stopped.clone()))));
+    }
     // Printed once every listener is up, so a supervisor can wait for this line.
-    println!("edge serving {} routes on {local}", current.len());
+    println!("edge serving {} routes on {local}", current.http.len());
     if let Some(tls_local) = tls_local {
         println!("edge serving TLS for {:?} on {tls_local}", certs.names());
+    }
+    for addr in tcp_local {
+        println!("edge serving TCP on {addr}");
     }
     loop {
         tokio::select! {
             _ = hup.recv() => {
-                reload(args.routes.as_deref(), &router, &mut current).await;
+                reload(args.routes.as_deref(), &routers, &mut current).await;
                 if load_certs(&specs, &certs).is_ok() && !specs.is_empty() {
                     tracing::info!(names = ?certs.names(), "certificates reloaded");
                 }

@@ -1,0 +1,130 @@
+//! The TCP proxy against real TCP and TLS servers: default routes for plain TCP (also
+//! server-speaks-first), SNI passthrough with the backend's own certificate reaching the
+//! client, unknown names refused, and connect failures retried on another endpoint.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use keelson_routing::{Endpoint, Host, MemoryRouter, Route, RouteChange, Router, TcpProxy, TcpProxyConfig, TCP_DEFAULT_HOST};
+use keelson_testkit::tls::{handshake, test_cert, TestCert};
+use rustls::pki_types::pem::PemObject;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A TCP server that greets with `id` (server speaks first), then echoes.
+async fn greeter(id: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if s.write_all(format!("{id}\n").as_bytes()).await.is_err() {
+                    return;
+                }
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+/// A TLS server with `cert` that writes `id` after the handshake.
+async fn tls_backend(id: &'static str, cert: &TestCert) -> SocketAddr {
+    let chain = vec![cert.der.clone()];
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).expect("key");
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(mut tls) = acceptor.accept(s).await {
+                    let _ = tls.write_all(format!("{id}\n").as_bytes()).await;
+                    let _ = tls.flush().await;
+                    let mut sink = [0u8; 64];
+                    let _ = tls.read(&mut sink).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+async fn start(router: Arc<MemoryRouter>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(Arc::new(TcpProxy::new(router, TcpProxyConfig::default())).serve(listener, std::future::pending()));
+    addr
+}
+
+fn route(host: &str, endpoints: Vec<Endpoint>) -> RouteChange {
+    RouteChange::Upsert(Route::new(Host::new(host).expect("host"), endpoints))
+}
+
+async fn first_line(addr: SocketAddr) -> (String, TcpStream) {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    tokio::time::timeout(std::time::Duration::from_secs(5), reader.read_line(&mut line)).await.expect("greeting in time").expect("read");
+    (line.trim().to_owned(), reader.into_inner())
+}
+
+#[tokio::test]
+async fn plain_tcp_goes_to_the_default_route_even_when_the_server_speaks_first() {
+    let (a, b) = (greeter("a").await, greeter("b").await);
+    let router = Arc::new(MemoryRouter::new());
+    router.apply(vec![route(TCP_DEFAULT_HOST, vec![Endpoint::new("a", a), Endpoint::new("b", b)])]).await.expect("apply");
+    let proxy = start(router).await;
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let (greeting, mut stream) = first_line(proxy).await;
+        seen.push(greeting);
+        stream.write_all(b"ping\n").await.expect("write");
+        let mut echo = [0u8; 5];
+        stream.read_exact(&mut echo).await.expect("echo");
+        assert_eq!(&echo, b"ping\n");
+    }
+    seen.sort();
+    assert_eq!(seen, vec!["a", "a", "b", "b"], "round robin over the default route");
+}
+
+#[tokio::test]
+async fn sni_passthrough_reaches_the_backend_that_owns_the_name() {
+    let (ca, cb) = (test_cert(&["a.test"]).expect("cert"), test_cert(&["*.b.test"]).expect("cert"));
+    let (a, b) = (tls_backend("backend-a", &ca).await, tls_backend("backend-b", &cb).await);
+    let router = Arc::new(MemoryRouter::new());
+    router.apply(vec![route("a.test", vec![Endpoint::new("a", a)]), route("*.b.test", vec![Endpoint::new("b", b)])]).await.expect("apply");
+    let proxy = start(router).await;
+
+    for (sni, cert, id) in [("a.test", &ca, "backend-a"), ("x.b.test", &cb, "backend-b")] {
+        let h = handshake(proxy, sni, &[&ca, &cb]).await.expect("end-to-end TLS through the proxy");
+        assert_eq!(&h.leaf, &cert.der, "{sni}: the backend's own certificate, the proxy does not terminate");
+        let mut line = String::new();
+        BufReader::new(h.stream).read_line(&mut line).await.expect("read");
+        assert_eq!(line.trim(), id);
+    }
+    assert!(handshake(proxy, "c.test", &[&ca, &cb]).await.is_err(), "no route for the name: the connection is closed");
+}
+
+#[tokio::test]
+async fn a_refused_connect_is_retried_on_another_endpoint() {
+    let live = greeter("live").await;
+    let dead: SocketAddr = ([127, 0, 0, 1], keelson_testkit::free_port().expect("port")).into();
+    let router = Arc::new(MemoryRouter::new());
+    router.apply(vec![route(TCP_DEFAULT_HOST, vec![Endpoint::new("dead", dead), Endpoint::new("live", live)])]).await.expect("apply");
+    let proxy = start(router.clone()).await;
+    for _ in 0..6 {
+        assert_eq!(first_line(proxy).await.0, "live");
+    }
+    let table = router.snapshot();
+    let stats = table.lookup(TCP_DEFAULT_HOST).and_then(|r| r.stats("dead")).expect("stats");
+    assert!(stats.is_ejected(), "the refusing endpoint is ejected");
+}
