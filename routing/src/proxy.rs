@@ -165,6 +165,8 @@ impl RetryBudget {
     }
 }
 
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
 /// Headers that describe one hop's connection and must not be forwarded (RFC 9110 7.6.1),
 /// plus the legacy `proxy-connection` and `keep-alive`.
 const HOP_BY_HOP: [&str; 9] = [
@@ -310,9 +312,11 @@ impl Proxy {
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let proxy = self;
+        // Formatted once per connection, not per request.
+        let client = Arc::new(ClientInfo::new(peer, secure));
         let service = service_fn(move |req| {
-            let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(proxy.handle_as(req, peer, secure).await) }
+            let (proxy, client) = (proxy.clone(), client.clone());
+            async move { Ok::<_, Infallible>(proxy.handle_as(req, &client).await) }
         });
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
         if let Err(e) = watcher.watch(conn.into_owned()).await {
@@ -337,11 +341,11 @@ impl Proxy {
 
     /// Handles one request that arrived in clear text from `client`.
     pub async fn handle(&self, req: Request<Incoming>, client: SocketAddr) -> Response<ProxyBody> {
-        self.handle_as(req, client, false).await
+        self.handle_as(req, &ClientInfo::new(client, false)).await
     }
 
     /// Handles one request from `client`; `secure` if it came over TLS.
-    async fn handle_as(&self, req: Request<Incoming>, client: SocketAddr, secure: bool) -> Response<ProxyBody> {
+    async fn handle_as(&self, req: Request<Incoming>, client: &ClientInfo) -> Response<ProxyBody> {
         let started = std::time::Instant::now();
         // The access log needs the request's identity after the request is consumed.
         let logged = self.access_log.as_ref().map(|_| {
@@ -349,12 +353,12 @@ impl Proxy {
             (std::time::SystemTime::now(), req.method().to_string(), request_host(&req).unwrap_or_default(), target, req.version())
         });
         let mut outcome = Outcome::default();
-        let response = self.route_request(req, client, secure, &mut outcome).await;
+        let response = self.route_request(req, client, &mut outcome).await;
         let took = started.elapsed();
         if let (Some(log), Some((at, method, host, target, version))) = (&self.access_log, logged) {
             log.record(AccessRecord {
                 time: crate::access_log::timestamp(at),
-                client,
+                client: client.addr,
                 protocol: format!("{version:?}"),
                 method,
                 host,
@@ -370,7 +374,7 @@ impl Proxy {
     }
 
     /// Routes one request; sets `matched` to the route's host once a route matched.
-    async fn route_request(&self, req: Request<Incoming>, client: SocketAddr, secure: bool, outcome: &mut Outcome) -> Response<ProxyBody> {
+    async fn route_request(&self, req: Request<Incoming>, client: &ClientInfo, outcome: &mut Outcome) -> Response<ProxyBody> {
         let Some(host) = request_host(&req) else {
             return error(StatusCode::BAD_REQUEST, "missing or invalid Host header".to_owned());
         };
@@ -414,7 +418,7 @@ impl Proxy {
         let upgrade = upgrade_offer(&parts).map(|offer| (offer, parts.extensions.remove::<hyper::upgrade::OnUpgrade>()));
         // HTTP/2 has no Upgrade (RFC 9113 8.2.2), so an h2c upstream is never offered one.
         let offer = upgrade.as_ref().filter(|_| protocol == UpstreamProtocol::Http1).map(|u| u.0.clone());
-        let forward = Forward { client, host: &host, secure, upgrade: offer, protocol };
+        let forward = Forward { client, host: &host, upgrade: offer, protocol };
         // A request with a body is sent once: a streamed body cannot be replayed.
         let mut body = if retryable { None } else { Some(body.boxed()) };
         let mut attempt = 0u32;
@@ -427,12 +431,13 @@ impl Proxy {
                 return error(StatusCode::SERVICE_UNAVAILABLE, format!("no healthy endpoint for host {host}"));
             };
             let addr = picked.endpoint.addr;
+            let authority = picked.authority.clone();
             outcome.upstream = Some(addr);
             let stats = picked.stats.clone();
             drop(table);
             let in_flight = crate::InFlight::start(stats.clone());
             let upstream_body = body.take().unwrap_or_else(empty_body);
-            let upstream = match upstream_request(&parts, upstream_body, addr, &forward) {
+            let upstream = match upstream_request(&parts, upstream_body, &authority, &forward) {
                 Ok(r) => r,
                 Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
             };
@@ -545,11 +550,27 @@ fn upgrade_offer(parts: &http::request::Parts) -> Option<HeaderValue> {
     connection_names_upgrade.then(|| offer.clone())
 }
 
+/// The client side of a connection, formatted once per connection.
+#[derive(Debug)]
+struct ClientInfo {
+    addr: SocketAddr,
+    /// The client's IP as a header value, for X-Forwarded-For.
+    ip: HeaderValue,
+    /// Whether the connection is TLS.
+    secure: bool,
+}
+
+impl ClientInfo {
+    fn new(addr: SocketAddr, secure: bool) -> Self {
+        let ip = HeaderValue::from_str(&addr.ip().to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        ClientInfo { addr, ip, secure }
+    }
+}
+
 /// What the upstream request needs besides the client's request.
 struct Forward<'a> {
-    client: SocketAddr,
+    client: &'a ClientInfo,
     host: &'a str,
-    secure: bool,
     upgrade: Option<HeaderValue>,
     protocol: UpstreamProtocol,
 }
@@ -605,19 +626,19 @@ fn request_host<B>(req: &Request<B>) -> Option<String> {
 fn upstream_request(
     original: &http::request::Parts,
     body: ProxyBody,
-    addr: SocketAddr,
+    endpoint: &http::uri::Authority,
     fwd: &Forward<'_>,
 ) -> Result<Request<ProxyBody>, String> {
     let mut parts = Request::new(()).into_parts().0;
     parts.method = original.method.clone();
     parts.headers = original.headers.clone();
-    let path = original.uri.path_and_query().map_or("/", |p| p.as_str());
-    parts.uri = Uri::builder()
-        .scheme("http")
-        .authority(addr.to_string())
-        .path_and_query(path)
-        .build()
-        .map_err(|e| format!("bad request target: {e}"))?;
+    // Built from parts: the endpoint's authority is parsed once per route update, and
+    // the path is shared with the client's request, not re-parsed.
+    let mut target = http::uri::Parts::default();
+    target.scheme = Some(http::uri::Scheme::HTTP);
+    target.authority = Some(endpoint.clone());
+    target.path_and_query = Some(original.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
+    parts.uri = Uri::from_parts(target).map_err(|e| format!("bad request target: {e}"))?;
     parts.version = match fwd.protocol {
         UpstreamProtocol::Http1 => Version::HTTP_11,
         UpstreamProtocol::H2c => Version::HTTP_2,
@@ -642,12 +663,13 @@ fn upstream_request(
             }
         }
     }
-    let forwarded_for = match parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prior) => format!("{prior}, {}", fwd.client.ip()),
-        None => fwd.client.ip().to_string(),
+    let forwarded_for = match parts.headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prior) => HeaderValue::from_str(&format!("{prior}, {}", fwd.client.addr.ip())).unwrap_or_else(|_| fwd.client.ip.clone()),
+        None => fwd.client.ip.clone(),
     };
-    set(&mut parts.headers, "x-forwarded-for", &forwarded_for);
-    set(&mut parts.headers, "x-forwarded-proto", if fwd.secure { "https" } else { "http" });
+    parts.headers.insert(X_FORWARDED_FOR, forwarded_for);
+    let proto = if fwd.client.secure { "https" } else { "http" };
+    parts.headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static(proto));
     set(&mut parts.headers, "x-forwarded-host", fwd.host);
     Ok(Request::from_parts(parts, body))
 }

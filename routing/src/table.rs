@@ -324,6 +324,8 @@ pub struct RouteEntry {
     selector: Selector,
     /// Per-endpoint state, parallel to `route.endpoints`; carried over by endpoint id.
     stats: Vec<Arc<EndpointStats>>,
+    /// Endpoint addresses as URI authorities, parallel to `route.endpoints`.
+    authorities: Vec<http::uri::Authority>,
     /// Rotation position, shared with the entry that replaces this one.
     cursor: Arc<AtomicUsize>,
     /// `host` or `host/path`: the route's label in metrics and messages.
@@ -340,6 +342,8 @@ pub struct Picked<'a> {
     pub endpoint: &'a Endpoint,
     /// Its state; wrap the request in [`crate::InFlight`] to keep it current.
     pub stats: Arc<EndpointStats>,
+    /// Its address as a URI authority, parsed once per route update.
+    pub authority: &'a http::uri::Authority,
 }
 
 impl RouteEntry {
@@ -368,7 +372,7 @@ impl RouteEntry {
     /// Lock-free.
     pub fn pick_for(&self, key: Option<&[u8]>) -> Option<Picked<'_>> {
         let i = self.selector.pick(&self.route.balancer, &self.cursor, &self.stats, key)?;
-        Some(Picked { endpoint: &self.route.endpoints[i], stats: self.stats[i].clone() })
+        Some(Picked { endpoint: &self.route.endpoints[i], stats: self.stats[i].clone(), authority: &self.authorities[i] })
     }
 
     /// Requests in flight to this route's endpoints, summed.
@@ -380,6 +384,11 @@ impl RouteEntry {
     pub fn stats(&self, id: &str) -> Option<&Arc<EndpointStats>> {
         self.route.endpoints.iter().position(|e| e.id == id).map(|i| &self.stats[i])
     }
+}
+
+/// `addr` as a URI authority. A socket address always is one (`1.2.3.4:80`, `[::1]:80`).
+fn authority(addr: SocketAddr) -> http::uri::Authority {
+    http::uri::Authority::try_from(addr.to_string()).unwrap_or_else(|_| http::uri::Authority::from_static("invalid.invalid"))
 }
 
 /// A host's routes, longest path prefix first.
@@ -515,7 +524,8 @@ impl RouteTable {
                         _ => Arc::new(TokenBucket::new(limit)),
                     });
                     len += usize::from(old.is_none());
-                    routes.upsert(Arc::new(RouteEntry { route: r.clone(), selector, stats, cursor, name, limiter }));
+                    let authorities = r.endpoints.iter().map(|e| authority(e.addr)).collect();
+                    routes.upsert(Arc::new(RouteEntry { route: r.clone(), selector, stats, authorities, cursor, name, limiter }));
                     hosts.insert(r.host.clone(), routes);
                 }
                 RouteChange::Remove(h) => {
