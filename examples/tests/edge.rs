@@ -94,6 +94,11 @@ fn a_bad_routes_file_at_start_is_a_clear_error() {
     let missing = Command::new(env!("CARGO_BIN_EXE_edge")).args(["--routes", "/nonexistent/routes.json"]).output().expect("runs");
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/routes.json"));
+    std::fs::write(&file, "{\"routes\": []}").expect("write");
+    let bad_check =
+        Command::new(env!("CARGO_BIN_EXE_edge")).args(["--routes", file.to_str().expect("path"), "--health-check", "ping"]).output().expect("runs");
+    assert!(!bad_check.status.success());
+    assert!(String::from_utf8_lossy(&bad_check.stderr).contains("expected tcp or http:/path"), "{}", String::from_utf8_lossy(&bad_check.stderr));
 }
 
 /// `--tls-listen`: TLS termination with the certificate from `--cert`, rotated by SIGHUP

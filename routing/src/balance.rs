@@ -5,7 +5,7 @@
 //! route updates, so a table change never resets what the balancer has learned. Picking
 //! is lock-free: atomics and structures precomputed when the route changes.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -119,6 +119,8 @@ pub struct EndpointStats {
     ewma_ns: AtomicU64,
     /// When the EWMA was last updated, in nanoseconds since `epoch`.
     stamp_ns: AtomicU64,
+    /// Set by active health checks while probes fail.
+    probe_down: AtomicBool,
     epoch: Instant,
 }
 
@@ -132,6 +134,7 @@ impl Default for EndpointStats {
             in_flight: AtomicU32::new(0),
             ewma_ns: AtomicU64::new(DEFAULT_RTT.as_nanos() as u64),
             stamp_ns: AtomicU64::new(0),
+            probe_down: AtomicBool::new(false),
             epoch: Instant::now(),
         }
     }
@@ -142,6 +145,20 @@ impl EndpointStats {
     pub fn is_ejected(&self) -> bool {
         let until = self.ejected_until_ns.load(Ordering::Relaxed);
         until != 0 && (self.epoch.elapsed().as_nanos() as u64) < until
+    }
+
+    /// Whether active health checks have taken the endpoint out of rotation.
+    pub fn is_probe_down(&self) -> bool {
+        self.probe_down.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_probe_down(&self, down: bool) {
+        self.probe_down.store(down, Ordering::Relaxed);
+    }
+
+    /// Whether the endpoint may get traffic: neither ejected nor failing its probes.
+    pub fn is_available(&self) -> bool {
+        !self.is_probe_down() && !self.is_ejected()
     }
 
     /// Failed exchanges since the endpoint was added.
@@ -299,10 +316,10 @@ impl Selector {
         Selector { healthy, schedule, ring }
     }
 
-    /// The endpoint index for the next request.
     /// The endpoint index for the next request: the policy's choice, or if passive health
-    /// ejected it, the next healthy endpoint that is not ejected. If every one is ejected,
-    /// ejection is ignored (better a likely failure than a certain one).
+    /// ejected it or active health took it down, the next healthy endpoint that is
+    /// available. If none is, that is ignored (better a likely failure than a certain
+    /// one, as Envoy's panic threshold does).
     pub(crate) fn pick(
         &self,
         balancer: &Balancer,
@@ -311,12 +328,12 @@ impl Selector {
         key: Option<&[u8]>,
     ) -> Option<usize> {
         let first = self.choose(balancer, cursor, stats, key)?;
-        if !stats[first].is_ejected() {
+        if stats[first].is_available() {
             return Some(first);
         }
         let at = self.healthy.iter().position(|i| *i == first).unwrap_or(0);
         let n = self.healthy.len();
-        Some((1..n).map(|k| self.healthy[(at + k) % n]).find(|i| !stats[*i].is_ejected()).unwrap_or(first))
+        Some((1..n).map(|k| self.healthy[(at + k) % n]).find(|i| stats[*i].is_available()).unwrap_or(first))
     }
 
     fn choose(&self, balancer: &Balancer, cursor: &AtomicUsize, stats: &[Arc<EndpointStats>], key: Option<&[u8]>) -> Option<usize> {

@@ -27,6 +27,7 @@
 //! ```
 
 mod access_log;
+mod active_health;
 mod balance;
 mod error;
 mod metrics;
@@ -42,8 +43,10 @@ mod tls;
 pub mod conformance;
 
 pub use access_log::{AccessLog, AccessRecord};
+pub use active_health::{spawn_active_health, ActiveProbe};
 pub use balance::{Balancer, EndpointStats, InFlight, OutlierPolicy};
 pub use error::{Error, Result};
+pub use keelson_discovery::health::CheckConfig;
 pub use proxy::{strip_hop_by_hop, Proxy, ProxyBody, ProxyConfig};
 pub use rate_limit::RateLimit;
 pub use router::{MemoryRouter, Router, RouterCapabilities};

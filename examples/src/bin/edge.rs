@@ -61,6 +61,13 @@ struct Args {
     /// A certificate: NAME=CHAIN_PEM,KEY_PEM, NAME an exact host, `*.parent` or `default`.
     #[arg(long)]
     cert: Vec<String>,
+    /// Active health checks of every HTTP endpoint: `tcp` or `http:/path` (2xx/3xx
+    /// passes). Two failures in a row take an endpoint out, two passes bring it back.
+    #[arg(long)]
+    health_check: Option<String>,
+    /// Time between health checks, in milliseconds.
+    #[arg(long, default_value_t = 2_000)]
+    health_interval_ms: u64,
     /// Append one JSON line per request to this file.
     #[arg(long)]
     access_log: Option<PathBuf>,
@@ -238,6 +245,21 @@ async fn run(args: Args) -> Result<(), String> {
         tcp_router.apply(diff(&FileRoutes::new(), routes)).await.map_err(|e| format!("TCP routes on {addr}: {e}"))?;
         routers.tcp.insert(*addr, tcp_router);
     }
+    let _checks = match args.health_check.as_deref() {
+        None => None,
+        Some(spec) => {
+            let probe = match spec {
+                "tcp" => keelson_routing::ActiveProbe::Tcp,
+                other => match other.strip_prefix("http:") {
+                    Some(path) => keelson_routing::ActiveProbe::Http { path: path.to_owned() },
+                    None => return Err(format!("--health-check {other:?}: expected tcp or http:/path")),
+                },
+            };
+            let interval = Duration::from_millis(args.health_interval_ms);
+            let config = keelson_routing::CheckConfig { interval, timeout: interval.min(Duration::from_secs(1)), rise: 2, fall: 2 };
+            Some(keelson_routing::spawn_active_health(router.clone(), probe, config).map_err(|e| e.to_string())?)
+        }
+    };
     let source_status = keelson_routing::SourceStatus::new();
     follow_catalog(&args.etcd, router.clone(), source_status.clone()).await?;
     let config = ProxyConfig { upstream_timeout: Duration::from_millis(args.upstream_timeout_ms), ..ProxyConfig::default() };
