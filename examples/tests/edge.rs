@@ -95,10 +95,16 @@ fn a_bad_routes_file_at_start_is_a_clear_error() {
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/routes.json"));
     std::fs::write(&file, "{\"routes\": []}").expect("write");
-    let bad_check =
-        Command::new(env!("CARGO_BIN_EXE_edge")).args(["--routes", file.to_str().expect("path"), "--health-check", "ping"]).output().expect("runs");
+    let bad_check = Command::new(env!("CARGO_BIN_EXE_edge"))
+        .args(["--routes", file.to_str().expect("path"), "--health-check", "ping"])
+        .output()
+        .expect("runs");
     assert!(!bad_check.status.success());
-    assert!(String::from_utf8_lossy(&bad_check.stderr).contains("expected tcp or http:/path"), "{}", String::from_utf8_lossy(&bad_check.stderr));
+    assert!(
+        String::from_utf8_lossy(&bad_check.stderr).contains("expected tcp or http:/path"),
+        "{}",
+        String::from_utf8_lossy(&bad_check.stderr)
+    );
 }
 
 /// `--tls-listen`: TLS termination with the certificate from `--cert`, rotated by SIGHUP
@@ -273,4 +279,46 @@ async fn edge_follows_the_catalog_in_etcd() {
 
     signal(&child, Signal::SIGTERM);
     keelson_testkit::wait_exit(&mut child, Duration::from_secs(10)).expect("stops on SIGTERM");
+}
+
+/// `--consul`: services registered in a Consul agent become routes; when the agent goes
+/// away the routes stay and `/metrics` says they are stale.
+#[cfg(feature = "consul")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_follows_the_consul_catalog_and_reports_staleness() {
+    use keelson_discovery::{ConsulConfig, ConsulDiscovery, Discovery, Registration, ServiceName};
+    let fixture = std::path::PathBuf::from(format!("{}/../../shared/fixtures/consul/health_service.json", env!("CARGO_MANIFEST_DIR")));
+    let consul = keelson_testkit::consul::FakeConsul::start(&fixture).await.expect("fake consul");
+    let (up, _t) = echo_server("from-consul").await.expect("upstream");
+    let ports = keelson_testkit::free_ports(2).expect("ports");
+    let (listen, metrics): (SocketAddr, SocketAddr) = (([127, 0, 0, 1], ports[0]).into(), ([127, 0, 0, 1], ports[1]).into());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edge"))
+        .args(["--consul", &consul.url(), "--listen", &listen.to_string(), "--metrics", &metrics.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("ready line");
+
+    let config = ConsulConfig { wait: Duration::from_secs(2), ..ConsulConfig::new(consul.url()) };
+    let registrar = ConsulDiscovery::new(config).expect("client");
+    let reg = Registration::new(ServiceName::new("shop").expect("name"), "shop-1", "127.0.0.1", up.port())
+        .with_tag("keelson.http.host=shop.test");
+    let _handle = registrar.register(reg).await.expect("register");
+    until_status(listen, "shop.test", 200).await;
+    assert_eq!(get(listen, "shop.test", "/").await.expect("get").body.lines().next(), Some("from-consul"));
+    let m = get(metrics, "m.test", "/metrics").await.expect("metrics").body;
+    assert!(m.contains("keelson_route_source_stale 0"), "{m}");
+
+    drop(consul);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !get(metrics, "m.test", "/metrics").await.expect("metrics").body.contains("keelson_route_source_stale 1") {
+        assert!(tokio::time::Instant::now() < deadline, "staleness not reported after Consul went away");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(get(listen, "shop.test", "/").await.expect("get").status, 200, "the last good routes are still served");
+    signal(&child, Signal::SIGTERM);
+    let status = keelson_testkit::wait_exit(&mut child, Duration::from_secs(10)).expect("stops on SIGTERM");
+    assert!(status.success(), "{status}");
 }

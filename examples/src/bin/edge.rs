@@ -10,7 +10,11 @@
 //! With `--etcd http://127.0.0.1:2379` (build with `--features etcd`) it also follows
 //! the keelson catalog in etcd: instances tagged `keelson.http.host=<host>` become
 //! endpoints of that host, updated as they register, fail health checks or go away.
-//! Hosts from the file and from the catalog must not overlap.
+//! Hosts from the file and from the catalog must not overlap. `--consul
+//! http://127.0.0.1:8500` (build with `--features consul`) follows Consul's catalog the
+//! same way, through blocking queries. Either way `/metrics` then includes
+//! `keelson_route_source_stale`, 1 while the catalog is unreachable and the last good
+//! routes are served.
 //!
 //! `routes.json` is a keelson-routing routes file:
 //! `{"routes": [{"host": "app.example", "endpoints": [{"id": "a", "addr": "127.0.0.1:9000"}]}]}`;
@@ -47,11 +51,14 @@ use tokio::signal::unix::{signal, SignalKind};
 #[command(version, about = "Serve HTTP routes from a routes file through the keelson proxy")]
 struct Args {
     /// Routes file (JSON); re-read on SIGHUP.
-    #[arg(long, required_unless_present = "etcd")]
+    #[arg(long, required_unless_present_any = ["etcd", "consul"])]
     routes: Option<PathBuf>,
     /// etcd client URLs (repeatable): follow the keelson catalog stored there.
     #[arg(long)]
     etcd: Vec<String>,
+    /// Consul agent URL (`http://127.0.0.1:8500`): follow the service catalog there.
+    #[arg(long, conflicts_with = "etcd")]
+    consul: Option<String>,
     /// Proxy listen address.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
@@ -215,24 +222,41 @@ async fn serve_metrics(listener: tokio::net::TcpListener, registry: Arc<Registry
     }
 }
 
-/// Follows the catalog in etcd, if asked to.
-async fn follow_catalog(etcd: &[String], router: Arc<MemoryRouter>, status: keelson_routing::SourceStatus) -> Result<(), String> {
-    if etcd.is_empty() {
-        return Ok(());
-    }
-    #[cfg(feature = "etcd")]
-    {
-        let kv = keelson_discovery::EtcdKv::connect(keelson_discovery::EtcdConfig::new(etcd.to_vec())).await.map_err(|e| e.to_string())?;
-        let discovery = Arc::new(keelson_discovery::KvDiscovery::new(Arc::new(kv)));
-        // The follower runs for the life of the process and resumes after etcd errors.
-        keelson_routing::follow_discovery_with(discovery, router, status).await.map_err(|e| e.to_string())?;
-        Ok(())
-    }
-    #[cfg(not(feature = "etcd"))]
-    {
-        let _ = (router, status);
-        Err("this build has no etcd support: rebuild with `--features etcd` (needs protoc: apt-get install -y protobuf-compiler)".into())
-    }
+/// Follows a catalog in etcd or Consul, if asked to. Returns whether one is followed.
+async fn follow_catalog(args: &Args, router: Arc<MemoryRouter>, status: keelson_routing::SourceStatus) -> Result<bool, String> {
+    let discovery: Arc<dyn keelson_discovery::Discovery> = if !args.etcd.is_empty() {
+        etcd_catalog(&args.etcd).await?
+    } else if let Some(url) = &args.consul {
+        consul_catalog(url)?
+    } else {
+        return Ok(false);
+    };
+    // The follower runs for the life of the process and resumes after backend errors.
+    keelson_routing::follow_discovery_with(discovery, router, status).await.map_err(|e| e.to_string())?;
+    Ok(true)
+}
+
+#[cfg(feature = "etcd")]
+async fn etcd_catalog(endpoints: &[String]) -> Result<Arc<dyn keelson_discovery::Discovery>, String> {
+    let kv = keelson_discovery::EtcdKv::connect(keelson_discovery::EtcdConfig::new(endpoints.to_vec())).await.map_err(|e| e.to_string())?;
+    Ok(Arc::new(keelson_discovery::KvDiscovery::new(Arc::new(kv))))
+}
+
+#[cfg(not(feature = "etcd"))]
+async fn etcd_catalog(_: &[String]) -> Result<Arc<dyn keelson_discovery::Discovery>, String> {
+    Err("this build has no etcd support: rebuild with `--features etcd` (needs protoc: apt-get install -y protobuf-compiler)".into())
+}
+
+#[cfg(feature = "consul")]
+fn consul_catalog(url: &str) -> Result<Arc<dyn keelson_discovery::Discovery>, String> {
+    let consul =
+        keelson_discovery::ConsulDiscovery::new(keelson_discovery::ConsulConfig::new(url.to_owned())).map_err(|e| e.to_string())?;
+    Ok(Arc::new(consul))
+}
+
+#[cfg(not(feature = "consul"))]
+fn consul_catalog(_: &str) -> Result<Arc<dyn keelson_discovery::Discovery>, String> {
+    Err("this build has no Consul support: rebuild with `--features consul`".into())
 }
 
 async fn run(args: Args) -> Result<(), String> {
@@ -261,7 +285,7 @@ async fn run(args: Args) -> Result<(), String> {
         }
     };
     let source_status = keelson_routing::SourceStatus::new();
-    follow_catalog(&args.etcd, router.clone(), source_status.clone()).await?;
+    let following = follow_catalog(&args, router.clone(), source_status.clone()).await?;
     let config = ProxyConfig { upstream_timeout: Duration::from_millis(args.upstream_timeout_ms), ..ProxyConfig::default() };
     let mut proxy = Proxy::new(router.clone(), config);
     if let Some(path) = &args.access_log {
@@ -272,7 +296,7 @@ async fn run(args: Args) -> Result<(), String> {
     if let Some(addr) = args.metrics {
         let mut registry = Registry::default();
         proxy.register_metrics(&mut registry);
-        if !args.etcd.is_empty() {
+        if following {
             source_status.register(&mut registry);
         }
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("metrics listen {addr}: {e}"))?;
