@@ -419,7 +419,7 @@ fn edge_binary(args: &Args) -> Fallible<PathBuf> {
         return Ok(p.clone());
     }
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--release", "--quiet", "-p", "keelson-examples", "--bin", "edge"])
+        .args(["build", "--release", "--quiet", "-p", "keelson-examples", "--features", "etcd,consul", "--bin", "edge"])
         .status()
         .map_err(|e| format!("building edge: {e}"))?;
     if !status.success() {
