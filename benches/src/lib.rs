@@ -11,6 +11,7 @@
 //! ```
 
 pub mod placement;
+pub mod proxy_bench;
 
 use keelson_scheduler::{ClusterSnapshot, Constraint, Job, Node, Resources, TaskGroup};
 

@@ -48,8 +48,9 @@ pub struct ProxyConfig {
     pub connect_timeout: Duration,
     /// Time from sending the request upstream to its response headers (default 30 s).
     pub upstream_timeout: Duration,
-    /// Time a client has to send its request headers; protects against slowloris
-    /// (default 10 s).
+    /// Time a client has to send its request headers; protects against slowloris. It is
+    /// also the idle timeout of HTTP/1.1 keep-alive connections: one that sends nothing
+    /// for this long is closed (default 10 s).
     pub header_read_timeout: Duration,
     /// How long an idle upstream connection stays pooled (default 90 s).
     pub pool_idle_timeout: Duration,

@@ -93,3 +93,19 @@ async fn invalid_host_is_400() {
     let answer = raw(addr, b"GET / HTTP/1.1\r\nHost: bad host\r\nConnection: close\r\n\r\n").await;
     assert!(status(&answer).starts_with("HTTP/1.1 400"), "{}", status(&answer));
 }
+
+/// An idle keep-alive connection is closed once it has sent nothing for the header
+/// timeout: idle clients cannot hold connections (and their buffers) forever.
+#[tokio::test]
+async fn idle_keep_alive_connections_are_closed() {
+    let addr = proxy().await;
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: h.test\r\n\r\n").await.expect("write");
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.expect("response");
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf[..n]));
+    // Now idle: the proxy must hang up well within 5 s (its header timeout is 500 ms).
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "idle keep-alive connection still open after 5 s");
+}

@@ -22,10 +22,14 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use keelson_benches::proxy_bench::{
+    edge_binary, loopback, median, serve_backends, spawn_pinned, start_backends, tool, wait_ready, write, wrk, Fallible, Run, Server, HOST,
+    LOAD_CPU, PROXY_CPU,
+};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -47,104 +51,6 @@ struct Args {
     /// Internal: serve the canned backends on these comma-separated ports.
     #[arg(long, hide = true)]
     serve_backends: Option<String>,
-}
-
-const HOST: &str = "bench.test";
-const PROXY_CPU: &str = "0";
-const LOAD_CPU: &str = "1";
-
-type Fallible<T> = Result<T, String>;
-
-/// A started server, stopped (and its process group killed) on drop.
-struct Server {
-    name: &'static str,
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn tool(name: &str, package: &str) -> Fallible<PathBuf> {
-    keelson_testkit::require(name, package).map_err(|e| e.to_string())
-}
-
-fn spawn_pinned(cpu: &str, program: &Path, args: &[&str]) -> Fallible<Child> {
-    Command::new("taskset")
-        .arg("-c")
-        .arg(cpu)
-        .arg(program)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| format!("starting {}: {e}", program.display()))
-}
-
-fn loopback(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
-fn write(path: &Path, text: &str) -> Fallible<()> {
-    std::fs::write(path, text).map_err(|e| format!("writing {}: {e}", path.display()))
-}
-
-/// The four backends: this program in backend mode on CPU 1, four ports, each answering
-/// every request with a canned 200 "ok". They do as little as an HTTP server can (find
-/// the end of the head, write the answer), so that they and wrk fit on one core while
-/// the proxy is the bottleneck; nginx as the backend left wrk's core saturated.
-fn start_backends(ports: &[u16]) -> Fallible<Server> {
-    let me = std::env::current_exe().map_err(|e| e.to_string())?;
-    let list: Vec<String> = ports.iter().map(u16::to_string).collect();
-    let child = spawn_pinned(LOAD_CPU, &me, &["--serve-backends", &list.join(",")])?;
-    Ok(Server { name: "backends", child, addr: loopback(ports[0]) })
-}
-
-/// Backend mode: a single-threaded server on each port.
-fn serve_backends(ports: &str) -> Fallible<()> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
-    rt.block_on(async {
-        for port in ports.split(',') {
-            let port: u16 = port.parse().map_err(|_| format!("bad port {port}"))?;
-            let listener = tokio::net::TcpListener::bind(loopback(port)).await.map_err(|e| format!("backend port {port}: {e}"))?;
-            tokio::spawn(async move {
-                while let Ok((stream, _)) = listener.accept().await {
-                    let _ = stream.set_nodelay(true);
-                    tokio::spawn(backend_connection(stream));
-                }
-            });
-        }
-        std::future::pending::<Fallible<()>>().await
-    })
-}
-
-async fn backend_connection(mut stream: tokio::net::TcpStream) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    const KEEP: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Type: text/plain\r\n\r\nok\n";
-    const CLOSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n";
-    let mut buf = Vec::with_capacity(4096);
-    let mut chunk = [0u8; 4096];
-    loop {
-        let Ok(n) = stream.read(&mut chunk).await else { return };
-        if n == 0 {
-            return;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        // Answer every complete head in the buffer (requests carry no body here).
-        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = buf.drain(..end + 4).collect::<Vec<u8>>();
-            let close = head.windows(17).any(|w| w.eq_ignore_ascii_case(b"connection: close"));
-            if stream.write_all(if close { CLOSE } else { KEEP }).await.is_err() || close {
-                return;
-            }
-        }
-    }
 }
 
 fn start_keelson(edge: &Path, dir: &Path, port: u16, backends: &[u16]) -> Fallible<Server> {
@@ -198,113 +104,6 @@ fn start_haproxy(haproxy: &Path, dir: &Path, port: u16, backends: &[u16]) -> Fal
     )?;
     let child = spawn_pinned(PROXY_CPU, haproxy, &["-db", "-f", &conf.to_string_lossy()])?;
     Ok(Server { name: "haproxy", child, addr: loopback(port) })
-}
-
-/// Waits until `server` answers a GET for the bench host with the backends' body.
-fn wait_ready(server: &Server) -> Fallible<()> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        match http_get(server.addr) {
-            Ok(body) if body.ends_with("ok\n") => return Ok(()),
-            other => {
-                if std::time::Instant::now() > deadline {
-                    return Err(format!("{} at {} not answering: {other:?}", server.name, server.addr));
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    }
-}
-
-fn http_get(addr: SocketAddr) -> Fallible<String> {
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).map_err(|e| e.to_string())?;
-    write!(s, "GET / HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).map_err(|e| e.to_string())?;
-    Ok(out)
-}
-
-/// Busy and total jiffies of one CPU, from /proc/stat.
-fn cpu_times(cpu: &str) -> (u64, u64) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let Some(line) = stat.lines().find(|l| l.starts_with(&format!("cpu{cpu} "))) else { return (0, 0) };
-    let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
-    let total: u64 = v.iter().take(8).sum();
-    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-    (total - idle, total)
-}
-
-/// One wrk run's result.
-#[derive(Debug, Clone, Copy, Default)]
-struct Run {
-    rps: f64,
-    p99_us: f64,
-    errors: u64,
-    load_cpu_busy: f64,
-}
-
-impl Run {
-    /// The load generator's CPU was (nearly) saturated: the figure is wrk's, not the proxy's.
-    fn void(&self) -> bool {
-        self.load_cpu_busy > 0.97
-    }
-}
-
-/// Runs wrk against `addr`; `extra` adds arguments (headers, a pacing script).
-fn wrk(wrk: &Path, addr: SocketAddr, connections: usize, seconds: u64, extra: &[&str]) -> Fallible<Run> {
-    let before = cpu_times(LOAD_CPU);
-    let out = Command::new("taskset")
-        .args(["-c", LOAD_CPU])
-        .arg(wrk)
-        .args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s"), "--latency", "-H", &format!("Host: {HOST}")])
-        .args(extra)
-        .arg(format!("http://{addr}/"))
-        .output()
-        .map_err(|e| format!("running wrk: {e}"))?;
-    let after = cpu_times(LOAD_CPU);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        return Err(format!("wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr)));
-    }
-    let mut run = Run { load_cpu_busy: (after.0 - before.0) as f64 / (after.1 - before.1).max(1) as f64, ..Run::default() };
-    for line in text.lines().map(str::trim) {
-        if let Some(v) = line.strip_prefix("Requests/sec:") {
-            run.rps = v.trim().parse().map_err(|_| format!("wrk output: {line}"))?;
-        } else if let Some(v) = line.strip_prefix("99%") {
-            run.p99_us = duration_us(v.trim()).ok_or_else(|| format!("wrk output: {line}"))?;
-        } else if let Some(v) = line.strip_prefix("Non-2xx or 3xx responses:") {
-            run.errors += v.trim().parse::<u64>().unwrap_or(1);
-        } else if let Some(v) = line.strip_prefix("Socket errors:") {
-            run.errors += v.split(',').filter_map(|part| part.split_whitespace().last()?.parse::<u64>().ok()).sum::<u64>();
-        }
-    }
-    if run.rps == 0.0 {
-        return Err(format!("wrk reported no throughput: {text}"));
-    }
-    Ok(run)
-}
-
-/// wrk prints durations as `812.00us`, `1.23ms` or `1.01s`.
-fn duration_us(s: &str) -> Option<f64> {
-    let (num, scale) = if let Some(n) = s.strip_suffix("us") {
-        (n, 1.0)
-    } else if let Some(n) = s.strip_suffix("ms") {
-        (n, 1e3)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60e6)
-    } else {
-        (s.strip_suffix('s')?, 1e6)
-    };
-    num.parse::<f64>().ok().map(|v| v * scale)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// Interleaved runs of one scenario over `targets`; returns the medians per target of
@@ -414,21 +213,6 @@ fn raise_fd_limit() {
     }
 }
 
-fn edge_binary(args: &Args) -> Fallible<PathBuf> {
-    if let Some(p) = &args.edge {
-        return Ok(p.clone());
-    }
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--release", "--quiet", "-p", "keelson-examples", "--features", "etcd,consul", "--bin", "edge"])
-        .status()
-        .map_err(|e| format!("building edge: {e}"))?;
-    if !status.success() {
-        return Err("building edge failed".into());
-    }
-    let me = std::env::current_exe().map_err(|e| e.to_string())?;
-    Ok(me.with_file_name("edge"))
-}
-
 fn ratio(metric: &str, ours: f64, peer: &str, theirs: f64) {
     println!("ratio {metric} keelson/{peer}: {:.2}", ours / theirs);
 }
@@ -438,13 +222,13 @@ fn run(args: &Args) -> Fallible<()> {
     let haproxy = tool("haproxy", "haproxy")?;
     let wrk_bin = tool("wrk", "wrk")?;
     tool("taskset", "util-linux")?;
-    let edge = edge_binary(args)?;
+    let edge = edge_binary(args.edge.as_deref())?;
     raise_fd_limit();
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let ports = keelson_testkit::free_ports(7).map_err(|e| e.to_string())?;
     let backend_ports = &ports[..4];
 
-    let backends = start_backends(backend_ports)?;
+    let backends = start_backends(&backend_ports.iter().map(|p| (*p, Duration::ZERO)).collect::<Vec<_>>())?;
     wait_ready(&backends)?;
     let servers = [
         start_keelson(&edge, dir.path(), ports[4], backend_ports)?,
@@ -462,15 +246,16 @@ fn run(args: &Args) -> Fallible<()> {
         "router-vs-peers: {rounds} rounds x {secs} s, {conns} connections, proxies on CPU {PROXY_CPU}, wrk and backends on CPU {LOAD_CPU}"
     );
     // The load generator alone against one backend: the most this setup can measure.
-    let ceiling = wrk(&wrk_bin, backends.addr, conns, secs.min(3), &[])?;
+    let ceiling = wrk(&wrk_bin, backends.addr, HOST, conns, secs.min(3), &[])?;
     println!(
         "  direct to one backend: {:.0} req/s (load cpu {:.0}%), the ceiling of this setup",
         ceiling.rps,
         ceiling.load_cpu_busy * 100.0
     );
 
-    let keepalive = scenario("keep-alive", &targets, rounds, &|addr| wrk(&wrk_bin, addr, conns, secs, &[]))?;
-    let newconn = scenario("new connection", &targets, rounds, &|addr| wrk(&wrk_bin, addr, conns, secs, &["-H", "Connection: close"]))?;
+    let keepalive = scenario("keep-alive", &targets, rounds, &|addr| wrk(&wrk_bin, addr, HOST, conns, secs, &[]))?;
+    let newconn =
+        scenario("new connection", &targets, rounds, &|addr| wrk(&wrk_bin, addr, HOST, conns, secs, &["-H", "Connection: close"]))?;
 
     // Paced load: each connection waits a fixed delay between requests, so the offered
     // rate is about connections / (delay + latency), the same for every proxy.
@@ -489,7 +274,7 @@ fn run(args: &Args) -> Fallible<()> {
         let label = format!("paced {:.0}% ({connections} conns)", share * 100.0);
         paced.insert(
             (share * 100.0) as u32,
-            scenario(&label, &t, rounds, &|addr| wrk(&wrk_bin, addr, connections, secs, &["-s", &script]))?,
+            scenario(&label, &t, rounds, &|addr| wrk(&wrk_bin, addr, HOST, connections, secs, &["-s", &script]))?,
         );
     }
 
@@ -538,18 +323,5 @@ fn main() -> ExitCode {
             eprintln!("router-vs-peers: {e}");
             ExitCode::FAILURE
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn wrk_durations_parse_in_microseconds() {
-        assert_eq!(duration_us("812.00us"), Some(812.0));
-        assert_eq!(duration_us("1.50ms"), Some(1500.0));
-        assert_eq!(duration_us("2.00s"), Some(2e6));
-        assert_eq!(duration_us("bogus"), None);
     }
 }

@@ -1,0 +1,285 @@
+//! Shared parts of the proxy benchmarks (`router-vs-peers`, `balancer-tail`): servers
+//! pinned to CPUs, a canned HTTP backend, wrk runs with CPU-saturation checks, and the
+//! `edge` binary.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// Errors as text: these are command-line benches.
+pub type Fallible<T> = Result<T, String>;
+
+/// The host every bench route serves.
+pub const HOST: &str = "bench.test";
+
+/// The CPU proxies are pinned to.
+pub const PROXY_CPU: &str = "0";
+/// The CPU wrk and the backends are pinned to.
+pub const LOAD_CPU: &str = "1";
+
+/// A started server, stopped (and its process group killed) on drop.
+#[derive(Debug)]
+pub struct Server {
+    /// Its name in reports.
+    pub name: &'static str,
+    /// The process.
+    pub child: Child,
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // The whole process group: killing only nginx's master leaves its workers
+        // running, holding ports and CPU (seen in an early run of this bench).
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The path of `name`, or how to install it.
+pub fn tool(name: &str, package: &str) -> Fallible<PathBuf> {
+    keelson_testkit::require(name, package).map_err(|e| e.to_string())
+}
+
+pub fn spawn_pinned(cpu: &str, program: &Path, args: &[&str]) -> Fallible<Child> {
+    Command::new("taskset")
+        .arg("-c")
+        .arg(cpu)
+        .arg(program)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        // Its own process group, so that drop can stop every process it starts.
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", program.display()))
+}
+
+/// `127.0.0.1:port`.
+pub fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Writes a file, naming it in the error.
+pub fn write(path: &Path, text: &str) -> Fallible<()> {
+    std::fs::write(path, text).map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
+/// Backends: the calling program in backend mode (it must pass its `--serve-backends`
+/// argument to [`serve_backends`]) on the load CPU, one port per `(port, delay)`, each
+/// answering every request with a canned 200 "ok" after `delay`. They do as little as an
+/// HTTP server can (find the end of the head, write the answer), so that they and wrk
+/// fit on one core while the proxy is the bottleneck; nginx as the backend left wrk's
+/// core saturated.
+pub fn start_backends(backends: &[(u16, Duration)]) -> Fallible<Server> {
+    let me = std::env::current_exe().map_err(|e| e.to_string())?;
+    let list: Vec<String> = backends.iter().map(|(port, delay)| format!("{port}/{}", delay.as_micros())).collect();
+    let child = spawn_pinned(LOAD_CPU, &me, &["--serve-backends", &list.join(",")])?;
+    let first = backends.first().ok_or("no backends")?.0;
+    Ok(Server { name: "backends", child, addr: loopback(first) })
+}
+
+/// Backend mode: a single-threaded server per `port/delay_us` in the comma-separated
+/// `spec`; runs until killed.
+pub fn serve_backends(spec: &str) -> Fallible<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        for item in spec.split(',') {
+            let bad = || format!("bad backend {item:?}: expected port/delay_us");
+            let (port, delay) = item.split_once('/').ok_or_else(bad)?;
+            let port: u16 = port.parse().map_err(|_| bad())?;
+            let delay = Duration::from_micros(delay.parse().map_err(|_| bad())?);
+            let listener = tokio::net::TcpListener::bind(loopback(port)).await.map_err(|e| format!("backend port {port}: {e}"))?;
+            tokio::spawn(async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(backend_connection(stream, delay));
+                }
+            });
+        }
+        std::future::pending::<Fallible<()>>().await
+    })
+}
+
+async fn backend_connection(mut stream: tokio::net::TcpStream, delay: Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const KEEP: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Type: text/plain\r\n\r\nok\n";
+    const CLOSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n";
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    loop {
+        let Ok(n) = stream.read(&mut chunk).await else { return };
+        if n == 0 {
+            return;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        // Answer every complete head in the buffer (requests carry no body here).
+        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = buf.drain(..end + 4).collect::<Vec<u8>>();
+            let close = head.windows(17).any(|w| w.eq_ignore_ascii_case(b"connection: close"));
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            if stream.write_all(if close { CLOSE } else { KEEP }).await.is_err() || close {
+                return;
+            }
+        }
+    }
+}
+
+/// Busy and total jiffies of one CPU, from /proc/stat.
+pub fn cpu_times(cpu: &str) -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|l| l.starts_with(&format!("cpu{cpu} "))) else { return (0, 0) };
+    let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+/// One wrk run's result.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Run {
+    /// Requests per second.
+    pub rps: f64,
+    /// 99th percentile latency in microseconds.
+    pub p99_us: f64,
+    /// Socket errors plus non-2xx/3xx answers.
+    pub errors: u64,
+    /// Busy share of the load CPU during the run.
+    pub load_cpu_busy: f64,
+}
+
+impl Run {
+    /// The load generator's CPU was (nearly) saturated: the figure is wrk's, not the proxy's.
+    pub fn void(&self) -> bool {
+        self.load_cpu_busy > 0.97
+    }
+}
+
+/// Runs wrk against `addr`; `extra` adds arguments (headers, a pacing script).
+pub fn wrk(wrk: &Path, addr: SocketAddr, host: &str, connections: usize, seconds: u64, extra: &[&str]) -> Fallible<Run> {
+    let before = cpu_times(LOAD_CPU);
+    let out = Command::new("taskset")
+        .args(["-c", LOAD_CPU])
+        .arg(wrk)
+        .args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s"), "--latency", "-H", &format!("Host: {host}")])
+        .args(extra)
+        .arg(format!("http://{addr}/"))
+        .output()
+        .map_err(|e| format!("running wrk: {e}"))?;
+    let after = cpu_times(LOAD_CPU);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        return Err(format!("wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr)));
+    }
+    let mut run = Run { load_cpu_busy: (after.0 - before.0) as f64 / (after.1 - before.1).max(1) as f64, ..Run::default() };
+    for line in text.lines().map(str::trim) {
+        if let Some(v) = line.strip_prefix("Requests/sec:") {
+            run.rps = v.trim().parse().map_err(|_| format!("wrk output: {line}"))?;
+        } else if let Some(v) = line.strip_prefix("99%") {
+            run.p99_us = duration_us(v.trim()).ok_or_else(|| format!("wrk output: {line}"))?;
+        } else if let Some(v) = line.strip_prefix("Non-2xx or 3xx responses:") {
+            run.errors += v.trim().parse::<u64>().unwrap_or(1);
+        } else if let Some(v) = line.strip_prefix("Socket errors:") {
+            run.errors += v.split(',').filter_map(|part| part.split_whitespace().last()?.parse::<u64>().ok()).sum::<u64>();
+        }
+    }
+    if run.rps == 0.0 {
+        return Err(format!("wrk reported no throughput: {text}"));
+    }
+    Ok(run)
+}
+
+/// wrk prints durations as `812.00us`, `1.23ms` or `1.01s`.
+pub fn duration_us(s: &str) -> Option<f64> {
+    let (num, scale) = if let Some(n) = s.strip_suffix("us") {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix("ms") {
+        (n, 1e3)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60e6)
+    } else {
+        (s.strip_suffix('s')?, 1e6)
+    };
+    num.parse::<f64>().ok().map(|v| v * scale)
+}
+
+/// The median (upper middle for even lengths); NaN when empty.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The `edge` binary: `given`, or built with `cargo build --release` next to the
+/// running bench (with the etcd and Consul features, so every bench shares one build).
+pub fn edge_binary(given: Option<&Path>) -> Fallible<PathBuf> {
+    if let Some(p) = given {
+        return Ok(p.to_owned());
+    }
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "--release", "--quiet", "-p", "keelson-examples", "--features", "etcd,consul", "--bin", "edge"])
+        .status()
+        .map_err(|e| format!("building edge: {e}"))?;
+    if !status.success() {
+        return Err("building edge failed".into());
+    }
+    let me = std::env::current_exe().map_err(|e| e.to_string())?;
+    Ok(me.with_file_name("edge"))
+}
+
+/// Waits until `server` answers a GET for the bench host with the backends' body.
+pub fn wait_ready(server: &Server) -> Fallible<()> {
+    wait_ready_host(server, HOST)
+}
+
+/// Waits until `server` answers a GET for `host` with the backends' body.
+pub fn wait_ready_host(server: &Server, host: &str) -> Fallible<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match http_get(server.addr, host) {
+            Ok(body) if body.ends_with("ok\n") => return Ok(()),
+            other => {
+                if std::time::Instant::now() > deadline {
+                    return Err(format!("{} at {} not answering: {other:?}", server.name, server.addr));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// One `GET /` for the bench host over a fresh connection; the whole response.
+pub fn http_get(addr: SocketAddr, host: &str) -> Fallible<String> {
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).map_err(|e| e.to_string())?;
+    write!(s, "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrk_durations_parse_in_microseconds() {
+        assert_eq!(duration_us("812.00us"), Some(812.0));
+        assert_eq!(duration_us("1.50ms"), Some(1500.0));
+        assert_eq!(duration_us("2.00s"), Some(2e6));
+        assert_eq!(duration_us("bogus"), None);
+    }
+}
