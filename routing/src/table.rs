@@ -391,23 +391,61 @@ fn authority(addr: SocketAddr) -> http::uri::Authority {
     http::uri::Authority::try_from(addr.to_string()).unwrap_or_else(|_| http::uri::Authority::from_static("invalid.invalid"))
 }
 
-/// A host's routes, longest path prefix first.
-#[derive(Debug, Clone, Default)]
-struct HostRoutes(Vec<Arc<RouteEntry>>);
+/// A host's routes, longest path prefix first. Most hosts have one route: it is held
+/// directly, so a lookup chases no more pointers than a table keyed by host alone.
+#[derive(Debug, Clone)]
+enum HostRoutes {
+    One(Arc<RouteEntry>),
+    Many(Arc<Vec<Arc<RouteEntry>>>),
+}
 
 impl HostRoutes {
+    fn entries(&self) -> &[Arc<RouteEntry>] {
+        match self {
+            HostRoutes::One(e) => std::slice::from_ref(e),
+            HostRoutes::Many(list) => list,
+        }
+    }
+
+    /// From a list sorted longest prefix first; `None` when empty.
+    fn from_list(mut list: Vec<Arc<RouteEntry>>) -> Option<Self> {
+        match list.len() {
+            0 => None,
+            1 => list.pop().map(HostRoutes::One),
+            _ => Some(HostRoutes::Many(Arc::new(list))),
+        }
+    }
+
     fn find(&self, path: &str) -> Option<&RouteEntry> {
-        self.0.iter().find(|e| e.route.path.matches(path)).map(AsRef::as_ref)
+        match self {
+            HostRoutes::One(e) => e.route.path.matches(path).then_some(e.as_ref()),
+            HostRoutes::Many(list) => list.iter().find(|e| e.route.path.matches(path)).map(AsRef::as_ref),
+        }
     }
 
     fn get(&self, prefix: &PathPrefix) -> Option<&Arc<RouteEntry>> {
-        self.0.iter().find(|e| &e.route.path == prefix)
+        self.entries().iter().find(|e| &e.route.path == prefix)
     }
 
-    fn upsert(&mut self, entry: Arc<RouteEntry>) {
-        self.0.retain(|e| e.route.path != entry.route.path);
-        let at = self.0.partition_point(|e| e.route.path.as_str().len() >= entry.route.path.as_str().len());
-        self.0.insert(at, entry);
+    fn len(&self) -> usize {
+        self.entries().len()
+    }
+
+    /// These routes with `entry` added or replacing the one with its prefix.
+    fn with(routes: Option<&HostRoutes>, entry: Arc<RouteEntry>) -> HostRoutes {
+        let mut list: Vec<Arc<RouteEntry>> =
+            routes.map(|r| r.entries().iter().filter(|e| e.route.path != entry.route.path).cloned().collect()).unwrap_or_default();
+        if list.is_empty() {
+            return HostRoutes::One(entry);
+        }
+        let at = list.partition_point(|e| e.route.path.as_str().len() >= entry.route.path.as_str().len());
+        list.insert(at, entry);
+        HostRoutes::Many(Arc::new(list))
+    }
+
+    /// These routes without `prefix`; `None` when none is left.
+    fn without(&self, prefix: &PathPrefix) -> Option<HostRoutes> {
+        HostRoutes::from_list(self.entries().iter().filter(|e| &e.route.path != prefix).cloned().collect())
     }
 }
 
@@ -463,7 +501,7 @@ impl RouteTable {
 
     /// Every route, sorted by host, then path prefix.
     pub fn routes(&self) -> Vec<&Route> {
-        let mut all: Vec<&Route> = self.hosts.values().flat_map(|h| h.0.iter().map(|e| &e.route)).collect();
+        let mut all: Vec<&Route> = self.hosts.values().flat_map(|h| h.entries().iter().map(|e| &e.route)).collect();
         all.sort_by(|a, b| (&a.host, &a.path).cmp(&(&b.host, &b.path)));
         all
     }
@@ -512,8 +550,8 @@ impl RouteTable {
         for c in changes {
             match c {
                 RouteChange::Upsert(r) => {
-                    let mut routes = hosts.get(&r.host).cloned().unwrap_or_default();
-                    let old = routes.get(&r.path);
+                    let routes = hosts.get(&r.host);
+                    let old = routes.and_then(|rs| rs.get(&r.path));
                     let cursor = old.map(|e| e.cursor.clone()).unwrap_or_default();
                     // What the balancer learned about an endpoint follows its id.
                     let stats = r.endpoints.iter().map(|e| old.and_then(|o| o.stats(&e.id)).cloned().unwrap_or_default()).collect();
@@ -525,20 +563,24 @@ impl RouteTable {
                     });
                     len += usize::from(old.is_none());
                     let authorities = r.endpoints.iter().map(|e| authority(e.addr)).collect();
-                    routes.upsert(Arc::new(RouteEntry { route: r.clone(), selector, stats, authorities, cursor, name, limiter }));
-                    hosts.insert(r.host.clone(), routes);
+                    let entry = Arc::new(RouteEntry { route: r.clone(), selector, stats, authorities, cursor, name, limiter });
+                    let next = HostRoutes::with(routes, entry);
+                    hosts.insert(r.host.clone(), next);
                 }
                 RouteChange::Remove(h) => {
-                    len -= hosts.remove(h).map_or(0, |r| r.0.len());
+                    len -= hosts.remove(h).map_or(0, |r| r.len());
                 }
                 RouteChange::RemovePath(h, p) => {
-                    if let Some(mut routes) = hosts.get(h).cloned() {
-                        routes.0.retain(|e| &e.route.path != p);
+                    if let Some(routes) = hosts.get(h) {
+                        let next = routes.without(p);
                         len -= 1;
-                        if routes.0.is_empty() {
-                            hosts.remove(h);
-                        } else {
-                            hosts.insert(h.clone(), routes);
+                        match next {
+                            Some(next) => {
+                                hosts.insert(h.clone(), next);
+                            }
+                            None => {
+                                hosts.remove(h);
+                            }
                         }
                     }
                 }
