@@ -88,6 +88,22 @@ pub fn start_backends(backends: &[(u16, Duration)]) -> Fallible<Server> {
     Ok(Server { name: "backends", child, addr: loopback(first) })
 }
 
+/// The `main` of a bench that starts backends: backend mode when `serve_backends` is
+/// given (see [`start_backends`]), else `run`; an error is printed after `name`.
+pub fn bench_main(name: &str, serve_backends_spec: Option<&str>, run: impl FnOnce() -> Fallible<()>) -> std::process::ExitCode {
+    let result = match serve_backends_spec {
+        Some(spec) => serve_backends(spec),
+        None => run(),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Backend mode: a single-threaded server per `port/delay_us` in the comma-separated
 /// `spec`; runs until killed.
 pub fn serve_backends(spec: &str) -> Fallible<()> {

@@ -22,6 +22,21 @@ fn signal(child: &Child, s: Signal) {
     kill(Pid::from_raw(i32::try_from(child.id()).expect("pid")), s).expect("signal");
 }
 
+/// Starts `edge` with `args`; its stdout is returned for the ready lines.
+fn start_edge(args: &[&str]) -> (Child, BufReader<std::process::ChildStdout>) {
+    let mut child =
+        Command::new(env!("CARGO_BIN_EXE_edge")).args(args).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("starts");
+    let out = BufReader::new(child.stdout.take().expect("stdout"));
+    (child, out)
+}
+
+/// SIGTERM, then a clean exit within 10 s.
+fn stop_edge(mut child: Child) {
+    signal(&child, Signal::SIGTERM);
+    let status = keelson_testkit::wait_exit(&mut child, Duration::from_secs(10)).expect("stops on SIGTERM");
+    assert!(status.success(), "{status}");
+}
+
 /// Polls until `host` answers `status` through the proxy, for up to 5 s.
 async fn until_status(proxy: SocketAddr, host: &str, status: u16) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -44,14 +59,10 @@ async fn edge_serves_reloads_and_reports_metrics() {
     std::fs::write(&file, routes(&[("one.test", a)])).expect("write");
     let listen: SocketAddr = format!("127.0.0.1:{}", keelson_testkit::free_port().expect("port")).parse().expect("addr");
     let metrics: SocketAddr = format!("127.0.0.1:{}", keelson_testkit::free_port().expect("port")).parse().expect("addr");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_edge"))
-        .args(["--routes", file.to_str().expect("path"), "--listen", &listen.to_string(), "--metrics", &metrics.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starts");
+    let (child, mut out) =
+        start_edge(&["--routes", file.to_str().expect("path"), "--listen", &listen.to_string(), "--metrics", &metrics.to_string()]);
     let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("ready line");
+    out.read_line(&mut line).expect("ready line");
     assert!(line.starts_with("edge serving 1 routes on"), "{line}");
 
     let r = get(listen, "one.test", "/").await.expect("response");
@@ -77,9 +88,7 @@ async fn edge_serves_reloads_and_reports_metrics() {
     assert!(m.body.contains(r#"keelson_proxy_requests_total{route="two.test",code="2xx"}"#), "{}", m.body);
     assert!(m.body.contains(r#"keelson_proxy_requests_total{route="",code="4xx"}"#), "{}", m.body);
 
-    signal(&child, Signal::SIGTERM);
-    let status = keelson_testkit::wait_exit(&mut child, Duration::from_secs(10)).expect("stops on SIGTERM");
-    assert!(status.success(), "{status}");
+    stop_edge(child);
 }
 
 #[test]
@@ -124,22 +133,16 @@ async fn edge_terminates_tls_and_rotates_certificates_on_sighup() {
     let ports = keelson_testkit::free_ports(2).expect("ports");
     let (listen, tls): (SocketAddr, SocketAddr) = (([127, 0, 0, 1], ports[0]).into(), ([127, 0, 0, 1], ports[1]).into());
     let cert_arg = format!("one.test={},{}", chain.display(), key.display());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_edge"))
-        .args([
-            "--routes",
-            file.to_str().expect("path"),
-            "--listen",
-            &listen.to_string(),
-            "--tls-listen",
-            &tls.to_string(),
-            "--cert",
-            &cert_arg,
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starts");
-    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let (child, mut out) = start_edge(&[
+        "--routes",
+        file.to_str().expect("path"),
+        "--listen",
+        &listen.to_string(),
+        "--tls-listen",
+        &tls.to_string(),
+        "--cert",
+        &cert_arg,
+    ]);
     let mut line = String::new();
     out.read_line(&mut line).expect("ready line");
     out.read_line(&mut line).expect("TLS line");
@@ -176,9 +179,7 @@ async fn edge_terminates_tls_and_rotates_certificates_on_sighup() {
         "a broken file keeps the certificate in force"
     );
 
-    signal(&child, Signal::SIGTERM);
-    let status = keelson_testkit::wait_exit(&mut child, Duration::from_secs(10)).expect("stops on SIGTERM");
-    assert!(status.success(), "{status}");
+    stop_edge(child);
 }
 
 /// A TCP server that greets with `id`, then closes.
@@ -215,13 +216,7 @@ async fn edge_proxies_tcp_routes_and_reloads_them() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("routes.json");
     std::fs::write(&file, file_text(first)).expect("write");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_edge"))
-        .args(["--routes", file.to_str().expect("path"), "--listen", &listen.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starts");
-    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let (child, mut out) = start_edge(&["--routes", file.to_str().expect("path"), "--listen", &listen.to_string()]);
     let mut lines = String::new();
     out.read_line(&mut lines).expect("ready line");
     out.read_line(&mut lines).expect("TCP line");
@@ -235,9 +230,7 @@ async fn edge_proxies_tcp_routes_and_reloads_them() {
         assert!(tokio::time::Instant::now() < deadline, "TCP route not reloaded");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    signal(&child, Signal::SIGTERM);
-    let status = keelson_testkit::wait_exit(&mut child, Duration::from_secs(10)).expect("stops on SIGTERM");
-    assert!(status.success(), "{status}");
+    stop_edge(child);
 }
 
 /// `--etcd`: instances registered in a real etcd by another process's `KvDiscovery`
@@ -254,14 +247,9 @@ async fn edge_follows_the_catalog_in_etcd() {
     let kv = EtcdKv::connect(EtcdConfig::new(vec![etcd.client_url()])).await.expect("connect");
     let discovery = KvDiscovery::new(Arc::new(kv));
     let listen: SocketAddr = format!("127.0.0.1:{}", keelson_testkit::free_port().expect("port")).parse().expect("addr");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_edge"))
-        .args(["--etcd", &etcd.client_url(), "--listen", &listen.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starts");
+    let (child, mut out) = start_edge(&["--etcd", &etcd.client_url(), "--listen", &listen.to_string()]);
     let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("ready line");
+    out.read_line(&mut line).expect("ready line");
     assert!(line.starts_with("edge serving"), "{line}");
     assert_eq!(get(listen, "cat.test", "/").await.expect("response").status, 404);
 
@@ -277,8 +265,7 @@ async fn edge_follows_the_catalog_in_etcd() {
     handle.deregister().await.expect("deregister");
     until_status(listen, "cat.test", 404).await;
 
-    signal(&child, Signal::SIGTERM);
-    keelson_testkit::wait_exit(&mut child, Duration::from_secs(10)).expect("stops on SIGTERM");
+    stop_edge(child);
 }
 
 /// `--consul`: services registered in a Consul agent become routes; when the agent goes
@@ -292,14 +279,9 @@ async fn edge_follows_the_consul_catalog_and_reports_staleness() {
     let (up, _t) = echo_server("from-consul").await.expect("upstream");
     let ports = keelson_testkit::free_ports(2).expect("ports");
     let (listen, metrics): (SocketAddr, SocketAddr) = (([127, 0, 0, 1], ports[0]).into(), ([127, 0, 0, 1], ports[1]).into());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_edge"))
-        .args(["--consul", &consul.url(), "--listen", &listen.to_string(), "--metrics", &metrics.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starts");
+    let (child, mut out) = start_edge(&["--consul", &consul.url(), "--listen", &listen.to_string(), "--metrics", &metrics.to_string()]);
     let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("ready line");
+    out.read_line(&mut line).expect("ready line");
 
     let config = ConsulConfig { wait: Duration::from_secs(2), ..ConsulConfig::new(consul.url()) };
     let registrar = ConsulDiscovery::new(config).expect("client");
@@ -318,7 +300,42 @@ async fn edge_follows_the_consul_catalog_and_reports_staleness() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(get(listen, "shop.test", "/").await.expect("get").status, 200, "the last good routes are still served");
-    signal(&child, Signal::SIGTERM);
-    let status = keelson_testkit::wait_exit(&mut child, Duration::from_secs(10)).expect("stops on SIGTERM");
-    assert!(status.success(), "{status}");
+    stop_edge(child);
+}
+
+/// `--workers 3`: three single-thread runtimes share the address (SO_REUSEPORT); every
+/// request is answered and the metrics count all of them, whichever worker served it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_workers_share_the_listen_address_and_the_metrics() {
+    let (a, _ta) = echo_server("upstream-a").await.expect("a");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("routes.json");
+    std::fs::write(&file, routes(&[("one.test", a)])).expect("write");
+    let ports = keelson_testkit::free_ports(2).expect("ports");
+    let (listen, metrics): (SocketAddr, SocketAddr) = (([127, 0, 0, 1], ports[0]).into(), ([127, 0, 0, 1], ports[1]).into());
+    let (child, mut out) = start_edge(&[
+        "--routes",
+        file.to_str().expect("path"),
+        "--listen",
+        &listen.to_string(),
+        "--metrics",
+        &metrics.to_string(),
+        "--workers",
+        "3",
+    ]);
+    let mut line = String::new();
+    out.read_line(&mut line).expect("ready line");
+    // Workers bind as they start; the ready line comes after the first one.
+    until_status(listen, "one.test", 200).await;
+    for _ in 0..30 {
+        assert_eq!(get(listen, "one.test", "/").await.expect("response").status, 200);
+    }
+    let m = get(metrics, "m.test", "/metrics").await.expect("metrics").body;
+    let count = m
+        .lines()
+        .find(|l| l.starts_with(r#"keelson_proxy_requests_total{route="one.test",code="2xx"}"#))
+        .and_then(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+        .expect("request counter");
+    assert!(count >= 31, "metrics counted {count} of at least 31 requests:\n{m}");
+    stop_edge(child);
 }

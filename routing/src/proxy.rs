@@ -58,8 +58,9 @@ pub struct ProxyConfig {
     pub pool_max_idle_per_host: usize,
     /// How long shutdown waits for in-flight requests (default 10 s).
     pub drain_timeout: Duration,
-    /// How long shutdown lets upgraded connections (WebSockets) run on after the
-    /// listener closed, so clients can finish and reconnect elsewhere (default 30 s).
+    /// How long upgraded connections (WebSockets) run on after shutdown began or after
+    /// their endpoint left the route, so clients can finish and reconnect elsewhere
+    /// (default 30 s).
     pub upgrade_drain_grace: Duration,
     /// Time a client has to complete the TLS handshake (default 10 s).
     pub tls_handshake_timeout: Duration,
@@ -208,6 +209,13 @@ impl Proxy {
             metrics: ProxyMetrics::default(),
             access_log: None,
         }
+    }
+
+    /// Counts into `other`'s metrics instead of its own: several proxies over one
+    /// router (one runtime per core, say) then report as one.
+    pub fn with_metrics_of(mut self, other: &Proxy) -> Self {
+        self.metrics = other.metrics.clone();
+        self
     }
 
     /// Logs every request to `log` (see [`AccessLog`]).
@@ -432,6 +440,8 @@ impl Proxy {
                 return error(StatusCode::SERVICE_UNAVAILABLE, format!("no healthy endpoint for host {host}"));
             };
             let addr = picked.endpoint.addr;
+            // An upgraded connection watches whether its endpoint stays routed.
+            let endpoint_id = upgrade.as_ref().map(|_| picked.endpoint.id.clone());
             let authority = picked.authority.clone();
             outcome.upstream = Some(addr);
             let stats = picked.stats.clone();
@@ -481,7 +491,8 @@ impl Proxy {
                     stats.record_success();
                     in_flight.finish();
                     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                        return self.join_upgrade(resp, upgrade, addr);
+                        let routed = endpoint_id.map(|id| RoutedEndpoint { host: host.clone(), path: parts.uri.path().to_owned(), id });
+                        return self.join_upgrade(resp, upgrade, addr, routed);
                     }
                     let (mut parts, body) = resp.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
@@ -494,13 +505,15 @@ impl Proxy {
 
 impl Proxy {
     /// The upstream switched protocols: answer the client with the same 101 and copy
-    /// bytes both ways between the two upgraded connections until either side closes or
-    /// the drain grace runs out.
+    /// bytes both ways between the two upgraded connections until either side closes,
+    /// or the drain grace runs out after shutdown began or after the endpoint left the
+    /// route.
     fn join_upgrade(
         &self,
         mut resp: Response<Incoming>,
         upgrade: Option<(HeaderValue, Option<hyper::upgrade::OnUpgrade>)>,
         addr: SocketAddr,
+        routed: Option<RoutedEndpoint>,
     ) -> Response<ProxyBody> {
         let Some((offer, Some(client_side))) = upgrade else {
             // 101 to a request that offered no upgrade breaks HTTP/1.1 framing.
@@ -508,6 +521,19 @@ impl Proxy {
         };
         let upstream_side = hyper::upgrade::on(&mut resp);
         let close = self.close_tunnels.clone();
+        let (router, grace) = (self.router.clone(), self.config.upgrade_drain_grace);
+        // Resolves `grace` after the endpoint stopped being routed; never without one.
+        let removed = async move {
+            let Some(routed) = routed else { return std::future::pending().await };
+            loop {
+                tokio::time::sleep(ROUTE_RECHECK).await;
+                if !routed.still_routed(router.as_ref()) {
+                    tracing::debug!(%addr, grace = ?grace, "endpoint left its route; closing its upgraded connection after the grace");
+                    tokio::time::sleep(grace).await;
+                    return;
+                }
+            }
+        };
         self.tunnels.spawn(async move {
             let (client_io, upstream_io) = match tokio::join!(client_side, upstream_side) {
                 (Ok(c), Ok(u)) => (c, u),
@@ -524,6 +550,7 @@ impl Proxy {
                     }
                 }
                 () = close.cancelled() => tracing::debug!(%addr, "upgraded connection closed by shutdown"),
+                () = removed => tracing::debug!(%addr, "upgraded connection closed: its endpoint was removed"),
             }
         });
         let (mut parts, _) = resp.into_parts();
@@ -531,6 +558,23 @@ impl Proxy {
         parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(UPGRADE, offer);
         Response::from_parts(parts, empty_body())
+    }
+}
+
+/// How often an upgraded connection checks that its endpoint is still routed.
+const ROUTE_RECHECK: Duration = Duration::from_millis(500);
+
+/// Where an upgraded connection was routed, to notice when its endpoint goes away.
+#[derive(Debug)]
+struct RoutedEndpoint {
+    host: String,
+    path: String,
+    id: String,
+}
+
+impl RoutedEndpoint {
+    fn still_routed(&self, router: &dyn Router) -> bool {
+        router.snapshot().lookup_path(&self.host, &self.path).is_some_and(|r| r.route().endpoints.iter().any(|e| e.id == self.id))
     }
 }
 

@@ -16,7 +16,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use keelson_routing::{Endpoint, Host, MemoryRouter, PathPrefix, Proxy, ProxyConfig, Route, RouteChange, Router};
-use keelson_testkit::http::{echo_server, get};
+use keelson_testkit::http::{echo_server, get, websocket_echo};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
@@ -53,24 +53,6 @@ async fn ticker() -> SocketAddr {
     addr
 }
 
-async fn websocket_echo() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else { return };
-                while let Some(Ok(msg)) = ws.next().await {
-                    if msg.is_text() && ws.send(msg).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_client_error_while_routes_change_ten_times_a_second() {
     let mut echoes = Vec::new();
@@ -78,7 +60,7 @@ async fn no_client_error_while_routes_change_ten_times_a_second() {
         echoes.push(echo_server(&format!("e{i}")).await.expect("echo"));
     }
     let addrs: Vec<SocketAddr> = echoes.iter().map(|(a, _)| *a).collect();
-    let (ws_up, stream_up) = (websocket_echo().await, ticker().await);
+    let (ws_up, stream_up) = (websocket_echo().await.expect("websocket server"), ticker().await);
     let router = Arc::new(MemoryRouter::new());
     router
         .apply(vec![

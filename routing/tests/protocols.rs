@@ -14,7 +14,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use keelson_routing::{CertStore, Endpoint, Error, Host, MemoryRouter, Proxy, ProxyConfig, Route, RouteChange, Router, UpstreamProtocol};
-use keelson_testkit::http::{echo_server, request};
+use keelson_testkit::http::{echo_server, request, websocket_echo};
 use keelson_testkit::tls::{self, TestCert};
 use rustls::pki_types::CertificateDer;
 use tokio::net::TcpStream;
@@ -160,26 +160,6 @@ async fn grpc_passes_through_to_an_h2c_upstream_with_trailers() {
     let _ = proxy.stop.send(());
 }
 
-/// A WebSocket server that echoes every text message.
-async fn websocket_echo() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
-            tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else { return };
-                while let Some(Ok(msg)) = ws.next().await {
-                    if msg.is_text() && ws.send(msg).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
 async fn websocket_client(proxy: SocketAddr, url: &str) -> tokio_tungstenite::WebSocketStream<TcpStream> {
     let stream = TcpStream::connect(proxy).await.expect("connect");
     let req = url.into_client_request().expect("ws request");
@@ -198,7 +178,7 @@ async fn echo_round_trip(ws: &mut tokio_tungstenite::WebSocketStream<TcpStream>,
 
 #[tokio::test]
 async fn websockets_are_tunnelled_and_outlive_shutdown_only_for_the_grace() {
-    let up = websocket_echo().await;
+    let up = websocket_echo().await.expect("websocket server");
     let router = Arc::new(MemoryRouter::new());
     route(&router, Route::new(host("ws.test"), vec![Endpoint::new("w", up)])).await;
     let config = ProxyConfig { upgrade_drain_grace: Duration::from_millis(700), ..ProxyConfig::default() };
@@ -366,5 +346,31 @@ async fn the_protocol_tag_routes_grpc_services_from_discovery() {
     let mut sender = h2_handshake(TcpStream::connect(proxy.addr).await.expect("connect")).await;
     let resp = sender.send_request(h2_get("greeter.test", "/pkg.Greeter/Hello")).await.expect("response");
     assert_eq!(resp.headers()["x-saw-version"], "HTTP/2.0");
+    let _ = proxy.stop.send(());
+}
+
+#[tokio::test]
+async fn a_websocket_outlives_its_endpoints_removal_only_for_the_grace() {
+    let up = websocket_echo().await.expect("websocket server");
+    let router = Arc::new(MemoryRouter::new());
+    route(&router, Route::new(host("live.test"), vec![Endpoint::new("w", up)])).await;
+    let config = ProxyConfig { upgrade_drain_grace: Duration::from_millis(700), ..ProxyConfig::default() };
+    let proxy = start_proxy(router.clone(), config, None).await;
+    let mut ws = websocket_client(proxy.addr, "ws://live.test/").await;
+    assert_eq!(echo_round_trip(&mut ws, "before").await.as_deref(), Some("before"));
+
+    // A route update that keeps the endpoint changes nothing.
+    route(&router, Route::new(host("live.test"), vec![Endpoint::new("w", up), Endpoint::new("other", up)])).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(echo_round_trip(&mut ws, "kept").await.as_deref(), Some("kept"), "an update keeping the endpoint closed the WebSocket");
+
+    // Removing the endpoint starts the grace: still open at once, closed after it.
+    route(&router, Route::new(host("live.test"), vec![Endpoint::new("other", up)])).await;
+    assert_eq!(echo_round_trip(&mut ws, "in grace").await.as_deref(), Some("in grace"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while echo_round_trip(&mut ws, "still?").await.is_some() {
+        assert!(tokio::time::Instant::now() < deadline, "WebSocket to a removed endpoint still open after 5 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let _ = proxy.stop.send(());
 }

@@ -79,3 +79,24 @@ pub async fn echo_server(id: &str) -> Result<(SocketAddr, tokio::task::JoinHandl
     });
     Ok((addr, task))
 }
+
+/// Starts a WebSocket server on 127.0.0.1 (tokio-tungstenite) that echoes every text
+/// message. Runs for the life of the test process.
+pub async fn websocket_echo() -> Result<SocketAddr, TestkitError> {
+    use futures::{SinkExt, StreamExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(crate::tools::io("binding WebSocket server"))?;
+    let addr = listener.local_addr().map_err(crate::tools::io("WebSocket server address"))?;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else { return };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if msg.is_text() && ws.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Ok(addr)
+}

@@ -14,8 +14,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use keelson_benches::proxy_bench::{
-    edge_binary, loopback, median, serve_backends, spawn_pinned, start_backends, tool, wait_ready_host, write, wrk, Fallible, Server,
-    PROXY_CPU,
+    bench_main, edge_binary, loopback, median, spawn_pinned, start_backends, tool, wait_ready_host, write, wrk, Fallible, Server, PROXY_CPU,
 };
 
 #[derive(Parser, Debug)]
@@ -122,15 +121,5 @@ fn run(args: &Args) -> Fallible<()> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let result = match &args.serve_backends {
-        Some(spec) => serve_backends(spec),
-        None => run(&args),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("balancer-tail: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    bench_main("balancer-tail", args.serve_backends.as_deref(), || run(&args))
 }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use keelson_benches::proxy_bench::{edge_binary, Fallible};
 use keelson_discovery::{Discovery, EtcdConfig, EtcdKv, KvDiscovery, Registration, ServiceName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -26,8 +27,6 @@ struct Args {
     #[arg(long)]
     edge: Option<std::path::PathBuf>,
 }
-
-type Fallible<T> = Result<T, String>;
 
 /// One keep-alive connection to the proxy; `status` sends a GET and reads the status.
 struct Poller {
@@ -85,22 +84,8 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
 
-fn edge_binary(args: &Args) -> Fallible<std::path::PathBuf> {
-    if let Some(p) = &args.edge {
-        return Ok(p.clone());
-    }
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--release", "--quiet", "-p", "keelson-examples", "--features", "etcd,consul", "--bin", "edge"])
-        .status()
-        .map_err(|e| format!("building edge: {e}"))?;
-    if !status.success() {
-        return Err("building edge failed".into());
-    }
-    Ok(std::env::current_exe().map_err(|e| e.to_string())?.with_file_name("edge"))
-}
-
 async fn run(args: Args) -> Fallible<()> {
-    let edge = edge_binary(&args)?;
+    let edge = edge_binary(args.edge.as_deref())?;
     let etcd = keelson_testkit::etcd::Etcd::start().map_err(|e| e.to_string())?;
     let (up, _upstream) = keelson_testkit::http::echo_server("up").await.map_err(|e| e.to_string())?;
     let listen: SocketAddr = ([127, 0, 0, 1], keelson_testkit::free_port().map_err(|e| e.to_string())?).into();

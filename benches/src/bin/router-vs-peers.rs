@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use keelson_benches::proxy_bench::{
-    edge_binary, loopback, median, serve_backends, spawn_pinned, start_backends, tool, wait_ready, write, wrk, Fallible, Run, Server, HOST,
+    bench_main, edge_binary, loopback, median, spawn_pinned, start_backends, tool, wait_ready, write, wrk, Fallible, Run, Server, HOST,
     LOAD_CPU, PROXY_CPU,
 };
 
@@ -313,15 +313,5 @@ fn run(args: &Args) -> Fallible<()> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let result = match &args.serve_backends {
-        Some(ports) => serve_backends(ports),
-        None => run(&args),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("router-vs-peers: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    bench_main("router-vs-peers", args.serve_backends.as_deref(), || run(&args))
 }

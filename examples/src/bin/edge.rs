@@ -29,6 +29,10 @@
 //! server name without decrypting (SNI passthrough), or to the entry without `sni`.
 //! SIGHUP updates endpoints and names; a new listen address needs a restart.
 //!
+//! Scaling: `--workers N` serves the HTTP listener from N single-thread runtimes, each
+//! with its own SO_REUSEPORT socket and upstream pools (one per core), sharing routes and
+//! metrics.
+//!
 //! TLS: `--tls-listen 127.0.0.1:8443 --cert app.example=chain.pem,key.pem` (repeatable;
 //! the name may be `*.example` or `default`, the certificate for clients naming no known
 //! host). SIGHUP re-reads the certificate files too: new handshakes get the new
@@ -85,6 +89,11 @@ struct Args {
     /// thread, which is the fastest setup for a proxy pinned to one core.
     #[arg(long)]
     threads: Option<usize>,
+    /// Runtimes serving the HTTP listener, each a single thread with its own socket on
+    /// the same address (SO_REUSEPORT; the kernel spreads connections) and its own
+    /// upstream pools: one per core scales without sharing. Default 1.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
     /// Upstream answer timeout, in milliseconds.
     #[arg(long, default_value_t = 30_000)]
     upstream_timeout_ms: u64,
@@ -154,6 +163,18 @@ async fn reload(path: Option<&Path>, routers: &Routers, current: &mut Installed)
         let wanted = new.tcp.remove(addr).unwrap_or_default();
         apply_diff(&format!("tcp {addr}"), router, current.tcp.entry(*addr).or_default(), wanted).await;
     }
+}
+
+/// A listening socket on `addr`; with `shared`, SO_REUSEPORT lets other sockets bind
+/// the same address, each getting its share of connections from the kernel.
+fn bind_shared(addr: SocketAddr, shared: bool) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    if shared {
+        socket.set_reuseport(true)?;
+    }
+    socket.bind(addr)?;
+    socket.listen(1024)
 }
 
 /// One `--cert` argument.
@@ -287,10 +308,12 @@ async fn run(args: Args) -> Result<(), String> {
     let source_status = keelson_routing::SourceStatus::new();
     let following = follow_catalog(&args, router.clone(), source_status.clone()).await?;
     let config = ProxyConfig { upstream_timeout: Duration::from_millis(args.upstream_timeout_ms), ..ProxyConfig::default() };
-    let mut proxy = Proxy::new(router.clone(), config);
+    let mut proxy = Proxy::new(router.clone(), config.clone());
+    let mut access_log = None;
     if let Some(path) = &args.access_log {
         let (log, _writer) = keelson_routing::AccessLog::to_file(path, 65_536).await.map_err(|e| e.to_string())?;
-        proxy = proxy.with_access_log(log);
+        proxy = proxy.with_access_log(log.clone());
+        access_log = Some(log);
     }
     let proxy = Arc::new(proxy);
     if let Some(addr) = args.metrics {
@@ -302,7 +325,10 @@ async fn run(args: Args) -> Result<(), String> {
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("metrics listen {addr}: {e}"))?;
         tokio::spawn(serve_metrics(listener, Arc::new(registry)));
     }
-    let listener = tokio::net::TcpListener::bind(args.listen).await.map_err(|e| format!("listen {}: {e}", args.listen))?;
+    if args.workers == 0 {
+        return Err("--workers must be at least 1".into());
+    }
+    let listener = bind_shared(args.listen, args.workers > 1).map_err(|e| format!("listen {}: {e}", args.listen))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
@@ -311,6 +337,23 @@ async fn run(args: Args) -> Result<(), String> {
         let _ = rx.wait_for(|stop| *stop).await;
     };
     let mut servers = vec![tokio::spawn(proxy.clone().serve(listener, until_stopped(stopped.clone())))];
+    let mut workers = Vec::new();
+    for n in 1..args.workers {
+        let mut worker = Proxy::new(router.clone(), config.clone()).with_metrics_of(&proxy);
+        if let Some(log) = &access_log {
+            worker = worker.with_access_log(log.clone());
+        }
+        let stop = until_stopped(stopped.clone());
+        let thread = std::thread::Builder::new().name(format!("edge-worker-{n}")).spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+            runtime.block_on(async move {
+                let listener = bind_shared(local, true).map_err(|e| format!("worker {n} listen {local}: {e}"))?;
+                Arc::new(worker).serve(listener, stop).await;
+                Ok::<(), String>(())
+            })
+        });
+        workers.push(thread.map_err(|e| format!("starting worker {n}: {e}"))?);
+    }
     let specs = args.cert.iter().map(|s| parse_cert_spec(s)).collect::<Result<Vec<_>, _>>()?;
     let certs = keelson_routing::CertStore::new();
     load_certs(&specs, &certs)?;
@@ -350,6 +393,9 @@ async fn run(args: Args) -> Result<(), String> {
     let _ = stop.send(true);
     for server in servers {
         server.await.map_err(|e| e.to_string())?;
+    }
+    for worker in workers {
+        worker.join().map_err(|_| "a worker panicked".to_owned())??;
     }
     Ok(())
 }
