@@ -51,8 +51,8 @@ pub use proxy::{strip_hop_by_hop, Proxy, ProxyBody, ProxyConfig};
 pub use rate_limit::RateLimit;
 pub use router::{MemoryRouter, Router, RouterCapabilities};
 pub use sources::{
-    follow_discovery, follow_discovery_with, routes_from_instances, RoutesFile, SourceStatus, TcpRoute, BALANCER_TAG, HTTP_HOST_TAG,
-    HTTP_PATH_TAG, PROTOCOL_TAG, WEIGHT_TAG,
+    follow_discovery, follow_discovery_tcp, follow_discovery_with, routes_from_instances, tcp_routes_from_instances, RoutesFile,
+    SourceStatus, TcpRoute, BALANCER_TAG, HTTP_HOST_TAG, HTTP_PATH_TAG, PROTOCOL_TAG, SNI_TAG, TCP_PORT_TAG, WEIGHT_TAG,
 };
 pub use table::{Endpoint, Host, PathPrefix, Picked, Route, RouteChange, RouteEntry, RouteKey, RouteTable, UpstreamProtocol};
 pub use tcp::{TcpProxy, TcpProxyConfig, TCP_DEFAULT_HOST};

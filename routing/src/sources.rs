@@ -33,6 +33,12 @@ pub const BALANCER_TAG: &str = "keelson.http.balancer";
 /// What the route's endpoints speak, from its first instance: `keelson.http.protocol=
 /// http1 | h2c` (h2c for gRPC services).
 pub const PROTOCOL_TAG: &str = "keelson.http.protocol";
+/// The proxy port a TCP service is served on: `keelson.tcp.port=5432`.
+pub const TCP_PORT_TAG: &str = "keelson.tcp.port";
+/// The TLS server name routing to an instance on its TCP port (SNI passthrough):
+/// `keelson.sni=db.example` or `*.example`; without it the instance is in the port's
+/// default route.
+pub const SNI_TAG: &str = "keelson.sni";
 
 /// A routes file: `{"routes": [{"host": "...", "endpoints": [{"id": "...", "addr": "ip:port"}]}]}`,
 /// optionally with `"tcp": [{"listen": "0.0.0.0:5432", "sni": "db.example", "endpoints": [...]}]`.
@@ -132,26 +138,8 @@ pub fn routes_from_instances(instances: &[Instance]) -> BTreeMap<RouteKey, Route
                 continue;
             }
         };
-        let Ok(ip) = i.address.parse::<IpAddr>() else {
-            tracing::warn!(service = %i.service, id = %i.id, address = %i.address, "ignoring instance whose address is not an IP");
-            continue;
-        };
-        let weight = match i.tag_value(WEIGHT_TAG).map(str::parse::<u32>) {
-            None => 1,
-            Some(Ok(w)) if (1..=100).contains(&w) => w,
-            Some(_) => {
-                tracing::warn!(service = %i.service, id = %i.id, "ignoring a weight tag outside 1..=100");
-                1
-            }
-        };
-        let endpoint =
-            Endpoint { id: format!("{}/{}", i.service, i.id), addr: SocketAddr::new(ip, i.port), healthy: i.health.is_healthy(), weight };
-        let balancer = match i.tag_value(BALANCER_TAG) {
-            Some("weighted") => Balancer::Weighted,
-            Some("least_requests") => Balancer::LeastRequests,
-            Some("peak_ewma") => Balancer::PeakEwma,
-            _ => Balancer::RoundRobin,
-        };
+        let Some(endpoint) = endpoint_of(i) else { continue };
+        let balancer = balancer_of(i);
         let upstream = match i.tag_value(PROTOCOL_TAG) {
             Some("h2c") => UpstreamProtocol::H2c,
             _ => UpstreamProtocol::Http1,
@@ -163,6 +151,133 @@ pub fn routes_from_instances(instances: &[Instance]) -> BTreeMap<RouteKey, Route
             .push(endpoint);
     }
     routes
+}
+
+/// The endpoint an instance is, or `None` (with a warning) when its address is not an IP.
+fn endpoint_of(i: &Instance) -> Option<Endpoint> {
+    let Ok(ip) = i.address.parse::<IpAddr>() else {
+        tracing::warn!(service = %i.service, id = %i.id, address = %i.address, "ignoring instance whose address is not an IP");
+        return None;
+    };
+    let weight = match i.tag_value(WEIGHT_TAG).map(str::parse::<u32>) {
+        None => 1,
+        Some(Ok(w)) if (1..=100).contains(&w) => w,
+        Some(_) => {
+            tracing::warn!(service = %i.service, id = %i.id, "ignoring a weight tag outside 1..=100");
+            1
+        }
+    };
+    Some(Endpoint { id: format!("{}/{}", i.service, i.id), addr: SocketAddr::new(ip, i.port), healthy: i.health.is_healthy(), weight })
+}
+
+fn balancer_of(i: &Instance) -> Balancer {
+    match i.tag_value(BALANCER_TAG) {
+        Some("weighted") => Balancer::Weighted,
+        Some("least_requests") => Balancer::LeastRequests,
+        Some("peak_ewma") => Balancer::PeakEwma,
+        _ => Balancer::RoundRobin,
+    }
+}
+
+/// Groups instances tagged [`TCP_PORT_TAG`] into TCP routes per proxy port: the route of
+/// the instance's [`SNI_TAG`] name, or the port's default route ([`crate::TCP_DEFAULT_HOST`]).
+pub fn tcp_routes_from_instances(instances: &[Instance]) -> BTreeMap<u16, BTreeMap<RouteKey, Route>> {
+    let mut ports: BTreeMap<u16, BTreeMap<RouteKey, Route>> = BTreeMap::new();
+    for i in instances {
+        let Some(tag) = i.tag_value(TCP_PORT_TAG) else { continue };
+        let Ok(port) = tag.parse::<u16>() else {
+            tracing::warn!(service = %i.service, id = %i.id, tag, "ignoring instance with a bad TCP port tag");
+            continue;
+        };
+        let host = match Host::new(i.tag_value(SNI_TAG).unwrap_or(crate::TCP_DEFAULT_HOST)) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(service = %i.service, id = %i.id, error = %e, "ignoring instance with a bad SNI tag");
+                continue;
+            }
+        };
+        let Some(endpoint) = endpoint_of(i) else { continue };
+        let balancer = balancer_of(i);
+        ports
+            .entry(port)
+            .or_default()
+            .entry((host.clone(), PathPrefix::root()))
+            .or_insert_with(|| Route::new(host, Vec::new()).with_balancer(balancer))
+            .endpoints
+            .push(endpoint);
+    }
+    ports
+}
+
+/// Applies to `router` what turns `owned` into `wanted`; on success `owned` becomes
+/// `wanted`. A failure (someone else removed one of our routes) is logged and `owned`
+/// keeps only what the router still has, so the next snapshot re-syncs.
+async fn sync_routes(router: &dyn Router, owned: &mut BTreeMap<RouteKey, Route>, wanted: BTreeMap<RouteKey, Route>, what: &str) {
+    let mut changes: Vec<RouteChange> =
+        wanted.iter().filter(|(k, r)| owned.get(*k) != Some(*r)).map(|(_, r)| RouteChange::Upsert(r.clone())).collect();
+    changes.extend(owned.keys().filter(|k| !wanted.contains_key(*k)).cloned().map(|(h, p)| RouteChange::RemovePath(h, p)));
+    if changes.is_empty() {
+        return;
+    }
+    match router.apply(changes).await {
+        Ok(version) => {
+            tracing::info!(version, routes = wanted.len(), what, "routes follow discovery");
+            *owned = wanted;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, what, "could not apply routes from discovery");
+            let table = router.snapshot();
+            owned.retain(|(h, p), _| table.get(h, p).is_some());
+        }
+    }
+}
+
+/// Serves TCP routes from discovery: the first time an instance names a
+/// [`TCP_PORT_TAG`] port, a [`crate::TcpProxy`] starts listening on `bind:port`; its
+/// routes then follow the instances (by [`SNI_TAG`], or the default route). A port whose
+/// instances are gone keeps listening with no routes (connections are closed at once).
+/// Aborting the returned task closes every listener it opened (after `config`'s drain
+/// grace for open connections).
+pub async fn follow_discovery_tcp(
+    discovery: Arc<dyn Discovery>,
+    bind: IpAddr,
+    config: crate::TcpProxyConfig,
+    status: SourceStatus,
+) -> Result<JoinHandle<()>> {
+    let mut snapshots = discovery.watch(Query::all()).await?;
+    Ok(tokio::spawn(async move {
+        let stop = tokio_util::sync::CancellationToken::new();
+        // Dropping the task (abort) cancels the token, which stops the listeners.
+        let _stop_on_drop = stop.clone().drop_guard();
+        let mut ports: BTreeMap<u16, (Arc<crate::MemoryRouter>, BTreeMap<RouteKey, Route>)> = BTreeMap::new();
+        while let Some(snapshot) = snapshots.next().await {
+            if let Some(e) = &snapshot.error {
+                tracing::warn!(error = %e, "discovery is failing; keeping the last good TCP routes");
+                status.failed();
+                continue;
+            }
+            status.succeeded();
+            let mut wanted = tcp_routes_from_instances(&snapshot.instances);
+            for port in wanted.keys().filter(|p| !ports.contains_key(*p)).copied().collect::<Vec<_>>() {
+                let addr = SocketAddr::new(bind, port);
+                match tokio::net::TcpListener::bind(addr).await {
+                    Ok(listener) => {
+                        let router = Arc::new(crate::MemoryRouter::new());
+                        let proxy = Arc::new(crate::TcpProxy::new(router.clone(), config.clone()));
+                        tokio::spawn(proxy.serve(listener, stop.clone().cancelled_owned()));
+                        tracing::info!(%addr, "TCP listener opened for discovery routes");
+                        ports.insert(port, (router, BTreeMap::new()));
+                    }
+                    // Retried with the next snapshot; the port's routes wait until then.
+                    Err(e) => tracing::error!(%addr, error = %e, "cannot listen for TCP routes from discovery"),
+                }
+            }
+            for (port, (router, owned)) in &mut ports {
+                let routes = wanted.remove(port).unwrap_or_default();
+                sync_routes(router.as_ref(), owned, routes, "tcp").await;
+            }
+        }
+    }))
 }
 
 /// Whether a route source is current, as metrics: `keelson_route_source_stale` (1 while
@@ -239,25 +354,7 @@ pub async fn follow_discovery_with(discovery: Arc<dyn Discovery>, router: Arc<dy
                 continue;
             }
             status.succeeded();
-            let wanted = routes_from_instances(&snapshot.instances);
-            let mut changes: Vec<RouteChange> =
-                wanted.iter().filter(|(h, r)| owned.get(*h) != Some(*r)).map(|(_, r)| RouteChange::Upsert(r.clone())).collect();
-            changes.extend(owned.keys().filter(|k| !wanted.contains_key(*k)).cloned().map(|(h, p)| RouteChange::RemovePath(h, p)));
-            if changes.is_empty() {
-                continue;
-            }
-            match router.apply(changes).await {
-                Ok(version) => {
-                    tracing::info!(version, discovery_version = snapshot.version, routes = wanted.len(), "routes follow discovery");
-                    owned = wanted;
-                }
-                // Someone else removed one of our routes: re-sync from scratch next time.
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not apply routes from discovery");
-                    let table = router.snapshot();
-                    owned.retain(|(h, p), _| table.get(h, p).is_some());
-                }
-            }
+            sync_routes(router.as_ref(), &mut owned, routes_from_instances(&snapshot.instances), "http").await;
         }
     }))
 }

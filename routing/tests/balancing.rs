@@ -189,7 +189,10 @@ async fn upstream(id: &'static str, delay: Duration) -> SocketAddr {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peak_ewma_steers_real_traffic_away_from_a_slow_upstream() {
     let fast = upstream("fast", Duration::ZERO).await;
-    let slow = upstream("slow", Duration::from_millis(30)).await;
+    // Far slower than any hiccup of the fast one on a loaded CI machine: a peak-sensitive
+    // EWMA remembers a fast upstream's 30 ms stall for seconds, which once made a 30 ms
+    // "slow" upstream look no worse and this test flaky.
+    let slow = upstream("slow", Duration::from_millis(150)).await;
     let router = Arc::new(MemoryRouter::new());
     let route = Route::new(Host::new("p.test").expect("host"), vec![Endpoint::new("fast", fast), Endpoint::new("slow", slow)])
         .with_balancer(Balancer::PeakEwma);

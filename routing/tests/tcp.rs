@@ -128,3 +128,58 @@ async fn a_refused_connect_is_retried_on_another_endpoint() {
     let stats = table.lookup(TCP_DEFAULT_HOST).and_then(|r| r.stats("dead")).expect("stats");
     assert!(stats.is_ejected(), "the refusing endpoint is ejected");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_routes_and_listeners_follow_discovery_tags() {
+    use keelson_discovery::{Discovery, MemoryDiscovery, Registration, ServiceName};
+    let plain = greeter("plain").await;
+    let cert = test_cert(&["db.test"]).expect("cert");
+    let tls = tls_backend("tls-db", &cert).await;
+    let discovery = Arc::new(MemoryDiscovery::memory());
+    let port = keelson_testkit::free_port().expect("port");
+    let proxy: SocketAddr = ([127, 0, 0, 1], port).into();
+    let follow = keelson_routing::follow_discovery_tcp(
+        discovery.clone(),
+        [127, 0, 0, 1].into(),
+        TcpProxyConfig::default(),
+        keelson_routing::SourceStatus::new(),
+    )
+    .await
+    .expect("follow");
+    let port_tag = format!("keelson.tcp.port={port}");
+    let reg = |service: &str, id: &str, addr: SocketAddr| {
+        Registration::new(ServiceName::new(service).expect("name"), id, "127.0.0.1", addr.port()).with_tag(port_tag.clone())
+    };
+    let _plain = discovery.register(reg("cache", "c1", plain)).await.expect("register");
+    let _tls = discovery.register(reg("db", "d1", tls).with_tag("keelson.sni=db.test")).await.expect("register");
+
+    // The listener opens when the tag first appears.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while TcpStream::connect(proxy).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "no listener on the tagged port");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let h = handshake(proxy, "db.test", &[&cert]).await.expect("SNI route from the keelson.sni tag");
+    assert_eq!(h.leaf, cert.der);
+    // A client that is not TLS goes to the port's default route; its greeting waits for
+    // the SNI timeout only if the client says nothing, so send a byte first.
+    let mut s = TcpStream::connect(proxy).await.expect("connect");
+    s.write_all(b"\n").await.expect("write");
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).await.expect("read");
+    assert_eq!(line.trim(), "plain");
+
+    discovery.deregister(&ServiceName::new("cache").expect("name"), "c1").await.expect("deregister");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let mut s = TcpStream::connect(proxy).await.expect("the listener stays");
+        s.write_all(b"\n").await.expect("write");
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), s.read_to_end(&mut buf)).await;
+        if buf.is_empty() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "default route still served after deregistration");
+    }
+    follow.abort();
+}

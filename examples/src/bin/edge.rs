@@ -60,6 +60,11 @@ struct Args {
     /// etcd client URLs (repeatable): follow the keelson catalog stored there.
     #[arg(long)]
     etcd: Vec<String>,
+    /// With --etcd or --consul: serve catalog instances tagged `keelson.tcp.port=<port>`
+    /// (and optionally `keelson.sni=<name>`) on this address, opening each port as it
+    /// first appears.
+    #[arg(long)]
+    tcp_bind: Option<std::net::IpAddr>,
     /// Consul agent URL (`http://127.0.0.1:8500`): follow the service catalog there.
     #[arg(long, conflicts_with = "etcd")]
     consul: Option<String>,
@@ -252,7 +257,11 @@ async fn follow_catalog(args: &Args, router: Arc<MemoryRouter>, status: keelson_
     } else {
         return Ok(false);
     };
-    // The follower runs for the life of the process and resumes after backend errors.
+    // The followers run for the life of the process and resume after backend errors.
+    if let Some(ip) = args.tcp_bind {
+        let config = keelson_routing::TcpProxyConfig::default();
+        keelson_routing::follow_discovery_tcp(discovery.clone(), ip, config, status.clone()).await.map_err(|e| e.to_string())?;
+    }
     keelson_routing::follow_discovery_with(discovery, router, status).await.map_err(|e| e.to_string())?;
     Ok(true)
 }
