@@ -374,3 +374,35 @@ async fn a_websocket_outlives_its_endpoints_removal_only_for_the_grace() {
     }
     let _ = proxy.stop.send(());
 }
+
+/// A real gRPC service (tonic's `grpc.health.v1.Health`) behind the proxy, called by
+/// tonic's generated client over HTTP/2: the status comes back in the message and
+/// `grpc-status` in the trailers, through an h2c route.
+#[tokio::test]
+async fn a_real_grpc_call_passes_through() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let (reporter, service) = tonic_health::server::health_reporter();
+    reporter.set_service_status("keelson.Test", tonic_health::ServingStatus::Serving).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let upstream = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let service = hyper_util::service::TowerToHyperService::new(service.clone());
+            tokio::spawn(hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service));
+        }
+    });
+    let router = Arc::new(MemoryRouter::new());
+    route(&router, Route::new(host("localhost"), vec![Endpoint::new("health", upstream)]).with_upstream(UpstreamProtocol::H2c)).await;
+    let proxy = start_proxy(router, ProxyConfig::default(), None).await;
+
+    let channel = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).http2_only(true).build_http::<tonic::body::Body>();
+    let origin: http::Uri = format!("http://localhost:{}", proxy.addr.port()).parse().expect("origin");
+    let mut client = HealthClient::with_origin(channel, origin);
+    let reply = client.check(HealthCheckRequest { service: "keelson.Test".into() }).await.expect("gRPC call through the proxy");
+    assert_eq!(reply.into_inner().status, ServingStatus::Serving as i32);
+    let unknown = client.check(HealthCheckRequest { service: "nope".into() }).await.expect_err("unknown service");
+    assert_eq!(unknown.code(), tonic::Code::NotFound, "the grpc-status trailer made it back: {unknown:?}");
+    let _ = proxy.stop.send(());
+}
