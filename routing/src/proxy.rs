@@ -134,36 +134,23 @@ struct Outcome {
 /// traffic instead of multiplying it (a retry storm).
 #[derive(Debug)]
 struct RetryBudget {
-    state: std::sync::Mutex<(f64, std::time::Instant)>,
+    bucket: crate::rate_limit::TokenBucket,
     ratio: f64,
-    floor_per_sec: f64,
 }
 
 impl RetryBudget {
     fn new(ratio: f64, floor_per_sec: f64) -> Self {
-        RetryBudget { state: std::sync::Mutex::new((floor_per_sec, std::time::Instant::now())), ratio, floor_per_sec }
+        // Ten seconds of the floor saved up at most (at least ten retries).
+        let capacity = (floor_per_sec * 10.0).max(10.0);
+        RetryBudget { bucket: crate::rate_limit::TokenBucket::new(floor_per_sec, capacity, floor_per_sec), ratio }
     }
 
     fn deposit(&self) {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        s.0 = (s.0 + self.ratio).min(self.cap());
+        self.bucket.deposit(self.ratio);
     }
 
     fn withdraw(&self) -> bool {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let now = std::time::Instant::now();
-        s.0 = (s.0 + now.duration_since(s.1).as_secs_f64() * self.floor_per_sec).min(self.cap());
-        s.1 = now;
-        if s.0 >= 1.0 {
-            s.0 -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-
-    fn cap(&self) -> f64 {
-        (self.floor_per_sec * 10.0).max(10.0)
+        self.bucket.try_take()
     }
 }
 
@@ -418,13 +405,20 @@ impl Proxy {
             _ => None,
         };
         let protocol = route.route().upstream;
+        let offered = upgrade_offer(req.version(), req.headers());
+        // The first attempt uses the snapshot the checks above used; only a retry loads
+        // a new one (the routes may have changed meanwhile).
+        let Some(first) = Target::pick(route, key.as_deref(), offered.is_some()) else {
+            return error(StatusCode::SERVICE_UNAVAILABLE, format!("no healthy endpoint for host {host}"));
+        };
+        let mut next = Some(first);
         drop(table);
         self.budget.deposit();
         let retryable = is_idempotent(req.method()) && has_no_body(req.headers());
         let (mut parts, body) = req.into_parts();
         // An HTTP/1.1 upgrade (WebSocket): forward the offer, and if the upstream accepts
         // with 101, join the two upgraded connections.
-        let upgrade = upgrade_offer(&parts).map(|offer| (offer, parts.extensions.remove::<hyper::upgrade::OnUpgrade>()));
+        let upgrade = offered.map(|offer| (offer, parts.extensions.remove::<hyper::upgrade::OnUpgrade>()));
         // HTTP/2 has no Upgrade (RFC 9113 8.2.2), so an h2c upstream is never offered one.
         let offer = upgrade.as_ref().filter(|_| protocol == UpstreamProtocol::Http1).map(|u| u.0.clone());
         let forward = Forward { client, host: &host, upgrade: offer, protocol };
@@ -432,20 +426,21 @@ impl Proxy {
         let mut body = if retryable { None } else { Some(body.boxed()) };
         let mut attempt = 0u32;
         loop {
-            let table = self.router.snapshot();
-            let Some(route) = table.lookup_path(&host, parts.uri.path()) else {
-                return error(StatusCode::NOT_FOUND, format!("no route for host {host} and path {}", parts.uri.path()));
+            let target = match next.take() {
+                Some(t) => t,
+                None => {
+                    let table = self.router.snapshot();
+                    let Some(route) = table.lookup_path(&host, parts.uri.path()) else {
+                        return error(StatusCode::NOT_FOUND, format!("no route for host {host} and path {}", parts.uri.path()));
+                    };
+                    let Some(t) = Target::pick(route, key.as_deref(), upgrade.is_some()) else {
+                        return error(StatusCode::SERVICE_UNAVAILABLE, format!("no healthy endpoint for host {host}"));
+                    };
+                    t
+                }
             };
-            let Some(picked) = route.pick_for(key.as_deref()) else {
-                return error(StatusCode::SERVICE_UNAVAILABLE, format!("no healthy endpoint for host {host}"));
-            };
-            let addr = picked.endpoint.addr;
-            // An upgraded connection watches whether its endpoint stays routed.
-            let endpoint_id = upgrade.as_ref().map(|_| picked.endpoint.id.clone());
-            let authority = picked.authority.clone();
+            let Target { addr, authority, stats, endpoint_id } = target;
             outcome.upstream = Some(addr);
-            let stats = picked.stats.clone();
-            drop(table);
             let in_flight = crate::InFlight::start(stats.clone());
             let upstream_body = body.take().unwrap_or_else(empty_body);
             let upstream = match upstream_request(&parts, upstream_body, &authority, &forward) {
@@ -578,15 +573,35 @@ impl RoutedEndpoint {
     }
 }
 
+/// The endpoint one attempt goes to, taken out of a snapshot so the snapshot can go.
+struct Target {
+    addr: SocketAddr,
+    authority: http::uri::Authority,
+    stats: Arc<crate::EndpointStats>,
+    /// Only for upgrades, which watch whether their endpoint stays routed.
+    endpoint_id: Option<String>,
+}
+
+impl Target {
+    fn pick(route: &crate::RouteEntry, key: Option<&[u8]>, upgrade: bool) -> Option<Target> {
+        let picked = route.pick_for(key)?;
+        Some(Target {
+            addr: picked.endpoint.addr,
+            authority: picked.authority.clone(),
+            stats: picked.stats,
+            endpoint_id: upgrade.then(|| picked.endpoint.id.clone()),
+        })
+    }
+}
+
 /// The protocol an HTTP/1.1 request offers to upgrade to, if it offers one properly
 /// (`Upgrade` named in `Connection`).
-fn upgrade_offer(parts: &http::request::Parts) -> Option<HeaderValue> {
-    if parts.version != Version::HTTP_11 {
+fn upgrade_offer(version: Version, headers: &HeaderMap) -> Option<HeaderValue> {
+    if version != Version::HTTP_11 {
         return None;
     }
-    let offer = parts.headers.get(UPGRADE)?;
-    let connection_names_upgrade = parts
-        .headers
+    let offer = headers.get(UPGRADE)?;
+    let connection_names_upgrade = headers
         .get_all(CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())

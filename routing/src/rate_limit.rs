@@ -16,29 +16,32 @@ pub struct RateLimit {
     pub burst: u32,
 }
 
-/// The bucket behind a [`RateLimit`]. A mutex, not atomics: it is held for a few
-/// arithmetic operations, only on routes that have a limit.
+/// A token bucket refilled continuously at `rate` tokens a second up to `capacity`, which
+/// callers can also top up ([`TokenBucket::deposit`]). Behind per-route rate limits and
+/// the proxy's retry budget. A mutex, not atomics: it is held for a few arithmetic
+/// operations.
 #[derive(Debug)]
 pub(crate) struct TokenBucket {
-    limit: RateLimit,
+    rate: f64,
+    capacity: f64,
     state: Mutex<(f64, Instant)>,
 }
 
 impl TokenBucket {
-    pub(crate) fn new(limit: RateLimit) -> Self {
-        TokenBucket { limit, state: Mutex::new((f64::from(limit.burst), Instant::now())) }
+    pub(crate) fn new(rate: f64, capacity: f64, initial: f64) -> Self {
+        TokenBucket { rate, capacity, state: Mutex::new((initial.min(capacity), Instant::now())) }
     }
 
-    pub(crate) fn limit(&self) -> RateLimit {
-        self.limit
+    /// The bucket of a rate limit: full at first.
+    pub(crate) fn for_limit(limit: RateLimit) -> Self {
+        TokenBucket::new(f64::from(limit.per_second), f64::from(limit.burst), f64::from(limit.burst))
     }
 
     /// Takes a token if there is one.
     pub(crate) fn try_take(&self) -> bool {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        let refill = now.duration_since(s.1).as_secs_f64() * f64::from(self.limit.per_second);
-        s.0 = (s.0 + refill).min(f64::from(self.limit.burst));
+        s.0 = (s.0 + now.duration_since(s.1).as_secs_f64() * self.rate).min(self.capacity);
         s.1 = now;
         if s.0 >= 1.0 {
             s.0 -= 1.0;
@@ -46,6 +49,25 @@ impl TokenBucket {
         } else {
             false
         }
+    }
+
+    /// Adds `tokens`, up to the capacity.
+    pub(crate) fn deposit(&self, tokens: f64) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.0 = (s.0 + tokens).min(self.capacity);
+    }
+}
+
+/// A route's [`RateLimit`] with its bucket.
+#[derive(Debug)]
+pub(crate) struct RateLimiter {
+    pub(crate) limit: RateLimit,
+    pub(crate) bucket: TokenBucket,
+}
+
+impl RateLimiter {
+    pub(crate) fn new(limit: RateLimit) -> Self {
+        RateLimiter { limit, bucket: TokenBucket::for_limit(limit) }
     }
 }
 
@@ -56,7 +78,17 @@ mod tests {
     #[test]
     fn a_burst_then_nothing_until_refilled() {
         // A rate so low that no token comes back during the test.
-        let b = TokenBucket::new(RateLimit { per_second: 1, burst: 3 });
+        let b = TokenBucket::for_limit(RateLimit { per_second: 1, burst: 3 });
         assert_eq!((0..5).filter(|_| b.try_take()).count(), 3);
+    }
+
+    #[test]
+    fn deposits_add_tokens_up_to_the_capacity() {
+        let b = TokenBucket::new(0.0, 2.0, 0.0);
+        assert!(!b.try_take());
+        b.deposit(0.5);
+        assert!(!b.try_take(), "half a token is not a token");
+        b.deposit(10.0);
+        assert_eq!((0..5).filter(|_| b.try_take()).count(), 2, "capped at the capacity");
     }
 }

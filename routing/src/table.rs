@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::balance::{Balancer, EndpointStats, Selector};
 use crate::error::{Error, Result};
-use crate::rate_limit::{RateLimit, TokenBucket};
+use crate::rate_limit::{RateLimit, RateLimiter};
 
 /// A route host: a DNS name, lower-cased, without port; or a wildcard `*.parent`, which
 /// matches any one label under `parent` (`a.parent`, not `a.b.parent` nor `parent`) when
@@ -332,7 +332,7 @@ pub struct RouteEntry {
     name: String,
     /// The route's rate limit, shared with the entry that replaces this one while the
     /// limit stays the same (so an update does not refill the bucket).
-    limiter: Option<Arc<TokenBucket>>,
+    limiter: Option<Arc<RateLimiter>>,
 }
 
 /// An endpoint chosen for a request, with its live state.
@@ -354,7 +354,7 @@ impl RouteEntry {
 
     /// Whether the route's rate limit admits one more request now (always, without one).
     pub fn admit(&self) -> bool {
-        self.limiter.as_ref().is_none_or(|l| l.try_take())
+        self.limiter.as_ref().is_none_or(|l| l.bucket.try_take())
     }
 
     /// `host` for a route on `/`, else `host` followed by its path prefix.
@@ -558,8 +558,8 @@ impl RouteTable {
                     let selector = Selector::build(&r.balancer, &r.endpoints);
                     let name = if r.path.as_str() == "/" { r.host.to_string() } else { format!("{}{}", r.host, r.path) };
                     let limiter = r.rate_limit.map(|limit| match old.and_then(|o| o.limiter.as_ref()) {
-                        Some(kept) if kept.limit() == limit => kept.clone(),
-                        _ => Arc::new(TokenBucket::new(limit)),
+                        Some(kept) if kept.limit == limit => kept.clone(),
+                        _ => Arc::new(RateLimiter::new(limit)),
                     });
                     len += usize::from(old.is_none());
                     let authorities = r.endpoints.iter().map(|e| authority(e.addr)).collect();
