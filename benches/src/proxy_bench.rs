@@ -9,6 +9,23 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+/// Arguments every proxy bench takes (flattened into its own with `#[command(flatten)]`).
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Runs per figure (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub rounds: usize,
+    /// Seconds per run.
+    #[arg(long, default_value_t = 5)]
+    pub seconds: u64,
+    /// The `edge` binary (default: built with `cargo build --release` next to this one).
+    #[arg(long)]
+    pub edge: Option<PathBuf>,
+    /// Internal: serve the canned backends (`port/delay_us,...`; see [`start_backends`]).
+    #[arg(long, hide = true)]
+    pub serve_backends: Option<String>,
+}
+
 /// Errors as text: these are command-line benches.
 pub type Fallible<T> = Result<T, String>;
 

@@ -325,7 +325,19 @@ async fn edge_workers_share_the_listen_address_and_the_metrics() {
     ]);
     let mut line = String::new();
     out.read_line(&mut line).expect("ready line");
-    // Workers bind as they start; the ready line comes after the first one.
+    // Workers bind as they start; the ready line comes after the first one. Three
+    // sockets must end up listening on the one address.
+    let ss = keelson_testkit::require("ss", "iproute2").expect("ss is needed: apt-get install -y iproute2");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = Command::new(&ss).args(["-Hltn", &format!("sport = :{}", listen.port())]).output().expect("ss runs");
+        let sockets = String::from_utf8_lossy(&out.stdout).lines().count();
+        if sockets == 3 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{sockets} sockets listen on {listen}, want 3 (one per worker)");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     until_status(listen, "one.test", 200).await;
     for _ in 0..30 {
         assert_eq!(get(listen, "one.test", "/").await.expect("response").status, 200);

@@ -14,29 +14,21 @@ use std::time::Duration;
 
 use clap::Parser;
 use keelson_benches::proxy_bench::{
-    bench_main, edge_binary, loopback, median, spawn_pinned, start_backends, tool, wait_ready_host, write, wrk, Fallible, Server, PROXY_CPU,
+    bench_main, edge_binary, loopback, median, spawn_pinned, start_backends, tool, wait_ready_host, write, wrk, BenchArgs, Fallible,
+    Server, PROXY_CPU,
 };
 
 #[derive(Parser, Debug)]
+#[command(about = "p99 through edge with one slow backend, per balancer")]
 struct Args {
-    /// Runs per figure (the median is reported).
-    #[arg(long, default_value_t = 5)]
-    rounds: usize,
-    /// Seconds per run.
-    #[arg(long, default_value_t = 5)]
-    seconds: u64,
+    #[command(flatten)]
+    common: BenchArgs,
     /// Client connections; each waits 2 ms between requests.
     #[arg(long, default_value_t = 16)]
     connections: usize,
     /// How late the slow backend answers, in milliseconds.
     #[arg(long, default_value_t = 5)]
     slow_ms: u64,
-    /// The `edge` binary (default: built with `cargo build --release` next to this one).
-    #[arg(long)]
-    edge: Option<std::path::PathBuf>,
-    /// Internal: serve the canned backends (`port/delay_us,...`).
-    #[arg(long, hide = true)]
-    serve_backends: Option<String>,
 }
 
 const BALANCERS: [&str; 3] = ["round_robin", "least_requests", "peak_ewma"];
@@ -65,7 +57,7 @@ fn host(balancer: &str, set: &str) -> String {
 fn run(args: &Args) -> Fallible<()> {
     let wrk_bin = tool("wrk", "wrk")?;
     tool("taskset", "util-linux")?;
-    let edge = edge_binary(args.edge.as_deref())?;
+    let edge = edge_binary(args.common.edge.as_deref())?;
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let ports = keelson_testkit::free_ports(9).map_err(|e| e.to_string())?;
     let (healthy, slow, listen) = (&ports[0..4], &ports[4..8], ports[8]);
@@ -91,14 +83,14 @@ fn run(args: &Args) -> Fallible<()> {
     let script = script.to_string_lossy().into_owned();
     println!(
         "balancer-tail: {} rounds x {} s, {} paced connections, one of four backends {} ms late",
-        args.rounds, args.seconds, args.connections, args.slow_ms
+        args.common.rounds, args.common.seconds, args.connections, args.slow_ms
     );
     let cases: Vec<(&str, &str)> = BALANCERS.iter().flat_map(|b| [(*b, "healthy"), (*b, "slow")]).collect();
     let mut p99: BTreeMap<(&str, &str), Vec<f64>> = BTreeMap::new();
-    for round in 0..args.rounds {
+    for round in 0..args.common.rounds {
         for k in 0..cases.len() {
             let (b, set) = cases[(round + k) % cases.len()];
-            let r = wrk(&wrk_bin, server.addr, &host(b, set), args.connections, args.seconds, &["-s", &script])?;
+            let r = wrk(&wrk_bin, server.addr, &host(b, set), args.connections, args.common.seconds, &["-s", &script])?;
             println!("  round {round} {b:<15} {set:<8} {:>8.0} req/s  p99 {:>7.0} us  errors {}", r.rps, r.p99_us, r.errors);
             if r.errors > 0 {
                 return Err(format!("{b}/{set}: {} failed requests", r.errors));
@@ -121,5 +113,5 @@ fn run(args: &Args) -> Fallible<()> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    bench_main("balancer-tail", args.serve_backends.as_deref(), || run(&args))
+    bench_main("balancer-tail", args.common.serve_backends.as_deref(), || run(&args))
 }

@@ -21,36 +21,27 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
 use keelson_benches::proxy_bench::{
-    bench_main, edge_binary, loopback, median, spawn_pinned, start_backends, tool, wait_ready, write, wrk, Fallible, Run, Server, HOST,
-    LOAD_CPU, PROXY_CPU,
+    bench_main, edge_binary, loopback, median, spawn_pinned, start_backends, tool, wait_ready, write, wrk, BenchArgs, Fallible, Run,
+    Server, HOST, LOAD_CPU, PROXY_CPU,
 };
 
 #[derive(Parser, Debug)]
+#[command(about = "keelson's edge against nginx and HAProxy under wrk, pinned CPUs")]
 struct Args {
-    /// Runs per figure (the median is reported).
-    #[arg(long, default_value_t = 5)]
-    rounds: usize,
-    /// Seconds per run.
-    #[arg(long, default_value_t = 5)]
-    seconds: u64,
+    #[command(flatten)]
+    common: BenchArgs,
     /// Client connections for the throughput runs.
     #[arg(long, default_value_t = 50)]
     connections: usize,
     /// Idle keep-alive connections opened for the memory figure.
     #[arg(long, default_value_t = 1000)]
     idle_connections: usize,
-    /// The `edge` binary (default: built with `cargo build --release` next to this one).
-    #[arg(long)]
-    edge: Option<PathBuf>,
-    /// Internal: serve the canned backends on these comma-separated ports.
-    #[arg(long, hide = true)]
-    serve_backends: Option<String>,
 }
 
 fn start_keelson(edge: &Path, dir: &Path, port: u16, backends: &[u16]) -> Fallible<Server> {
@@ -222,7 +213,7 @@ fn run(args: &Args) -> Fallible<()> {
     let haproxy = tool("haproxy", "haproxy")?;
     let wrk_bin = tool("wrk", "wrk")?;
     tool("taskset", "util-linux")?;
-    let edge = edge_binary(args.edge.as_deref())?;
+    let edge = edge_binary(args.common.edge.as_deref())?;
     raise_fd_limit();
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let ports = keelson_testkit::free_ports(7).map_err(|e| e.to_string())?;
@@ -241,7 +232,7 @@ fn run(args: &Args) -> Fallible<()> {
     std::thread::sleep(Duration::from_millis(300));
     let idle: BTreeMap<&str, u64> = servers.iter().map(|s| (s.name, rss_kib(server_pid(s)))).collect();
     let targets: Vec<(&'static str, SocketAddr)> = servers.iter().map(|s| (s.name, s.addr)).collect();
-    let (rounds, secs, conns) = (args.rounds, args.seconds, args.connections);
+    let (rounds, secs, conns) = (args.common.rounds, args.common.seconds, args.connections);
     println!(
         "router-vs-peers: {rounds} rounds x {secs} s, {conns} connections, proxies on CPU {PROXY_CPU}, wrk and backends on CPU {LOAD_CPU}"
     );
@@ -313,5 +304,5 @@ fn run(args: &Args) -> Fallible<()> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    bench_main("router-vs-peers", args.serve_backends.as_deref(), || run(&args))
+    bench_main("router-vs-peers", args.common.serve_backends.as_deref(), || run(&args))
 }
