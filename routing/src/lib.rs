@@ -6,7 +6,10 @@
 //! ([`MemoryRouter`]): the proxy reads it lock-free on every request, and changes build a
 //! new table and swap it in, atomically per batch. Routes come from code, a
 //! [`RoutesFile`], or a `Discovery` watch ([`follow_discovery`]) where instances carry the
-//! tag `keelson.http.host=<host>`.
+//! tag `keelson.http.host=<host>`. Hosts may be `*.parent` wildcards and routes may serve
+//! a path prefix (longest wins). [`TcpProxy`] serves TCP routes, by TLS server name
+//! without decrypting or by listener; active health checks, rate limits, an access log
+//! and Prometheus metrics are built in.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -21,6 +24,13 @@
 //! let table = router.snapshot();
 //! let route = table.lookup("web.localhost").expect("route");
 //! assert_ne!(route.pick().unwrap().id, route.pick().unwrap().id, "round robin");
+//! // A path prefix on the same host: longest prefix wins, on segment boundaries.
+//! let api = Route::new(Host::new("web.localhost")?, vec![Endpoint::new("api-1", "127.0.0.1:9000".parse().unwrap())])
+//!     .with_path(keelson_routing::PathPrefix::new("/api")?);
+//! router.apply(vec![RouteChange::Upsert(api)]).await?;
+//! let table = router.snapshot();
+//! assert_eq!(table.lookup_path("web.localhost", "/api/users").map(|r| r.name()), Some("web.localhost/api"));
+//! assert_eq!(table.lookup_path("web.localhost", "/apis").map(|r| r.name()), Some("web.localhost"));
 //! // To serve it: Arc::new(Proxy::new(router, ProxyConfig::default())).serve(listener, shutdown).await
 //! # Ok(())
 //! # }
