@@ -84,6 +84,12 @@ impl From<Balancer> for BalancerSpec {
 
 /// The EWMA's time constant: an observation's weight halves in about 7 s.
 const EWMA_DECAY: Duration = Duration::from_secs(10);
+/// The most the past may weigh against a new, faster answer, however close together the
+/// answers come. With a time-only decay, one stall of a busy endpoint (routine when the
+/// proxy shares CPUs with its upstreams) kept it rated as slow as a truly slow endpoint
+/// for seconds; with this cap the stall fades within a few dozen answers, while an
+/// endpoint that is slow on every answer stays at its peak.
+const MAX_PAST_WEIGHT: f64 = 0.9;
 /// What a new endpoint's latency is assumed to be, so it is not flooded before its first
 /// answer.
 const DEFAULT_RTT: Duration = Duration::from_millis(1);
@@ -201,7 +207,8 @@ impl EndpointStats {
 
     /// Records one response's latency: a slower one replaces the average at once (the
     /// peak), a faster one is blended in with a weight that grows with the time since the
-    /// last observation. Races between observations only lose an update, never corrupt.
+    /// last observation and is at least `1 - MAX_PAST_WEIGHT`. Races between observations
+    /// only lose an update, never corrupt.
     pub fn observe(&self, rtt: Duration) {
         let now = self.epoch.elapsed().as_nanos() as u64;
         let rtt = rtt.as_nanos() as f64;
@@ -210,7 +217,7 @@ impl EndpointStats {
         let next = if rtt > prev {
             rtt
         } else {
-            let w = (-((now.saturating_sub(last)) as f64) / EWMA_DECAY.as_nanos() as f64).exp();
+            let w = (-((now.saturating_sub(last)) as f64) / EWMA_DECAY.as_nanos() as f64).exp().min(MAX_PAST_WEIGHT);
             prev * w + rtt * (1.0 - w)
         };
         self.ewma_ns.store(next as u64, Ordering::Relaxed);
@@ -383,5 +390,32 @@ impl Selector {
                     .or(Some(self.ring[start % len].1))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stall_fades_within_dozens_of_answers_even_when_they_come_back_to_back() {
+        let stats = EndpointStats::default();
+        stats.observe(Duration::from_micros(100));
+        stats.observe(Duration::from_millis(5));
+        assert_eq!(stats.ewma(), Duration::from_millis(5), "a slower answer is taken at once (the peak)");
+        for _ in 0..40 {
+            stats.observe(Duration::from_micros(100));
+        }
+        assert!(stats.ewma() < Duration::from_micros(200), "the stall still counts: {:?}", stats.ewma());
+    }
+
+    #[test]
+    fn an_endpoint_slow_on_every_answer_stays_at_its_peak() {
+        let stats = EndpointStats::default();
+        for _ in 0..100 {
+            stats.observe(Duration::from_millis(5));
+        }
+        assert!(stats.ewma() >= Duration::from_millis(5), "{:?}", stats.ewma());
+        assert!(stats.cost() > EndpointStats::default().cost() * 4.0, "slower than a new endpoint's default");
     }
 }

@@ -45,6 +45,8 @@ mod proxy;
 mod rate_limit;
 mod router;
 mod sources;
+#[cfg(target_os = "linux")]
+mod splice;
 mod table;
 mod tcp;
 mod tls;

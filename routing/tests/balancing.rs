@@ -208,3 +208,48 @@ async fn peak_ewma_steers_real_traffic_away_from_a_slow_upstream() {
     }
     assert!(got.get("slow").copied().unwrap_or(0) <= 5, "the slow upstream kept getting traffic: {got:?}");
 }
+
+/// The tail case as a functional check: with four upstreams, one answering 5 ms
+/// late, Peak-EWMA must keep the slow one under 1% of requests (what a p99 within 1.1× of
+/// the all-healthy p99 needs; the p99 itself is measured by the `balancer-tail` bench).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peak_ewma_sends_under_one_percent_to_one_5ms_slow_upstream_of_four() {
+    let mut endpoints = Vec::new();
+    for (id, delay) in [("f0", 0), ("f1", 0), ("f2", 0), ("slow", 5)] {
+        endpoints.push(Endpoint::new(id, upstream(id, Duration::from_millis(delay)).await));
+    }
+    let router = Arc::new(MemoryRouter::new());
+    let route = Route::new(Host::new("p.test").expect("host"), endpoints).with_balancer(Balancer::PeakEwma);
+    router.apply(vec![RouteChange::Upsert(route)]).await.expect("apply");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(Arc::new(Proxy::new(router, ProxyConfig::default())).serve(listener, std::future::pending()));
+    let client = |n: usize| async move {
+        let mut got: BTreeMap<String, usize> = BTreeMap::new();
+        for _ in 0..n {
+            let r = keelson_testkit::http::get(addr, "p.test", "/").await.expect("response");
+            assert_eq!(r.status, 200);
+            *got.entry(r.body).or_default() += 1;
+        }
+        got
+    };
+    let run = |per_client: usize| async move {
+        let clients: Vec<_> = (0..2).map(|_| tokio::spawn(client(per_client))).collect();
+        let mut got: BTreeMap<String, usize> = BTreeMap::new();
+        for c in clients {
+            for (id, n) in c.await.expect("client") {
+                *got.entry(id).or_default() += n;
+            }
+        }
+        got
+    };
+    // Warm-up at the same concurrency: every endpoint starts at the default estimate
+    // until its first answer, and the upstream pools open their connections (a first
+    // connect is a latency peak of its own).
+    run(50).await;
+    let got = run(1000).await;
+    assert_eq!(got.values().sum::<usize>(), 2000);
+    let slow = got.get("slow").copied().unwrap_or(0);
+    assert!(slow < 20, "the 5 ms upstream got {slow} of 2000 requests (≥ 1%): {got:?}");
+    assert!(["f0", "f1", "f2"].iter().all(|f| got.get(*f).copied().unwrap_or(0) > 200), "the fast ones share the load: {got:?}");
+}

@@ -65,6 +65,9 @@ struct Args {
     /// first appears.
     #[arg(long)]
     tcp_bind: Option<std::net::IpAddr>,
+    /// Copy TCP bytes through user space instead of splice(2) (for comparison).
+    #[arg(long)]
+    tcp_copy: bool,
     /// Consul agent URL (`http://127.0.0.1:8500`): follow the service catalog there.
     #[arg(long, conflicts_with = "etcd")]
     consul: Option<String>,
@@ -249,6 +252,10 @@ async fn serve_metrics(listener: tokio::net::TcpListener, registry: Arc<Registry
 }
 
 /// Follows a catalog in etcd or Consul, if asked to. Returns whether one is followed.
+fn tcp_config(args: &Args) -> keelson_routing::TcpProxyConfig {
+    keelson_routing::TcpProxyConfig { zero_copy: !args.tcp_copy, ..keelson_routing::TcpProxyConfig::default() }
+}
+
 async fn follow_catalog(args: &Args, router: Arc<MemoryRouter>, status: keelson_routing::SourceStatus) -> Result<bool, String> {
     let discovery: Arc<dyn keelson_discovery::Discovery> = if !args.etcd.is_empty() {
         etcd_catalog(&args.etcd).await?
@@ -259,7 +266,7 @@ async fn follow_catalog(args: &Args, router: Arc<MemoryRouter>, status: keelson_
     };
     // The followers run for the life of the process and resume after backend errors.
     if let Some(ip) = args.tcp_bind {
-        let config = keelson_routing::TcpProxyConfig::default();
+        let config = tcp_config(args);
         keelson_routing::follow_discovery_tcp(discovery.clone(), ip, config, status.clone()).await.map_err(|e| e.to_string())?;
     }
     keelson_routing::follow_discovery_with(discovery, router, status).await.map_err(|e| e.to_string())?;
@@ -376,7 +383,7 @@ async fn run(args: Args) -> Result<(), String> {
     for (addr, tcp_router) in &routers.tcp {
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("TCP listen {addr}: {e}"))?;
         tcp_local.push(listener.local_addr().map_err(|e| e.to_string())?);
-        let tcp = Arc::new(keelson_routing::TcpProxy::new(tcp_router.clone(), keelson_routing::TcpProxyConfig::default()));
+        let tcp = Arc::new(keelson_routing::TcpProxy::new(tcp_router.clone(), tcp_config(&args)));
         servers.push(tokio::spawn(tcp.serve(listener, until_stopped(stopped.clone()))));
     }
     // Printed once every listener is up, so a supervisor can wait for this line.
