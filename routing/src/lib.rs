@@ -8,7 +8,7 @@
 //! [`RoutesFile`], or a `Discovery` watch ([`follow_discovery`]) where instances carry the
 //! tag `keelson.http.host=<host>`. Hosts may be `*.parent` wildcards and routes may serve
 //! a path prefix (longest wins). [`TcpProxy`] serves TCP routes, by TLS server name
-//! without decrypting or by listener; active health checks, rate limits, an access log
+//! without decrypting or by listener, moving bytes with splice(2) on Linux; active health checks, rate limits, an access log
 //! and Prometheus metrics are built in.
 //!
 //! ```
