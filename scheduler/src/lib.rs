@@ -34,19 +34,23 @@
 
 mod class_cache;
 mod constraints;
+mod deployment;
 mod driver;
 mod engine;
 mod error;
 mod model;
+mod oneoff;
 mod placement;
 mod process;
 mod rebalance;
 mod state;
+mod strategy;
 mod volumes;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
+pub use deployment::{Action, AllocHealth, AllocView, Deployment, Millis, Phase, Traffic};
 pub use driver::{Driver, DriverCapabilities, Output, OutputLine, OutputStream, TaskSpec, TaskState, TaskStatus};
 pub use engine::{EngineConfig, PREEMPTION_GAP};
 pub use error::{validate_id, Dimension, Error, Result};
@@ -55,8 +59,10 @@ pub use model::{
     Plan, Policy, PortRange, Resources, ScoreBreakdown, Spread, SpreadTarget, TaskGroup, Unplaced, VolumeAccess, VolumeMount,
     VolumeRequest,
 };
+pub use oneoff::{OneOffRun, RunAction, RunObserved, RunOutcome};
 pub use placement::{PlacementEngine, Scheduler, SchedulerCapabilities};
 pub use process::{ProcessDriver, OUTPUT_TAIL};
 pub use rebalance::{Move, RebalancePlan};
 pub use state::ClusterState;
+pub use strategy::{Gates, Strategy};
 pub use volumes::{LocalVolumes, Volume, VolumeCapabilities, VolumeManager};
