@@ -31,6 +31,51 @@ pub struct TaskSpec {
     /// Labels kept with the task (job, allocation, version), for adoption and listing.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// CPU and memory limits, for drivers that enforce them.
+    #[serde(default)]
+    pub limits: Option<Limits>,
+    /// Ports published on the host, for drivers that isolate networking.
+    #[serde(default)]
+    pub ports: Vec<PortMapping>,
+    /// Host directories (volumes) mounted into the task.
+    #[serde(default)]
+    pub mounts: Vec<MountSpec>,
+    /// A named network to attach to (Docker: a network created beforehand).
+    #[serde(default)]
+    pub network: Option<String>,
+}
+
+/// CPU and memory limits of a task.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// CPU in thousandths of a core (0: no limit).
+    pub cpu_millis: u64,
+    /// Memory in MiB (0: no limit; Docker needs at least 6).
+    pub memory_mb: u64,
+}
+
+/// A container port published on a host port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortMapping {
+    /// The port inside the task (1 to 65535).
+    pub container: u16,
+    /// The host port (1 to 65535).
+    pub host: u16,
+}
+
+/// A host directory mounted into a task.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MountSpec {
+    /// The host directory (a volume's mountpoint).
+    pub source: PathBuf,
+    /// Where it appears in the task (absolute).
+    pub target: PathBuf,
+    /// Mounted read-only.
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 impl TaskSpec {
@@ -61,6 +106,30 @@ impl TaskSpec {
         }
         if let Some(k) = self.env.keys().find(|k| k.is_empty() || k.contains('=') || k.contains('\0')) {
             return Err(Error::invalid("env name", k, "must be non-empty without '=' or NUL"));
+        }
+        let mut hosts = std::collections::BTreeSet::new();
+        for p in &self.ports {
+            if p.container == 0 || p.host == 0 {
+                return Err(Error::invalid("port", format!("{}:{}", p.host, p.container), "host and container ports must be 1 to 65535"));
+            }
+            if !hosts.insert(p.host) {
+                return Err(Error::invalid("port", p.host.to_string(), "host port published twice"));
+            }
+        }
+        for m in &self.mounts {
+            let lexical_escape = |p: &std::path::Path| p.components().any(|c| matches!(c, std::path::Component::ParentDir));
+            if !m.source.is_absolute() || !m.target.is_absolute() || lexical_escape(&m.source) || lexical_escape(&m.target) {
+                return Err(Error::invalid(
+                    "mount",
+                    format!("{}:{}", m.source.display(), m.target.display()),
+                    "source and target must be absolute paths without '..'",
+                ));
+            }
+        }
+        if let Some(l) = self.limits {
+            if l.memory_mb != 0 && l.memory_mb < 6 {
+                return Err(Error::invalid("memory_mb", l.memory_mb.to_string(), "at least 6 MiB (Docker's minimum), or 0 for no limit"));
+            }
         }
         Ok(())
     }

@@ -72,6 +72,14 @@ pub enum Error {
         /// How long we waited.
         after: Duration,
     },
+    /// An image is not on the node and could not be pulled.
+    #[error("image {image:?} is not present and could not be pulled: {reason}")]
+    ImageUnavailable {
+        /// The image reference.
+        image: String,
+        /// Why the pull failed.
+        reason: String,
+    },
     /// Any other backend failure.
     #[error("{backend} error: {source}")]
     Backend {

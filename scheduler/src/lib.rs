@@ -35,6 +35,8 @@
 mod class_cache;
 mod constraints;
 mod deployment;
+#[cfg(feature = "docker")]
+mod docker;
 mod driver;
 mod engine;
 mod error;
@@ -52,7 +54,11 @@ mod volumes;
 pub mod conformance;
 
 pub use deployment::{Action, AllocHealth, AllocView, Deployment, Millis, Phase, Traffic};
-pub use driver::{Driver, DriverCapabilities, Output, OutputLine, OutputStream, TaskSpec, TaskState, TaskStatus};
+#[cfg(feature = "docker")]
+pub use docker::{DockerDriver, MANAGED_LABEL, TASK_LABEL};
+pub use driver::{
+    Driver, DriverCapabilities, Limits, MountSpec, Output, OutputLine, OutputStream, PortMapping, TaskSpec, TaskState, TaskStatus,
+};
 pub use engine::{EngineConfig, PREEMPTION_GAP};
 pub use error::{validate_id, Dimension, Error, Result};
 pub use model::{

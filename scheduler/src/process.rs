@@ -122,6 +122,10 @@ impl Driver for ProcessDriver {
 
     async fn start(&self, spec: TaskSpec) -> Result<TaskStatus> {
         spec.validate()?;
+        // Silently running without the isolation asked for would be worse than refusing.
+        if spec.limits.is_some() || !spec.ports.is_empty() || !spec.mounts.is_empty() || spec.network.is_some() {
+            return Err(Error::Unsupported { operation: "limits, published ports, mounts or networks", backend: "process" });
+        }
         if let Some(existing) = self.lock().get(&spec.id) {
             if !existing.state.borrow().is_exited() {
                 return Err(Error::Conflict { kind: "task", name: spec.id });

@@ -84,7 +84,8 @@ const NONE: u32 = u32::MAX;
 
 /// Compares `desired` with `allocs`; `lost_nodes` are nodes whose heartbeat lease expired.
 pub fn reconcile(desired: &[DesiredGroup], allocs: &[AllocRecord], lost_nodes: &HashSet<String>) -> Reconciliation {
-    let index: HashMap<(&str, &str), u32> = desired.iter().enumerate().map(|(i, g)| ((g.job.as_str(), g.group.as_str()), i as u32)).collect();
+    let index: HashMap<(&str, &str), u32> =
+        desired.iter().enumerate().map(|(i, g)| ((g.job.as_str(), g.group.as_str()), i as u32)).collect();
     let mut live = vec![0u32; desired.len()];
     let mut other_version = vec![false; desired.len()];
     let mut group_of = Vec::with_capacity(allocs.len());

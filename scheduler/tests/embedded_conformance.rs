@@ -1,6 +1,6 @@
 //! The embedded defaults pass every conformance scenario.
 
-use keelson_scheduler::{conformance, LocalVolumes, PlacementEngine, ProcessDriver, TaskSpec};
+use keelson_scheduler::{conformance, Driver, LocalVolumes, PlacementEngine, ProcessDriver, TaskSpec};
 
 fn sh(id: &str, script: &str) -> TaskSpec {
     TaskSpec::new(id, ["/bin/sh", "-c", script])
@@ -20,4 +20,11 @@ async fn process_driver_passes_driver_conformance() {
 async fn local_volumes_pass_volume_conformance() {
     let dir = tempfile::tempdir().expect("tempdir");
     conformance::volumes_all(&LocalVolumes::new(dir.path()).expect("root")).await;
+}
+
+#[tokio::test]
+async fn the_process_driver_refuses_isolation_it_cannot_give() {
+    let spec = TaskSpec { limits: Some(keelson_scheduler::Limits { cpu_millis: 100, memory_mb: 64 }), ..sh("limited", "true") };
+    let err = ProcessDriver::new().start(spec).await.expect_err("no limits without containers");
+    assert!(matches!(err, keelson_scheduler::Error::Unsupported { backend: "process", .. }), "{err:?}");
 }

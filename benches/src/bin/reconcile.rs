@@ -95,7 +95,12 @@ fn main() -> ExitCode {
         ("counts", live + placed - surplus_stops as u64 == wanted),
     ];
     if let Some((what, _)) = checks.iter().find(|(_, ok)| !ok) {
-        eprintln!("reconcile: wrong {what}: lost {} (want {expect_lost}), stop {}, place {placed}, deploy {}", r.lost.len(), r.stop.len(), r.deploy.len());
+        eprintln!(
+            "reconcile: wrong {what}: lost {} (want {expect_lost}), stop {}, place {placed}, deploy {}",
+            r.lost.len(),
+            r.stop.len(),
+            r.deploy.len()
+        );
         return ExitCode::FAILURE;
     }
     times.sort_by(f64::total_cmp);

@@ -1,0 +1,338 @@
+//! `DockerDriver`: tasks as Docker Engine containers (bollard).
+//!
+//! The engine is the record: a task is the container named `keelson-<task id>`, labelled
+//! [`MANAGED_LABEL`] and [`TASK_LABEL`], so a driver started after an agent restart
+//! sees (adopts) the containers already running and never starts a second one for the
+//! same task. A container that was created but could not be started is removed before
+//! the error is returned: no half-created containers are left behind.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bollard::container::{
+    Config, CreateContainerOptions, InspectContainerOptions, ListContainersOptions, LogOutput, LogsOptions, RemoveContainerOptions,
+    StopContainerOptions,
+};
+use bollard::image::CreateImageOptions;
+use bollard::models::{HostConfig, PortBinding};
+use bollard::Docker;
+use futures::{StreamExt, TryStreamExt};
+
+use crate::driver::{Driver, DriverCapabilities, Output, OutputLine, OutputStream, TaskSpec, TaskState, TaskStatus};
+use crate::error::{validate_id, Error, Result};
+
+/// Label on every container keelson manages.
+pub const MANAGED_LABEL: &str = "keelson.managed";
+/// Label holding the task id.
+pub const TASK_LABEL: &str = "keelson.task";
+
+const BACKEND: &str = "docker";
+
+/// Runs tasks as Docker containers on the local engine.
+#[derive(Clone, Debug)]
+pub struct DockerDriver {
+    docker: Docker,
+    volume_root: Option<PathBuf>,
+    /// Time limit of each engine call that is not a wait (create, inspect, remove).
+    call_timeout: Duration,
+}
+
+fn container_name(id: &str) -> String {
+    format!("keelson-{id}")
+}
+
+/// Maps engine errors: 404 and 409 are answers about the object, connection failures
+/// mean the daemon is away (retryable), the rest is a backend error.
+fn map_err<'a>(kind: &'static str, name: &'a str) -> impl Fn(bollard::errors::Error) -> Error + 'a {
+    move |e| match e {
+        bollard::errors::Error::DockerResponseServerError { status_code: 404, .. } => Error::NotFound { kind, name: name.to_owned() },
+        bollard::errors::Error::DockerResponseServerError { status_code: 409, .. } => Error::Conflict { kind, name: name.to_owned() },
+        bollard::errors::Error::DockerResponseServerError { status_code: 400, message } => Error::invalid("task", name, message),
+        bollard::errors::Error::DockerResponseServerError { .. } | bollard::errors::Error::JsonDataError { .. } => {
+            Error::Backend { backend: BACKEND, source: Box::new(e) }
+        }
+        other => Error::Unavailable { backend: BACKEND, reason: other.to_string() },
+    }
+}
+
+impl DockerDriver {
+    /// Connects to the local engine (`DOCKER_HOST` or the default socket) and agrees on
+    /// an API version with it. [`Error::Unavailable`] when no daemon answers.
+    pub async fn connect() -> Result<Self> {
+        let docker = Docker::connect_with_local_defaults().map_err(|e| Error::Unavailable { backend: BACKEND, reason: e.to_string() })?;
+        Self::with_client(docker).await
+    }
+
+    /// Connects to the engine at a Unix socket path.
+    pub async fn connect_unix(socket: &Path) -> Result<Self> {
+        let docker = Docker::connect_with_unix(&socket.to_string_lossy(), 30, bollard::API_DEFAULT_VERSION)
+            .map_err(|e| Error::Unavailable { backend: BACKEND, reason: e.to_string() })?;
+        Self::with_client(docker).await
+    }
+
+    async fn with_client(docker: Docker) -> Result<Self> {
+        let docker = tokio::time::timeout(Duration::from_secs(10), docker.negotiate_version())
+            .await
+            .map_err(|_| Error::Timeout { operation: "docker version negotiation", after: Duration::from_secs(10) })?
+            .map_err(|e| Error::Unavailable { backend: BACKEND, reason: e.to_string() })?;
+        Ok(DockerDriver { docker, volume_root: None, call_timeout: Duration::from_secs(30) })
+    }
+
+    /// Only host directories under `root` may be mounted (a volume manager's root).
+    pub fn with_volume_root(mut self, root: impl Into<PathBuf>) -> Self {
+        self.volume_root = Some(root.into());
+        self
+    }
+
+    async fn timed<T>(&self, operation: &'static str, f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        tokio::time::timeout(self.call_timeout, f).await.map_err(|_| Error::Timeout { operation, after: self.call_timeout })?
+    }
+
+    /// Makes sure `image` is on the node: present, or pulled. When it can be neither
+    /// (no registry reachable, unknown name), the error names the image.
+    pub async fn ensure_image(&self, image: &str) -> Result<()> {
+        if self.docker.inspect_image(image).await.is_ok() {
+            return Ok(());
+        }
+        let options = CreateImageOptions { from_image: image, ..Default::default() };
+        let pulled: std::result::Result<Vec<_>, _> =
+            tokio::time::timeout(Duration::from_secs(300), self.docker.create_image(Some(options), None, None).try_collect())
+                .await
+                .map_err(|_| Error::ImageUnavailable { image: image.to_owned(), reason: "pull timed out after 300 s".into() })?;
+        pulled.map_err(|e| Error::ImageUnavailable { image: image.to_owned(), reason: e.to_string() })?;
+        Ok(())
+    }
+
+    fn check_mounts(&self, spec: &TaskSpec) -> Result<()> {
+        let Some(root) = &self.volume_root else { return Ok(()) };
+        let root = root.canonicalize().map_err(|e| Error::invalid("volume root", root.display().to_string(), e.to_string()))?;
+        for m in &spec.mounts {
+            // Canonical, so a symlink inside the root cannot lead out of it.
+            let source = m.source.canonicalize().map_err(|e| Error::invalid("mount", m.source.display().to_string(), e.to_string()))?;
+            if !source.starts_with(&root) {
+                return Err(Error::invalid("mount", m.source.display().to_string(), format!("outside the volume root {}", root.display())));
+            }
+        }
+        Ok(())
+    }
+
+    fn config(spec: &TaskSpec, image: &str) -> Config<String> {
+        let mut labels: HashMap<String, String> = spec.labels.clone().into_iter().collect();
+        labels.insert(MANAGED_LABEL.into(), "1".into());
+        labels.insert(TASK_LABEL.into(), spec.id.clone());
+        let exposed: HashMap<String, HashMap<(), ()>> =
+            spec.ports.iter().map(|p| (format!("{}/tcp", p.container), HashMap::new())).collect();
+        let bindings: HashMap<String, Option<Vec<PortBinding>>> = spec
+            .ports
+            .iter()
+            .map(|p| (format!("{}/tcp", p.container), Some(vec![PortBinding { host_ip: None, host_port: Some(p.host.to_string()) }])))
+            .collect();
+        let binds: Vec<String> = spec
+            .mounts
+            .iter()
+            .map(|m| format!("{}:{}{}", m.source.display(), m.target.display(), if m.read_only { ":ro" } else { "" }))
+            .collect();
+        let limits = spec.limits.unwrap_or_default();
+        let host_config = HostConfig {
+            nano_cpus: (limits.cpu_millis > 0).then(|| i64::try_from(limits.cpu_millis.saturating_mul(1_000_000)).unwrap_or(i64::MAX)),
+            memory: (limits.memory_mb > 0).then(|| i64::try_from(limits.memory_mb.saturating_mul(1 << 20)).unwrap_or(i64::MAX)),
+            port_bindings: (!bindings.is_empty()).then_some(bindings),
+            binds: (!binds.is_empty()).then_some(binds),
+            network_mode: spec.network.clone(),
+            ..Default::default()
+        };
+        Config {
+            image: Some(image.to_owned()),
+            cmd: Some(spec.command.clone()),
+            env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+            working_dir: spec.working_dir.as_ref().map(|p| p.display().to_string()),
+            labels: Some(labels),
+            exposed_ports: (!exposed.is_empty()).then_some(exposed),
+            host_config: Some(host_config),
+            ..Default::default()
+        }
+    }
+
+    async fn status_of(&self, id: &str) -> Result<TaskStatus> {
+        let info = self
+            .timed("docker inspect", async {
+                self.docker.inspect_container(&container_name(id), None::<InspectContainerOptions>).await.map_err(map_err("task", id))
+            })
+            .await?;
+        let state = info.state.unwrap_or_default();
+        let running = state.running.unwrap_or(false) || state.restarting.unwrap_or(false);
+        let task_state = if running {
+            TaskState::Running
+        } else {
+            TaskState::Exited { code: state.exit_code.and_then(|c| i32::try_from(c).ok()), signal: None }
+        };
+        let started_at = state
+            .started_at
+            .as_deref()
+            .and_then(|t| humantime::parse_rfc3339_weak(t.trim_end_matches('Z')).ok())
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let labels: BTreeMap<String, String> = info.config.and_then(|c| c.labels).unwrap_or_default().into_iter().collect();
+        Ok(TaskStatus { id: id.to_owned(), state: task_state, labels, started_at })
+    }
+
+    async fn remove_container(&self, id: &str) -> Result<()> {
+        let options = RemoveContainerOptions { force: true, ..Default::default() };
+        self.timed("docker remove", async {
+            self.docker.remove_container(&container_name(id), Some(options)).await.map_err(map_err("task", id))
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl Driver for DockerDriver {
+    fn name(&self) -> &'static str {
+        "docker"
+    }
+
+    fn capabilities(&self) -> DriverCapabilities {
+        DriverCapabilities::new(true, true)
+    }
+
+    async fn start(&self, spec: TaskSpec) -> Result<TaskStatus> {
+        spec.validate()?;
+        let image =
+            spec.image.clone().ok_or_else(|| Error::invalid("image", "", format!("task {:?}: the docker driver runs images", spec.id)))?;
+        self.check_mounts(&spec)?;
+        // Adoption: the engine already has this task. Running: never a second one.
+        match self.status_of(&spec.id).await {
+            Ok(s) if s.state == TaskState::Running => return Err(Error::Conflict { kind: "task", name: spec.id }),
+            Ok(_) => self.remove_container(&spec.id).await?,
+            Err(Error::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        self.ensure_image(&image).await?;
+        let name = container_name(&spec.id);
+        let options = CreateContainerOptions { name: name.clone(), platform: None };
+        let config = Self::config(&spec, &image);
+        self.timed("docker create", async { self.docker.create_container(Some(options), config).await.map_err(map_err("task", &spec.id)) })
+            .await?;
+        let started = self
+            .timed("docker start", async { self.docker.start_container::<String>(&name, None).await.map_err(map_err("task", &spec.id)) })
+            .await;
+        if let Err(e) = started {
+            // A bad port binding, a missing network or mount shows up here: leave nothing behind.
+            if let Err(cleanup) = self.remove_container(&spec.id).await {
+                tracing::warn!(task = %spec.id, error = %cleanup, "removing a container that failed to start");
+            }
+            return Err(e);
+        }
+        tracing::info!(task = %spec.id, %image, "container started");
+        self.status_of(&spec.id).await
+    }
+
+    async fn stop(&self, id: &str, grace: Duration) -> Result<TaskStatus> {
+        validate_id("task id", id)?;
+        let status = self.status_of(id).await?;
+        if status.state.is_exited() {
+            return Ok(status);
+        }
+        // The engine sends the image's stop signal (SIGTERM), then SIGKILL after `t`
+        // whole seconds: round up so the task gets at least its grace.
+        let t = i64::try_from(grace.as_millis().div_ceil(1000)).unwrap_or(i64::MAX);
+        let wait = grace + self.call_timeout;
+        tokio::time::timeout(wait, self.docker.stop_container(&container_name(id), Some(StopContainerOptions { t })))
+            .await
+            .map_err(|_| Error::Timeout { operation: "docker stop", after: wait })?
+            .map_err(map_err("task", id))?;
+        self.status_of(id).await
+    }
+
+    async fn inspect(&self, id: &str) -> Result<TaskStatus> {
+        validate_id("task id", id)?;
+        self.status_of(id).await
+    }
+
+    async fn output(&self, id: &str) -> Result<Output> {
+        validate_id("task id", id)?;
+        self.status_of(id).await?;
+        let options = LogsOptions::<String> { follow: true, stdout: true, stderr: true, tail: "all".into(), ..Default::default() };
+        let frames = self.docker.logs(&container_name(id), Some(options));
+        Ok(lines(frames.map(|f| f.ok()).take_while(|f| std::future::ready(f.is_some())).filter_map(std::future::ready)).boxed())
+    }
+
+    async fn list(&self) -> Result<Vec<TaskStatus>> {
+        let filters = HashMap::from([("label".to_owned(), vec![MANAGED_LABEL.to_owned()])]);
+        let options = ListContainersOptions { all: true, filters, ..Default::default() };
+        let containers =
+            self.timed("docker list", async { self.docker.list_containers(Some(options)).await.map_err(map_err("task", "*")) }).await?;
+        let mut out = Vec::new();
+        for c in containers {
+            let Some(id) = c.labels.as_ref().and_then(|l| l.get(TASK_LABEL)).cloned() else { continue };
+            match self.status_of(&id).await {
+                Ok(s) => out.push(s),
+                // Removed between the list and the inspect.
+                Err(Error::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    async fn remove(&self, id: &str) -> Result<()> {
+        validate_id("task id", id)?;
+        if self.status_of(id).await?.state == TaskState::Running {
+            return Err(Error::Conflict { kind: "task", name: id.to_owned() });
+        }
+        self.remove_container(id).await
+    }
+}
+
+/// Splits the engine's log frames into lines per stream, carrying partial lines across
+/// frames and flushing what is left when the stream ends.
+fn lines(frames: impl futures::Stream<Item = LogOutput> + Send + 'static) -> impl futures::Stream<Item = OutputLine> + Send + 'static {
+    struct State<S> {
+        frames: std::pin::Pin<Box<S>>,
+        carry: [Vec<u8>; 2],
+        ready: VecDeque<OutputLine>,
+        done: bool,
+    }
+    let line = |stream: OutputStream, bytes: &[u8]| OutputLine {
+        stream,
+        line: String::from_utf8_lossy(bytes).into_owned(),
+        timestamp: SystemTime::now(),
+    };
+    let state = State { frames: Box::pin(frames), carry: [Vec::new(), Vec::new()], ready: VecDeque::new(), done: false };
+    futures::stream::unfold(state, move |mut st| async move {
+        loop {
+            if let Some(l) = st.ready.pop_front() {
+                return Some((l, st));
+            }
+            if st.done {
+                return None;
+            }
+            match st.frames.next().await {
+                Some(frame) => {
+                    let (stream, bytes) = match frame {
+                        LogOutput::StdErr { message } => (OutputStream::Stderr, message),
+                        LogOutput::StdOut { message } | LogOutput::Console { message } => (OutputStream::Stdout, message),
+                        LogOutput::StdIn { .. } => continue,
+                    };
+                    let carry = &mut st.carry[usize::from(stream == OutputStream::Stderr)];
+                    carry.extend_from_slice(&bytes);
+                    while let Some(end) = carry.iter().position(|b| *b == b'\n') {
+                        let rest = carry.split_off(end + 1);
+                        st.ready.push_back(line(stream, &carry[..end]));
+                        *carry = rest;
+                    }
+                }
+                None => {
+                    st.done = true;
+                    for (k, stream) in [OutputStream::Stdout, OutputStream::Stderr].into_iter().enumerate() {
+                        if !st.carry[k].is_empty() {
+                            st.ready.push_back(line(stream, &st.carry[k]));
+                        }
+                    }
+                }
+            }
+        }
+    })
+}

@@ -1,0 +1,175 @@
+//! The Docker driver against the real engine with the busybox `FROM scratch` test image:
+//! the driver conformance suite, ports, mounts, limits and labels, adoption by a second
+//! driver (an agent restart) without duplicates, and the failure paths (missing image,
+//! bad port, mount outside the volume root, host port taken, daemon away), each leaving
+//! no container behind. Every container a test creates carries a per-test label and is
+//! removed on drop, also when the test fails.
+#![cfg(feature = "docker")]
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use keelson_scheduler::{conformance, DockerDriver, Driver, Error, Limits, MountSpec, PortMapping, TaskSpec, TaskState};
+
+/// Removes every container labelled with this guard's run id when dropped.
+struct Cleanup {
+    run: String,
+}
+
+impl Cleanup {
+    fn new(name: &str) -> Cleanup {
+        Cleanup { run: format!("{name}-{}", std::process::id()) }
+    }
+
+    fn containers(&self) -> Vec<String> {
+        let out = Command::new("docker")
+            .args(["ps", "-aq", "--filter", &format!("label=keelson.test-run={}", self.run)])
+            .output()
+            .expect("docker ps");
+        String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_owned).collect()
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let ids = self.containers();
+        if !ids.is_empty() {
+            let _ = Command::new("docker").args(["rm", "-f"]).args(&ids).output();
+        }
+    }
+}
+
+fn image() -> String {
+    keelson_testkit::docker::busybox_image()
+        .unwrap_or_else(|e| panic!("the busybox test image: {e} (install busybox-static and run Docker Engine)"))
+}
+
+fn sh(run: &str, image: &str, id: &str, script: &str) -> TaskSpec {
+    TaskSpec { image: Some(image.to_owned()), ..TaskSpec::new(id, ["/bin/sh", "-c", script]) }.with_label("keelson.test-run", run)
+}
+
+async fn driver() -> DockerDriver {
+    DockerDriver::connect().await.unwrap_or_else(|e| panic!("Docker Engine must run for these tests: {e}"))
+}
+
+fn docker_inspect(name: &str, format: &str) -> String {
+    let out = Command::new("docker").args(["inspect", "--format", format, name]).output().expect("docker inspect");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_driver_passes_driver_conformance() {
+    let guard = Cleanup::new("conformance");
+    let image = image();
+    let run = guard.run.clone();
+    let spec = move |id: &str, script: &str| sh(&run, &image, id, script);
+    conformance::driver_all(&driver().await, &spec).await;
+    assert!(guard.containers().is_empty(), "the suite removes what it starts");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ports_mounts_limits_and_labels_reach_the_container() {
+    let guard = Cleanup::new("features");
+    let root = tempfile::tempdir().expect("volume root");
+    let www = root.path().join("www");
+    std::fs::create_dir(&www).expect("mkdir");
+    std::fs::write(www.join("index.html"), "from the volume\n").expect("write");
+    let port = keelson_testkit::free_ports(1).expect("port")[0];
+    let d = driver().await.with_volume_root(root.path());
+    let spec = TaskSpec {
+        ports: vec![PortMapping { container: 8080, host: port }],
+        mounts: vec![MountSpec { source: www.clone(), target: PathBuf::from("/www"), read_only: true }],
+        limits: Some(Limits { cpu_millis: 500, memory_mb: 64 }),
+        ..sh(&guard.run, &image(), "web-1", "exec httpd -f -p 8080 -h /www")
+    }
+    .with_label("keelson.job", "web")
+    .with_label("keelson.version", "3");
+    let status = d.start(spec).await.expect("start");
+    assert_eq!(status.state, TaskState::Running);
+    assert_eq!(status.labels.get("keelson.job").map(String::as_str), Some("web"));
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut body = String::new();
+    for _ in 0..50 {
+        if let Ok(r) = keelson_testkit::http::get(addr, "localhost", "/index.html").await {
+            body = r.body;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(body, "from the volume\n", "httpd in the container serves the mounted volume on the published port");
+    assert_eq!(docker_inspect("keelson-web-1", "{{.HostConfig.NanoCpus}} {{.HostConfig.Memory}}"), format!("500000000 {}", 64 << 20));
+    d.stop("web-1", Duration::from_secs(2)).await.expect("stop");
+    d.remove("web-1").await.expect("remove");
+    assert!(guard.containers().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_adopts_running_containers_and_never_duplicates_them() {
+    let guard = Cleanup::new("adopt");
+    let image = image();
+    let first = driver().await;
+    for id in ["adopt-1", "adopt-2"] {
+        first.start(sh(&guard.run, &image, id, "while true; do sleep 1; done")).await.expect("start");
+    }
+    drop(first);
+    // A new driver, as after an agent restart: it finds both, running, by label.
+    let second = driver().await;
+    let mine: Vec<_> =
+        second.list().await.expect("list").into_iter().filter(|s| s.labels.get("keelson.test-run") == Some(&guard.run)).collect();
+    assert_eq!(mine.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(), ["adopt-1", "adopt-2"]);
+    assert!(mine.iter().all(|s| s.state == TaskState::Running));
+    assert!(
+        matches!(second.start(sh(&guard.run, &image, "adopt-1", "true")).await, Err(Error::Conflict { .. })),
+        "no second container for a running task"
+    );
+    assert_eq!(guard.containers().len(), 2, "none duplicated");
+    for id in ["adopt-1", "adopt-2"] {
+        second.stop(id, Duration::from_secs(1)).await.expect("stop");
+        second.remove(id).await.expect("remove");
+    }
+    assert!(guard.containers().is_empty(), "none orphaned");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_and_faults_are_typed_errors_that_leave_no_container_behind() {
+    let guard = Cleanup::new("faults");
+    let image = image();
+    let d = driver().await;
+
+    let missing = TaskSpec { image: Some("keelson-test/no-such-image:1".into()), ..sh(&guard.run, &image, "no-image", "true") };
+    match d.start(missing).await {
+        Err(Error::ImageUnavailable { image, .. }) => assert_eq!(image, "keelson-test/no-such-image:1"),
+        other => panic!("a missing image: {other:?}"),
+    }
+
+    let bad_port = TaskSpec { ports: vec![PortMapping { container: 0, host: 8080 }], ..sh(&guard.run, &image, "bad-port", "true") };
+    assert!(matches!(d.start(bad_port).await, Err(Error::InvalidInput { field: "port", .. })));
+
+    let root = tempfile::tempdir().expect("root");
+    let outside = tempfile::tempdir().expect("outside");
+    let confined = driver().await.with_volume_root(root.path());
+    let escape = TaskSpec {
+        mounts: vec![MountSpec { source: outside.path().to_owned(), target: PathBuf::from("/data"), read_only: false }],
+        ..sh(&guard.run, &image, "escape", "true")
+    };
+    assert!(matches!(confined.start(escape).await, Err(Error::InvalidInput { field: "mount", .. })));
+    let dotdot = TaskSpec {
+        mounts: vec![MountSpec { source: root.path().join("../etc"), target: PathBuf::from("/data"), read_only: false }],
+        ..sh(&guard.run, &image, "dotdot", "true")
+    };
+    assert!(matches!(confined.start(dotdot).await, Err(Error::InvalidInput { field: "mount", .. })));
+
+    // The host port is taken: the engine refuses at start; the created container goes.
+    let taken = std::net::TcpListener::bind("0.0.0.0:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let clash = TaskSpec { ports: vec![PortMapping { container: 8080, host: port }], ..sh(&guard.run, &image, "clash", "sleep 30") };
+    assert!(d.start(clash).await.is_err(), "a taken host port fails the start");
+    assert!(guard.containers().is_empty(), "no half-created containers: {:?}", guard.containers());
+
+    // No daemon at this socket: unavailable, and retryable.
+    let err = DockerDriver::connect_unix(&root.path().join("no-docker.sock")).await.expect_err("no daemon");
+    assert!(matches!(err, Error::Unavailable { .. } | Error::Timeout { .. }), "{err:?}");
+    assert!(err.is_retryable());
+    assert!(matches!(d.inspect("never-started").await, Err(Error::NotFound { .. })));
+}
