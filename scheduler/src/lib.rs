@@ -33,6 +33,7 @@
 //! ```
 
 mod class_cache;
+mod cluster_store;
 mod constraints;
 mod deployment;
 #[cfg(feature = "docker")]
@@ -53,6 +54,7 @@ mod volumes;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
+pub use cluster_store::{ClusterStore, ClusterView, NodeMembership, PlanCommit, ReschedulePass};
 pub use deployment::{Action, AllocHealth, AllocView, Deployment, Millis, Phase, Traffic};
 #[cfg(feature = "docker")]
 pub use docker::{DockerDriver, MANAGED_LABEL, TASK_LABEL};

@@ -25,6 +25,9 @@ pub struct DesiredGroup {
     pub version: u64,
     /// Allocations wanted.
     pub count: u32,
+    /// What each allocation needs (for placing replacements).
+    #[serde(default)]
+    pub resources: crate::model::Resources,
 }
 
 /// Where an allocation is, as the cluster state records it.
@@ -144,7 +147,7 @@ mod tests {
     }
 
     fn want(group: &str, version: u64, count: u32) -> DesiredGroup {
-        DesiredGroup { job: "web".into(), group: group.into(), version, count }
+        DesiredGroup { job: "web".into(), group: group.into(), version, count, resources: Default::default() }
     }
 
     #[test]

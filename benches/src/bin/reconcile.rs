@@ -37,7 +37,13 @@ fn main() -> ExitCode {
     let groups = (args.allocs / PER_GROUP).max(1);
     let mut rng = SplitMix::new(args.seed);
     let mut desired: Vec<DesiredGroup> = (0..groups)
-        .map(|g| DesiredGroup { job: format!("job-{:05}", g / 4), group: format!("group-{}", g % 4), version: 1, count: PER_GROUP as u32 })
+        .map(|g| DesiredGroup {
+            job: format!("job-{:05}", g / 4),
+            group: format!("group-{}", g % 4),
+            version: 1,
+            count: PER_GROUP as u32,
+            resources: Default::default(),
+        })
         .collect();
     let mut allocs = Vec::with_capacity(args.allocs);
     for (g, d) in desired.iter().enumerate() {

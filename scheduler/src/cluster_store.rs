@@ -1,0 +1,309 @@
+//! Cluster state in any [`KeyValue`] (etcd in production, `MemoryKv` embedded): nodes
+//! with heartbeat leases, allocations by node, and optimistic plan commits.
+//!
+//! Layout under the store's root:
+//! - `nodes/<node>`: the [`Node`], attached to the node's lease: when the node stops
+//!   renewing it, the key goes and the node is lost.
+//! - `allocs/<node>/<alloc>`: an [`AllocRecord`]; a node agent watches its own prefix.
+//! - `fences/<node>`: a counter bumped by every plan that changes the node.
+//!
+//! A plan is made from a [`ClusterView`] and remembers the fence version of every node
+//! it touches. [`ClusterStore::commit`] takes the `plan` lock, then claims each fence
+//! with compare-and-swap on the version the plan saw: if another plan changed one of
+//! those nodes since, the commit fails with [`Error::Conflict`] and writes nothing, and
+//! the caller re-plans from a fresh view. The lock serialises commits; the fences keep
+//! them correct even if a lock holder stalls past its lease.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use keelson_discovery::{Expect, KeyValue, LeaseKeeper};
+
+use crate::error::{Error, Result};
+use crate::model::{Allocation, ClusterSnapshot, Job, Node, TaskGroup};
+use crate::placement::{PlacementEngine, Scheduler};
+use crate::reconcile::{reconcile, AllocRecord, AllocStatus, DesiredGroup};
+
+const BACKEND: &str = "cluster store";
+
+fn kv_err(e: keelson_discovery::Error) -> Error {
+    match e {
+        keelson_discovery::Error::Conflict { key, .. } => Error::Conflict { kind: "key", name: key },
+        e if e.is_retryable() => Error::Unavailable { backend: BACKEND, reason: e.to_string() },
+        e => Error::Backend { backend: BACKEND, source: Box::new(e) },
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| Error::Backend { backend: BACKEND, source: format!("{key}: {e}").into() })
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(value).map_err(|e| Error::Backend { backend: BACKEND, source: Box::new(e) })
+}
+
+/// Cluster state in a [`KeyValue`] store under one root.
+#[derive(Clone, Debug)]
+pub struct ClusterStore {
+    kv: Arc<dyn KeyValue>,
+    root: String,
+}
+
+/// A node's membership: its lease is renewed until this is dropped or
+/// [`NodeMembership::leave`] is called.
+#[derive(Debug)]
+pub struct NodeMembership {
+    keeper: LeaseKeeper,
+    kv: Arc<dyn KeyValue>,
+}
+
+impl NodeMembership {
+    /// Leaves at once: revokes the lease, so the node is gone now rather than after its TTL.
+    pub async fn leave(self) -> Result<()> {
+        self.kv.revoke_lease(self.keeper.lease()).await.map_err(kv_err)
+    }
+}
+
+/// What a plan read: nodes, allocations, and the fence version of every node.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterView {
+    /// Live nodes (their lease is current).
+    pub nodes: Vec<Node>,
+    /// Every allocation, on live and lost nodes.
+    pub allocations: Vec<AllocRecord>,
+    fences: BTreeMap<String, Option<u64>>,
+}
+
+impl ClusterView {
+    /// Nodes that hold allocations but are no longer live.
+    pub fn lost_nodes(&self) -> HashSet<String> {
+        let live: HashSet<&str> = self.nodes.iter().map(|n| n.id.as_str()).collect();
+        self.allocations.iter().filter(|a| !live.contains(a.node.as_str())).map(|a| a.node.clone()).collect()
+    }
+
+    /// An empty plan against this view.
+    pub fn plan(&self) -> PlanCommit {
+        PlanCommit { fences: self.fences.clone(), touched: BTreeSet::new(), puts: Vec::new(), deletes: Vec::new() }
+    }
+}
+
+/// Changes made against one [`ClusterView`].
+#[derive(Clone, Debug)]
+pub struct PlanCommit {
+    fences: BTreeMap<String, Option<u64>>,
+    touched: BTreeSet<String>,
+    puts: Vec<AllocRecord>,
+    deletes: Vec<(String, String)>,
+}
+
+impl PlanCommit {
+    /// Adds or updates an allocation.
+    pub fn put(&mut self, alloc: AllocRecord) {
+        self.touched.insert(alloc.node.clone());
+        self.puts.push(alloc);
+    }
+
+    /// Removes an allocation (a lost one, or one that has stopped).
+    pub fn delete(&mut self, node: &str, alloc: &str) {
+        self.touched.insert(node.to_owned());
+        self.deletes.push((node.to_owned(), alloc.to_owned()));
+    }
+
+    /// Whether the plan changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.puts.is_empty() && self.deletes.is_empty()
+    }
+}
+
+/// What one [`ClusterStore::reschedule`] pass did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReschedulePass {
+    /// Allocations removed because their node was lost.
+    pub lost: Vec<String>,
+    /// New allocations placed.
+    pub placed: Vec<AllocRecord>,
+    /// Commits that lost a race and were re-planned.
+    pub replans: u32,
+}
+
+impl ClusterStore {
+    /// A store under `root` (for example `keelson/cluster`).
+    pub fn new(kv: Arc<dyn KeyValue>, root: impl Into<String>) -> Self {
+        ClusterStore { kv, root: root.into().trim_end_matches('/').to_owned() }
+    }
+
+    fn key(&self, parts: &[&str]) -> String {
+        format!("{}/{}", self.root, parts.join("/"))
+    }
+
+    /// Registers `node` on a lease of `ttl`, renewed at a third of it until the returned
+    /// membership is dropped. A node that stops renewing is lost after `ttl`.
+    pub async fn join(&self, node: &Node, ttl: Duration) -> Result<NodeMembership> {
+        crate::error::validate_id("node id", &node.id)?;
+        let lease = self.kv.grant_lease(ttl).await.map_err(kv_err)?;
+        let (key, value) = (self.key(&["nodes", &node.id]), encode(node)?);
+        self.kv.put(&key, value.clone(), Some(lease)).await.map_err(kv_err)?;
+        // A node that outlived its lease (a partition) joins again: its allocations were
+        // re-placed meanwhile, and it will see that in its own prefix.
+        let kv = self.kv.clone();
+        let keeper = LeaseKeeper::spawn(self.kv.clone(), lease, ttl, move || {
+            let (kv, key, value) = (kv.clone(), key.clone(), value.clone());
+            async move {
+                let lease = kv.grant_lease(ttl).await.ok()?;
+                kv.put(&key, value, Some(lease)).await.ok()?;
+                tracing::warn!(%key, "node lease had expired; joined again");
+                Some(lease)
+            }
+        });
+        Ok(NodeMembership { keeper, kv: self.kv.clone() })
+    }
+
+    /// Reads nodes, allocations and fences.
+    pub async fn view(&self) -> Result<ClusterView> {
+        let mut view = ClusterView::default();
+        for e in self.kv.list(&self.key(&["nodes", ""])).await.map_err(kv_err)?.entries {
+            view.nodes.push(decode(&e.key, &e.value)?);
+        }
+        for e in self.kv.list(&self.key(&["allocs", ""])).await.map_err(kv_err)?.entries {
+            view.allocations.push(decode(&e.key, &e.value)?);
+        }
+        let fence_prefix = self.key(&["fences", ""]);
+        for e in self.kv.list(&fence_prefix).await.map_err(kv_err)?.entries {
+            view.fences.insert(e.key[fence_prefix.len()..].to_owned(), Some(e.version));
+        }
+        Ok(view)
+    }
+
+    /// The allocations on one node (what its agent runs).
+    pub async fn allocations_on(&self, node: &str) -> Result<Vec<AllocRecord>> {
+        let list = self.kv.list(&self.key(&["allocs", node, ""])).await.map_err(kv_err)?;
+        list.entries.iter().map(|e| decode(&e.key, &e.value)).collect()
+    }
+
+    /// Records an allocation's status as its node agent reports it (no fence: only the
+    /// agent of that node writes its allocations' status).
+    pub async fn report(&self, alloc: &AllocRecord) -> Result<()> {
+        self.kv.put(&self.key(&["allocs", &alloc.node, &alloc.id]), encode(alloc)?, None).await.map_err(kv_err)?;
+        Ok(())
+    }
+
+    /// Commits `plan` if no node it touches changed since its view was read; otherwise
+    /// [`Error::Conflict`] and nothing is written. Returns the number of keys written.
+    pub async fn commit(&self, plan: &PlanCommit) -> Result<usize> {
+        if plan.is_empty() {
+            return Ok(0);
+        }
+        let lock = self.kv.lock("keelson-plan", Duration::from_secs(10), Duration::from_secs(10)).await.map_err(kv_err)?;
+        let result = self.commit_locked(plan).await;
+        if let Err(e) = self.kv.unlock(&lock).await {
+            tracing::warn!(error = %e, "releasing the plan lock (it expires with its lease)");
+        }
+        result
+    }
+
+    async fn commit_locked(&self, plan: &PlanCommit) -> Result<usize> {
+        // Check every fence before claiming any, so a stale plan writes nothing at all.
+        for node in &plan.touched {
+            let seen = plan.fences.get(node).copied().flatten();
+            let now = self.kv.get(&self.key(&["fences", node])).await.map_err(kv_err)?.map(|e| e.version);
+            if now != seen {
+                return Err(Error::Conflict { kind: "plan for node", name: node.clone() });
+            }
+        }
+        for node in &plan.touched {
+            let key = self.key(&["fences", node]);
+            let expect = match plan.fences.get(node).copied().flatten() {
+                Some(v) => Expect::Version(v),
+                None => Expect::Absent,
+            };
+            self.kv.compare_and_swap(&key, expect, b"1".to_vec(), None).await.map_err(|e| match e {
+                keelson_discovery::Error::Conflict { .. } => Error::Conflict { kind: "plan for node", name: node.clone() },
+                other => kv_err(other),
+            })?;
+        }
+        for a in &plan.puts {
+            self.kv.put(&self.key(&["allocs", &a.node, &a.id]), encode(a)?, None).await.map_err(kv_err)?;
+        }
+        for (node, id) in &plan.deletes {
+            self.kv.delete(&self.key(&["allocs", node, id])).await.map_err(kv_err)?;
+        }
+        Ok(plan.puts.len() + plan.deletes.len())
+    }
+
+    /// One pass of node-loss handling for `desired`: allocations on lost nodes are
+    /// removed and replacements placed by the placement engine on live nodes, committed
+    /// optimistically (re-planned up to 5 times when another plan wins).
+    pub async fn reschedule(&self, desired: &[DesiredGroup]) -> Result<ReschedulePass> {
+        let mut pass = ReschedulePass::default();
+        for _ in 0..5 {
+            let view = self.view().await?;
+            let lost = view.lost_nodes();
+            let r = reconcile(desired, &view.allocations, &lost);
+            let mut plan = view.plan();
+            for a in view.allocations.iter().filter(|a| r.lost.contains(&a.id)) {
+                plan.delete(&a.node, &a.id);
+            }
+            let placed = place(&view, desired, &r.place, &lost)?;
+            for a in &placed {
+                plan.put(a.clone());
+            }
+            match self.commit(&plan).await {
+                Ok(_) => {
+                    pass.lost = r.lost;
+                    pass.placed = placed;
+                    return Ok(pass);
+                }
+                Err(Error::Conflict { .. }) => pass.replans += 1,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::Conflict { kind: "plan", name: "reschedule (5 attempts)".into() })
+    }
+}
+
+/// Places `wanted` new allocations with the placement engine on the live nodes, given the
+/// allocations already there.
+fn place(view: &ClusterView, desired: &[DesiredGroup], wanted: &[(usize, u32)], lost: &HashSet<String>) -> Result<Vec<AllocRecord>> {
+    if wanted.is_empty() {
+        return Ok(Vec::new());
+    }
+    let resources_of =
+        |job: &str, group: &str| desired.iter().find(|d| d.job == job && d.group == group).map(|d| d.resources).unwrap_or_default();
+    let mut snapshot = ClusterSnapshot { nodes: view.nodes.clone(), ..ClusterSnapshot::default() };
+    snapshot.allocations = view
+        .allocations
+        .iter()
+        .filter(|a| !lost.contains(&a.node) && a.status != AllocStatus::Failed)
+        .map(|a| Allocation::new(a.id.clone(), a.node.clone(), a.job.clone(), a.group.clone(), resources_of(&a.job, &a.group)))
+        .collect();
+    let engine = PlacementEngine::new();
+    let mut out = Vec::new();
+    for (i, n) in wanted {
+        let d = &desired[*i];
+        let job = Job::new(d.job.clone(), vec![TaskGroup::new(d.group.clone(), *n, d.resources)]);
+        let plan = engine.plan(&snapshot, &job)?;
+        for p in plan.placements {
+            let id = format!("{}-{}-v{}-{}", d.job, d.group, d.version, unique_suffix());
+            snapshot.allocations.push(Allocation::new(id.clone(), p.node.clone(), d.job.clone(), d.group.clone(), d.resources));
+            out.push(AllocRecord {
+                id,
+                job: d.job.clone(),
+                group: d.group.clone(),
+                version: d.version,
+                node: p.node,
+                status: AllocStatus::Pending,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// A short id suffix unique within this process and unlikely across processes.
+fn unique_suffix() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    format!("{:x}{:x}{n:x}", std::process::id(), nanos)
+}

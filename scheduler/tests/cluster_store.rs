@@ -1,0 +1,114 @@
+//! Cluster state through `KeyValue`, on the embedded `MemoryKv` and on a real etcd:
+//! optimistic plan commits (of two conflicting plans one commits and the other, stale,
+//! writes nothing and re-plans), and node loss (a node that stops renewing its lease has
+//! its allocations re-placed on the others within the lease TTL + 2 s).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keelson_discovery::{EtcdConfig, EtcdKv, KeyValue, MemoryKv};
+use keelson_scheduler::{AllocRecord, AllocStatus, ClusterStore, DesiredGroup, Error, Node, Resources};
+
+fn alloc(id: &str, node: &str) -> AllocRecord {
+    AllocRecord { id: id.into(), job: "web".into(), group: "http".into(), version: 1, node: node.into(), status: AllocStatus::Pending }
+}
+
+fn web(count: u32) -> DesiredGroup {
+    DesiredGroup { job: "web".into(), group: "http".into(), version: 1, count, resources: Resources::new(100, 64) }
+}
+
+async fn conflicting_plans_one_commits_the_other_replans(kv: Arc<dyn KeyValue>) {
+    let store = ClusterStore::new(kv, "test/plans");
+    let (first, second) = (store.view().await.expect("view"), store.view().await.expect("view"));
+    let mut a = first.plan();
+    a.put(alloc("a1", "n1"));
+    let mut b = second.plan();
+    b.put(alloc("b1", "n2"));
+    b.put(alloc("b2", "n1"));
+    store.commit(&a).await.expect("the first plan commits");
+    assert!(matches!(store.commit(&b).await, Err(Error::Conflict { .. })), "the second saw n1 before the first changed it");
+    let after = store.view().await.expect("view");
+    let ids: Vec<&str> = after.allocations.iter().map(|a| a.id.as_str()).collect();
+    assert_eq!(ids, ["a1"], "the stale plan wrote nothing, not even on n2");
+    // Re-planned from a fresh view, it commits.
+    let mut again = after.plan();
+    again.put(alloc("b1", "n2"));
+    again.put(alloc("b2", "n1"));
+    store.commit(&again).await.expect("the re-plan commits");
+    // Plans on different nodes do not conflict.
+    let (v1, v2) = (store.view().await.expect("view"), store.view().await.expect("view"));
+    let (mut c, mut d) = (v1.plan(), v2.plan());
+    c.put(alloc("c1", "n3"));
+    d.put(alloc("d1", "n4"));
+    store.commit(&c).await.expect("c");
+    store.commit(&d).await.expect("d: another node, no conflict");
+    assert_eq!(store.allocations_on("n1").await.expect("n1").len(), 2);
+}
+
+async fn a_lost_node_has_its_work_replaced_within_ttl_plus_2s(kv: Arc<dyn KeyValue>) {
+    let store = ClusterStore::new(kv, "test/loss");
+    let ttl = Duration::from_secs(2);
+    let doomed = store.join(&Node::new("doomed", Resources::new(4000, 4096)), ttl).await.expect("join");
+    let _survivor = store.join(&Node::new("survivor", Resources::new(4000, 4096)), ttl).await.expect("join");
+    let desired = [web(4)];
+    let first = store.reschedule(&desired).await.expect("initial placement");
+    assert_eq!(first.placed.len(), 4);
+    // Spread is not asked for, so force some work onto the node that will die.
+    let view = store.view().await.expect("view");
+    if !view.allocations.iter().any(|a| a.node == "doomed") {
+        let mut plan = view.plan();
+        let moved = view.allocations[0].clone();
+        plan.delete(&moved.node, &moved.id);
+        plan.put(AllocRecord { node: "doomed".into(), ..moved });
+        store.commit(&plan).await.expect("move one");
+    }
+    let on_doomed = store.allocations_on("doomed").await.expect("list").len();
+    assert!(on_doomed > 0);
+    // The node stops renewing its lease, as after SIGKILL of its agent.
+    let killed = Instant::now();
+    drop(doomed);
+    let moved = loop {
+        let pass = store.reschedule(&desired).await.expect("reschedule");
+        if !pass.lost.is_empty() {
+            break pass;
+        }
+        assert!(killed.elapsed() < ttl + Duration::from_secs(2), "not re-placed within TTL + 2 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let took = killed.elapsed();
+    assert!(took <= ttl + Duration::from_secs(2), "re-placed after {took:?}");
+    assert_eq!(moved.lost.len(), on_doomed);
+    assert!(moved.placed.iter().all(|a| a.node == "survivor"), "{:?}", moved.placed);
+    let view = store.view().await.expect("view");
+    assert_eq!(view.allocations.len(), 4, "all four run again, none twice: {:?}", view.allocations);
+    assert!(view.allocations.iter().all(|a| a.node == "survivor"));
+    assert!(store.reschedule(&desired).await.expect("steady").placed.is_empty(), "a steady cluster needs nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_kv_commits_plans_optimistically() {
+    conflicting_plans_one_commits_the_other_replans(Arc::new(MemoryKv::new())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_kv_replaces_the_work_of_a_lost_node() {
+    a_lost_node_has_its_work_replaced_within_ttl_plus_2s(Arc::new(MemoryKv::new())).await;
+}
+
+async fn etcd() -> (keelson_testkit::etcd::Etcd, Arc<dyn KeyValue>) {
+    let etcd = keelson_testkit::etcd::Etcd::start().unwrap_or_else(|e| panic!("etcd for this test: {e}"));
+    let kv = EtcdKv::connect(EtcdConfig::new([etcd.client_url()])).await.expect("connect to etcd");
+    (etcd, Arc::new(kv))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_commits_plans_optimistically() {
+    let (_etcd, kv) = etcd().await;
+    conflicting_plans_one_commits_the_other_replans(kv).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_replaces_the_work_of_a_lost_node() {
+    let (_etcd, kv) = etcd().await;
+    a_lost_node_has_its_work_replaced_within_ttl_plus_2s(kv).await;
+}
