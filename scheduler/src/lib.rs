@@ -31,6 +31,24 @@
 //! assert!(plan.placements.iter().all(|p| p.node != "n3"));
 //! # Ok::<(), keelson_scheduler::Error>(())
 //! ```
+//!
+//! Orchestration: [`Deployment`] moves a group between versions under a [`Strategy`]
+//! and its [`Gates`], as a pure state machine; [`reconcile`] keeps counts right;
+//! [`ClusterStore`] keeps the state in etcd or Consul with optimistic plan commits;
+//! `DockerDriver` (feature `docker`) runs tasks on Docker Engine.
+//!
+//! ```
+//! use keelson_scheduler::{Action, AllocHealth, AllocView, Deployment, Gates, Strategy};
+//!
+//! // Three healthy allocations of version 1; roll to version 2 one extra at a time.
+//! let running: Vec<AllocView> =
+//!     (0..3).map(|i| AllocView::new(format!("a{i}"), 1, AllocHealth::Healthy { since: 0 })).collect();
+//! let strategy = Strategy::Rolling { max_surge: 1, max_unavailable: 0 };
+//! let mut deployment = Deployment::new(Some(1), 2, 3, strategy, Gates::default(), false, 1_000)?;
+//! // Nothing old may stop before a new one is healthy: the first step only starts one.
+//! assert_eq!(deployment.step(&running, 1_000), vec![Action::Start { version: 2, count: 1 }]);
+//! # Ok::<(), keelson_scheduler::Error>(())
+//! ```
 
 mod class_cache;
 mod cluster_store;
