@@ -188,6 +188,32 @@ impl ClusterStore {
         Ok(())
     }
 
+    /// Stores what a group runs at one version (kept per version: old and new run side by
+    /// side during a deployment).
+    pub async fn put_group(&self, spec: &crate::agent::GroupSpec) -> Result<()> {
+        let d = &spec.desired;
+        crate::error::validate_id("job id", &d.job)?;
+        crate::error::validate_id("group name", &d.group)?;
+        let key = self.key(&["groups", &d.job, &d.group, &format!("v{}", d.version)]);
+        self.kv.put(&key, encode(spec)?, None).await.map_err(kv_err)?;
+        Ok(())
+    }
+
+    /// What a group runs at `version`.
+    pub async fn group_version(&self, job: &str, group: &str, version: u64) -> Result<crate::agent::GroupSpec> {
+        let key = self.key(&["groups", job, group, &format!("v{version}")]);
+        match self.kv.get(&key).await.map_err(kv_err)? {
+            Some(e) => decode(&key, &e.value),
+            None => Err(Error::NotFound { kind: "group version", name: format!("{job}/{group} v{version}") }),
+        }
+    }
+
+    /// Removes a finished allocation's record (its agent has stopped it).
+    pub async fn forget(&self, alloc: &AllocRecord) -> Result<()> {
+        self.kv.delete(&self.key(&["allocs", &alloc.node, &alloc.id])).await.map_err(kv_err)?;
+        Ok(())
+    }
+
     /// Commits `plan` if no node it touches changed since its view was read; otherwise
     /// [`Error::Conflict`] and nothing is written. Returns the number of keys written.
     pub async fn commit(&self, plan: &PlanCommit) -> Result<usize> {
@@ -275,17 +301,23 @@ fn place(view: &ClusterView, desired: &[DesiredGroup], wanted: &[(usize, u32)], 
         .allocations
         .iter()
         .filter(|a| !lost.contains(&a.node) && a.status != AllocStatus::Failed)
-        .map(|a| Allocation::new(a.id.clone(), a.node.clone(), a.job.clone(), a.group.clone(), resources_of(&a.job, &a.group)))
+        .map(|a| Allocation {
+            ports: a.ports.iter().copied().collect(),
+            ..Allocation::new(a.id.clone(), a.node.clone(), a.job.clone(), a.group.clone(), resources_of(&a.job, &a.group))
+        })
         .collect();
     let engine = PlacementEngine::new();
     let mut out = Vec::new();
     for (i, n) in wanted {
         let d = &desired[*i];
-        let job = Job::new(d.job.clone(), vec![TaskGroup::new(d.group.clone(), *n, d.resources)]);
+        let job = Job::new(d.job.clone(), vec![TaskGroup::new(d.group.clone(), *n, d.resources).with_dynamic_ports(d.ports)]);
         let plan = engine.plan(&snapshot, &job)?;
         for p in plan.placements {
             let id = format!("{}-{}-v{}-{}", d.job, d.group, d.version, unique_suffix());
-            snapshot.allocations.push(Allocation::new(id.clone(), p.node.clone(), d.job.clone(), d.group.clone(), d.resources));
+            snapshot.allocations.push(Allocation {
+                ports: p.ports.iter().copied().collect(),
+                ..Allocation::new(id.clone(), p.node.clone(), d.job.clone(), d.group.clone(), d.resources)
+            });
             out.push(AllocRecord {
                 id,
                 job: d.job.clone(),
@@ -293,6 +325,7 @@ fn place(view: &ClusterView, desired: &[DesiredGroup], wanted: &[(usize, u32)], 
                 version: d.version,
                 node: p.node,
                 status: AllocStatus::Pending,
+                ports: p.ports,
             });
         }
     }

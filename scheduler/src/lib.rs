@@ -50,6 +50,7 @@
 //! # Ok::<(), keelson_scheduler::Error>(())
 //! ```
 
+mod agent;
 mod class_cache;
 mod cluster_store;
 mod constraints;
@@ -72,6 +73,7 @@ mod volumes;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
+pub use agent::{GroupSpec, NodeAgent, ServiceSpec, SyncReport, TaskTemplate, NODE_LABEL};
 pub use cluster_store::{ClusterStore, ClusterView, NodeMembership, PlanCommit, ReschedulePass};
 pub use deployment::{Action, AllocHealth, AllocView, Deployment, Millis, Phase, Traffic};
 #[cfg(feature = "docker")]

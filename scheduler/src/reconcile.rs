@@ -28,6 +28,9 @@ pub struct DesiredGroup {
     /// What each allocation needs (for placing replacements).
     #[serde(default)]
     pub resources: crate::model::Resources,
+    /// Dynamic host ports each allocation gets (a service's port, say).
+    #[serde(default)]
+    pub ports: u16,
 }
 
 /// Where an allocation is, as the cluster state records it.
@@ -58,6 +61,9 @@ pub struct AllocRecord {
     pub node: String,
     /// Its status.
     pub status: AllocStatus,
+    /// Host ports given to it at placement (the service port first).
+    #[serde(default)]
+    pub ports: Vec<u16>,
 }
 
 /// What to do to make the cluster match.
@@ -143,11 +149,11 @@ mod tests {
     use super::*;
 
     fn alloc(id: &str, group: &str, version: u64, node: &str, status: AllocStatus) -> AllocRecord {
-        AllocRecord { id: id.into(), job: "web".into(), group: group.into(), version, node: node.into(), status }
+        AllocRecord { id: id.into(), job: "web".into(), group: group.into(), version, node: node.into(), status, ports: Vec::new() }
     }
 
     fn want(group: &str, version: u64, count: u32) -> DesiredGroup {
-        DesiredGroup { job: "web".into(), group: group.into(), version, count, resources: Default::default() }
+        DesiredGroup { job: "web".into(), group: group.into(), version, count, resources: Default::default(), ports: 0 }
     }
 
     #[test]

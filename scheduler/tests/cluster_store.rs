@@ -10,11 +10,19 @@ use keelson_discovery::{EtcdConfig, EtcdKv, KeyValue, MemoryKv};
 use keelson_scheduler::{AllocRecord, AllocStatus, ClusterStore, DesiredGroup, Error, Node, Resources};
 
 fn alloc(id: &str, node: &str) -> AllocRecord {
-    AllocRecord { id: id.into(), job: "web".into(), group: "http".into(), version: 1, node: node.into(), status: AllocStatus::Pending }
+    AllocRecord {
+        id: id.into(),
+        job: "web".into(),
+        group: "http".into(),
+        version: 1,
+        node: node.into(),
+        status: AllocStatus::Pending,
+        ports: Vec::new(),
+    }
 }
 
 fn web(count: u32) -> DesiredGroup {
-    DesiredGroup { job: "web".into(), group: "http".into(), version: 1, count, resources: Resources::new(100, 64) }
+    DesiredGroup { job: "web".into(), group: "http".into(), version: 1, count, resources: Resources::new(100, 64), ports: 1 }
 }
 
 async fn conflicting_plans_one_commits_the_other_replans(kv: Arc<dyn KeyValue>) {

@@ -43,6 +43,7 @@ fn main() -> ExitCode {
             version: 1,
             count: PER_GROUP as u32,
             resources: Default::default(),
+            ports: 0,
         })
         .collect();
     let mut allocs = Vec::with_capacity(args.allocs);
@@ -61,6 +62,7 @@ fn main() -> ExitCode {
                 version: 1,
                 node: format!("node-{:04}", rng.below(NODES)),
                 status,
+                ports: Vec::new(),
             });
         }
     }

@@ -1,0 +1,272 @@
+//! The node agent: runs its node's allocations (from a [`ClusterStore`]) through a
+//! [`Driver`], reports their status back, and registers healthy ones in a `Discovery`
+//! with their service tags, so a router following discovery serves them with no extra
+//! step.
+//!
+//! Each [`NodeAgent::sync`] compares what the store assigns to the node with what the
+//! driver runs (tasks labelled with the node): it starts what is missing, stops and
+//! removes what is no longer assigned (an allocation re-placed after this node was
+//! thought lost, say), and reports status changes. The driver is the record of what
+//! runs, so an agent restarted next to running containers adopts them instead of
+//! starting duplicates.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keelson_discovery::health::{probe_once, Probe};
+use keelson_discovery::{Discovery, Registration, RegistrationHandle, ServiceName};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use crate::cluster_store::ClusterStore;
+use crate::driver::{Driver, Limits, PortMapping, TaskSpec, TaskState};
+use crate::error::{Error, Result};
+use crate::reconcile::{AllocRecord, AllocStatus, DesiredGroup};
+
+/// Label holding the node an agent started a task for.
+pub const NODE_LABEL: &str = "keelson.node";
+
+/// What a group's allocations run, one record per version (old and new versions run side
+/// by side during a deployment).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupSpec {
+    /// Job, group, version, count, resources and dynamic ports.
+    pub desired: DesiredGroup,
+    /// The task each allocation runs.
+    pub task: TaskTemplate,
+    /// The service each allocation offers, if any.
+    #[serde(default)]
+    pub service: Option<ServiceSpec>,
+}
+
+/// The task of a group.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskTemplate {
+    /// Image (for image drivers).
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Program and arguments.
+    pub command: Vec<String>,
+    /// Environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// CPU and memory limits.
+    #[serde(default)]
+    pub limits: Option<Limits>,
+}
+
+/// A service offered by each allocation of a group, on the allocation's first host port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    /// Service name (a DNS label).
+    pub name: String,
+    /// The port inside the task, published on the allocation's host port.
+    pub port: u16,
+    /// Tags, route tags included (`keelson.http.host=web.example`).
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// HTTP path that must answer 2xx/3xx for the allocation to count as healthy (none:
+    /// a TCP connect).
+    #[serde(default)]
+    pub http_check: Option<String>,
+}
+
+/// What one [`NodeAgent::sync`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Allocations started.
+    pub started: Vec<String>,
+    /// Tasks stopped and removed.
+    pub stopped: Vec<String>,
+    /// Allocations whose status changed, with the new status.
+    pub reported: Vec<(String, AllocStatus)>,
+}
+
+/// Runs one node's allocations.
+#[derive(Debug)]
+pub struct NodeAgent {
+    node: String,
+    store: ClusterStore,
+    driver: Arc<dyn Driver>,
+    discovery: Option<Arc<dyn Discovery>>,
+    address: String,
+    stop_grace: Duration,
+    registrations: Mutex<HashMap<String, RegistrationHandle>>,
+}
+
+impl NodeAgent {
+    /// An agent for `node`; services are registered at `address` (the node's address as
+    /// clients reach it) when `discovery` is given.
+    pub fn new(
+        node: impl Into<String>,
+        store: ClusterStore,
+        driver: Arc<dyn Driver>,
+        discovery: Option<Arc<dyn Discovery>>,
+        address: impl Into<String>,
+    ) -> Self {
+        NodeAgent {
+            node: node.into(),
+            store,
+            driver,
+            discovery,
+            address: address.into(),
+            stop_grace: Duration::from_secs(5),
+            registrations: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// How long a stopped task gets between SIGTERM and SIGKILL (default 5 s).
+    pub fn with_stop_grace(mut self, grace: Duration) -> Self {
+        self.stop_grace = grace;
+        self
+    }
+
+    fn task_spec(&self, alloc: &AllocRecord, spec: &GroupSpec) -> TaskSpec {
+        let ports = match (&spec.service, alloc.ports.first()) {
+            (Some(s), Some(host)) => vec![PortMapping { container: s.port, host: *host }],
+            _ => Vec::new(),
+        };
+        TaskSpec {
+            image: spec.task.image.clone(),
+            env: spec.task.env.clone(),
+            limits: spec.task.limits,
+            ports,
+            ..TaskSpec::new(alloc.id.clone(), spec.task.command.clone())
+        }
+        .with_label(NODE_LABEL, self.node.clone())
+        .with_label("keelson.job", alloc.job.clone())
+        .with_label("keelson.group", alloc.group.clone())
+        .with_label("keelson.version", alloc.version.to_string())
+    }
+
+    /// One pass: start, stop, check, report, register.
+    pub async fn sync(&self) -> Result<SyncReport> {
+        let mut report = SyncReport::default();
+        let assigned: HashMap<String, AllocRecord> =
+            self.store.allocations_on(&self.node).await?.into_iter().map(|a| (a.id.clone(), a)).collect();
+        let running: HashMap<String, TaskState> = self
+            .driver
+            .list()
+            .await?
+            .into_iter()
+            .filter(|t| t.labels.get(NODE_LABEL) == Some(&self.node))
+            .map(|t| (t.id, t.state))
+            .collect();
+        // No longer assigned here, or asked to stop: deregister first, then stop.
+        for id in running.keys() {
+            let stop = assigned.get(id).is_none_or(|a| a.status == AllocStatus::Stopping);
+            if stop {
+                self.deregister(id).await;
+                match self.driver.stop(id, self.stop_grace).await {
+                    Ok(_) | Err(Error::NotFound { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+                match self.driver.remove(id).await {
+                    Ok(()) | Err(Error::NotFound { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+                report.stopped.push(id.clone());
+            }
+        }
+        for (id, alloc) in &assigned {
+            if alloc.status == AllocStatus::Stopping {
+                // Stopped above (or never ran): the allocation is done.
+                self.store.forget(alloc).await?;
+                continue;
+            }
+            let spec = self.store.group_version(&alloc.job, &alloc.group, alloc.version).await?;
+            let status = match running.get(id) {
+                None if alloc.status == AllocStatus::Failed => continue,
+                None => match self.driver.start(self.task_spec(alloc, &spec)).await {
+                    Ok(_) => {
+                        report.started.push(id.clone());
+                        AllocStatus::Pending
+                    }
+                    Err(e) if e.is_retryable() => return Err(e),
+                    Err(e) => {
+                        tracing::warn!(alloc = %id, error = %e, "allocation failed to start");
+                        AllocStatus::Failed
+                    }
+                },
+                Some(TaskState::Exited { .. }) => AllocStatus::Failed,
+                Some(TaskState::Running) => {
+                    if self.healthy(alloc, &spec).await {
+                        AllocStatus::Running
+                    } else {
+                        AllocStatus::Pending
+                    }
+                }
+            };
+            if status == AllocStatus::Running {
+                self.register(alloc, &spec).await?;
+            } else {
+                self.deregister(id).await;
+            }
+            if status != alloc.status {
+                self.store.report(&AllocRecord { status, ..alloc.clone() }).await?;
+                report.reported.push((id.clone(), status));
+            }
+        }
+        Ok(report)
+    }
+
+    /// Syncs every `interval` until `shutdown` completes; errors are logged and retried.
+    pub async fn run(self: Arc<Self>, interval: Duration, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {
+                    if let Err(e) = self.sync().await {
+                        tracing::warn!(node = %self.node, error = %e, "agent sync failed; retrying");
+                    }
+                }
+                () = &mut shutdown => return,
+            }
+        }
+    }
+
+    async fn healthy(&self, alloc: &AllocRecord, spec: &GroupSpec) -> bool {
+        let (Some(service), Some(port)) = (&spec.service, alloc.ports.first()) else { return true };
+        let addr = SocketAddr::from(([127, 0, 0, 1], *port));
+        let probe = match &service.http_check {
+            Some(path) => Probe::Http { addr, path: path.clone() },
+            None => Probe::Tcp(addr),
+        };
+        probe_once(&probe, Duration::from_secs(1)).await
+    }
+
+    async fn register(&self, alloc: &AllocRecord, spec: &GroupSpec) -> Result<()> {
+        let (Some(discovery), Some(service), Some(port)) = (&self.discovery, &spec.service, alloc.ports.first()) else { return Ok(()) };
+        let mut registrations = self.registrations.lock().await;
+        if registrations.contains_key(&alloc.id) {
+            return Ok(());
+        }
+        let name = ServiceName::new(service.name.clone()).map_err(|e| Error::invalid("service name", &service.name, e.to_string()))?;
+        let mut registration = Registration::new(name, alloc.id.clone(), self.address.clone(), *port)
+            .with_meta("keelson.job", alloc.job.clone())
+            .with_meta("keelson.version", alloc.version.to_string());
+        for tag in &service.tags {
+            registration = registration.with_tag(tag.clone());
+        }
+        let handle =
+            discovery.register(registration).await.map_err(|e| Error::Unavailable { backend: "discovery", reason: e.to_string() })?;
+        registrations.insert(alloc.id.clone(), handle);
+        Ok(())
+    }
+
+    async fn deregister(&self, id: &str) {
+        let handle = self.registrations.lock().await.remove(id);
+        if let Some(handle) = handle {
+            if let Err(e) = handle.deregister().await {
+                tracing::warn!(alloc = %id, error = %e, "deregistering (it expires with its TTL)");
+            }
+        }
+    }
+}
