@@ -1,0 +1,94 @@
+//! `node-agent`: one node of a keelson cluster. Joins the cluster state in etcd with a
+//! heartbeat lease, runs the allocations assigned to this node on Docker Engine, reports
+//! their status, and registers healthy services in the etcd catalog (where `edge --etcd`
+//! routes to them).
+//!
+//! ```text
+//! node-agent --etcd http://127.0.0.1:2379 --node n1 --cpu 4000 --memory 4096
+//! ```
+//!
+//! Build with `--features etcd,docker`. SIGINT or SIGTERM leave the cluster at once (the
+//! lease is revoked); a killed agent's node is lost after `--ttl-secs` and its work is
+//! re-placed by whoever runs `ClusterStore::reschedule`. Containers outlive the agent:
+//! restarted with the same `--node`, it adopts them.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use keelson_discovery::{Discovery, EtcdConfig, EtcdKv, KeyValue, KvDiscovery};
+use keelson_scheduler::{ClusterStore, DockerDriver, Node, NodeAgent, Resources};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "Run a keelson node: cluster state in etcd, tasks on Docker")]
+struct Args {
+    /// etcd client URLs (repeatable).
+    #[arg(long, required = true)]
+    etcd: Vec<String>,
+    /// This node's id.
+    #[arg(long)]
+    node: String,
+    /// The address clients reach this node's published ports at.
+    #[arg(long, default_value = "127.0.0.1")]
+    address: String,
+    /// CPU offered, in thousandths of a core.
+    #[arg(long, default_value_t = 2000)]
+    cpu: u64,
+    /// Memory offered, in MiB.
+    #[arg(long, default_value_t = 2048)]
+    memory: u64,
+    /// Heartbeat lease TTL in seconds: the node is lost this long after the agent dies.
+    #[arg(long, default_value_t = 5)]
+    ttl_secs: u64,
+    /// Time between syncs, in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    interval_ms: u64,
+    /// Root of the cluster state keys.
+    #[arg(long, default_value = "keelson/cluster")]
+    root: String,
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let kv: Arc<dyn KeyValue> = Arc::new(EtcdKv::connect(EtcdConfig::new(args.etcd.clone())).await.map_err(|e| format!("etcd: {e}"))?);
+    let store = ClusterStore::new(kv.clone(), args.root.clone());
+    let driver = Arc::new(DockerDriver::connect().await.map_err(|e| format!("docker: {e}"))?);
+    let discovery: Arc<dyn Discovery> = Arc::new(KvDiscovery::new(kv));
+    let node = Node::new(args.node.clone(), Resources::new(args.cpu, args.memory));
+    let membership = store.join(&node, Duration::from_secs(args.ttl_secs)).await.map_err(|e| format!("joining: {e}"))?;
+    let agent = Arc::new(NodeAgent::new(args.node.clone(), store, driver, Some(discovery), args.address.clone()));
+    println!("node-agent: node {} joined", args.node);
+    let stop = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+        }
+    };
+    agent.run(Duration::from_millis(args.interval_ms), stop).await;
+    membership.leave().await.map_err(|e| format!("leaving: {e}"))?;
+    println!("node-agent: node {} left", args.node);
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("node-agent: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("node-agent: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
