@@ -110,6 +110,7 @@ async fn a_killed_agents_work_is_replaced_on_the_other_node_within_ttl_plus_2s()
             node: node.clone(),
             status: AllocStatus::Pending,
             ports: vec![*port],
+            since_ms: 0,
         });
     }
     store.commit(&plan).await.expect("commit");

@@ -96,6 +96,7 @@ pub struct NodeAgent {
     discovery: Option<Arc<dyn Discovery>>,
     address: String,
     stop_grace: Duration,
+    drain: Duration,
     registrations: Mutex<HashMap<String, RegistrationHandle>>,
 }
 
@@ -116,6 +117,7 @@ impl NodeAgent {
             discovery,
             address: address.into(),
             stop_grace: Duration::from_secs(5),
+            drain: Duration::from_millis(500),
             registrations: Mutex::new(HashMap::new()),
         }
     }
@@ -123,6 +125,13 @@ impl NodeAgent {
     /// How long a stopped task gets between SIGTERM and SIGKILL (default 5 s).
     pub fn with_stop_grace(mut self, grace: Duration) -> Self {
         self.stop_grace = grace;
+        self
+    }
+
+    /// How long a deregistered allocation keeps serving before it is stopped, so routers
+    /// following discovery stop sending it requests first (default 500 ms).
+    pub fn with_drain(mut self, drain: Duration) -> Self {
+        self.drain = drain;
         self
     }
 
@@ -161,7 +170,9 @@ impl NodeAgent {
         for id in running.keys() {
             let stop = assigned.get(id).is_none_or(|a| a.status == AllocStatus::Stopping);
             if stop {
-                self.deregister(id).await;
+                if self.deregister(id).await {
+                    tokio::time::sleep(self.drain).await;
+                }
                 match self.driver.stop(id, self.stop_grace).await {
                     Ok(_) | Err(Error::NotFound { .. }) => {}
                     Err(e) => return Err(e),
@@ -208,7 +219,7 @@ impl NodeAgent {
                 self.deregister(id).await;
             }
             if status != alloc.status {
-                self.store.report(&AllocRecord { status, ..alloc.clone() }).await?;
+                self.store.report(&AllocRecord { status, since_ms: crate::cluster_store::wall_clock_ms(), ..alloc.clone() }).await?;
                 report.reported.push((id.clone(), status));
             }
         }
@@ -261,12 +272,13 @@ impl NodeAgent {
         Ok(())
     }
 
-    async fn deregister(&self, id: &str) {
+    /// Removes the allocation from discovery; returns whether it was registered.
+    async fn deregister(&self, id: &str) -> bool {
         let handle = self.registrations.lock().await.remove(id);
-        if let Some(handle) = handle {
-            if let Err(e) = handle.deregister().await {
-                tracing::warn!(alloc = %id, error = %e, "deregistering (it expires with its TTL)");
-            }
+        let Some(handle) = handle else { return false };
+        if let Err(e) = handle.deregister().await {
+            tracing::warn!(alloc = %id, error = %e, "deregistering (it expires with its TTL)");
         }
+        true
     }
 }

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use keelson_discovery::{Expect, KeyValue, LeaseKeeper};
 
+use crate::deployment::{Action, AllocHealth, AllocView, Deployment};
 use crate::error::{Error, Result};
 use crate::model::{Allocation, ClusterSnapshot, Job, Node, TaskGroup};
 use crate::placement::{PlacementEngine, Scheduler};
@@ -257,6 +258,60 @@ impl ClusterStore {
         Ok(plan.puts.len() + plan.deletes.len())
     }
 
+    /// One step of `deployment` for `job`/`group`: reads the group's allocations, asks
+    /// the deployment what to do, places new allocations with the placement engine and
+    /// marks stopped ones `Stopping` (their agents deregister, drain and stop them), and
+    /// commits optimistically. On a conflict it re-reads and steps again (steps are
+    /// idempotent); the deployment only moves on once a step is committed.
+    pub async fn advance(&self, deployment: &mut Deployment, job: &str, group: &str, now_ms: u64) -> Result<Vec<Action>> {
+        for _ in 0..5 {
+            let view = self.view().await?;
+            let lost = view.lost_nodes();
+            let mine: Vec<&AllocRecord> =
+                view.allocations.iter().filter(|a| a.job == job && a.group == group && !lost.contains(&a.node)).collect();
+            let seen: Vec<AllocView> = mine
+                .iter()
+                .map(|a| {
+                    let health = match a.status {
+                        AllocStatus::Pending => AllocHealth::Starting { since: a.since_ms },
+                        AllocStatus::Running => AllocHealth::Healthy { since: a.since_ms },
+                        AllocStatus::Failed => AllocHealth::Failed,
+                        AllocStatus::Stopping => AllocHealth::Stopping,
+                    };
+                    AllocView::new(a.id.clone(), a.version, health)
+                })
+                .collect();
+            let mut trial = deployment.clone();
+            let actions = trial.step(&seen, now_ms);
+            let mut plan = view.plan();
+            for action in &actions {
+                match action {
+                    Action::Start { version, count } => {
+                        let spec = self.group_version(job, group, *version).await?;
+                        let desired = [DesiredGroup { count: *count, ..spec.desired }];
+                        for a in place(&view, &desired, &[(0, *count)], &lost)? {
+                            plan.put(a);
+                        }
+                    }
+                    Action::Stop { ids } => {
+                        for a in mine.iter().filter(|a| ids.contains(&a.id)) {
+                            plan.put(AllocRecord { status: AllocStatus::Stopping, since_ms: now_ms, ..(*a).clone() });
+                        }
+                    }
+                }
+            }
+            match self.commit(&plan).await {
+                Ok(_) => {
+                    *deployment = trial;
+                    return Ok(actions);
+                }
+                Err(Error::Conflict { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::Conflict { kind: "plan", name: format!("deployment of {job}/{group} (5 attempts)") })
+    }
+
     /// One pass of node-loss handling for `desired`: allocations on lost nodes are
     /// removed and replacements placed by the placement engine on live nodes, committed
     /// optimistically (re-planned up to 5 times when another plan wins).
@@ -326,10 +381,20 @@ fn place(view: &ClusterView, desired: &[DesiredGroup], wanted: &[(usize, u32)], 
                 node: p.node,
                 status: AllocStatus::Pending,
                 ports: p.ports,
+                since_ms: wall_clock_ms(),
             });
         }
     }
     Ok(out)
+}
+
+/// Milliseconds since the Unix epoch: the clock allocation timestamps and deployment
+/// steps share across processes.
+pub fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 /// A short id suffix unique within this process and unlikely across processes.

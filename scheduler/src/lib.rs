@@ -74,7 +74,7 @@ mod volumes;
 pub mod conformance;
 
 pub use agent::{GroupSpec, NodeAgent, ServiceSpec, SyncReport, TaskTemplate, NODE_LABEL};
-pub use cluster_store::{ClusterStore, ClusterView, NodeMembership, PlanCommit, ReschedulePass};
+pub use cluster_store::{wall_clock_ms, ClusterStore, ClusterView, NodeMembership, PlanCommit, ReschedulePass};
 pub use deployment::{Action, AllocHealth, AllocView, Deployment, Millis, Phase, Traffic};
 #[cfg(feature = "docker")]
 pub use docker::{DockerDriver, MANAGED_LABEL, TASK_LABEL};

@@ -64,6 +64,9 @@ pub struct AllocRecord {
     /// Host ports given to it at placement (the service port first).
     #[serde(default)]
     pub ports: Vec<u16>,
+    /// When it entered its status, in milliseconds since the Unix epoch (0: unknown).
+    #[serde(default)]
+    pub since_ms: u64,
 }
 
 /// What to do to make the cluster match.
@@ -149,7 +152,16 @@ mod tests {
     use super::*;
 
     fn alloc(id: &str, group: &str, version: u64, node: &str, status: AllocStatus) -> AllocRecord {
-        AllocRecord { id: id.into(), job: "web".into(), group: group.into(), version, node: node.into(), status, ports: Vec::new() }
+        AllocRecord {
+            id: id.into(),
+            job: "web".into(),
+            group: group.into(),
+            version,
+            node: node.into(),
+            status,
+            ports: Vec::new(),
+            since_ms: 0,
+        }
     }
 
     fn want(group: &str, version: u64, count: u32) -> DesiredGroup {

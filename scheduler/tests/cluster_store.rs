@@ -18,6 +18,7 @@ fn alloc(id: &str, node: &str) -> AllocRecord {
         node: node.into(),
         status: AllocStatus::Pending,
         ports: Vec::new(),
+        since_ms: 0,
     }
 }
 

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use keelson_discovery::{Discovery, KeyValue, MemoryDiscovery, MemoryKv};
 use keelson_routing::{MemoryRouter, Proxy, ProxyConfig};
 use keelson_scheduler::{
-    AllocStatus, ClusterStore, DesiredGroup, DockerDriver, GroupSpec, Node, NodeAgent, Resources, ServiceSpec, TaskTemplate, NODE_LABEL,
+    wall_clock_ms, AllocStatus, ClusterStore, Deployment, DesiredGroup, DockerDriver, Gates, GroupSpec, Node, NodeAgent, Phase, PortRange,
+    Resources, ServiceSpec, Strategy, TaskTemplate, NODE_LABEL,
 };
 
 /// Removes every container started for `node` when dropped.
@@ -67,14 +68,31 @@ async fn sync_until_running(agent: &NodeAgent, store: &ClusterStore, node: &str,
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_job_runs_on_docker_serves_through_the_router_and_survives_an_agent_restart() {
+/// A one-node platform: cluster state in memory, a node agent on Docker, discovery and
+/// the router serving `web.test`, with group `web` version 1 running and served.
+struct Platform {
+    guard: Cleanup,
+    node: String,
+    store: ClusterStore,
+    agent: NodeAgent,
+    driver: Arc<DockerDriver>,
+    discovery: Arc<dyn Discovery>,
+    image: String,
+    addr: std::net::SocketAddr,
+    _membership: keelson_scheduler::NodeMembership,
+}
+
+/// `ports`: the node's first dynamic host port; each test gets its own range (below the
+/// kernel's ephemeral range), since tests run at once on one Docker host.
+async fn platform(name: &str, ports: u16) -> Platform {
     let image = keelson_testkit::docker::busybox_image().unwrap_or_else(|e| panic!("the busybox test image: {e}"));
-    let node = format!("e2e-{}", std::process::id());
+    let node = format!("{name}-{}", std::process::id());
     let guard = Cleanup(node.clone());
     let kv: Arc<dyn KeyValue> = Arc::new(MemoryKv::new());
     let store = ClusterStore::new(kv, "e2e");
-    let _membership = store.join(&Node::new(node.clone(), Resources::new(4000, 4096)), Duration::from_secs(5)).await.expect("join");
+    let node_spec =
+        Node { dynamic_ports: PortRange { start: ports, end: ports + 100 }, ..Node::new(node.clone(), Resources::new(4000, 4096)) };
+    let membership = store.join(&node_spec, Duration::from_secs(5)).await.expect("join");
     let spec = web(&image, 1);
     store.put_group(&spec).await.expect("group");
     let placed = store.reschedule(std::slice::from_ref(&spec.desired)).await.expect("place");
@@ -101,6 +119,12 @@ async fn a_job_runs_on_docker_serves_through_the_router_and_survives_an_agent_re
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    Platform { guard, node, store, agent, driver, discovery, image, addr, _membership: membership }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_runs_on_docker_serves_through_the_router_and_survives_an_agent_restart() {
+    let Platform { guard, node, store, agent, driver, discovery, addr, _membership, .. } = platform("e2e", 21_000).await;
     for _ in 0..30 {
         let r = keelson_testkit::http::get(addr, "web.test", "/").await.expect("request");
         assert_eq!((r.status, r.body.as_str()), (200, "v1\n"));
@@ -131,4 +155,81 @@ async fn a_job_runs_on_docker_serves_through_the_router_and_survives_an_agent_re
     agent.sync().await.expect("sync forgets");
     assert!(guard.containers().is_empty(), "containers removed");
     assert!(store.allocations_on(&node).await.expect("allocations").is_empty(), "records forgotten");
+}
+
+/// A client sending GETs through the router until stopped: (failures, bodies seen).
+fn client(
+    addr: std::net::SocketAddr,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<(Vec<String>, BTreeSet<String>)> {
+    tokio::spawn(async move {
+        let (mut failures, mut bodies) = (Vec::new(), BTreeSet::new());
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            match keelson_testkit::http::get(addr, "web.test", "/").await {
+                Ok(r) if r.status == 200 => {
+                    bodies.insert(r.body);
+                }
+                other => failures.push(format!("{other:?}")),
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        (failures, bodies)
+    })
+}
+
+/// Steps the deployment and the agent until the deployment is over.
+async fn deploy(p: &Platform, deployment: &mut Deployment) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !deployment.phase().is_terminal() {
+        assert!(Instant::now() < deadline, "deployment stuck at {:?}", deployment.phase());
+        p.store.advance(deployment, "web", "http", wall_clock_ms()).await.expect("advance");
+        p.agent.sync().await.expect("agent sync");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn gates() -> Gates {
+    Gates {
+        min_healthy_time: Duration::from_secs(1),
+        healthy_deadline: Duration::from_secs(8),
+        progress_deadline: Duration::from_secs(30),
+        auto_rollback: true,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_update_and_automatic_rollback_serve_every_request() {
+    let p = platform("rolling", 22_000).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = client(p.addr, stop.clone());
+
+    // Version 2, one extra at a time, never below three healthy.
+    p.store.put_group(&web(&p.image, 2)).await.expect("v2");
+    let strategy = Strategy::Rolling { max_surge: 1, max_unavailable: 0 };
+    let mut to_v2 = Deployment::new(Some(1), 2, 3, strategy.clone(), gates(), false, wall_clock_ms()).expect("deployment");
+    deploy(&p, &mut to_v2).await;
+    assert_eq!(to_v2.phase(), &Phase::Succeeded);
+    let versions: BTreeSet<u64> = p.store.allocations_on(&p.node).await.expect("allocs").iter().map(|a| a.version).collect();
+    assert_eq!(versions, BTreeSet::from([2]));
+
+    // Version 3 never passes its health check (no index.html): stopped at the gate and
+    // rolled back to 2, which keeps serving.
+    let mut broken = web(&p.image, 3);
+    broken.task.command = vec!["/bin/sh".into(), "-c".into(), "mkdir -p /www && exec httpd -f -p 8080 -h /www".into()];
+    p.store.put_group(&broken).await.expect("v3");
+    let mut to_v3 = Deployment::new(Some(2), 3, 3, strategy, gates(), false, wall_clock_ms()).expect("deployment");
+    deploy(&p, &mut to_v3).await;
+    assert!(matches!(to_v3.phase(), Phase::RolledBack { .. }), "{:?}", to_v3.phase());
+    // Let the agent finish stopping what the rollback stopped.
+    for _ in 0..3 {
+        p.agent.sync().await.expect("sync");
+    }
+    let versions: BTreeSet<u64> = p.store.allocations_on(&p.node).await.expect("allocs").iter().map(|a| a.version).collect();
+    assert_eq!(versions, BTreeSet::from([2]));
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (failures, bodies) = load.await.expect("client");
+    assert!(failures.is_empty(), "{} failed requests, first: {:?}", failures.len(), failures.first());
+    assert_eq!(bodies, BTreeSet::from(["v1\n".to_owned(), "v2\n".to_owned()]), "v3 never served");
+    drop(p.guard);
 }

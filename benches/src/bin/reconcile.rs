@@ -63,6 +63,7 @@ fn main() -> ExitCode {
                 node: format!("node-{:04}", rng.below(NODES)),
                 status,
                 ports: Vec::new(),
+                since_ms: 0,
             });
         }
     }
