@@ -8,7 +8,8 @@
 //! removes what is no longer assigned (an allocation re-placed after this node was
 //! thought lost, say), and reports status changes. The driver is the record of what
 //! runs, so an agent restarted next to running containers adopts them instead of
-//! starting duplicates.
+//! starting duplicates. Only allocations the group's traffic record admits are
+//! registered (a blue/green deployment switches it from the old version to the new).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -21,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
 use crate::cluster_store::ClusterStore;
+use crate::deployment::Traffic;
 use crate::driver::{Driver, Limits, PortMapping, TaskSpec, TaskState};
 use crate::error::{Error, Result};
 use crate::reconcile::{AllocRecord, AllocStatus, DesiredGroup};
@@ -166,28 +168,12 @@ impl NodeAgent {
             .filter(|t| t.labels.get(NODE_LABEL) == Some(&self.node))
             .map(|t| (t.id, t.state))
             .collect();
-        // No longer assigned here, or asked to stop: deregister first, then stop.
-        for id in running.keys() {
-            let stop = assigned.get(id).is_none_or(|a| a.status == AllocStatus::Stopping);
-            if stop {
-                if self.deregister(id).await {
-                    tokio::time::sleep(self.drain).await;
-                }
-                match self.driver.stop(id, self.stop_grace).await {
-                    Ok(_) | Err(Error::NotFound { .. }) => {}
-                    Err(e) => return Err(e),
-                }
-                match self.driver.remove(id).await {
-                    Ok(()) | Err(Error::NotFound { .. }) => {}
-                    Err(e) => return Err(e),
-                }
-                report.stopped.push(id.clone());
-            }
-        }
+        let mut traffic: HashMap<(String, String), Traffic> = HashMap::new();
+        // Registrations come first in a pass and deregistrations after, so a switch of
+        // traffic from one version to another never leaves the service without instances.
+        let mut unroute = Vec::new();
         for (id, alloc) in &assigned {
             if alloc.status == AllocStatus::Stopping {
-                // Stopped above (or never ran): the allocation is done.
-                self.store.forget(alloc).await?;
                 continue;
             }
             let spec = self.store.group_version(&alloc.job, &alloc.group, alloc.version).await?;
@@ -213,15 +199,57 @@ impl NodeAgent {
                     }
                 }
             };
-            if status == AllocStatus::Running {
+            let key = (alloc.job.clone(), alloc.group.clone());
+            let routed = match traffic.get(&key) {
+                Some(t) => *t,
+                None => {
+                    let t = self.store.traffic(&alloc.job, &alloc.group).await?;
+                    traffic.insert(key, t);
+                    t
+                }
+            };
+            let admitted = match routed {
+                Traffic::All => true,
+                Traffic::Only(v) => v == alloc.version,
+            };
+            if status == AllocStatus::Running && admitted {
                 self.register(alloc, &spec).await?;
             } else {
-                self.deregister(id).await;
+                unroute.push(id.clone());
             }
             if status != alloc.status {
                 self.store.report(&AllocRecord { status, since_ms: crate::cluster_store::wall_clock_ms(), ..alloc.clone() }).await?;
                 report.reported.push((id.clone(), status));
             }
+        }
+        // Then what is no longer assigned here, or asked to stop: out of discovery, one
+        // drain for all of them (routers stop sending them requests), then stopped.
+        let to_stop: Vec<&String> =
+            running.keys().filter(|id| assigned.get(*id).is_none_or(|a| a.status == AllocStatus::Stopping)).collect();
+        let mut routed = false;
+        for id in &to_stop {
+            routed |= self.deregister(id).await;
+        }
+        if routed {
+            tokio::time::sleep(self.drain).await;
+        }
+        for id in to_stop {
+            match self.driver.stop(id, self.stop_grace).await {
+                Ok(_) | Err(Error::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+            match self.driver.remove(id).await {
+                Ok(()) | Err(Error::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+            report.stopped.push(id.clone());
+        }
+        // Stopped now (or never ran): those allocations are done.
+        for alloc in assigned.values().filter(|a| a.status == AllocStatus::Stopping) {
+            self.store.forget(alloc).await?;
+        }
+        for id in unroute {
+            self.deregister(&id).await;
         }
         Ok(report)
     }

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use keelson_discovery::{Expect, KeyValue, LeaseKeeper};
 
-use crate::deployment::{Action, AllocHealth, AllocView, Deployment};
+use crate::deployment::{Action, AllocHealth, AllocView, Deployment, Traffic};
 use crate::error::{Error, Result};
 use crate::model::{Allocation, ClusterSnapshot, Job, Node, TaskGroup};
 use crate::placement::{PlacementEngine, Scheduler};
@@ -209,6 +209,22 @@ impl ClusterStore {
         }
     }
 
+    /// Which allocations of a group should be in the routing catalog (default all).
+    pub async fn traffic(&self, job: &str, group: &str) -> Result<Traffic> {
+        let key = self.key(&["traffic", job, group]);
+        match self.kv.get(&key).await.map_err(kv_err)? {
+            Some(e) => decode(&key, &e.value),
+            None => Ok(Traffic::All),
+        }
+    }
+
+    /// Sets which allocations of a group agents register (blue/green switches).
+    pub async fn set_traffic(&self, job: &str, group: &str, traffic: Traffic) -> Result<()> {
+        let key = self.key(&["traffic", job, group]);
+        self.kv.put(&key, encode(&traffic)?, None).await.map_err(kv_err)?;
+        Ok(())
+    }
+
     /// Removes a finished allocation's record (its agent has stopped it).
     pub async fn forget(&self, alloc: &AllocRecord) -> Result<()> {
         self.kv.delete(&self.key(&["allocs", &alloc.node, &alloc.id])).await.map_err(kv_err)?;
@@ -302,6 +318,10 @@ impl ClusterStore {
             }
             match self.commit(&plan).await {
                 Ok(_) => {
+                    // Traffic follows the deployment (a blue/green switch, or its rollback).
+                    if self.traffic(job, group).await? != trial.traffic() {
+                        self.set_traffic(job, group, trial.traffic()).await?;
+                    }
                     *deployment = trial;
                     return Ok(actions);
                 }

@@ -233,3 +233,75 @@ async fn rolling_update_and_automatic_rollback_serve_every_request() {
     assert_eq!(bodies, BTreeSet::from(["v1\n".to_owned(), "v2\n".to_owned()]), "v3 never served");
     drop(p.guard);
 }
+
+/// Requests until `want` is the only body seen in 20 in a row (routing has caught up).
+async fn served_only(addr: std::net::SocketAddr, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut streak = 0;
+    while streak < 20 {
+        let r = keelson_testkit::http::get(addr, "web.test", "/").await.expect("request");
+        streak = if r.status == 200 && r.body == want { streak + 1 } else { 0 };
+        assert!(Instant::now() < deadline, "{want:?} not the only answer; last {:?}", r.body);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_with_manual_promotion_then_blue_green_switch_and_rollback_in_the_window() {
+    let p = platform("bluegreen", 23_000).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = client(p.addr, stop.clone());
+
+    // Canary: one v2 beside three v1, then a person promotes.
+    p.store.put_group(&web(&p.image, 2)).await.expect("v2");
+    let canary = Strategy::Canary { canaries: 1, auto_promote: false, max_surge: 1, max_unavailable: 0 };
+    let mut to_v2 = Deployment::new(Some(1), 2, 3, canary, gates(), false, wall_clock_ms()).expect("deployment");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while to_v2.phase() != &Phase::AwaitingPromotion {
+        assert!(Instant::now() < deadline, "canary stuck at {:?}", to_v2.phase());
+        p.store.advance(&mut to_v2, "web", "http", wall_clock_ms()).await.expect("advance");
+        p.agent.sync().await.expect("sync");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let allocs = p.store.allocations_on(&p.node).await.expect("allocs");
+    assert_eq!(allocs.iter().filter(|a| a.version == 2).count(), 1, "one canary");
+    assert_eq!(allocs.iter().filter(|a| a.version == 1 && a.status == AllocStatus::Running).count(), 3, "the old set whole");
+    to_v2.promote().expect("promote");
+    deploy(&p, &mut to_v2).await;
+    assert_eq!(to_v2.phase(), &Phase::Succeeded);
+    served_only(p.addr, "v2\n").await;
+
+    // Blue/green to v3: green starts unseen, traffic switches when all of it is healthy,
+    // then a rollback inside the window sends traffic back to blue at once.
+    p.store.put_group(&web(&p.image, 3)).await.expect("v3");
+    let blue_green = Strategy::BlueGreen { rollback_window: Duration::from_secs(300) };
+    let mut to_v3 = Deployment::new(Some(2), 3, 3, blue_green, gates(), false, wall_clock_ms()).expect("deployment");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !matches!(to_v3.phase(), Phase::Verifying { .. }) {
+        assert!(Instant::now() < deadline, "blue/green stuck at {:?}", to_v3.phase());
+        p.store.advance(&mut to_v3, "web", "http", wall_clock_ms()).await.expect("advance");
+        p.agent.sync().await.expect("sync");
+        let r = keelson_testkit::http::get(p.addr, "web.test", "/").await.expect("request");
+        if !matches!(to_v3.phase(), Phase::Verifying { .. }) {
+            assert_eq!(r.body, "v2\n", "green serves nothing before the switch");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    p.agent.sync().await.expect("sync registers green");
+    served_only(p.addr, "v3\n").await;
+    to_v3.rollback("errors after the switch").expect("rollback");
+    p.store.advance(&mut to_v3, "web", "http", wall_clock_ms()).await.expect("advance");
+    p.agent.sync().await.expect("sync");
+    served_only(p.addr, "v2\n").await;
+    deploy(&p, &mut to_v3).await;
+    assert!(matches!(to_v3.phase(), Phase::RolledBack { .. }), "{:?}", to_v3.phase());
+    for _ in 0..3 {
+        p.agent.sync().await.expect("sync");
+    }
+    let versions: BTreeSet<u64> = p.store.allocations_on(&p.node).await.expect("allocs").iter().map(|a| a.version).collect();
+    assert_eq!(versions, BTreeSet::from([2]));
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (failures, _) = load.await.expect("client");
+    assert!(failures.is_empty(), "{} failed requests, first: {:?} last {:?}", failures.len(), failures.first(), failures.last());
+    drop(p.guard);
+}
