@@ -487,6 +487,146 @@ pub async fn volumes_all(v: &dyn VolumeManager) {
     for bad in ["", "..", "../etc", "a/b", ".hidden"] {
         assert!(matches!(v.create(bad, BTreeMap::new()).await, Err(Error::InvalidInput { field: "volume name", .. })), "{bad:?}");
     }
+    volume_archives_round_trip(v).await;
+    volume_imports_are_all_or_nothing(v).await;
+}
+
+/// One entry of a volume archive, as the scenarios compare them: kind, mode, and the
+/// contents (files) or target (links).
+pub type ArchiveEntry = (char, u32, Vec<u8>);
+
+/// A tar archive of `files` (path, contents, mode) and `links` (path, target), in 1000-byte
+/// chunks (so importers see an archive split at arbitrary points).
+pub fn archive_of(files: &[(&str, &[u8], u32)], links: &[(&str, &str)]) -> crate::TarStream {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, data, mode) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(*mode);
+        h.set_mtime(1_700_000_000);
+        h.set_uid(0);
+        h.set_gid(0);
+        b.append_data(&mut h, path, *data).unwrap();
+    }
+    for (path, target) in links {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_mode(0o777);
+        h.set_size(0);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        b.append_link(&mut h, path, target).unwrap();
+    }
+    chunked(b.into_inner().unwrap())
+}
+
+/// `bytes` as a tar stream of 1000-byte chunks.
+pub fn chunked(bytes: Vec<u8>) -> crate::TarStream {
+    let chunks: Vec<std::io::Result<bytes::Bytes>> = bytes.chunks(1000).map(|c| Ok(bytes::Bytes::copy_from_slice(c))).collect();
+    Box::pin(futures::stream::iter(chunks))
+}
+
+/// Reads a whole volume export: path (without `./`) to entry, the root itself left out.
+pub async fn export_listing(v: &dyn VolumeManager, name: &str) -> BTreeMap<String, ArchiveEntry> {
+    let mut bytes = Vec::new();
+    let mut tar = v.export(name).await.unwrap();
+    while let Some(chunk) = tar.next().await {
+        bytes.extend_from_slice(&chunk.unwrap());
+    }
+    let mut out = BTreeMap::new();
+    let mut archive = tar::Archive::new(bytes.as_slice());
+    for entry in archive.entries().unwrap() {
+        let mut e = entry.unwrap();
+        let path = e.path().unwrap().to_string_lossy().trim_start_matches("./").trim_end_matches('/').to_owned();
+        if path.is_empty() || path == "." {
+            continue;
+        }
+        let kind = e.header().entry_type();
+        let mode = e.header().mode().unwrap() & 0o7777;
+        let (k, body) = if kind.is_symlink() {
+            ('l', e.link_name().unwrap().unwrap().to_string_lossy().as_bytes().to_vec())
+        } else if kind.is_dir() {
+            ('d', Vec::new())
+        } else {
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut e, &mut data).unwrap();
+            ('f', data)
+        };
+        out.insert(path, (k, mode, body));
+    }
+    out
+}
+
+/// Import, export, import again: files, modes, directories and symlinks survive.
+pub async fn volume_archives_round_trip(v: &dyn VolumeManager) {
+    let (a, b) = (unique("vol-a"), unique("vol-b"));
+    let labels = BTreeMap::from([("app".to_owned(), "db".to_owned())]);
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let files: [(&str, &[u8], u32); 3] = [("a.txt", b"hello\n", 0o644), ("bin/run", b"#!/bin/sh\n", 0o755), ("data/big", &big, 0o600)];
+    let imported = v.import(&a, labels.clone(), archive_of(&files, &[("latest", "data/big")])).await.unwrap();
+    assert_eq!(imported.labels, labels);
+    assert_eq!(v.get(&a).await.unwrap(), imported);
+    let first = export_listing(v, &a).await;
+    assert_eq!(first.get("a.txt"), Some(&('f', 0o644, b"hello\n".to_vec())), "{:?}", first.keys());
+    assert_eq!(first.get("bin/run"), Some(&('f', 0o755, b"#!/bin/sh\n".to_vec())));
+    assert_eq!(first.get("data/big").map(|e| (e.0, e.1, e.2.len())), Some(('f', 0o600, big.len())));
+    assert_eq!(first.get("data/big").map(|e| &e.2), Some(&big), "contents intact");
+    assert_eq!(first.get("latest").map(|e| (e.0, e.2.clone())), Some(('l', b"data/big".to_vec())), "symlink kept as a link");
+    assert!(matches!(first.get("bin"), Some(('d', _, _))));
+    // The export imports elsewhere to the same contents.
+    let tar = v.export(&a).await.unwrap();
+    v.import(&b, BTreeMap::new(), tar).await.unwrap();
+    assert_eq!(export_listing(v, &b).await, first);
+    assert!(matches!(v.export("no-such-volume").await, Err(Error::NotFound { .. })));
+    v.remove(&a).await.unwrap();
+    v.remove(&b).await.unwrap();
+}
+
+/// A bad or cut archive, or an existing name, leaves no volume behind and changes none.
+pub async fn volume_imports_are_all_or_nothing(v: &dyn VolumeManager) {
+    let existing = unique("vol-kept");
+    v.import(&existing, BTreeMap::new(), archive_of(&[("keep", b"1", 0o644)], &[])).await.unwrap();
+    let before = export_listing(v, &existing).await;
+    let other = archive_of(&[("other", b"2", 0o644)], &[]);
+    assert!(matches!(v.import(&existing, BTreeMap::new(), other).await, Err(Error::Conflict { .. })));
+    assert_eq!(export_listing(v, &existing).await, before, "an import never overwrites");
+
+    // An entry climbing out of the volume (written raw: tar's builder refuses such paths).
+    let mut h = tar::Header::new_old();
+    h.as_old_mut().name[..9].copy_from_slice(b"../escape");
+    h.set_size(1);
+    h.set_mode(0o644);
+    h.set_cksum();
+    let mut b = tar::Builder::new(Vec::new());
+    b.append(&h, &b"x"[..]).unwrap();
+    let climbing = unique("vol-climb");
+    let r = v.import(&climbing, BTreeMap::new(), chunked(b.into_inner().unwrap())).await;
+    assert!(matches!(r, Err(Error::InvalidInput { .. })), "{r:?}");
+    assert!(matches!(v.get(&climbing).await, Err(Error::NotFound { .. })), "nothing left of a refused import");
+
+    // A stream that fails half-way (the source node died).
+    let cut = unique("vol-cut");
+    let big: Vec<u8> = vec![7; 200_000];
+    let mut whole = Vec::new();
+    let mut stream = archive_of(&[("big", &big, 0o644)], &[]);
+    while let Some(c) = stream.next().await {
+        whole.extend_from_slice(&c.unwrap());
+    }
+    let head: Vec<std::io::Result<bytes::Bytes>> = vec![
+        Ok(bytes::Bytes::copy_from_slice(&whole[..100_000])),
+        Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "source went away")),
+    ];
+    let r = v.import(&cut, BTreeMap::new(), Box::pin(futures::stream::iter(head))).await;
+    assert!(r.is_err(), "a cut stream must fail the import");
+    assert!(matches!(v.get(&cut).await, Err(Error::NotFound { .. })), "nothing left of a cut import");
+
+    // Bytes that are not a tar archive.
+    let junk = unique("vol-junk");
+    let r = v.import(&junk, BTreeMap::new(), chunked(b"this is not a tar archive, not even close to one".repeat(20))).await;
+    assert!(matches!(r, Err(Error::InvalidInput { .. })), "{r:?}");
+    assert!(matches!(v.get(&junk).await, Err(Error::NotFound { .. })));
+    v.remove(&existing).await.unwrap();
 }
 
 /// The validator's reading of one constraint on one node, for callers that check plans

@@ -20,7 +20,7 @@ use bollard::models::{HostConfig, PortBinding};
 use bollard::Docker;
 use futures::{StreamExt, TryStreamExt};
 
-use crate::driver::{Driver, DriverCapabilities, Output, OutputLine, OutputStream, TaskSpec, TaskState, TaskStatus};
+use crate::driver::{Driver, DriverCapabilities, MountSource, Output, OutputLine, OutputStream, TaskSpec, TaskState, TaskStatus};
 use crate::error::{validate_id, Error, Result};
 
 /// Label on every container keelson manages.
@@ -45,7 +45,7 @@ fn container_name(id: &str) -> String {
 
 /// Maps engine errors: 404 and 409 are answers about the object, connection failures
 /// mean the daemon is away (retryable), the rest is a backend error.
-fn map_err<'a>(kind: &'static str, name: &'a str) -> impl Fn(bollard::errors::Error) -> Error + 'a {
+pub(crate) fn map_err<'a>(kind: &'static str, name: &'a str) -> impl Fn(bollard::errors::Error) -> Error + 'a {
     move |e| match e {
         bollard::errors::Error::DockerResponseServerError { status_code: 404, .. } => Error::NotFound { kind, name: name.to_owned() },
         bollard::errors::Error::DockerResponseServerError { status_code: 409, .. } => Error::Conflict { kind, name: name.to_owned() },
@@ -80,6 +80,10 @@ impl DockerDriver {
         Ok(DockerDriver { docker, volume_root: None, call_timeout: Duration::from_secs(30) })
     }
 
+    pub(crate) fn client(&self) -> &Docker {
+        &self.docker
+    }
+
     /// Only host directories under `root` may be mounted (a volume manager's root).
     pub fn with_volume_root(mut self, root: impl Into<PathBuf>) -> Self {
         self.volume_root = Some(root.into());
@@ -109,10 +113,13 @@ impl DockerDriver {
         let Some(root) = &self.volume_root else { return Ok(()) };
         let root = root.canonicalize().map_err(|e| Error::invalid("volume root", root.display().to_string(), e.to_string()))?;
         for m in &spec.mounts {
+            // Named volumes live where the engine keeps them; host directories must be
+            // under the root.
+            let MountSource::HostDir(dir) = &m.source else { continue };
             // Canonical, so a symlink inside the root cannot lead out of it.
-            let source = m.source.canonicalize().map_err(|e| Error::invalid("mount", m.source.display().to_string(), e.to_string()))?;
+            let source = dir.canonicalize().map_err(|e| Error::invalid("mount", dir.display().to_string(), e.to_string()))?;
             if !source.starts_with(&root) {
-                return Err(Error::invalid("mount", m.source.display().to_string(), format!("outside the volume root {}", root.display())));
+                return Err(Error::invalid("mount", dir.display().to_string(), format!("outside the volume root {}", root.display())));
             }
         }
         Ok(())
@@ -129,10 +136,17 @@ impl DockerDriver {
             .iter()
             .map(|p| (format!("{}/tcp", p.container), Some(vec![PortBinding { host_ip: None, host_port: Some(p.host.to_string()) }])))
             .collect();
+        // Host directories and named volumes share the bind syntax: `source:target[:ro]`.
         let binds: Vec<String> = spec
             .mounts
             .iter()
-            .map(|m| format!("{}:{}{}", m.source.display(), m.target.display(), if m.read_only { ":ro" } else { "" }))
+            .map(|m| {
+                let source = match &m.source {
+                    MountSource::HostDir(dir) => dir.display().to_string(),
+                    MountSource::DockerVolume(name) => name.clone(),
+                };
+                format!("{source}:{}{}", m.target.display(), if m.read_only { ":ro" } else { "" })
+            })
             .collect();
         let limits = spec.limits.unwrap_or_default();
         let host_config = HostConfig {

@@ -65,17 +65,36 @@ pub struct PortMapping {
     pub host: u16,
 }
 
-/// A host directory mounted into a task.
+/// Where a mount's data lives on the node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MountSource {
+    /// A host directory (a [`crate::LocalVolumes`] volume's data directory).
+    HostDir(PathBuf),
+    /// A Docker named volume (a [`crate::DockerVolumes`] volume), by name.
+    DockerVolume(String),
+}
+
+/// A volume mounted into a task.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MountSpec {
-    /// The host directory (a volume's mountpoint).
-    pub source: PathBuf,
+    /// Where the data lives (a volume's [`crate::Volume::source`]).
+    pub source: MountSource,
     /// Where it appears in the task (absolute).
     pub target: PathBuf,
     /// Mounted read-only.
     #[serde(default)]
     pub read_only: bool,
+}
+
+impl std::fmt::Display for MountSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MountSource::HostDir(dir) => write!(f, "{}", dir.display()),
+            MountSource::DockerVolume(name) => write!(f, "volume {name}"),
+        }
+    }
 }
 
 impl TaskSpec {
@@ -118,11 +137,15 @@ impl TaskSpec {
         }
         for m in &self.mounts {
             let lexical_escape = |p: &std::path::Path| p.components().any(|c| matches!(c, std::path::Component::ParentDir));
-            if !m.source.is_absolute() || !m.target.is_absolute() || lexical_escape(&m.source) || lexical_escape(&m.target) {
+            let source_ok = match &m.source {
+                MountSource::HostDir(dir) => dir.is_absolute() && !lexical_escape(dir),
+                MountSource::DockerVolume(name) => validate_id("volume name", name).is_ok(),
+            };
+            if !source_ok || !m.target.is_absolute() || lexical_escape(&m.target) {
                 return Err(Error::invalid(
                     "mount",
-                    format!("{}:{}", m.source.display(), m.target.display()),
-                    "source and target must be absolute paths without '..'",
+                    format!("{}:{}", m.source, m.target.display()),
+                    "source must be an absolute path without '..' or a volume name, target an absolute path without '..'",
                 ));
             }
         }

@@ -57,6 +57,8 @@ mod constraints;
 mod deployment;
 #[cfg(feature = "docker")]
 mod docker;
+#[cfg(feature = "docker")]
+mod docker_volumes;
 mod driver;
 mod engine;
 mod error;
@@ -68,6 +70,8 @@ mod rebalance;
 mod reconcile;
 mod state;
 mod strategy;
+mod volume_archive;
+mod volume_transfer;
 mod volumes;
 
 #[cfg(feature = "conformance")]
@@ -78,8 +82,11 @@ pub use cluster_store::{wall_clock_ms, ClusterStore, ClusterView, NodeMembership
 pub use deployment::{Action, AllocHealth, AllocView, Deployment, Millis, Phase, Traffic};
 #[cfg(feature = "docker")]
 pub use docker::{DockerDriver, MANAGED_LABEL, TASK_LABEL};
+#[cfg(feature = "docker")]
+pub use docker_volumes::DockerVolumes;
 pub use driver::{
-    Driver, DriverCapabilities, Limits, MountSpec, Output, OutputLine, OutputStream, PortMapping, TaskSpec, TaskState, TaskStatus,
+    Driver, DriverCapabilities, Limits, MountSource, MountSpec, Output, OutputLine, OutputStream, PortMapping, TaskSpec, TaskState,
+    TaskStatus,
 };
 pub use engine::{EngineConfig, PREEMPTION_GAP};
 pub use error::{validate_id, Dimension, Error, Result};
@@ -95,4 +102,6 @@ pub use rebalance::{Move, RebalancePlan};
 pub use reconcile::{reconcile, AllocRecord, AllocStatus, DesiredGroup, Reconciliation};
 pub use state::ClusterState;
 pub use strategy::{Gates, Strategy};
+pub use volume_archive::TarStream;
+pub use volume_transfer::{copy_volume, fetch_volume, serve_volumes, VOLUME_PATH};
 pub use volumes::{LocalVolumes, Volume, VolumeCapabilities, VolumeManager};

@@ -1,5 +1,8 @@
 //! `VolumeManager`: named storage that tasks mount. `LocalVolumes` keeps each volume as a
-//! directory under one root.
+//! directory under one root; `DockerVolumes` (feature `docker`) uses the engine's named
+//! volumes. Both export a volume as a tar stream and import one, which is how a stateful
+//! service moves to another node (see [`crate::serve_volumes`] and
+//! [`crate::fetch_volume`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -7,7 +10,9 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+use crate::driver::{MountSource, MountSpec};
 use crate::error::{validate_id, Error, Result};
+use crate::volume_archive::{pack_dir, unpack_into, TarStream};
 
 /// A volume as the manager reports it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -15,9 +20,16 @@ pub struct Volume {
     /// Volume name.
     pub name: String,
     /// Where a task mounts it from on this node.
-    pub mountpoint: PathBuf,
+    pub source: MountSource,
     /// Labels given at creation.
     pub labels: BTreeMap<String, String>,
+}
+
+impl Volume {
+    /// How a task mounts this volume at `target`.
+    pub fn mount(&self, target: impl Into<PathBuf>, read_only: bool) -> MountSpec {
+        MountSpec { source: self.source.clone(), target: target.into(), read_only }
+    }
 }
 
 /// What a volume manager supports.
@@ -48,6 +60,15 @@ pub trait VolumeManager: Send + Sync + std::fmt::Debug {
 
     /// Removes a volume and its data. [`Error::NotFound`] if absent.
     async fn remove(&self, name: &str) -> Result<()>;
+
+    /// The volume's contents as a tar stream (entries relative to the volume, symlinks
+    /// kept as links). Stop writers first for a consistent copy.
+    async fn export(&self, name: &str) -> Result<TarStream>;
+
+    /// Creates volume `name` from a tar stream. All or nothing: if the stream fails or
+    /// holds an entry that would land outside the volume ([`Error::InvalidInput`]), no
+    /// volume is left behind. [`Error::Conflict`] if it exists (nothing is overwritten).
+    async fn import(&self, name: &str, labels: BTreeMap<String, String>, tar: TarStream) -> Result<Volume>;
 }
 
 /// Volumes as directories under a root: `<root>/<name>/data` holds the data and
@@ -83,7 +104,7 @@ impl LocalVolumes {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Error::NotFound { kind: "volume", name: name.to_owned() }),
             Err(e) => return Err(io_err(e)),
         };
-        Ok(Volume { name: name.to_owned(), mountpoint: dir.join("data"), labels })
+        Ok(Volume { name: name.to_owned(), source: MountSource::HostDir(dir.join("data")), labels })
     }
 }
 
@@ -109,18 +130,14 @@ impl VolumeManager for LocalVolumes {
         }
         let made = async {
             tokio::fs::create_dir(dir.join("data")).await?;
-            let tmp = dir.join(".labels.json.tmp");
-            tokio::fs::write(&tmp, serde_json::to_vec(&labels).unwrap_or_default()).await?;
-            // The labels file appearing is the commit point: a crash before it leaves a
-            // directory `get` reports as absent, and `create` can be retried after removal.
-            tokio::fs::rename(&tmp, dir.join("labels.json")).await
+            write_labels(&dir, &labels).await
         }
         .await;
         if let Err(e) = made {
             let _ = tokio::fs::remove_dir_all(&dir).await;
             return Err(io_err(e));
         }
-        Ok(Volume { name: name.to_owned(), mountpoint: dir.join("data"), labels })
+        Ok(Volume { name: name.to_owned(), source: MountSource::HostDir(dir.join("data")), labels })
     }
 
     async fn get(&self, name: &str) -> Result<Volume> {
@@ -154,4 +171,47 @@ impl VolumeManager for LocalVolumes {
             Err(e) => Err(io_err(e)),
         }
     }
+
+    async fn export(&self, name: &str) -> Result<TarStream> {
+        let dir = self.dir(name)?;
+        self.read(name, &dir).await?;
+        Ok(pack_dir(dir.join("data")))
+    }
+
+    async fn import(&self, name: &str, labels: BTreeMap<String, String>, tar: TarStream) -> Result<Volume> {
+        let dir = self.dir(name)?;
+        if tokio::fs::try_exists(&dir).await.map_err(io_err)? {
+            return Err(Error::Conflict { kind: "volume", name: name.to_owned() });
+        }
+        // Unpacked beside the root's volumes under a name `list` skips (it starts with a
+        // dot), then renamed into place: the volume appears whole or not at all.
+        let staging = self.root.join(format!(".import-{name}-{}", std::process::id()));
+        let _ = tokio::fs::remove_dir_all(&staging).await;
+        tokio::fs::create_dir_all(staging.join("data")).await.map_err(io_err)?;
+        let unpacked = async {
+            unpack_into(tar, staging.join("data")).await?;
+            write_labels(&staging, &labels).await.map_err(io_err)?;
+            // rename(2) onto an existing non-empty directory fails, so a concurrent
+            // create of the same name wins and this import reports the conflict.
+            match tokio::fs::rename(&staging, &dir).await {
+                Ok(()) => Ok(()),
+                Err(_) if dir.exists() => Err(Error::Conflict { kind: "volume", name: name.to_owned() }),
+                Err(e) => Err(io_err(e)),
+            }
+        }
+        .await;
+        if let Err(e) = unpacked {
+            let _ = tokio::fs::remove_dir_all(&staging).await;
+            return Err(e);
+        }
+        Ok(Volume { name: name.to_owned(), source: MountSource::HostDir(dir.join("data")), labels })
+    }
+}
+
+/// Writes `labels.json` through a temporary file: the labels file appearing is a volume's
+/// commit point (a crash before it leaves a directory `get` reports as absent).
+async fn write_labels(dir: &Path, labels: &BTreeMap<String, String>) -> std::io::Result<()> {
+    let tmp = dir.join(".labels.json.tmp");
+    tokio::fs::write(&tmp, serde_json::to_vec(labels).unwrap_or_default()).await?;
+    tokio::fs::rename(&tmp, dir.join("labels.json")).await
 }

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use keelson_scheduler::{conformance, DockerDriver, Driver, Error, Limits, MountSpec, PortMapping, TaskSpec, TaskState};
+use keelson_scheduler::{conformance, DockerDriver, Driver, Error, Limits, MountSource, MountSpec, PortMapping, TaskSpec, TaskState};
 
 /// Removes every container labelled with this guard's run id when dropped.
 struct Cleanup {
@@ -79,7 +79,7 @@ async fn ports_mounts_limits_and_labels_reach_the_container() {
     let d = driver().await.with_volume_root(root.path());
     let spec = TaskSpec {
         ports: vec![PortMapping { container: 8080, host: port }],
-        mounts: vec![MountSpec { source: www.clone(), target: PathBuf::from("/www"), read_only: true }],
+        mounts: vec![MountSpec { source: MountSource::HostDir(www.clone()), target: PathBuf::from("/www"), read_only: true }],
         limits: Some(Limits { cpu_millis: 500, memory_mb: 64 }),
         ..sh(&guard.run, &image(), "web-1", "exec httpd -f -p 8080 -h /www")
     }
@@ -150,12 +150,20 @@ async fn bad_input_and_faults_are_typed_errors_that_leave_no_container_behind() 
     let outside = tempfile::tempdir().expect("outside");
     let confined = driver().await.with_volume_root(root.path());
     let escape = TaskSpec {
-        mounts: vec![MountSpec { source: outside.path().to_owned(), target: PathBuf::from("/data"), read_only: false }],
+        mounts: vec![MountSpec {
+            source: MountSource::HostDir(outside.path().to_owned()),
+            target: PathBuf::from("/data"),
+            read_only: false,
+        }],
         ..sh(&guard.run, &image, "escape", "true")
     };
     assert!(matches!(confined.start(escape).await, Err(Error::InvalidInput { field: "mount", .. })));
     let dotdot = TaskSpec {
-        mounts: vec![MountSpec { source: root.path().join("../etc"), target: PathBuf::from("/data"), read_only: false }],
+        mounts: vec![MountSpec {
+            source: MountSource::HostDir(root.path().join("../etc")),
+            target: PathBuf::from("/data"),
+            read_only: false,
+        }],
         ..sh(&guard.run, &image, "dotdot", "true")
     };
     assert!(matches!(confined.start(dotdot).await, Err(Error::InvalidInput { field: "mount", .. })));

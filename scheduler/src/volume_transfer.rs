@@ -1,0 +1,167 @@
+//! Moving a volume to another node: the source node serves its volumes as tar streams
+//! over HTTP ([`serve_volumes`]), the destination pulls one into its own manager
+//! ([`fetch_volume`]). [`copy_volume`] does the same between two managers in one process
+//! (a local directory into a Docker volume, say).
+//!
+//! `GET /v1/volumes/<name>` answers `200` with `content-type: application/x-tar`, the
+//! volume's labels as JSON in `x-keelson-volume-labels`, and the archive as a chunked
+//! body; `404` for an unknown volume and `400` for a bad name. An error while the
+//! archive streams aborts the connection, so the receiver sees an incomplete body and
+//! imports nothing. Serve on the nodes' private network only: there is no
+//! authentication, and a volume's contents are its owner's data.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::error::{Error, Result};
+use crate::volume_archive::TarStream;
+use crate::volumes::{Volume, VolumeManager};
+
+/// The path prefix volumes are served under.
+pub const VOLUME_PATH: &str = "/v1/volumes/";
+const LABELS_HEADER: &str = "x-keelson-volume-labels";
+/// A transfer that sends nothing for this long is abandoned.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+
+fn text(status: StatusCode, message: String) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(message)).map_err(|never: Infallible| match never {}).boxed_unsync());
+    *r.status_mut() = status;
+    r
+}
+
+async fn answer(volumes: Arc<dyn VolumeManager>, req: Request<Incoming>) -> Response<Body> {
+    let Some(name) = req.uri().path().strip_prefix(VOLUME_PATH).map(str::to_owned) else {
+        return text(StatusCode::NOT_FOUND, format!("volumes are under {VOLUME_PATH}\n"));
+    };
+    if req.method() != hyper::Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
+    }
+    let exported = match volumes.get(&name).await {
+        Ok(v) => volumes.export(&name).await.map(|tar| (v, tar)),
+        Err(e) => Err(e),
+    };
+    match exported {
+        Ok((volume, tar)) => {
+            tracing::info!(volume = %name, "serving a volume export");
+            let labels = serde_json::to_string(&volume.labels).unwrap_or_else(|_| "{}".into());
+            let body = BodyExt::boxed_unsync(StreamBody::new(tar.map_ok(Frame::data)));
+            let mut r = Response::new(body);
+            r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/x-tar"));
+            if let Ok(v) = hyper::header::HeaderValue::from_str(&labels) {
+                r.headers_mut().insert(LABELS_HEADER, v);
+            }
+            r
+        }
+        Err(e @ Error::NotFound { .. }) => text(StatusCode::NOT_FOUND, format!("{e}\n")),
+        Err(e @ Error::InvalidInput { .. }) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+    }
+}
+
+/// Serves `volumes` on `listener` until `shutdown` completes (transfers under way are
+/// cut: the receivers discard them).
+pub async fn serve_volumes(
+    listener: TcpListener,
+    volumes: Arc<dyn VolumeManager>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<()> {
+    tokio::pin!(shutdown);
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accepting a volume transfer connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let volumes = volumes.clone();
+        connections.spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let volumes = volumes.clone();
+                async move { Ok::<_, Infallible>(answer(volumes, req).await) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+                tracing::debug!(%peer, error = %e, "volume transfer connection ended");
+            }
+        });
+        while connections.try_join_next().is_some() {}
+    }
+    connections.shutdown().await;
+    Ok(())
+}
+
+fn unavailable(addr: SocketAddr, reason: impl std::fmt::Display) -> Error {
+    Error::Unavailable { backend: "volume transfer", reason: format!("{addr}: {reason}") }
+}
+
+/// Pulls volume `name` from the node serving volumes at `addr` into `into` (with the
+/// source's labels). All or nothing, as [`VolumeManager::import`]; [`Error::NotFound`]
+/// if the source has no such volume, [`Error::Conflict`] if `into` already has it.
+pub async fn fetch_volume(addr: SocketAddr, name: &str, into: &dyn VolumeManager) -> Result<Volume> {
+    crate::error::validate_id("volume name", name)?;
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| Error::Timeout { operation: "connecting to a volume source", after: CONNECT_TIMEOUT })?
+        .map_err(|e| unavailable(addr, e))?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream)).await.map_err(|e| unavailable(addr, e))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "volume transfer client connection ended");
+        }
+    });
+    let request = Request::get(format!("{VOLUME_PATH}{name}"))
+        .header(hyper::header::HOST, addr.to_string())
+        .body(Empty::new())
+        .map_err(|e| Error::invalid("volume name", name, e.to_string()))?;
+    let response = tokio::time::timeout(IDLE_TIMEOUT, sender.send_request(request))
+        .await
+        .map_err(|_| Error::Timeout { operation: "volume transfer response", after: IDLE_TIMEOUT })?
+        .map_err(|e| unavailable(addr, e))?;
+    match response.status() {
+        StatusCode::OK => {}
+        StatusCode::NOT_FOUND => return Err(Error::NotFound { kind: "volume", name: format!("{name} on {addr}") }),
+        status => {
+            let detail = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            return Err(unavailable(addr, format!("{status}: {}", String::from_utf8_lossy(&detail).trim())));
+        }
+    }
+    let labels: BTreeMap<String, String> =
+        response.headers().get(LABELS_HEADER).and_then(|v| serde_json::from_slice(v.as_bytes()).ok()).unwrap_or_default();
+    let body = response.into_body().into_data_stream().map_err(std::io::Error::other);
+    // A source that stalls fails the import instead of hanging it.
+    let body = tokio_stream::StreamExt::timeout(body, IDLE_TIMEOUT).map(|item| match item {
+        Ok(chunk) => chunk,
+        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "volume transfer stalled")),
+    });
+    let tar: TarStream = Box::pin(body);
+    into.import(name, labels, tar).await
+}
+
+/// Copies volume `name` from one manager to another (same name and labels). Stop the
+/// volume's writers first for a consistent copy.
+pub async fn copy_volume(from: &dyn VolumeManager, to: &dyn VolumeManager, name: &str) -> Result<Volume> {
+    let source = from.get(name).await?;
+    let tar = from.export(name).await?;
+    to.import(name, source.labels, tar).await
+}

@@ -1,0 +1,98 @@
+//! Moving a volume between nodes over HTTP: one node serves its volumes
+//! (`serve_volumes`), another pulls one into its own manager (`fetch_volume`). Each
+//! "node" is a `LocalVolumes` root of its own; the transfer runs over real TCP on
+//! loopback. Failure paths: unknown volume, existing target, a source that dies
+//! half-way, one that stalls before answering, and one that is not there at all.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keelson_scheduler::{conformance, fetch_volume, serve_volumes, Error, LocalVolumes, VolumeManager};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// A node serving the volumes under `root` on a loopback port until the sender drops.
+async fn serving(root: &std::path::Path) -> (SocketAddr, Arc<LocalVolumes>, tokio::sync::oneshot::Sender<()>) {
+    let volumes = Arc::new(LocalVolumes::new(root).expect("root"));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served: Arc<dyn VolumeManager> = volumes.clone();
+    tokio::spawn(serve_volumes(listener, served, async move {
+        let _ = stopped.await;
+    }));
+    (addr, volumes, stop)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_is_pulled_from_another_node_whole_with_its_labels() {
+    let (a, b) = (tempfile::tempdir().expect("a"), tempfile::tempdir().expect("b"));
+    let (addr, source, _stop) = serving(a.path()).await;
+    let labels = BTreeMap::from([("app".to_owned(), "db".to_owned()), ("tier".to_owned(), "data".to_owned())]);
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+    let files: [(&str, &[u8], u32); 2] = [("db/table", &big, 0o600), ("db/PG_VERSION", b"16\n", 0o644)];
+    source.import("pgdata", labels.clone(), conformance::archive_of(&files, &[("current", "db")])).await.expect("seed");
+
+    let dest = LocalVolumes::new(b.path()).expect("dest");
+    let pulled = fetch_volume(addr, "pgdata", &dest).await.expect("fetch");
+    assert_eq!(pulled.labels, labels);
+    assert_eq!(conformance::export_listing(&dest, "pgdata").await, conformance::export_listing(source.as_ref(), "pgdata").await);
+    assert_eq!(std::fs::read(b.path().join("pgdata/data/db/table")).expect("on disk"), big);
+
+    assert!(matches!(fetch_volume(addr, "pgdata", &dest).await, Err(Error::Conflict { .. })), "an existing volume is not overwritten");
+    assert!(matches!(fetch_volume(addr, "no-such", &dest).await, Err(Error::NotFound { .. })));
+    assert!(matches!(fetch_volume(addr, "../etc", &dest).await, Err(Error::InvalidInput { field: "volume name", .. })));
+}
+
+/// A fake source that answers 200 and then sends `body` raw (chunked framing included),
+/// then closes: what a node dying mid-transfer looks like on the wire.
+async fn fake_source(head_and_body: Vec<u8>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut request = [0u8; 1024];
+            let _ = s.read(&mut request).await;
+            let _ = s.write_all(&head_and_body).await;
+            let _ = s.shutdown().await;
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_that_dies_half_way_leaves_nothing_on_the_destination() {
+    let b = tempfile::tempdir().expect("b");
+    let dest = LocalVolumes::new(b.path()).expect("dest");
+    let mut archive = Vec::new();
+    let mut stream = conformance::archive_of(&[("big", &[5u8; 100_000], 0o644)], &[]);
+    while let Some(chunk) = futures::StreamExt::next(&mut stream).await {
+        archive.extend_from_slice(&chunk.expect("chunk"));
+    }
+    // A chunked body that promises the whole archive but ends after 60 KB.
+    let half = &archive[..60_000];
+    let mut wire = b"HTTP/1.1 200 OK\r\ncontent-type: application/x-tar\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+    wire.extend_from_slice(format!("{:x}\r\n", archive.len()).as_bytes());
+    wire.extend_from_slice(half);
+    let addr = fake_source(wire).await;
+    let r = fetch_volume(addr, "cut", &dest).await;
+    assert!(r.is_err(), "a cut transfer must fail: {r:?}");
+    assert!(matches!(dest.get("cut").await, Err(Error::NotFound { .. })));
+    assert!(dest.list().await.expect("list").is_empty(), "no volume, no staging left visible");
+    assert_eq!(std::fs::read_dir(b.path()).expect("root").count(), 0, "staging directory removed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absent_source_is_unavailable_and_a_stopped_server_refuses() {
+    let (a, b) = (tempfile::tempdir().expect("a"), tempfile::tempdir().expect("b"));
+    let dest = LocalVolumes::new(b.path()).expect("dest");
+    let (addr, source, stop) = serving(a.path()).await;
+    source.create("x", BTreeMap::new()).await.expect("create");
+    drop(stop);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let r = fetch_volume(addr, "x", &dest).await;
+    assert!(matches!(r, Err(Error::Unavailable { .. })), "{r:?}");
+    assert!(matches!(dest.get("x").await, Err(Error::NotFound { .. })));
+}
