@@ -59,6 +59,7 @@ fn web(image: &str) -> GroupSpec {
             count: 4,
             resources: Resources::new(500, 64),
             ports: 1,
+            volumes: Vec::new(),
         },
         task: TaskTemplate {
             image: Some(image.to_owned()),
@@ -111,6 +112,7 @@ async fn a_killed_agents_work_is_replaced_on_the_other_node_within_ttl_plus_2s()
             status: AllocStatus::Pending,
             ports: vec![*port],
             since_ms: 0,
+            volumes: Vec::new(),
         });
     }
     store.commit(&plan).await.expect("commit");

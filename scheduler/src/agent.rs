@@ -23,9 +23,10 @@ use tokio::sync::Mutex;
 
 use crate::cluster_store::ClusterStore;
 use crate::deployment::Traffic;
-use crate::driver::{Driver, Limits, PortMapping, TaskSpec, TaskState};
+use crate::driver::{Driver, Limits, MountSpec, PortMapping, TaskSpec, TaskState};
 use crate::error::{Error, Result};
 use crate::reconcile::{AllocRecord, AllocStatus, DesiredGroup};
+use crate::volumes::VolumeManager;
 
 /// Label holding the node an agent started a task for.
 pub const NODE_LABEL: &str = "keelson.node";
@@ -59,6 +60,10 @@ pub struct TaskTemplate {
     /// CPU and memory limits.
     #[serde(default)]
     pub limits: Option<Limits>,
+    /// Where each of the group's volumes appears in the task: volume request name to an
+    /// absolute path. The agent's [`VolumeManager`] supplies (or creates) the volume.
+    #[serde(default)]
+    pub mounts: BTreeMap<String, std::path::PathBuf>,
 }
 
 /// A service offered by each allocation of a group, on the allocation's first host port.
@@ -96,6 +101,7 @@ pub struct NodeAgent {
     store: ClusterStore,
     driver: Arc<dyn Driver>,
     discovery: Option<Arc<dyn Discovery>>,
+    volumes: Option<Arc<dyn VolumeManager>>,
     address: String,
     stop_grace: Duration,
     drain: Duration,
@@ -117,6 +123,7 @@ impl NodeAgent {
             store,
             driver,
             discovery,
+            volumes: None,
             address: address.into(),
             stop_grace: Duration::from_secs(5),
             drain: Duration::from_millis(500),
@@ -137,22 +144,67 @@ impl NodeAgent {
         self
     }
 
-    fn task_spec(&self, alloc: &AllocRecord, spec: &GroupSpec) -> TaskSpec {
+    /// The node's volumes: allocations that mount volumes get them from here (created
+    /// on first use). Without it, such allocations fail with [`Error::Unsupported`].
+    pub fn with_volumes(mut self, volumes: Arc<dyn VolumeManager>) -> Self {
+        self.volumes = Some(volumes);
+        self
+    }
+
+    /// The mounts of an allocation: each of its volumes from the node's manager (created
+    /// if placement put a new volume here), at the path the task template names.
+    async fn mounts(&self, alloc: &AllocRecord, spec: &GroupSpec) -> Result<Vec<MountSpec>> {
+        if alloc.volumes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let manager =
+            self.volumes.as_ref().ok_or(Error::Unsupported { operation: "volumes (no volume manager)", backend: "node agent" })?;
+        let mut mounts = Vec::new();
+        for (request, mount) in spec.desired.volumes.iter().zip(&alloc.volumes) {
+            let target = spec.task.mounts.get(&request.name).ok_or_else(|| {
+                Error::invalid("volume", &request.name, format!("group {:?} has no mount path for it in task.mounts", alloc.group))
+            })?;
+            let volume = match manager.get(&mount.name).await {
+                Ok(v) => v,
+                Err(Error::NotFound { .. }) => {
+                    let labels =
+                        BTreeMap::from([("keelson.job".to_owned(), alloc.job.clone()), ("keelson.group".to_owned(), alloc.group.clone())]);
+                    tracing::info!(volume = %mount.name, node = %self.node, "creating a volume placed here");
+                    match manager.create(&mount.name, labels).await {
+                        Ok(v) => v,
+                        // Another task of this node created it first.
+                        Err(Error::Conflict { .. }) => manager.get(&mount.name).await?,
+                        Err(e) => return Err(e),
+                    }
+                }
+                Err(e) => return Err(e),
+            };
+            mounts.push(volume.mount(target.clone(), mount.read_only));
+        }
+        Ok(mounts)
+    }
+
+    async fn task_spec(&self, alloc: &AllocRecord, spec: &GroupSpec) -> Result<TaskSpec> {
         let ports = match (&spec.service, alloc.ports.first()) {
             (Some(s), Some(host)) => vec![PortMapping { container: s.port, host: *host }],
             _ => Vec::new(),
         };
-        TaskSpec {
+        Ok(TaskSpec {
             image: spec.task.image.clone(),
             env: spec.task.env.clone(),
             limits: spec.task.limits,
             ports,
+            mounts: self.mounts(alloc, spec).await?,
             ..TaskSpec::new(alloc.id.clone(), spec.task.command.clone())
         }
         .with_label(NODE_LABEL, self.node.clone())
         .with_label("keelson.job", alloc.job.clone())
         .with_label("keelson.group", alloc.group.clone())
-        .with_label("keelson.version", alloc.version.to_string())
+        .with_label("keelson.version", alloc.version.to_string()))
+    }
+
+    async fn start(&self, alloc: &AllocRecord, spec: &GroupSpec) -> Result<()> {
+        self.driver.start(self.task_spec(alloc, spec).await?).await.map(drop)
     }
 
     /// One pass: start, stop, check, report, register.
@@ -179,7 +231,7 @@ impl NodeAgent {
             let spec = self.store.group_version(&alloc.job, &alloc.group, alloc.version).await?;
             let status = match running.get(id) {
                 None if alloc.status == AllocStatus::Failed => continue,
-                None => match self.driver.start(self.task_spec(alloc, &spec)).await {
+                None => match self.start(alloc, &spec).await {
                     Ok(_) => {
                         report.started.push(id.clone());
                         AllocStatus::Pending

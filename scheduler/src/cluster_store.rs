@@ -6,6 +6,10 @@
 //!   renewing it, the key goes and the node is lost.
 //! - `allocs/<node>/<alloc>`: an [`AllocRecord`]; a node agent watches its own prefix.
 //! - `fences/<node>`: a counter bumped by every plan that changes the node.
+//! - `volumes/<name>`: a [`HostVolume`]: which node's disk holds the volume. Placement
+//!   puts an allocation mounting it on that node; a plan that creates a volume records
+//!   its home with compare-and-swap on absence, so two plans never home it twice. Not on
+//!   a lease: the data outlives its node's agent (moving it is [`ClusterStore::rehome_volume`]).
 //!
 //! A plan is made from a [`ClusterView`] and remembers the fence version of every node
 //! it touches. [`ClusterStore::commit`] takes the `plan` lock, then claims each fence
@@ -22,7 +26,7 @@ use keelson_discovery::{Expect, KeyValue, LeaseKeeper};
 
 use crate::deployment::{Action, AllocHealth, AllocView, Deployment, Traffic};
 use crate::error::{Error, Result};
-use crate::model::{Allocation, ClusterSnapshot, Job, Node, TaskGroup};
+use crate::model::{Allocation, ClusterSnapshot, HostVolume, Job, Node, TaskGroup};
 use crate::placement::{PlacementEngine, Scheduler};
 use crate::reconcile::{reconcile, AllocRecord, AllocStatus, DesiredGroup};
 
@@ -73,6 +77,8 @@ pub struct ClusterView {
     pub nodes: Vec<Node>,
     /// Every allocation, on live and lost nodes.
     pub allocations: Vec<AllocRecord>,
+    /// Every volume and the node that holds it.
+    pub volumes: Vec<HostVolume>,
     fences: BTreeMap<String, Option<u64>>,
 }
 
@@ -85,7 +91,7 @@ impl ClusterView {
 
     /// An empty plan against this view.
     pub fn plan(&self) -> PlanCommit {
-        PlanCommit { fences: self.fences.clone(), touched: BTreeSet::new(), puts: Vec::new(), deletes: Vec::new() }
+        PlanCommit { fences: self.fences.clone(), touched: BTreeSet::new(), puts: Vec::new(), deletes: Vec::new(), new_volumes: Vec::new() }
     }
 }
 
@@ -96,6 +102,7 @@ pub struct PlanCommit {
     touched: BTreeSet<String>,
     puts: Vec<AllocRecord>,
     deletes: Vec<(String, String)>,
+    new_volumes: Vec<HostVolume>,
 }
 
 impl PlanCommit {
@@ -111,9 +118,16 @@ impl PlanCommit {
         self.deletes.push((node.to_owned(), alloc.to_owned()));
     }
 
+    /// Records where a volume the plan creates lives (the commit fails with a conflict
+    /// if another plan homed it first).
+    pub fn new_volume(&mut self, volume: HostVolume) {
+        self.touched.insert(volume.node.clone());
+        self.new_volumes.push(volume);
+    }
+
     /// Whether the plan changes nothing.
     pub fn is_empty(&self) -> bool {
-        self.puts.is_empty() && self.deletes.is_empty()
+        self.puts.is_empty() && self.deletes.is_empty() && self.new_volumes.is_empty()
     }
 }
 
@@ -168,6 +182,9 @@ impl ClusterStore {
         }
         for e in self.kv.list(&self.key(&["allocs", ""])).await.map_err(kv_err)?.entries {
             view.allocations.push(decode(&e.key, &e.value)?);
+        }
+        for e in self.kv.list(&self.key(&["volumes", ""])).await.map_err(kv_err)?.entries {
+            view.volumes.push(decode(&e.key, &e.value)?);
         }
         let fence_prefix = self.key(&["fences", ""]);
         for e in self.kv.list(&fence_prefix).await.map_err(kv_err)?.entries {
@@ -225,6 +242,29 @@ impl ClusterStore {
         Ok(())
     }
 
+    /// Where volume `name` lives, if anywhere.
+    pub async fn volume_home(&self, name: &str) -> Result<Option<HostVolume>> {
+        let key = self.key(&["volumes", name]);
+        self.kv.get(&key).await.map_err(kv_err)?.map(|e| decode(&key, &e.value)).transpose()
+    }
+
+    /// Records that volume `volume.name` now lives on `volume.node`: the last step of
+    /// moving a stateful service, after its data was copied there ([`crate::fetch_volume`])
+    /// and while no allocation mounts it. [`Error::Conflict`] if an allocation still
+    /// mounts it, [`Error::NotFound`] for an unknown volume.
+    pub async fn rehome_volume(&self, volume: &HostVolume) -> Result<()> {
+        crate::error::validate_id("volume name", &volume.name)?;
+        let key = self.key(&["volumes", &volume.name]);
+        let current =
+            self.kv.get(&key).await.map_err(kv_err)?.ok_or_else(|| Error::NotFound { kind: "volume", name: volume.name.clone() })?;
+        let view = self.view().await?;
+        if let Some(user) = view.allocations.iter().find(|a| a.volumes.iter().any(|m| m.name == volume.name)) {
+            return Err(Error::Conflict { kind: "volume in use by allocation", name: user.id.clone() });
+        }
+        self.kv.compare_and_swap(&key, Expect::Version(current.version), encode(volume)?, None).await.map_err(kv_err)?;
+        Ok(())
+    }
+
     /// Removes a finished allocation's record (its agent has stopped it).
     pub async fn forget(&self, alloc: &AllocRecord) -> Result<()> {
         self.kv.delete(&self.key(&["allocs", &alloc.node, &alloc.id])).await.map_err(kv_err)?;
@@ -246,7 +286,12 @@ impl ClusterStore {
     }
 
     async fn commit_locked(&self, plan: &PlanCommit) -> Result<usize> {
-        // Check every fence before claiming any, so a stale plan writes nothing at all.
+        // Check every fence and volume before claiming any, so a stale plan writes nothing.
+        for v in &plan.new_volumes {
+            if self.kv.get(&self.key(&["volumes", &v.name])).await.map_err(kv_err)?.is_some() {
+                return Err(Error::Conflict { kind: "volume home", name: v.name.clone() });
+            }
+        }
         for node in &plan.touched {
             let seen = plan.fences.get(node).copied().flatten();
             let now = self.kv.get(&self.key(&["fences", node])).await.map_err(kv_err)?.map(|e| e.version);
@@ -265,13 +310,19 @@ impl ClusterStore {
                 other => kv_err(other),
             })?;
         }
+        for v in &plan.new_volumes {
+            self.kv.compare_and_swap(&self.key(&["volumes", &v.name]), Expect::Absent, encode(v)?, None).await.map_err(|e| match e {
+                keelson_discovery::Error::Conflict { .. } => Error::Conflict { kind: "volume home", name: v.name.clone() },
+                other => kv_err(other),
+            })?;
+        }
         for a in &plan.puts {
             self.kv.put(&self.key(&["allocs", &a.node, &a.id]), encode(a)?, None).await.map_err(kv_err)?;
         }
         for (node, id) in &plan.deletes {
             self.kv.delete(&self.key(&["allocs", node, id])).await.map_err(kv_err)?;
         }
-        Ok(plan.puts.len() + plan.deletes.len())
+        Ok(plan.puts.len() + plan.deletes.len() + plan.new_volumes.len())
     }
 
     /// One step of `deployment` for `job`/`group`: reads the group's allocations, asks
@@ -305,9 +356,7 @@ impl ClusterStore {
                     Action::Start { version, count } => {
                         let spec = self.group_version(job, group, *version).await?;
                         let desired = [DesiredGroup { count: *count, ..spec.desired }];
-                        for a in place(&view, &desired, &[(0, *count)], &lost)? {
-                            plan.put(a);
-                        }
+                        place(&view, &desired, &[(0, *count)], &lost, &mut plan)?;
                     }
                     Action::Stop { ids } => {
                         for a in mine.iter().filter(|a| ids.contains(&a.id)) {
@@ -345,10 +394,7 @@ impl ClusterStore {
             for a in view.allocations.iter().filter(|a| r.lost.contains(&a.id)) {
                 plan.delete(&a.node, &a.id);
             }
-            let placed = place(&view, desired, &r.place, &lost)?;
-            for a in &placed {
-                plan.put(a.clone());
-            }
+            let placed = place(&view, desired, &r.place, &lost, &mut plan)?;
             match self.commit(&plan).await {
                 Ok(_) => {
                     pass.lost = r.lost;
@@ -364,20 +410,28 @@ impl ClusterStore {
 }
 
 /// Places `wanted` new allocations with the placement engine on the live nodes, given the
-/// allocations already there.
-fn place(view: &ClusterView, desired: &[DesiredGroup], wanted: &[(usize, u32)], lost: &HashSet<String>) -> Result<Vec<AllocRecord>> {
+/// allocations already there and where volumes live; adds them (and the homes of volumes
+/// they create) to `plan`.
+fn place(
+    view: &ClusterView,
+    desired: &[DesiredGroup],
+    wanted: &[(usize, u32)],
+    lost: &HashSet<String>,
+    plan: &mut PlanCommit,
+) -> Result<Vec<AllocRecord>> {
     if wanted.is_empty() {
         return Ok(Vec::new());
     }
     let resources_of =
         |job: &str, group: &str| desired.iter().find(|d| d.job == job && d.group == group).map(|d| d.resources).unwrap_or_default();
-    let mut snapshot = ClusterSnapshot { nodes: view.nodes.clone(), ..ClusterSnapshot::default() };
+    let mut snapshot = ClusterSnapshot { nodes: view.nodes.clone(), volumes: view.volumes.clone(), ..ClusterSnapshot::default() };
     snapshot.allocations = view
         .allocations
         .iter()
         .filter(|a| !lost.contains(&a.node) && a.status != AllocStatus::Failed)
         .map(|a| Allocation {
             ports: a.ports.iter().copied().collect(),
+            volumes: a.volumes.clone(),
             ..Allocation::new(a.id.clone(), a.node.clone(), a.job.clone(), a.group.clone(), resources_of(&a.job, &a.group))
         })
         .collect();
@@ -385,12 +439,37 @@ fn place(view: &ClusterView, desired: &[DesiredGroup], wanted: &[(usize, u32)], 
     let mut out = Vec::new();
     for (i, n) in wanted {
         let d = &desired[*i];
-        let job = Job::new(d.job.clone(), vec![TaskGroup::new(d.group.clone(), *n, d.resources).with_dynamic_ports(d.ports)]);
-        let plan = engine.plan(&snapshot, &job)?;
-        for p in plan.placements {
+        if let Some(v) = d.volumes.iter().find(|v| v.per_task) {
+            // Which per-task volume a replacement takes depends on which task it replaces;
+            // placement here sees only counts.
+            return Err(Error::invalid(
+                "volume",
+                &v.name,
+                "per-task volumes are not supported by the cluster store; use one group per stateful replica",
+            ));
+        }
+        let mut group = TaskGroup::new(d.group.clone(), *n, d.resources).with_dynamic_ports(d.ports);
+        for v in &d.volumes {
+            group = group.with_volume(v.clone());
+        }
+        let job = Job::new(d.job.clone(), vec![group]);
+        let placed = engine.plan(&snapshot, &job)?;
+        for u in &placed.unplaced {
+            // Left for the next pass (a node may join, a volume's node may come back).
+            tracing::warn!(job = %d.job, group = %d.group, unplaced = ?u, "allocation not placed");
+        }
+        for p in placed.placements {
             let id = format!("{}-{}-v{}-{}", d.job, d.group, d.version, unique_suffix());
+            for (m, req) in p.volumes.iter().zip(&d.volumes) {
+                if !snapshot.volumes.iter().any(|v| v.name == m.name) {
+                    let home = HostVolume { name: m.name.clone(), node: p.node.clone(), access: req.access };
+                    snapshot.volumes.push(home.clone());
+                    plan.new_volume(home);
+                }
+            }
             snapshot.allocations.push(Allocation {
                 ports: p.ports.iter().copied().collect(),
+                volumes: p.volumes.clone(),
                 ..Allocation::new(id.clone(), p.node.clone(), d.job.clone(), d.group.clone(), d.resources)
             });
             out.push(AllocRecord {
@@ -402,8 +481,12 @@ fn place(view: &ClusterView, desired: &[DesiredGroup], wanted: &[(usize, u32)], 
                 status: AllocStatus::Pending,
                 ports: p.ports,
                 since_ms: wall_clock_ms(),
+                volumes: p.volumes,
             });
         }
+    }
+    for a in &out {
+        plan.put(a.clone());
     }
     Ok(out)
 }

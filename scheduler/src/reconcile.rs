@@ -15,7 +15,7 @@ use std::collections::{HashMap, HashSet};
 use serde::{Deserialize, Serialize};
 
 /// One task group as it should run.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DesiredGroup {
     /// Job id.
     pub job: String,
@@ -31,6 +31,18 @@ pub struct DesiredGroup {
     /// Dynamic host ports each allocation gets (a service's port, say).
     #[serde(default)]
     pub ports: u16,
+    /// Volumes each allocation mounts: placement puts the allocation on the node that
+    /// holds an existing volume, and a new one is created where the allocation lands.
+    #[serde(default)]
+    pub volumes: Vec<crate::model::VolumeRequest>,
+}
+
+impl DesiredGroup {
+    /// Whether an allocation writes a single-writer volume: then two allocations of the
+    /// group can never run at once, and a [`crate::Deployment`] must be stop-first.
+    pub fn single_writer(&self) -> bool {
+        self.volumes.iter().any(|v| !v.read_only && v.access == crate::model::VolumeAccess::SingleWriter)
+    }
 }
 
 /// Where an allocation is, as the cluster state records it.
@@ -67,6 +79,9 @@ pub struct AllocRecord {
     /// When it entered its status, in milliseconds since the Unix epoch (0: unknown).
     #[serde(default)]
     pub since_ms: u64,
+    /// The volumes it mounts, in the order of its group's volume requests.
+    #[serde(default)]
+    pub volumes: Vec<crate::model::VolumeMount>,
 }
 
 /// What to do to make the cluster match.
@@ -161,11 +176,12 @@ mod tests {
             status,
             ports: Vec::new(),
             since_ms: 0,
+            volumes: Vec::new(),
         }
     }
 
     fn want(group: &str, version: u64, count: u32) -> DesiredGroup {
-        DesiredGroup { job: "web".into(), group: group.into(), version, count, resources: Default::default(), ports: 0 }
+        DesiredGroup { job: "web".into(), group: group.into(), version, count, ..DesiredGroup::default() }
     }
 
     #[test]

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keelson_discovery::{EtcdConfig, EtcdKv, KeyValue, MemoryKv};
-use keelson_scheduler::{AllocRecord, AllocStatus, ClusterStore, DesiredGroup, Error, Node, Resources};
+use keelson_scheduler::{
+    AllocRecord, AllocStatus, ClusterStore, DesiredGroup, Error, HostVolume, Node, Resources, VolumeAccess, VolumeMount, VolumeRequest,
+};
 
 fn alloc(id: &str, node: &str) -> AllocRecord {
     AllocRecord {
@@ -19,11 +21,20 @@ fn alloc(id: &str, node: &str) -> AllocRecord {
         status: AllocStatus::Pending,
         ports: Vec::new(),
         since_ms: 0,
+        volumes: Vec::new(),
     }
 }
 
 fn web(count: u32) -> DesiredGroup {
-    DesiredGroup { job: "web".into(), group: "http".into(), version: 1, count, resources: Resources::new(100, 64), ports: 1 }
+    DesiredGroup {
+        job: "web".into(),
+        group: "http".into(),
+        version: 1,
+        count,
+        resources: Resources::new(100, 64),
+        ports: 1,
+        volumes: Vec::new(),
+    }
 }
 
 async fn conflicting_plans_one_commits_the_other_replans(kv: Arc<dyn KeyValue>) {
@@ -92,6 +103,73 @@ async fn a_lost_node_has_its_work_replaced_within_ttl_plus_2s(kv: Arc<dyn KeyVal
     assert_eq!(view.allocations.len(), 4, "all four run again, none twice: {:?}", view.allocations);
     assert!(view.allocations.iter().all(|a| a.node == "survivor"));
     assert!(store.reschedule(&desired).await.expect("steady").placed.is_empty(), "a steady cluster needs nothing");
+}
+
+fn volume(name: &str, read_only: bool) -> VolumeRequest {
+    VolumeRequest { name: name.into(), access: VolumeAccess::SingleWriter, read_only, per_task: false }
+}
+
+async fn volumes_pin_work_to_their_node_and_move_with_it(kv: Arc<dyn KeyValue>) {
+    let store = ClusterStore::new(kv, "test/volumes");
+    let ttl = Duration::from_secs(30);
+    let _n1 = store.join(&Node::new("n1", Resources::new(4000, 4096)), ttl).await.expect("join");
+    let _n2 = store.join(&Node::new("n2", Resources::new(4000, 4096)), ttl).await.expect("join");
+    let db = |group: &str, count: u32, read_only: bool| DesiredGroup {
+        job: "db".into(),
+        group: group.into(),
+        version: 1,
+        count,
+        resources: Resources::new(100, 64),
+        volumes: vec![volume("pgdata", read_only)],
+        ..DesiredGroup::default()
+    };
+    // The first placement creates the volume where the task lands and records its home.
+    let first = store.reschedule(&[db("pg", 1, false)]).await.expect("place");
+    let home = first.placed[0].node.clone();
+    assert_eq!(first.placed[0].volumes, vec![VolumeMount { name: "pgdata".into(), read_only: false }]);
+    let recorded = store.volume_home("pgdata").await.expect("home").expect("recorded");
+    assert_eq!((recorded.node.as_str(), recorded.access), (home.as_str(), VolumeAccess::SingleWriter));
+    // Readers of the volume follow it to its node.
+    let readers = store.reschedule(&[db("pg", 1, false), db("backup", 2, true)]).await.expect("readers");
+    assert_eq!(readers.placed.len(), 2);
+    assert!(readers.placed.iter().all(|a| a.node == home), "{:?}", readers.placed);
+    // A second writer of a single-writer volume is not placed anywhere.
+    let writers = store.reschedule(&[db("pg", 1, false), db("backup", 2, true), db("other-writer", 1, false)]).await.expect("writer");
+    assert!(writers.placed.is_empty(), "{:?}", writers.placed);
+
+    // Moving it: refused while mounted; once its tasks are gone, re-homed, and the next
+    // placement follows it to the other node.
+    let elsewhere = if home == "n1" { "n2" } else { "n1" };
+    let moved = HostVolume { name: "pgdata".into(), node: elsewhere.into(), access: VolumeAccess::SingleWriter };
+    assert!(matches!(store.rehome_volume(&moved).await, Err(Error::Conflict { .. })), "mounted volumes stay");
+    for a in store.view().await.expect("view").allocations {
+        store.forget(&a).await.expect("forget");
+    }
+    store.rehome_volume(&moved).await.expect("rehome");
+    let again = store.reschedule(&[db("pg", 1, false)]).await.expect("place again");
+    assert_eq!(again.placed[0].node, elsewhere);
+    let unknown = HostVolume { name: "no-such".into(), ..moved.clone() };
+    assert!(matches!(store.rehome_volume(&unknown).await, Err(Error::NotFound { .. })));
+
+    // Two plans creating the same volume on different nodes: one home wins.
+    let (v1, v2) = (store.view().await.expect("view"), store.view().await.expect("view"));
+    let (mut a, mut b) = (v1.plan(), v2.plan());
+    a.new_volume(HostVolume { name: "fresh".into(), node: "n1".into(), access: VolumeAccess::SingleWriter });
+    b.new_volume(HostVolume { name: "fresh".into(), node: "n2".into(), access: VolumeAccess::SingleWriter });
+    store.commit(&a).await.expect("first home");
+    assert!(matches!(store.commit(&b).await, Err(Error::Conflict { .. })));
+    assert_eq!(store.volume_home("fresh").await.expect("home").expect("recorded").node, "n1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_kv_keeps_work_beside_its_volumes() {
+    volumes_pin_work_to_their_node_and_move_with_it(Arc::new(MemoryKv::new())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_keeps_work_beside_its_volumes() {
+    let (_etcd, kv) = etcd().await;
+    volumes_pin_work_to_their_node_and_move_with_it(kv).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

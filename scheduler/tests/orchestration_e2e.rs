@@ -2,7 +2,9 @@
 //! the placement engine into cluster state, run by a node agent through the Docker
 //! driver, registered in discovery with its route tag, and served through the keelson
 //! router; then the agent restarts and adopts the running containers without
-//! duplicating any. Every container is removed at the end, also when the test fails.
+//! duplicating any. Rolling, canary and blue/green deployments under load, and a stateful
+//! service on a single-writer volume updated stop-first and moved to another node with
+//! its data. Every container and volume is removed at the end, also when a test fails.
 #![cfg(feature = "docker")]
 
 use std::collections::BTreeSet;
@@ -13,8 +15,9 @@ use std::time::{Duration, Instant};
 use keelson_discovery::{Discovery, KeyValue, MemoryDiscovery, MemoryKv};
 use keelson_routing::{MemoryRouter, Proxy, ProxyConfig};
 use keelson_scheduler::{
-    wall_clock_ms, AllocStatus, ClusterStore, Deployment, DesiredGroup, DockerDriver, Gates, GroupSpec, Node, NodeAgent, Phase, PortRange,
-    Resources, ServiceSpec, Strategy, TaskTemplate, NODE_LABEL,
+    fetch_volume, serve_volumes, wall_clock_ms, AllocRecord, AllocStatus, ClusterStore, Deployment, DesiredGroup, DockerDriver, Gates,
+    GroupSpec, HostVolume, LocalVolumes, Node, NodeAgent, Phase, PortRange, Resources, ServiceSpec, Strategy, TaskTemplate, VolumeAccess,
+    VolumeManager, VolumeRequest, NODE_LABEL,
 };
 
 /// Removes every container started for `node` when dropped.
@@ -40,7 +43,15 @@ impl Drop for Cleanup {
 fn web(image: &str, version: u64) -> GroupSpec {
     let script = format!("mkdir -p /www && echo v{version} > /www/index.html && exec httpd -f -p 8080 -h /www");
     GroupSpec {
-        desired: DesiredGroup { job: "web".into(), group: "http".into(), version, count: 3, resources: Resources::new(100, 64), ports: 1 },
+        desired: DesiredGroup {
+            job: "web".into(),
+            group: "http".into(),
+            version,
+            count: 3,
+            resources: Resources::new(100, 64),
+            ports: 1,
+            volumes: Vec::new(),
+        },
         task: TaskTemplate {
             image: Some(image.to_owned()),
             command: vec!["/bin/sh".into(), "-c".into(), script],
@@ -148,7 +159,7 @@ async fn a_job_runs_on_docker_serves_through_the_router_and_survives_an_agent_re
     let view = store.view().await.expect("view");
     let mut plan = view.plan();
     for a in &view.allocations {
-        plan.put(keelson_scheduler::AllocRecord { status: AllocStatus::Stopping, ..a.clone() });
+        plan.put(AllocRecord { status: AllocStatus::Stopping, ..a.clone() });
     }
     store.commit(&plan).await.expect("stop all");
     agent.sync().await.expect("sync stops");
@@ -304,4 +315,139 @@ async fn canary_with_manual_promotion_then_blue_green_switch_and_rollback_in_the
     let (failures, _) = load.await.expect("client");
     assert!(failures.is_empty(), "{} failed requests, first: {:?} last {:?}", failures.len(), failures.first(), failures.last());
     drop(p.guard);
+}
+
+/// A stateful group: one allocation serving its single-writer volume over HTTP. The first
+/// version to run writes `/data/first`; every version writes `/data/current`.
+fn stateful(image: &str, volume: &str, version: u64) -> GroupSpec {
+    let script =
+        format!("[ -f /data/first ] || echo v{version} > /data/first; echo v{version} > /data/current; exec httpd -f -p 8080 -h /data");
+    GroupSpec {
+        desired: DesiredGroup {
+            job: "kv".into(),
+            group: "store".into(),
+            version,
+            count: 1,
+            resources: Resources::new(100, 64),
+            ports: 1,
+            volumes: vec![VolumeRequest { name: volume.into(), access: VolumeAccess::SingleWriter, read_only: false, per_task: false }],
+        },
+        task: TaskTemplate {
+            image: Some(image.to_owned()),
+            command: vec!["/bin/sh".into(), "-c".into(), script],
+            mounts: std::collections::BTreeMap::from([(volume.to_owned(), std::path::PathBuf::from("/data"))]),
+            ..TaskTemplate::default()
+        },
+        service: Some(ServiceSpec { name: "kv".into(), port: 8080, tags: Vec::new(), http_check: Some("/current".into()) }),
+    }
+}
+
+/// GET `path` from the group's one running allocation, straight at its host port.
+async fn read_stateful(store: &ClusterStore, node: &str, path: &str) -> String {
+    let allocs = store.allocations_on(node).await.expect("allocations");
+    let running: Vec<_> = allocs.iter().filter(|a| a.status == AllocStatus::Running).collect();
+    assert_eq!(running.len(), 1, "{allocs:?}");
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], running[0].ports[0]));
+    keelson_testkit::http::get(addr, "kv", path).await.expect("request").body
+}
+
+/// Removes a Docker volume when dropped.
+struct VolumeCleanup(String);
+
+impl Drop for VolumeCleanup {
+    fn drop(&mut self) {
+        let _ = Command::new("docker").args(["volume", "rm", "-f", &self.0]).output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stateful_service_keeps_its_volume_through_a_stop_first_update_and_moves_with_it() {
+    let image = keelson_testkit::docker::busybox_image().unwrap_or_else(|e| panic!("the busybox test image: {e}"));
+    let pid = std::process::id();
+    let (node_a, node_b) = (format!("stateful-a-{pid}"), format!("stateful-b-{pid}"));
+    let (_guard_a, _guard_b) = (Cleanup(node_a.clone()), Cleanup(node_b.clone()));
+    let volume = format!("kvdata-{pid}");
+    let _volume_guard = VolumeCleanup(volume.clone());
+    let store = ClusterStore::new(Arc::new(MemoryKv::new()), "stateful");
+    let node = |id: &str, ports: u16| Node {
+        dynamic_ports: PortRange { start: ports, end: ports + 100 },
+        ..Node::new(id, Resources::new(4000, 4096))
+    };
+    // Only node A is in the cluster at first, so the volume is created there.
+    let member_a = store.join(&node(&node_a, 24_000), Duration::from_secs(30)).await.expect("join a");
+    let driver = Arc::new(DockerDriver::connect().await.unwrap_or_else(|e| panic!("Docker Engine must run: {e}")));
+    let docker_volumes = Arc::new(driver.volumes());
+    let agent_a = NodeAgent::new(node_a.clone(), store.clone(), driver.clone(), None, "127.0.0.1")
+        .with_stop_grace(Duration::from_secs(1))
+        .with_volumes(docker_volumes.clone());
+    let v1 = stateful(&image, &volume, 1);
+    store.put_group(&v1).await.expect("group");
+    store.reschedule(std::slice::from_ref(&v1.desired)).await.expect("place");
+    sync_until_running(&agent_a, &store, &node_a, 1).await;
+    assert_eq!(store.volume_home(&volume).await.expect("home").expect("recorded").node, node_a);
+    assert_eq!(read_stateful(&store, &node_a, "/first").await, "v1\n");
+
+    // v2 asks for a surge; the single-writer volume makes it stop-first: never two writers.
+    let v2 = stateful(&image, &volume, 2);
+    store.put_group(&v2).await.expect("v2");
+    assert!(v2.desired.single_writer());
+    let surge = Strategy::Rolling { max_surge: 1, max_unavailable: 0 };
+    let mut update = Deployment::new(Some(1), 2, 1, surge, gates(), v2.desired.single_writer(), wall_clock_ms()).expect("deployment");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !update.phase().is_terminal() {
+        assert!(Instant::now() < deadline, "stuck at {:?}", update.phase());
+        store.advance(&mut update, "kv", "store", wall_clock_ms()).await.expect("advance");
+        agent_a.sync().await.expect("sync");
+        let running = _guard_a.containers().len();
+        assert!(running <= 1, "{running} containers share a single-writer volume");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(update.phase(), &Phase::Succeeded);
+    sync_until_running(&agent_a, &store, &node_a, 1).await;
+    assert_eq!(read_stateful(&store, &node_a, "/first").await, "v1\n", "the data outlived the update");
+    assert_eq!(read_stateful(&store, &node_a, "/current").await, "v2\n");
+
+    // Move it to node B: stop it, pull the volume over HTTP into B's volume root, re-home
+    // it, and the next placement puts the service on B with its data.
+    let root_b = tempfile::tempdir().expect("node b volume root");
+    let volumes_b = Arc::new(LocalVolumes::new(root_b.path()).expect("root"));
+    let member_b = store.join(&node(&node_b, 25_000), Duration::from_secs(30)).await.expect("join b");
+    let agent_b = NodeAgent::new(node_b.clone(), store.clone(), driver.clone(), None, "127.0.0.1")
+        .with_stop_grace(Duration::from_secs(1))
+        .with_volumes(volumes_b.clone());
+    let view = store.view().await.expect("view");
+    let mut stop = view.plan();
+    for a in &view.allocations {
+        stop.put(AllocRecord { status: AllocStatus::Stopping, ..a.clone() });
+    }
+    store.commit(&stop).await.expect("stop");
+    agent_a.sync().await.expect("sync stops");
+    assert!(store.allocations_on(&node_a).await.expect("allocs").is_empty());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let source = listener.local_addr().expect("addr");
+    let served: Arc<dyn VolumeManager> = docker_volumes.clone();
+    let server = tokio::spawn(serve_volumes(listener, served, std::future::pending()));
+    fetch_volume(source, &volume, volumes_b.as_ref()).await.expect("pull the volume to B");
+    server.abort();
+    store
+        .rehome_volume(&HostVolume { name: volume.clone(), node: node_b.clone(), access: VolumeAccess::SingleWriter })
+        .await
+        .expect("rehome");
+    let placed = store.reschedule(std::slice::from_ref(&v2.desired)).await.expect("place on b");
+    assert_eq!(placed.placed.iter().map(|a| a.node.as_str()).collect::<Vec<_>>(), [node_b.as_str()]);
+    sync_until_running(&agent_b, &store, &node_b, 1).await;
+    assert_eq!(read_stateful(&store, &node_b, "/first").await, "v1\n", "the data moved with the service");
+    assert_eq!(read_stateful(&store, &node_b, "/current").await, "v2\n");
+
+    // Scaled to zero on B; then nothing of the test is left on either node.
+    let view = store.view().await.expect("view");
+    let mut stop = view.plan();
+    for a in &view.allocations {
+        stop.put(AllocRecord { status: AllocStatus::Stopping, ..a.clone() });
+    }
+    store.commit(&stop).await.expect("stop");
+    agent_b.sync().await.expect("sync stops");
+    assert!(_guard_a.containers().is_empty() && _guard_b.containers().is_empty());
+    docker_volumes.remove(&volume).await.expect("remove the old copy");
+    drop((member_a, member_b));
 }

@@ -42,8 +42,7 @@ fn main() -> ExitCode {
             group: format!("group-{}", g % 4),
             version: 1,
             count: PER_GROUP as u32,
-            resources: Default::default(),
-            ports: 0,
+            ..DesiredGroup::default()
         })
         .collect();
     let mut allocs = Vec::with_capacity(args.allocs);
@@ -64,6 +63,7 @@ fn main() -> ExitCode {
                 status,
                 ports: Vec::new(),
                 since_ms: 0,
+                volumes: Vec::new(),
             });
         }
     }
