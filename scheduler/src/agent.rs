@@ -64,6 +64,9 @@ pub struct TaskTemplate {
     /// absolute path. The agent's [`VolumeManager`] supplies (or creates) the volume.
     #[serde(default)]
     pub mounts: BTreeMap<String, std::path::PathBuf>,
+    /// Restart a failed task in place before the allocation counts as failed.
+    #[serde(default)]
+    pub restart: Option<crate::driver::RestartPolicy>,
 }
 
 /// A service offered by each allocation of a group, on the allocation's first host port.
@@ -193,6 +196,7 @@ impl NodeAgent {
             image: spec.task.image.clone(),
             env: spec.task.env.clone(),
             limits: spec.task.limits,
+            restart: spec.task.restart,
             ports,
             mounts: self.mounts(alloc, spec).await?,
             ..TaskSpec::new(alloc.id.clone(), spec.task.command.clone())

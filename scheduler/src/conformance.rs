@@ -12,7 +12,7 @@ use futures::StreamExt;
 
 use crate::{
     Allocation, ClusterSnapshot, Constraint, ConstraintOp, Dimension, Driver, Eligibility, Error, Job, Node, OutputStream, Plan, Resources,
-    Scheduler, TaskGroup, TaskSpec, TaskState, VolumeAccess, VolumeManager,
+    RestartPolicy, Scheduler, TaskGroup, TaskSpec, TaskState, VolumeAccess, VolumeManager,
 };
 
 fn unique(base: &str) -> String {
@@ -414,6 +414,56 @@ pub async fn driver_all(d: &dyn Driver, shell: ShellSpec<'_>) {
     driver_stop_sends_term_first(d, shell).await;
     driver_stop_kills_after_grace(d, shell).await;
     driver_rejects_bad_and_duplicate_tasks(d, shell).await;
+    driver_restarts_failed_tasks_under_their_policy(d, shell).await;
+}
+
+/// A failing task is restarted in place up to its policy's limit, then stays exited with
+/// its last exit code; a task that succeeds is not restarted; `stop` during a restart
+/// backoff ends the task for good.
+pub async fn driver_restarts_failed_tasks_under_their_policy(d: &dyn Driver, shell: ShellSpec<'_>) {
+    let policy = RestartPolicy { max_restarts: 2, initial_backoff: Duration::from_millis(100), max_backoff: Duration::from_millis(400) };
+    let id = unique("restart");
+    d.start(TaskSpec { restart: Some(policy), ..shell(&id, "echo run; exit 3") }).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let s = d.inspect(&id).await.unwrap();
+        if s.state.is_exited() && s.restarts == 2 {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "not restarted twice then left exited: {s:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.state, TaskState::Exited { code: Some(3), signal: None });
+    let runs = tokio::time::timeout(
+        Duration::from_secs(10),
+        d.output(&id).await.unwrap().filter(|l| futures::future::ready(l.line == "run")).count(),
+    )
+    .await
+    .expect("output ends");
+    assert_eq!(runs, 3, "the first run and two restarts");
+    d.remove(&id).await.unwrap();
+
+    let ok = unique("restart-ok");
+    d.start(TaskSpec { restart: Some(policy), ..shell(&ok, "exit 0") }).await.unwrap();
+    assert_eq!(wait_exit(d, &ok).await, TaskState::Exited { code: Some(0), signal: None });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(d.inspect(&ok).await.unwrap().restarts, 0, "success is not a failure");
+    d.remove(&ok).await.unwrap();
+
+    let slow = unique("restart-stop");
+    let patient = RestartPolicy { max_restarts: 5, initial_backoff: Duration::from_secs(3), max_backoff: Duration::from_secs(3) };
+    d.start(TaskSpec { restart: Some(patient), ..shell(&slow, "echo up; sleep 0.3; exit 1") }).await.unwrap();
+    // Let the first run fail, so the stop lands in (or right before) the backoff.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let asked = Instant::now();
+    let stopped = d.stop(&slow, Duration::from_secs(1)).await.unwrap();
+    assert!(stopped.state.is_exited(), "{stopped:?}");
+    assert!(asked.elapsed() < Duration::from_secs(3), "stop waited out the backoff");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let later = d.inspect(&slow).await.unwrap();
+    // (Docker restarts with its own 100 ms backoff, so a restart may precede the stop.)
+    assert!(later.state.is_exited() && later.restarts == stopped.restarts, "restarted after stop: {later:?}");
+    d.remove(&slow).await.unwrap();
 }
 
 /// Stdout and stderr lines arrive tagged; the exit code is reported.

@@ -16,7 +16,7 @@ use bollard::container::{
     StopContainerOptions,
 };
 use bollard::image::CreateImageOptions;
-use bollard::models::{HostConfig, PortBinding};
+use bollard::models::{HostConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum};
 use bollard::Docker;
 use futures::{StreamExt, TryStreamExt};
 
@@ -155,6 +155,12 @@ impl DockerDriver {
             port_bindings: (!bindings.is_empty()).then_some(bindings),
             binds: (!binds.is_empty()).then_some(binds),
             network_mode: spec.network.clone(),
+            // The engine restarts on failure with its own backoff (100 ms doubling);
+            // the count is what the policy allows.
+            restart_policy: spec.restart.map(|r| RestartPolicy {
+                name: Some(RestartPolicyNameEnum::ON_FAILURE),
+                maximum_retry_count: Some(i64::from(r.max_restarts)),
+            }),
             ..Default::default()
         };
         Config {
@@ -188,7 +194,8 @@ impl DockerDriver {
             .and_then(|t| humantime::parse_rfc3339_weak(t.trim_end_matches('Z')).ok())
             .unwrap_or(SystemTime::UNIX_EPOCH);
         let labels: BTreeMap<String, String> = info.config.and_then(|c| c.labels).unwrap_or_default().into_iter().collect();
-        Ok(TaskStatus { id: id.to_owned(), state: task_state, labels, started_at })
+        let restarts = info.restart_count.and_then(|n| u32::try_from(n).ok()).unwrap_or(0);
+        Ok(TaskStatus { id: id.to_owned(), state: task_state, labels, started_at, restarts })
     }
 
     async fn remove_container(&self, id: &str) -> Result<()> {

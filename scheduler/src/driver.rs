@@ -43,6 +43,36 @@ pub struct TaskSpec {
     /// A named network to attach to (Docker: a network created beforehand).
     #[serde(default)]
     pub network: Option<String>,
+    /// Restart the task on the node when it fails (none: a failed task stays exited and
+    /// the scheduler replaces it).
+    #[serde(default)]
+    pub restart: Option<RestartPolicy>,
+}
+
+/// Restarts of a failed task in place: after a non-zero exit or a signal (never after
+/// exit 0 or a `stop`), wait, then run it again, the wait doubling from `initial_backoff`
+/// up to `max_backoff`, at most `max_restarts` times. While it waits the task reports
+/// `Running` (as Docker reports a restarting container) and [`TaskStatus::restarts`]
+/// counts the restarts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestartPolicy {
+    /// Restarts allowed before the task is left exited.
+    pub max_restarts: u32,
+    /// The first wait.
+    #[serde(with = "crate::strategy::humantime_serde_compat")]
+    pub initial_backoff: Duration,
+    /// The longest wait.
+    #[serde(with = "crate::strategy::humantime_serde_compat")]
+    pub max_backoff: Duration,
+}
+
+impl RestartPolicy {
+    /// The wait before restart number `n` (0-based): doubling, capped.
+    pub fn backoff(&self, n: u32) -> Duration {
+        let factor = 1u32.checked_shl(n.min(31)).unwrap_or(u32::MAX);
+        self.initial_backoff.saturating_mul(factor).min(self.max_backoff)
+    }
 }
 
 /// CPU and memory limits of a task.
@@ -188,8 +218,11 @@ pub struct TaskStatus {
     pub state: TaskState,
     /// Labels given at start.
     pub labels: BTreeMap<String, String>,
-    /// When it started.
+    /// When it started (its latest run, after a restart).
     pub started_at: SystemTime,
+    /// Restarts in place so far (see [`RestartPolicy`]).
+    #[serde(default)]
+    pub restarts: u32,
 }
 
 /// Which output stream a line came from.

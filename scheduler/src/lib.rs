@@ -66,6 +66,7 @@ mod model;
 mod oneoff;
 mod placement;
 mod process;
+mod process_record;
 mod rebalance;
 mod reconcile;
 mod state;
@@ -85,8 +86,8 @@ pub use docker::{DockerDriver, MANAGED_LABEL, TASK_LABEL};
 #[cfg(feature = "docker")]
 pub use docker_volumes::DockerVolumes;
 pub use driver::{
-    Driver, DriverCapabilities, Limits, MountSource, MountSpec, Output, OutputLine, OutputStream, PortMapping, TaskSpec, TaskState,
-    TaskStatus,
+    Driver, DriverCapabilities, Limits, MountSource, MountSpec, Output, OutputLine, OutputStream, PortMapping, RestartPolicy, TaskSpec,
+    TaskState, TaskStatus,
 };
 pub use engine::{EngineConfig, PREEMPTION_GAP};
 pub use error::{validate_id, Dimension, Error, Result};

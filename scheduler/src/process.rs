@@ -1,11 +1,24 @@
 //! `ProcessDriver`: runs tasks as local processes, each in its own process group.
 //!
 //! Signals go to the whole group, so a task's children stop with it; after the leader
-//! exits, the group gets a SIGKILL too, so nothing it started outlives it. Dropping the
-//! driver kills every group it still runs.
+//! exits, the group gets a SIGKILL too, so nothing it started outlives it. A supervisor
+//! per task restarts it after a failure when its spec has a [`RestartPolicy`], with a
+//! doubling backoff.
+//!
+//! Two modes:
+//! - [`ProcessDriver::new`]: tasks belong to the driver; output goes through pipes, and
+//!   dropping the driver kills every group it still runs.
+//! - [`ProcessDriver::persistent`]: tasks outlive the driver (an agent restart). Each
+//!   task's spec, pid and start time are recorded in a state directory and its output
+//!   appended to files there; a driver started on the same directory adopts the tasks
+//!   still running (the same process, checked by start time, never a reused pid), and
+//!   applies their restart policy to those that ended meanwhile. The exit code of an
+//!   adopted process is unknowable (it is not our child): it exits with `code: None`.
 
 use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -15,43 +28,115 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::{broadcast, watch};
+use tokio::task::JoinHandle;
 use tokio_stream::wrappers::BroadcastStream;
 
 use crate::driver::{Driver, DriverCapabilities, Output, OutputLine, OutputStream, TaskSpec, TaskState, TaskStatus};
 use crate::error::{Error, Result};
+use crate::process_record::{start_ticks, still_running, StateDir, TaskRecord};
 
 const BACKEND: &str = "process";
 
 /// Lines of output kept per task for late readers.
 pub const OUTPUT_TAIL: usize = 1000;
 
+/// How often an adopted process (not our child: no exit notification) is checked.
+const ADOPTED_POLL: Duration = Duration::from_millis(200);
+/// How often output files are read for new lines.
+const TAIL_POLL: Duration = Duration::from_millis(100);
+
 /// Runs tasks as local child processes.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ProcessDriver {
     tasks: Mutex<HashMap<String, Arc<Task>>>,
+    state_dir: Option<StateDir>,
+    /// Set when a persistent driver is dropped: supervisors let go of their processes,
+    /// which keep running for the next driver to adopt.
+    detached: watch::Sender<bool>,
+}
+
+impl Default for ProcessDriver {
+    fn default() -> Self {
+        ProcessDriver { tasks: Mutex::new(HashMap::new()), state_dir: None, detached: watch::channel(false).0 }
+    }
 }
 
 #[derive(Debug)]
 struct Task {
-    pgid: i32,
+    pgid: AtomicI32,
     labels: std::collections::BTreeMap<String, String>,
-    started_at: SystemTime,
+    started_at: Mutex<SystemTime>,
+    restarts: AtomicU32,
     state: watch::Receiver<TaskState>,
+    /// Set by `stop`: the supervisor restarts nothing after it.
+    stopping: watch::Sender<bool>,
     output: Mutex<OutputBuffer>,
+    /// Output readers (pipes of the current run, or file tails), awaited at the end.
+    pumps: Mutex<Vec<JoinHandle<()>>>,
 }
 
 #[derive(Debug)]
 struct OutputBuffer {
     tail: VecDeque<OutputLine>,
-    /// `None` once both streams reached EOF: readers then see the stream end.
+    /// `None` once the task has ended for good and its output is read: readers then see
+    /// the stream end.
     live: Option<broadcast::Sender<OutputLine>>,
-    open_streams: u8,
+}
+
+/// One run of a task's process.
+enum Run {
+    /// Started by this driver.
+    Child(tokio::process::Child),
+    /// Found running by a persistent driver.
+    Adopted { pid: i32, ticks: u64 },
+}
+
+impl Run {
+    async fn wait(&mut self) -> TaskState {
+        match self {
+            Run::Child(child) => match child.wait().await {
+                Ok(s) => {
+                    use std::os::unix::process::ExitStatusExt;
+                    TaskState::Exited { code: s.code(), signal: s.signal() }
+                }
+                Err(_) => TaskState::Exited { code: None, signal: None },
+            },
+            Run::Adopted { pid, ticks } => {
+                while still_running(*pid, *ticks) {
+                    tokio::time::sleep(ADOPTED_POLL).await;
+                }
+                TaskState::Exited { code: None, signal: None }
+            }
+        }
+    }
 }
 
 impl ProcessDriver {
-    /// A driver with no tasks.
+    /// A driver with no tasks, owning the tasks it starts.
     pub fn new() -> Self {
         ProcessDriver::default()
+    }
+
+    /// A driver whose tasks outlive it, recorded in `state_dir`; adopts the tasks a
+    /// previous driver on the same directory left running (see the module docs).
+    pub async fn persistent(state_dir: impl Into<PathBuf>) -> Result<Self> {
+        let dir = StateDir::new(state_dir.into())?;
+        let driver = ProcessDriver { tasks: Mutex::new(HashMap::new()), state_dir: Some(dir.clone()), detached: watch::channel(false).0 };
+        for record in dir.load_all()? {
+            let id = record.spec.id.clone();
+            let alive = still_running(record.pid, record.start_ticks);
+            tracing::info!(task = %id, pid = record.pid, alive, ended = ?record.exit, "adopting a recorded task");
+            let (task, state_tx) = driver.new_task(&record.spec, record.pgid, record.started_at, record.restarts);
+            task.spawn_tails(&dir, &id);
+            match record.exit {
+                // Ended under the previous driver: its output stays readable.
+                Some(exit) => {
+                    tokio::spawn(async move { task.finish(&state_tx, exit).await });
+                }
+                None => driver.supervise((task, state_tx), record.spec, Run::Adopted { pid: record.pid, ticks: record.start_ticks }),
+            }
+        }
+        Ok(driver)
     }
 
     fn get(&self, id: &str) -> Result<Arc<Task>> {
@@ -61,16 +146,147 @@ impl ProcessDriver {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Task>>> {
         self.tasks.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Registers a task (running) and returns it with its state sender.
+    fn new_task(&self, spec: &TaskSpec, pgid: i32, started_at: SystemTime, restarts: u32) -> (Arc<Task>, watch::Sender<TaskState>) {
+        let (state_tx, state_rx) = watch::channel(TaskState::Running);
+        let (live, _) = broadcast::channel(1024);
+        let task = Arc::new(Task {
+            pgid: AtomicI32::new(pgid),
+            labels: spec.labels.clone(),
+            started_at: Mutex::new(started_at),
+            restarts: AtomicU32::new(restarts),
+            state: state_rx,
+            stopping: watch::channel(false).0,
+            output: Mutex::new(OutputBuffer { tail: VecDeque::new(), live: Some(live) }),
+            pumps: Mutex::new(Vec::new()),
+        });
+        self.lock().insert(spec.id.clone(), task.clone());
+        (task, state_tx)
+    }
+}
+
+/// Starts one run of `spec`: the child and its group id; output to pipes, or appended to
+/// files in the state directory of a persistent driver.
+fn spawn_run(spec: &TaskSpec, state_dir: Option<&StateDir>) -> Result<(tokio::process::Child, i32)> {
+    let mut cmd = tokio::process::Command::new(&spec.command[0]);
+    cmd.args(&spec.command[1..]).envs(&spec.env).stdin(Stdio::null()).process_group(0);
+    match state_dir {
+        None => {
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+        }
+        Some(dir) => {
+            // Files, not pipes: a pipe's reader dies with the agent, and the task's
+            // next write would then fail (SIGPIPE); a file outlives both.
+            let open = |stream: &str| {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.output_path(&spec.id, stream))
+                    .map_err(|e| Error::Backend { backend: BACKEND, source: Box::new(e) })
+            };
+            cmd.stdout(open("stdout")?).stderr(open("stderr")?);
+        }
+    }
+    if let Some(dir) = &spec.working_dir {
+        cmd.current_dir(dir);
+    }
+    let child = cmd.spawn().map_err(|e| Error::invalid("command", &spec.command[0], format!("task {:?} could not start: {e}", spec.id)))?;
+    let pgid = child
+        .id()
+        .and_then(|p| i32::try_from(p).ok())
+        .ok_or_else(|| Error::Backend { backend: BACKEND, source: "child has no pid".into() })?;
+    Ok((child, pgid))
+}
+
+/// Records a run of a persistent task (what the next driver adopts), and its end.
+fn record_run(state_dir: Option<&StateDir>, spec: &TaskSpec, task: &Task, pid: i32, exit: Option<TaskState>) {
+    let Some(dir) = state_dir else { return };
+    let record = TaskRecord {
+        spec: spec.clone(),
+        pid,
+        pgid: task.pgid.load(Ordering::SeqCst),
+        start_ticks: start_ticks(pid).unwrap_or_default(),
+        started_at: *task.started_at.lock().unwrap_or_else(|p| p.into_inner()),
+        restarts: task.restarts.load(Ordering::SeqCst),
+        exit,
+    };
+    if let Err(e) = dir.save(&record) {
+        // The task runs; only adoption after a restart is lost.
+        tracing::warn!(task = %spec.id, error = %e, "recording a task");
+    }
+}
+
+impl ProcessDriver {
+    /// Watches a task's runs until it ends for good: restarts it under its policy, and
+    /// lets go when a persistent driver is dropped.
+    fn supervise(&self, (task, state_tx): (Arc<Task>, watch::Sender<TaskState>), spec: TaskSpec, mut run: Run) {
+        let mut detached = self.detached.subscribe();
+        let state_dir = self.state_dir.clone();
+        tokio::spawn(async move {
+            loop {
+                let exit = tokio::select! {
+                    exit = run.wait() => exit,
+                    () = until_set(&mut detached) => return,
+                };
+                // Whatever the leader left in its group goes with it.
+                task.signal(Signal::SIGKILL);
+                let restarts = task.restarts.load(Ordering::SeqCst);
+                let failed = !matches!(exit, TaskState::Exited { code: Some(0), .. });
+                let policy = spec.restart.filter(|p| failed && restarts < p.max_restarts && !*task.stopping.borrow());
+                let Some(policy) = policy else {
+                    tracing::debug!(task = %spec.id, ?exit, "task exited");
+                    record_run(state_dir.as_ref(), &spec, &task, task.pgid.load(Ordering::SeqCst), Some(exit));
+                    task.finish(&state_tx, exit).await;
+                    return;
+                };
+                let wait = policy.backoff(restarts);
+                tracing::info!(task = %spec.id, ?exit, ?wait, restart = restarts + 1, "task failed; restarting after a backoff");
+                let mut stopping = task.stopping.subscribe();
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = until_set(&mut stopping) => {
+                        record_run(state_dir.as_ref(), &spec, &task, task.pgid.load(Ordering::SeqCst), Some(exit));
+                        task.finish(&state_tx, exit).await;
+                        return;
+                    }
+                    () = until_set(&mut detached) => return,
+                }
+                match spawn_run(&spec, state_dir.as_ref()) {
+                    Ok((mut child, pgid)) => {
+                        task.pgid.store(pgid, Ordering::SeqCst);
+                        task.restarts.fetch_add(1, Ordering::SeqCst);
+                        *task.started_at.lock().unwrap_or_else(|p| p.into_inner()) = SystemTime::now();
+                        task.pump_pipes(&mut child);
+                        record_run(state_dir.as_ref(), &spec, &task, pgid, None);
+                        run = Run::Child(child);
+                    }
+                    Err(e) => {
+                        tracing::warn!(task = %spec.id, error = %e, "restart failed; the task stays exited");
+                        record_run(state_dir.as_ref(), &spec, &task, task.pgid.load(Ordering::SeqCst), Some(exit));
+                        task.finish(&state_tx, exit).await;
+                        return;
+                    }
+                }
+            }
+        });
+    }
 }
 
 impl Task {
     fn status(&self, id: &str) -> TaskStatus {
-        TaskStatus { id: id.to_owned(), state: *self.state.borrow(), labels: self.labels.clone(), started_at: self.started_at }
+        TaskStatus {
+            id: id.to_owned(),
+            state: *self.state.borrow(),
+            labels: self.labels.clone(),
+            started_at: *self.started_at.lock().unwrap_or_else(|p| p.into_inner()),
+            restarts: self.restarts.load(Ordering::SeqCst),
+        }
     }
 
     fn signal(&self, sig: Signal) {
         // ESRCH (group already gone) is the normal end of the story, not an error.
-        let _ = killpg(Pid::from_raw(self.pgid), sig);
+        let _ = killpg(Pid::from_raw(self.pgid.load(Ordering::SeqCst)), sig);
     }
 
     async fn wait_exit(&self, limit: Duration) -> bool {
@@ -78,9 +294,57 @@ impl Task {
         let exited = tokio::time::timeout(limit, rx.wait_for(|s| s.is_exited())).await.is_ok();
         exited
     }
+
+    /// The end: the final state, then the rest of the output, then readers see the end.
+    async fn finish(&self, state_tx: &watch::Sender<TaskState>, exit: TaskState) {
+        let _ = state_tx.send(exit);
+        let pumps: Vec<JoinHandle<()>> = std::mem::take(&mut *self.pumps.lock().unwrap_or_else(|p| p.into_inner()));
+        for pump in pumps {
+            // A grandchild that left the group may hold a pipe open: do not wait forever.
+            let _ = tokio::time::timeout(Duration::from_secs(2), pump).await;
+        }
+        self.output.lock().unwrap_or_else(|p| p.into_inner()).live = None;
+    }
+
+    fn record_line(&self, stream: OutputStream, bytes: &[u8]) {
+        let text = String::from_utf8_lossy(bytes);
+        let line = OutputLine { stream, line: text.trim_end_matches(['\n', '\r']).to_owned(), timestamp: SystemTime::now() };
+        let mut out = self.output.lock().unwrap_or_else(|p| p.into_inner());
+        if out.tail.len() == OUTPUT_TAIL {
+            out.tail.pop_front();
+        }
+        out.tail.push_back(line.clone());
+        if let Some(live) = &out.live {
+            let _ = live.send(line);
+        }
+    }
+
+    /// Reads the pipes of a run started with pipes (non-persistent drivers).
+    fn pump_pipes(self: &Arc<Self>, child: &mut tokio::process::Child) {
+        let mut handles = Vec::new();
+        if let Some(out) = child.stdout.take() {
+            handles.push(pump(self.clone(), OutputStream::Stdout, out));
+        }
+        if let Some(err) = child.stderr.take() {
+            handles.push(pump(self.clone(), OutputStream::Stderr, err));
+        }
+        self.pumps.lock().unwrap_or_else(|p| p.into_inner()).extend(handles);
+    }
+
+    /// Follows a persistent task's output files until it has ended and they are read.
+    fn spawn_tails(self: &Arc<Self>, dir: &StateDir, id: &str) {
+        let handles = [(OutputStream::Stdout, "stdout"), (OutputStream::Stderr, "stderr")]
+            .map(|(stream, name)| tokio::spawn(tail(self.clone(), stream, dir.output_path(id, name))));
+        self.pumps.lock().unwrap_or_else(|p| p.into_inner()).extend(handles);
+    }
 }
 
-fn pump(task: Arc<Task>, stream: OutputStream, reader: impl AsyncRead + Unpin + Send + 'static) {
+/// Returns once the flag is set (or its sender is gone); holds no borrow across awaits.
+async fn until_set(flag: &mut watch::Receiver<bool>) {
+    let _ = flag.wait_for(|set| *set).await;
+}
+
+fn pump(task: Arc<Task>, stream: OutputStream, reader: impl AsyncRead + Unpin + Send + 'static) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut reader = BufReader::new(reader);
         let mut buf = Vec::new();
@@ -88,26 +352,40 @@ fn pump(task: Arc<Task>, stream: OutputStream, reader: impl AsyncRead + Unpin + 
             buf.clear();
             match reader.read_until(b'\n', &mut buf).await {
                 Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    let text = String::from_utf8_lossy(&buf);
-                    let line = OutputLine { stream, line: text.trim_end_matches(['\n', '\r']).to_owned(), timestamp: SystemTime::now() };
-                    let mut out = task.output.lock().unwrap_or_else(|p| p.into_inner());
-                    if out.tail.len() == OUTPUT_TAIL {
-                        out.tail.pop_front();
-                    }
-                    out.tail.push_back(line.clone());
-                    if let Some(live) = &out.live {
-                        let _ = live.send(line);
-                    }
-                }
+                Ok(_) => task.record_line(stream, &buf),
             }
         }
-        let mut out = task.output.lock().unwrap_or_else(|p| p.into_inner());
-        out.open_streams -= 1;
-        if out.open_streams == 0 {
-            out.live = None;
+    })
+}
+
+async fn tail(task: Arc<Task>, stream: OutputStream, path: PathBuf) {
+    let mut reader = loop {
+        match tokio::fs::File::open(&path).await {
+            Ok(f) => break BufReader::new(f),
+            Err(_) if !task.state.borrow().is_exited() => tokio::time::sleep(TAIL_POLL).await,
+            Err(_) => return,
         }
-    });
+    };
+    let mut buf = Vec::new();
+    loop {
+        // Read the exit state before reading: an exit seen before an EOF means nothing
+        // more will be written after that EOF.
+        let ended = task.state.borrow().is_exited();
+        match reader.read_until(b'\n', &mut buf).await {
+            Ok(0) if ended => break,
+            Ok(0) => tokio::time::sleep(TAIL_POLL).await,
+            // A partial last line waits for its newline (or the end).
+            Ok(_) if !buf.ends_with(b"\n") && !ended => {}
+            Ok(_) => {
+                task.record_line(stream, &buf);
+                buf.clear();
+            }
+            Err(_) => break,
+        }
+    }
+    if !buf.is_empty() {
+        task.record_line(stream, &buf);
+    }
 }
 
 #[async_trait]
@@ -131,62 +409,26 @@ impl Driver for ProcessDriver {
                 return Err(Error::Conflict { kind: "task", name: spec.id });
             }
         }
-        let mut cmd = tokio::process::Command::new(&spec.command[0]);
-        cmd.args(&spec.command[1..])
-            .envs(&spec.env)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true);
-        if let Some(dir) = &spec.working_dir {
-            cmd.current_dir(dir);
+        if let Some(dir) = &self.state_dir {
+            // A new task of a reused id starts with fresh output.
+            dir.forget(&spec.id);
         }
-        let mut child =
-            cmd.spawn().map_err(|e| Error::invalid("command", &spec.command[0], format!("task {:?} could not start: {e}", spec.id)))?;
-        let pgid = child
-            .id()
-            .and_then(|p| i32::try_from(p).ok())
-            .ok_or_else(|| Error::Backend { backend: BACKEND, source: "child has no pid".into() })?;
-        let (state_tx, state_rx) = watch::channel(TaskState::Running);
-        let (live, _) = broadcast::channel(1024);
-        let task = Arc::new(Task {
-            pgid,
-            labels: spec.labels.clone(),
-            started_at: SystemTime::now(),
-            state: state_rx,
-            output: Mutex::new(OutputBuffer { tail: VecDeque::new(), live: Some(live), open_streams: 2 }),
-        });
-        if let Some(out) = child.stdout.take() {
-            pump(task.clone(), OutputStream::Stdout, out);
+        let (mut child, pgid) = spawn_run(&spec, self.state_dir.as_ref())?;
+        let (task, state_tx) = self.new_task(&spec, pgid, SystemTime::now(), 0);
+        match &self.state_dir {
+            None => task.pump_pipes(&mut child),
+            Some(dir) => task.spawn_tails(dir, &spec.id),
         }
-        if let Some(err) = child.stderr.take() {
-            pump(task.clone(), OutputStream::Stderr, err);
-        }
-        let reaper = task.clone();
-        let id = spec.id.clone();
-        tokio::spawn(async move {
-            let status = child.wait().await;
-            // Whatever the leader left in its group goes with it.
-            reaper.signal(Signal::SIGKILL);
-            let state = match status {
-                Ok(s) => {
-                    use std::os::unix::process::ExitStatusExt;
-                    TaskState::Exited { code: s.code(), signal: s.signal() }
-                }
-                Err(_) => TaskState::Exited { code: None, signal: None },
-            };
-            tracing::debug!(task = %id, ?state, "task exited");
-            let _ = state_tx.send(state);
-        });
+        record_run(self.state_dir.as_ref(), &spec, &task, pgid, None);
         tracing::info!(task = %spec.id, pgid, program = %spec.command[0], "task started");
         let status = task.status(&spec.id);
-        self.lock().insert(spec.id, task);
+        self.supervise((task, state_tx), spec, Run::Child(child));
         Ok(status)
     }
 
     async fn stop(&self, id: &str, grace: Duration) -> Result<TaskStatus> {
         let task = self.get(id)?;
+        task.stopping.send_replace(true);
         if !task.state.borrow().is_exited() {
             task.signal(Signal::SIGTERM);
             if !task.wait_exit(grace).await {
@@ -230,6 +472,9 @@ impl Driver for ProcessDriver {
             Some(t) if !t.state.borrow().is_exited() => Err(Error::Conflict { kind: "running task", name: id.to_owned() }),
             Some(_) => {
                 tasks.remove(id);
+                if let Some(dir) = &self.state_dir {
+                    dir.forget(id);
+                }
                 Ok(())
             }
         }
@@ -238,6 +483,11 @@ impl Driver for ProcessDriver {
 
 impl Drop for ProcessDriver {
     fn drop(&mut self) {
+        if self.state_dir.is_some() {
+            // Persistent: the tasks run on, for the next driver to adopt.
+            self.detached.send_replace(true);
+            return;
+        }
         for task in self.lock().values() {
             if !task.state.borrow().is_exited() {
                 task.signal(Signal::SIGKILL);

@@ -133,7 +133,7 @@ impl Strategy {
 }
 
 /// Durations in files as humantime text (`"30s"`, `"5m"`).
-mod humantime_serde_compat {
+pub(crate) mod humantime_serde_compat {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer, Serializer};

@@ -16,6 +16,12 @@ async fn process_driver_passes_driver_conformance() {
     conformance::driver_all(&ProcessDriver::new(), &sh).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_process_driver_passes_driver_conformance() {
+    let dir = tempfile::tempdir().expect("state dir");
+    conformance::driver_all(&ProcessDriver::persistent(dir.path()).await.expect("driver"), &sh).await;
+}
+
 #[tokio::test]
 async fn local_volumes_pass_volume_conformance() {
     let dir = tempfile::tempdir().expect("tempdir");

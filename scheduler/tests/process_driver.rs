@@ -1,9 +1,11 @@
-//! ProcessDriver behaviour beyond the shared contract: process groups leave no orphans.
+//! ProcessDriver behaviour beyond the shared contract: process groups leave no orphans;
+//! a persistent driver adopts the tasks a previous one left running (never a second copy)
+//! and restarts, under their policy, those that died while no driver watched.
 
 use std::time::Duration;
 
 use futures::StreamExt;
-use keelson_scheduler::{Driver, Error, ProcessDriver, TaskSpec, TaskState};
+use keelson_scheduler::{Driver, Error, ProcessDriver, RestartPolicy, TaskSpec, TaskState};
 
 fn alive(pid: i32) -> bool {
     // /proc/<pid> exists for live processes and zombies; a zombie's state is 'Z'.
@@ -62,4 +64,89 @@ async fn missing_program_is_a_typed_error_naming_it() {
     assert!(matches!(err, Error::InvalidInput { field: "command", .. }), "{err}");
     assert!(err.to_string().contains("/no/such/program"), "{err}");
     assert!(matches!(d.inspect("nope").await, Err(Error::NotFound { .. })), "nothing recorded");
+}
+
+/// Waits until `d` reports `id` with `want` true, or panics after 10 s.
+async fn until(d: &ProcessDriver, id: &str, want: impl Fn(&keelson_scheduler::TaskStatus) -> bool) -> keelson_scheduler::TaskStatus {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = d.inspect(id).await.expect("inspect");
+        if want(&s) {
+            return s;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{id} never got there: {s:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persistent_driver_adopts_running_tasks_after_a_restart_and_never_duplicates_them() {
+    let dir = tempfile::tempdir().expect("state dir");
+    let first = ProcessDriver::persistent(dir.path()).await.expect("driver");
+    // It writes all the time: with pipes it would die of SIGPIPE once its reader is gone.
+    let svc =
+        TaskSpec::new("svc", ["/bin/sh", "-c", "echo $$; while true; do echo tick; sleep 0.05; done"]).with_label("keelson.job", "web");
+    first.start(svc.clone()).await.expect("start");
+    let pid: i32 = first_line(&first, "svc").await.parse().expect("pid");
+    first.start(TaskSpec::new("done", ["/bin/sh", "-c", "echo bye; exit 4"])).await.expect("start");
+    until(&first, "done", |s| s.state.is_exited()).await;
+
+    drop(first); // the agent goes away
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(alive(pid), "the task outlives its driver (and keeps writing)");
+
+    let second = ProcessDriver::persistent(dir.path()).await.expect("driver");
+    let svc_status = second.inspect("svc").await.expect("adopted");
+    assert_eq!(svc_status.state, TaskState::Running);
+    assert_eq!(svc_status.labels.get("keelson.job").map(String::as_str), Some("web"));
+    assert_eq!(first_line(&second, "svc").await, pid.to_string(), "output from before the restart is kept");
+    let done = second.inspect("done").await.expect("ended task kept");
+    assert_eq!(done.state, TaskState::Exited { code: Some(4), signal: None }, "its exit code recorded");
+    assert!(matches!(second.start(svc).await, Err(Error::Conflict { .. })), "never a second one");
+
+    let stopped = second.stop("svc", Duration::from_secs(2)).await.expect("stop an adopted task");
+    assert!(stopped.state.is_exited());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!alive(pid), "stopped through the new driver");
+    second.remove("svc").await.expect("remove");
+    second.remove("done").await.expect("remove");
+    assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 0, "records and output files go with their tasks");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_that_died_while_no_driver_watched_is_restarted_under_its_policy() {
+    let dir = tempfile::tempdir().expect("state dir");
+    let first = ProcessDriver::persistent(dir.path()).await.expect("driver");
+    let policy = RestartPolicy { max_restarts: 3, initial_backoff: Duration::from_millis(100), max_backoff: Duration::from_secs(1) };
+    let spec = TaskSpec { restart: Some(policy), ..TaskSpec::new("worker", ["/bin/sh", "-c", "echo $$; while true; do sleep 0.1; done"]) };
+    first.start(spec).await.expect("start");
+    let pid: i32 = first_line(&first, "worker").await.parse().expect("pid");
+    drop(first);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).expect("kill the task");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let second = ProcessDriver::persistent(dir.path()).await.expect("driver");
+    let restarted = until(&second, "worker", |s| s.restarts == 1 && s.state == TaskState::Running).await;
+    assert_eq!(restarted.restarts, 1);
+    let mut out = second.output("worker").await.expect("output");
+    let mut pids = Vec::new();
+    while pids.len() < 2 {
+        let line = tokio::time::timeout(Duration::from_secs(10), out.next()).await.expect("in time").expect("line").line;
+        pids.push(line);
+    }
+    assert_eq!(pids[0], pid.to_string());
+    assert_ne!(pids[1], pid.to_string(), "a new process");
+    second.stop("worker", Duration::from_secs(2)).await.expect("stop");
+    second.remove("worker").await.expect("remove");
+}
+
+#[tokio::test]
+async fn a_restart_policy_backs_off_doubling_and_capped_and_a_bad_one_is_refused() {
+    let bad = serde_json::json!({"max_restarts": 3, "initial_backoff": "soon", "max_backoff": "1s"});
+    let err = serde_json::from_value::<RestartPolicy>(bad).expect_err("not a duration");
+    assert!(err.to_string().contains("expected number"), "humantime names the problem: {err}");
+    let p = RestartPolicy { max_restarts: 9, initial_backoff: Duration::from_millis(100), max_backoff: Duration::from_millis(350) };
+    let waits: Vec<Duration> = (0..4).map(|n| p.backoff(n)).collect();
+    assert_eq!(waits, [100, 200, 350, 350].map(Duration::from_millis), "doubling, capped");
+    assert_eq!(p.backoff(u32::MAX), Duration::from_millis(350), "no overflow");
 }
