@@ -23,7 +23,7 @@ use tokio::sync::Mutex;
 
 use crate::cluster_store::ClusterStore;
 use crate::deployment::Traffic;
-use crate::driver::{Driver, Limits, MountSpec, PortMapping, TaskSpec, TaskState};
+use crate::driver::{Driver, Limits, MountSpec, PortMapping, TaskHealth, TaskSpec, TaskState};
 use crate::error::{Error, Result};
 use crate::reconcile::{AllocRecord, AllocStatus, DesiredGroup};
 use crate::volumes::VolumeManager;
@@ -67,6 +67,10 @@ pub struct TaskTemplate {
     /// Restart a failed task in place before the allocation counts as failed.
     #[serde(default)]
     pub restart: Option<crate::driver::RestartPolicy>,
+    /// A check run inside the task (Docker health check); the allocation is healthy only
+    /// while it passes (and the service's probe, if any).
+    #[serde(default)]
+    pub health_check: Option<crate::driver::HealthCheck>,
 }
 
 /// A service offered by each allocation of a group, on the allocation's first host port.
@@ -197,6 +201,7 @@ impl NodeAgent {
             env: spec.task.env.clone(),
             limits: spec.task.limits,
             restart: spec.task.restart,
+            health_check: spec.task.health_check.clone(),
             ports,
             mounts: self.mounts(alloc, spec).await?,
             ..TaskSpec::new(alloc.id.clone(), spec.task.command.clone())
@@ -216,13 +221,13 @@ impl NodeAgent {
         let mut report = SyncReport::default();
         let assigned: HashMap<String, AllocRecord> =
             self.store.allocations_on(&self.node).await?.into_iter().map(|a| (a.id.clone(), a)).collect();
-        let running: HashMap<String, TaskState> = self
+        let running: HashMap<String, (TaskState, Option<TaskHealth>)> = self
             .driver
             .list()
             .await?
             .into_iter()
             .filter(|t| t.labels.get(NODE_LABEL) == Some(&self.node))
-            .map(|t| (t.id, t.state))
+            .map(|t| (t.id, (t.state, t.health)))
             .collect();
         let mut traffic: HashMap<(String, String), Traffic> = HashMap::new();
         // Registrations come first in a pass and deregistrations after, so a switch of
@@ -246,9 +251,12 @@ impl NodeAgent {
                         AllocStatus::Failed
                     }
                 },
-                Some(TaskState::Exited { .. }) => AllocStatus::Failed,
-                Some(TaskState::Running) => {
-                    if self.healthy(alloc, &spec).await {
+                Some((TaskState::Exited { .. }, _)) => AllocStatus::Failed,
+                Some((TaskState::Running, health)) => {
+                    // The task's own check (Docker HEALTHCHECK) and keelson's probe must
+                    // both pass, when there are both.
+                    let own = health.is_none_or(|h| h == TaskHealth::Healthy);
+                    if own && self.healthy(alloc, &spec).await {
                         AllocStatus::Running
                     } else {
                         AllocStatus::Pending

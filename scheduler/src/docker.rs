@@ -16,11 +16,13 @@ use bollard::container::{
     StopContainerOptions,
 };
 use bollard::image::CreateImageOptions;
-use bollard::models::{HostConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum};
+use bollard::models::{HealthConfig, HealthStatusEnum, HostConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum};
 use bollard::Docker;
 use futures::{StreamExt, TryStreamExt};
 
-use crate::driver::{Driver, DriverCapabilities, MountSource, Output, OutputLine, OutputStream, TaskSpec, TaskState, TaskStatus};
+use crate::driver::{
+    Driver, DriverCapabilities, MountSource, Output, OutputLine, OutputStream, TaskHealth, TaskSpec, TaskState, TaskStatus,
+};
 use crate::error::{validate_id, Error, Result};
 
 /// Label on every container keelson manages.
@@ -163,9 +165,20 @@ impl DockerDriver {
             }),
             ..Default::default()
         };
+        let nanos = |d: Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
+        let healthcheck = spec.health_check.as_ref().map(|h| HealthConfig {
+            test: Some(std::iter::once("CMD".to_owned()).chain(h.command.iter().cloned()).collect()),
+            interval: Some(nanos(h.interval)),
+            timeout: Some(nanos(h.timeout)),
+            retries: Some(i64::from(h.retries)),
+            // Checked from the start (interval), not after Docker's 30 s default.
+            start_interval: Some(nanos(h.interval)),
+            ..Default::default()
+        });
         Config {
             image: Some(image.to_owned()),
             cmd: Some(spec.command.clone()),
+            healthcheck,
             env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
             working_dir: spec.working_dir.as_ref().map(|p| p.display().to_string()),
             labels: Some(labels),
@@ -195,7 +208,13 @@ impl DockerDriver {
             .unwrap_or(SystemTime::UNIX_EPOCH);
         let labels: BTreeMap<String, String> = info.config.and_then(|c| c.labels).unwrap_or_default().into_iter().collect();
         let restarts = info.restart_count.and_then(|n| u32::try_from(n).ok()).unwrap_or(0);
-        Ok(TaskStatus { id: id.to_owned(), state: task_state, labels, started_at, restarts })
+        let health = state.health.and_then(|h| h.status).and_then(|s| match s {
+            HealthStatusEnum::STARTING => Some(TaskHealth::Starting),
+            HealthStatusEnum::HEALTHY => Some(TaskHealth::Healthy),
+            HealthStatusEnum::UNHEALTHY => Some(TaskHealth::Unhealthy),
+            HealthStatusEnum::NONE | HealthStatusEnum::EMPTY => None,
+        });
+        Ok(TaskStatus { id: id.to_owned(), state: task_state, labels, started_at, restarts, health })
     }
 
     async fn remove_container(&self, id: &str) -> Result<()> {

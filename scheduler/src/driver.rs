@@ -47,6 +47,37 @@ pub struct TaskSpec {
     /// the scheduler replaces it).
     #[serde(default)]
     pub restart: Option<RestartPolicy>,
+    /// A check the driver runs inside the task (Docker: the container's health check),
+    /// reported as [`TaskStatus::health`]. Drivers without one refuse it.
+    #[serde(default)]
+    pub health_check: Option<HealthCheck>,
+}
+
+/// A command run inside a task to tell whether it is healthy (exit 0: healthy).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    /// Program and arguments (run directly, no shell: use `sh -c` for one).
+    pub command: Vec<String>,
+    /// Time between checks.
+    #[serde(with = "crate::strategy::humantime_serde_compat")]
+    pub interval: Duration,
+    /// A check running longer fails.
+    #[serde(with = "crate::strategy::humantime_serde_compat")]
+    pub timeout: Duration,
+    /// Consecutive failures before the task is unhealthy.
+    pub retries: u32,
+}
+
+/// What a task's own health check says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskHealth {
+    /// Not passed yet.
+    Starting,
+    /// Passing.
+    Healthy,
+    /// Failed `retries` times in a row.
+    Unhealthy,
 }
 
 /// Restarts of a failed task in place: after a non-zero exit or a signal (never after
@@ -179,6 +210,18 @@ impl TaskSpec {
                 ));
             }
         }
+        if let Some(h) = &self.health_check {
+            if h.command.first().is_none_or(String::is_empty) {
+                return Err(Error::invalid("health check", "", format!("task {:?}: the check must name a program", self.id)));
+            }
+            if h.interval < Duration::from_millis(1) || h.timeout < Duration::from_millis(1) {
+                return Err(Error::invalid(
+                    "health check",
+                    format!("{:?}/{:?}", h.interval, h.timeout),
+                    "interval and timeout must be at least 1 ms",
+                ));
+            }
+        }
         if let Some(l) = self.limits {
             if l.memory_mb != 0 && l.memory_mb < 6 {
                 return Err(Error::invalid("memory_mb", l.memory_mb.to_string(), "at least 6 MiB (Docker's minimum), or 0 for no limit"));
@@ -223,6 +266,10 @@ pub struct TaskStatus {
     /// Restarts in place so far (see [`RestartPolicy`]).
     #[serde(default)]
     pub restarts: u32,
+    /// The task's own health check (Docker: a `HEALTHCHECK` of the image or
+    /// [`TaskSpec::health_check`]); `None` when it has none.
+    #[serde(default)]
+    pub health: Option<TaskHealth>,
 }
 
 /// Which output stream a line came from.

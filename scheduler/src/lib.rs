@@ -86,8 +86,8 @@ pub use docker::{DockerDriver, MANAGED_LABEL, TASK_LABEL};
 #[cfg(feature = "docker")]
 pub use docker_volumes::DockerVolumes;
 pub use driver::{
-    Driver, DriverCapabilities, Limits, MountSource, MountSpec, Output, OutputLine, OutputStream, PortMapping, RestartPolicy, TaskSpec,
-    TaskState, TaskStatus,
+    Driver, DriverCapabilities, HealthCheck, Limits, MountSource, MountSpec, Output, OutputLine, OutputStream, PortMapping, RestartPolicy,
+    TaskHealth, TaskSpec, TaskState, TaskStatus,
 };
 pub use engine::{EngineConfig, PREEMPTION_GAP};
 pub use error::{validate_id, Dimension, Error, Result};

@@ -281,6 +281,7 @@ impl Task {
             labels: self.labels.clone(),
             started_at: *self.started_at.lock().unwrap_or_else(|p| p.into_inner()),
             restarts: self.restarts.load(Ordering::SeqCst),
+            health: None,
         }
     }
 
@@ -401,8 +402,13 @@ impl Driver for ProcessDriver {
     async fn start(&self, spec: TaskSpec) -> Result<TaskStatus> {
         spec.validate()?;
         // Silently running without the isolation asked for would be worse than refusing.
-        if spec.limits.is_some() || !spec.ports.is_empty() || !spec.mounts.is_empty() || spec.network.is_some() {
-            return Err(Error::Unsupported { operation: "limits, published ports, mounts or networks", backend: "process" });
+        if spec.limits.is_some()
+            || !spec.ports.is_empty()
+            || !spec.mounts.is_empty()
+            || spec.network.is_some()
+            || spec.health_check.is_some()
+        {
+            return Err(Error::Unsupported { operation: "limits, published ports, mounts, networks or health checks", backend: "process" });
         }
         if let Some(existing) = self.lock().get(&spec.id) {
             if !existing.state.borrow().is_exited() {

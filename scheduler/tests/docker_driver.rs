@@ -10,7 +10,9 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use keelson_scheduler::{conformance, DockerDriver, Driver, Error, Limits, MountSource, MountSpec, PortMapping, TaskSpec, TaskState};
+use keelson_scheduler::{
+    conformance, DockerDriver, Driver, Error, HealthCheck, Limits, MountSource, MountSpec, PortMapping, TaskHealth, TaskSpec, TaskState,
+};
 
 /// Removes every container labelled with this guard's run id when dropped.
 struct Cleanup {
@@ -180,4 +182,48 @@ async fn bad_input_and_faults_are_typed_errors_that_leave_no_container_behind() 
     assert!(matches!(err, Error::Unavailable { .. } | Error::Timeout { .. }), "{err:?}");
     assert!(err.is_retryable());
     assert!(matches!(d.inspect("never-started").await, Err(Error::NotFound { .. })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_containers_health_check_is_reported_starting_then_healthy_or_unhealthy() {
+    let guard = Cleanup::new("health");
+    let image = image();
+    let d = driver().await;
+    let check = |file: &str| HealthCheck {
+        command: vec!["/bin/sh".into(), "-c".into(), format!("test -f {file}")],
+        interval: Duration::from_millis(200),
+        timeout: Duration::from_secs(1),
+        retries: 2,
+    };
+    // Ready after a second: starting, then healthy.
+    let ready = TaskSpec {
+        health_check: Some(check("/ready")),
+        ..sh(&guard.run, &image, "health-ok", "sleep 1; touch /ready; exec sleep 60")
+    };
+    assert_eq!(d.start(ready).await.expect("start").health, Some(TaskHealth::Starting));
+    // Never ready: unhealthy after its retries.
+    let never = TaskSpec { health_check: Some(check("/never")), ..sh(&guard.run, &image, "health-bad", "exec sleep 60") };
+    d.start(never).await.expect("start");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (ok, bad) = (d.inspect("health-ok").await.expect("ok"), d.inspect("health-bad").await.expect("bad"));
+        if ok.health == Some(TaskHealth::Healthy) && bad.health == Some(TaskHealth::Unhealthy) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{:?} / {:?}", ok.health, bad.health);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Without a check there is no health to report; a bad check is refused up front.
+    let plain = sh(&guard.run, &image, "health-none", "exec sleep 60");
+    assert_eq!(d.start(plain).await.expect("start").health, None);
+    let empty = TaskSpec {
+        health_check: Some(HealthCheck { command: Vec::new(), ..check("x") }),
+        ..sh(&guard.run, &image, "health-empty", "true")
+    };
+    assert!(matches!(d.start(empty).await, Err(Error::InvalidInput { field: "health check", .. })));
+    for id in ["health-ok", "health-bad", "health-none"] {
+        d.stop(id, Duration::from_secs(1)).await.expect("stop");
+        d.remove(id).await.expect("remove");
+    }
+    assert!(guard.containers().is_empty(), "nothing left, the refused one included");
 }
