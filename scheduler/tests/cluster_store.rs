@@ -199,3 +199,37 @@ async fn etcd_replaces_the_work_of_a_lost_node() {
     let (_etcd, kv) = etcd().await;
     a_lost_node_has_its_work_replaced_within_ttl_plus_2s(kv).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_down_is_a_retryable_typed_error_and_the_agent_leaves_running_work_alone() {
+    let (etcd, kv) = etcd().await;
+    let store = ClusterStore::new(kv, "test/down");
+    let _member = store.join(&Node::new("n1", Resources::new(4000, 4096)), Duration::from_secs(30)).await.expect("join");
+    let group = keelson_scheduler::GroupSpec {
+        desired: DesiredGroup { job: "batch".into(), group: "w".into(), version: 1, count: 1, resources: Resources::new(100, 16), ..DesiredGroup::default() },
+        task: keelson_scheduler::TaskTemplate {
+            command: vec!["/bin/sh".into(), "-c".into(), "while true; do sleep 0.1; done".into()],
+            ..Default::default()
+        },
+        service: None,
+    };
+    store.put_group(&group).await.expect("group");
+    store.reschedule(std::slice::from_ref(&group.desired)).await.expect("place");
+    let driver = Arc::new(keelson_scheduler::ProcessDriver::new());
+    let agent = keelson_scheduler::NodeAgent::new("n1", store.clone(), driver.clone(), None, "127.0.0.1");
+    let report = agent.sync().await.expect("sync");
+    assert_eq!(report.started.len(), 1);
+
+    drop(etcd); // the cluster store goes away
+    let began = Instant::now();
+    let err = store.view().await.expect_err("no etcd");
+    assert!(err.is_retryable(), "{err:?}");
+    assert!(matches!(err, Error::Unavailable { .. } | Error::Timeout { .. }), "{err:?}");
+    let err = agent.sync().await.expect_err("an agent pass cannot read its work");
+    assert!(err.is_retryable(), "{err:?}");
+    assert!(began.elapsed() < Duration::from_secs(30), "errors come in bounded time: {:?}", began.elapsed());
+    // Not knowing is not a reason to stop anything: the task runs on.
+    let tasks = keelson_scheduler::Driver::list(driver.as_ref()).await.expect("list");
+    assert_eq!(tasks.len(), 1);
+    assert_eq!(tasks[0].state, keelson_scheduler::TaskState::Running);
+}
