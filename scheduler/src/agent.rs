@@ -99,6 +99,8 @@ pub struct SyncReport {
     pub stopped: Vec<String>,
     /// Allocations whose status changed, with the new status.
     pub reported: Vec<(String, AllocStatus)>,
+    /// One-off runs that ended (their results are in the cluster store).
+    pub runs_finished: Vec<String>,
 }
 
 /// Runs one node's allocations.
@@ -226,7 +228,8 @@ impl NodeAgent {
             .list()
             .await?
             .into_iter()
-            .filter(|t| t.labels.get(NODE_LABEL) == Some(&self.node))
+            // One-off runs have their own loop (`runs`).
+            .filter(|t| t.labels.get(NODE_LABEL) == Some(&self.node) && !t.labels.contains_key(crate::runs::RUN_LABEL))
             .map(|t| (t.id, (t.state, t.health)))
             .collect();
         let mut traffic: HashMap<(String, String), Traffic> = HashMap::new();
@@ -315,6 +318,7 @@ impl NodeAgent {
         for id in unroute {
             self.deregister(&id).await;
         }
+        report.runs_finished = crate::runs::sync_runs(&self.store, self.driver.as_ref(), &self.node, self.stop_grace).await?;
         Ok(report)
     }
 

@@ -32,7 +32,7 @@ use crate::reconcile::{reconcile, AllocRecord, AllocStatus, DesiredGroup};
 
 const BACKEND: &str = "cluster store";
 
-fn kv_err(e: keelson_discovery::Error) -> Error {
+pub(crate) fn kv_err(e: keelson_discovery::Error) -> Error {
     match e {
         keelson_discovery::Error::Conflict { key, .. } => Error::Conflict { kind: "key", name: key },
         e if e.is_retryable() => Error::Unavailable { backend: BACKEND, reason: e.to_string() },
@@ -40,18 +40,18 @@ fn kv_err(e: keelson_discovery::Error) -> Error {
     }
 }
 
-fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T> {
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T> {
     serde_json::from_slice(bytes).map_err(|e| Error::Backend { backend: BACKEND, source: format!("{key}: {e}").into() })
 }
 
-fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>> {
+pub(crate) fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>> {
     serde_json::to_vec(value).map_err(|e| Error::Backend { backend: BACKEND, source: Box::new(e) })
 }
 
 /// Cluster state in a [`KeyValue`] store under one root.
 #[derive(Clone, Debug)]
 pub struct ClusterStore {
-    kv: Arc<dyn KeyValue>,
+    pub(crate) kv: Arc<dyn KeyValue>,
     root: String,
 }
 
@@ -91,7 +91,14 @@ impl ClusterView {
 
     /// An empty plan against this view.
     pub fn plan(&self) -> PlanCommit {
-        PlanCommit { fences: self.fences.clone(), touched: BTreeSet::new(), puts: Vec::new(), deletes: Vec::new(), new_volumes: Vec::new() }
+        PlanCommit {
+            fences: self.fences.clone(),
+            touched: BTreeSet::new(),
+            puts: Vec::new(),
+            deletes: Vec::new(),
+            new_volumes: Vec::new(),
+            runs: Vec::new(),
+        }
     }
 }
 
@@ -103,6 +110,7 @@ pub struct PlanCommit {
     puts: Vec<AllocRecord>,
     deletes: Vec<(String, String)>,
     new_volumes: Vec<HostVolume>,
+    pub(crate) runs: Vec<crate::runs::RunRecord>,
 }
 
 impl PlanCommit {
@@ -110,6 +118,10 @@ impl PlanCommit {
     pub fn put(&mut self, alloc: AllocRecord) {
         self.touched.insert(alloc.node.clone());
         self.puts.push(alloc);
+    }
+
+    pub(crate) fn touch(&mut self, node: &str) {
+        self.touched.insert(node.to_owned());
     }
 
     /// Removes an allocation (a lost one, or one that has stopped).
@@ -127,7 +139,7 @@ impl PlanCommit {
 
     /// Whether the plan changes nothing.
     pub fn is_empty(&self) -> bool {
-        self.puts.is_empty() && self.deletes.is_empty() && self.new_volumes.is_empty()
+        self.puts.is_empty() && self.deletes.is_empty() && self.new_volumes.is_empty() && self.runs.is_empty()
     }
 }
 
@@ -148,7 +160,7 @@ impl ClusterStore {
         ClusterStore { kv, root: root.into().trim_end_matches('/').to_owned() }
     }
 
-    fn key(&self, parts: &[&str]) -> String {
+    pub(crate) fn key(&self, parts: &[&str]) -> String {
         format!("{}/{}", self.root, parts.join("/"))
     }
 
@@ -319,10 +331,13 @@ impl ClusterStore {
         for a in &plan.puts {
             self.kv.put(&self.key(&["allocs", &a.node, &a.id]), encode(a)?, None).await.map_err(kv_err)?;
         }
+        for r in &plan.runs {
+            self.kv.put(&self.key(&["runs", &r.node, &r.spec.id]), encode(r)?, None).await.map_err(kv_err)?;
+        }
         for (node, id) in &plan.deletes {
             self.kv.delete(&self.key(&["allocs", node, id])).await.map_err(kv_err)?;
         }
-        Ok(plan.puts.len() + plan.deletes.len() + plan.new_volumes.len())
+        Ok(plan.puts.len() + plan.deletes.len() + plan.new_volumes.len() + plan.runs.len())
     }
 
     /// One step of `deployment` for `job`/`group`: reads the group's allocations, asks

@@ -283,7 +283,7 @@ pub enum OutputStream {
 }
 
 /// One line of a task's output, without its newline.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutputLine {
     /// Stdout or stderr.
     pub stream: OutputStream,

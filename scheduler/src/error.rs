@@ -80,6 +80,14 @@ pub enum Error {
         /// Why the pull failed.
         reason: String,
     },
+    /// Nothing in the cluster can take the work now (the explanation says why).
+    #[error("{what} cannot be placed: {reason}")]
+    Unplaced {
+        /// What was to be placed.
+        what: String,
+        /// The placement engine's explanation.
+        reason: String,
+    },
     /// Any other backend failure.
     #[error("{backend} error: {source}")]
     Backend {

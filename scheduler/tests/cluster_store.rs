@@ -206,7 +206,14 @@ async fn etcd_down_is_a_retryable_typed_error_and_the_agent_leaves_running_work_
     let store = ClusterStore::new(kv, "test/down");
     let _member = store.join(&Node::new("n1", Resources::new(4000, 4096)), Duration::from_secs(30)).await.expect("join");
     let group = keelson_scheduler::GroupSpec {
-        desired: DesiredGroup { job: "batch".into(), group: "w".into(), version: 1, count: 1, resources: Resources::new(100, 16), ..DesiredGroup::default() },
+        desired: DesiredGroup {
+            job: "batch".into(),
+            group: "w".into(),
+            version: 1,
+            count: 1,
+            resources: Resources::new(100, 16),
+            ..DesiredGroup::default()
+        },
         task: keelson_scheduler::TaskTemplate {
             command: vec!["/bin/sh".into(), "-c".into(), "while true; do sleep 0.1; done".into()],
             ..Default::default()

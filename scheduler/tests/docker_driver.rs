@@ -196,10 +196,8 @@ async fn the_containers_health_check_is_reported_starting_then_healthy_or_unheal
         retries: 2,
     };
     // Ready after a second: starting, then healthy.
-    let ready = TaskSpec {
-        health_check: Some(check("/ready")),
-        ..sh(&guard.run, &image, "health-ok", "sleep 1; touch /ready; exec sleep 60")
-    };
+    let ready =
+        TaskSpec { health_check: Some(check("/ready")), ..sh(&guard.run, &image, "health-ok", "sleep 1; touch /ready; exec sleep 60") };
     assert_eq!(d.start(ready).await.expect("start").health, Some(TaskHealth::Starting));
     // Never ready: unhealthy after its retries.
     let never = TaskSpec { health_check: Some(check("/never")), ..sh(&guard.run, &image, "health-bad", "exec sleep 60") };

@@ -1,0 +1,140 @@
+//! One-off runs through the cluster store and a node agent, on the process driver and on
+//! Docker: a run that succeeds, one that fails, one stopped at its time limit, one that
+//! cannot start; outcome and output kept after the task is gone; a duplicate id and work
+//! no node can take are typed errors; an agent restarted mid-run adopts it (Docker).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keelson_discovery::MemoryKv;
+use keelson_scheduler::{
+    ClusterStore, Driver, Error, Node, NodeAgent, OutputStream, ProcessDriver, Resources, RunOutcome, RunResult, RunSpec, TaskTemplate,
+};
+
+/// How each driver runs a shell script (the Docker one in the busybox test image).
+type Template = Box<dyn Fn(&str) -> TaskTemplate + Send + Sync>;
+
+fn run(id: &str, task: TaskTemplate, limit: Duration) -> RunSpec {
+    RunSpec { id: id.into(), job: "batch".into(), task, resources: Resources::new(100, 32), time_limit: limit }
+}
+
+async fn until_done(agent: &NodeAgent, store: &ClusterStore, id: &str) -> RunResult {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        agent.sync().await.expect("agent pass");
+        if let Some(result) = store.run_result(id).await.expect("result") {
+            return result;
+        }
+        assert!(Instant::now() < deadline, "run {id} never ended");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn runs_end_with_their_outcome_and_output(driver: Arc<dyn Driver>, sh: Template, prefix: &str) {
+    let store = ClusterStore::new(Arc::new(MemoryKv::new()), "runs");
+    let node = format!("{prefix}-node-{}", std::process::id());
+    let _member = store.join(&Node::new(node.clone(), Resources::new(1000, 512)), Duration::from_secs(30)).await.expect("join");
+    let agent = NodeAgent::new(node.clone(), store.clone(), driver.clone(), None, "127.0.0.1").with_stop_grace(Duration::from_secs(1));
+    let id = |name: &str| format!("{prefix}-{name}-{}", std::process::id());
+
+    let ok = store.submit_run(&run(&id("ok"), sh("echo hello; echo oops >&2; exit 0"), Duration::from_secs(30))).await.expect("submit");
+    assert_eq!(ok.node, node);
+    assert!(matches!(store.submit_run(&ok.spec).await, Err(Error::Conflict { .. })), "one run per id");
+    let result = until_done(&agent, &store, &ok.spec.id).await;
+    assert_eq!(result.outcome, RunOutcome::Succeeded);
+    let lines: Vec<(OutputStream, &str)> = result.output.iter().map(|l| (l.stream, l.line.as_str())).collect();
+    assert!(lines.contains(&(OutputStream::Stdout, "hello")) && lines.contains(&(OutputStream::Stderr, "oops")), "{lines:?}");
+    assert!(matches!(driver.inspect(&ok.spec.id).await, Err(Error::NotFound { .. })), "the task is removed, the result kept");
+    assert!(store.runs_on(&node).await.expect("runs").is_empty());
+    assert!(matches!(store.submit_run(&ok.spec).await, Err(Error::Conflict { .. })), "ids are not reused after the end");
+
+    let failing = store.submit_run(&run(&id("fail"), sh("echo trying; exit 3"), Duration::from_secs(30))).await.expect("submit");
+    assert_eq!(until_done(&agent, &store, &failing.spec.id).await.outcome, RunOutcome::Failed { code: Some(3) });
+
+    let slow = store.submit_run(&run(&id("slow"), sh("echo started; exec sleep 60"), Duration::from_secs(1))).await.expect("submit");
+    let began = Instant::now();
+    let result = until_done(&agent, &store, &slow.spec.id).await;
+    assert_eq!(result.outcome, RunOutcome::TimedOut);
+    assert!(began.elapsed() < Duration::from_secs(15), "stopped at its limit, took {:?}", began.elapsed());
+    assert!(result.output.iter().any(|l| l.line == "started"));
+
+    let huge = RunSpec { resources: Resources::new(64_000, 32), ..run(&id("huge"), sh("true"), Duration::from_secs(5)) };
+    let err = store.submit_run(&huge).await.expect_err("no node is that big");
+    assert!(matches!(err, Error::Unplaced { .. } | Error::ExceedsNodeCapacity { .. }), "{err:?}");
+    let zero = run(&id("zero"), sh("true"), Duration::ZERO);
+    assert!(matches!(store.submit_run(&zero).await, Err(Error::InvalidInput { field: "time limit", .. })));
+    let bad_id = run("../x", sh("true"), Duration::from_secs(5));
+    assert!(matches!(store.submit_run(&bad_id).await, Err(Error::InvalidInput { field: "run id", .. })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_off_runs_on_the_process_driver() {
+    let sh: Template =
+        Box::new(|script: &str| TaskTemplate { command: vec!["/bin/sh".into(), "-c".into(), script.into()], ..TaskTemplate::default() });
+    runs_end_with_their_outcome_and_output(Arc::new(ProcessDriver::new()), sh, "proc").await;
+    // A program that does not exist: the run fails, and says why.
+    let store = ClusterStore::new(Arc::new(MemoryKv::new()), "runs");
+    let _member = store.join(&Node::new("n1", Resources::new(1000, 512)), Duration::from_secs(30)).await.expect("join");
+    let agent = NodeAgent::new("n1", store.clone(), Arc::new(ProcessDriver::new()), None, "127.0.0.1");
+    let missing = TaskTemplate { command: vec!["/no/such/program".into()], ..TaskTemplate::default() };
+    store.submit_run(&run("missing", missing, Duration::from_secs(5))).await.expect("submit");
+    let result = until_done(&agent, &store, "missing").await;
+    assert_eq!(result.outcome, RunOutcome::Failed { code: None });
+    assert!(result.output.iter().any(|l| l.line.contains("/no/such/program")), "{:?}", result.output);
+}
+
+/// Removes this process's run containers when dropped (also when a test fails).
+#[cfg(feature = "docker")]
+struct RunContainers;
+
+#[cfg(feature = "docker")]
+impl Drop for RunContainers {
+    fn drop(&mut self) {
+        let tag = format!("-{}", std::process::id());
+        let out = std::process::Command::new("docker")
+            .args(["ps", "-a", "--format", "{{.Names}}", "--filter", "label=keelson.run"])
+            .output()
+            .expect("docker ps");
+        let names: Vec<String> =
+            String::from_utf8_lossy(&out.stdout).split_whitespace().filter(|n| n.ends_with(&tag)).map(str::to_owned).collect();
+        if !names.is_empty() {
+            let _ = std::process::Command::new("docker").args(["rm", "-f"]).args(&names).output();
+        }
+    }
+}
+
+#[cfg(feature = "docker")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_off_runs_on_docker_and_an_agent_restart_mid_run() {
+    use keelson_scheduler::DockerDriver;
+    let _cleanup = RunContainers;
+    let image = keelson_testkit::docker::busybox_image().unwrap_or_else(|e| panic!("the busybox test image: {e}"));
+    let driver: Arc<dyn Driver> = Arc::new(DockerDriver::connect().await.unwrap_or_else(|e| panic!("Docker Engine must run: {e}")));
+    let img = image.clone();
+    let sh: Template = Box::new(move |script: &str| TaskTemplate {
+        image: Some(img.clone()),
+        command: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        ..TaskTemplate::default()
+    });
+    runs_end_with_their_outcome_and_output(driver.clone(), sh, "dock").await;
+
+    // The agent goes away while a run runs; the next one adopts it and keeps its limit.
+    let store = ClusterStore::new(Arc::new(MemoryKv::new()), "runs");
+    let node = format!("dock-restart-{}", std::process::id());
+    let _member = store.join(&Node::new(node.clone(), Resources::new(1000, 512)), Duration::from_secs(30)).await.expect("join");
+    let task = TaskTemplate {
+        image: Some(image),
+        command: vec!["/bin/sh".into(), "-c".into(), "echo once; exec sleep 60".into()],
+        ..TaskTemplate::default()
+    };
+    let id = format!("dock-adopt-{}", std::process::id());
+    store.submit_run(&run(&id, task, Duration::from_secs(3))).await.expect("submit");
+    let first = NodeAgent::new(node.clone(), store.clone(), driver.clone(), None, "127.0.0.1").with_stop_grace(Duration::from_secs(1));
+    first.sync().await.expect("start");
+    first.sync().await.expect("observe");
+    drop(first);
+    let second = NodeAgent::new(node.clone(), store.clone(), driver.clone(), None, "127.0.0.1").with_stop_grace(Duration::from_secs(1));
+    let result = until_done(&second, &store, &id).await;
+    assert_eq!(result.outcome, RunOutcome::TimedOut);
+    assert_eq!(result.output.iter().filter(|l| l.line == "once").count(), 1, "started once, never twice");
+}
