@@ -150,6 +150,8 @@ pub struct ReschedulePass {
     pub lost: Vec<String>,
     /// New allocations placed.
     pub placed: Vec<AllocRecord>,
+    /// Allocations of the desired groups asked to stop: failed, or over the count.
+    pub stopped: Vec<String>,
     /// Commits that lost a race and were re-planned.
     pub replans: u32,
 }
@@ -409,11 +411,19 @@ impl ClusterStore {
             for a in view.allocations.iter().filter(|a| r.lost.contains(&a.id)) {
                 plan.delete(&a.node, &a.id);
             }
+            // Failed and surplus allocations of these groups stop (their agents stop,
+            // remove and forget them); other groups' allocations are not ours to touch.
+            let ours = |a: &AllocRecord| desired.iter().any(|d| d.job == a.job && d.group == a.group);
+            let stopping: Vec<&AllocRecord> = view.allocations.iter().filter(|a| r.stop.contains(&a.id) && ours(a)).collect();
+            for a in &stopping {
+                plan.put(AllocRecord { status: AllocStatus::Stopping, since_ms: wall_clock_ms(), ..(*a).clone() });
+            }
             let placed = place(&view, desired, &r.place, &lost, &mut plan)?;
             match self.commit(&plan).await {
                 Ok(_) => {
                     pass.lost = r.lost;
                     pass.placed = placed;
+                    pass.stopped = stopping.iter().map(|a| a.id.clone()).collect();
                     return Ok(pass);
                 }
                 Err(Error::Conflict { .. }) => pass.replans += 1,

@@ -54,6 +54,7 @@ mod agent;
 mod class_cache;
 mod cluster_store;
 mod constraints;
+mod controller;
 mod deployment;
 #[cfg(feature = "docker")]
 mod docker;
@@ -81,6 +82,7 @@ pub mod conformance;
 
 pub use agent::{GroupSpec, NodeAgent, ServiceSpec, SyncReport, TaskTemplate, NODE_LABEL};
 pub use cluster_store::{wall_clock_ms, ClusterStore, ClusterView, NodeMembership, PlanCommit, ReschedulePass};
+pub use controller::{Controller, GroupState, TickReport};
 pub use deployment::{Action, AllocHealth, AllocView, Deployment, Millis, Phase, Traffic};
 #[cfg(feature = "docker")]
 pub use docker::{DockerDriver, MANAGED_LABEL, TASK_LABEL};

@@ -1,0 +1,236 @@
+//! The cluster controller: the loop that keeps every submitted group at its count and
+//! moves deployments forward, so a platform needs no hand-driven `advance` or
+//! `reschedule` calls.
+//!
+//! Per group the store keeps a [`GroupState`] under `desired/<job>/<group>`: the stable
+//! version, the count, and the deployment under way. [`ClusterStore::deploy`] records a
+//! new version (the first one runs at once; later ones start a [`Deployment`] from the
+//! stable version under the strategy given, stop-first if the group writes a
+//! single-writer volume). Each [`Controller::tick`]:
+//! - advances each deployment under way, and when it ends records the version that is
+//!   now stable (the new one, or the old one after a rollback);
+//! - reschedules the groups not deploying: allocations of lost nodes are replaced, failed
+//!   and surplus ones stopped, missing ones placed.
+//!
+//! Ticks run under the `keelson-controller` lock, so any number of controllers (one per
+//! node agent, say) may run: one acts at a time, the others find the lock taken and skip
+//! the tick. Plans still commit optimistically, so even a stalled lock holder cannot
+//! corrupt the allocations.
+
+use std::time::Duration;
+
+use keelson_discovery::Expect;
+use serde::{Deserialize, Serialize};
+
+use crate::agent::GroupSpec;
+use crate::cluster_store::{decode, encode, kv_err, wall_clock_ms, ClusterStore};
+use crate::deployment::{Deployment, Phase};
+use crate::error::{Error, Result};
+use crate::reconcile::DesiredGroup;
+use crate::strategy::{Gates, Strategy};
+
+/// What the controller keeps for one task group.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupState {
+    /// Job id.
+    pub job: String,
+    /// Group name.
+    pub group: String,
+    /// The version that runs when no deployment is under way.
+    pub stable: u64,
+    /// Allocations wanted.
+    pub count: u32,
+    /// The deployment under way, if any.
+    pub deployment: Option<Deployment>,
+    /// How the last deployment ended (`Succeeded`, `RolledBack`, `Failed`).
+    pub last_outcome: Option<Phase>,
+}
+
+/// What one [`Controller::tick`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TickReport {
+    /// Whether this controller held the lock (otherwise it did nothing).
+    pub acted: bool,
+    /// Groups whose deployment ended in this tick, with how.
+    pub deployments_ended: Vec<(String, String, Phase)>,
+    /// Allocations replaced because their node was lost.
+    pub lost: Vec<String>,
+    /// New allocations placed by rescheduling.
+    pub placed: usize,
+}
+
+impl ClusterStore {
+    fn group_state_key(&self, job: &str, group: &str) -> String {
+        self.key(&["desired", job, group])
+    }
+
+    /// The controller's record of a group.
+    pub async fn group_state(&self, job: &str, group: &str) -> Result<Option<GroupState>> {
+        let key = self.group_state_key(job, group);
+        self.kv.get(&key).await.map_err(kv_err)?.map(|e| decode(&key, &e.value)).transpose()
+    }
+
+    async fn group_state_versioned(&self, job: &str, group: &str) -> Result<Option<(GroupState, u64)>> {
+        let key = self.group_state_key(job, group);
+        match self.kv.get(&key).await.map_err(kv_err)? {
+            Some(e) => Ok(Some((decode(&key, &e.value)?, e.version))),
+            None => Ok(None),
+        }
+    }
+
+    async fn save_group_state(&self, state: &GroupState, expect: Expect) -> Result<()> {
+        let key = self.group_state_key(&state.job, &state.group);
+        self.kv.compare_and_swap(&key, expect, encode(state)?, None).await.map_err(|e| match e {
+            keelson_discovery::Error::Conflict { .. } => {
+                Error::Conflict { kind: "group state", name: format!("{}/{}", state.job, state.group) }
+            }
+            other => kv_err(other),
+        })?;
+        Ok(())
+    }
+
+    /// Submits `spec` for the controller to run. The first version of a group runs at
+    /// once; a later one starts a deployment from the stable version with `strategy` and
+    /// `gates` (made stop-first if the group writes a single-writer volume).
+    /// [`Error::Conflict`] while another deployment of the group is under way;
+    /// [`Error::InvalidInput`] if the version is the stable one.
+    pub async fn deploy(&self, spec: &GroupSpec, strategy: Strategy, gates: Gates) -> Result<GroupState> {
+        let d = &spec.desired;
+        strategy.validate()?;
+        gates.validate()?;
+        self.put_group(spec).await?;
+        let (state, expect) = match self.group_state_versioned(&d.job, &d.group).await? {
+            None => (
+                GroupState {
+                    job: d.job.clone(),
+                    group: d.group.clone(),
+                    stable: d.version,
+                    count: d.count,
+                    deployment: None,
+                    last_outcome: None,
+                },
+                Expect::Absent,
+            ),
+            Some((current, _)) if current.deployment.is_some() => {
+                return Err(Error::Conflict { kind: "deployment under way for", name: format!("{}/{}", d.job, d.group) });
+            }
+            Some((mut current, version)) => {
+                let deployment =
+                    Deployment::new(Some(current.stable), d.version, d.count, strategy, gates, d.single_writer(), wall_clock_ms())?;
+                if let Some(why) = deployment.adjusted() {
+                    tracing::info!(job = %d.job, group = %d.group, %why, "strategy adjusted");
+                }
+                current.count = d.count;
+                current.deployment = Some(deployment);
+                (current, Expect::Version(version))
+            }
+        };
+        self.save_group_state(&state, expect).await?;
+        Ok(state)
+    }
+
+    /// Changes the deployment under way of a group (promote its canaries, roll it back).
+    async fn with_deployment(&self, job: &str, group: &str, change: impl FnOnce(&mut Deployment) -> Result<()>) -> Result<()> {
+        let (mut state, version) = self
+            .group_state_versioned(job, group)
+            .await?
+            .ok_or_else(|| Error::NotFound { kind: "group", name: format!("{job}/{group}") })?;
+        let deployment =
+            state.deployment.as_mut().ok_or_else(|| Error::NotFound { kind: "deployment of", name: format!("{job}/{group}") })?;
+        change(deployment)?;
+        self.save_group_state(&state, Expect::Version(version)).await
+    }
+
+    /// Promotes the canaries of a group's deployment.
+    pub async fn promote(&self, job: &str, group: &str) -> Result<()> {
+        self.with_deployment(job, group, Deployment::promote).await
+    }
+
+    /// Rolls a group's deployment back to its stable version (inside a blue/green
+    /// window, traffic returns at once).
+    pub async fn rollback(&self, job: &str, group: &str, reason: &str) -> Result<()> {
+        self.with_deployment(job, group, |d| d.rollback(reason)).await
+    }
+
+    async fn all_group_states(&self) -> Result<Vec<(GroupState, u64)>> {
+        let list = self.kv.list(&self.key(&["desired", ""])).await.map_err(kv_err)?;
+        list.entries.iter().map(|e| Ok((decode(&e.key, &e.value)?, e.version))).collect()
+    }
+}
+
+/// Runs the control loop over a [`ClusterStore`].
+#[derive(Clone, Debug)]
+pub struct Controller {
+    store: ClusterStore,
+}
+
+impl Controller {
+    /// A controller for `store`.
+    pub fn new(store: ClusterStore) -> Self {
+        Controller { store }
+    }
+
+    /// One pass (see the module docs). Returns with `acted: false` if another controller
+    /// holds the lock.
+    pub async fn tick(&self) -> Result<TickReport> {
+        let kv = &self.store.kv;
+        let lock = match kv.lock("keelson-controller", Duration::from_secs(15), Duration::from_millis(50)).await {
+            Ok(lock) => lock,
+            Err(keelson_discovery::Error::Timeout { .. } | keelson_discovery::Error::Conflict { .. }) => return Ok(TickReport::default()),
+            Err(e) => return Err(kv_err(e)),
+        };
+        let result = self.tick_locked().await;
+        if let Err(e) = kv.unlock(&lock).await {
+            tracing::warn!(error = %e, "releasing the controller lock (it expires with its lease)");
+        }
+        result
+    }
+
+    async fn tick_locked(&self) -> Result<TickReport> {
+        let mut report = TickReport { acted: true, ..TickReport::default() };
+        let mut steady = Vec::new();
+        for (mut state, version) in self.store.all_group_states().await? {
+            let Some(mut deployment) = state.deployment.take() else {
+                let spec = self.store.group_version(&state.job, &state.group, state.stable).await?;
+                steady.push(DesiredGroup { count: state.count, ..spec.desired });
+                continue;
+            };
+            self.store.advance(&mut deployment, &state.job, &state.group, wall_clock_ms()).await?;
+            if deployment.phase().is_terminal() {
+                let phase = deployment.phase().clone();
+                tracing::info!(job = %state.job, group = %state.group, ?phase, "deployment ended");
+                state.stable = deployment.stable_version().unwrap_or(state.stable);
+                state.last_outcome = Some(phase.clone());
+                report.deployments_ended.push((state.job.clone(), state.group.clone(), phase));
+            } else {
+                state.deployment = Some(deployment);
+            }
+            // A promote or rollback saved meanwhile wins: this step is re-derived next tick.
+            match self.store.save_group_state(&state, Expect::Version(version)).await {
+                Ok(()) | Err(Error::Conflict { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let pass = self.store.reschedule(&steady).await?;
+        report.lost = pass.lost;
+        report.placed = pass.placed.len();
+        Ok(report)
+    }
+
+    /// Ticks every `interval` until `stop` completes; errors are logged and retried
+    /// (etcd away for a while is not a reason to stop).
+    pub async fn run(&self, interval: Duration, stop: impl std::future::Future<Output = ()>) {
+        tokio::pin!(stop);
+        loop {
+            match self.tick().await {
+                Ok(r) if !r.deployments_ended.is_empty() || !r.lost.is_empty() => tracing::info!(?r, "controller tick"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "controller tick failed; retrying"),
+            }
+            tokio::select! {
+                () = &mut stop => return,
+                () = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+}

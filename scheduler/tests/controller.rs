@@ -1,0 +1,165 @@
+//! The controller on the embedded store with two nodes running process tasks: the first
+//! version runs at once, a rolling update succeeds, a failing version rolls back by
+//! itself, a canary waits for its promotion, a second deployment during one is refused,
+//! a failed allocation is replaced, and a lost node's work moves within TTL + 2 s. Two
+//! controllers run side by side; the lock lets one act at a time.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keelson_discovery::MemoryKv;
+use keelson_scheduler::{
+    AllocStatus, ClusterStore, Controller, DesiredGroup, Driver, Error, Gates, GroupSpec, Node, NodeAgent, Phase, ProcessDriver, Resources,
+    Strategy, TaskTemplate,
+};
+
+fn spec(version: u64, script: &str) -> GroupSpec {
+    GroupSpec {
+        desired: DesiredGroup {
+            job: "app".into(),
+            group: "w".into(),
+            version,
+            count: 3,
+            resources: Resources::new(100, 16),
+            ..DesiredGroup::default()
+        },
+        task: TaskTemplate {
+            command: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            env: BTreeMap::from([("VERSION".to_owned(), version.to_string())]),
+            ..TaskTemplate::default()
+        },
+        service: None,
+    }
+}
+
+const SERVE: &str = "while true; do sleep 0.1; done";
+
+fn gates() -> Gates {
+    Gates {
+        min_healthy_time: Duration::from_millis(300),
+        healthy_deadline: Duration::from_secs(3),
+        progress_deadline: Duration::from_secs(20),
+        auto_rollback: true,
+    }
+}
+
+struct Cluster {
+    store: ClusterStore,
+    controllers: [Controller; 2],
+    agents: Vec<NodeAgent>,
+    drivers: Vec<Arc<ProcessDriver>>,
+}
+
+impl Cluster {
+    /// One round: both controllers, then every agent.
+    async fn round(&self) {
+        let (a, b) = tokio::join!(self.controllers[0].tick(), self.controllers[1].tick());
+        let (a, b) = (a.expect("controller 0"), b.expect("controller 1"));
+        assert!(a.acted || b.acted, "one of them holds the lock");
+        for agent in &self.agents {
+            agent.sync().await.expect("agent");
+        }
+    }
+
+    async fn until(&self, what: &str, limit: Duration, mut done: impl FnMut(&[keelson_scheduler::AllocRecord]) -> bool) {
+        let deadline = Instant::now() + limit;
+        loop {
+            self.round().await;
+            let allocs = self.store.view().await.expect("view").allocations;
+            if done(&allocs) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{what}: {allocs:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn settled(&self, what: &str) -> keelson_scheduler::GroupState {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            self.round().await;
+            let state = self.store.group_state("app", "w").await.expect("state").expect("group");
+            if state.deployment.is_none() {
+                return state;
+            }
+            assert!(Instant::now() < deadline, "{what}: still {:?}", state.deployment.map(|d| d.phase().clone()));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn running(allocs: &[keelson_scheduler::AllocRecord], version: u64) -> usize {
+    allocs.iter().filter(|a| a.status == AllocStatus::Running && a.version == version).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_runs_deploys_rolls_back_promotes_and_replaces_lost_work() {
+    let store = ClusterStore::new(Arc::new(MemoryKv::new()), "ctl");
+    // Small n1 and n2 fill first (best fit), so n2 is sure to hold work when it dies.
+    let _n1 = store.join(&Node::new("n1", Resources::new(250, 1024)), Duration::from_secs(30)).await.expect("join");
+    let n2 = store.join(&Node::new("n2", Resources::new(250, 1024)), Duration::from_secs(2)).await.expect("join");
+    let _n3 = store.join(&Node::new("n3", Resources::new(2000, 1024)), Duration::from_secs(30)).await.expect("join");
+    let drivers = vec![Arc::new(ProcessDriver::new()), Arc::new(ProcessDriver::new()), Arc::new(ProcessDriver::new())];
+    let agents =
+        ["n1", "n2", "n3"].iter().zip(&drivers).map(|(n, d)| NodeAgent::new(*n, store.clone(), d.clone(), None, "127.0.0.1")).collect();
+    let c =
+        Cluster { store: store.clone(), controllers: [Controller::new(store.clone()), Controller::new(store.clone())], agents, drivers };
+    let rolling = Strategy::Rolling { max_surge: 1, max_unavailable: 0 };
+
+    // The first version runs at once.
+    let first = store.deploy(&spec(1, SERVE), rolling.clone(), gates()).await.expect("v1");
+    assert!(first.deployment.is_none() && first.stable == 1);
+    c.until("v1 running", Duration::from_secs(20), |a| running(a, 1) == 3).await;
+
+    // A rolling update succeeds.
+    store.deploy(&spec(2, SERVE), rolling.clone(), gates()).await.expect("v2");
+    let state = c.settled("rolling to v2").await;
+    assert_eq!((state.stable, state.last_outcome), (2, Some(Phase::Succeeded)));
+    c.until("v2 everywhere", Duration::from_secs(20), |a| running(a, 2) == 3 && a.iter().all(|x| x.version == 2)).await;
+
+    // A version that exits at once fails its gate and rolls back by itself.
+    store.deploy(&spec(3, "exit 1"), rolling.clone(), gates()).await.expect("v3");
+    let state = c.settled("v3 rolling back").await;
+    assert_eq!(state.stable, 2);
+    assert!(matches!(state.last_outcome, Some(Phase::RolledBack { .. })), "{:?}", state.last_outcome);
+    c.until("v2 still everywhere", Duration::from_secs(20), |a| running(a, 2) == 3 && a.iter().all(|x| x.version == 2)).await;
+
+    // A canary waits for a person; meanwhile another deployment is refused.
+    let canary = Strategy::Canary { canaries: 1, auto_promote: false, max_surge: 1, max_unavailable: 0 };
+    store.deploy(&spec(4, SERVE), canary, gates()).await.expect("v4");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        c.round().await;
+        let state = store.group_state("app", "w").await.expect("state").expect("group");
+        if state.deployment.as_ref().is_some_and(|d| d.phase() == &Phase::AwaitingPromotion) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "canary never healthy: {state:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(matches!(store.deploy(&spec(5, SERVE), rolling.clone(), gates()).await, Err(Error::Conflict { .. })));
+    store.promote("app", "w").await.expect("promote");
+    let state = c.settled("v4 after promotion").await;
+    assert_eq!((state.stable, state.last_outcome), (4, Some(Phase::Succeeded)));
+    assert!(matches!(store.promote("app", "w").await, Err(Error::NotFound { .. })), "nothing to promote now");
+
+    // A failed allocation (its process killed outside keelson) is replaced.
+    c.until("v4 everywhere", Duration::from_secs(20), |a| running(a, 4) == 3 && a.iter().all(|x| x.version == 4)).await;
+    let victim = store.view().await.expect("view").allocations.into_iter().next().expect("an allocation");
+    let node_index = ["n1", "n2", "n3"].iter().position(|n| *n == victim.node).expect("known node");
+    c.drivers[node_index].stop(&victim.id, Duration::from_secs(1)).await.expect("kill it");
+    c.until("replaced", Duration::from_secs(20), |a| running(a, 4) == 3 && !a.iter().any(|x| x.id == victim.id)).await;
+
+    // n2 dies (its lease lapses, its agent is gone): its work is re-placed within TTL + 2 s.
+    let on_n2 = store.allocations_on("n2").await.expect("n2").len();
+    let killed = Instant::now();
+    drop(n2);
+    let mut agents = c.agents;
+    drop(agents.remove(1));
+    let c = Cluster { agents, ..c };
+    c.until("n2's work re-placed", Duration::from_secs(4), |a| !a.iter().any(|x| x.node == "n2") && a.len() >= 3).await;
+    assert!(killed.elapsed() <= Duration::from_secs(4), "took {:?}", killed.elapsed());
+    assert!(on_n2 > 0, "the scenario needs work on n2");
+    c.until("running again", Duration::from_secs(20), |a| running(a, 4) == 3).await;
+}
