@@ -1,7 +1,10 @@
 //! `node-agent`: one node of a keelson cluster. Joins the cluster state in etcd with a
-//! heartbeat lease, runs the allocations assigned to this node on Docker Engine, reports
-//! their status, and registers healthy services in the etcd catalog (where `edge --etcd`
-//! routes to them).
+//! heartbeat lease, runs the allocations and one-off runs assigned to this node on Docker
+//! Engine, reports their status, and registers healthy services in the etcd catalog (where
+//! `edge --etcd` routes to them). Every agent also runs the cluster controller (one acts
+//! at a time, under a lock): deployments move forward and a lost node's work is re-placed
+//! with no other process. Volumes are Docker named volumes; `--volume-listen` serves them
+//! to other nodes (to move a stateful service, see `keelson_scheduler::fetch_volume`).
 //!
 //! ```text
 //! node-agent --etcd http://127.0.0.1:2379 --node n1 --cpu 4000 --memory 4096
@@ -9,8 +12,8 @@
 //!
 //! Build with `--features etcd,docker`. SIGINT or SIGTERM leave the cluster at once (the
 //! lease is revoked); a killed agent's node is lost after `--ttl-secs` and its work is
-//! re-placed by whoever runs `ClusterStore::reschedule`. Containers outlive the agent:
-//! restarted with the same `--node`, it adopts them.
+//! re-placed by the controller of another agent. Containers outlive the agent: restarted
+//! with the same `--node`, it adopts them.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -18,7 +21,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use keelson_discovery::{Discovery, EtcdConfig, EtcdKv, KeyValue, KvDiscovery};
-use keelson_scheduler::{ClusterStore, DockerDriver, Node, NodeAgent, Resources};
+use keelson_scheduler::{ClusterStore, Controller, DockerDriver, Node, NodeAgent, Resources, VolumeManager};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Run a keelson node: cluster state in etcd, tasks on Docker")]
@@ -47,16 +50,34 @@ struct Args {
     /// Root of the cluster state keys.
     #[arg(long, default_value = "keelson/cluster")]
     root: String,
+    /// Do not run the cluster controller in this agent.
+    #[arg(long)]
+    no_controller: bool,
+    /// Serve this node's volumes to other nodes on this address (private network only).
+    #[arg(long)]
+    volume_listen: Option<std::net::SocketAddr>,
 }
 
 async fn run(args: Args) -> Result<(), String> {
     let kv: Arc<dyn KeyValue> = Arc::new(EtcdKv::connect(EtcdConfig::new(args.etcd.clone())).await.map_err(|e| format!("etcd: {e}"))?);
     let store = ClusterStore::new(kv.clone(), args.root.clone());
     let driver = Arc::new(DockerDriver::connect().await.map_err(|e| format!("docker: {e}"))?);
+    let volumes: Arc<dyn VolumeManager> = Arc::new(driver.volumes());
+    if let Some(addr) = args.volume_listen {
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("--volume-listen {addr}: {e}"))?;
+        tokio::spawn(keelson_scheduler::serve_volumes(listener, volumes.clone(), std::future::pending()));
+        println!("node-agent: serving volumes on {addr}");
+    }
     let discovery: Arc<dyn Discovery> = Arc::new(KvDiscovery::new(kv));
     let node = Node::new(args.node.clone(), Resources::new(args.cpu, args.memory));
     let membership = store.join(&node, Duration::from_secs(args.ttl_secs)).await.map_err(|e| format!("joining: {e}"))?;
-    let agent = Arc::new(NodeAgent::new(args.node.clone(), store, driver, Some(discovery), args.address.clone()));
+    let agent =
+        Arc::new(NodeAgent::new(args.node.clone(), store.clone(), driver, Some(discovery), args.address.clone()).with_volumes(volumes));
+    let interval = Duration::from_millis(args.interval_ms);
+    if !args.no_controller {
+        let controller = Controller::new(store);
+        tokio::spawn(async move { controller.run(interval, std::future::pending()).await });
+    }
     println!("node-agent: node {} joined", args.node);
     let stop = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
@@ -65,7 +86,7 @@ async fn run(args: Args) -> Result<(), String> {
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
         }
     };
-    agent.run(Duration::from_millis(args.interval_ms), stop).await;
+    agent.run(interval, stop).await;
     membership.leave().await.map_err(|e| format!("leaving: {e}"))?;
     println!("node-agent: node {} left", args.node);
     Ok(())
