@@ -1,7 +1,8 @@
 //! Two `node-agent` processes (different node ids, one Docker engine) on a real etcd; one
 //! is killed with SIGKILL and the controller in the surviving agent re-places its work
 //! there within the lease TTL + 2 s, where that agent starts it. Nothing but the two
-//! agent processes acts on the cluster after the setup. Every container of both nodes is removed at
+//! agent processes acts on the cluster after the setup. Then `keelson-ctl` against an
+//! agent: deploy, a rolling update, status, a one-off run and its result, bad input. Every container of both nodes is removed at
 //! the end, also when the test fails.
 #![cfg(all(feature = "etcd", feature = "docker"))]
 
@@ -21,9 +22,11 @@ struct Agent {
 }
 
 impl Agent {
-    fn start(etcd: &str, node: &str) -> Agent {
+    /// `ports`: the node's host ports (each test its own, as tests share one Docker host).
+    fn start(etcd: &str, node: &str, ports: &str) -> Agent {
         let child = Command::new(env!("CARGO_BIN_EXE_node-agent"))
             .args(["--etcd", etcd, "--node", node, "--cpu", "8000", "--memory", "8192", "--ttl-secs", "2", "--interval-ms", "200"])
+            .args(["--ports", ports])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -93,8 +96,8 @@ async fn a_killed_agents_work_is_replaced_on_the_other_node_within_ttl_plus_2s()
     store.put_group(&spec).await.expect("group");
     let pid = std::process::id();
     let (a, b) = (format!("doomed-{pid}"), format!("survivor-{pid}"));
-    let mut doomed = Agent::start(&etcd.client_url(), &a);
-    let survivor = Agent::start(&etcd.client_url(), &b);
+    let mut doomed = Agent::start(&etcd.client_url(), &a, "26000-26099");
+    let survivor = Agent::start(&etcd.client_url(), &b, "26100-26199");
     wait_for("both nodes to join", Duration::from_secs(20), || async { store.view().await.map(|v| v.nodes.len() == 2).unwrap_or(false) })
         .await;
 
@@ -142,4 +145,110 @@ async fn a_killed_agents_work_is_replaced_on_the_other_node_within_ttl_plus_2s()
     wait_for("the survivor to run all four", Duration::from_secs(60), || async { running_on(&store, &b).await == 4 }).await;
     assert_eq!(survivor.containers().len(), 4);
     eprintln!("lost node's work re-placed {took:?} after SIGKILL (lease TTL 2 s)");
+}
+
+/// Runs `keelson-ctl` with `args`: (exit code, stdout, stderr).
+fn ctl(etcd: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_keelson-ctl")).args(["--etcd", etcd]).args(args).output().expect("keelson-ctl runs");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn status(etcd: &str) -> serde_json::Value {
+    let (code, out, err) = ctl(etcd, &["status", "web", "http"]);
+    assert_eq!(code, 0, "{err}");
+    serde_json::from_str(&out).expect("status is JSON")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keelson_ctl_deploys_updates_and_runs_one_off_jobs_on_an_agent() {
+    let image = keelson_testkit::docker::busybox_image().unwrap_or_else(|e| panic!("the busybox test image: {e}"));
+    let etcd = keelson_testkit::etcd::Etcd::start().unwrap_or_else(|e| panic!("etcd for this test: {e}"));
+    let url = etcd.client_url();
+    let kv: Arc<dyn KeyValue> = Arc::new(EtcdKv::connect(EtcdConfig::new([url.clone()])).await.expect("etcd"));
+    let store = ClusterStore::new(kv, "keelson/cluster");
+    let node = format!("ctl-{}", std::process::id());
+    let agent = Agent::start(&url, &node, "27000-27099");
+    let dir = tempfile::tempdir().expect("dir");
+    let deploy_file = |version: u64| {
+        let mut spec = web(&image);
+        spec.desired.version = version;
+        spec.desired.count = 2;
+        spec.task.command = vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            format!("mkdir -p /www && echo v{version} > /www/index.html && exec httpd -f -p 8080 -h /www"),
+        ];
+        let gates =
+            serde_json::json!({"min_healthy_time": "500ms", "healthy_deadline": "20s", "progress_deadline": "60s", "auto_rollback": true});
+        let body =
+            serde_json::json!({"group": spec, "strategy": {"kind": "rolling", "max_surge": 1, "max_unavailable": 0}, "gates": gates});
+        let path = dir.path().join(format!("v{version}.json"));
+        std::fs::write(&path, body.to_string()).expect("write");
+        path.display().to_string()
+    };
+
+    let (code, _, err) = ctl(&url, &["deploy", &deploy_file(1)]);
+    assert_eq!(code, 0, "{err}");
+    wait_for("v1 running", Duration::from_secs(60), || async { running_on(&store, &node).await == 2 }).await;
+    let (code, _, err) = ctl(&url, &["deploy", &deploy_file(2)]);
+    assert_eq!(code, 0, "{err}");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let s = status(&url);
+        if s["deployment"].is_null() {
+            assert_eq!(s["stable"], 2, "{s}");
+            assert_eq!(s["last_outcome"], "Succeeded", "{s}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "deployment did not finish: {s}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    wait_for("v2 running", Duration::from_secs(60), || async {
+        let allocs = store.allocations_on(&node).await.expect("allocs");
+        allocs.len() == 2 && allocs.iter().all(|a| a.version == 2 && a.status == AllocStatus::Running)
+    })
+    .await;
+    let port = store.allocations_on(&node).await.expect("allocs")[0].ports[0];
+    let served = keelson_testkit::http::get(std::net::SocketAddr::from(([127, 0, 0, 1], port)), "web", "/").await.expect("GET");
+    assert_eq!(served.body, "v2\n");
+
+    // A one-off run: submitted, run once by the agent, its output kept.
+    let run = serde_json::json!({
+        "id": format!("hello-{}", std::process::id()),
+        "job": "adhoc",
+        "task": {"image": image, "command": ["/bin/sh", "-c", "echo hello from a run"]},
+        "resources": {"cpu_millis": 100, "memory_mb": 16},
+        "time_limit": "30s",
+    });
+    let run_path = dir.path().join("run.json");
+    std::fs::write(&run_path, run.to_string()).expect("write");
+    let (code, _, err) = ctl(&url, &["run", &run_path.display().to_string()]);
+    assert_eq!(code, 0, "{err}");
+    let id = run["id"].as_str().expect("id").to_owned();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let result = loop {
+        let (code, out, err) = ctl(&url, &["result", &id]);
+        assert_eq!(code, 0, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+        if !v.is_null() {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "the run never ended");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(result["outcome"], "Succeeded", "{result}");
+    assert!(result["output"].as_array().expect("lines").iter().any(|l| l["line"] == "hello from a run"), "{result}");
+
+    // Bad input: a file that is not a deploy file, an unknown group, promote with no
+    // deployment. Each fails with a message and status 1.
+    let junk = dir.path().join("junk.json");
+    std::fs::write(&junk, "{\"group\": 3}").expect("write");
+    let (code, _, err) = ctl(&url, &["deploy", &junk.display().to_string()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("junk.json"), "{err}");
+    let (code, _, err) = ctl(&url, &["status", "nope", "nope"]);
+    assert!(code == 1 && err.contains("no group nope/nope"), "{err}");
+    let (code, _, err) = ctl(&url, &["promote", "web", "http"]);
+    assert!(code == 1 && err.contains("not found"), "{err}");
+    drop(agent);
 }

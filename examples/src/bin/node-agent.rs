@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use keelson_discovery::{Discovery, EtcdConfig, EtcdKv, KeyValue, KvDiscovery};
-use keelson_scheduler::{ClusterStore, Controller, DockerDriver, Node, NodeAgent, Resources, VolumeManager};
+use keelson_scheduler::{ClusterStore, Controller, DockerDriver, Node, NodeAgent, PortRange, Resources, VolumeManager};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Run a keelson node: cluster state in etcd, tasks on Docker")]
@@ -50,6 +50,9 @@ struct Args {
     /// Root of the cluster state keys.
     #[arg(long, default_value = "keelson/cluster")]
     root: String,
+    /// Host ports this node gives out to allocations, as FIRST-LAST.
+    #[arg(long, value_parser = parse_ports)]
+    ports: Option<PortRange>,
     /// Do not run the cluster controller in this agent.
     #[arg(long)]
     no_controller: bool,
@@ -69,7 +72,10 @@ async fn run(args: Args) -> Result<(), String> {
         println!("node-agent: serving volumes on {addr}");
     }
     let discovery: Arc<dyn Discovery> = Arc::new(KvDiscovery::new(kv));
-    let node = Node::new(args.node.clone(), Resources::new(args.cpu, args.memory));
+    let mut node = Node::new(args.node.clone(), Resources::new(args.cpu, args.memory));
+    if let Some(ports) = args.ports {
+        node.dynamic_ports = ports;
+    }
     let membership = store.join(&node, Duration::from_secs(args.ttl_secs)).await.map_err(|e| format!("joining: {e}"))?;
     let agent =
         Arc::new(NodeAgent::new(args.node.clone(), store.clone(), driver, Some(discovery), args.address.clone()).with_volumes(volumes));
@@ -90,6 +96,16 @@ async fn run(args: Args) -> Result<(), String> {
     membership.leave().await.map_err(|e| format!("leaving: {e}"))?;
     println!("node-agent: node {} left", args.node);
     Ok(())
+}
+
+fn parse_ports(text: &str) -> Result<PortRange, String> {
+    let (first, last) = text.split_once('-').ok_or("expected FIRST-LAST, e.g. 21000-21999")?;
+    let (start, end) =
+        (first.parse::<u16>().map_err(|e| format!("{first}: {e}"))?, last.parse::<u16>().map_err(|e| format!("{last}: {e}"))?);
+    if start == 0 || start > end {
+        return Err(format!("{text}: FIRST must be 1 or more and not above LAST"));
+    }
+    Ok(PortRange { start, end })
 }
 
 fn main() -> ExitCode {
