@@ -257,6 +257,11 @@ impl Driver for DockerDriver {
         let started = self
             .timed("docker start", async { self.docker.start_container::<String>(&name, None).await.map_err(map_err("task", &spec.id)) })
             .await;
+        // The container exists, so a 404 here is about what it refers to: its network.
+        let started = started.map_err(|e| match (e, &spec.network) {
+            (Error::NotFound { .. }, Some(network)) => Error::NotFound { kind: "network", name: network.clone() },
+            (e, _) => e,
+        });
         if let Err(e) = started {
             // A bad port binding, a missing network or mount shows up here: leave nothing behind.
             if let Err(cleanup) = self.remove_container(&spec.id).await {

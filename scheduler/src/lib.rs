@@ -9,8 +9,12 @@
 //!   index it once as a [`ClusterState`] and call [`ClusterState::place`];
 //!   [`ClusterState::rebalance`] proposes moves that free whole nodes.
 //! - [`Driver`]: runs a task on this node; [`ProcessDriver`] runs local processes in
-//!   their own process groups (SIGTERM, then SIGKILL after the grace period).
-//! - [`VolumeManager`]: named volumes; [`LocalVolumes`] keeps them as directories.
+//!   their own process groups (SIGTERM, then SIGKILL after the grace period), restarts
+//!   them under a [`RestartPolicy`], and with [`ProcessDriver::persistent`] adopts them
+//!   after a restart; `DockerDriver` (feature `docker`) runs containers.
+//! - [`VolumeManager`]: named volumes; [`LocalVolumes`] keeps them as directories,
+//!   `DockerVolumes` (feature `docker`) as Docker named volumes. Both export and import
+//!   tar streams: [`serve_volumes`] and [`fetch_volume`] move a volume between nodes.
 //!
 //! ```
 //! use keelson_scheduler::{ClusterSnapshot, Constraint, Job, Node, PlacementEngine, Resources, Scheduler, TaskGroup};
@@ -35,7 +39,8 @@
 //! Orchestration: [`Deployment`] moves a group between versions under a [`Strategy`]
 //! and its [`Gates`], as a pure state machine; [`reconcile`] keeps counts right;
 //! [`ClusterStore`] keeps the state in etcd or Consul with optimistic plan commits;
-//! `DockerDriver` (feature `docker`) runs tasks on Docker Engine.
+//! a [`NodeAgent`] per node runs what is assigned there; the [`Controller`] advances
+//! deployments and replaces lost work; [`RunSpec`]s are one-off runs.
 //!
 //! ```
 //! use keelson_scheduler::{Action, AllocHealth, AllocView, Deployment, Gates, Strategy};
@@ -48,6 +53,32 @@
 //! // Nothing old may stop before a new one is healthy: the first step only starts one.
 //! assert_eq!(deployment.step(&running, 1_000), vec![Action::Start { version: 2, count: 1 }]);
 //! # Ok::<(), keelson_scheduler::Error>(())
+//! ```
+//!
+//! A one-node cluster on the embedded defaults (in-memory state, local processes):
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use keelson_discovery::MemoryKv;
+//! use keelson_scheduler::{
+//!     ClusterStore, Controller, DesiredGroup, Gates, GroupSpec, Node, NodeAgent, ProcessDriver, Resources, Strategy, TaskTemplate,
+//! };
+//!
+//! # #[tokio::main] async fn main() -> Result<(), keelson_scheduler::Error> {
+//! let store = ClusterStore::new(Arc::new(MemoryKv::new()), "cluster");
+//! let _member = store.join(&Node::new("n1", Resources::new(1000, 512)), Duration::from_secs(10)).await?;
+//! let agent = NodeAgent::new("n1", store.clone(), Arc::new(ProcessDriver::new()), None, "127.0.0.1");
+//! let group = GroupSpec {
+//!     desired: DesiredGroup { job: "batch".into(), group: "w".into(), version: 1, count: 2, resources: Resources::new(100, 16), ..Default::default() },
+//!     task: TaskTemplate { command: vec!["sleep".into(), "30".into()], ..Default::default() },
+//!     service: None,
+//! };
+//! store.deploy(&group, Strategy::default(), Gates::default()).await?; // the first version runs at once
+//! Controller::new(store.clone()).tick().await?;                       // places two allocations
+//! let report = agent.sync().await?;                                   // the agent starts them
+//! assert_eq!(report.started.len(), 2);
+//! # Ok(()) }
 //! ```
 
 mod agent;

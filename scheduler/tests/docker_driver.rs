@@ -225,3 +225,33 @@ async fn the_containers_health_check_is_reported_starting_then_healthy_or_unheal
     }
     assert!(guard.containers().is_empty(), "nothing left, the refused one included");
 }
+
+/// Removes a Docker network when dropped.
+struct Network(String);
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        let _ = Command::new("docker").args(["network", "rm", &self.0]).output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_joins_its_named_network_and_a_missing_network_leaves_nothing_behind() {
+    let guard = Cleanup::new("network");
+    let image = image();
+    let d = driver().await;
+    let net = Network(format!("keelson-test-net-{}", std::process::id()));
+    let made = Command::new("docker").args(["network", "create", &net.0]).output().expect("docker network create");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let on_net = TaskSpec { network: Some(net.0.clone()), ..sh(&guard.run, &image, "net-1", "exec sleep 60") };
+    d.start(on_net).await.expect("start on the network");
+    let networks = docker_inspect("keelson-net-1", "{{range $k, $v := .NetworkSettings.Networks}}{{$k}} {{end}}");
+    assert_eq!(networks.trim(), net.0, "attached to the named network only");
+    d.stop("net-1", Duration::from_secs(1)).await.expect("stop");
+    d.remove("net-1").await.expect("remove");
+
+    let nowhere = TaskSpec { network: Some(format!("no-such-net-{}", std::process::id())), ..sh(&guard.run, &image, "net-2", "true") };
+    let err = d.start(nowhere).await.expect_err("no such network");
+    assert!(matches!(err, Error::NotFound { kind: "network", .. }), "{err:?}");
+    assert!(guard.containers().is_empty(), "the container that could not start was removed");
+}
