@@ -91,14 +91,7 @@ async fn ports_mounts_limits_and_labels_reach_the_container() {
     assert_eq!(status.state, TaskState::Running);
     assert_eq!(status.labels.get("keelson.job").map(String::as_str), Some("web"));
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    let mut body = String::new();
-    for _ in 0..50 {
-        if let Ok(r) = keelson_testkit::http::get(addr, "localhost", "/index.html").await {
-            body = r.body;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let body = keelson_testkit::http::get_when_up(addr, "localhost", "/index.html", Duration::from_secs(5)).await.expect("served").body;
     assert_eq!(body, "from the volume\n", "httpd in the container serves the mounted volume on the published port");
     assert_eq!(docker_inspect("keelson-web-1", "{{.HostConfig.NanoCpus}} {{.HostConfig.Memory}}"), format!("500000000 {}", 64 << 20));
     d.stop("web-1", Duration::from_secs(2)).await.expect("stop");

@@ -82,14 +82,7 @@ async fn a_docker_volume_is_mounted_into_a_task_and_cannot_be_removed_while_in_u
     };
     d.start(spec).await.expect("start");
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    let mut body = String::new();
-    for _ in 0..50 {
-        if let Ok(r) = keelson_testkit::http::get(addr, "localhost", "/index.html").await {
-            body = r.body;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let body = keelson_testkit::http::get_when_up(addr, "localhost", "/index.html", Duration::from_secs(5)).await.expect("served").body;
     assert_eq!(body, "from a docker volume\n");
     assert!(matches!(v.remove(&name).await, Err(Error::Conflict { .. })), "a mounted volume is never removed");
     d.stop(&task, Duration::from_secs(2)).await.expect("stop");

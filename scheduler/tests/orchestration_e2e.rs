@@ -188,6 +188,27 @@ fn client(
     })
 }
 
+/// Lets the agent finish stopping what a rollback stopped, then checks only `version`
+/// is left.
+async fn only_version_left(p: &Platform, version: u64) {
+    for _ in 0..3 {
+        p.agent.sync().await.expect("sync");
+    }
+    let versions: BTreeSet<u64> = p.store.allocations_on(&p.node).await.expect("allocs").iter().map(|a| a.version).collect();
+    assert_eq!(versions, BTreeSet::from([version]));
+}
+
+/// Stops the client and asserts it saw no failure; returns the bodies it saw.
+async fn no_failed_requests(
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    load: tokio::task::JoinHandle<(Vec<String>, BTreeSet<String>)>,
+) -> BTreeSet<String> {
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (failures, bodies) = load.await.expect("client");
+    assert!(failures.is_empty(), "{} failed requests, first: {:?} last {:?}", failures.len(), failures.first(), failures.last());
+    bodies
+}
+
 /// Steps the deployment and the agent until the deployment is over.
 async fn deploy(p: &Platform, deployment: &mut Deployment) {
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -231,16 +252,8 @@ async fn rolling_update_and_automatic_rollback_serve_every_request() {
     let mut to_v3 = Deployment::new(Some(2), 3, 3, strategy, gates(), false, wall_clock_ms()).expect("deployment");
     deploy(&p, &mut to_v3).await;
     assert!(matches!(to_v3.phase(), Phase::RolledBack { .. }), "{:?}", to_v3.phase());
-    // Let the agent finish stopping what the rollback stopped.
-    for _ in 0..3 {
-        p.agent.sync().await.expect("sync");
-    }
-    let versions: BTreeSet<u64> = p.store.allocations_on(&p.node).await.expect("allocs").iter().map(|a| a.version).collect();
-    assert_eq!(versions, BTreeSet::from([2]));
-
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (failures, bodies) = load.await.expect("client");
-    assert!(failures.is_empty(), "{} failed requests, first: {:?}", failures.len(), failures.first());
+    only_version_left(&p, 2).await;
+    let bodies = no_failed_requests(stop, load).await;
     assert_eq!(bodies, BTreeSet::from(["v1\n".to_owned(), "v2\n".to_owned()]), "v3 never served");
     drop(p.guard);
 }
@@ -305,15 +318,8 @@ async fn canary_with_manual_promotion_then_blue_green_switch_and_rollback_in_the
     served_only(p.addr, "v2\n").await;
     deploy(&p, &mut to_v3).await;
     assert!(matches!(to_v3.phase(), Phase::RolledBack { .. }), "{:?}", to_v3.phase());
-    for _ in 0..3 {
-        p.agent.sync().await.expect("sync");
-    }
-    let versions: BTreeSet<u64> = p.store.allocations_on(&p.node).await.expect("allocs").iter().map(|a| a.version).collect();
-    assert_eq!(versions, BTreeSet::from([2]));
-
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (failures, _) = load.await.expect("client");
-    assert!(failures.is_empty(), "{} failed requests, first: {:?} last {:?}", failures.len(), failures.first(), failures.last());
+    only_version_left(&p, 2).await;
+    no_failed_requests(stop, load).await;
     drop(p.guard);
 }
 

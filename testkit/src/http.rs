@@ -54,6 +54,19 @@ pub async fn get(addr: SocketAddr, host: &str, path: &str) -> Result<Reply, Test
     request(addr, "GET", host, path, &[]).await
 }
 
+/// GETs `path` until the server answers (a task that is still starting), for up to
+/// `limit`; the last error if it never does.
+pub async fn get_when_up(addr: SocketAddr, host: &str, path: &str, limit: std::time::Duration) -> Result<Reply, TestkitError> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match get(addr, host, path).await {
+            Ok(reply) => return Ok(reply),
+            Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+        }
+    }
+}
+
 /// Starts an upstream on 127.0.0.1 that answers every request with status 200 and a
 /// body of `id` on the first line followed by one `name: value` line per request
 /// header. Runs until the returned task is aborted.
