@@ -80,6 +80,14 @@ pub enum Error {
         /// Why the pull failed.
         reason: String,
     },
+    /// The other side refused the caller (a missing or wrong token).
+    #[error("{operation} denied: {reason}")]
+    Denied {
+        /// What was refused.
+        operation: &'static str,
+        /// Why.
+        reason: String,
+    },
     /// Nothing in the cluster can take the work now (the explanation says why).
     #[error("{what} cannot be placed: {reason}")]
     Unplaced {

@@ -139,5 +139,5 @@ pub use runs::{RunRecord, RunResult, RunSpec, RUN_LABEL};
 pub use state::ClusterState;
 pub use strategy::{Gates, Strategy};
 pub use volume_archive::TarStream;
-pub use volume_transfer::{copy_volume, fetch_volume, serve_volumes, VOLUME_PATH};
+pub use volume_transfer::{copy_volume, fetch_volume, fetch_volume_with_token, serve_volumes, VolumeServer, VOLUME_PATH};
 pub use volumes::{LocalVolumes, Volume, VolumeCapabilities, VolumeManager};

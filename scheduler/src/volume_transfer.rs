@@ -7,8 +7,9 @@
 //! volume's labels as JSON in `x-keelson-volume-labels`, and the archive as a chunked
 //! body; `404` for an unknown volume and `400` for a bad name. An error while the
 //! archive streams aborts the connection, so the receiver sees an incomplete body and
-//! imports nothing. Serve on the nodes' private network only: there is no
-//! authentication, and a volume's contents are its owner's data.
+//! imports nothing. With a token ([`VolumeServer::with_token`]) every request must carry
+//! `authorization: Bearer <token>` (`401` otherwise; compared in constant time). The
+//! bytes are not encrypted: serve on the nodes' private network (or the overlay).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -73,41 +74,89 @@ async fn answer(volumes: Arc<dyn VolumeManager>, req: Request<Incoming>) -> Resp
 }
 
 /// Serves `volumes` on `listener` until `shutdown` completes (transfers under way are
-/// cut: the receivers discard them).
+/// cut: the receivers discard them). No token: anyone who reaches the port may read.
 pub async fn serve_volumes(
     listener: TcpListener,
     volumes: Arc<dyn VolumeManager>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<()> {
-    tokio::pin!(shutdown);
-    let mut connections = tokio::task::JoinSet::new();
-    loop {
-        let (stream, peer) = tokio::select! {
-            () = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accepting a volume transfer connection");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let volumes = volumes.clone();
-        connections.spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let volumes = volumes.clone();
-                async move { Ok::<_, Infallible>(answer(volumes, req).await) }
-            });
-            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
-                tracing::debug!(%peer, error = %e, "volume transfer connection ended");
-            }
-        });
-        while connections.try_join_next().is_some() {}
+    VolumeServer::new(volumes).serve(listener, shutdown).await
+}
+
+/// A volume server with options.
+#[derive(Clone, Debug)]
+pub struct VolumeServer {
+    volumes: Arc<dyn VolumeManager>,
+    token: Option<Arc<str>>,
+}
+
+/// Equal in time independent of where the first difference is (a token check must not
+/// tell an attacker how much of a guess was right).
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl VolumeServer {
+    /// A server of `volumes`, without a token.
+    pub fn new(volumes: Arc<dyn VolumeManager>) -> Self {
+        VolumeServer { volumes, token: None }
     }
-    connections.shutdown().await;
-    Ok(())
+
+    /// Requires `authorization: Bearer <token>` on every request. [`Error::InvalidInput`]
+    /// for an empty token or one that cannot be a header value.
+    pub fn with_token(mut self, token: &str) -> Result<Self> {
+        if token.is_empty() || hyper::header::HeaderValue::from_str(&format!("Bearer {token}")).is_err() {
+            return Err(Error::invalid("volume transfer token", "", "must be non-empty visible ASCII"));
+        }
+        self.token = Some(token.into());
+        Ok(self)
+    }
+
+    fn admits(&self, req: &Request<Incoming>) -> bool {
+        let Some(token) = &self.token else { return true };
+        let given = req.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+        given.is_some_and(|g| same_secret(g, token.as_bytes()))
+    }
+
+    /// Serves until `shutdown` completes.
+    pub async fn serve(self, listener: TcpListener, shutdown: impl std::future::Future<Output = ()> + Send) -> Result<()> {
+        let server = Arc::new(self);
+        tokio::pin!(shutdown);
+        let mut connections = tokio::task::JoinSet::new();
+        loop {
+            let (stream, peer) = tokio::select! {
+                () = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "accepting a volume transfer connection");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let server = server.clone();
+            connections.spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let server = server.clone();
+                    async move {
+                        if !server.admits(&req) {
+                            tracing::warn!(%peer, "volume transfer refused: missing or wrong token");
+                            return Ok::<_, Infallible>(text(StatusCode::UNAUTHORIZED, "a valid bearer token is required\n".into()));
+                        }
+                        Ok::<_, Infallible>(answer(server.volumes.clone(), req).await)
+                    }
+                });
+                if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+                    tracing::debug!(%peer, error = %e, "volume transfer connection ended");
+                }
+            });
+            while connections.try_join_next().is_some() {}
+        }
+        connections.shutdown().await;
+        Ok(())
+    }
 }
 
 fn unavailable(addr: SocketAddr, reason: impl std::fmt::Display) -> Error {
@@ -118,6 +167,11 @@ fn unavailable(addr: SocketAddr, reason: impl std::fmt::Display) -> Error {
 /// source's labels). All or nothing, as [`VolumeManager::import`]; [`Error::NotFound`]
 /// if the source has no such volume, [`Error::Conflict`] if `into` already has it.
 pub async fn fetch_volume(addr: SocketAddr, name: &str, into: &dyn VolumeManager) -> Result<Volume> {
+    fetch_volume_with_token(addr, name, into, None).await
+}
+
+/// [`fetch_volume`] from a server that wants a token; [`Error::Denied`] if it refuses it.
+pub async fn fetch_volume_with_token(addr: SocketAddr, name: &str, into: &dyn VolumeManager, token: Option<&str>) -> Result<Volume> {
     crate::error::validate_id("volume name", name)?;
     let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
         .await
@@ -130,10 +184,15 @@ pub async fn fetch_volume(addr: SocketAddr, name: &str, into: &dyn VolumeManager
             tracing::debug!(error = %e, "volume transfer client connection ended");
         }
     });
-    let request = Request::get(format!("{VOLUME_PATH}{name}"))
+    let mut request = Request::get(format!("{VOLUME_PATH}{name}"))
         .header(hyper::header::HOST, addr.to_string())
         .body(Empty::new())
         .map_err(|e| Error::invalid("volume name", name, e.to_string()))?;
+    if let Some(token) = token {
+        let value = hyper::header::HeaderValue::from_str(&format!("Bearer {token}"))
+            .map_err(|_| Error::invalid("volume transfer token", "", "must be visible ASCII"))?;
+        request.headers_mut().insert(hyper::header::AUTHORIZATION, value);
+    }
     let response = tokio::time::timeout(IDLE_TIMEOUT, sender.send_request(request))
         .await
         .map_err(|_| Error::Timeout { operation: "volume transfer response", after: IDLE_TIMEOUT })?
@@ -141,6 +200,9 @@ pub async fn fetch_volume(addr: SocketAddr, name: &str, into: &dyn VolumeManager
     match response.status() {
         StatusCode::OK => {}
         StatusCode::NOT_FOUND => return Err(Error::NotFound { kind: "volume", name: format!("{name} on {addr}") }),
+        StatusCode::UNAUTHORIZED => {
+            return Err(Error::Denied { operation: "volume transfer", reason: format!("{addr} refused the token") })
+        }
         status => {
             let detail = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
             return Err(unavailable(addr, format!("{status}: {}", String::from_utf8_lossy(&detail).trim())));

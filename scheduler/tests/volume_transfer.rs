@@ -9,7 +9,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keelson_scheduler::{conformance, fetch_volume, serve_volumes, Error, LocalVolumes, VolumeManager};
+use keelson_scheduler::{
+    conformance, fetch_volume, fetch_volume_with_token, serve_volumes, Error, LocalVolumes, VolumeManager, VolumeServer,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -95,4 +97,29 @@ async fn an_absent_source_is_unavailable_and_a_stopped_server_refuses() {
     let r = fetch_volume(addr, "x", &dest).await;
     assert!(matches!(r, Err(Error::Unavailable { .. })), "{r:?}");
     assert!(matches!(dest.get("x").await, Err(Error::NotFound { .. })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_with_a_token_refuses_requests_without_it() {
+    let (a, b) = (tempfile::tempdir().expect("a"), tempfile::tempdir().expect("b"));
+    let source = Arc::new(LocalVolumes::new(a.path()).expect("a"));
+    source.import("secret", BTreeMap::new(), conformance::archive_of(&[("key", b"hunter2", 0o600)], &[])).await.expect("seed");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let served: Arc<dyn VolumeManager> = source.clone();
+    let server = VolumeServer::new(served).with_token("s3cret-token").expect("token");
+    tokio::spawn(server.serve(listener, std::future::pending()));
+    let dest = LocalVolumes::new(b.path()).expect("dest");
+
+    for wrong in [None, Some("guess"), Some("s3cret-tokeN"), Some("s3cret-token-and-more")] {
+        let r = fetch_volume_with_token(addr, "secret", &dest, wrong).await;
+        assert!(matches!(r, Err(Error::Denied { .. })), "{wrong:?}: {r:?}");
+        assert!(matches!(dest.get("secret").await, Err(Error::NotFound { .. })));
+    }
+    fetch_volume_with_token(addr, "secret", &dest, Some("s3cret-token")).await.expect("the right token");
+    assert_eq!(std::fs::read(b.path().join("secret/data/key")).expect("on disk"), b"hunter2");
+
+    let served: Arc<dyn VolumeManager> = source;
+    assert!(matches!(VolumeServer::new(served.clone()).with_token(""), Err(Error::InvalidInput { .. })));
+    assert!(matches!(VolumeServer::new(served).with_token("bad\ntoken"), Err(Error::InvalidInput { .. })));
 }

@@ -59,6 +59,10 @@ struct Args {
     /// Serve this node's volumes to other nodes on this address (private network only).
     #[arg(long)]
     volume_listen: Option<std::net::SocketAddr>,
+    /// A file holding the bearer token volume requests must carry (recommended with
+    /// --volume-listen; read from a file so it stays out of `ps`).
+    #[arg(long)]
+    volume_token_file: Option<std::path::PathBuf>,
 }
 
 async fn run(args: Args) -> Result<(), String> {
@@ -68,7 +72,12 @@ async fn run(args: Args) -> Result<(), String> {
     let volumes: Arc<dyn VolumeManager> = Arc::new(driver.volumes());
     if let Some(addr) = args.volume_listen {
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("--volume-listen {addr}: {e}"))?;
-        tokio::spawn(keelson_scheduler::serve_volumes(listener, volumes.clone(), std::future::pending()));
+        let mut server = keelson_scheduler::VolumeServer::new(volumes.clone());
+        if let Some(path) = &args.volume_token_file {
+            let token = std::fs::read_to_string(path).map_err(|e| format!("--volume-token-file {}: {e}", path.display()))?;
+            server = server.with_token(token.trim()).map_err(|e| format!("--volume-token-file {}: {e}", path.display()))?;
+        }
+        tokio::spawn(server.serve(listener, std::future::pending()));
         println!("node-agent: serving volumes on {addr}");
     }
     let discovery: Arc<dyn Discovery> = Arc::new(KvDiscovery::new(kv));
