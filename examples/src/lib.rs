@@ -21,4 +21,5 @@
 //! ```
 
 pub mod hello;
+pub mod metrics_http;
 pub mod minipaas;

@@ -24,7 +24,12 @@ struct Agent {
 impl Agent {
     /// `ports`: the node's host ports (each test its own, as tests share one Docker host).
     fn start(etcd: &str, node: &str, ports: &str) -> Agent {
+        Agent::start_with(etcd, node, ports, &[])
+    }
+
+    fn start_with(etcd: &str, node: &str, ports: &str, extra: &[&str]) -> Agent {
         let child = Command::new(env!("CARGO_BIN_EXE_node-agent"))
+            .args(extra)
             .args(["--etcd", etcd, "--node", node, "--cpu", "8000", "--memory", "8192", "--ttl-secs", "2", "--interval-ms", "200"])
             .args(["--ports", ports])
             .stdout(Stdio::null())
@@ -167,7 +172,9 @@ async fn keelson_ctl_deploys_updates_and_runs_one_off_jobs_on_an_agent() {
     let kv: Arc<dyn KeyValue> = Arc::new(EtcdKv::connect(EtcdConfig::new([url.clone()])).await.expect("etcd"));
     let store = ClusterStore::new(kv, "keelson/cluster");
     let node = format!("ctl-{}", std::process::id());
-    let agent = Agent::start(&url, &node, "27000-27099");
+    let metrics_port = keelson_testkit::free_ports(1).expect("port")[0];
+    let metrics_addr = std::net::SocketAddr::from(([127, 0, 0, 1], metrics_port));
+    let agent = Agent::start_with(&url, &node, "27000-27099", &["--metrics-listen", &metrics_addr.to_string()]);
     let dir = tempfile::tempdir().expect("dir");
     let deploy_file = |version: u64| {
         let mut spec = web(&image);
@@ -211,6 +218,10 @@ async fn keelson_ctl_deploys_updates_and_runs_one_off_jobs_on_an_agent() {
     let port = store.allocations_on(&node).await.expect("allocs")[0].ports[0];
     let served = keelson_testkit::http::get(std::net::SocketAddr::from(([127, 0, 0, 1], port)), "web", "/").await.expect("GET");
     assert_eq!(served.body, "v2\n");
+    let metrics = keelson_testkit::http::get_when_up(metrics_addr, "agent", "/metrics", Duration::from_secs(5)).await.expect("metrics");
+    let started = metrics.body.lines().find(|l| l.starts_with("keelson_agent_tasks_started_total")).expect("started counter");
+    assert!(started.ends_with(" 4"), "v1 and v2, two each: {started}");
+    assert!(metrics.body.contains("keelson_controller_deployments_ended_total{outcome=\"Succeeded\"} 1"), "{}", metrics.body);
 
     // A one-off run: submitted, run once by the agent, its output kept.
     let run = serde_json::json!({

@@ -25,6 +25,7 @@ use crate::cluster_store::ClusterStore;
 use crate::deployment::Traffic;
 use crate::driver::{Driver, Limits, MountSpec, PortMapping, TaskHealth, TaskSpec, TaskState};
 use crate::error::{Error, Result};
+use crate::metrics::OrchestrationMetrics;
 use crate::reconcile::{AllocRecord, AllocStatus, DesiredGroup};
 use crate::volumes::VolumeManager;
 
@@ -115,6 +116,7 @@ pub struct NodeAgent {
     stop_grace: Duration,
     drain: Duration,
     registrations: Mutex<HashMap<String, RegistrationHandle>>,
+    metrics: OrchestrationMetrics,
 }
 
 impl NodeAgent {
@@ -137,6 +139,7 @@ impl NodeAgent {
             stop_grace: Duration::from_secs(5),
             drain: Duration::from_millis(500),
             registrations: Mutex::new(HashMap::new()),
+            metrics: OrchestrationMetrics::default(),
         }
     }
 
@@ -150,6 +153,12 @@ impl NodeAgent {
     /// following discovery stop sending it requests first (default 500 ms).
     pub fn with_drain(mut self, drain: Duration) -> Self {
         self.drain = drain;
+        self
+    }
+
+    /// Counts into `metrics` (share one with the controller; register it once).
+    pub fn with_metrics(mut self, metrics: OrchestrationMetrics) -> Self {
+        self.metrics = metrics;
         self
     }
 
@@ -218,8 +227,27 @@ impl NodeAgent {
         self.driver.start(self.task_spec(alloc, spec).await?).await.map(drop)
     }
 
-    /// One pass: start, stop, check, report, register.
+    /// One pass: start, stop, check, report, register; then the node's one-off runs.
     pub async fn sync(&self) -> Result<SyncReport> {
+        let began = std::time::Instant::now();
+        let result = self.sync_once().await;
+        self.metrics.sync_seconds.observe(began.elapsed().as_secs_f64());
+        match &result {
+            Ok(report) => {
+                self.metrics.started.inc_by(report.started.len() as u64);
+                self.metrics.stopped.inc_by(report.stopped.len() as u64);
+                for (_, status) in &report.reported {
+                    self.metrics.reports.get_or_create(&OrchestrationMetrics::status(status)).inc();
+                }
+            }
+            Err(_) => {
+                self.metrics.sync_errors.inc();
+            }
+        }
+        result
+    }
+
+    async fn sync_once(&self) -> Result<SyncReport> {
         let mut report = SyncReport::default();
         let assigned: HashMap<String, AllocRecord> =
             self.store.allocations_on(&self.node).await?.into_iter().map(|a| (a.id.clone(), a)).collect();
@@ -318,7 +346,11 @@ impl NodeAgent {
         for id in unroute {
             self.deregister(&id).await;
         }
-        report.runs_finished = crate::runs::sync_runs(&self.store, self.driver.as_ref(), &self.node, self.stop_grace).await?;
+        let finished = crate::runs::sync_runs(&self.store, self.driver.as_ref(), &self.node, self.stop_grace).await?;
+        for (id, outcome) in finished {
+            self.metrics.runs_finished.get_or_create(&OrchestrationMetrics::outcome(outcome)).inc();
+            report.runs_finished.push(id);
+        }
         Ok(report)
     }
 

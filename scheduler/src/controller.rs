@@ -26,6 +26,7 @@ use crate::agent::GroupSpec;
 use crate::cluster_store::{decode, encode, kv_err, wall_clock_ms, ClusterStore};
 use crate::deployment::{Deployment, Phase};
 use crate::error::{Error, Result};
+use crate::metrics::OrchestrationMetrics;
 use crate::reconcile::DesiredGroup;
 use crate::strategy::{Gates, Strategy};
 
@@ -162,12 +163,19 @@ impl ClusterStore {
 #[derive(Clone, Debug)]
 pub struct Controller {
     store: ClusterStore,
+    metrics: OrchestrationMetrics,
 }
 
 impl Controller {
     /// A controller for `store`.
     pub fn new(store: ClusterStore) -> Self {
-        Controller { store }
+        Controller { store, metrics: OrchestrationMetrics::default() }
+    }
+
+    /// Counts into `metrics` (share one with the node agent; register it once).
+    pub fn with_metrics(mut self, metrics: OrchestrationMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// One pass (see the module docs). Returns with `acted: false` if another controller
@@ -180,6 +188,19 @@ impl Controller {
             Err(e) => return Err(kv_err(e)),
         };
         let result = self.tick_locked().await;
+        match &result {
+            Ok(r) => {
+                self.metrics.ticks.inc();
+                for (_, _, phase) in &r.deployments_ended {
+                    self.metrics.deployments_ended.get_or_create(&OrchestrationMetrics::outcome(phase)).inc();
+                }
+                self.metrics.lost.inc_by(r.lost.len() as u64);
+                self.metrics.placed.inc_by(r.placed as u64);
+            }
+            Err(_) => {
+                self.metrics.tick_errors.inc();
+            }
+        }
         if let Err(e) = kv.unlock(&lock).await {
             tracing::warn!(error = %e, "releasing the controller lock (it expires with its lease)");
         }

@@ -94,6 +94,7 @@ mod docker_volumes;
 mod driver;
 mod engine;
 mod error;
+mod metrics;
 mod model;
 mod oneoff;
 mod placement;
@@ -125,6 +126,7 @@ pub use driver::{
 };
 pub use engine::{EngineConfig, PREEMPTION_GAP};
 pub use error::{validate_id, Dimension, Error, Result};
+pub use metrics::OrchestrationMetrics;
 pub use model::{
     Affinity, Allocation, ClusterSnapshot, Constraint, ConstraintOp, Eligibility, Eviction, Explanation, HostVolume, Job, Node, Placement,
     Plan, Policy, PortRange, Resources, ScoreBreakdown, Spread, SpreadTarget, TaskGroup, Unplaced, VolumeAccess, VolumeMount,

@@ -181,7 +181,12 @@ async fn collect_output(driver: &dyn Driver, id: &str) -> Vec<OutputLine> {
 }
 
 /// One agent pass over its node's runs: start, stop at the limit, keep what ended.
-pub(crate) async fn sync_runs(store: &ClusterStore, driver: &dyn Driver, node: &str, stop_grace: Duration) -> Result<Vec<String>> {
+pub(crate) async fn sync_runs(
+    store: &ClusterStore,
+    driver: &dyn Driver,
+    node: &str,
+    stop_grace: Duration,
+) -> Result<Vec<(String, RunOutcome)>> {
     let mut finished = Vec::new();
     for mut record in store.runs_on(node).await? {
         let id = record.spec.id.clone();
@@ -255,7 +260,7 @@ pub(crate) async fn sync_runs(store: &ClusterStore, driver: &dyn Driver, node: &
                 Err(e) => tracing::warn!(run = %id, error = %e, "removing a finished run's task"),
             }
             tracing::info!(run = %id, ?outcome, "run ended");
-            finished.push(id);
+            finished.push((id, outcome));
         } else if record.run != before {
             store.save_run(&record).await?;
         }

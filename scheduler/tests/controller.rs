@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use keelson_discovery::MemoryKv;
 use keelson_scheduler::{
-    AllocStatus, ClusterStore, Controller, DesiredGroup, Driver, Error, Gates, GroupSpec, Node, NodeAgent, Phase, ProcessDriver, Resources,
-    Strategy, TaskTemplate,
+    AllocStatus, ClusterStore, Controller, DesiredGroup, Driver, Error, Gates, GroupSpec, Node, NodeAgent, OrchestrationMetrics, Phase,
+    ProcessDriver, Resources, Strategy, TaskTemplate,
 };
 
 fn spec(version: u64, script: &str) -> GroupSpec {
@@ -101,10 +101,16 @@ async fn the_controller_runs_deploys_rolls_back_promotes_and_replaces_lost_work(
     let n2 = store.join(&Node::new("n2", Resources::new(250, 1024)), Duration::from_secs(2)).await.expect("join");
     let _n3 = store.join(&Node::new("n3", Resources::new(2000, 1024)), Duration::from_secs(30)).await.expect("join");
     let drivers = vec![Arc::new(ProcessDriver::new()), Arc::new(ProcessDriver::new()), Arc::new(ProcessDriver::new())];
-    let agents =
-        ["n1", "n2", "n3"].iter().zip(&drivers).map(|(n, d)| NodeAgent::new(*n, store.clone(), d.clone(), None, "127.0.0.1")).collect();
-    let c =
-        Cluster { store: store.clone(), controllers: [Controller::new(store.clone()), Controller::new(store.clone())], agents, drivers };
+    let metrics = OrchestrationMetrics::new();
+    let mut registry = prometheus_client::registry::Registry::default();
+    metrics.register(&mut registry);
+    let agents = ["n1", "n2", "n3"]
+        .iter()
+        .zip(&drivers)
+        .map(|(n, d)| NodeAgent::new(*n, store.clone(), d.clone(), None, "127.0.0.1").with_metrics(metrics.clone()))
+        .collect();
+    let controller = || Controller::new(store.clone()).with_metrics(metrics.clone());
+    let c = Cluster { store: store.clone(), controllers: [controller(), controller()], agents, drivers };
     let rolling = Strategy::Rolling { max_surge: 1, max_unavailable: 0 };
 
     // The first version runs at once.
@@ -162,4 +168,16 @@ async fn the_controller_runs_deploys_rolls_back_promotes_and_replaces_lost_work(
     assert!(killed.elapsed() <= Duration::from_secs(4), "took {:?}", killed.elapsed());
     assert!(on_n2 > 0, "the scenario needs work on n2");
     c.until("running again", Duration::from_secs(20), |a| running(a, 4) == 3).await;
+
+    // What happened shows in the metrics.
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+    let value = |line_start: &str| -> f64 {
+        text.lines().find(|l| l.starts_with(line_start)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+    };
+    assert_eq!(value("keelson_controller_deployments_ended_total{outcome=\"Succeeded\"}"), 2.0, "{text}");
+    assert_eq!(value("keelson_controller_deployments_ended_total{outcome=\"RolledBack\"}"), 1.0, "{text}");
+    assert!(value("keelson_controller_lost_allocations_total") >= on_n2 as f64, "{text}");
+    assert!(value("keelson_agent_tasks_started_total") >= 12.0, "{text}");
+    assert!(value("keelson_agent_status_reports_total{status=\"Failed\"}") >= 1.0, "{text}");
 }

@@ -222,35 +222,6 @@ fn load_certs(specs: &[CertSpec], store: &keelson_routing::CertStore) -> Result<
     first_error.map_or(Ok(()), Err)
 }
 
-/// A minimal metrics endpoint: GET /metrics in Prometheus text format, 404 otherwise.
-async fn serve_metrics(listener: tokio::net::TcpListener, registry: Arc<Registry>) {
-    use http_body_util::Full;
-    use hyper::{Request, Response};
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let registry = registry.clone();
-        let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-            let registry = registry.clone();
-            async move {
-                let mut text = String::new();
-                if req.uri().path() != "/metrics" {
-                    Response::builder().status(404).body(Full::new(bytes::Bytes::from_static(b"try /metrics\n")))
-                } else if prometheus_client::encoding::text::encode(&mut text, &registry).is_err() {
-                    Response::builder().status(500).body(Full::new(bytes::Bytes::from_static(b"encoding failed\n")))
-                } else {
-                    Response::builder()
-                        .header("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")
-                        .body(Full::new(bytes::Bytes::from(text)))
-                }
-            }
-        });
-        tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(stream), service));
-    }
-}
-
 /// Follows a catalog in etcd or Consul, if asked to. Returns whether one is followed.
 fn tcp_config(args: &Args) -> keelson_routing::TcpProxyConfig {
     keelson_routing::TcpProxyConfig { zero_copy: !args.tcp_copy, ..keelson_routing::TcpProxyConfig::default() }
@@ -339,7 +310,7 @@ async fn run(args: Args) -> Result<(), String> {
             source_status.register(&mut registry);
         }
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("metrics listen {addr}: {e}"))?;
-        tokio::spawn(serve_metrics(listener, Arc::new(registry)));
+        tokio::spawn(keelson_examples::metrics_http::serve_metrics(listener, Arc::new(registry)));
     }
     if args.workers == 0 {
         return Err("--workers must be at least 1".into());

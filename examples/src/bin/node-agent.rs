@@ -21,7 +21,9 @@ use std::time::Duration;
 
 use clap::Parser;
 use keelson_discovery::{Discovery, EtcdConfig, EtcdKv, KeyValue, KvDiscovery};
-use keelson_scheduler::{ClusterStore, Controller, DockerDriver, Node, NodeAgent, PortRange, Resources, VolumeManager};
+use keelson_scheduler::{
+    ClusterStore, Controller, DockerDriver, Node, NodeAgent, OrchestrationMetrics, PortRange, Resources, VolumeManager,
+};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Run a keelson node: cluster state in etcd, tasks on Docker")]
@@ -53,6 +55,9 @@ struct Args {
     /// Host ports this node gives out to allocations, as FIRST-LAST.
     #[arg(long, value_parser = parse_ports)]
     ports: Option<PortRange>,
+    /// Serve Prometheus metrics at http://<addr>/metrics.
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Do not run the cluster controller in this agent.
     #[arg(long)]
     no_controller: bool,
@@ -86,11 +91,21 @@ async fn run(args: Args) -> Result<(), String> {
         node.dynamic_ports = ports;
     }
     let membership = store.join(&node, Duration::from_secs(args.ttl_secs)).await.map_err(|e| format!("joining: {e}"))?;
-    let agent =
-        Arc::new(NodeAgent::new(args.node.clone(), store.clone(), driver, Some(discovery), args.address.clone()).with_volumes(volumes));
+    let metrics = OrchestrationMetrics::new();
+    if let Some(addr) = args.metrics_listen {
+        let mut registry = prometheus_client::registry::Registry::default();
+        metrics.register(&mut registry);
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("--metrics-listen {addr}: {e}"))?;
+        tokio::spawn(keelson_examples::metrics_http::serve_metrics(listener, Arc::new(registry)));
+    }
+    let agent = Arc::new(
+        NodeAgent::new(args.node.clone(), store.clone(), driver, Some(discovery), args.address.clone())
+            .with_volumes(volumes)
+            .with_metrics(metrics.clone()),
+    );
     let interval = Duration::from_millis(args.interval_ms);
     if !args.no_controller {
-        let controller = Controller::new(store);
+        let controller = Controller::new(store).with_metrics(metrics);
         tokio::spawn(async move { controller.run(interval, std::future::pending()).await });
     }
     println!("node-agent: node {} joined", args.node);
