@@ -464,26 +464,35 @@ fn place(
     let mut out = Vec::new();
     for (i, n) in wanted {
         let d = &desired[*i];
-        if let Some(v) = d.volumes.iter().find(|v| v.per_task) {
-            // Which per-task volume a replacement takes depends on which task it replaces;
-            // placement here sees only counts.
-            return Err(Error::invalid(
-                "volume",
-                &v.name,
-                "per-task volumes are not supported by the cluster store; use one group per stateful replica",
-            ));
+        let mut placements = Vec::new();
+        for volumes in volume_batches(view, d, *n, lost) {
+            let count = if d.volumes.iter().any(|v| v.per_task) { 1 } else { *n };
+            let mut group = TaskGroup::new(d.group.clone(), count, d.resources).with_dynamic_ports(d.ports);
+            for v in volumes {
+                group = group.with_volume(v);
+            }
+            let placed = engine.plan(&snapshot, &Job::new(d.job.clone(), vec![group]))?;
+            for u in &placed.unplaced {
+                // Left for the next pass (a node may join, a volume's node may come back).
+                tracing::warn!(job = %d.job, group = %d.group, unplaced = ?u, "allocation not placed");
+            }
+            // Placed one batch at a time, so the next sees this one's ports and writers.
+            for p in &placed.placements {
+                snapshot.allocations.push(Allocation {
+                    ports: p.ports.iter().copied().collect(),
+                    volumes: p.volumes.clone(),
+                    ..Allocation::new(
+                        format!("pending-{}", snapshot.allocations.len()),
+                        p.node.clone(),
+                        d.job.clone(),
+                        d.group.clone(),
+                        d.resources,
+                    )
+                });
+            }
+            placements.extend(placed.placements);
         }
-        let mut group = TaskGroup::new(d.group.clone(), *n, d.resources).with_dynamic_ports(d.ports);
-        for v in &d.volumes {
-            group = group.with_volume(v.clone());
-        }
-        let job = Job::new(d.job.clone(), vec![group]);
-        let placed = engine.plan(&snapshot, &job)?;
-        for u in &placed.unplaced {
-            // Left for the next pass (a node may join, a volume's node may come back).
-            tracing::warn!(job = %d.job, group = %d.group, unplaced = ?u, "allocation not placed");
-        }
-        for p in placed.placements {
+        for p in placements {
             let id = format!("{}-{}-v{}-{}", d.job, d.group, d.version, unique_suffix());
             for (m, req) in p.volumes.iter().zip(&d.volumes) {
                 if !snapshot.volumes.iter().any(|v| v.name == m.name) {
@@ -492,11 +501,6 @@ fn place(
                     plan.new_volume(home);
                 }
             }
-            snapshot.allocations.push(Allocation {
-                ports: p.ports.iter().copied().collect(),
-                volumes: p.volumes.clone(),
-                ..Allocation::new(id.clone(), p.node.clone(), d.job.clone(), d.group.clone(), d.resources)
-            });
             out.push(AllocRecord {
                 id,
                 job: d.job.clone(),
@@ -514,6 +518,45 @@ fn place(
         plan.put(a.clone());
     }
     Ok(out)
+}
+
+/// The volume requests of each placement batch for `n` new allocations of `d`. Without
+/// per-task volumes: one batch of `n`, the requests as they are. With them: one batch per
+/// allocation, each taking the lowest task index no live allocation of the group holds,
+/// its per-task requests turned into that index's volume (`data-2`), so a replacement
+/// mounts the volume of the task it replaces and placement pins it to that volume's node.
+/// Stopping allocations free their index (their volume stays busy until they are gone:
+/// a single writer is not placed beside them).
+fn volume_batches(view: &ClusterView, d: &DesiredGroup, n: u32, lost: &HashSet<String>) -> Vec<Vec<crate::model::VolumeRequest>> {
+    let Some(first) = d.volumes.iter().position(|v| v.per_task) else { return vec![d.volumes.clone()] };
+    let prefix = format!("{}-", d.volumes[first].name);
+    let mut taken: HashSet<u32> = view
+        .allocations
+        .iter()
+        .filter(|a| a.job == d.job && a.group == d.group && !lost.contains(&a.node))
+        .filter(|a| !matches!(a.status, AllocStatus::Failed | AllocStatus::Stopping))
+        .filter_map(|a| a.volumes.get(first)?.name.strip_prefix(&prefix)?.parse().ok())
+        .collect();
+    let mut batches = Vec::new();
+    let mut index = 0u32;
+    while batches.len() < n as usize {
+        if taken.insert(index) {
+            let volumes = d
+                .volumes
+                .iter()
+                .map(|v| {
+                    if v.per_task {
+                        crate::model::VolumeRequest { name: v.volume_for(index), per_task: false, ..v.clone() }
+                    } else {
+                        v.clone()
+                    }
+                })
+                .collect();
+            batches.push(volumes);
+        }
+        index += 1;
+    }
+    batches
 }
 
 /// Milliseconds since the Unix epoch: the clock allocation timestamps and deployment

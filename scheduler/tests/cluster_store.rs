@@ -161,6 +161,56 @@ async fn volumes_pin_work_to_their_node_and_move_with_it(kv: Arc<dyn KeyValue>) 
     assert_eq!(store.volume_home("fresh").await.expect("home").expect("recorded").node, "n1");
 }
 
+async fn each_replica_keeps_its_own_volume(kv: Arc<dyn KeyValue>) {
+    let store = ClusterStore::new(kv, "test/per-task");
+    let ttl = Duration::from_secs(30);
+    let mut members = Vec::new();
+    for n in ["n1", "n2", "n3"] {
+        members.push(store.join(&Node::new(n, Resources::new(150, 4096)), ttl).await.expect("join"));
+    }
+    let db = DesiredGroup {
+        job: "db".into(),
+        group: "replica".into(),
+        version: 1,
+        count: 3,
+        resources: Resources::new(100, 64),
+        volumes: vec![VolumeRequest { per_task: true, ..volume("data", false) }],
+        ..DesiredGroup::default()
+    };
+    assert!(db.single_writer(), "per-task volumes have one writer each");
+    let first = store.reschedule(std::slice::from_ref(&db)).await.expect("place");
+    let mut names: Vec<String> = first.placed.iter().map(|a| a.volumes[0].name.clone()).collect();
+    names.sort();
+    assert_eq!(names, ["data-0", "data-1", "data-2"]);
+    for a in &first.placed {
+        let home = store.volume_home(&a.volumes[0].name).await.expect("home").expect("recorded");
+        assert_eq!(home.node, a.node, "each volume lives where its replica landed");
+    }
+    // Replica 1 fails: its replacement mounts data-1, on data-1's node.
+    let failed = first.placed.iter().find(|a| a.volumes[0].name == "data-1").expect("replica 1").clone();
+    store.report(&AllocRecord { status: AllocStatus::Failed, ..failed.clone() }).await.expect("report");
+    let again = store.reschedule(std::slice::from_ref(&db)).await.expect("replace");
+    assert_eq!(again.stopped, vec![failed.id.clone()], "the failed one is stopped");
+    assert_eq!(again.placed.len(), 1);
+    assert_eq!(again.placed[0].volumes[0].name, "data-1");
+    assert_eq!(again.placed[0].node, failed.node, "pinned to its volume");
+    // Steady: nothing more to place, and no fourth volume appears.
+    store.forget(&failed).await.expect("forget");
+    assert!(store.reschedule(std::slice::from_ref(&db)).await.expect("steady").placed.is_empty());
+    assert!(store.volume_home("data-3").await.expect("home").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_kv_gives_each_replica_its_own_volume() {
+    each_replica_keeps_its_own_volume(Arc::new(MemoryKv::new())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_gives_each_replica_its_own_volume() {
+    let (_etcd, kv) = etcd().await;
+    each_replica_keeps_its_own_volume(kv).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_kv_keeps_work_beside_its_volumes() {
     volumes_pin_work_to_their_node_and_move_with_it(Arc::new(MemoryKv::new())).await;
