@@ -25,9 +25,9 @@ use crate::error::{Error, Result};
 pub type TarStream = Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>;
 
 /// Chunks handed from the blocking packer to the async reader.
-const CHUNK: usize = 64 * 1024;
-/// Chunks in flight between them (so at most 512 KiB buffered).
-const IN_FLIGHT: usize = 8;
+const CHUNK: usize = 1024 * 1024;
+/// Chunks in flight between them (so at most 4 MiB buffered).
+const IN_FLIGHT: usize = 4;
 
 /// A `Write` that sends what it is given as chunks on a channel (from a blocking thread).
 struct ChannelWriter {
