@@ -57,3 +57,21 @@ pub fn placement_workload(nodes: usize, tasks: u32, seed: u64) -> (ClusterSnapsh
     );
     (ClusterSnapshot { nodes, ..ClusterSnapshot::default() }, job)
 }
+
+/// Runs a bench binary's async body on a two-worker runtime: exit status 0, or 1 with
+/// `<name>: <error>` on stderr.
+pub fn run_bench_main(name: &str, body: impl std::future::Future<Output = Result<(), String>>) -> std::process::ExitCode {
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+        .and_then(|rt| rt.block_on(body));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -110,20 +110,8 @@ async fn run(args: &Args) -> Result<(), String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("docker-start: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = rt.block_on(run(&args));
+    let code = keelson_benches::run_bench_main("docker-start", run(&args));
+    // Whatever happened, no bench container is left behind.
     let _ = remove_all();
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("docker-start: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    code
 }
