@@ -74,6 +74,21 @@ pub struct TaskTemplate {
     pub health_check: Option<crate::driver::HealthCheck>,
 }
 
+impl TaskTemplate {
+    /// The task `id` runs: this template's program, image, environment, limits, restart
+    /// policy and health check. Ports, mounts and labels are the caller's.
+    pub fn to_spec(&self, id: impl Into<String>) -> TaskSpec {
+        TaskSpec {
+            image: self.image.clone(),
+            env: self.env.clone(),
+            limits: self.limits,
+            restart: self.restart,
+            health_check: self.health_check.clone(),
+            ..TaskSpec::new(id, self.command.clone())
+        }
+    }
+}
+
 /// A service offered by each allocation of a group, on the allocation's first host port.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -207,20 +222,11 @@ impl NodeAgent {
             (Some(s), Some(host)) => vec![PortMapping { container: s.port, host: *host }],
             _ => Vec::new(),
         };
-        Ok(TaskSpec {
-            image: spec.task.image.clone(),
-            env: spec.task.env.clone(),
-            limits: spec.task.limits,
-            restart: spec.task.restart,
-            health_check: spec.task.health_check.clone(),
-            ports,
-            mounts: self.mounts(alloc, spec).await?,
-            ..TaskSpec::new(alloc.id.clone(), spec.task.command.clone())
-        }
-        .with_label(NODE_LABEL, self.node.clone())
-        .with_label("keelson.job", alloc.job.clone())
-        .with_label("keelson.group", alloc.group.clone())
-        .with_label("keelson.version", alloc.version.to_string()))
+        Ok(TaskSpec { ports, mounts: self.mounts(alloc, spec).await?, ..spec.task.to_spec(alloc.id.clone()) }
+            .with_label(NODE_LABEL, self.node.clone())
+            .with_label("keelson.job", alloc.job.clone())
+            .with_label("keelson.group", alloc.group.clone())
+            .with_label("keelson.version", alloc.version.to_string()))
     }
 
     async fn start(&self, alloc: &AllocRecord, spec: &GroupSpec) -> Result<()> {
@@ -408,5 +414,39 @@ impl NodeAgent {
             tracing::warn!(alloc = %id, error = %e, "deregistering (it expires with its TTL)");
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::driver::{HealthCheck, RestartPolicy};
+
+    #[test]
+    fn a_template_carries_everything_it_names_into_the_task() {
+        let template = TaskTemplate {
+            image: Some("web:2".into()),
+            command: vec!["/web".into()],
+            env: BTreeMap::from([("MODE".to_owned(), "prod".to_owned())]),
+            limits: Some(Limits { cpu_millis: 500, memory_mb: 64 }),
+            mounts: BTreeMap::new(),
+            restart: Some(RestartPolicy {
+                max_restarts: 3,
+                initial_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(1),
+            }),
+            health_check: Some(HealthCheck {
+                command: vec!["/check".into()],
+                interval: Duration::from_secs(1),
+                timeout: Duration::from_secs(1),
+                retries: 2,
+            }),
+        };
+        let spec = template.to_spec("a1");
+        assert_eq!(spec.id, "a1");
+        assert_eq!(spec.command, template.command);
+        assert_eq!((spec.image, spec.env, spec.limits), (template.image.clone(), template.env.clone(), template.limits));
+        assert_eq!((spec.restart, spec.health_check), (template.restart, template.health_check.clone()));
+        assert!(spec.ports.is_empty() && spec.mounts.is_empty() && spec.labels.is_empty(), "those are the caller's");
     }
 }

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::agent::{TaskTemplate, NODE_LABEL};
 use crate::cluster_store::{decode, encode, kv_err, wall_clock_ms, ClusterStore};
-use crate::driver::{Driver, OutputLine, TaskSpec};
+use crate::driver::{Driver, OutputLine};
 use crate::error::{validate_id, Error, Result};
 use crate::model::{Allocation, ClusterSnapshot, Job, Resources, TaskGroup};
 use crate::oneoff::{OneOffRun, RunAction, RunObserved, RunOutcome};
@@ -211,16 +211,13 @@ pub(crate) async fn sync_runs(
                 // Saved before starting: a crash after the start adopts the task, never
                 // starts a second one.
                 store.save_run(&record).await?;
-                let t = &record.spec.task;
-                let spec = TaskSpec {
-                    image: t.image.clone(),
-                    env: t.env.clone(),
-                    limits: t.limits,
-                    ..TaskSpec::new(id.clone(), t.command.clone())
-                }
-                .with_label(NODE_LABEL, node)
-                .with_label(RUN_LABEL, id.clone())
-                .with_label("keelson.job", record.spec.job.clone());
+                let spec = record
+                    .spec
+                    .task
+                    .to_spec(id.clone())
+                    .with_label(NODE_LABEL, node)
+                    .with_label(RUN_LABEL, id.clone())
+                    .with_label("keelson.job", record.spec.job.clone());
                 match driver.start(spec).await {
                     Ok(_) => tracing::info!(run = %id, %node, "run started"),
                     Err(e) if e.is_retryable() => return Err(e),
