@@ -40,11 +40,7 @@ impl Agent {
     }
 
     fn containers(&self) -> Vec<String> {
-        let out = Command::new("docker")
-            .args(["ps", "-aq", "--filter", &format!("label={NODE_LABEL}={}", self.node)])
-            .output()
-            .expect("docker ps");
-        String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_owned).collect()
+        keelson_testkit::docker::containers(&[&format!("label={NODE_LABEL}={}", self.node)])
     }
 }
 
@@ -52,10 +48,7 @@ impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let ids = self.containers();
-        if !ids.is_empty() {
-            let _ = Command::new("docker").args(["rm", "-f"]).args(&ids).output();
-        }
+        keelson_testkit::docker::remove_containers(&[&format!("label={NODE_LABEL}={}", self.node)]);
     }
 }
 

@@ -25,20 +25,13 @@ impl Cleanup {
     }
 
     fn containers(&self) -> Vec<String> {
-        let out = Command::new("docker")
-            .args(["ps", "-aq", "--filter", &format!("label=keelson.test-run={}", self.run)])
-            .output()
-            .expect("docker ps");
-        String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_owned).collect()
+        keelson_testkit::docker::containers(&[&format!("label=keelson.test-run={}", self.run)])
     }
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let ids = self.containers();
-        if !ids.is_empty() {
-            let _ = Command::new("docker").args(["rm", "-f"]).args(&ids).output();
-        }
+        keelson_testkit::docker::remove_containers(&[&format!("label=keelson.test-run={}", self.run)]);
     }
 }
 

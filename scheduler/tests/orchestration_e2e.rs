@@ -25,18 +25,13 @@ struct Cleanup(String);
 
 impl Cleanup {
     fn containers(&self) -> Vec<String> {
-        let out =
-            Command::new("docker").args(["ps", "-aq", "--filter", &format!("label={NODE_LABEL}={}", self.0)]).output().expect("docker ps");
-        String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_owned).collect()
+        keelson_testkit::docker::containers(&[&format!("label={NODE_LABEL}={}", self.0)])
     }
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let ids = self.containers();
-        if !ids.is_empty() {
-            let _ = Command::new("docker").args(["rm", "-f"]).args(&ids).output();
-        }
+        keelson_testkit::docker::remove_containers(&[&format!("label={NODE_LABEL}={}", self.0)]);
     }
 }
 
@@ -371,7 +366,7 @@ async fn a_stateful_service_keeps_its_volume_through_a_stop_first_update_and_mov
     let image = keelson_testkit::docker::busybox_image().unwrap_or_else(|e| panic!("the busybox test image: {e}"));
     let pid = std::process::id();
     let (node_a, node_b) = (format!("stateful-a-{pid}"), format!("stateful-b-{pid}"));
-    let (_guard_a, _guard_b) = (Cleanup(node_a.clone()), Cleanup(node_b.clone()));
+    let (guard_a, guard_b) = (Cleanup(node_a.clone()), Cleanup(node_b.clone()));
     let volume = format!("kvdata-{pid}");
     let _volume_guard = VolumeCleanup(volume.clone());
     let store = ClusterStore::new(Arc::new(MemoryKv::new()), "stateful");
@@ -404,7 +399,7 @@ async fn a_stateful_service_keeps_its_volume_through_a_stop_first_update_and_mov
         assert!(Instant::now() < deadline, "stuck at {:?}", update.phase());
         store.advance(&mut update, "kv", "store", wall_clock_ms()).await.expect("advance");
         agent_a.sync().await.expect("sync");
-        let running = _guard_a.containers().len();
+        let running = guard_a.containers().len();
         assert!(running <= 1, "{running} containers share a single-writer volume");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -453,7 +448,7 @@ async fn a_stateful_service_keeps_its_volume_through_a_stop_first_update_and_mov
     }
     store.commit(&stop).await.expect("stop");
     agent_b.sync().await.expect("sync stops");
-    assert!(_guard_a.containers().is_empty() && _guard_b.containers().is_empty());
+    assert!(guard_a.containers().is_empty() && guard_b.containers().is_empty());
     docker_volumes.remove(&volume).await.expect("remove the old copy");
     drop((member_a, member_b));
 }

@@ -90,16 +90,8 @@ struct RunContainers;
 #[cfg(feature = "docker")]
 impl Drop for RunContainers {
     fn drop(&mut self) {
-        let tag = format!("-{}", std::process::id());
-        let out = std::process::Command::new("docker")
-            .args(["ps", "-a", "--format", "{{.Names}}", "--filter", "label=keelson.run"])
-            .output()
-            .expect("docker ps");
-        let names: Vec<String> =
-            String::from_utf8_lossy(&out.stdout).split_whitespace().filter(|n| n.ends_with(&tag)).map(str::to_owned).collect();
-        if !names.is_empty() {
-            let _ = std::process::Command::new("docker").args(["rm", "-f"]).args(&names).output();
-        }
+        // Run tasks are labelled with their run id, which ends in this process's id.
+        keelson_testkit::docker::remove_containers(&["label=keelson.run", &format!("name=-{}$", std::process::id())]);
     }
 }
 

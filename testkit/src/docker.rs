@@ -51,3 +51,26 @@ pub fn busybox_image() -> Result<String, TestkitError> {
     run(&docker, &["build", "--quiet", "--label", "keelson.test=1", "-t", &image, &ctx_path])?;
     Ok(image)
 }
+
+/// The ids of every container, running or not, matching all of `filters` (`docker ps
+/// --filter`, for example `label=keelson.node=n1`).
+pub fn containers(filters: &[&str]) -> Vec<String> {
+    let mut cmd = std::process::Command::new("docker");
+    cmd.args(["ps", "-aq"]);
+    for f in filters {
+        cmd.args(["--filter", f]);
+    }
+    match cmd.output() {
+        Ok(out) => String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_owned).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Force-removes every container matching all of `filters`: what tests' cleanup guards
+/// call on drop, also after a failure (errors are ignored; there is nothing to report to).
+pub fn remove_containers(filters: &[&str]) {
+    let ids = containers(filters);
+    if !ids.is_empty() {
+        let _ = std::process::Command::new("docker").args(["rm", "-f"]).args(&ids).output();
+    }
+}
