@@ -23,3 +23,12 @@
 pub mod hello;
 pub mod metrics_http;
 pub mod minipaas;
+
+/// Logs of the reference binaries: `tracing` events on stderr, filtered by `RUST_LOG`
+/// (default `info`).
+pub fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+}

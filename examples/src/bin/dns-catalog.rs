@@ -62,10 +62,7 @@ async fn discovery(etcd: &[String]) -> Result<Arc<dyn Discovery>, String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    keelson_examples::init_tracing();
     let args = Args::parse();
     let d = match discovery(&args.etcd).await {
         Ok(d) => d,

@@ -388,10 +388,7 @@ async fn run(args: Args) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    keelson_examples::init_tracing();
     let args = Args::parse();
     let runtime = match args.threads {
         Some(0) => Err(std::io::Error::other("--threads must be at least 1")),

@@ -70,10 +70,7 @@ async fn main() -> ExitCode {
             }
         },
         Command::Demo { listen, data_dir, replicas, hello_bin } => {
-            tracing_subscriber::fmt()
-                .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-                .with_writer(std::io::stderr)
-                .init();
+            keelson_examples::init_tracing();
             let hello_command = match hello_command(hello_bin) {
                 Ok(c) => c,
                 Err(e) => {
