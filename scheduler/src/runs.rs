@@ -147,7 +147,11 @@ impl ClusterStore {
     /// a record whose result exists, which the next pass just clears.
     async fn finish_run(&self, record: &RunRecord, result: &RunResult) -> Result<()> {
         self.kv.put(&self.key(&["run-results", &result.id]), encode(result)?, None).await.map_err(kv_err)?;
-        self.kv.delete(&self.key(&["runs", &record.node, &record.spec.id])).await.map_err(kv_err)?;
+        self.forget_run(&record.node, &record.spec.id).await
+    }
+
+    async fn forget_run(&self, node: &str, id: &str) -> Result<()> {
+        self.kv.delete(&self.key(&["runs", node, id])).await.map_err(kv_err)?;
         Ok(())
     }
 }
@@ -192,7 +196,7 @@ pub(crate) async fn sync_runs(
         let id = record.spec.id.clone();
         if store.run_result(&id).await?.is_some() {
             // Ended, and the agent stopped between keeping the result and clearing this.
-            store.kv.delete(&store.key(&["runs", node, &id])).await.map_err(kv_err)?;
+            store.forget_run(node, &id).await?;
             continue;
         }
         let observed = match driver.inspect(&id).await {
