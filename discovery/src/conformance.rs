@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 
-use crate::{Discovery, Error, Expect, Health, KeyValue, KvEventKind, Query, Registration, ServiceName};
+use crate::{Compare, Discovery, Error, Expect, Health, KeyValue, KvEventKind, Query, Registration, ServiceName, Txn};
 
 /// A name unique to this process and call, usable as a key segment and a DNS label.
 pub fn unique(base: &str) -> String {
@@ -39,6 +39,17 @@ pub async fn kv_all(kv: &dyn KeyValue) {
     kv_keep_alive_and_revoke(kv).await;
     kv_rejects_bad_input(kv).await;
     kv_lock_is_exclusive(kv).await;
+    kv_txn_all_or_nothing(kv).await;
+    kv_txn_lease_fence(kv).await;
+    kv_txn_limits(kv).await;
+    kv_txn_concurrent_writers(kv).await;
+}
+
+/// Every scenario that needs the store shared (`LockGuard` holds an `Arc`).
+pub async fn kv_all_shared(kv: std::sync::Arc<dyn KeyValue>) {
+    kv_all(kv.as_ref()).await;
+    kv_lock_guard_holds_and_reports_loss(kv.clone()).await;
+    kv_journal_commits_whole(kv).await;
 }
 
 /// Put, get, overwrite, delete; revisions increase.
@@ -197,7 +208,7 @@ pub async fn kv_rejects_bad_input(kv: &dyn KeyValue) {
 
 /// A lock is held by one caller at a time; the next holder gets a larger fencing revision.
 pub async fn kv_lock_is_exclusive(kv: &dyn KeyValue) {
-    let name = unique("conf-lock");
+    let name = format!("{}/lock", unique("conf-lock"));
     let ttl = kv.capabilities().min_lease_ttl.max(Duration::from_secs(5));
     let first = kv.lock(&name, ttl, Duration::from_secs(1)).await.unwrap();
     match kv.lock(&name, ttl, Duration::from_millis(300)).await {
@@ -211,7 +222,235 @@ pub async fn kv_lock_is_exclusive(kv: &dyn KeyValue) {
     let second = second.unwrap();
     assert!(second.revision > first.revision, "fencing revision grows");
     kv.unlock(&second).await.unwrap();
-    assert!(matches!(kv.lock("bad/name", ttl, Duration::ZERO).await, Err(Error::InvalidInput { .. })));
+    assert!(matches!(kv.lock("", ttl, Duration::ZERO).await, Err(Error::InvalidInput { .. })));
+}
+
+/// A transaction's writes land together at one revision, or (a compare failing, a
+/// lease missing) not at all, with an error naming the compare that failed.
+pub async fn kv_txn_all_or_nothing(kv: &dyn KeyValue) {
+    let p = unique("conf-txn");
+    let (a, b, c) = (format!("{p}/a"), format!("{p}/b"), format!("{p}/c"));
+    let va = kv.put(&a, b"a1".to_vec(), None).await.unwrap();
+    let vb = kv.put(&b, b"b1".to_vec(), None).await.unwrap();
+    let mut w = kv.watch(&format!("{p}/"), None).await.unwrap();
+    let stale = Txn::new()
+        .when(Compare::key(&a, Expect::Version(va)))
+        .when(Compare::key(&b, Expect::Version(vb + 1000)))
+        .put(&a, b"a2".to_vec(), None)
+        .put(&c, b"c2".to_vec(), None)
+        .delete(&b);
+    match kv.txn(stale).await {
+        Err(Error::Conflict { key, expected, actual }) => assert_eq!((key, expected, actual), (b.clone(), Some(vb + 1000), Some(vb))),
+        other => panic!("a failing compare must name its key, got {other:?}"),
+    }
+    let absent = Txn::new().when(Compare::key(&c, Expect::Version(1))).put(&a, b"a2".to_vec(), None);
+    assert!(matches!(kv.txn(absent).await, Err(Error::Conflict { actual: None, .. })), "a version compare on an absent key fails");
+    let exists = Txn::new().when(Compare::key(&a, Expect::Absent)).put(&c, b"c2".to_vec(), None);
+    assert!(matches!(kv.txn(exists).await, Err(Error::Conflict { expected: None, actual: Some(_), .. })));
+    let bad_lease = Txn::new().put(&c, b"c2".to_vec(), None).put(&a, b"a2".to_vec(), Some(987_654_321));
+    assert!(matches!(kv.txn(bad_lease).await, Err(Error::NotFound { kind: "lease", .. })), "a missing lease is named");
+    assert_eq!(kv.get(&a).await.unwrap().unwrap().value, b"a1", "a failed txn writes nothing");
+    assert_eq!(kv.get(&b).await.unwrap().unwrap().value, b"b1");
+    assert_eq!(kv.get(&c).await.unwrap(), None);
+
+    let ok = Txn::new()
+        .when(Compare::key(&a, Expect::Version(va)))
+        .when(Compare::key(&b, Expect::Version(vb)))
+        .when(Compare::key(&c, Expect::Absent))
+        .put(&a, b"a2".to_vec(), None)
+        .put(&c, b"c2".to_vec(), None)
+        .delete(&b);
+    let r = kv.txn(ok).await.unwrap();
+    let (ea, ec) = (kv.get(&a).await.unwrap().unwrap(), kv.get(&c).await.unwrap().unwrap());
+    assert_eq!((ea.value.as_slice(), ec.value.as_slice()), (&b"a2"[..], &b"c2"[..]));
+    assert_eq!((ea.version, ec.version), (r, r), "every write of a txn lands at its revision");
+    assert_eq!(kv.get(&b).await.unwrap(), None);
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let e = next_event(&mut w).await;
+        seen.push((e.key, e.revision, e.kind == KvEventKind::Put));
+    }
+    seen.sort();
+    let want = vec![(a.clone(), r, true), (b.clone(), r, false), (c.clone(), r, true)];
+    assert_eq!(seen, want, "watchers see the txn's writes at one revision");
+    assert!(tokio::time::timeout(Duration::from_millis(200), w.next()).await.is_err(), "failed txns emitted no events");
+    let twice = Txn::new().put(&a, b"x".to_vec(), None).delete(&a);
+    assert!(matches!(kv.txn(twice).await, Err(Error::InvalidInput { .. })), "a key written twice in one txn is refused");
+}
+
+/// A compare on a lock's lease fences writes: they land while the lease holds the
+/// key and fail with `Fenced` (writing nothing) once it does not.
+pub async fn kv_txn_lease_fence(kv: &dyn KeyValue) {
+    let p = unique("conf-fence");
+    let (lock_key, data) = (format!("{p}/lock"), format!("{p}/data"));
+    let ttl = kv.capabilities().min_lease_ttl.max(Duration::from_secs(5));
+    let lock = kv.lock(&lock_key, ttl, Duration::from_secs(1)).await.unwrap();
+    let fenced = |v: &'static [u8]| Txn::new().when(Compare::lease(&lock_key, lock.lease)).put(&data, v.to_vec(), None);
+    kv.txn(fenced(b"1")).await.unwrap();
+    assert_eq!(kv.get(&data).await.unwrap().unwrap().value, b"1");
+    kv.unlock(&lock).await.unwrap();
+    match kv.txn(fenced(b"2")).await {
+        Err(Error::Fenced { key, lease }) => assert_eq!((key, lease), (lock_key.clone(), lock.lease)),
+        other => panic!("a write fenced by a released lock must fail, got {other:?}"),
+    }
+    // Another holder now: the old lease still does not pass the fence.
+    let next = kv.lock(&lock_key, ttl, Duration::from_secs(1)).await.unwrap();
+    assert!(matches!(kv.txn(fenced(b"3")).await, Err(Error::Fenced { .. })));
+    assert_eq!(kv.get(&data).await.unwrap().unwrap().value, b"1", "fenced writes store nothing");
+    kv.unlock(&next).await.unwrap();
+}
+
+/// A transaction past the backend's stated limits is refused whole with `TxnTooLarge`.
+pub async fn kv_txn_limits(kv: &dyn KeyValue) {
+    let p = unique("conf-txn-limits");
+    let caps = kv.capabilities();
+    let mut many = Txn::new();
+    for i in 0..=caps.max_txn_ops {
+        many = many.put(format!("{p}/k{i}"), b"v".to_vec(), None);
+    }
+    match kv.txn(many).await {
+        Err(Error::TxnTooLarge { ops, max_ops, .. }) => assert_eq!((ops, max_ops), (caps.max_txn_ops + 1, caps.max_txn_ops)),
+        other => panic!("{} operations must be refused, got {other:?}", caps.max_txn_ops + 1),
+    }
+    let mut exact = Txn::new();
+    for i in 0..caps.max_txn_ops {
+        exact = exact.put(format!("{p}/k{i}"), b"v".to_vec(), None);
+    }
+    kv.txn(exact).await.unwrap();
+    assert_eq!(kv.list(&format!("{p}/")).await.unwrap().entries.len(), caps.max_txn_ops, "a txn at the limit lands whole");
+    let value = vec![7u8; crate::kv::MAX_VALUE_BYTES.min(caps.max_txn_bytes / 2)];
+    let mut big = Txn::new();
+    for i in 0..caps.max_txn_bytes / value.len() + 1 {
+        big = big.put(format!("{p}/big{i}"), value.clone(), None);
+    }
+    assert!(matches!(kv.txn(big).await, Err(Error::TxnTooLarge { .. })), "bytes past the limit are refused");
+    assert!(kv.list(&format!("{p}/big")).await.unwrap().entries.is_empty(), "nothing of a refused txn is stored");
+}
+
+/// Writers racing on overlapping keys with compare-all-then-write transactions lose no
+/// update: each pair of counters moves together, and every success is counted once.
+pub async fn kv_txn_concurrent_writers(kv: &dyn KeyValue) {
+    const WRITERS: u64 = 4;
+    const ROUNDS: u64 = 8;
+    let p = unique("conf-txn-race");
+    let keys: Vec<String> = (0..3).map(|i| format!("{p}/counter{i}")).collect();
+    let writer = |w: u64| {
+        let (k1, k2) = (keys[(w % 3) as usize].clone(), keys[((w + 1) % 3) as usize].clone());
+        async move {
+            let mut conflicts = 0u64;
+            for _ in 0..ROUNDS {
+                loop {
+                    let (e1, e2) = (kv.get(&k1).await.unwrap(), kv.get(&k2).await.unwrap());
+                    let count =
+                        |e: &Option<crate::KvEntry>| e.as_ref().map_or(0, |e| String::from_utf8_lossy(&e.value).parse::<u64>().unwrap());
+                    let expect = |e: &Option<crate::KvEntry>| e.as_ref().map_or(Expect::Absent, |e| Expect::Version(e.version));
+                    let txn = Txn::new()
+                        .when(Compare::key(&k1, expect(&e1)))
+                        .when(Compare::key(&k2, expect(&e2)))
+                        .put(&k1, (count(&e1) + 1).to_string().into_bytes(), None)
+                        .put(&k2, (count(&e2) + 1).to_string().into_bytes(), None);
+                    match kv.txn(txn).await {
+                        Ok(_) => break,
+                        Err(Error::Conflict { .. }) => conflicts += 1,
+                        Err(e) => panic!("racing txn failed: {e}"),
+                    }
+                }
+            }
+            conflicts
+        }
+    };
+    let conflicts: u64 = futures::future::join_all((0..WRITERS).map(writer)).await.into_iter().sum();
+    let mut counts = Vec::new();
+    for k in &keys {
+        counts.push(kv.get(k).await.unwrap().map_or(0, |e| String::from_utf8_lossy(&e.value).parse::<u64>().unwrap()));
+    }
+    // Writer w bumps counters w % 3 and (w + 1) % 3 ROUNDS times each.
+    let mut want = [0u64; 3];
+    for w in 0..WRITERS {
+        want[(w % 3) as usize] += ROUNDS;
+        want[((w + 1) % 3) as usize] += ROUNDS;
+    }
+    assert_eq!(counts, want.to_vec(), "no lost update ({conflicts} conflicts retried)");
+}
+
+/// A `LockGuard` keeps its lock past the TTL, fences writes while held, and reports the
+/// loss (and its writes fail) once its lease is gone.
+pub async fn kv_lock_guard_holds_and_reports_loss(kv: std::sync::Arc<dyn KeyValue>) {
+    let p = unique("conf-guard");
+    let (key, data) = (format!("{p}/lock"), format!("{p}/data"));
+    let ttl = kv.capabilities().min_lease_ttl.max(Duration::from_secs(2));
+    let guard = crate::LockGuard::acquire(kv.clone(), &key, ttl, Duration::from_secs(1)).await.unwrap();
+    tokio::time::sleep(ttl * 3 / 2).await;
+    assert!(guard.is_held(), "renewed past 1.5 TTL");
+    assert_eq!(kv.get(&key).await.unwrap().map(|e| e.lease), Some(Some(guard.lease())), "the lock key is still there");
+    match crate::LockGuard::acquire(kv.clone(), &key, ttl, Duration::from_millis(200)).await {
+        Err(Error::Timeout { .. }) => {}
+        other => panic!("a held guard keeps others out, got {other:?}"),
+    }
+    kv.txn(Txn::new().when(guard.fence()).put(&data, b"held".to_vec(), None)).await.unwrap();
+    // Someone (an operator, or the store after a pause) takes the lease away.
+    kv.revoke_lease(guard.lease()).await.unwrap();
+    tokio::time::timeout(ttl, guard.lost()).await.expect("the loss is reported within a TTL");
+    assert!(!guard.is_held());
+    let late = kv.txn(Txn::new().when(guard.fence()).put(&data, b"late".to_vec(), None)).await;
+    assert!(matches!(late, Err(Error::Fenced { .. })), "writes after the loss are fenced, got {late:?}");
+    assert_eq!(kv.get(&data).await.unwrap().unwrap().value, b"held");
+    // Released guards free the lock at once for the next holder.
+    let next = crate::LockGuard::acquire(kv.clone(), &key, ttl, Duration::from_secs(1)).await.unwrap();
+    assert!(next.revision() > guard.revision());
+    drop(guard);
+    next.release().await.unwrap();
+    crate::LockGuard::acquire(kv.clone(), &key, ttl, Duration::from_millis(500)).await.expect("released at once").release().await.unwrap();
+}
+
+/// A journal commit of three transactions' worth of writes is seen whole or not at all by
+/// readers racing it, and a commit based on a stale read conflicts on the head.
+pub async fn kv_journal_commits_whole(kv: std::sync::Arc<dyn KeyValue>) {
+    let p = unique("conf-journal");
+    let journal = crate::Journal::new(kv.clone(), &format!("{p}/journal"));
+    let data = format!("{p}/data/");
+    let first = journal.read(std::slice::from_ref(&data)).await.unwrap();
+    let old: Vec<crate::TxnOp> =
+        (0..10).map(|i| crate::TxnOp::Put { key: format!("{data}old{i:04}"), value: b"old".to_vec(), lease: None }).collect();
+    journal.commit(first.head, Vec::new(), old).await.unwrap();
+    let base = journal.read(std::slice::from_ref(&data)).await.unwrap();
+    assert_eq!(base.lists[0].entries.len(), 10);
+    assert!(
+        matches!(journal.commit(first.head, Vec::new(), Vec::new()).await, Err(Error::Conflict { .. })),
+        "a commit on a stale read conflicts on the head"
+    );
+
+    // Large: puts past three transactions, and deletes of every old key.
+    let n = kv.capabilities().max_txn_ops * 3;
+    let mut writes: Vec<crate::TxnOp> =
+        (0..n).map(|i| crate::TxnOp::Put { key: format!("{data}new{i:04}"), value: vec![b'n'; 200], lease: None }).collect();
+    writes.extend((0..10).map(|i| crate::TxnOp::Delete { key: format!("{data}old{i:04}") }));
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let reader = async {
+        let mut reads = 0;
+        while !done.load(Ordering::SeqCst) || reads == 0 {
+            let r = journal.read(std::slice::from_ref(&data)).await.unwrap();
+            let new = r.lists[0].entries.iter().filter(|e| e.key.contains("/new")).count();
+            let old = r.lists[0].entries.iter().filter(|e| e.key.contains("/old")).count();
+            assert!((new, old) == (0, 10) || (new, old) == (n, 0), "a reader saw a partial commit: {new} new, {old} old");
+            reads += 1;
+            // An in-process store never makes a call wait: let the writer run.
+            tokio::task::yield_now().await;
+        }
+        reads
+    };
+    let writer = async {
+        let r = journal.commit(base.head, Vec::new(), writes).await;
+        done.store(true, Ordering::SeqCst);
+        r
+    };
+    let (reads, committed) = tokio::join!(reader, writer);
+    committed.unwrap();
+    let after = journal.read(std::slice::from_ref(&data)).await.unwrap();
+    assert_eq!(after.lists[0].entries.len(), n, "every write applied ({reads} racing reads were whole)");
+    assert!(after.lists[0].entries.iter().all(|e| e.version > 0), "applied entries have their revisions");
+    assert!(!journal.finish_pending().await.unwrap(), "nothing left pending");
+    assert_eq!(journal.collect_garbage().await.unwrap(), 0, "no chunk left behind");
 }
 
 /// Every `Discovery` scenario for backends that can register.
@@ -360,5 +599,90 @@ pub async fn discovery_read_only_all(d: &dyn Discovery, service: &ServiceName, e
         d.set_health(service, "x", Health::Critical).await,
     ] {
         assert!(matches!(result, Err(Error::Unsupported { .. })), "writes are Unsupported, got {result:?}");
+    }
+}
+
+/// A `KeyValue` that behaves like the one it wraps until its `crash_at`-th call (counting
+/// from 0), and then fails every call with `Unavailable`, as a process killed at that
+/// moment would: what it had sent stays sent, nothing after reaches the store. Tests
+/// run an operation once per crash point to check that no crash leaves a partial state.
+#[derive(Debug)]
+pub struct CrashingKv {
+    inner: std::sync::Arc<dyn KeyValue>,
+    crash_at: u64,
+    calls: AtomicU64,
+}
+
+impl CrashingKv {
+    /// Wraps `inner`, crashing at call `crash_at` (`u64::MAX`: never).
+    pub fn new(inner: std::sync::Arc<dyn KeyValue>, crash_at: u64) -> Self {
+        CrashingKv { inner, crash_at, calls: AtomicU64::new(0) }
+    }
+
+    /// Calls made so far (including failed ones).
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    /// Whether the crash point was reached.
+    pub fn crashed(&self) -> bool {
+        self.calls() > self.crash_at
+    }
+
+    fn call(&self) -> crate::Result<()> {
+        if self.calls.fetch_add(1, Ordering::SeqCst) >= self.crash_at {
+            return Err(Error::Unavailable { backend: "crashing", reason: "the process crashed".into() });
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl KeyValue for CrashingKv {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+    fn capabilities(&self) -> crate::KvCapabilities {
+        self.inner.capabilities()
+    }
+    async fn get(&self, key: &str) -> crate::Result<Option<crate::KvEntry>> {
+        self.call()?;
+        self.inner.get(key).await
+    }
+    async fn put(&self, key: &str, value: Vec<u8>, lease: Option<crate::LeaseId>) -> crate::Result<u64> {
+        self.call()?;
+        self.inner.put(key, value, lease).await
+    }
+    async fn compare_and_swap(&self, key: &str, expect: Expect, value: Vec<u8>, lease: Option<crate::LeaseId>) -> crate::Result<u64> {
+        self.call()?;
+        self.inner.compare_and_swap(key, expect, value, lease).await
+    }
+    async fn delete(&self, key: &str) -> crate::Result<bool> {
+        self.call()?;
+        self.inner.delete(key).await
+    }
+    async fn txn(&self, txn: Txn) -> crate::Result<u64> {
+        self.call()?;
+        self.inner.txn(txn).await
+    }
+    async fn list(&self, prefix: &str) -> crate::Result<crate::KvList> {
+        self.call()?;
+        self.inner.list(prefix).await
+    }
+    async fn watch(&self, prefix: &str, from: Option<u64>) -> crate::Result<crate::KvWatch> {
+        self.call()?;
+        self.inner.watch(prefix, from).await
+    }
+    async fn grant_lease(&self, ttl: Duration) -> crate::Result<crate::LeaseId> {
+        self.call()?;
+        self.inner.grant_lease(ttl).await
+    }
+    async fn keep_alive(&self, lease: crate::LeaseId) -> crate::Result<()> {
+        self.call()?;
+        self.inner.keep_alive(lease).await
+    }
+    async fn revoke_lease(&self, lease: crate::LeaseId) -> crate::Result<()> {
+        self.call()?;
+        self.inner.revoke_lease(lease).await
     }
 }

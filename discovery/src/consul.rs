@@ -490,6 +490,12 @@ impl ConsulWatch {
     }
 }
 
+/// Operations in one `/v1/txn` on every Consul version (newer ones take 128).
+pub const CONSUL_MAX_TXN_OPS: usize = 64;
+/// Consul's default `txn_max_req_len` (512 KiB), less room for the JSON around values
+/// (base64 grows them by a third, which this limit on raw bytes accounts for).
+pub const CONSUL_MAX_TXN_BYTES: usize = 512 * 1024 * 3 / 4 - 8 * 1024;
+
 /// Consul refuses session TTLs outside 10 s ..= 24 h.
 pub const SESSION_TTL_RANGE: (Duration, Duration) = (Duration::from_secs(10), Duration::from_secs(86_400));
 
@@ -565,7 +571,7 @@ impl ConsulKv {
 
     /// Runs a transaction: `Ok(Ok(results))`, or `Ok(Err((op index, reason)))` when a
     /// check failed (HTTP 409).
-    async fn txn(&self, ops: Vec<serde_json::Value>) -> Result<std::result::Result<Vec<serde_json::Value>, (usize, String)>> {
+    async fn run_txn(&self, ops: Vec<serde_json::Value>) -> Result<std::result::Result<Vec<serde_json::Value>, (usize, String)>> {
         let body = serde_json::to_vec(&ops).map_err(|e| Error::Backend { backend: BACKEND, source: Box::new(e) })?;
         let r = self.inner.call(Method::PUT, "/v1/txn", vec![], Some(body), Duration::ZERO).await?;
         if r.status == StatusCode::CONFLICT {
@@ -618,7 +624,9 @@ impl KeyValue for ConsulKv {
     }
 
     fn capabilities(&self) -> KvCapabilities {
-        KvCapabilities::new(false, true, true).with_min_lease_ttl(SESSION_TTL_RANGE.0)
+        KvCapabilities::new(false, true, true)
+            .with_min_lease_ttl(SESSION_TTL_RANGE.0)
+            .with_txn_limits(CONSUL_MAX_TXN_OPS, CONSUL_MAX_TXN_BYTES)
     }
 
     async fn get(&self, key: &str) -> Result<Option<KvEntry>> {
@@ -635,7 +643,7 @@ impl KeyValue for ConsulKv {
     async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<u64> {
         kv::validate_key(key)?;
         kv::validate_value(key, &value)?;
-        match self.txn(vec![self.write_op(key, &value, lease)?]).await? {
+        match self.run_txn(vec![self.write_op(key, &value, lease)?]).await? {
             Ok(results) => Ok(Self::written_index(&results)),
             Err((_, reason)) => Err(self.write_failure(key, &reason, lease)),
         }
@@ -648,7 +656,7 @@ impl KeyValue for ConsulKv {
             Expect::Absent => serde_json::json!({"KV": {"Verb": "check-not-exists", "Key": key}}),
             Expect::Version(v) => serde_json::json!({"KV": {"Verb": "check-index", "Key": key, "Index": v}}),
         };
-        match self.txn(vec![check, self.write_op(key, &value, lease)?]).await? {
+        match self.run_txn(vec![check, self.write_op(key, &value, lease)?]).await? {
             Ok(results) => Ok(Self::written_index(&results)),
             Err((0, _)) => {
                 let actual = self.get(key).await?.map(|e| e.version);
@@ -661,7 +669,43 @@ impl KeyValue for ConsulKv {
     async fn delete(&self, key: &str) -> Result<bool> {
         kv::validate_key(key)?;
         let ops = vec![serde_json::json!({"KV": {"Verb": "get", "Key": key}}), serde_json::json!({"KV": {"Verb": "delete", "Key": key}})];
-        Ok(self.txn(ops).await?.is_ok())
+        Ok(self.run_txn(ops).await?.is_ok())
+    }
+
+    async fn txn(&self, txn: kv::Txn) -> Result<u64> {
+        txn.validate(BACKEND, &self.capabilities())?;
+        let mut ops = Vec::with_capacity(txn.len());
+        for c in &txn.compares {
+            ops.push(match c {
+                kv::Compare::Key { key, expect: Expect::Absent } => serde_json::json!({"KV": {"Verb": "check-not-exists", "Key": key}}),
+                kv::Compare::Key { key, expect: Expect::Version(v) } => {
+                    serde_json::json!({"KV": {"Verb": "check-index", "Key": key, "Index": v}})
+                }
+                kv::Compare::Lease { key, lease } => match self.uuid_of(*lease) {
+                    Ok(uuid) => serde_json::json!({"KV": {"Verb": "check-session", "Key": key, "Session": uuid}}),
+                    // A lease this client never granted cannot hold anything.
+                    Err(_) => return Err(Error::Fenced { key: key.clone(), lease: *lease }),
+                },
+            });
+        }
+        for op in &txn.ops {
+            ops.push(match op {
+                kv::TxnOp::Put { key, value, lease } => self.write_op(key, value, *lease)?,
+                kv::TxnOp::Delete { key } => serde_json::json!({"KV": {"Verb": "delete", "Key": key}}),
+            });
+        }
+        match self.run_txn(ops).await? {
+            Ok(results) => Ok(Self::written_index(&results)),
+            Err((i, reason)) => match (txn.compares.get(i), txn.ops.get(i.saturating_sub(txn.compares.len()))) {
+                (Some(kv::Compare::Key { key, expect }), _) => {
+                    let actual = self.get(key).await?.map(|e| e.version);
+                    Err(Error::Conflict { key: key.clone(), expected: expect.version(), actual })
+                }
+                (Some(kv::Compare::Lease { key, lease }), _) => Err(Error::Fenced { key: key.clone(), lease: *lease }),
+                (None, Some(kv::TxnOp::Put { key, lease, .. })) => Err(self.write_failure(key, &reason, *lease)),
+                (None, _) => Err(Error::Backend { backend: BACKEND, source: format!("txn operation {i} failed: {reason}").into() }),
+            },
+        }
     }
 
     async fn list(&self, prefix: &str) -> Result<KvList> {

@@ -37,6 +37,30 @@ pub enum Error {
         /// The version actually stored (`None`: absent).
         actual: Option<u64>,
     },
+    /// A write fenced by a lock found the lock no longer held by its lease: the lock was
+    /// lost (expired while its holder was paused, say) and the write was not applied.
+    #[error("fenced: the lock {key:?} is no longer held by lease {lease}; nothing was written")]
+    Fenced {
+        /// The lock key.
+        key: String,
+        /// The lease the writer held it with.
+        lease: u64,
+    },
+    /// A transaction is past the backend's limits; nothing was written. Split the
+    /// change (see `KvCapabilities::max_txn_ops` and `max_txn_bytes`).
+    #[error("transaction of {ops} operations and {bytes} bytes is past {backend}'s limits ({max_ops} operations, {max_bytes} bytes); nothing was written")]
+    TxnTooLarge {
+        /// The backend's name.
+        backend: &'static str,
+        /// Compares plus writes in the transaction.
+        ops: usize,
+        /// Bytes of keys and values in it.
+        bytes: usize,
+        /// The backend's limit on operations.
+        max_ops: usize,
+        /// The backend's limit on bytes.
+        max_bytes: usize,
+    },
     /// A watch asked to start at a revision the backend no longer keeps.
     /// Re-list, then watch from the list's revision + 1.
     #[error("revision {requested} was compacted (oldest kept: {oldest})")]

@@ -197,6 +197,7 @@ impl KeyValue for EtcdKv {
     }
 
     fn capabilities(&self) -> KvCapabilities {
+        // etcd's defaults (`--max-txn-ops`, `--max-request-bytes`), which `new` states.
         KvCapabilities::new(true, true, true)
     }
 
@@ -239,6 +240,47 @@ impl KeyValue for EtcdKv {
         kv::validate_key(key)?;
         let mut c = self.client.clone();
         Ok(self.call("delete", c.delete(key, None)).await?.deleted() > 0)
+    }
+
+    async fn txn(&self, txn: kv::Txn) -> Result<u64> {
+        txn.validate(BACKEND, &self.capabilities())?;
+        let compares: Vec<Compare> = txn
+            .compares
+            .iter()
+            .map(|c| match c {
+                kv::Compare::Key { key, expect: Expect::Absent } => Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
+                kv::Compare::Key { key, expect: Expect::Version(v) } => {
+                    Compare::mod_revision(key.as_str(), CompareOp::Equal, i64::try_from(*v).unwrap_or(i64::MAX))
+                }
+                // A missing key compares as lease 0, which no granted lease is.
+                kv::Compare::Lease { key, lease } => Compare::lease(key.as_str(), CompareOp::Equal, *lease as i64),
+            })
+            .collect();
+        let writes: Vec<TxnOp> = txn
+            .ops
+            .into_iter()
+            .map(|op| match op {
+                kv::TxnOp::Put { key, value, lease } => TxnOp::put(key, value, Self::put_options(lease)),
+                kv::TxnOp::Delete { key } => TxnOp::delete(key, None),
+            })
+            .collect();
+        // etcd only says that a compare failed; reading the compared keys in the failure
+        // branch (at the same revision) tells which one.
+        let reads: Vec<TxnOp> = txn.compares.iter().map(|c| TxnOp::get(c.key_name(), None)).collect();
+        let mut c = self.client.clone();
+        let resp = self.call("txn", c.txn(Txn::new().when(compares).and_then(writes).or_else(reads))).await?;
+        if resp.succeeded() {
+            return Ok(resp.header().map_or(0, |h| h.revision().max(0) as u64));
+        }
+        let found: Vec<Option<KvEntry>> = resp
+            .op_responses()
+            .into_iter()
+            .map(|op| match op {
+                TxnOpResponse::Get(g) => g.kvs().first().map(Self::entry),
+                _ => None,
+            })
+            .collect();
+        Err(kv::failed_compare(&txn.compares, &found))
     }
 
     async fn list(&self, prefix: &str) -> Result<KvList> {

@@ -26,9 +26,6 @@ pub const MAX_KEY_BYTES: usize = 1024;
 /// Shortest lease TTL any backend accepts (etcd's minimum with default election timeout).
 pub const MIN_LEASE_TTL: Duration = Duration::from_secs(1);
 
-/// Where [`KeyValue::lock`] keeps its lock keys.
-pub const LOCK_PREFIX: &str = "keelson/locks/";
-
 /// One stored key.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvEntry {
@@ -96,6 +93,176 @@ impl Expect {
     }
 }
 
+/// One condition of a [`Txn`]: all must hold for its writes to apply.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Compare {
+    /// The key is as `expect` says: absent, or last written at exactly that revision.
+    Key {
+        /// The key compared.
+        key: String,
+        /// What it must be.
+        expect: Expect,
+    },
+    /// The key exists and is attached to `lease`: a lock still held by the lease that
+    /// took it. This is how a write made under a lock is fenced (see [`crate::LockGuard`]).
+    Lease {
+        /// The lock key.
+        key: String,
+        /// The lease that must hold it.
+        lease: LeaseId,
+    },
+}
+
+impl Compare {
+    /// `key` must be absent or at `version`.
+    pub fn key(key: impl Into<String>, expect: Expect) -> Self {
+        Compare::Key { key: key.into(), expect }
+    }
+
+    /// `key` must be held by `lease`.
+    pub fn lease(key: impl Into<String>, lease: LeaseId) -> Self {
+        Compare::Lease { key: key.into(), lease }
+    }
+
+    /// The key this compare reads.
+    pub fn key_name(&self) -> &str {
+        match self {
+            Compare::Key { key, .. } | Compare::Lease { key, .. } => key,
+        }
+    }
+}
+
+/// One write of a [`Txn`].
+#[derive(Clone, PartialEq, Eq)]
+pub enum TxnOp {
+    /// Writes `value` at `key`, attached to `lease` if given.
+    Put {
+        /// The key.
+        key: String,
+        /// The value.
+        value: Vec<u8>,
+        /// The lease the key lives on.
+        lease: Option<LeaseId>,
+    },
+    /// Deletes `key` (absent is fine).
+    Delete {
+        /// The key.
+        key: String,
+    },
+}
+
+impl std::fmt::Debug for TxnOp {
+    // Values can be large: print their size, not their bytes.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TxnOp::Put { key, value, lease } => {
+                f.debug_struct("Put").field("key", key).field("value_bytes", &value.len()).field("lease", lease).finish()
+            }
+            TxnOp::Delete { key } => f.debug_struct("Delete").field("key", key).finish(),
+        }
+    }
+}
+
+impl TxnOp {
+    /// The key written.
+    pub fn key(&self) -> &str {
+        match self {
+            TxnOp::Put { key, .. } | TxnOp::Delete { key } => key,
+        }
+    }
+}
+
+/// Compares and writes applied all or nothing by [`KeyValue::txn`].
+///
+/// ```
+/// use keelson_discovery::{Compare, Expect, Txn};
+/// let txn = Txn::new()
+///     .when(Compare::key("cluster/head", Expect::Version(7)))
+///     .put("cluster/head", b"8".to_vec(), None)
+///     .delete("cluster/old");
+/// assert_eq!(txn.len(), 3);
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Txn {
+    /// Conditions, all checked before any write.
+    pub compares: Vec<Compare>,
+    /// Writes, applied in order at one revision if every compare holds.
+    pub ops: Vec<TxnOp>,
+}
+
+impl Txn {
+    /// An empty transaction.
+    pub fn new() -> Self {
+        Txn::default()
+    }
+
+    /// Adds a condition.
+    pub fn when(mut self, compare: Compare) -> Self {
+        self.compares.push(compare);
+        self
+    }
+
+    /// Adds a put.
+    pub fn put(mut self, key: impl Into<String>, value: Vec<u8>, lease: Option<LeaseId>) -> Self {
+        self.ops.push(TxnOp::Put { key: key.into(), value, lease });
+        self
+    }
+
+    /// Adds a delete.
+    pub fn delete(mut self, key: impl Into<String>) -> Self {
+        self.ops.push(TxnOp::Delete { key: key.into() });
+        self
+    }
+
+    /// Compares plus writes: what backends count against [`KvCapabilities::max_txn_ops`].
+    pub fn len(&self) -> usize {
+        self.compares.len() + self.ops.len()
+    }
+
+    /// Whether the transaction has neither compares nor writes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes of keys and values: what backends count against
+    /// [`KvCapabilities::max_txn_bytes`].
+    pub fn size_bytes(&self) -> usize {
+        let compares: usize = self.compares.iter().map(|c| c.key_name().len()).sum();
+        let ops: usize = self
+            .ops
+            .iter()
+            .map(|op| match op {
+                TxnOp::Put { key, value, .. } => key.len() + value.len(),
+                TxnOp::Delete { key } => key.len(),
+            })
+            .sum();
+        compares + ops
+    }
+
+    /// Checks every key and value, and the size against `caps`, before anything is sent:
+    /// a transaction past a backend's limits is refused whole, never applied in part.
+    pub fn validate(&self, backend: &'static str, caps: &KvCapabilities) -> Result<()> {
+        for c in &self.compares {
+            validate_key(c.key_name())?;
+        }
+        for op in &self.ops {
+            validate_key(op.key())?;
+            if let TxnOp::Put { key, value, .. } = op {
+                validate_value(key, value)?;
+            }
+        }
+        let mut written = std::collections::HashSet::new();
+        if let Some(twice) = self.ops.iter().map(TxnOp::key).find(|k| !written.insert(*k)) {
+            return Err(Error::invalid("txn", twice, "writes this key twice; one transaction writes a key once"));
+        }
+        let (ops, bytes) = (self.len(), self.size_bytes());
+        if ops > caps.max_txn_ops || bytes > caps.max_txn_bytes {
+            return Err(Error::TxnTooLarge { backend, ops, bytes, max_ops: caps.max_txn_ops, max_bytes: caps.max_txn_bytes });
+        }
+        Ok(())
+    }
+}
+
 /// A stream of changes under a prefix, in revision order, each exactly once. Backends
 /// resume it by themselves after transient failures (a lost connection or member). It ends
 /// with `Err(Error::Compacted)` when the backend can no longer deliver every change since
@@ -103,7 +270,8 @@ impl Expect {
 pub type KvWatch = BoxStream<'static, Result<KvEvent>>;
 
 /// A held lock: the key, the lease that keeps it, and the revision it was taken at
-/// (a fencing token: a later holder always has a larger one).
+/// (a later holder always has a larger one). [`crate::LockGuard`] keeps it alive and
+/// fences writes with it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KvLock {
     /// The lock key.
@@ -126,12 +294,37 @@ pub struct KvCapabilities {
     pub durable: bool,
     /// Shortest lease TTL the backend accepts (Consul sessions: 10 s).
     pub min_lease_ttl: Duration,
+    /// Most compares plus writes in one [`KeyValue::txn`] (etcd: 128 by default; Consul:
+    /// 64 on every version).
+    pub max_txn_ops: usize,
+    /// Most bytes of keys and values in one [`KeyValue::txn`] (etcd: 1.5 MiB per request;
+    /// Consul: 512 KiB).
+    pub max_txn_bytes: usize,
 }
 
+/// etcd's default `--max-txn-ops`.
+pub const ETCD_MAX_TXN_OPS: usize = 128;
+/// etcd's default `--max-request-bytes` (1.5 MiB), less room for the request's framing.
+pub const ETCD_MAX_TXN_BYTES: usize = 1536 * 1024 - 16 * 1024;
+
 impl KvCapabilities {
-    /// Capabilities with every flag given and [`MIN_LEASE_TTL`].
+    /// Capabilities with every flag given, [`MIN_LEASE_TTL`] and etcd's transaction limits.
     pub fn new(watch_from_revision: bool, leases: bool, durable: bool) -> Self {
-        KvCapabilities { watch_from_revision, leases, durable, min_lease_ttl: MIN_LEASE_TTL }
+        KvCapabilities {
+            watch_from_revision,
+            leases,
+            durable,
+            min_lease_ttl: MIN_LEASE_TTL,
+            max_txn_ops: ETCD_MAX_TXN_OPS,
+            max_txn_bytes: ETCD_MAX_TXN_BYTES,
+        }
+    }
+
+    /// Sets the transaction limits.
+    pub fn with_txn_limits(mut self, max_ops: usize, max_bytes: usize) -> Self {
+        self.max_txn_ops = max_ops;
+        self.max_txn_bytes = max_bytes;
+        self
     }
 
     /// Sets the shortest lease TTL.
@@ -163,6 +356,18 @@ pub trait KeyValue: Send + Sync + std::fmt::Debug {
     /// Deletes a key; returns whether it existed.
     async fn delete(&self, key: &str) -> Result<bool>;
 
+    /// Applies `txn`'s writes at one revision if every compare holds, or nothing.
+    /// Returns the revision of the writes (Consul cannot tell it for a transaction that
+    /// only deletes: 0). A compare that fails gives [`Error::Conflict`] (a key compare,
+    /// with the version found) or [`Error::Fenced`] (a lease compare) naming its key;
+    /// a transaction past [`KvCapabilities::max_txn_ops`] or
+    /// [`KvCapabilities::max_txn_bytes`] gives [`Error::TxnTooLarge`]. Writes to one key
+    /// twice in one transaction are refused ([`Error::InvalidInput`]), as etcd does.
+    async fn txn(&self, txn: Txn) -> Result<u64> {
+        let _ = txn;
+        Err(Error::Unsupported { operation: "txn", backend: self.backend() })
+    }
+
     /// Lists every key starting with `prefix`, sorted, with the revision of the read.
     async fn list(&self, prefix: &str) -> Result<KvList>;
 
@@ -181,13 +386,15 @@ pub trait KeyValue: Send + Sync + std::fmt::Debug {
     /// Revokes a lease now, deleting its keys.
     async fn revoke_lease(&self, lease: LeaseId) -> Result<()>;
 
-    /// Takes the lock `name`, waiting up to `wait` for a holder to release it. The lock is
-    /// a key under [`LOCK_PREFIX`] on a fresh lease of `ttl`: if the holder dies, the lock
-    /// frees itself after `ttl`. Release with [`KeyValue::unlock`].
-    async fn lock(&self, name: &str, ttl: Duration, wait: Duration) -> Result<KvLock> {
-        crate::name::validate_instance_id(name)
-            .map_err(|_| Error::invalid("lock name", name, "must be 1 to 128 printable characters without '/'"))?;
-        let key = format!("{LOCK_PREFIX}{name}");
+    /// Takes the lock kept at `key`, waiting up to `wait` for a holder to release it. The
+    /// key lives on a fresh lease of `ttl`: if the holder dies, the lock frees itself after
+    /// `ttl`. Put lock keys under your own root (one etcd role can then cover them).
+    /// Nothing renews the lease: use [`crate::LockGuard`], which keeps it alive, says
+    /// when it is lost and fences writes, unless the work is shorter than `ttl`.
+    /// Release with [`KeyValue::unlock`].
+    async fn lock(&self, key: &str, ttl: Duration, wait: Duration) -> Result<KvLock> {
+        validate_key(key)?;
+        let key = key.to_owned();
         let lease = self.grant_lease(ttl).await?;
         let deadline = tokio::time::Instant::now() + wait;
         let outcome = async {
@@ -243,6 +450,31 @@ pub trait KeyValue: Send + Sync + std::fmt::Debug {
     async fn unlock(&self, lock: &KvLock) -> Result<()> {
         self.revoke_lease(lock.lease).await
     }
+}
+
+/// The error for a transaction whose compares did not all hold, given what each
+/// compared key held (`None`: absent) when it was checked: the first compare that
+/// fails, by its kind. Backends that only learn "some compare failed" (etcd) use it.
+pub fn failed_compare(compares: &[Compare], found: &[Option<KvEntry>]) -> Error {
+    for (c, entry) in compares.iter().zip(found) {
+        match c {
+            Compare::Key { key, expect } => {
+                let actual = entry.as_ref().map(|e| e.version);
+                if actual != expect.version() {
+                    return Error::Conflict { key: key.clone(), expected: expect.version(), actual };
+                }
+            }
+            Compare::Lease { key, lease } => {
+                if entry.as_ref().and_then(|e| e.lease) != Some(*lease) {
+                    return Error::Fenced { key: key.clone(), lease: *lease };
+                }
+            }
+        }
+    }
+    // Every compare holds now: a racing writer changed a key back between the check and
+    // the read. Still a conflict on the first key; the caller re-reads and retries.
+    let key = compares.first().map(|c| c.key_name().to_owned()).unwrap_or_default();
+    Error::Conflict { key, expected: None, actual: None }
 }
 
 /// Validates a key as every backend would accept it.

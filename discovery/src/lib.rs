@@ -58,9 +58,11 @@ mod error;
 #[cfg(feature = "etcd")]
 mod etcd;
 pub mod health;
+mod journal;
 mod kv;
 mod kv_discovery;
 mod lease_keeper;
+mod lock_guard;
 mod memory_kv;
 mod name;
 mod view;
@@ -70,7 +72,9 @@ mod wrappers;
 pub mod conformance;
 
 #[cfg(feature = "consul")]
-pub use consul::{next_index as consul_next_index, ConsulConfig, ConsulDiscovery, ConsulKv, SESSION_TTL_RANGE};
+pub use consul::{
+    next_index as consul_next_index, ConsulConfig, ConsulDiscovery, ConsulKv, CONSUL_MAX_TXN_BYTES, CONSUL_MAX_TXN_OPS, SESSION_TTL_RANGE,
+};
 pub use discovery::{
     Discovery, DiscoveryCapabilities, Health, Instance, Query, Registration, RegistrationHandle, RegistrationLease, Snapshot,
     SnapshotStream, DEFAULT_TTL, MAX_META, MAX_META_KEY_BYTES, MAX_META_VALUE_BYTES, MAX_TAGS, MAX_TAG_BYTES,
@@ -82,12 +86,14 @@ pub use dns_server::{instance_label, DnsServer, DnsServerConfig};
 pub use error::{Error, Result};
 #[cfg(feature = "etcd")]
 pub use etcd::{EtcdConfig, EtcdKv};
+pub use journal::{Journal, JournalRead};
 pub use kv::{
-    validate_key, Expect, KeyValue, KvCapabilities, KvEntry, KvEvent, KvEventKind, KvList, KvLock, KvWatch, LeaseId, LOCK_PREFIX,
-    MAX_KEY_BYTES, MAX_VALUE_BYTES, MIN_LEASE_TTL,
+    failed_compare, validate_key, Compare, Expect, KeyValue, KvCapabilities, KvEntry, KvEvent, KvEventKind, KvList, KvLock, KvWatch,
+    LeaseId, Txn, TxnOp, ETCD_MAX_TXN_BYTES, ETCD_MAX_TXN_OPS, MAX_KEY_BYTES, MAX_VALUE_BYTES, MIN_LEASE_TTL,
 };
 pub use kv_discovery::{KvDiscovery, MemoryDiscovery, DEFAULT_ROOT};
 pub use lease_keeper::LeaseKeeper;
+pub use lock_guard::LockGuard;
 pub use memory_kv::{MemoryKv, DEFAULT_HISTORY};
 pub use name::{validate_instance_id, validate_label, ServiceName};
 pub use view::{ServiceView, ViewSnapshot};

@@ -10,7 +10,7 @@ use tokio::sync::broadcast;
 use tokio::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::kv::{self, Expect, KeyValue, KvCapabilities, KvEntry, KvEvent, KvEventKind, KvList, KvWatch, LeaseId};
+use crate::kv::{self, Compare, Expect, KeyValue, KvCapabilities, KvEntry, KvEvent, KvEventKind, KvList, KvWatch, LeaseId, Txn, TxnOp};
 
 const BACKEND: &str = "memory";
 
@@ -30,7 +30,9 @@ pub struct MemoryKv {
 #[derive(Debug)]
 struct Inner {
     state: Mutex<State>,
-    events: broadcast::Sender<KvEvent>,
+    /// Live events with their sequence number (one per event: a transaction's events
+    /// share a revision, so the revision alone cannot tell a duplicate from a sibling).
+    events: broadcast::Sender<(u64, KvEvent)>,
     history_limit: usize,
 }
 
@@ -40,7 +42,11 @@ struct State {
     /// Highest revision dropped from `history`; watches must start after it.
     compacted: u64,
     entries: BTreeMap<String, Stored>,
-    history: VecDeque<KvEvent>,
+    history: VecDeque<(u64, KvEvent)>,
+    /// Sequence number of the last event recorded.
+    event_seq: u64,
+    /// Sequence number of the last event dropped from `history`.
+    compacted_seq: u64,
     leases: HashMap<LeaseId, Lease>,
     next_lease: LeaseId,
     reaper_running: bool,
@@ -113,41 +119,48 @@ impl Inner {
     fn drop_lease(&self, state: &mut State, id: LeaseId) -> bool {
         let Some(lease) = state.leases.remove(&id) else { return false };
         for key in lease.keys {
-            self.remove_key(state, &key);
+            self.remove_key(state, &key, None);
         }
         true
     }
 
-    fn record(&self, state: &mut State, kind: KvEventKind, key: &str, value: Vec<u8>) -> u64 {
-        state.revision += 1;
+    /// Records a change at a new revision, or at `at` when it is one of several writes of
+    /// a transaction (which share their revision, as in etcd).
+    fn record(&self, state: &mut State, kind: KvEventKind, key: &str, value: Vec<u8>, at: Option<u64>) -> u64 {
+        state.revision = at.unwrap_or(state.revision + 1);
         let event = KvEvent { revision: state.revision, kind, key: key.to_owned(), value };
-        state.history.push_back(event.clone());
+        state.event_seq += 1;
+        state.history.push_back((state.event_seq, event.clone()));
         while state.history.len() > self.history_limit {
-            if let Some(old) = state.history.pop_front() {
+            if let Some((seq, old)) = state.history.pop_front() {
                 state.compacted = old.revision;
+                state.compacted_seq = seq;
             }
         }
         // Sent under the state lock so that live events are in revision order. No receiver
         // is not an error.
-        let _ = self.events.send(event);
+        let _ = self.events.send((state.event_seq, event));
         state.revision
     }
 
-    fn remove_key(&self, state: &mut State, key: &str) -> bool {
+    fn remove_key(&self, state: &mut State, key: &str, at: Option<u64>) -> bool {
         let Some(old) = state.entries.remove(key) else { return false };
         if let Some(lease) = old.lease.and_then(|id| state.leases.get_mut(&id)) {
             lease.keys.remove(key);
         }
-        self.record(state, KvEventKind::Delete, key, Vec::new());
+        self.record(state, KvEventKind::Delete, key, Vec::new(), at);
         true
     }
 
-    fn write(&self, state: &mut State, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<u64> {
-        if let Some(id) = lease {
-            if !state.leases.contains_key(&id) {
-                return Err(Error::NotFound { kind: "lease", name: id.to_string() });
-            }
+    fn check_lease(state: &State, lease: Option<LeaseId>) -> Result<()> {
+        match lease {
+            Some(id) if !state.leases.contains_key(&id) => Err(Error::NotFound { kind: "lease", name: id.to_string() }),
+            _ => Ok(()),
         }
+    }
+
+    fn write(&self, state: &mut State, key: &str, value: Vec<u8>, lease: Option<LeaseId>, at: Option<u64>) -> Result<u64> {
+        Self::check_lease(state, lease)?;
         let previous = state.entries.get(key).map(|s| (s.create_revision, s.lease));
         if let Some(old_lease) = previous.and_then(|(_, l)| l).filter(|l| Some(*l) != lease) {
             if let Some(l) = state.leases.get_mut(&old_lease) {
@@ -157,7 +170,7 @@ impl Inner {
         if let Some(l) = lease.and_then(|id| state.leases.get_mut(&id)) {
             l.keys.insert(key.to_owned());
         }
-        let revision = self.record(state, KvEventKind::Put, key, value.clone());
+        let revision = self.record(state, KvEventKind::Put, key, value.clone(), at);
         let create_revision = previous.map_or(revision, |(c, _)| c);
         state.entries.insert(key.to_owned(), Stored { value, version: revision, create_revision, lease });
         Ok(revision)
@@ -205,7 +218,7 @@ impl KeyValue for MemoryKv {
         kv::validate_key(key)?;
         kv::validate_value(key, &value)?;
         let mut state = self.inner.lock();
-        self.inner.write(&mut state, key, value, lease)
+        self.inner.write(&mut state, key, value, lease, None)
     }
 
     async fn compare_and_swap(&self, key: &str, expect: Expect, value: Vec<u8>, lease: Option<LeaseId>) -> Result<u64> {
@@ -216,13 +229,51 @@ impl KeyValue for MemoryKv {
         if actual != expect.version() {
             return Err(Error::Conflict { key: key.to_owned(), expected: expect.version(), actual });
         }
-        self.inner.write(&mut state, key, value, lease)
+        self.inner.write(&mut state, key, value, lease, None)
     }
 
     async fn delete(&self, key: &str) -> Result<bool> {
         kv::validate_key(key)?;
         let mut state = self.inner.lock();
-        Ok(self.inner.remove_key(&mut state, key))
+        Ok(self.inner.remove_key(&mut state, key, None))
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<u64> {
+        txn.validate(BACKEND, &self.capabilities())?;
+        let mut state = self.inner.lock();
+        for compare in &txn.compares {
+            match compare {
+                Compare::Key { key, expect } => {
+                    let actual = state.entries.get(key).map(|s| s.version);
+                    if actual != expect.version() {
+                        return Err(Error::Conflict { key: key.clone(), expected: expect.version(), actual });
+                    }
+                }
+                Compare::Lease { key, lease } => {
+                    if state.entries.get(key).and_then(|s| s.lease) != Some(*lease) {
+                        return Err(Error::Fenced { key: key.clone(), lease: *lease });
+                    }
+                }
+            }
+        }
+        for op in &txn.ops {
+            if let TxnOp::Put { lease, .. } = op {
+                Inner::check_lease(&state, *lease)?;
+            }
+        }
+        // Every check passed: nothing below can fail, so the writes land whole.
+        let at = state.revision + 1;
+        for op in txn.ops {
+            match op {
+                TxnOp::Put { key, value, lease } => {
+                    self.inner.write(&mut state, &key, value, lease, Some(at))?;
+                }
+                TxnOp::Delete { key } => {
+                    self.inner.remove_key(&mut state, &key, Some(at));
+                }
+            }
+        }
+        Ok(state.revision)
     }
 
     async fn list(&self, prefix: &str) -> Result<KvList> {
@@ -233,7 +284,7 @@ impl KeyValue for MemoryKv {
     }
 
     async fn watch(&self, prefix: &str, from_revision: Option<u64>) -> Result<KvWatch> {
-        let (rx, backlog, from) = {
+        let (rx, backlog, last_seq) = {
             let state = self.inner.lock();
             let from = from_revision.unwrap_or(state.revision + 1);
             if from <= state.compacted {
@@ -243,17 +294,11 @@ impl KeyValue for MemoryKv {
             // arrives on the channel, never neither.
             let rx = self.inner.events.subscribe();
             let backlog: VecDeque<KvEvent> =
-                state.history.iter().filter(|e| e.revision >= from && e.key.starts_with(prefix)).cloned().collect();
-            (rx, backlog, from)
+                state.history.iter().map(|(_, e)| e).filter(|e| e.revision >= from && e.key.starts_with(prefix)).cloned().collect();
+            (rx, backlog, state.event_seq)
         };
-        let watch = MemoryWatch {
-            inner: Arc::downgrade(&self.inner),
-            prefix: prefix.to_owned(),
-            rx,
-            pending: backlog,
-            last: from - 1,
-            done: false,
-        };
+        let watch =
+            MemoryWatch { inner: Arc::downgrade(&self.inner), prefix: prefix.to_owned(), rx, pending: backlog, last_seq, done: false };
         Ok(futures::stream::unfold(watch, MemoryWatch::next).boxed())
     }
 
@@ -291,10 +336,11 @@ fn entry(key: &str, s: &Stored) -> KvEntry {
 struct MemoryWatch {
     inner: Weak<Inner>,
     prefix: String,
-    rx: broadcast::Receiver<KvEvent>,
+    rx: broadcast::Receiver<(u64, KvEvent)>,
     pending: VecDeque<KvEvent>,
-    /// Last revision delivered; anything at or below it is a duplicate.
-    last: u64,
+    /// Sequence number of the last event taken from the store (delivered, queued, or
+    /// outside the prefix); anything at or below it is a duplicate.
+    last_seq: u64,
     done: bool,
 }
 
@@ -305,16 +351,15 @@ impl MemoryWatch {
         }
         loop {
             if let Some(event) = self.pending.pop_front() {
-                if event.revision > self.last {
-                    self.last = event.revision;
-                    return Some((Ok(event), self));
-                }
-                continue;
+                return Some((Ok(event), self));
             }
             match self.rx.recv().await {
-                Ok(event) => {
-                    if event.key.starts_with(&self.prefix) {
-                        self.pending.push_back(event);
+                Ok((seq, event)) => {
+                    if seq > self.last_seq {
+                        self.last_seq = seq;
+                        if event.key.starts_with(&self.prefix) {
+                            self.pending.push_back(event);
+                        }
                     }
                 }
                 Err(broadcast::error::RecvError::Lagged(_)) => {
@@ -322,14 +367,17 @@ impl MemoryWatch {
                     // the gap can no longer be filled.
                     let inner = self.inner.upgrade()?;
                     let state = inner.lock();
-                    if self.last < state.compacted {
-                        let err = Error::Compacted { requested: self.last + 1, oldest: state.compacted + 1 };
+                    if self.last_seq < state.compacted_seq {
+                        let err = Error::Compacted { requested: state.compacted, oldest: state.compacted + 1 };
                         drop(state);
                         self.done = true;
                         return Some((Err(err), self));
                     }
-                    let last = self.last;
-                    self.pending = state.history.iter().filter(|e| e.revision > last && e.key.starts_with(&self.prefix)).cloned().collect();
+                    let last = self.last_seq;
+                    self.pending.extend(
+                        state.history.iter().filter(|(seq, e)| *seq > last && e.key.starts_with(&self.prefix)).map(|(_, e)| e.clone()),
+                    );
+                    self.last_seq = state.event_seq;
                 }
                 Err(broadcast::error::RecvError::Closed) => return None,
             }

@@ -150,6 +150,8 @@ fn outcome<T>(r: &Result<T>) -> &'static str {
         Err(Error::InvalidInput { .. }) => "invalid_input",
         Err(Error::NotFound { .. }) => "not_found",
         Err(Error::Conflict { .. }) => "conflict",
+        Err(Error::Fenced { .. }) => "fenced",
+        Err(Error::TxnTooLarge { .. }) => "txn_too_large",
         Err(Error::Compacted { .. }) => "compacted",
         Err(Error::Unsupported { .. }) => "unsupported",
         Err(Error::Unavailable { .. }) => "unavailable",

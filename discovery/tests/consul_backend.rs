@@ -109,7 +109,7 @@ fn kv_client(url: String) -> ConsulKv {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consul_kv_passes_kv_conformance_on_the_fake_agent() {
     let consul = FakeConsul::start(&fixture()).await.expect("fake consul");
-    conformance::kv_all(&kv_client(consul.url())).await;
+    conformance::kv_all_shared(std::sync::Arc::new(kv_client(consul.url()))).await;
 }
 
 #[tokio::test]

@@ -19,7 +19,7 @@ async fn connect(urls: Vec<String>) -> EtcdKv {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_passes_kv_conformance() {
     let etcd = Etcd::start().expect("etcd");
-    conformance::kv_all(&connect(vec![etcd.client_url()]).await).await;
+    conformance::kv_all_shared(std::sync::Arc::new(connect(vec![etcd.client_url()]).await)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -89,6 +89,11 @@ impl State {
     }
 }
 
+/// Consul's default `txn_max_req_len`.
+const TXN_MAX_REQ_LEN: usize = 512 * 1024;
+/// Consul's `maxTxnOps`.
+const TXN_MAX_OPS: usize = 64;
+
 fn b64(bytes: &[u8]) -> String {
     base64::Engine::encode(&base64::engine::general_purpose::STANDARD, bytes)
 }
@@ -405,9 +410,22 @@ async fn handle(req: Request<Incoming>, state: Arc<Mutex<State>>, changed: watch
             reply(StatusCode::OK, idx, Value::Array(found))
         }
         (Method::PUT, "/v1/txn") => {
+            // Consul's limits: the request body (`txn_max_req_len`, 512 KiB by default) and
+            // 64 operations, both refused whole with 413 before anything is checked.
+            if body.len() > TXN_MAX_REQ_LEN {
+                return reply(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    0,
+                    json!(format!("Request body too large, max size: {TXN_MAX_REQ_LEN} bytes")),
+                );
+            }
             let Ok(ops) = serde_json::from_slice::<Vec<Value>>(&body) else {
                 return reply(StatusCode::BAD_REQUEST, 0, json!("Failed to parse body"));
             };
+            if ops.len() > TXN_MAX_OPS {
+                let what = format!("Transaction contains too many operations ({} > {TXN_MAX_OPS})", ops.len());
+                return reply(StatusCode::PAYLOAD_TOO_LARGE, 0, json!(what));
+            }
             let mut s = lock(&state);
             // Check every op first: all or nothing.
             let mut errors = Vec::new();
@@ -427,6 +445,10 @@ async fn handle(req: Request<Incoming>, state: Arc<Mutex<State>>, changed: watch
                         .is_none_or(|p| p.modify_index != kv["Index"].as_u64().unwrap_or(0))
                         .then(|| "current modify index mismatch".to_owned()),
                     "check-not-exists" => cur.is_some().then(|| "key already exists".to_owned()),
+                    "check-session" => {
+                        let sess = kv["Session"].as_str().unwrap_or_default();
+                        (cur.and_then(|p| p.session.as_deref()) != Some(sess)).then(|| format!("key is not locked by session {sess:?}"))
+                    }
                     "lock" => {
                         let sess = kv["Session"].as_str().unwrap_or_default();
                         if !s.sessions.contains_key(sess) {
@@ -447,13 +469,17 @@ async fn handle(req: Request<Incoming>, state: Arc<Mutex<State>>, changed: watch
                 return reply(StatusCode::CONFLICT, s.index, json!({"Results": null, "Errors": errors}));
             }
             let mut results = Vec::new();
+            // One transaction is one Raft entry: every write in it gets the same index.
+            let writes = ops.iter().any(|op| matches!(op["KV"]["Verb"].as_str(), Some("set" | "cas" | "lock" | "delete")));
+            if writes {
+                s.index += 1;
+            }
+            let index = s.index;
             for op in &ops {
                 let kv = &op["KV"];
                 let key = kv["Key"].as_str().unwrap_or_default().to_owned();
                 match kv["Verb"].as_str().unwrap_or_default() {
                     "set" | "cas" | "lock" => {
-                        s.index += 1;
-                        let index = s.index;
                         let value = kv["Value"].as_str().and_then(unb64).unwrap_or_default();
                         let session = kv["Session"].as_str().map(str::to_owned);
                         let create_index = s.kv.get(&key).map_or(index, |p| p.create_index);
@@ -463,7 +489,9 @@ async fn handle(req: Request<Incoming>, state: Arc<Mutex<State>>, changed: watch
                         s.tombstones.remove(&key);
                         s.kv.insert(key, pair);
                     }
-                    "delete" => s.delete_key(&key),
+                    "delete" if s.kv.remove(&key).is_some() => {
+                        s.tombstones.insert(key, index);
+                    }
                     "get" => {
                         if let Some(p) = s.kv.get(&key) {
                             results.push(json!({"KV": pair_json(&key, p)}));
