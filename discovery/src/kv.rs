@@ -43,7 +43,7 @@ pub struct KvEntry {
 
 /// The result of a prefix listing: the entries and the store revision they were read at.
 /// Watch from `revision + 1` to follow the prefix without missing a change.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KvList {
     /// Store revision of the listing.
     pub revision: u64,

@@ -1,28 +1,36 @@
 //! Cluster state in any [`KeyValue`] (etcd in production, `MemoryKv` embedded): nodes
-//! with heartbeat leases, allocations by node, and optimistic plan commits.
+//! with heartbeat leases, allocations by node, and plan commits that readers see whole.
 //!
 //! Layout under the store's root:
 //! - `nodes/<node>`: the [`Node`], attached to the node's lease: when the node stops
 //!   renewing it, the key goes and the node is lost.
-//! - `allocs/<node>/<alloc>`: an [`AllocRecord`]; a node agent watches its own prefix.
-//! - `fences/<node>`: a counter bumped by every plan that changes the node.
-//! - `volumes/<name>`: a [`HostVolume`]: which node's disk holds the volume. Placement
-//!   puts an allocation mounting it on that node; a plan that creates a volume records
-//!   its home with compare-and-swap on absence, so two plans never home it twice. Not on
-//!   a lease: the data outlives its node's agent (moving it is [`ClusterStore::rehome_volume`]).
+//! - `allocs/<node>/<alloc>`: an allocation's desired state ([`AllocRecord`] with status
+//!   `Pending` or `Stopping`), written only by plans.
+//! - `status/<node>/<alloc>`: what the node's agent reports ([`AllocStatus`] and since
+//!   when), written only by that agent: a report never overwrites a plan, and a plan never
+//!   overwrites a report. Readers merge the two ([`ClusterStore::view`]).
+//! - `fences/<node>`: rewritten by every plan that changes the node.
+//! - `volumes/<name>`: a [`HostVolume`]: which node's disk holds the volume. Not on a
+//!   lease: the data outlives its node's agent (moving it is [`ClusterStore::rehome_volume`]).
+//! - `journal/`: the commit point ([`keelson_discovery::Journal`]).
+//! - `locks/controller`: the controller's lock.
 //!
-//! A plan is made from a [`ClusterView`] and remembers the fence version of every node
-//! it touches. [`ClusterStore::commit`] takes the `plan` lock, then claims each fence
-//! with compare-and-swap on the version the plan saw: if another plan changed one of
-//! those nodes since, the commit fails with [`Error::Conflict`] and writes nothing, and
-//! the caller re-plans from a fresh view. The lock serialises commits; the fences keep
-//! them correct even if a lock holder stalls past its lease.
+//! A plan is made from a [`ClusterView`], which remembers the journal head and the fence
+//! of every node. [`ClusterStore::commit`] hands the plan's writes to the journal, which
+//! makes them visible all at once however many they are (one transaction when they fit,
+//! published chunks when not), and only if no commit happened since the view was read.
+//! If one did, the commit checks the fences of the nodes the plan touches: if none of
+//! them changed, it commits on the new head; otherwise it fails with
+//! [`Error::Conflict`], writes nothing, and the caller re-plans from a fresh view. A
+//! store made [`ClusterStore::fenced`] by a held lock adds the lock to every commit, so
+//! a holder that lost its lock (paused past its TTL) writes nothing.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use keelson_discovery::{Expect, KeyValue, LeaseKeeper};
+use keelson_discovery::{Compare, Expect, Journal, KeyValue, LeaseKeeper, LockGuard, Txn, TxnOp};
+use serde::{Deserialize, Serialize};
 
 use crate::deployment::{Action, AllocHealth, AllocView, Deployment, Traffic};
 use crate::error::{Error, Result};
@@ -35,6 +43,7 @@ const BACKEND: &str = "cluster store";
 pub(crate) fn kv_err(e: keelson_discovery::Error) -> Error {
     match e {
         keelson_discovery::Error::Conflict { key, .. } => Error::Conflict { kind: "key", name: key },
+        keelson_discovery::Error::Fenced { key, .. } => Error::LockLost { lock: key },
         e if e.is_retryable() => Error::Unavailable { backend: BACKEND, reason: e.to_string() },
         e => Error::Backend { backend: BACKEND, source: Box::new(e) },
     }
@@ -53,6 +62,17 @@ pub(crate) fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>> {
 pub struct ClusterStore {
     pub(crate) kv: Arc<dyn KeyValue>,
     root: String,
+    journal: Journal,
+    /// Added to every write when the store acts under a lock.
+    fence: Option<Compare>,
+}
+
+/// What a node's agent reports about an allocation (`status/<node>/<alloc>`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct StatusRecord {
+    status: AllocStatus,
+    #[serde(default)]
+    since_ms: u64,
 }
 
 /// A node's membership: its lease is renewed until this is dropped or
@@ -70,8 +90,9 @@ impl NodeMembership {
     }
 }
 
-/// What a plan read: nodes, allocations, and the fence version of every node.
-#[derive(Clone, Debug, Default)]
+/// What a plan read: nodes, allocations, volumes, the fence version of every node, and
+/// the journal head they were read at.
+#[derive(Clone, Debug)]
 pub struct ClusterView {
     /// Live nodes (their lease is current).
     pub nodes: Vec<Node>,
@@ -80,6 +101,13 @@ pub struct ClusterView {
     /// Every volume and the node that holds it.
     pub volumes: Vec<HostVolume>,
     fences: BTreeMap<String, Option<u64>>,
+    head: Expect,
+}
+
+impl Default for ClusterView {
+    fn default() -> Self {
+        ClusterView { nodes: Vec::new(), allocations: Vec::new(), volumes: Vec::new(), fences: BTreeMap::new(), head: Expect::Absent }
+    }
 }
 
 impl ClusterView {
@@ -93,11 +121,13 @@ impl ClusterView {
     pub fn plan(&self) -> PlanCommit {
         PlanCommit {
             fences: self.fences.clone(),
+            head: self.head,
             touched: BTreeSet::new(),
             puts: Vec::new(),
             deletes: Vec::new(),
             new_volumes: Vec::new(),
             runs: Vec::new(),
+            traffic: Vec::new(),
         }
     }
 }
@@ -106,11 +136,13 @@ impl ClusterView {
 #[derive(Clone, Debug)]
 pub struct PlanCommit {
     fences: BTreeMap<String, Option<u64>>,
+    head: Expect,
     touched: BTreeSet<String>,
     puts: Vec<AllocRecord>,
     deletes: Vec<(String, String)>,
     new_volumes: Vec<HostVolume>,
     pub(crate) runs: Vec<crate::runs::RunRecord>,
+    traffic: Vec<(String, String, Traffic)>,
 }
 
 impl PlanCommit {
@@ -137,9 +169,20 @@ impl PlanCommit {
         self.new_volumes.push(volume);
     }
 
+    /// Sets which allocations of a group agents register, in the same commit as the
+    /// allocations it concerns (a blue/green switch lands with its stops, never apart).
+    pub fn set_traffic(&mut self, job: &str, group: &str, traffic: Traffic) {
+        self.traffic.push((job.to_owned(), group.to_owned(), traffic));
+    }
+
     /// Whether the plan changes nothing.
     pub fn is_empty(&self) -> bool {
-        self.puts.is_empty() && self.deletes.is_empty() && self.new_volumes.is_empty() && self.runs.is_empty()
+        self.puts.is_empty() && self.deletes.is_empty() && self.new_volumes.is_empty() && self.runs.is_empty() && self.traffic.is_empty()
+    }
+
+    /// How many allocations it writes or removes.
+    pub fn len(&self) -> usize {
+        self.puts.len() + self.deletes.len()
     }
 }
 
@@ -159,7 +202,32 @@ pub struct ReschedulePass {
 impl ClusterStore {
     /// A store under `root` (for example `keelson/cluster`).
     pub fn new(kv: Arc<dyn KeyValue>, root: impl Into<String>) -> Self {
-        ClusterStore { kv, root: root.into().trim_end_matches('/').to_owned() }
+        let root = root.into().trim_end_matches('/').to_owned();
+        let journal = Journal::new(kv.clone(), &format!("{root}/journal"));
+        ClusterStore { kv, root, journal, fence: None }
+    }
+
+    /// The root every key of this store lives under.
+    pub fn root(&self) -> &str {
+        &self.root
+    }
+
+    /// Where a lock of this store named `name` lives (`<root>/locks/<name>`).
+    pub fn lock_key(&self, name: &str) -> String {
+        self.key(&["locks", name])
+    }
+
+    /// This store, with every write it makes fenced by `lock`: once the lock is lost
+    /// (its lease expired while the holder was paused, say), writes fail with
+    /// [`Error::LockLost`] and store nothing.
+    pub fn fenced(&self, lock: &LockGuard) -> ClusterStore {
+        ClusterStore { fence: Some(lock.fence()), ..self.clone() }
+    }
+
+    /// Applies `txn` with the store's fence added.
+    pub(crate) async fn write(&self, mut txn: Txn) -> Result<u64> {
+        txn.compares.extend(self.fence.clone());
+        self.kv.txn(txn).await.map_err(kv_err)
     }
 
     pub(crate) fn key(&self, parts: &[&str]) -> String {
@@ -188,35 +256,43 @@ impl ClusterStore {
         Ok(NodeMembership { keeper, kv: self.kv.clone() })
     }
 
-    /// Reads nodes, allocations and fences.
+    /// Reads nodes, allocations (desired state merged with status), volumes and fences,
+    /// as of one commit.
     pub async fn view(&self) -> Result<ClusterView> {
-        let mut view = ClusterView::default();
-        for e in self.kv.list(&self.key(&["nodes", ""])).await.map_err(kv_err)?.entries {
+        let prefixes = ["nodes", "allocs", "status", "volumes", "fences"].map(|p| self.key(&[p, ""]));
+        let read = self.journal.read(&prefixes).await.map_err(kv_err)?;
+        let [nodes, allocs, status, volumes, fences] = read
+            .lists
+            .try_into()
+            .map_err(|_| Error::Backend { backend: BACKEND, source: "journal read returned the wrong number of listings".into() })?;
+        let mut view = ClusterView { head: read.head, ..ClusterView::default() };
+        for e in nodes.entries {
             view.nodes.push(decode(&e.key, &e.value)?);
         }
-        for e in self.kv.list(&self.key(&["allocs", ""])).await.map_err(kv_err)?.entries {
-            view.allocations.push(decode(&e.key, &e.value)?);
-        }
-        for e in self.kv.list(&self.key(&["volumes", ""])).await.map_err(kv_err)?.entries {
+        view.allocations = merge_status(&prefixes[2], allocs.entries, status.entries)?;
+        for e in volumes.entries {
             view.volumes.push(decode(&e.key, &e.value)?);
         }
-        let fence_prefix = self.key(&["fences", ""]);
-        for e in self.kv.list(&fence_prefix).await.map_err(kv_err)?.entries {
-            view.fences.insert(e.key[fence_prefix.len()..].to_owned(), Some(e.version));
+        for e in fences.entries {
+            view.fences.insert(e.key[prefixes[4].len()..].to_owned(), Some(e.version));
         }
         Ok(view)
     }
 
-    /// The allocations on one node (what its agent runs).
+    /// The allocations on one node (what its agent runs): only that node's keys are read.
     pub async fn allocations_on(&self, node: &str) -> Result<Vec<AllocRecord>> {
-        let list = self.kv.list(&self.key(&["allocs", node, ""])).await.map_err(kv_err)?;
-        list.entries.iter().map(|e| decode(&e.key, &e.value)).collect()
+        let prefixes = [self.key(&["allocs", node, ""]), self.key(&["status", node, ""])];
+        let read = self.journal.read(&prefixes).await.map_err(kv_err)?;
+        let mut lists = read.lists.into_iter();
+        let (allocs, status) = (lists.next().unwrap_or_default(), lists.next().unwrap_or_default());
+        merge_status(&self.key(&["status", ""]), allocs.entries, status.entries)
     }
 
-    /// Records an allocation's status as its node agent reports it (no fence: only the
-    /// agent of that node writes its allocations' status).
+    /// Records an allocation's status as its node agent reports it, in the status key
+    /// only that agent writes (a plan's record of the allocation is left as it is).
     pub async fn report(&self, alloc: &AllocRecord) -> Result<()> {
-        self.kv.put(&self.key(&["allocs", &alloc.node, &alloc.id]), encode(alloc)?, None).await.map_err(kv_err)?;
+        let record = StatusRecord { status: alloc.status, since_ms: alloc.since_ms };
+        self.kv.put(&self.key(&["status", &alloc.node, &alloc.id]), encode(&record)?, None).await.map_err(kv_err)?;
         Ok(())
     }
 
@@ -252,7 +328,7 @@ impl ClusterStore {
     /// Sets which allocations of a group agents register (blue/green switches).
     pub async fn set_traffic(&self, job: &str, group: &str, traffic: Traffic) -> Result<()> {
         let key = self.key(&["traffic", job, group]);
-        self.kv.put(&key, encode(&traffic)?, None).await.map_err(kv_err)?;
+        self.write(Txn::new().put(key, encode(&traffic)?, None)).await?;
         Ok(())
     }
 
@@ -269,77 +345,106 @@ impl ClusterStore {
     pub async fn rehome_volume(&self, volume: &HostVolume) -> Result<()> {
         crate::error::validate_id("volume name", &volume.name)?;
         let key = self.key(&["volumes", &volume.name]);
-        let current =
-            self.kv.get(&key).await.map_err(kv_err)?.ok_or_else(|| Error::NotFound { kind: "volume", name: volume.name.clone() })?;
         let view = self.view().await?;
+        if !view.volumes.iter().any(|v| v.name == volume.name) {
+            return Err(Error::NotFound { kind: "volume", name: volume.name.clone() });
+        }
         if let Some(user) = view.allocations.iter().find(|a| a.volumes.iter().any(|m| m.name == volume.name)) {
             return Err(Error::Conflict { kind: "volume in use by allocation", name: user.id.clone() });
         }
-        self.kv.compare_and_swap(&key, Expect::Version(current.version), encode(volume)?, None).await.map_err(kv_err)?;
+        // Through the journal: a plan placing a user of the volume meanwhile conflicts.
+        let writes = vec![TxnOp::Put { key, value: encode(volume)?, lease: None }];
+        self.journal.commit(view.head, self.fence.clone().into_iter().collect(), writes).await.map_err(|e| match e {
+            keelson_discovery::Error::Conflict { .. } => Error::Conflict { kind: "plan", name: "cluster state changed; retry".into() },
+            other => kv_err(other),
+        })?;
         Ok(())
     }
 
     /// Removes a finished allocation's record (its agent has stopped it).
     pub async fn forget(&self, alloc: &AllocRecord) -> Result<()> {
-        self.kv.delete(&self.key(&["allocs", &alloc.node, &alloc.id])).await.map_err(kv_err)?;
+        let txn = Txn::new().delete(self.key(&["allocs", &alloc.node, &alloc.id])).delete(self.key(&["status", &alloc.node, &alloc.id]));
+        self.kv.txn(txn).await.map_err(kv_err)?;
         Ok(())
     }
 
     /// Commits `plan` if no node it touches changed since its view was read; otherwise
-    /// [`Error::Conflict`] and nothing is written. Returns the number of keys written.
+    /// [`Error::Conflict`] and nothing is written. Readers see the whole plan at once,
+    /// whatever its size. Returns the number of keys written.
     pub async fn commit(&self, plan: &PlanCommit) -> Result<usize> {
         if plan.is_empty() {
             return Ok(0);
         }
-        let lock = self.kv.lock("keelson-plan", Duration::from_secs(10), Duration::from_secs(10)).await.map_err(kv_err)?;
-        let result = self.commit_locked(plan).await;
-        if let Err(e) = self.kv.unlock(&lock).await {
-            tracing::warn!(error = %e, "releasing the plan lock (it expires with its lease)");
+        let writes = self.plan_writes(plan)?;
+        let count = writes.len();
+        let compares: Vec<Compare> = self.fence.clone().into_iter().collect();
+        let mut head = plan.head;
+        for _ in 0..5 {
+            match self.journal.commit(head, compares.clone(), writes.clone()).await {
+                Ok(_) => return Ok(count),
+                Err(keelson_discovery::Error::Conflict { key, .. }) if key == self.journal.head_key() => {
+                    // Another plan committed since the view: still fine if it touched none
+                    // of this plan's nodes and homed none of its volumes.
+                    head = self.journal.read(&[]).await.map_err(kv_err)?.head;
+                    self.check_unchanged(plan).await?;
+                }
+                Err(e) => return Err(kv_err(e)),
+            }
         }
-        result
+        Err(Error::Conflict { kind: "plan", name: "the cluster state kept changing (5 attempts)".into() })
     }
 
-    async fn commit_locked(&self, plan: &PlanCommit) -> Result<usize> {
-        // Check every fence and volume before claiming any, so a stale plan writes nothing.
+    /// Fails with a conflict if a node `plan` touches changed, or a volume it homes was
+    /// homed, since the plan's view was read.
+    async fn check_unchanged(&self, plan: &PlanCommit) -> Result<()> {
+        for node in &plan.touched {
+            let now = self.kv.get(&self.key(&["fences", node])).await.map_err(kv_err)?.map(|e| e.version);
+            if now != plan.fences.get(node).copied().flatten() {
+                return Err(Error::Conflict { kind: "plan for node", name: node.clone() });
+            }
+        }
         for v in &plan.new_volumes {
             if self.kv.get(&self.key(&["volumes", &v.name])).await.map_err(kv_err)?.is_some() {
                 return Err(Error::Conflict { kind: "volume home", name: v.name.clone() });
             }
         }
+        Ok(())
+    }
+
+    /// The keys a plan writes: its allocations' desired state, their status keys when
+    /// they go, the fences of the nodes it touches, volume homes, runs and traffic.
+    fn plan_writes(&self, plan: &PlanCommit) -> Result<Vec<TxnOp>> {
+        let mut writes = Vec::with_capacity(plan.puts.len() + plan.deletes.len() * 2 + plan.touched.len());
+        let put = |key: String, value: Vec<u8>| TxnOp::Put { key, value, lease: None };
         for node in &plan.touched {
-            let seen = plan.fences.get(node).copied().flatten();
-            let now = self.kv.get(&self.key(&["fences", node])).await.map_err(kv_err)?.map(|e| e.version);
-            if now != seen {
-                return Err(Error::Conflict { kind: "plan for node", name: node.clone() });
-            }
-        }
-        for node in &plan.touched {
-            let key = self.key(&["fences", node]);
-            let expect = match plan.fences.get(node).copied().flatten() {
-                Some(v) => Expect::Version(v),
-                None => Expect::Absent,
-            };
-            self.kv.compare_and_swap(&key, expect, b"1".to_vec(), None).await.map_err(|e| match e {
-                keelson_discovery::Error::Conflict { .. } => Error::Conflict { kind: "plan for node", name: node.clone() },
-                other => kv_err(other),
-            })?;
+            writes.push(put(self.key(&["fences", node]), b"1".to_vec()));
         }
         for v in &plan.new_volumes {
-            self.kv.compare_and_swap(&self.key(&["volumes", &v.name]), Expect::Absent, encode(v)?, None).await.map_err(|e| match e {
-                keelson_discovery::Error::Conflict { .. } => Error::Conflict { kind: "volume home", name: v.name.clone() },
-                other => kv_err(other),
-            })?;
+            writes.push(put(self.key(&["volumes", &v.name]), encode(v)?));
         }
         for a in &plan.puts {
-            self.kv.put(&self.key(&["allocs", &a.node, &a.id]), encode(a)?, None).await.map_err(kv_err)?;
+            // Desired state only: what the agent reports lives in its status key.
+            let status = if a.status == AllocStatus::Stopping { AllocStatus::Stopping } else { AllocStatus::Pending };
+            writes.push(put(self.key(&["allocs", &a.node, &a.id]), encode(&AllocRecord { status, ..a.clone() })?));
         }
         for r in &plan.runs {
-            self.kv.put(&self.key(&["runs", &r.node, &r.spec.id]), encode(r)?, None).await.map_err(kv_err)?;
+            writes.push(put(self.key(&["runs", &r.node, &r.spec.id]), encode(r)?));
+        }
+        for (job, group, traffic) in &plan.traffic {
+            writes.push(put(self.key(&["traffic", job, group]), encode(traffic)?));
         }
         for (node, id) in &plan.deletes {
-            self.kv.delete(&self.key(&["allocs", node, id])).await.map_err(kv_err)?;
+            writes.push(TxnOp::Delete { key: self.key(&["allocs", node, id]) });
+            writes.push(TxnOp::Delete { key: self.key(&["status", node, id]) });
         }
-        Ok(plan.puts.len() + plan.deletes.len() + plan.new_volumes.len() + plan.runs.len())
+        Ok(writes)
+    }
+
+    /// Finishes a plan whose committer died after publishing it, and deletes chunks of
+    /// plans that were never published. The controller calls it now and then.
+    pub async fn collect_garbage(&self) -> Result<usize> {
+        self.journal.finish_pending().await.map_err(kv_err)?;
+        self.journal.collect_garbage().await.map_err(kv_err)
     }
 
     /// One step of `deployment` for `job`/`group`: reads the group's allocations, asks
@@ -382,12 +487,13 @@ impl ClusterStore {
                     }
                 }
             }
+            // Traffic follows the deployment (a blue/green switch, or its rollback), in the
+            // same commit as the allocations it concerns.
+            if self.traffic(job, group).await? != trial.traffic() {
+                plan.set_traffic(job, group, trial.traffic());
+            }
             match self.commit(&plan).await {
                 Ok(_) => {
-                    // Traffic follows the deployment (a blue/green switch, or its rollback).
-                    if self.traffic(job, group).await? != trial.traffic() {
-                        self.set_traffic(job, group, trial.traffic()).await?;
-                    }
                     *deployment = trial;
                     return Ok(actions);
                 }
@@ -557,6 +663,33 @@ fn volume_batches(view: &ClusterView, d: &DesiredGroup, n: u32, lost: &HashSet<S
         index += 1;
     }
     batches
+}
+
+/// Allocations from their desired records, with the status their agents reported: a
+/// plan's `Stopping` wins; otherwise the reported status, or `Pending` before any report.
+fn merge_status(
+    status_prefix: &str,
+    allocs: Vec<keelson_discovery::KvEntry>,
+    status: Vec<keelson_discovery::KvEntry>,
+) -> Result<Vec<AllocRecord>> {
+    let mut reported: std::collections::HashMap<String, StatusRecord> = std::collections::HashMap::new();
+    for e in status {
+        // `status/<node>/<alloc>`: keyed by node and id, as allocations are.
+        let rest = e.key.strip_prefix(status_prefix).unwrap_or(&e.key).to_owned();
+        reported.insert(rest, decode(&e.key, &e.value)?);
+    }
+    let mut out = Vec::with_capacity(allocs.len());
+    for e in allocs {
+        let mut a: AllocRecord = decode(&e.key, &e.value)?;
+        if a.status != AllocStatus::Stopping {
+            if let Some(r) = reported.get(&format!("{}/{}", a.node, a.id)) {
+                a.status = r.status;
+                a.since_ms = r.since_ms;
+            }
+        }
+        out.push(a);
+    }
+    Ok(out)
 }
 
 /// Milliseconds since the Unix epoch: the clock allocation timestamps and deployment

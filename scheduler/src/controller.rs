@@ -12,14 +12,17 @@
 //! - reschedules the groups not deploying: allocations of lost nodes are replaced, failed
 //!   and surplus ones stopped, missing ones placed.
 //!
-//! Ticks run under the `keelson-controller` lock, so any number of controllers (one per
-//! node agent, say) may run: one acts at a time, the others find the lock taken and skip
-//! the tick. Plans still commit optimistically, so even a stalled lock holder cannot
-//! corrupt the allocations.
+//! Ticks run under the controller lock (`<root>/locks/controller`), so any number of
+//! controllers (one per node agent, say) may run: one leads at a time, the others wait
+//! for the lock. The leader keeps its lock alive between ticks ([`LockGuard`]), and every
+//! write it makes carries the lock as a fence: a leader paused past the lock's TTL wakes
+//! up to find its writes refused ([`Error::LockLost`]) and its lock reported lost, and
+//! steps down ([`Controller::lead`] returns). Plans also commit optimistically, so a
+//! stale view never writes either.
 
 use std::time::Duration;
 
-use keelson_discovery::Expect;
+use keelson_discovery::{Compare, Expect, LockGuard, Txn};
 use serde::{Deserialize, Serialize};
 
 use crate::agent::GroupSpec;
@@ -81,11 +84,10 @@ impl ClusterStore {
 
     async fn save_group_state(&self, state: &GroupState, expect: Expect) -> Result<()> {
         let key = self.group_state_key(&state.job, &state.group);
-        self.kv.compare_and_swap(&key, expect, encode(state)?, None).await.map_err(|e| match e {
-            keelson_discovery::Error::Conflict { .. } => {
-                Error::Conflict { kind: "group state", name: format!("{}/{}", state.job, state.group) }
-            }
-            other => kv_err(other),
+        let txn = Txn::new().when(Compare::key(&key, expect)).put(&key, encode(state)?, None);
+        self.write(txn).await.map_err(|e| match e {
+            Error::Conflict { .. } => Error::Conflict { kind: "group state", name: format!("{}/{}", state.job, state.group) },
+            other => other,
         })?;
         Ok(())
     }
@@ -159,17 +161,48 @@ impl ClusterStore {
     }
 }
 
+/// How a spell of leadership ended ([`Controller::lead`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Leadership {
+    /// The lock was lost (expired while this process was paused, revoked, or a write
+    /// was fenced off): this controller stepped down.
+    Lost,
+    /// The stop future completed; the lock was released.
+    Stopped,
+}
+
+/// Default TTL of the controller lock: a leader that stops renewing it (dead, paused,
+/// partitioned) is replaced after this long.
+pub const CONTROLLER_LOCK_TTL: Duration = Duration::from_secs(10);
+
 /// Runs the control loop over a [`ClusterStore`].
 #[derive(Clone, Debug)]
 pub struct Controller {
     store: ClusterStore,
     metrics: OrchestrationMetrics,
+    lock_ttl: Duration,
 }
 
 impl Controller {
-    /// A controller for `store`.
+    /// A controller for `store`, with a lock TTL of [`CONTROLLER_LOCK_TTL`].
     pub fn new(store: ClusterStore) -> Self {
-        Controller { store, metrics: OrchestrationMetrics::default() }
+        Controller { store, metrics: OrchestrationMetrics::default(), lock_ttl: CONTROLLER_LOCK_TTL }
+    }
+
+    /// Sets the controller lock's TTL: how long a dead or paused leader keeps others
+    /// waiting (renewed at a third of it while the leader is alive).
+    pub fn with_lock_ttl(mut self, ttl: Duration) -> Self {
+        self.lock_ttl = ttl;
+        self
+    }
+
+    async fn acquire(&self, wait: Duration) -> Result<Option<LockGuard>> {
+        let key = self.store.lock_key("controller");
+        match LockGuard::acquire(self.store.kv.clone(), &key, self.lock_ttl, wait).await {
+            Ok(guard) => Ok(Some(guard)),
+            Err(keelson_discovery::Error::Timeout { .. } | keelson_discovery::Error::Conflict { .. }) => Ok(None),
+            Err(e) => Err(kv_err(e)),
+        }
     }
 
     /// Counts into `metrics` (share one with the node agent; register it once).
@@ -178,16 +211,19 @@ impl Controller {
         self
     }
 
-    /// One pass (see the module docs). Returns with `acted: false` if another controller
-    /// holds the lock.
+    /// One pass (see the module docs) under the lock, taken and released around it.
+    /// Returns with `acted: false` if another controller holds the lock.
     pub async fn tick(&self) -> Result<TickReport> {
-        let kv = &self.store.kv;
-        let lock = match kv.lock("keelson-controller", Duration::from_secs(15), Duration::from_millis(50)).await {
-            Ok(lock) => lock,
-            Err(keelson_discovery::Error::Timeout { .. } | keelson_discovery::Error::Conflict { .. }) => return Ok(TickReport::default()),
-            Err(e) => return Err(kv_err(e)),
-        };
-        let result = self.tick_locked().await;
+        let Some(guard) = self.acquire(Duration::from_millis(50)).await? else { return Ok(TickReport::default()) };
+        let result = self.tick_as(&self.store.fenced(&guard)).await;
+        if let Err(e) = guard.release().await {
+            tracing::warn!(error = %e, "releasing the controller lock (it expires with its lease)");
+        }
+        result
+    }
+
+    async fn tick_as(&self, store: &ClusterStore) -> Result<TickReport> {
+        let result = self.tick_locked(store).await;
         match &result {
             Ok(r) => {
                 self.metrics.ticks.inc();
@@ -201,22 +237,80 @@ impl Controller {
                 self.metrics.tick_errors.inc();
             }
         }
-        if let Err(e) = kv.unlock(&lock).await {
-            tracing::warn!(error = %e, "releasing the controller lock (it expires with its lease)");
-        }
         result
     }
 
-    async fn tick_locked(&self) -> Result<TickReport> {
+    /// Leads once: waits for the controller lock (until `stop`), then ticks every
+    /// `interval` while it holds it. Returns [`Leadership::Lost`] as soon as the lock is
+    /// lost or a write is fenced off (nothing more is written), [`Leadership::Stopped`]
+    /// when `stop` completes (the lock is released).
+    pub async fn lead(&self, interval: Duration, stop: impl std::future::Future<Output = ()>) -> Leadership {
+        tokio::pin!(stop);
+        let guard = loop {
+            tokio::select! {
+                () = &mut stop => return Leadership::Stopped,
+                taken = self.acquire(interval.max(Duration::from_millis(100))) => match taken {
+                    Ok(Some(guard)) => break guard,
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "taking the controller lock failed; retrying");
+                        tokio::time::sleep(interval).await;
+                    }
+                },
+            }
+        };
+        tracing::info!(lock = guard.key(), revision = guard.revision(), "leading the cluster controller");
+        self.metrics.leader.set(1);
+        let store = self.store.fenced(&guard);
+        let outcome = loop {
+            tokio::select! {
+                biased;
+                () = guard.lost() => break Leadership::Lost,
+                result = self.tick_as(&store) => match result {
+                    Ok(r) if !r.deployments_ended.is_empty() || !r.lost.is_empty() => tracing::info!(?r, "controller tick"),
+                    Ok(_) => {}
+                    Err(Error::LockLost { .. }) => break Leadership::Lost,
+                    Err(e) => tracing::warn!(error = %e, "controller tick failed; retrying"),
+                },
+            }
+            tokio::select! {
+                biased;
+                () = guard.lost() => break Leadership::Lost,
+                () = &mut stop => break Leadership::Stopped,
+                () = tokio::time::sleep(interval) => {}
+            }
+        };
+        self.metrics.leader.set(0);
+        match outcome {
+            Leadership::Lost => {
+                self.metrics.leadership_lost.inc();
+                tracing::warn!(lock = guard.key(), "lost the controller lock; stepping down");
+                drop(guard);
+            }
+            Leadership::Stopped => {
+                if let Err(e) = guard.release().await {
+                    tracing::warn!(error = %e, "releasing the controller lock (it expires with its lease)");
+                }
+            }
+        }
+        outcome
+    }
+
+    async fn tick_locked(&self, store: &ClusterStore) -> Result<TickReport> {
         let mut report = TickReport { acted: true, ..TickReport::default() };
+        // A plan whose committer died half-way is finished first, so this tick plans on it.
+        let collected = store.collect_garbage().await?;
+        if collected > 0 {
+            tracing::info!(keys = collected, "deleted chunks of plans that were never published");
+        }
         let mut steady = Vec::new();
-        for (mut state, version) in self.store.all_group_states().await? {
+        for (mut state, version) in store.all_group_states().await? {
             let Some(mut deployment) = state.deployment.take() else {
-                let spec = self.store.group_version(&state.job, &state.group, state.stable).await?;
+                let spec = store.group_version(&state.job, &state.group, state.stable).await?;
                 steady.push(DesiredGroup { count: state.count, ..spec.desired });
                 continue;
             };
-            self.store.advance(&mut deployment, &state.job, &state.group, wall_clock_ms()).await?;
+            store.advance(&mut deployment, &state.job, &state.group, wall_clock_ms()).await?;
             if deployment.phase().is_terminal() {
                 let phase = deployment.phase().clone();
                 tracing::info!(job = %state.job, group = %state.group, ?phase, "deployment ended");
@@ -227,31 +321,22 @@ impl Controller {
                 state.deployment = Some(deployment);
             }
             // A promote or rollback saved meanwhile wins: this step is re-derived next tick.
-            match self.store.save_group_state(&state, Expect::Version(version)).await {
+            match store.save_group_state(&state, Expect::Version(version)).await {
                 Ok(()) | Err(Error::Conflict { .. }) => {}
                 Err(e) => return Err(e),
             }
         }
-        let pass = self.store.reschedule(&steady).await?;
+        let pass = store.reschedule(&steady).await?;
         report.lost = pass.lost;
         report.placed = pass.placed.len();
         Ok(report)
     }
 
-    /// Ticks every `interval` until `stop` completes; errors are logged and retried
-    /// (etcd away for a while is not a reason to stop).
+    /// Leads whenever it can, every `interval`, until `stop` completes: a controller that
+    /// lost its lock campaigns again. Errors are logged and retried (etcd away for a while
+    /// is not a reason to stop).
     pub async fn run(&self, interval: Duration, stop: impl std::future::Future<Output = ()>) {
-        tokio::pin!(stop);
-        loop {
-            match self.tick().await {
-                Ok(r) if !r.deployments_ended.is_empty() || !r.lost.is_empty() => tracing::info!(?r, "controller tick"),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "controller tick failed; retrying"),
-            }
-            tokio::select! {
-                () = &mut stop => return,
-                () = tokio::time::sleep(interval) => {}
-            }
-        }
+        let stop = futures::FutureExt::shared(Box::pin(stop));
+        while self.lead(interval, stop.clone()).await == Leadership::Lost {}
     }
 }

@@ -48,6 +48,13 @@ pub enum Error {
         /// Its name.
         name: String,
     },
+    /// A write made under a lock found the lock lost (its lease expired while the holder
+    /// was paused, or it was taken over): nothing was written; the holder steps down.
+    #[error("lock {lock:?} was lost; the write was fenced off and nothing was stored")]
+    LockLost {
+        /// The lock key.
+        lock: String,
+    },
     /// The backend cannot do this.
     #[error("{backend} does not support {operation}")]
     Unsupported {

@@ -114,7 +114,7 @@ pub mod conformance;
 
 pub use agent::{GroupSpec, NodeAgent, ServiceSpec, SyncReport, TaskTemplate, NODE_LABEL};
 pub use cluster_store::{wall_clock_ms, ClusterStore, ClusterView, NodeMembership, PlanCommit, ReschedulePass};
-pub use controller::{Controller, GroupState, TickReport};
+pub use controller::{Controller, GroupState, Leadership, TickReport, CONTROLLER_LOCK_TTL};
 pub use deployment::{Action, AllocHealth, AllocView, Deployment, Millis, Phase, Traffic};
 #[cfg(feature = "docker")]
 pub use docker::{DockerDriver, MANAGED_LABEL, TASK_LABEL};

@@ -42,6 +42,8 @@ pub struct OrchestrationMetrics {
     pub(crate) deployments_ended: Family<Outcome, Counter>,
     pub(crate) lost: Counter,
     pub(crate) placed: Counter,
+    pub(crate) leader: prometheus_client::metrics::gauge::Gauge,
+    pub(crate) leadership_lost: Counter,
 }
 
 impl Default for OrchestrationMetrics {
@@ -59,6 +61,8 @@ impl Default for OrchestrationMetrics {
             deployments_ended: Family::default(),
             lost: Counter::default(),
             placed: Counter::default(),
+            leader: Default::default(),
+            leadership_lost: Counter::default(),
         }
     }
 }
@@ -82,6 +86,12 @@ impl OrchestrationMetrics {
         registry.register("keelson_controller_deployments_ended", "Deployments ended, by outcome", self.deployments_ended.clone());
         registry.register("keelson_controller_lost_allocations", "Allocations replaced because their node was lost", self.lost.clone());
         registry.register("keelson_controller_placed", "Allocations placed by rescheduling", self.placed.clone());
+        registry.register("keelson_controller_leader", "1 while this controller holds the controller lock", self.leader.clone());
+        registry.register(
+            "keelson_controller_leadership_lost",
+            "Times this controller lost its lock while leading (paused past the TTL, or fenced off) and stepped down",
+            self.leadership_lost.clone(),
+        );
     }
 
     pub(crate) fn outcome(value: impl std::fmt::Debug) -> Outcome {

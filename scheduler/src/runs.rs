@@ -114,7 +114,7 @@ impl ClusterStore {
             commit.put_run(record.clone());
             match self.commit(&commit).await {
                 Ok(_) => return Ok(record),
-                Err(Error::Conflict { kind: "plan for node", .. }) => continue,
+                Err(Error::Conflict { kind: "plan for node" | "plan", .. }) => continue,
                 Err(e) => return Err(e),
             }
         }
