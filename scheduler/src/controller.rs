@@ -263,15 +263,16 @@ impl Controller {
         self.metrics.leader.set(1);
         let store = self.store.fenced(&guard);
         let outcome = loop {
-            tokio::select! {
-                biased;
-                () = guard.lost() => break Leadership::Lost,
-                result = self.tick_as(&store) => match result {
-                    Ok(r) if !r.deployments_ended.is_empty() || !r.lost.is_empty() => tracing::info!(?r, "controller tick"),
-                    Ok(_) => {}
-                    Err(Error::LockLost { .. }) => break Leadership::Lost,
-                    Err(e) => tracing::warn!(error = %e, "controller tick failed; retrying"),
-                },
+            // A tick is not cut short when the lock is lost: every write in it is fenced,
+            // so what it sends after the loss fails, and the loss is seen right after.
+            match self.tick_as(&store).await {
+                Ok(r) if !r.deployments_ended.is_empty() || !r.lost.is_empty() => tracing::info!(?r, "controller tick"),
+                Ok(_) => {}
+                Err(Error::LockLost { .. }) => break Leadership::Lost,
+                Err(e) => tracing::warn!(error = %e, "controller tick failed; retrying"),
+            }
+            if !guard.is_held() {
+                break Leadership::Lost;
             }
             tokio::select! {
                 biased;

@@ -1,0 +1,206 @@
+//! Two controller processes on a real etcd. The leader is stopped with SIGSTOP in the
+//! middle of a write, past its lock's TTL; the other takes over and places the work;
+//! the first is continued: its write is fenced off (nothing of it lands), it notices,
+//! and it steps down.
+//!
+//! The controllers are this test binary run again with a role in the environment, so
+//! they are real processes with their own lease renewals, paused by the kernel.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keelson_discovery::{EtcdConfig, EtcdKv, KeyValue, KvEntry, KvList, KvWatch, LeaseId, Txn};
+use keelson_scheduler::{ClusterStore, Controller, DesiredGroup, GroupSpec, Node, Resources, Strategy, TaskTemplate};
+
+const ROLE: &str = "KEELSON_TEST_CONTROLLER_ROLE";
+const ETCD: &str = "KEELSON_TEST_CONTROLLER_ETCD";
+const ROOT: &str = "failover";
+const TTL: Duration = Duration::from_secs(2);
+
+/// Delays every transaction by a second, after saying so: the window in which the test
+/// pauses the process.
+#[derive(Debug)]
+struct SlowTxns(Arc<dyn KeyValue>);
+
+#[async_trait::async_trait]
+impl KeyValue for SlowTxns {
+    fn backend(&self) -> &'static str {
+        self.0.backend()
+    }
+    fn capabilities(&self) -> keelson_discovery::KvCapabilities {
+        self.0.capabilities()
+    }
+    async fn get(&self, key: &str) -> keelson_discovery::Result<Option<KvEntry>> {
+        self.0.get(key).await
+    }
+    async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> keelson_discovery::Result<u64> {
+        self.0.put(key, value, lease).await
+    }
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expect: keelson_discovery::Expect,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+    ) -> keelson_discovery::Result<u64> {
+        self.0.compare_and_swap(key, expect, value, lease).await
+    }
+    async fn delete(&self, key: &str) -> keelson_discovery::Result<bool> {
+        self.0.delete(key).await
+    }
+    async fn txn(&self, txn: Txn) -> keelson_discovery::Result<u64> {
+        println!("MARK txn-delayed");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let result = self.0.txn(txn).await;
+        println!("MARK txn-result {}", if result.is_ok() { "ok".to_owned() } else { format!("{result:?}") });
+        result
+    }
+    async fn list(&self, prefix: &str) -> keelson_discovery::Result<KvList> {
+        self.0.list(prefix).await
+    }
+    async fn watch(&self, prefix: &str, from: Option<u64>) -> keelson_discovery::Result<KvWatch> {
+        self.0.watch(prefix, from).await
+    }
+    async fn grant_lease(&self, ttl: Duration) -> keelson_discovery::Result<LeaseId> {
+        self.0.grant_lease(ttl).await
+    }
+    async fn keep_alive(&self, lease: LeaseId) -> keelson_discovery::Result<()> {
+        self.0.keep_alive(lease).await
+    }
+    async fn revoke_lease(&self, lease: LeaseId) -> keelson_discovery::Result<()> {
+        self.0.revoke_lease(lease).await
+    }
+}
+
+/// The child's part: lead once and say how it ended.
+async fn controller_role(role: &str) {
+    let url = std::env::var(ETCD).expect("etcd url in the environment");
+    let etcd: Arc<dyn KeyValue> = Arc::new(EtcdKv::connect(EtcdConfig::new([url])).await.expect("connect"));
+    let kv: Arc<dyn KeyValue> = if role == "slow" { Arc::new(SlowTxns(etcd)) } else { etcd };
+    let controller = Controller::new(ClusterStore::new(kv, ROOT)).with_lock_ttl(TTL);
+    println!("MARK started");
+    let outcome = controller.lead(Duration::from_millis(200), std::future::pending()).await;
+    println!("MARK outcome {outcome:?}");
+}
+
+/// A child controller process, killed when dropped; its marker lines arrive on `lines`.
+struct Child_ {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Child_ {
+    fn start(role: &str, etcd: &str) -> Child_ {
+        let mut child = Command::new(std::env::current_exe().expect("test binary"))
+            .args(["--exact", "a_controller_paused_past_its_ttl_is_fenced_off_and_steps_down", "--nocapture", "--test-threads=1"])
+            .env(ROLE, role)
+            .env(ETCD, etcd)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn a controller");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                // libtest's "test ... " has no newline: a mark may follow it on its line.
+                if let Some((_, mark)) = line.split_once("MARK ") {
+                    let _ = tx.send(mark.to_owned());
+                }
+            }
+        });
+        Child_ { child, lines }
+    }
+
+    fn wait_for(&self, prefix: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.starts_with(prefix) => return line,
+                Ok(_) => {}
+                Err(_) => panic!("no {prefix:?} from the controller within {limit:?}"),
+            }
+        }
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
+        nix::sys::signal::kill(pid, signal).expect("signal the controller");
+    }
+}
+
+impl Drop for Child_ {
+    fn drop(&mut self) {
+        // A stopped process must be continued to die of SIGKILL promptly everywhere.
+        let _ = self.child.kill();
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+        let _ = self.child.wait();
+    }
+}
+
+fn group() -> GroupSpec {
+    GroupSpec {
+        desired: DesiredGroup {
+            job: "app".into(),
+            group: "w".into(),
+            version: 1,
+            count: 3,
+            resources: Resources::new(100, 16),
+            ..DesiredGroup::default()
+        },
+        task: TaskTemplate { command: vec!["/bin/true".into()], ..TaskTemplate::default() },
+        service: None,
+    }
+}
+
+async fn alloc_ids(store: &ClusterStore) -> Vec<String> {
+    let mut ids: Vec<String> = store.view().await.expect("view").allocations.into_iter().map(|a| a.id).collect();
+    ids.sort();
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_paused_past_its_ttl_is_fenced_off_and_steps_down() {
+    if let Ok(role) = std::env::var(ROLE) {
+        return controller_role(&role).await;
+    }
+    let etcd = keelson_testkit::etcd::Etcd::start().unwrap_or_else(|e| panic!("etcd for this test: {e}"));
+    let kv: Arc<dyn KeyValue> = Arc::new(EtcdKv::connect(EtcdConfig::new([etcd.client_url()])).await.expect("connect"));
+    let store = ClusterStore::new(kv.clone(), ROOT);
+    let _n1 = store.join(&Node::new("n1", Resources::new(4000, 4096)), Duration::from_secs(30)).await.expect("join");
+    let _n2 = store.join(&Node::new("n2", Resources::new(4000, 4096)), Duration::from_secs(30)).await.expect("join");
+    store.deploy(&group(), Strategy::default(), keelson_scheduler::Gates::default()).await.expect("deploy");
+
+    // The first controller leads and starts writing its plan; it is paused right there.
+    let first = Child_::start("slow", &etcd.client_url());
+    first.wait_for("txn-delayed", Duration::from_secs(20));
+    first.signal(nix::sys::signal::Signal::SIGSTOP);
+    let paused = Instant::now();
+
+    // The second takes over once the first's lock expires, and places the work.
+    let second = Child_::start("fast", &etcd.client_url());
+    second.wait_for("started", Duration::from_secs(20));
+    let placed = loop {
+        let ids = alloc_ids(&store).await;
+        if ids.len() == 3 {
+            break ids;
+        }
+        assert!(paused.elapsed() < TTL + Duration::from_secs(15), "the second controller did not take over: {ids:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(paused.elapsed() >= TTL, "it could only act once the first's lock expired");
+
+    // The first wakes up: its write is refused by the fence, and it steps down.
+    first.signal(nix::sys::signal::Signal::SIGCONT);
+    let result = first.wait_for("txn-result", Duration::from_secs(10));
+    assert!(result.contains("Fenced"), "the paused leader's write must be fenced off, got {result}");
+    assert_eq!(first.wait_for("outcome", Duration::from_secs(10)), "outcome Lost");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(alloc_ids(&store).await, placed, "nothing of the paused leader's plan landed");
+    assert_eq!(store.view().await.expect("view").allocations.len(), 3, "the group is at its count, not twice it");
+}
