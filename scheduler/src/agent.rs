@@ -35,7 +35,6 @@ pub const NODE_LABEL: &str = "keelson.node";
 /// What a group's allocations run, one record per version (old and new versions run side
 /// by side during a deployment).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct GroupSpec {
     /// Job, group, version, count, resources and dynamic ports.
     pub desired: DesiredGroup,
@@ -48,7 +47,6 @@ pub struct GroupSpec {
 
 /// The task of a group.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct TaskTemplate {
     /// Image (for image drivers).
     #[serde(default)]
@@ -91,7 +89,6 @@ impl TaskTemplate {
 
 /// A service offered by each allocation of a group, on the allocation's first host port.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ServiceSpec {
     /// Service name (a DNS label).
     pub name: String,

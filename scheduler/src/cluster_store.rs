@@ -25,7 +25,7 @@
 //! store made [`ClusterStore::fenced`] by a held lock adds the lock to every commit, so
 //! a holder that lost its lock (paused past its TTL) writes nothing.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,13 +49,7 @@ pub(crate) fn kv_err(e: keelson_discovery::Error) -> Error {
     }
 }
 
-pub(crate) fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T> {
-    serde_json::from_slice(bytes).map_err(|e| Error::Backend { backend: BACKEND, source: format!("{key}: {e}").into() })
-}
-
-pub(crate) fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>> {
-    serde_json::to_vec(value).map_err(|e| Error::Backend { backend: BACKEND, source: Box::new(e) })
-}
+pub(crate) use crate::records::{decode, encode, encode_over};
 
 /// Cluster state in a [`KeyValue`] store under one root.
 #[derive(Clone, Debug)]
@@ -102,11 +96,21 @@ pub struct ClusterView {
     pub volumes: Vec<HostVolume>,
     fences: BTreeMap<String, Option<u64>>,
     head: Expect,
+    /// Each allocation's stored desired record, by `<node>/<id>`: a plan writing one back
+    /// keeps the fields this version does not know.
+    stored: Arc<HashMap<String, Vec<u8>>>,
 }
 
 impl Default for ClusterView {
     fn default() -> Self {
-        ClusterView { nodes: Vec::new(), allocations: Vec::new(), volumes: Vec::new(), fences: BTreeMap::new(), head: Expect::Absent }
+        ClusterView {
+            nodes: Vec::new(),
+            allocations: Vec::new(),
+            volumes: Vec::new(),
+            fences: BTreeMap::new(),
+            head: Expect::Absent,
+            stored: Arc::default(),
+        }
     }
 }
 
@@ -122,6 +126,7 @@ impl ClusterView {
         PlanCommit {
             fences: self.fences.clone(),
             head: self.head,
+            stored: self.stored.clone(),
             touched: BTreeSet::new(),
             puts: Vec::new(),
             deletes: Vec::new(),
@@ -137,6 +142,7 @@ impl ClusterView {
 pub struct PlanCommit {
     fences: BTreeMap<String, Option<u64>>,
     head: Expect,
+    stored: Arc<HashMap<String, Vec<u8>>>,
     touched: BTreeSet<String>,
     puts: Vec<AllocRecord>,
     deletes: Vec<(String, String)>,
@@ -269,6 +275,8 @@ impl ClusterStore {
         for e in nodes.entries {
             view.nodes.push(decode(&e.key, &e.value)?);
         }
+        let alloc_prefix = &prefixes[1];
+        view.stored = Arc::new(allocs.entries.iter().map(|e| (e.key[alloc_prefix.len()..].to_owned(), e.value.clone())).collect());
         view.allocations = merge_status(&prefixes[2], allocs.entries, status.entries)?;
         for e in volumes.entries {
             view.volumes.push(decode(&e.key, &e.value)?);
@@ -328,7 +336,7 @@ impl ClusterStore {
     /// Sets which allocations of a group agents register (blue/green switches).
     pub async fn set_traffic(&self, job: &str, group: &str, traffic: Traffic) -> Result<()> {
         let key = self.key(&["traffic", job, group]);
-        self.write(Txn::new().put(key, encode(&traffic)?, None)).await?;
+        self.write(Txn::new().put(key, crate::records::encode_plain(&traffic)?, None)).await?;
         Ok(())
     }
 
@@ -425,13 +433,14 @@ impl ClusterStore {
         for a in &plan.puts {
             // Desired state only: what the agent reports lives in its status key.
             let status = if a.status == AllocStatus::Stopping { AllocStatus::Stopping } else { AllocStatus::Pending };
-            writes.push(put(self.key(&["allocs", &a.node, &a.id]), encode(&AllocRecord { status, ..a.clone() })?));
+            let stored = plan.stored.get(&format!("{}/{}", a.node, a.id)).map(Vec::as_slice);
+            writes.push(put(self.key(&["allocs", &a.node, &a.id]), encode_over(stored, &AllocRecord { status, ..a.clone() })?));
         }
         for r in &plan.runs {
             writes.push(put(self.key(&["runs", &r.node, &r.spec.id]), encode(r)?));
         }
         for (job, group, traffic) in &plan.traffic {
-            writes.push(put(self.key(&["traffic", job, group]), encode(traffic)?));
+            writes.push(put(self.key(&["traffic", job, group]), crate::records::encode_plain(traffic)?));
         }
         for (node, id) in &plan.deletes {
             writes.push(TxnOp::Delete { key: self.key(&["allocs", node, id]) });

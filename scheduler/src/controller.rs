@@ -22,15 +22,16 @@
 
 use std::time::Duration;
 
-use keelson_discovery::{Compare, Expect, LockGuard, Txn};
+use keelson_discovery::{Compare, LockGuard, Txn};
 use serde::{Deserialize, Serialize};
 
 use crate::agent::GroupSpec;
-use crate::cluster_store::{decode, encode, kv_err, wall_clock_ms, ClusterStore};
+use crate::cluster_store::{decode, encode_over, kv_err, wall_clock_ms, ClusterStore};
 use crate::deployment::{Deployment, Phase};
 use crate::error::{Error, Result};
 use crate::metrics::OrchestrationMetrics;
 use crate::reconcile::DesiredGroup;
+use crate::records::Origin;
 use crate::strategy::{Gates, Strategy};
 
 /// What the controller keeps for one task group.
@@ -74,17 +75,20 @@ impl ClusterStore {
         self.kv.get(&key).await.map_err(kv_err)?.map(|e| decode(&key, &e.value)).transpose()
     }
 
-    async fn group_state_versioned(&self, job: &str, group: &str) -> Result<Option<(GroupState, u64)>> {
+    async fn group_state_versioned(&self, job: &str, group: &str) -> Result<Option<(GroupState, Origin)>> {
         let key = self.group_state_key(job, group);
         match self.kv.get(&key).await.map_err(kv_err)? {
-            Some(e) => Ok(Some((decode(&key, &e.value)?, e.version))),
+            Some(e) => Ok(Some((decode(&key, &e.value)?, Origin::of(&e)))),
             None => Ok(None),
         }
     }
 
-    async fn save_group_state(&self, state: &GroupState, expect: Expect) -> Result<()> {
+    /// Writes `state` over the record it was read from (`None`: a new one), if that is
+    /// still what is stored; fields this version does not know are kept.
+    async fn save_group_state(&self, state: &GroupState, origin: Option<&Origin>) -> Result<()> {
         let key = self.group_state_key(&state.job, &state.group);
-        let txn = Txn::new().when(Compare::key(&key, expect)).put(&key, encode(state)?, None);
+        let value = encode_over(Origin::bytes(origin), state)?;
+        let txn = Txn::new().when(Compare::key(&key, Origin::expect(origin))).put(&key, value, None);
         self.write(txn).await.map_err(|e| match e {
             Error::Conflict { .. } => Error::Conflict { kind: "group state", name: format!("{}/{}", state.job, state.group) },
             other => other,
@@ -102,7 +106,7 @@ impl ClusterStore {
         strategy.validate()?;
         gates.validate()?;
         self.put_group(spec).await?;
-        let (state, expect) = match self.group_state_versioned(&d.job, &d.group).await? {
+        let (state, origin) = match self.group_state_versioned(&d.job, &d.group).await? {
             None => (
                 GroupState {
                     job: d.job.clone(),
@@ -112,12 +116,12 @@ impl ClusterStore {
                     deployment: None,
                     last_outcome: None,
                 },
-                Expect::Absent,
+                None,
             ),
             Some((current, _)) if current.deployment.is_some() => {
                 return Err(Error::Conflict { kind: "deployment under way for", name: format!("{}/{}", d.job, d.group) });
             }
-            Some((mut current, version)) => {
+            Some((mut current, origin)) => {
                 let deployment =
                     Deployment::new(Some(current.stable), d.version, d.count, strategy, gates, d.single_writer(), wall_clock_ms())?;
                 if let Some(why) = deployment.adjusted() {
@@ -125,23 +129,23 @@ impl ClusterStore {
                 }
                 current.count = d.count;
                 current.deployment = Some(deployment);
-                (current, Expect::Version(version))
+                (current, Some(origin))
             }
         };
-        self.save_group_state(&state, expect).await?;
+        self.save_group_state(&state, origin.as_ref()).await?;
         Ok(state)
     }
 
     /// Changes the deployment under way of a group (promote its canaries, roll it back).
     async fn with_deployment(&self, job: &str, group: &str, change: impl FnOnce(&mut Deployment) -> Result<()>) -> Result<()> {
-        let (mut state, version) = self
+        let (mut state, origin) = self
             .group_state_versioned(job, group)
             .await?
             .ok_or_else(|| Error::NotFound { kind: "group", name: format!("{job}/{group}") })?;
         let deployment =
             state.deployment.as_mut().ok_or_else(|| Error::NotFound { kind: "deployment of", name: format!("{job}/{group}") })?;
         change(deployment)?;
-        self.save_group_state(&state, Expect::Version(version)).await
+        self.save_group_state(&state, Some(&origin)).await
     }
 
     /// Promotes the canaries of a group's deployment.
@@ -155,9 +159,9 @@ impl ClusterStore {
         self.with_deployment(job, group, |d| d.rollback(reason)).await
     }
 
-    async fn all_group_states(&self) -> Result<Vec<(GroupState, u64)>> {
+    async fn all_group_states(&self) -> Result<Vec<(GroupState, Origin)>> {
         let list = self.kv.list(&self.key(&["desired", ""])).await.map_err(kv_err)?;
-        list.entries.iter().map(|e| Ok((decode(&e.key, &e.value)?, e.version))).collect()
+        list.entries.iter().map(|e| Ok((decode(&e.key, &e.value)?, Origin::of(e)))).collect()
     }
 }
 
@@ -305,7 +309,7 @@ impl Controller {
             tracing::info!(keys = collected, "deleted chunks of plans that were never published");
         }
         let mut steady = Vec::new();
-        for (mut state, version) in store.all_group_states().await? {
+        for (mut state, origin) in store.all_group_states().await? {
             let Some(mut deployment) = state.deployment.take() else {
                 let spec = store.group_version(&state.job, &state.group, state.stable).await?;
                 steady.push(DesiredGroup { count: state.count, ..spec.desired });
@@ -322,7 +326,7 @@ impl Controller {
                 state.deployment = Some(deployment);
             }
             // A promote or rollback saved meanwhile wins: this step is re-derived next tick.
-            match store.save_group_state(&state, Expect::Version(version)).await {
+            match store.save_group_state(&state, Some(&origin)).await {
                 Ok(()) | Err(Error::Conflict { .. }) => {}
                 Err(e) => return Err(e),
             }

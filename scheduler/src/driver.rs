@@ -13,7 +13,6 @@ use crate::error::{validate_id, Error, Result};
 
 /// What to run.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct TaskSpec {
     /// Task id, unique on the driver (an allocation id, say).
     pub id: String,
@@ -55,7 +54,6 @@ pub struct TaskSpec {
 
 /// A command run inside a task to tell whether it is healthy (exit 0: healthy).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct HealthCheck {
     /// Program and arguments (run directly, no shell: use `sh -c` for one).
     pub command: Vec<String>,
@@ -86,7 +84,6 @@ pub enum TaskHealth {
 /// `Running` (as Docker reports a restarting container) and [`TaskStatus::restarts`]
 /// counts the restarts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RestartPolicy {
     /// Restarts allowed before the task is left exited.
     pub max_restarts: u32,
@@ -108,7 +105,6 @@ impl RestartPolicy {
 
 /// CPU and memory limits of a task.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Limits {
     /// CPU in thousandths of a core (0: no limit).
     pub cpu_millis: u64,
@@ -118,7 +114,6 @@ pub struct Limits {
 
 /// A container port published on a host port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct PortMapping {
     /// The port inside the task (1 to 65535).
     pub container: u16,
@@ -138,7 +133,6 @@ pub enum MountSource {
 
 /// A volume mounted into a task.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct MountSpec {
     /// Where the data lives (a volume's [`crate::Volume::source`]).
     pub source: MountSource,

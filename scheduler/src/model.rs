@@ -9,7 +9,6 @@ use crate::error::Dimension;
 
 /// An amount of compute resources.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Resources {
     /// CPU in millicores (1000 = one core).
     #[serde(default)]
@@ -86,7 +85,6 @@ pub enum Eligibility {
 
 /// An inclusive range of ports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct PortRange {
     /// First port.
     pub start: u16,
@@ -132,7 +130,6 @@ fn default_pool() -> String {
 
 /// A machine that can run tasks.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Node {
     /// Unique node id.
     pub id: String,
@@ -232,7 +229,6 @@ pub enum VolumeAccess {
 
 /// A volume that exists on a node.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct HostVolume {
     /// Volume name, unique in the cluster.
     pub name: String,
@@ -245,7 +241,6 @@ pub struct HostVolume {
 
 /// A volume mounted by an allocation.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct VolumeMount {
     /// Volume name.
     pub name: String,
@@ -260,7 +255,6 @@ fn default_priority() -> u8 {
 
 /// Work already placed on a node.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Allocation {
     /// Allocation id.
     pub id: String,
@@ -309,7 +303,6 @@ impl Allocation {
 
 /// The cluster as the scheduler sees it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ClusterSnapshot {
     /// Every node.
     pub nodes: Vec<Node>,
@@ -397,7 +390,6 @@ impl ConstraintOp {
 
 /// A hard requirement on nodes.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Constraint {
     /// What to look at: `attr.<k>`, `label.<k>`, `node.datacenter`, `node.pool`, `node.id`.
     #[serde(default)]
@@ -448,7 +440,6 @@ impl std::fmt::Display for Constraint {
 
 /// A soft preference: nodes matching get `weight` (-100..=100) added to their affinity.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Affinity {
     /// Target, as for constraints.
     pub target: String,
@@ -463,7 +454,6 @@ pub struct Affinity {
 
 /// Desired share of a spread value, in percent.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct SpreadTarget {
     /// The target value.
     pub value: String,
@@ -473,7 +463,6 @@ pub struct SpreadTarget {
 
 /// Spread a group's tasks over the values of a target.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Spread {
     /// The target (`attr.zone`, `node.datacenter`, ...).
     pub target: String,
@@ -485,7 +474,6 @@ pub struct Spread {
 
 /// A volume a group mounts.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct VolumeRequest {
     /// Volume name; with `per_task`, task `i` uses `<name>-<i>`.
     pub name: String,
@@ -513,7 +501,6 @@ impl VolumeRequest {
 
 /// A set of identical tasks placed together.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct TaskGroup {
     /// Group name, unique within the job.
     pub name: String,
@@ -607,7 +594,6 @@ pub enum Policy {
 
 /// What to place.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Job {
     /// Job id.
     pub id: String,

@@ -1,7 +1,7 @@
 //! The `Scheduler` trait and `PlacementEngine`, the embedded default.
 
 use crate::engine::EngineConfig;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::{ClusterSnapshot, Job, Plan};
 use crate::state::ClusterState;
 
@@ -86,6 +86,6 @@ impl Job {
     /// Parses a job from JSON; unknown keys, negative numbers and wrong types are
     /// [`Error::InvalidInput`] naming the problem and its line.
     pub fn from_json(text: &str) -> Result<Job> {
-        serde_json::from_str(text).map_err(|e| Error::invalid("job file", e.to_string(), "is not a valid job"))
+        crate::records::parse_strict("job file", text)
     }
 }

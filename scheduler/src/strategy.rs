@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 
 /// How a task group moves from one version to the next.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Strategy {
     /// Stop every old allocation, then start the new ones (downtime, no overlap).
     Recreate,
@@ -50,7 +50,6 @@ impl Default for Strategy {
 /// What a new allocation must show before a deployment counts it, and how long the
 /// deployment may take.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Gates {
     /// An allocation counts as healthy once its checks have passed for this long.
     #[serde(with = "humantime_serde_compat")]
@@ -182,7 +181,9 @@ mod tests {
     fn strategies_read_from_json_with_durations_as_text() {
         let s: Strategy = serde_json::from_str(r#"{"kind": "blue_green", "rollback_window": "5m"}"#).expect("parse");
         assert_eq!(s, Strategy::BlueGreen { rollback_window: Duration::from_secs(300) });
-        assert!(serde_json::from_str::<Strategy>(r#"{"kind": "rolling", "max_surge": 1, "max_unavailable": 0, "typo": 1}"#).is_err());
+        // Strategies are stored (tolerant); in a file a person wrote, a typo is an error.
+        let typo = r#"{"kind": "rolling", "max_surge": 1, "max_unavailable": 0, "typo": 1}"#;
+        assert!(crate::records::parse_strict::<Strategy>("deploy file", typo).is_err());
         assert!(serde_json::from_str::<Strategy>(r#"{"kind": "blue_green", "rollback_window": "soon"}"#).is_err());
     }
 }

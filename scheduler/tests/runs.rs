@@ -130,3 +130,36 @@ async fn one_off_runs_on_docker_and_an_agent_restart_mid_run() {
     assert_eq!(result.outcome, RunOutcome::TimedOut);
     assert_eq!(result.output.iter().filter(|l| l.line == "once").count(), 1, "started once, never twice");
 }
+
+/// A run printing 10 MiB keeps a bounded tail (so its result is saved at all), and the
+/// run submitted after it on the same node starts at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_printing_ten_mib_keeps_a_bounded_result_and_holds_up_no_other_run() {
+    let store = ClusterStore::new(Arc::new(MemoryKv::new()), "runs");
+    let _member = store.join(&Node::new("n1", Resources::new(1000, 512)), Duration::from_secs(30)).await.expect("join");
+    let driver = Arc::new(ProcessDriver::new());
+    let agent = NodeAgent::new("n1", store.clone(), driver.clone(), None, "127.0.0.1");
+    let sh = |script: &str| TaskTemplate { command: vec!["/bin/sh".into(), "-c".into(), script.into()], ..TaskTemplate::default() };
+    // 1024 lines of 10 KiB: 10 MiB, and every line long enough for the byte bound to bite.
+    let loud = "yes \"$(head -c 10240 /dev/zero | tr '\\0' x)\" | head -n 1024; echo last-line";
+    store.submit_run(&run("loud", sh(loud), Duration::from_secs(60))).await.expect("submit");
+    let result = until_done(&agent, &store, "loud").await;
+    assert_eq!(result.outcome, RunOutcome::Succeeded);
+    let bytes: usize = result.output.iter().map(|l| l.line.len()).sum();
+    assert!(bytes <= keelson_scheduler::RESULT_OUTPUT_BYTES + 200, "{bytes} bytes kept");
+    assert!(result.output[0].line.starts_with("[keelson: earlier output cut:"), "{}", result.output[0].line);
+    assert_eq!(result.output.last().map(|l| l.line.as_str()), Some("last-line"), "the end is what is kept");
+
+    let submitted = Instant::now();
+    store.submit_run(&run("next", sh("echo next"), Duration::from_secs(30))).await.expect("submit");
+    let started = loop {
+        agent.sync().await.expect("agent pass");
+        if driver.inspect("next").await.is_ok() || store.run_result("next").await.expect("result").is_some() {
+            break submitted.elapsed();
+        }
+        assert!(submitted.elapsed() < Duration::from_secs(10), "the next run never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(started < Duration::from_secs(2), "started {started:?} after its submission");
+    assert_eq!(until_done(&agent, &store, "next").await.outcome, RunOutcome::Succeeded);
+}

@@ -54,7 +54,6 @@ enum Command {
 /// A deploy file: the group version, and how to roll it out (default: rolling with one
 /// surge, default gates).
 #[derive(Deserialize, Debug)]
-#[serde(deny_unknown_fields)]
 struct DeployFile {
     group: GroupSpec,
     #[serde(default)]
@@ -65,7 +64,9 @@ struct DeployFile {
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+    // Strict: an unknown field in a file a person wrote is a typo, named in the error.
+    let text = String::from_utf8(bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    keelson_scheduler::parse_strict("file", &text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn print(value: &impl serde::Serialize) -> Result<(), String> {
