@@ -18,7 +18,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -64,6 +64,10 @@ impl Default for ProcessDriver {
 #[derive(Debug)]
 struct Task {
     pgid: AtomicI32,
+    /// For a task adopted from a record: the recorded start time of its group leader
+    /// (pid = pgid). Every signal first checks that this process still leads that group;
+    /// 0 for a task this driver spawned (it holds the child, so the pid is still its own).
+    adopted_ticks: AtomicU64,
     labels: std::collections::BTreeMap<String, String>,
     started_at: Mutex<SystemTime>,
     restarts: AtomicU32,
@@ -127,6 +131,12 @@ impl ProcessDriver {
             let alive = still_running(record.pid, record.start_ticks);
             tracing::info!(task = %id, pid = record.pid, alive, ended = ?record.exit, "adopting a recorded task");
             let (task, state_tx) = driver.new_task(&record.spec, record.pgid, record.started_at, record.restarts);
+            if record.pid == record.pgid {
+                task.adopted_ticks.store(record.start_ticks.max(1), Ordering::SeqCst);
+            } else {
+                // A record whose leader is not its group id cannot be verified: never signal.
+                task.adopted_ticks.store(u64::MAX, Ordering::SeqCst);
+            }
             task.spawn_tails(&dir, &id);
             match record.exit {
                 // Ended under the previous driver: its output stays readable.
@@ -153,6 +163,7 @@ impl ProcessDriver {
         let (live, _) = broadcast::channel(1024);
         let task = Arc::new(Task {
             pgid: AtomicI32::new(pgid),
+            adopted_ticks: AtomicU64::new(0),
             labels: spec.labels.clone(),
             started_at: Mutex::new(started_at),
             restarts: AtomicU32::new(restarts),
@@ -229,7 +240,8 @@ impl ProcessDriver {
                     exit = run.wait() => exit,
                     () = until_set(&mut detached) => return,
                 };
-                // Whatever the leader left in its group goes with it.
+                // Whatever the leader left in its group goes with it (an adopted task's
+                // group only while it is provably still the task's).
                 task.signal(Signal::SIGKILL);
                 let restarts = task.restarts.load(Ordering::SeqCst);
                 let failed = !matches!(exit, TaskState::Exited { code: Some(0), .. });
@@ -255,6 +267,8 @@ impl ProcessDriver {
                 match spawn_run(&spec, state_dir.as_ref()) {
                     Ok((mut child, pgid)) => {
                         task.pgid.store(pgid, Ordering::SeqCst);
+                        // Our own child from now on: its pid cannot be reused while we hold it.
+                        task.adopted_ticks.store(0, Ordering::SeqCst);
                         task.restarts.fetch_add(1, Ordering::SeqCst);
                         *task.started_at.lock().unwrap_or_else(|p| p.into_inner()) = SystemTime::now();
                         task.pump_pipes(&mut child);
@@ -285,9 +299,19 @@ impl Task {
         }
     }
 
-    fn signal(&self, sig: Signal) {
+    /// Signals the task's process group, if it is still the task's: an adopted task's
+    /// group is signalled only while its recorded leader (same pid, same start time) still
+    /// leads it. After a reboot or pid reuse that group may be anyone's, and the agent
+    /// usually runs as root. Returns whether the signal was sent.
+    fn signal(&self, sig: Signal) -> bool {
+        let pgid = self.pgid.load(Ordering::SeqCst);
+        let adopted = self.adopted_ticks.load(Ordering::SeqCst);
+        if adopted != 0 && !crate::process_record::leads_group(pgid, adopted) {
+            tracing::warn!(pgid, ?sig, "task lost: its recorded process group is no longer its own; not signalling it");
+            return false;
+        }
         // ESRCH (group already gone) is the normal end of the story, not an error.
-        let _ = killpg(Pid::from_raw(self.pgid.load(Ordering::SeqCst)), sig);
+        killpg(Pid::from_raw(pgid), sig).is_ok()
     }
 
     async fn wait_exit(&self, limit: Duration) -> bool {
@@ -436,7 +460,11 @@ impl Driver for ProcessDriver {
         let task = self.get(id)?;
         task.stopping.send_replace(true);
         if !task.state.borrow().is_exited() {
-            task.signal(Signal::SIGTERM);
+            if !task.signal(Signal::SIGTERM) && task.adopted_ticks.load(Ordering::SeqCst) != 0 {
+                // An adopted task whose group is no longer its own is lost: there is
+                // nothing of it left to stop, and nothing may be signalled.
+                tracing::warn!(task = %id, "stopping a lost task: nothing signalled");
+            }
             if !task.wait_exit(grace).await {
                 tracing::info!(task = %id, ?grace, "grace period over; killing");
                 task.signal(Signal::SIGKILL);

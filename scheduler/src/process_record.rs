@@ -99,6 +99,18 @@ pub(crate) fn start_ticks(pid: i32) -> Option<u64> {
     fields.get(19)?.parse().ok()
 }
 
+/// Whether process `pgid`, started at `ticks`, is alive and still leads process group
+/// `pgid` (field 5 of `/proc/<pid>/stat`): the check before signalling a recorded group.
+pub(crate) fn leads_group(pgid: i32, ticks: u64) -> bool {
+    let Ok(stat) = std::fs::read_to_string(Path::new("/proc").join(pgid.to_string()).join("stat")) else { return false };
+    let Some(close) = stat.rfind(')') else { return false };
+    let fields: Vec<&str> = stat.get(close + 2..).unwrap_or_default().split(' ').collect();
+    // From field 3 (state): field 5 (pgrp) is index 2, field 22 (starttime) index 19.
+    fields.first() != Some(&"Z")
+        && fields.get(2).and_then(|g| g.parse::<i32>().ok()) == Some(pgid)
+        && fields.get(19).and_then(|t| t.parse::<u64>().ok()) == Some(ticks)
+}
+
 /// Whether the process recorded as (`pid`, `ticks`) is still that process and alive.
 pub(crate) fn still_running(pid: i32, ticks: u64) -> bool {
     start_ticks(pid) == Some(ticks)

@@ -150,3 +150,43 @@ async fn a_restart_policy_backs_off_doubling_and_capped_and_a_bad_one_is_refused
     assert_eq!(waits, [100, 200, 350, 350].map(Duration::from_millis), "doubling, capped");
     assert_eq!(p.backoff(u32::MAX), Duration::from_millis(350), "no overflow");
 }
+
+/// Kills a process when dropped (test cleanup, even on failure).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_recorded_group_that_now_belongs_to_another_process_is_never_signalled() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().expect("state dir");
+    let first = ProcessDriver::persistent(dir.path()).await.expect("driver");
+    first.start(TaskSpec::new("gone", ["/bin/sh", "-c", "echo $$; exec sleep 300"])).await.expect("start");
+    let pid: i32 = first_line(&first, "gone").await.parse().expect("pid");
+    drop(first);
+    // The task dies while no driver watches it...
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).expect("kill the task");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // ...and its pid and group go to an unrelated process (as after pid reuse or a
+    // reboot): the record now names that process, with the old task's start time.
+    let unrelated = KillOnDrop(std::process::Command::new("sleep").arg("60").process_group(0).spawn().expect("spawn"));
+    let other = i32::try_from(unrelated.0.id()).expect("pid");
+    let path = dir.path().join("gone.json");
+    let mut record: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).expect("record")).expect("json");
+    record["pid"] = other.into();
+    record["pgid"] = other.into();
+    std::fs::write(&path, serde_json::to_vec(&record).expect("json")).expect("write record");
+
+    let second = ProcessDriver::persistent(dir.path()).await.expect("driver");
+    let status = until(&second, "gone", |s| s.state.is_exited()).await;
+    assert!(status.state.is_exited(), "the recorded task is known to be gone");
+    second.stop("gone", Duration::from_millis(200)).await.expect("stop a lost task");
+    drop(second);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(alive(other), "the unrelated process in the recorded group was signalled");
+}
