@@ -23,6 +23,11 @@ use crate::strategy::{Gates, Strategy};
 /// Milliseconds on the caller's clock (any fixed origin).
 pub type Millis = u64;
 
+/// A length as a count of allocations (saturating: a stored record can claim anything).
+fn len32<T>(v: &[T]) -> u32 {
+    u32::try_from(v.len()).unwrap_or(u32::MAX)
+}
+
 fn ms(d: Duration) -> Millis {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -358,9 +363,9 @@ impl Deployment {
         let mut actions = self.cleanup(&census);
         match self.phase.clone() {
             Phase::Canary => {
-                let Strategy::Canary { canaries, auto_promote, .. } = self.strategy else { unreachable_strategy() };
+                let Strategy::Canary { canaries, auto_promote, .. } = self.strategy else { return self.inconsistent(&census) };
                 let want = canaries.min(self.count);
-                let live = census.new_live.len() as u32;
+                let live = len32(&census.new_live);
                 if live < want {
                     actions.push(Action::Start { version: self.to, count: want - live });
                 } else if census.new_ready >= want {
@@ -385,7 +390,7 @@ impl Deployment {
                 }
             }
             Phase::Green => {
-                let live = census.new_live.len() as u32;
+                let live = len32(&census.new_live);
                 if live < self.count {
                     actions.push(Action::Start { version: self.to, count: self.count - live });
                 } else if census.new_ready >= self.count {
@@ -394,7 +399,7 @@ impl Deployment {
                 }
             }
             Phase::Verifying { switched_at } => {
-                let Strategy::BlueGreen { rollback_window } = self.strategy else { unreachable_strategy() };
+                let Strategy::BlueGreen { rollback_window } = self.strategy else { return self.inconsistent(&census) };
                 if now.saturating_sub(switched_at) >= ms(rollback_window) {
                     if !census.old_live.is_empty() {
                         actions.push(Action::Stop { ids: ids(&census.old_live) });
@@ -412,7 +417,7 @@ impl Deployment {
                             actions.push(Action::Stop { ids: ids(&census.old_live) });
                         }
                         // A stable allocation lost meanwhile is replaced.
-                        let live = census.new_live.len() as u32;
+                        let live = len32(&census.new_live);
                         if census.old_live.is_empty() && live < self.count {
                             actions.push(Action::Start { version: target, count: self.count - live });
                         }
@@ -431,6 +436,16 @@ impl Deployment {
             Phase::Succeeded | Phase::RolledBack { .. } | Phase::Failed { .. } => {}
         }
         actions
+    }
+
+    /// A phase this strategy never enters (`new` picks the phase from the strategy, which
+    /// never changes), so the record was not written by this code as it is: fail the
+    /// deployment, saying so, rather than guess. Failed allocations are still cleaned up.
+    fn inconsistent(&mut self, census: &Census<'_>) -> Vec<Action> {
+        let reason = format!("stored deployment is inconsistent: phase {:?} under strategy {:?}", self.phase, self.strategy);
+        tracing::warn!(%reason, "deployment failed");
+        self.phase = Phase::Failed { reason };
+        self.cleanup(census)
     }
 
     /// Failed allocations of any version are stopped (and so removed); they hold no
@@ -457,7 +472,7 @@ impl Deployment {
     /// or still stopping.
     fn converged(&self, census: &Census<'_>) -> bool {
         census.new_ready == self.count
-            && census.new_live.len() as u32 == self.count
+            && len32(&census.new_live) == self.count
             && census.old_live.is_empty()
             && census.failed.is_empty()
             && census.stopping == 0
@@ -470,8 +485,8 @@ impl Deployment {
     fn roll(&self, census: &Census<'_>, target: u64, surge: u32, unavailable: u32) -> Vec<Action> {
         let mut actions = Vec::new();
         let count = self.count;
-        let new_live = census.new_live.len() as u32;
-        let available = census.old_ready.len() as u32 + census.new_ready;
+        let new_live = len32(&census.new_live);
+        let available = len32(&census.old_ready).saturating_add(census.new_ready);
         let min_available = count.saturating_sub(unavailable);
         let mut can_stop = available.saturating_sub(min_available);
         let mut stop: Vec<&AllocView> =
@@ -492,8 +507,9 @@ impl Deployment {
         }
         // What is stopped now still runs until it is gone, so it counts like the rest.
         // A failed allocation may hold resources and volumes until it is removed, too.
-        let holding = census.old_live.len() as u32 + new_live + census.stopping + census.failed.len() as u32;
-        let room = (count + surge).saturating_sub(holding);
+        let holding =
+            len32(&census.old_live).saturating_add(new_live).saturating_add(census.stopping).saturating_add(len32(&census.failed));
+        let room = count.saturating_add(surge).saturating_sub(holding);
         let need = count.saturating_sub(new_live);
         if !stop.is_empty() {
             actions.push(Action::Stop { ids: ids(&stop) });
@@ -509,16 +525,10 @@ impl Deployment {
         if !census.old_live.is_empty() {
             return vec![Action::Stop { ids: ids(&census.old_live) }];
         }
-        let live = census.new_live.len() as u32;
+        let live = len32(&census.new_live);
         if census.stopping == 0 && census.failed.is_empty() && live < self.count {
             return vec![Action::Start { version: target, count: self.count - live }];
         }
         Vec::new()
     }
-}
-
-#[cold]
-fn unreachable_strategy() -> ! {
-    // The phase is chosen from the strategy in `new` and the strategy never changes.
-    unreachable!("phase and strategy disagree")
 }
