@@ -105,6 +105,7 @@ mod reconcile;
 mod records;
 mod runs;
 mod state;
+mod store_check;
 mod strategy;
 mod volume_archive;
 mod volume_transfer;
@@ -141,6 +142,7 @@ pub use reconcile::{reconcile, AllocRecord, AllocStatus, DesiredGroup, Reconcili
 pub use records::{parse_strict, SCHEMA_VERSION};
 pub use runs::{RunRecord, RunResult, RunSpec, RESULT_OUTPUT_BYTES, RUN_LABEL};
 pub use state::ClusterState;
+pub use store_check::StoredCheck;
 pub use strategy::{Gates, Strategy};
 pub use volume_archive::TarStream;
 pub use volume_transfer::{copy_volume, fetch_volume, fetch_volume_with_token, serve_volumes, VolumeServer, VOLUME_PATH};

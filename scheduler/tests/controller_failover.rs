@@ -6,16 +6,15 @@
 //! The controllers are this test binary run again with a role in the environment, so
 //! they are real processes with their own lease renewals, paused by the kernel.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keelson_discovery::{EtcdConfig, EtcdKv, KeyValue, KvEntry, KvList, KvWatch, LeaseId, Txn};
 use keelson_scheduler::{ClusterStore, Controller, DesiredGroup, GroupSpec, Node, Resources, Strategy, TaskTemplate};
 
-const ROLE: &str = "KEELSON_TEST_CONTROLLER_ROLE";
+use keelson_testkit::child::{mark, role, RoleChild};
+
+const TEST: &str = "a_controller_paused_past_its_ttl_is_fenced_off_and_steps_down";
 const ETCD: &str = "KEELSON_TEST_CONTROLLER_ETCD";
 const ROOT: &str = "failover";
 const TTL: Duration = Duration::from_secs(2);
@@ -52,10 +51,10 @@ impl KeyValue for SlowTxns {
         self.0.delete(key).await
     }
     async fn txn(&self, txn: Txn) -> keelson_discovery::Result<u64> {
-        println!("MARK txn-delayed");
+        mark("txn-delayed");
         tokio::time::sleep(Duration::from_secs(1)).await;
         let result = self.0.txn(txn).await;
-        println!("MARK txn-result {}", if result.is_ok() { "ok".to_owned() } else { format!("{result:?}") });
+        mark(format!("txn-result {}", if result.is_ok() { "ok".to_owned() } else { format!("{result:?}") }));
         result
     }
     async fn list(&self, prefix: &str) -> keelson_discovery::Result<KvList> {
@@ -81,66 +80,9 @@ async fn controller_role(role: &str) {
     let etcd: Arc<dyn KeyValue> = Arc::new(EtcdKv::connect(EtcdConfig::new([url])).await.expect("connect"));
     let kv: Arc<dyn KeyValue> = if role == "slow" { Arc::new(SlowTxns(etcd)) } else { etcd };
     let controller = Controller::new(ClusterStore::new(kv, ROOT)).with_lock_ttl(TTL);
-    println!("MARK started");
+    mark("started");
     let outcome = controller.lead(Duration::from_millis(200), std::future::pending()).await;
-    println!("MARK outcome {outcome:?}");
-}
-
-/// A child controller process, killed when dropped; its marker lines arrive on `lines`.
-struct Child_ {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Child_ {
-    fn start(role: &str, etcd: &str) -> Child_ {
-        let mut child = Command::new(std::env::current_exe().expect("test binary"))
-            .args(["--exact", "a_controller_paused_past_its_ttl_is_fenced_off_and_steps_down", "--nocapture", "--test-threads=1"])
-            .env(ROLE, role)
-            .env(ETCD, etcd)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn a controller");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                // libtest's "test ... " has no newline: a mark may follow it on its line.
-                if let Some((_, mark)) = line.split_once("MARK ") {
-                    let _ = tx.send(mark.to_owned());
-                }
-            }
-        });
-        Child_ { child, lines }
-    }
-
-    fn wait_for(&self, prefix: &str, limit: Duration) -> String {
-        let deadline = Instant::now() + limit;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.starts_with(prefix) => return line,
-                Ok(_) => {}
-                Err(_) => panic!("no {prefix:?} from the controller within {limit:?}"),
-            }
-        }
-    }
-
-    fn signal(&self, signal: nix::sys::signal::Signal) {
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
-        nix::sys::signal::kill(pid, signal).expect("signal the controller");
-    }
-}
-
-impl Drop for Child_ {
-    fn drop(&mut self) {
-        // A stopped process must be continued to die of SIGKILL promptly everywhere.
-        let _ = self.child.kill();
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
-        let _ = self.child.wait();
-    }
+    mark(format!("outcome {outcome:?}"));
 }
 
 fn group() -> GroupSpec {
@@ -166,7 +108,7 @@ async fn alloc_ids(store: &ClusterStore) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_controller_paused_past_its_ttl_is_fenced_off_and_steps_down() {
-    if let Ok(role) = std::env::var(ROLE) {
+    if let Some(role) = role() {
         return controller_role(&role).await;
     }
     let etcd = keelson_testkit::etcd::Etcd::start().unwrap_or_else(|e| panic!("etcd for this test: {e}"));
@@ -177,13 +119,13 @@ async fn a_controller_paused_past_its_ttl_is_fenced_off_and_steps_down() {
     store.deploy(&group(), Strategy::default(), keelson_scheduler::Gates::default()).await.expect("deploy");
 
     // The first controller leads and starts writing its plan; it is paused right there.
-    let first = Child_::start("slow", &etcd.client_url());
+    let first = RoleChild::start(TEST, "slow", &[(ETCD, etcd.client_url())]);
     first.wait_for("txn-delayed", Duration::from_secs(20));
     first.signal(nix::sys::signal::Signal::SIGSTOP);
     let paused = Instant::now();
 
     // The second takes over once the first's lock expires, and places the work.
-    let second = Child_::start("fast", &etcd.client_url());
+    let second = RoleChild::start(TEST, "fast", &[(ETCD, etcd.client_url())]);
     second.wait_for("started", Duration::from_secs(20));
     let placed = loop {
         let ids = alloc_ids(&store).await;

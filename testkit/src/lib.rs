@@ -14,6 +14,7 @@
 //! # }
 //! ```
 
+pub mod child;
 pub mod consul;
 pub mod dnsmasq;
 pub mod docker;
