@@ -61,6 +61,15 @@ pub enum Error {
         /// The backend's limit on bytes.
         max_bytes: usize,
     },
+    /// A response was larger than the client accepts (etcd's `max_message_bytes`): read
+    /// less at once (a narrower prefix, pages) or raise the limit. Not retryable.
+    #[error("{backend} response too large: {reason}")]
+    ResponseTooLarge {
+        /// The backend's name.
+        backend: &'static str,
+        /// What the backend said (the size found and the limit).
+        reason: String,
+    },
     /// A watch asked to start at a revision the backend no longer keeps.
     /// Re-list, then watch from the list's revision + 1.
     #[error("revision {requested} was compacted (oldest kept: {oldest})")]

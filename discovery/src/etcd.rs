@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions, WatchStream,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KvClient, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
+    WatchStream,
 };
 use futures::StreamExt;
 
@@ -36,6 +37,9 @@ pub struct EtcdConfig {
     pub connect_timeout: Duration,
     /// User and password, if etcd auth is on. Never printed.
     pub credentials: Option<(String, String)>,
+    /// Largest response accepted (default 64 MiB; etcd-client's own default is 4 MiB). A
+    /// larger one fails with [`Error::ResponseTooLarge`], never as a generic error.
+    pub max_message_bytes: usize,
 }
 
 impl std::fmt::Debug for EtcdConfig {
@@ -45,6 +49,7 @@ impl std::fmt::Debug for EtcdConfig {
             .field("request_timeout", &self.request_timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("credentials", &self.credentials.as_ref().map(|(user, _)| format!("{user}:<redacted>")))
+            .field("max_message_bytes", &self.max_message_bytes)
             .finish()
     }
 }
@@ -57,14 +62,20 @@ impl EtcdConfig {
             request_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(2),
             credentials: None,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
         }
     }
 }
+
+/// Default for [`EtcdConfig::max_message_bytes`].
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
 /// `KeyValue` on an etcd v3 cluster.
 #[derive(Clone)]
 pub struct EtcdKv {
     client: Client,
+    /// Key-value calls, with the configured response limit.
+    kv: KvClient,
     config: EtcdConfig,
 }
 
@@ -85,6 +96,9 @@ fn map_err(e: etcd_client::Error) -> Error {
                 }
                 Code::Unavailable | Code::DeadlineExceeded | Code::Aborted | Code::ResourceExhausted | Code::Cancelled | Code::Unknown => {
                     Error::Unavailable { backend: BACKEND, reason: status.message().to_owned() }
+                }
+                _ if status.message().contains("message length too large") => {
+                    Error::ResponseTooLarge { backend: BACKEND, reason: status.message().to_owned() }
                 }
                 Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
                     Error::InvalidInput { field: "request", value: String::new(), reason: status.message().to_owned() }
@@ -125,7 +139,8 @@ impl EtcdKv {
                 })
             }
         };
-        Ok(EtcdKv { client, config })
+        let kv = client.kv_client().max_decoding_message_size(config.max_message_bytes);
+        Ok(EtcdKv { client, kv, config })
     }
 
     /// Runs one request under the request timeout.
@@ -145,7 +160,7 @@ impl EtcdKv {
     /// later message; a count-only read at that revision answers at once. If compacted,
     /// the watch's cancel message says which revision is the oldest kept.
     async fn check_not_compacted(&self, prefix: &str, revision: u64) -> Result<()> {
-        let mut c = self.client.clone();
+        let mut c = self.kv.clone();
         let key = if prefix.is_empty() { "\0" } else { prefix };
         let probe = GetOptions::new().with_prefix().with_count_only().with_revision(i64::try_from(revision).unwrap_or(i64::MAX));
         match self.call("watch", c.get(key, Some(probe))).await {
@@ -203,7 +218,7 @@ impl KeyValue for EtcdKv {
 
     async fn get(&self, key: &str) -> Result<Option<KvEntry>> {
         kv::validate_key(key)?;
-        let mut c = self.client.clone();
+        let mut c = self.kv.clone();
         let resp = self.call("get", c.get(key, None)).await?;
         Ok(resp.kvs().first().map(Self::entry))
     }
@@ -211,7 +226,7 @@ impl KeyValue for EtcdKv {
     async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<u64> {
         kv::validate_key(key)?;
         kv::validate_value(key, &value)?;
-        let mut c = self.client.clone();
+        let mut c = self.kv.clone();
         let resp = self.call("put", c.put(key, value, Self::put_options(lease))).await?;
         Ok(resp.header().map_or(0, |h| h.revision().max(0) as u64))
     }
@@ -224,7 +239,7 @@ impl KeyValue for EtcdKv {
             Expect::Version(v) => Compare::mod_revision(key, CompareOp::Equal, i64::try_from(v).unwrap_or(i64::MAX)),
         };
         let txn = Txn::new().when([cmp]).and_then([TxnOp::put(key, value, Self::put_options(lease))]).or_else([TxnOp::get(key, None)]);
-        let mut c = self.client.clone();
+        let mut c = self.kv.clone();
         let resp = self.call("compare-and-swap", c.txn(txn)).await?;
         if resp.succeeded() {
             return Ok(resp.header().map_or(0, |h| h.revision().max(0) as u64));
@@ -238,7 +253,7 @@ impl KeyValue for EtcdKv {
 
     async fn delete(&self, key: &str) -> Result<bool> {
         kv::validate_key(key)?;
-        let mut c = self.client.clone();
+        let mut c = self.kv.clone();
         Ok(self.call("delete", c.delete(key, None)).await?.deleted() > 0)
     }
 
@@ -267,7 +282,7 @@ impl KeyValue for EtcdKv {
         // etcd only says that a compare failed; reading the compared keys in the failure
         // branch (at the same revision) tells which one.
         let reads: Vec<TxnOp> = txn.compares.iter().map(|c| TxnOp::get(c.key_name(), None)).collect();
-        let mut c = self.client.clone();
+        let mut c = self.kv.clone();
         let resp = self.call("txn", c.txn(Txn::new().when(compares).and_then(writes).or_else(reads))).await?;
         if resp.succeeded() {
             return Ok(resp.header().map_or(0, |h| h.revision().max(0) as u64));
@@ -284,7 +299,7 @@ impl KeyValue for EtcdKv {
     }
 
     async fn list(&self, prefix: &str) -> Result<KvList> {
-        let mut c = self.client.clone();
+        let mut c = self.kv.clone();
         // An empty prefix means "every key"; etcd spells that as key "\0" with prefix.
         let key = if prefix.is_empty() { "\0" } else { prefix };
         let resp = self.call("list", c.get(key, Some(GetOptions::new().with_prefix()))).await?;
@@ -301,7 +316,7 @@ impl KeyValue for EtcdKv {
                 r
             }
             None => {
-                let mut c = self.client.clone();
+                let mut c = self.kv.clone();
                 let resp = self.call("watch", c.get(prefix, Some(GetOptions::new().with_prefix().with_count_only()))).await?;
                 resp.header().map_or(0, |h| h.revision().max(0) as u64) + 1
             }

@@ -152,6 +152,7 @@ fn outcome<T>(r: &Result<T>) -> &'static str {
         Err(Error::Conflict { .. }) => "conflict",
         Err(Error::Fenced { .. }) => "fenced",
         Err(Error::TxnTooLarge { .. }) => "txn_too_large",
+        Err(Error::ResponseTooLarge { .. }) => "response_too_large",
         Err(Error::Compacted { .. }) => "compacted",
         Err(Error::Unsupported { .. }) => "unsupported",
         Err(Error::Unavailable { .. }) => "unavailable",

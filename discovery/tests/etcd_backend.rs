@@ -159,3 +159,24 @@ async fn watch_survives_leader_loss_without_gaps_or_duplicates() {
         .unwrap_or_default();
     assert!(worst <= Duration::from_secs(2), "an event arrived {worst:?} after its write");
 }
+
+/// A response past the client's limit is a typed, non-retryable error that says so (not
+/// an empty "invalid request" that a loop would retry forever).
+#[tokio::test]
+async fn an_oversized_response_is_a_typed_error_and_the_limit_is_configurable() {
+    let etcd = Etcd::start().expect("etcd");
+    let small =
+        EtcdKv::connect(EtcdConfig { max_message_bytes: 1024 * 1024, ..EtcdConfig::new([etcd.client_url()]) }).await.expect("connect");
+    for i in 0..4 {
+        small.put(&format!("big/{i}"), vec![b'x'; 400 * 1024], None).await.expect("put");
+    }
+    match small.list("big/").await {
+        Err(e @ Error::ResponseTooLarge { .. }) => {
+            assert!(!e.is_retryable());
+            assert!(e.to_string().contains("too large"), "{e}");
+        }
+        other => panic!("1.6 MB past a 1 MiB limit must be ResponseTooLarge, got {other:?}"),
+    }
+    let default = connect(vec![etcd.client_url()]).await;
+    assert_eq!(default.list("big/").await.expect("the default limit takes it").entries.len(), 4);
+}
