@@ -81,15 +81,45 @@ fn stamped(mut value: Value) -> Result<Vec<u8>> {
 }
 
 /// Parses a file a person wrote: any field `T` does not know is an error naming it.
-pub fn parse_strict<T: DeserializeOwned>(what: &'static str, text: &str) -> Result<T> {
+pub fn parse_strict<T: DeserializeOwned + Serialize>(what: &'static str, text: &str) -> Result<T> {
     let mut unknown = Vec::new();
     let mut de = serde_json::Deserializer::from_str(text);
     let value: T = serde_ignored::deserialize(&mut de, |path| unknown.push(path.to_string()))
         .map_err(|e| Error::invalid(what, e.to_string(), format!("is not a valid {what}")))?;
     de.end().map_err(|e| Error::invalid(what, e.to_string(), format!("is not a valid {what}")))?;
+    if unknown.is_empty() {
+        // serde_ignored cannot see inside internally tagged enums (serde buffers them):
+        // a field of the input that does not come back when the value is written out
+        // was not understood either.
+        let input: Value = serde_json::from_str(text).map_err(|e| Error::invalid(what, e.to_string(), "is not JSON"))?;
+        let output = serde_json::to_value(&value).map_err(|e| Error::Backend { backend: BACKEND, source: Box::new(e) })?;
+        dropped_keys(&input, &output, String::new(), &mut unknown);
+    }
     match unknown.first() {
         Some(path) => Err(Error::invalid(what, path.clone(), "is not a known field (a typo?)")),
         None => Ok(value),
+    }
+}
+
+/// Paths of the keys of `input` (not null) that `output` does not have.
+fn dropped_keys(input: &Value, output: &Value, path: String, found: &mut Vec<String>) {
+    let join = |key: &str| if path.is_empty() { key.to_owned() } else { format!("{path}.{key}") };
+    match (input, output) {
+        (Value::Object(i), Value::Object(o)) => {
+            for (k, v) in i {
+                match o.get(k) {
+                    Some(ov) => dropped_keys(v, ov, join(k), found),
+                    None if !v.is_null() => found.push(join(k)),
+                    None => {}
+                }
+            }
+        }
+        (Value::Array(i), Value::Array(o)) => {
+            for (n, (iv, ov)) in i.iter().zip(o).enumerate() {
+                dropped_keys(iv, ov, join(&n.to_string()), found);
+            }
+        }
+        _ => {}
     }
 }
 

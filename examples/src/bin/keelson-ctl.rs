@@ -53,7 +53,7 @@ enum Command {
 
 /// A deploy file: the group version, and how to roll it out (default: rolling with one
 /// surge, default gates).
-#[derive(Deserialize, Debug)]
+#[derive(Deserialize, serde::Serialize, Debug)]
 struct DeployFile {
     group: GroupSpec,
     #[serde(default)]
@@ -62,7 +62,7 @@ struct DeployFile {
     gates: Gates,
 }
 
-fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T, String> {
+fn read_json<T: serde::de::DeserializeOwned + serde::Serialize>(path: &std::path::Path) -> Result<T, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
     // Strict: an unknown field in a file a person wrote is a typo, named in the error.
     let text = String::from_utf8(bytes).map_err(|e| format!("{}: {e}", path.display()))?;
