@@ -44,6 +44,34 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! Cluster state changes all at once: [`KeyValue::txn`] applies compares and writes
+//! together (within each backend's limits, stated in [`KvCapabilities`]), a
+//! [`LockGuard`] keeps a lock alive and fences every write made under it, and a
+//! [`Journal`] makes write sets of any size visible to readers at one moment.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use keelson_discovery::{Compare, Error, Journal, KeyValue, LockGuard, MemoryKv, Txn, TxnOp};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Error> {
+//! let kv: Arc<dyn KeyValue> = Arc::new(MemoryKv::new());
+//! let lock = LockGuard::acquire(kv.clone(), "cluster/locks/leader", Duration::from_secs(5), Duration::from_secs(1)).await?;
+//! // Lands only while this process still holds the lock.
+//! kv.txn(Txn::new().when(lock.fence()).put("cluster/leader", b"me".to_vec(), None)).await?;
+//!
+//! // 1,000 writes, far past one transaction, seen whole or not at all.
+//! let journal = Journal::new(kv.clone(), "cluster/journal");
+//! let read = journal.read(&["cluster/data/".to_owned()]).await?;
+//! let writes = (0..1000).map(|i| TxnOp::Put { key: format!("cluster/data/{i:04}"), value: vec![1], lease: None }).collect();
+//! journal.commit(read.head, vec![lock.fence()], writes).await?;
+//! assert_eq!(journal.read(&["cluster/data/".to_owned()]).await?.lists[0].entries.len(), 1000);
+//! lock.release().await?;
+//! # Ok(())
+//! # }
+//! ```
 
 #[cfg(feature = "consul")]
 mod consul;

@@ -115,6 +115,7 @@ async fn a_killed_agents_work_is_replaced_on_the_other_node_within_ttl_plus_2s()
             ports: vec![*port],
             since_ms: 0,
             volumes: Vec::new(),
+            resources: Default::default(),
         });
     }
     store.commit(&plan).await.expect("commit");

@@ -574,8 +574,14 @@ fn place(
     if wanted.is_empty() {
         return Ok(Vec::new());
     }
-    let resources_of =
-        |job: &str, group: &str| desired.iter().find(|d| d.job == job && d.group == group).map(|d| d.resources).unwrap_or_default();
+    // What each allocation holds: recorded with it at placement. Records from before
+    // that field fall back to their group's, if it is among the groups being placed.
+    let resources_of = |a: &AllocRecord| {
+        if !a.resources.is_zero() {
+            return a.resources;
+        }
+        desired.iter().find(|d| d.job == a.job && d.group == a.group).map(|d| d.resources).unwrap_or_default()
+    };
     let mut snapshot = ClusterSnapshot { nodes: view.nodes.clone(), volumes: view.volumes.clone(), ..ClusterSnapshot::default() };
     snapshot.allocations = view
         .allocations
@@ -584,7 +590,7 @@ fn place(
         .map(|a| Allocation {
             ports: a.ports.iter().copied().collect(),
             volumes: a.volumes.clone(),
-            ..Allocation::new(a.id.clone(), a.node.clone(), a.job.clone(), a.group.clone(), resources_of(&a.job, &a.group))
+            ..Allocation::new(a.id.clone(), a.node.clone(), a.job.clone(), a.group.clone(), resources_of(a))
         })
         .collect();
     let engine = PlacementEngine::new();
@@ -638,6 +644,7 @@ fn place(
                 ports: p.ports,
                 since_ms: wall_clock_ms(),
                 volumes: p.volumes,
+                resources: d.resources,
             });
         }
     }

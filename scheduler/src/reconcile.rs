@@ -82,6 +82,10 @@ pub struct AllocRecord {
     /// The volumes it mounts, in the order of its group's volume requests.
     #[serde(default)]
     pub volumes: Vec<crate::model::VolumeMount>,
+    /// What it was placed with: what it holds on its node, whichever group placement
+    /// is working on (records from before this field count as zero).
+    #[serde(default)]
+    pub resources: crate::model::Resources,
 }
 
 /// What to do to make the cluster match.
@@ -177,6 +181,7 @@ mod tests {
             ports: Vec::new(),
             since_ms: 0,
             volumes: Vec::new(),
+            resources: Default::default(),
         }
     }
 

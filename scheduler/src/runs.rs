@@ -98,11 +98,18 @@ impl ClusterStore {
             }
             let lost = view.lost_nodes();
             let mut snapshot = ClusterSnapshot { nodes: view.nodes.clone(), volumes: view.volumes.clone(), ..ClusterSnapshot::default() };
-            // Allocation resources are not recorded per allocation; runs' are.
+            // What runs and live allocations hold (older allocation records carry no
+            // resources and count as zero).
             snapshot.allocations = runs
                 .iter()
                 .filter(|r| !lost.contains(&r.node))
                 .map(|r| Allocation::new(r.spec.id.clone(), r.node.clone(), r.spec.job.clone(), "run", r.spec.resources))
+                .chain(
+                    view.allocations
+                        .iter()
+                        .filter(|a| !lost.contains(&a.node) && a.status != crate::reconcile::AllocStatus::Failed)
+                        .map(|a| Allocation::new(a.id.clone(), a.node.clone(), a.job.clone(), a.group.clone(), a.resources)),
+                )
                 .collect();
             let job = Job::new(spec.job.clone(), vec![TaskGroup::new("run", 1, spec.resources)]);
             let plan = PlacementEngine::new().plan(&snapshot, &job)?;

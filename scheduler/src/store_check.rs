@@ -24,9 +24,9 @@ pub struct StoredCheck {
 
 impl ClusterStore {
     /// Checks the stored state: every allocation record sits under its own node and id
-    /// and decodes; no id is used twice; no host port is given twice on one node; no
-    /// single-writer volume is written by two live allocations; every status key belongs
-    /// to an allocation.
+    /// and decodes; no id is used twice; no host port is given twice on one node; what
+    /// a node's allocations hold fits its capacity; no single-writer volume is written by
+    /// two live allocations; every status key belongs to an allocation.
     pub async fn check_stored(&self) -> Result<StoredCheck> {
         let mut check = StoredCheck::default();
         let head = self.kv.get(&self.key(&["journal", "head"])).await.map_err(kv_err)?;
@@ -40,6 +40,7 @@ impl ClusterStore {
         let mut ports: HashMap<(String, u16), String> = HashMap::new();
         let mut writers: BTreeMap<String, String> = BTreeMap::new();
         let mut keys: HashSet<String> = HashSet::new();
+        let mut decoded = Vec::with_capacity(allocs.len());
         for e in &allocs {
             let rest = &e.key[alloc_prefix.len()..];
             keys.insert(rest.to_owned());
@@ -66,9 +67,36 @@ impl ClusterStore {
                     }
                 }
             }
+            decoded.push(a);
         }
         let status_prefix = self.key(&["status", ""]);
-        for e in self.kv.list(&status_prefix).await.map_err(kv_err)?.entries {
+        let statuses = self.kv.list(&status_prefix).await.map_err(kv_err)?.entries;
+        // Failed allocations are replaced beside themselves (placement leaves them out).
+        let failed: HashSet<&str> = statuses
+            .iter()
+            .filter(|e| serde_json::from_slice::<serde_json::Value>(&e.value).is_ok_and(|v| v["status"] == "Failed"))
+            .map(|e| &e.key[status_prefix.len()..])
+            .collect();
+        // Capacity: what live allocations hold on a node fits the node.
+        let node_prefix = self.key(&["nodes", ""]);
+        let mut held: HashMap<&str, crate::model::Resources> = HashMap::new();
+        for a in decoded.iter().filter(|a| !failed.contains(format!("{}/{}", a.node, a.id).as_str())) {
+            let sum = held.entry(a.node.as_str()).or_default();
+            *sum = sum.saturating_add(a.resources);
+        }
+        for e in self.kv.list(&node_prefix).await.map_err(kv_err)?.entries {
+            let Ok(node) = serde_json::from_slice::<crate::model::Node>(&e.value) else {
+                check.violations.push(format!("{} does not decode", e.key));
+                continue;
+            };
+            if let Some(sum) = held.get(node.id.as_str()) {
+                let cap = node.capacity;
+                if sum.cpu_millis > cap.cpu_millis || sum.memory_mb > cap.memory_mb || sum.disk_mb > cap.disk_mb {
+                    check.violations.push(format!("node {} holds {sum:?}, over its capacity {cap:?}", node.id));
+                }
+            }
+        }
+        for e in &statuses {
             if !keys.contains(&e.key[status_prefix.len()..]) {
                 check.violations.push(format!("{} reports on an allocation that does not exist", e.key));
             }

@@ -22,6 +22,7 @@ fn alloc(id: &str, node: &str) -> AllocRecord {
         ports: Vec::new(),
         since_ms: 0,
         volumes: Vec::new(),
+        resources: Default::default(),
     }
 }
 
@@ -198,6 +199,21 @@ async fn each_replica_keeps_its_own_volume(kv: Arc<dyn KeyValue>) {
     store.forget(&failed).await.expect("forget");
     assert!(store.reschedule(std::slice::from_ref(&db)).await.expect("steady").placed.is_empty());
     assert!(store.volume_home("data-3").await.expect("home").is_none());
+}
+
+/// Groups placed one at a time (one `reschedule` per job, as a bench or a second
+/// controller might) still see what the others hold: allocations record their resources.
+#[tokio::test]
+async fn groups_placed_separately_never_overcommit_a_node() {
+    let store = ClusterStore::new(Arc::new(MemoryKv::new()), "test/accounting");
+    let _n1 = store.join(&Node::new("n1", Resources::new(1000, 1024)), Duration::from_secs(30)).await.expect("join");
+    let group = |job: &str| DesiredGroup { job: job.into(), count: 6, ..web(6) };
+    assert_eq!(store.reschedule(&[group("a")]).await.expect("a").placed.len(), 6, "600 of 1000 millicores");
+    let b = store.reschedule(&[group("b")]).await.expect("b");
+    assert_eq!(b.placed.len(), 4, "only 400 millicores are left for b: {:?}", b.placed);
+    let check = store.check_stored().await.expect("check");
+    assert!(check.violations.is_empty(), "{:?}", check.violations);
+    assert_eq!(check.allocations, 10);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

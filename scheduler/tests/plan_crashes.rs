@@ -22,6 +22,7 @@ fn alloc(id: String, node: &str, port: u16) -> AllocRecord {
         ports: vec![port],
         since_ms: 0,
         volumes: Vec::new(),
+        resources: Default::default(),
     }
 }
 

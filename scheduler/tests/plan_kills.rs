@@ -28,6 +28,7 @@ fn alloc(node: usize, k: usize) -> AllocRecord {
         ports: vec![20000 + k as u16],
         since_ms: 0,
         volumes: Vec::new(),
+        resources: Default::default(),
     }
 }
 

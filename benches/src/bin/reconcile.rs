@@ -64,6 +64,7 @@ fn main() -> ExitCode {
                 ports: Vec::new(),
                 since_ms: 0,
                 volumes: Vec::new(),
+                resources: Default::default(),
             });
         }
     }

@@ -43,7 +43,8 @@ struct Args {
     /// Memory offered, in MiB.
     #[arg(long, default_value_t = 2048)]
     memory: u64,
-    /// Heartbeat lease TTL in seconds: the node is lost this long after the agent dies.
+    /// Heartbeat lease TTL in seconds: the node is lost this long after the agent dies,
+    /// and a controller that dies while leading is replaced this long after.
     #[arg(long, default_value_t = 5)]
     ttl_secs: u64,
     /// Time between syncs, in milliseconds.
@@ -105,7 +106,9 @@ async fn run(args: Args) -> Result<(), String> {
     );
     let interval = Duration::from_millis(args.interval_ms);
     if !args.no_controller {
-        let controller = Controller::new(store).with_metrics(metrics);
+        // The controller lock lives as long as a node lease: if this node dies while it
+        // leads, another agent's controller takes over as soon as the node is lost.
+        let controller = Controller::new(store).with_metrics(metrics).with_lock_ttl(Duration::from_secs(args.ttl_secs));
         tokio::spawn(async move { controller.run(interval, std::future::pending()).await });
     }
     println!("node-agent: node {} joined", args.node);
