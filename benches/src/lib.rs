@@ -10,6 +10,7 @@
 //! assert_eq!(job.groups[0].count, 50);
 //! ```
 
+pub mod c1m;
 pub mod placement;
 pub mod proxy_bench;
 

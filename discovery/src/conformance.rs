@@ -602,21 +602,74 @@ pub async fn discovery_read_only_all(d: &dyn Discovery, service: &ServiceName, e
     }
 }
 
-/// A `KeyValue` that behaves like the one it wraps until its `crash_at`-th call (counting
-/// from 0), and then fails every call with `Unavailable`, as a process killed at that
-/// moment would: what it had sent stays sent, nothing after reaches the store. Tests
-/// run an operation once per crash point to check that no crash leaves a partial state.
-#[derive(Debug)]
-pub struct CrashingKv {
+/// A `KeyValue` wrapper for tests that need a store to misbehave in one controlled
+/// way, so each test does not hand-write its own forwarding wrapper:
+/// - [`TestKv::crash_at`]: behaves like the inner store until its N-th call (counting
+///   from 0), then fails every call with `Unavailable`, as a process killed at that
+///   moment would: what it had sent stays sent, nothing after reaches the store;
+/// - [`TestKv::with_txn_limits`]: reports (and enforces) smaller transaction limits;
+/// - [`TestKv::before_txn`], [`TestKv::after_txn`]: hooks around each transaction (a
+///   delay that opens a window for a test to pause the process in; its result);
+/// - [`TestKv::writes`]: counts keys and bytes written.
+pub struct TestKv {
     inner: std::sync::Arc<dyn KeyValue>,
     crash_at: u64,
     calls: AtomicU64,
+    limits: Option<(usize, usize)>,
+    before_txn: Option<TxnHook>,
+    after_txn: Option<TxnResultHook>,
+    written_keys: AtomicU64,
+    written_bytes: AtomicU64,
 }
 
-impl CrashingKv {
-    /// Wraps `inner`, crashing at call `crash_at` (`u64::MAX`: never).
-    pub fn new(inner: std::sync::Arc<dyn KeyValue>, crash_at: u64) -> Self {
-        CrashingKv { inner, crash_at, calls: AtomicU64::new(0) }
+/// What [`TestKv::before_txn`] runs.
+pub type TxnHook = Box<dyn Fn() -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
+/// What [`TestKv::after_txn`] runs.
+pub type TxnResultHook = Box<dyn Fn(&crate::Result<u64>) + Send + Sync>;
+
+impl std::fmt::Debug for TestKv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestKv").field("inner", &self.inner).field("crash_at", &self.crash_at).field("limits", &self.limits).finish()
+    }
+}
+
+impl TestKv {
+    /// Wraps `inner`, changing nothing yet.
+    pub fn new(inner: std::sync::Arc<dyn KeyValue>) -> Self {
+        TestKv {
+            inner,
+            crash_at: u64::MAX,
+            calls: AtomicU64::new(0),
+            limits: None,
+            before_txn: None,
+            after_txn: None,
+            written_keys: AtomicU64::new(0),
+            written_bytes: AtomicU64::new(0),
+        }
+    }
+
+    /// Crashes at call `n` (see the type docs).
+    pub fn crash_at(mut self, n: u64) -> Self {
+        self.crash_at = n;
+        self
+    }
+
+    /// Reports and enforces these transaction limits.
+    pub fn with_txn_limits(mut self, max_ops: usize, max_bytes: usize) -> Self {
+        self.limits = Some((max_ops, max_bytes));
+        self
+    }
+
+    /// Runs `hook` before each transaction.
+    pub fn before_txn(mut self, hook: impl Fn() -> futures::future::BoxFuture<'static, ()> + Send + Sync + 'static) -> Self {
+        self.before_txn = Some(Box::new(hook));
+        self
+    }
+
+    /// Runs `hook` with each transaction's result.
+    pub fn after_txn(mut self, hook: impl Fn(&crate::Result<u64>) + Send + Sync + 'static) -> Self {
+        self.after_txn = Some(Box::new(hook));
+        self
     }
 
     /// Calls made so far (including failed ones).
@@ -629,21 +682,35 @@ impl CrashingKv {
         self.calls() > self.crash_at
     }
 
+    /// Keys written (puts and deletes, in transactions or not) and their bytes, so far.
+    pub fn writes(&self) -> (u64, u64) {
+        (self.written_keys.load(Ordering::Relaxed), self.written_bytes.load(Ordering::Relaxed))
+    }
+
     fn call(&self) -> crate::Result<()> {
         if self.calls.fetch_add(1, Ordering::SeqCst) >= self.crash_at {
             return Err(Error::Unavailable { backend: "crashing", reason: "the process crashed".into() });
         }
         Ok(())
     }
+
+    fn wrote(&self, key: &str, value: usize) {
+        self.written_keys.fetch_add(1, Ordering::Relaxed);
+        self.written_bytes.fetch_add((key.len() + value) as u64, Ordering::Relaxed);
+    }
 }
 
 #[async_trait::async_trait]
-impl KeyValue for CrashingKv {
+impl KeyValue for TestKv {
     fn backend(&self) -> &'static str {
         self.inner.backend()
     }
     fn capabilities(&self) -> crate::KvCapabilities {
-        self.inner.capabilities()
+        let caps = self.inner.capabilities();
+        match self.limits {
+            Some((ops, bytes)) => caps.with_txn_limits(ops, bytes),
+            None => caps,
+        }
     }
     async fn get(&self, key: &str) -> crate::Result<Option<crate::KvEntry>> {
         self.call()?;
@@ -651,19 +718,38 @@ impl KeyValue for CrashingKv {
     }
     async fn put(&self, key: &str, value: Vec<u8>, lease: Option<crate::LeaseId>) -> crate::Result<u64> {
         self.call()?;
+        self.wrote(key, value.len());
         self.inner.put(key, value, lease).await
     }
     async fn compare_and_swap(&self, key: &str, expect: Expect, value: Vec<u8>, lease: Option<crate::LeaseId>) -> crate::Result<u64> {
         self.call()?;
+        self.wrote(key, value.len());
         self.inner.compare_and_swap(key, expect, value, lease).await
     }
     async fn delete(&self, key: &str) -> crate::Result<bool> {
         self.call()?;
+        self.wrote(key, 0);
         self.inner.delete(key).await
     }
     async fn txn(&self, txn: Txn) -> crate::Result<u64> {
         self.call()?;
-        self.inner.txn(txn).await
+        if self.limits.is_some() {
+            txn.validate(self.backend(), &self.capabilities())?;
+        }
+        if let Some(hook) = &self.before_txn {
+            hook().await;
+        }
+        for op in &txn.ops {
+            match op {
+                crate::TxnOp::Put { key, value, .. } => self.wrote(key, value.len()),
+                crate::TxnOp::Delete { key } => self.wrote(key, 0),
+            }
+        }
+        let result = self.inner.txn(txn).await;
+        if let Some(hook) = &self.after_txn {
+            hook(&result);
+        }
+        result
     }
     async fn list(&self, prefix: &str) -> crate::Result<crate::KvList> {
         self.call()?;

@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use keelson_discovery::conformance::CrashingKv;
-use keelson_discovery::{Journal, KeyValue, KvCapabilities, MemoryKv, TxnOp};
+use keelson_discovery::conformance::TestKv;
+use keelson_discovery::{Journal, KeyValue, MemoryKv, TxnOp};
 
 type State = BTreeMap<String, Vec<u8>>;
 
@@ -18,63 +18,13 @@ async fn read(journal: &Journal, prefix: &str) -> State {
     r.lists[0].entries.iter().map(|e| (e.key.clone(), e.value.clone())).collect()
 }
 
-/// A MemoryKv with small transaction limits, so that a commit of 40 writes takes the
-/// chunked path (several chunks, several apply transactions).
-#[derive(Debug, Default)]
-struct SmallTxns(MemoryKv);
-
-#[async_trait::async_trait]
-impl KeyValue for SmallTxns {
-    fn backend(&self) -> &'static str {
-        "small-txns"
-    }
-    fn capabilities(&self) -> KvCapabilities {
-        self.0.capabilities().with_txn_limits(8, 2048)
-    }
-    async fn get(&self, key: &str) -> keelson_discovery::Result<Option<keelson_discovery::KvEntry>> {
-        self.0.get(key).await
-    }
-    async fn put(&self, key: &str, value: Vec<u8>, lease: Option<u64>) -> keelson_discovery::Result<u64> {
-        self.0.put(key, value, lease).await
-    }
-    async fn compare_and_swap(
-        &self,
-        key: &str,
-        expect: keelson_discovery::Expect,
-        value: Vec<u8>,
-        lease: Option<u64>,
-    ) -> keelson_discovery::Result<u64> {
-        self.0.compare_and_swap(key, expect, value, lease).await
-    }
-    async fn delete(&self, key: &str) -> keelson_discovery::Result<bool> {
-        self.0.delete(key).await
-    }
-    async fn txn(&self, txn: keelson_discovery::Txn) -> keelson_discovery::Result<u64> {
-        txn.validate("small-txns", &self.capabilities())?;
-        self.0.txn(txn).await
-    }
-    async fn list(&self, prefix: &str) -> keelson_discovery::Result<keelson_discovery::KvList> {
-        self.0.list(prefix).await
-    }
-    async fn watch(&self, prefix: &str, from: Option<u64>) -> keelson_discovery::Result<keelson_discovery::KvWatch> {
-        self.0.watch(prefix, from).await
-    }
-    async fn grant_lease(&self, ttl: std::time::Duration) -> keelson_discovery::Result<u64> {
-        self.0.grant_lease(ttl).await
-    }
-    async fn keep_alive(&self, lease: u64) -> keelson_discovery::Result<()> {
-        self.0.keep_alive(lease).await
-    }
-    async fn revoke_lease(&self, lease: u64) -> keelson_discovery::Result<()> {
-        self.0.revoke_lease(lease).await
-    }
-}
-
 #[tokio::test]
 async fn a_commit_crashed_at_any_call_is_all_or_nothing() {
     let mut crash_points_after = 0;
     for crash_at in 0.. {
-        let store: Arc<dyn KeyValue> = Arc::new(SmallTxns::default());
+        // Small transaction limits: a commit of 40 writes takes the chunked path
+        // (several chunks, several apply transactions).
+        let store: Arc<dyn KeyValue> = Arc::new(TestKv::new(Arc::new(MemoryKv::new())).with_txn_limits(8, 2048));
         let journal = Journal::new(store.clone(), "j");
         let seed: Vec<TxnOp> = (0..5).map(|i| TxnOp::Put { key: format!("d/old{i}"), value: b"old".to_vec(), lease: None }).collect();
         let head = journal.read(&["d/".into()]).await.unwrap().head;
@@ -90,7 +40,7 @@ async fn a_commit_crashed_at_any_call_is_all_or_nothing() {
             }
         }
 
-        let crashing = Arc::new(CrashingKv::new(store.clone(), crash_at));
+        let crashing = Arc::new(TestKv::new(store.clone()).crash_at(crash_at));
         let dying = Journal::new(crashing.clone(), "j");
         let head = journal.read(&["d/".into()]).await.unwrap().head;
         let result = dying.commit(head, Vec::new(), writes).await;

@@ -9,7 +9,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keelson_discovery::{EtcdConfig, EtcdKv, KeyValue, KvEntry, KvList, KvWatch, LeaseId, Txn};
+use keelson_discovery::conformance::TestKv;
+use keelson_discovery::{EtcdConfig, EtcdKv, KeyValue};
 use keelson_scheduler::{ClusterStore, Controller, DesiredGroup, GroupSpec, Node, Resources, Strategy, TaskTemplate};
 
 use keelson_testkit::child::{mark, role, RoleChild};
@@ -19,66 +20,23 @@ const ETCD: &str = "KEELSON_TEST_CONTROLLER_ETCD";
 const ROOT: &str = "failover";
 const TTL: Duration = Duration::from_secs(2);
 
-/// Delays every transaction by a second, after saying so: the window in which the test
-/// pauses the process.
-#[derive(Debug)]
-struct SlowTxns(Arc<dyn KeyValue>);
-
-#[async_trait::async_trait]
-impl KeyValue for SlowTxns {
-    fn backend(&self) -> &'static str {
-        self.0.backend()
-    }
-    fn capabilities(&self) -> keelson_discovery::KvCapabilities {
-        self.0.capabilities()
-    }
-    async fn get(&self, key: &str) -> keelson_discovery::Result<Option<KvEntry>> {
-        self.0.get(key).await
-    }
-    async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> keelson_discovery::Result<u64> {
-        self.0.put(key, value, lease).await
-    }
-    async fn compare_and_swap(
-        &self,
-        key: &str,
-        expect: keelson_discovery::Expect,
-        value: Vec<u8>,
-        lease: Option<LeaseId>,
-    ) -> keelson_discovery::Result<u64> {
-        self.0.compare_and_swap(key, expect, value, lease).await
-    }
-    async fn delete(&self, key: &str) -> keelson_discovery::Result<bool> {
-        self.0.delete(key).await
-    }
-    async fn txn(&self, txn: Txn) -> keelson_discovery::Result<u64> {
-        mark("txn-delayed");
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let result = self.0.txn(txn).await;
-        mark(format!("txn-result {}", if result.is_ok() { "ok".to_owned() } else { format!("{result:?}") }));
-        result
-    }
-    async fn list(&self, prefix: &str) -> keelson_discovery::Result<KvList> {
-        self.0.list(prefix).await
-    }
-    async fn watch(&self, prefix: &str, from: Option<u64>) -> keelson_discovery::Result<KvWatch> {
-        self.0.watch(prefix, from).await
-    }
-    async fn grant_lease(&self, ttl: Duration) -> keelson_discovery::Result<LeaseId> {
-        self.0.grant_lease(ttl).await
-    }
-    async fn keep_alive(&self, lease: LeaseId) -> keelson_discovery::Result<()> {
-        self.0.keep_alive(lease).await
-    }
-    async fn revoke_lease(&self, lease: LeaseId) -> keelson_discovery::Result<()> {
-        self.0.revoke_lease(lease).await
-    }
-}
-
 /// The child's part: lead once and say how it ended.
 async fn controller_role(role: &str) {
     let url = std::env::var(ETCD).expect("etcd url in the environment");
     let etcd: Arc<dyn KeyValue> = Arc::new(EtcdKv::connect(EtcdConfig::new([url])).await.expect("connect"));
-    let kv: Arc<dyn KeyValue> = if role == "slow" { Arc::new(SlowTxns(etcd)) } else { etcd };
+    // The slow one says when it is about to write, then waits a second: the window in
+    // which the test pauses it.
+    let kv: Arc<dyn KeyValue> = if role == "slow" {
+        let kv = TestKv::new(etcd)
+            .before_txn(|| {
+                mark("txn-delayed");
+                Box::pin(tokio::time::sleep(Duration::from_secs(1)))
+            })
+            .after_txn(|result| mark(format!("txn-result {}", if result.is_ok() { "ok".to_owned() } else { format!("{result:?}") })));
+        Arc::new(kv)
+    } else {
+        etcd
+    };
     let controller = Controller::new(ClusterStore::new(kv, ROOT)).with_lock_ttl(TTL);
     mark("started");
     let outcome = controller.lead(Duration::from_millis(200), std::future::pending()).await;

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keelson_discovery::conformance::CrashingKv;
+use keelson_discovery::conformance::TestKv;
 use keelson_discovery::{KeyValue, MemoryKv};
 use keelson_scheduler::{AllocRecord, AllocStatus, ClusterStore, Node, Resources};
 
@@ -63,7 +63,7 @@ async fn a_plan_commit_crashed_at_any_call_is_all_or_nothing() {
         plan.delete("n2", "old-2");
         let after: BTreeSet<String> = (0..300).map(|i| format!("new-{i:03}")).collect();
 
-        let crashing = Arc::new(CrashingKv::new(kv.clone(), crash_at));
+        let crashing = Arc::new(TestKv::new(kv.clone()).crash_at(crash_at));
         let dying = ClusterStore::new(crashing.clone(), "c");
         let result = dying.commit(&plan).await;
         if !crashing.crashed() {

@@ -18,6 +18,16 @@ pub struct Etcd {
 impl Etcd {
     /// Starts etcd and waits until `/health` says it is healthy (up to 20 s).
     pub fn start() -> Result<Etcd, TestkitError> {
+        Etcd::start_with(&[])
+    }
+
+    /// The directory holding etcd's data (for free-space checks).
+    pub fn data_dir(&self) -> std::path::PathBuf {
+        self._dir.path().to_path_buf()
+    }
+
+    /// Starts etcd with extra flags (`--quota-backend-bytes=...`, `--auto-compaction-...`).
+    pub fn start_with(extra: &[&str]) -> Result<Etcd, TestkitError> {
         let etcd = require("etcd", "etcd-server")?;
         let dir = tempfile::tempdir().map_err(io("creating etcd data dir"))?;
         let ports = free_ports(2)?;
@@ -32,6 +42,7 @@ impl Etcd {
             .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
             .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
             .args(["--initial-cluster", &format!("keelson-test={peer_url}")])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
