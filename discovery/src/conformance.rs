@@ -43,6 +43,7 @@ pub async fn kv_all(kv: &dyn KeyValue) {
     kv_txn_lease_fence(kv).await;
     kv_txn_limits(kv).await;
     kv_txn_concurrent_writers(kv).await;
+    kv_list_pages(kv).await;
 }
 
 /// Every scenario that needs the store shared (`LockGuard` holds an `Arc`).
@@ -451,6 +452,33 @@ pub async fn kv_journal_commits_whole(kv: std::sync::Arc<dyn KeyValue>) {
     assert!(after.lists[0].entries.iter().all(|e| e.version > 0), "applied entries have their revisions");
     assert!(!journal.finish_pending().await.unwrap(), "nothing left pending");
     assert_eq!(journal.collect_garbage().await.unwrap(), 0, "no chunk left behind");
+}
+
+/// Pages of a listing are sorted, at most `limit` long, and pick up after the given key;
+/// a page at the first page's revision either serves that revision or says it cannot;
+/// `list_paged` gives the whole prefix.
+pub async fn kv_list_pages(kv: &dyn KeyValue) {
+    let p = unique("conf-pages");
+    for i in 0..25 {
+        kv.put(&format!("{p}/k{i:02}"), vec![i], None).await.unwrap();
+    }
+    kv.put(&format!("{p}-other/x"), b"outside".to_vec(), None).await.unwrap();
+    let prefix = format!("{p}/");
+    let first = kv.list_page(&prefix, None, 10, None).await.unwrap();
+    let keys = |l: &crate::KvList| l.entries.iter().map(|e| e.key.trim_start_matches(&prefix).to_owned()).collect::<Vec<_>>();
+    assert_eq!(keys(&first), (0..10).map(|i| format!("k{i:02}")).collect::<Vec<_>>());
+    let second = kv.list_page(&prefix, first.entries.last().map(|e| e.key.as_str()), 10, Some(first.revision)).await.unwrap();
+    assert_eq!(keys(&second), (10..20).map(|i| format!("k{i:02}")).collect::<Vec<_>>());
+    // A write after the first page: a page at its revision does not show it, or is refused.
+    kv.put(&format!("{p}/k20a"), b"late".to_vec(), None).await.unwrap();
+    match kv.list_page(&prefix, second.entries.last().map(|e| e.key.as_str()), 10, Some(first.revision)).await {
+        Ok(third) => assert_eq!(keys(&third), (20..25).map(|i| format!("k{i:02}")).collect::<Vec<_>>(), "as of the first page"),
+        Err(Error::Compacted { .. }) => {}
+        Err(e) => panic!("a page at an old revision: {e}"),
+    }
+    let all = crate::list_paged(kv, &prefix).await.unwrap();
+    assert_eq!(all.entries.len(), 26);
+    assert!(all.entries.windows(2).all(|w| w[0].key < w[1].key), "sorted");
 }
 
 /// Every `Discovery` scenario for backends that can register.

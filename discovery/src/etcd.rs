@@ -309,6 +309,31 @@ impl KeyValue for EtcdKv {
         })
     }
 
+    async fn list_page(&self, prefix: &str, after: Option<&str>, limit: usize, revision: Option<u64>) -> Result<KvList> {
+        let mut c = self.kv.clone();
+        // The range [start, end of prefix): from just after `after`, or the prefix itself.
+        let start = match after {
+            Some(a) => format!("{a}\0"),
+            None if prefix.is_empty() => "\0".to_owned(),
+            None => prefix.to_owned(),
+        };
+        let end = prefix_end(prefix);
+        let mut options = GetOptions::new().with_range(end).with_limit(i64::try_from(limit.max(1)).unwrap_or(i64::MAX));
+        if let Some(r) = revision {
+            options = options.with_revision(i64::try_from(r).unwrap_or(i64::MAX));
+        }
+        let resp = self.call("list", c.get(start, Some(options))).await.map_err(|e| match e {
+            Error::InvalidInput { reason, .. } if reason.contains("compacted") => {
+                Error::Compacted { requested: revision.unwrap_or_default(), oldest: revision.unwrap_or_default() + 1 }
+            }
+            other => other,
+        })?;
+        Ok(KvList {
+            revision: revision.unwrap_or_else(|| resp.header().map_or(0, |h| h.revision().max(0) as u64)),
+            entries: resp.kvs().iter().map(Self::entry).collect(),
+        })
+    }
+
     async fn watch(&self, prefix: &str, from_revision: Option<u64>) -> Result<KvWatch> {
         let from = match from_revision {
             Some(r) => {
@@ -364,6 +389,19 @@ impl KeyValue for EtcdKv {
             other => other,
         })
     }
+}
+
+/// The first key after every key starting with `prefix` (etcd's range end for a
+/// prefix); `"\0"` for the empty prefix, which etcd reads as "every key".
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
 }
 
 const RETRY_MIN: Duration = Duration::from_millis(100);

@@ -106,7 +106,7 @@ impl Journal {
             let (head, before) = self.head().await?;
             let mut lists = Vec::with_capacity(prefixes.len());
             for p in prefixes {
-                lists.push(self.kv.list(p).await?);
+                lists.push(crate::kv::list_paged(self.kv.as_ref(), p).await?);
             }
             let after = self.kv.get(&self.head_key).await?;
             if after.as_ref().map(|e| e.version) != before.as_ref().map(|e| e.version) {

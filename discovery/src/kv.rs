@@ -371,6 +371,23 @@ pub trait KeyValue: Send + Sync + std::fmt::Debug {
     /// Lists every key starting with `prefix`, sorted, with the revision of the read.
     async fn list(&self, prefix: &str) -> Result<KvList>;
 
+    /// One page of a prefix listing: at most `limit` entries (at least 1) whose keys come
+    /// after `after` (`None`: from the first), read at `revision` (`None`: now). Reading
+    /// every page at the revision of the first ([`list_paged`] does) gives a consistent
+    /// listing of any size, each response within the client's limits. A revision the
+    /// backend can no longer serve is [`Error::Compacted`]: start over. The default reads
+    /// the whole prefix and cuts it, serving only the current revision (right for
+    /// backends that keep no history, such as `MemoryKv` and Consul).
+    async fn list_page(&self, prefix: &str, after: Option<&str>, limit: usize, revision: Option<u64>) -> Result<KvList> {
+        let mut list = self.list(prefix).await?;
+        if let Some(r) = revision.filter(|r| *r != list.revision) {
+            return Err(Error::Compacted { requested: r, oldest: list.revision });
+        }
+        list.entries.retain(|e| after.is_none_or(|a| e.key.as_str() > a));
+        list.entries.truncate(limit.max(1));
+        Ok(list)
+    }
+
     /// Watches changes under `prefix`, from `from_revision` inclusive (`None`: from now on).
     /// Fails with [`Error::Compacted`] if that revision is no longer kept (a backend without
     /// history, like Consul, keeps only "now": any past revision with changes since is
@@ -449,6 +466,37 @@ pub trait KeyValue: Send + Sync + std::fmt::Debug {
     /// Releases a lock taken with [`KeyValue::lock`] by revoking its lease.
     async fn unlock(&self, lock: &KvLock) -> Result<()> {
         self.revoke_lease(lock.lease).await
+    }
+}
+
+/// Entries per page in [`list_paged`].
+pub const LIST_PAGE: usize = 5_000;
+
+/// Lists `prefix` in pages of [`LIST_PAGE`] entries, all read at one revision (restarting
+/// if the backend compacts it meanwhile), so a listing of any size stays consistent and
+/// each response small.
+pub async fn list_paged(kv: &dyn KeyValue, prefix: &str) -> Result<KvList> {
+    let mut attempts = 0;
+    'again: loop {
+        let first = kv.list_page(prefix, None, LIST_PAGE, None).await?;
+        let revision = first.revision;
+        let mut full = first.entries.len() == LIST_PAGE;
+        let mut entries = first.entries;
+        while full {
+            let after = entries.last().map(|e| e.key.clone());
+            match kv.list_page(prefix, after.as_deref(), LIST_PAGE, Some(revision)).await {
+                Ok(page) => {
+                    full = page.entries.len() == LIST_PAGE;
+                    entries.extend(page.entries);
+                }
+                Err(Error::Compacted { .. }) if attempts < 10 => {
+                    attempts += 1;
+                    continue 'again;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        return Ok(KvList { revision, entries });
     }
 }
 

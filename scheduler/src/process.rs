@@ -141,6 +141,9 @@ impl ProcessDriver {
             match record.exit {
                 // Ended under the previous driver: its output stays readable.
                 Some(exit) => {
+                    // Its end is known now: say so before `persistent` returns (the rest of
+                    // `finish`, draining output, may take a while under load).
+                    let _ = state_tx.send(exit);
                     tokio::spawn(async move { task.finish(&state_tx, exit).await });
                 }
                 None => driver.supervise((task, state_tx), record.spec, Run::Adopted { pid: record.pid, ticks: record.start_ticks }),
