@@ -47,8 +47,11 @@ pub struct C1mReport {
     pub bytes_per_alloc: f64,
     /// Commit latency of one job (view, placement, commit), sorted.
     pub commit_latencies: Vec<Duration>,
-    /// Commit-to-watch delays on the sampled nodes, sorted.
+    /// Commit-to-watch delays on the sampled nodes, sorted: from the moment the job's
+    /// commit returned to the controller (0 when the watch saw it first).
     pub watch_delays: Vec<Duration>,
+    /// How many of those the watch saw before the commit call had returned.
+    pub seen_before_return: usize,
     /// Broken invariants found by the validator (empty: sound).
     pub violations: Vec<String>,
 }
@@ -141,6 +144,7 @@ pub async fn run(kv: Arc<dyn KeyValue>, root: &str, config: C1mConfig, mut progr
     let seen = seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
     for (id, at) in &seen {
         if let Some(commit) = committed.get(id) {
+            report.seen_before_return += usize::from(at < commit);
             report.watch_delays.push(at.saturating_duration_since(*commit));
         }
     }
