@@ -119,9 +119,15 @@ impl KvDiscovery {
     }
 }
 
-/// The stored form of an instance.
+/// The schema version of the catalog records this version writes.
+const RECORD_SCHEMA: u32 = 1;
+
+/// The stored form of an instance. Tolerant: fields a newer writer added are kept in
+/// `newer` and written back with a health update, so catalogs survive rolling upgrades.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Record {
+    #[serde(default)]
+    schema: u32,
     service: ServiceName,
     id: String,
     address: String,
@@ -131,6 +137,8 @@ struct Record {
     #[serde(default)]
     meta: BTreeMap<String, String>,
     health: Health,
+    #[serde(flatten)]
+    newer: BTreeMap<String, serde_json::Value>,
 }
 
 impl Record {
@@ -142,8 +150,8 @@ impl Record {
     }
 
     fn encode(&self) -> Vec<u8> {
-        // Serialising plain strings and numbers cannot fail.
-        serde_json::to_vec(self).unwrap_or_default()
+        // Serialising plain strings, numbers and JSON values cannot fail.
+        serde_json::to_vec(&Record { schema: RECORD_SCHEMA, ..self.clone() }).unwrap_or_default()
     }
 
     fn into_instance(self) -> Instance {
@@ -194,6 +202,8 @@ impl Discovery for KvDiscovery {
         registration.validate()?;
         let key = self.key(&registration.service, &registration.id);
         let record = Record {
+            schema: RECORD_SCHEMA,
+            newer: BTreeMap::new(),
             service: registration.service.clone(),
             id: registration.id.clone(),
             address: registration.address,

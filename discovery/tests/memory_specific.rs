@@ -126,3 +126,26 @@ async fn wait_for_health(d: &dyn Discovery, svc: &ServiceName, want: Health) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// Catalog records written by a newer keelson (fields this version does not know) are
+/// read, and a health update writes them back with those fields and this schema.
+#[tokio::test]
+async fn catalog_records_keep_a_newer_writers_fields_through_a_health_update() {
+    let kv = Arc::new(MemoryKv::new());
+    let d = KvDiscovery::new(kv.clone());
+    let web = ServiceName::new("web").expect("name");
+    let _handle = d.register(Registration::new(web.clone(), "web-1", "127.0.0.1", 8080)).await.expect("register");
+    let entry = kv.list("").await.expect("list").entries.into_iter().find(|e| e.key.ends_with("/web-1")).expect("the record");
+    let mut record: serde_json::Value = serde_json::from_slice(&entry.value).expect("json");
+    assert_eq!(record["schema"], 1, "records carry their schema version");
+    record["zone_v2"] = "eu-1".into();
+    record["schema"] = 2.into();
+    kv.put(&entry.key, serde_json::to_vec(&record).expect("json"), entry.lease).await.expect("put");
+
+    assert_eq!(d.instances(&Query::service(web.clone())).await.expect("read a newer record").len(), 1);
+    d.set_health(&web, "web-1", Health::Critical).await.expect("health");
+    let after: serde_json::Value = serde_json::from_slice(&kv.get(&entry.key).await.expect("get").expect("present").value).expect("json");
+    assert_eq!(after["zone_v2"], "eu-1", "the newer field survived: {after}");
+    assert_eq!(after["health"], "critical");
+    assert_eq!(after["schema"], 1, "stamped by the writer that wrote it last");
+}
