@@ -10,7 +10,7 @@ use keelson_discovery::{EtcdConfig, EtcdKv, KeyValue};
 use keelson_scheduler::{AllocRecord, AllocStatus, ClusterStore};
 use keelson_testkit::child::{mark, role, RoleChild};
 
-const TEST: &str = "a_large_plan_commit_killed_at_random_moments_is_all_or_nothing";
+const TEST: &str = "plan_kills::a_large_plan_commit_killed_at_random_moments_is_all_or_nothing";
 const ETCD: &str = "KEELSON_TEST_KILL_ETCD";
 const ROOT: &str = "KEELSON_TEST_KILL_ROOT";
 const NODES: usize = 1000;

@@ -15,7 +15,7 @@ use keelson_scheduler::{ClusterStore, Controller, DesiredGroup, GroupSpec, Node,
 
 use keelson_testkit::child::{mark, role, RoleChild};
 
-const TEST: &str = "a_controller_paused_past_its_ttl_is_fenced_off_and_steps_down";
+const TEST: &str = "controller_failover::a_controller_paused_past_its_ttl_is_fenced_off_and_steps_down";
 const ETCD: &str = "KEELSON_TEST_CONTROLLER_ETCD";
 const ROOT: &str = "failover";
 const TTL: Duration = Duration::from_secs(2);
