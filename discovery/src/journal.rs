@@ -189,6 +189,10 @@ impl Journal {
             if !seen.insert(op.key()) {
                 return Err(Error::invalid("journal commit", op.key(), "writes this key twice; a commit writes a key once"));
             }
+            // Each write must fit an apply transaction beside the head's compare, or the
+            // set, once published, could never be finished.
+            let alone = Txn { compares: vec![Compare::key(&self.head_key, Expect::Absent)], ops: vec![op.clone()] };
+            alone.validate(self.kv.backend(), &caps)?;
         }
 
         // 1. Chunks nobody follows yet.

@@ -65,3 +65,16 @@ async fn a_commit_crashed_at_any_call_is_all_or_nothing() {
     }
     assert!(crash_points_after > 0, "some crash points fell after the publish");
 }
+
+/// A write too large for any one transaction of the backend is refused before anything
+/// is published: a published set that can never be applied would wedge every commit.
+#[tokio::test]
+async fn a_write_no_transaction_can_hold_is_refused_before_publishing() {
+    let store: Arc<dyn KeyValue> = Arc::new(TestKv::new(Arc::new(MemoryKv::new())).with_txn_limits(8, 2048));
+    let journal = Journal::new(store.clone(), "j");
+    let head = journal.read(&["d/".into()]).await.unwrap().head;
+    let mut writes: Vec<TxnOp> = (0..20).map(|i| TxnOp::Put { key: format!("d/k{i:02}"), value: vec![1; 50], lease: None }).collect();
+    writes.push(TxnOp::Put { key: "d/huge".into(), value: vec![2; 3000], lease: None });
+    assert!(matches!(journal.commit(head, Vec::new(), writes).await, Err(keelson_discovery::Error::TxnTooLarge { .. })));
+    assert!(raw(store.as_ref(), "").await.is_empty(), "nothing written: no chunk, no head, no data");
+}
