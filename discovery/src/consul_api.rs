@@ -1,6 +1,6 @@
 //! Consul HTTP API types (feature `consul`): what the Consul backend sends and receives,
-//! read exactly as Consul's API docs show it (the samples in `shared/fixtures/consul`
-//! parse verbatim), and the conversions to keelson's types.
+//! read as Consul's API docs show them (the samples in `testkit/fixtures/consul`, in
+//! the documented format, parse as they are), and the conversions to keelson's types.
 //!
 //! This is the first part of the Consul backend; the HTTP client with blocking queries,
 //! KV with CAS and sessions comes next. Enterprise-only fields (`Namespace`) are accepted

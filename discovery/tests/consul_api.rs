@@ -1,4 +1,4 @@
-//! Consul's own API samples (`shared/fixtures/consul`, verbatim from Consul's docs) parse,
+//! Consul API samples (`testkit/fixtures/consul`, in the format of Consul's docs) parse,
 //! convert to keelson's types with Consul's rules, and bad input is a typed error.
 #![cfg(feature = "consul")]
 
@@ -10,9 +10,8 @@ use keelson_discovery::consul_api::{
 use keelson_discovery::{Error, Health, Registration, ServiceName};
 
 fn fixture(name: &str) -> Vec<u8> {
-    let path = format!("{}/../../shared/fixtures/consul/{name}", env!("CARGO_MANIFEST_DIR"));
-    std::fs::read(&path)
-        .unwrap_or_else(|e| panic!("fixture {path} is missing ({e}): the shared/ folder must sit beside the repository, as in CI"))
+    let path = keelson_testkit::consul::fixture(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("fixture {} is missing: {e}", path.display()))
 }
 
 #[test]
@@ -40,11 +39,12 @@ fn health_service_sample_becomes_an_instance() {
 fn other_samples_parse() {
     let services: CatalogServices = parse("catalog/services", &fixture("catalog_services.json")).expect("catalog");
     assert_eq!(services.get("postgresql").map(Vec::len), Some(2));
+    assert_eq!(services.get("consul").map(Vec::len), Some(0));
     let kv: Vec<KvPair> = parse("kv", &fixture("kv_get.json")).expect("kv");
     assert_eq!((kv[0].key.as_str(), kv[0].modify_index, kv[0].value_bytes().expect("base64")), ("zip", 200, b"test".to_vec()));
-    assert_eq!(kv[0].session.as_deref(), Some("adf4238a-882b-9ddc-4a9d-5b6758e4159e"));
+    assert_eq!(kv[0].session.as_deref(), Some("9b2f0c4e-1d7a-4c3e-8f5b-6a0e2d9c7b14"));
     let session: SessionCreated = parse("session/create", &fixture("session_create.json")).expect("session");
-    assert_eq!(session.id, "adf4238a-882b-9ddc-4a9d-5b6758e4159e");
+    assert_eq!(session.id, "9b2f0c4e-1d7a-4c3e-8f5b-6a0e2d9c7b14");
     let agent: std::collections::BTreeMap<String, AgentService> =
         parse("agent/services", &fixture("agent_services.json")).expect("agent services");
     let redis = agent.get("redis").expect("redis registered");

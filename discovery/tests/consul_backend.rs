@@ -14,7 +14,7 @@ use keelson_discovery::{
 use keelson_testkit::consul::FakeConsul;
 
 fn fixture() -> std::path::PathBuf {
-    std::path::PathBuf::from(format!("{}/../../shared/fixtures/consul/health_service.json", env!("CARGO_MANIFEST_DIR")))
+    keelson_testkit::consul::fixture("health_service.json")
 }
 
 fn client(url: String) -> ConsulDiscovery {

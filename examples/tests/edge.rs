@@ -274,7 +274,7 @@ async fn edge_follows_the_catalog_in_etcd() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edge_follows_the_consul_catalog_and_reports_staleness() {
     use keelson_discovery::{ConsulConfig, ConsulDiscovery, Discovery, Registration, ServiceName};
-    let fixture = std::path::PathBuf::from(format!("{}/../../shared/fixtures/consul/health_service.json", env!("CARGO_MANIFEST_DIR")));
+    let fixture = keelson_testkit::consul::fixture("health_service.json");
     let consul = keelson_testkit::consul::FakeConsul::start(&fixture).await.expect("fake consul");
     let (up, _t) = echo_server("from-consul").await.expect("upstream");
     let ports = keelson_testkit::free_ports(2).expect("ports");

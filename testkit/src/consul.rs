@@ -2,7 +2,7 @@
 //! backend uses, with real blocking-query semantics (`X-Consul-Index`, `index`, `wait`),
 //! TTL checks that go critical when not updated, and a hook to make the index go
 //! backwards (as after a Consul restart). No Consul server can be installed on keelson's
-//! test machines; this serves Consul's own documented samples (`shared/fixtures/consul`)
+//! test machines; this serves Consul's own documented samples (`testkit/fixtures/consul`, see [`fixture`])
 //! verbatim alongside what tests register.
 
 use std::collections::BTreeMap;
@@ -89,6 +89,12 @@ impl State {
     }
 }
 
+/// A Consul API sample kept in this repository (`testkit/fixtures/consul/<name>`):
+/// responses and payloads in the format of Consul's documentation.
+pub fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join("consul").join(name)
+}
+
 /// Consul's default `txn_max_req_len`.
 const TXN_MAX_REQ_LEN: usize = 512 * 1024;
 /// Consul's `maxTxnOps`.
@@ -137,7 +143,7 @@ fn parse_duration(s: &str) -> Option<Duration> {
 
 impl FakeConsul {
     /// Starts on a free loopback port, seeded with the health sample at `fixture`
-    /// (`shared/fixtures/consul/health_service.json`).
+    /// (`fixture("health_service.json")`).
     pub async fn start(fixture: &std::path::Path) -> Result<FakeConsul, TestkitError> {
         FakeConsul::start_with(fixture, None).await
     }
@@ -163,7 +169,7 @@ impl FakeConsul {
     async fn start_with(fixture: &std::path::Path, tls: Option<tokio_rustls::TlsAcceptor>) -> Result<FakeConsul, TestkitError> {
         let text = std::fs::read_to_string(fixture).map_err(|e| TestkitError::Failed {
             what: format!("reading Consul fixture {}", fixture.display()),
-            detail: format!("{e} (shared/ must sit beside the repository)"),
+            detail: format!("{e} (the samples live in testkit/fixtures/consul)"),
         })?;
         let fixture: Vec<Value> = serde_json::from_str(&text)
             .map_err(|e| TestkitError::Failed { what: "parsing the Consul fixture".into(), detail: e.to_string() })?;
