@@ -2,7 +2,7 @@
 //! backend uses, with real blocking-query semantics (`X-Consul-Index`, `index`, `wait`),
 //! TTL checks that go critical when not updated, and a hook to make the index go
 //! backwards (as after a Consul restart). No Consul server can be installed on keelson's
-//! test machines; this serves Consul's own documented samples (`testkit/fixtures/consul`, see [`fixture`])
+//! test machines; this serves samples in Consul's documented format (`testkit/fixtures/consul`, see [`fixture`])
 //! verbatim alongside what tests register.
 
 use std::collections::BTreeMap;
