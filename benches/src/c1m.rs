@@ -1,6 +1,6 @@
 //! The c1m workload: nodes registered through the cluster store, then jobs of identical
-//! tasks each placed and committed by `ClusterStore::reschedule`, as the controller does
-//! for a steady group. Shared by the `c1m` bench and its smoke test.
+//! tasks each placed and committed by `ClusterStore::reschedule_with` against a watch-fed
+//! `ClusterCache`, as the leading controller does for a steady group. Shared by the `c1m` bench and its smoke test.
 //!
 //! It measures allocations committed per second end to end, the store's writes and bytes
 //! per allocation (counted by a wrapper around the `KeyValue`), commit latency per job,
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use keelson_discovery::conformance::TestKv;
 use keelson_discovery::{KeyValue, KvEventKind};
-use keelson_scheduler::{ClusterStore, DesiredGroup, Node, Resources};
+use keelson_scheduler::{ClusterCache, ClusterStore, DesiredGroup, Node, Resources};
 
 /// Nomad's published C1M rate: 1,000,000 containers on 5,000 hosts in under 5 minutes.
 /// About 3,750 placements a second; published by HashiCorp, not measured here.
@@ -86,6 +86,8 @@ pub async fn run(kv: Arc<dyn KeyValue>, root: &str, config: C1mConfig, mut progr
     let per_node = (total / config.nodes.max(1)) as u64 + 1;
     let nodes: Vec<Node> = (0..config.nodes).map(|i| node(i, per_node)).collect();
     let _membership = store.join_all(&nodes, Duration::from_secs(60)).await.map_err(|e| format!("joining nodes: {e}"))?;
+    // The controller's copy of the cluster, kept by a watch: plans read it, not the store.
+    let cache = ClusterCache::start(&store).await.map_err(|e| format!("starting the cluster cache: {e}"))?;
 
     // Agents' watches on sampled nodes: when each allocation key was first seen.
     let seen: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
@@ -119,7 +121,7 @@ pub async fn run(kv: Arc<dyn KeyValue>, root: &str, config: C1mConfig, mut progr
             ..DesiredGroup::default()
         };
         let t = Instant::now();
-        let pass = store.reschedule(std::slice::from_ref(&desired)).await.map_err(|e| format!("job {j}: {e}"))?;
+        let pass = store.reschedule_with(&cache, std::slice::from_ref(&desired)).await.map_err(|e| format!("job {j}: {e}"))?;
         let done = Instant::now();
         report.commit_latencies.push(done - t);
         if pass.placed.len() != config.tasks as usize {

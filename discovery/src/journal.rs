@@ -92,6 +92,13 @@ impl Journal {
         &self.head_key
     }
 
+    /// Whether `head` (the head key's entry, as a watcher of the journal receives it)
+    /// holds a published write set not yet applied: until it is finished, the keys the
+    /// watcher follows do not yet show every write of the last commit.
+    pub fn is_pending(head: &[u8]) -> bool {
+        serde_json::from_slice::<Head>(head).map_or(true, |h| h.pending.is_some())
+    }
+
     async fn head(&self) -> Result<(Head, Option<KvEntry>)> {
         match self.kv.get(&self.head_key).await? {
             Some(e) => Ok((decode_head(&e)?, Some(e))),

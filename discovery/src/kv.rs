@@ -477,27 +477,30 @@ pub const LIST_PAGE: usize = 5_000;
 /// each response small.
 pub async fn list_paged(kv: &dyn KeyValue, prefix: &str) -> Result<KvList> {
     let mut attempts = 0;
-    'again: loop {
-        let first = kv.list_page(prefix, None, LIST_PAGE, None).await?;
-        let revision = first.revision;
-        let mut full = first.entries.len() == LIST_PAGE;
-        let mut entries = first.entries;
-        while full {
-            let after = entries.last().map(|e| e.key.clone());
-            match kv.list_page(prefix, after.as_deref(), LIST_PAGE, Some(revision)).await {
-                Ok(page) => {
-                    full = page.entries.len() == LIST_PAGE;
-                    entries.extend(page.entries);
-                }
-                Err(Error::Compacted { .. }) if attempts < 10 => {
-                    attempts += 1;
-                    continue 'again;
-                }
-                Err(e) => return Err(e),
-            }
+    loop {
+        match list_paged_at(kv, prefix, None).await {
+            Err(Error::Compacted { .. }) if attempts < 10 => attempts += 1,
+            other => return other,
         }
-        return Ok(KvList { revision, entries });
     }
+}
+
+/// Lists `prefix` in pages of [`LIST_PAGE`] entries, every page read at `revision`
+/// (`None`: the revision of the first page). Several prefixes listed at one revision are
+/// one consistent snapshot, and a watch from `revision + 1` follows it without a gap.
+/// [`Error::Compacted`] if the backend no longer serves that revision: start over.
+pub async fn list_paged_at(kv: &dyn KeyValue, prefix: &str, revision: Option<u64>) -> Result<KvList> {
+    let first = kv.list_page(prefix, None, LIST_PAGE, revision).await?;
+    let revision = first.revision;
+    let mut full = first.entries.len() == LIST_PAGE;
+    let mut entries = first.entries;
+    while full {
+        let after = entries.last().map(|e| e.key.clone());
+        let page = kv.list_page(prefix, after.as_deref(), LIST_PAGE, Some(revision)).await?;
+        full = page.entries.len() == LIST_PAGE;
+        entries.extend(page.entries);
+    }
+    Ok(KvList { revision, entries })
 }
 
 /// The error for a transaction whose compares did not all hold, given what each

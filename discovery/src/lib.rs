@@ -116,8 +116,9 @@ pub use error::{Error, Result};
 pub use etcd::{EtcdConfig, EtcdKv, DEFAULT_MAX_MESSAGE_BYTES};
 pub use journal::{Journal, JournalRead};
 pub use kv::{
-    failed_compare, list_paged, validate_key, Compare, Expect, KeyValue, KvCapabilities, KvEntry, KvEvent, KvEventKind, KvList, KvLock,
-    KvWatch, LeaseId, Txn, TxnOp, ETCD_MAX_TXN_BYTES, ETCD_MAX_TXN_OPS, LIST_PAGE, MAX_KEY_BYTES, MAX_VALUE_BYTES, MIN_LEASE_TTL,
+    failed_compare, list_paged, list_paged_at, validate_key, Compare, Expect, KeyValue, KvCapabilities, KvEntry, KvEvent, KvEventKind,
+    KvList, KvLock, KvWatch, LeaseId, Txn, TxnOp, ETCD_MAX_TXN_BYTES, ETCD_MAX_TXN_OPS, LIST_PAGE, MAX_KEY_BYTES, MAX_VALUE_BYTES,
+    MIN_LEASE_TTL,
 };
 pub use kv_discovery::{KvDiscovery, MemoryDiscovery, DEFAULT_ROOT};
 pub use lease_keeper::LeaseKeeper;

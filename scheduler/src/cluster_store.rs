@@ -32,11 +32,12 @@ use std::time::Duration;
 use keelson_discovery::{Compare, Expect, Journal, KeyValue, LeaseKeeper, LockGuard, Txn, TxnOp};
 use serde::{Deserialize, Serialize};
 
+use crate::cluster_cache::ClusterCache;
 use crate::deployment::{Action, AllocHealth, AllocView, Deployment, Traffic};
 use crate::error::{Error, Result};
 use crate::model::{Allocation, ClusterSnapshot, HostVolume, Job, Node, TaskGroup};
-use crate::placement::{PlacementEngine, Scheduler};
 use crate::reconcile::{reconcile, AllocRecord, AllocStatus, DesiredGroup};
+use crate::state::ClusterState;
 
 const BACKEND: &str = "cluster store";
 
@@ -63,10 +64,10 @@ pub struct ClusterStore {
 
 /// What a node's agent reports about an allocation (`status/<node>/<alloc>`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-struct StatusRecord {
-    status: AllocStatus,
+pub(crate) struct StatusRecord {
+    pub(crate) status: AllocStatus,
     #[serde(default)]
-    since_ms: u64,
+    pub(crate) since_ms: u64,
 }
 
 /// A node's membership: its lease is renewed until this is dropped or
@@ -115,6 +116,14 @@ impl Default for ClusterView {
 }
 
 impl ClusterView {
+    pub(crate) fn from_parts(nodes: Vec<Node>, allocations: Vec<AllocRecord>, volumes: Vec<HostVolume>, head: Expect) -> Self {
+        ClusterView { nodes, allocations, volumes, head, ..ClusterView::default() }
+    }
+
+    pub(crate) fn set_fences(&mut self, fences: BTreeMap<String, Option<u64>>) {
+        self.fences = fences;
+    }
+
     /// Nodes that hold allocations but are no longer live.
     pub fn lost_nodes(&self) -> HashSet<String> {
         let live: HashSet<&str> = self.nodes.iter().map(|n| n.id.as_str()).collect();
@@ -190,6 +199,48 @@ impl PlanCommit {
     pub fn len(&self) -> usize {
         self.puts.len() + self.deletes.len()
     }
+
+    pub(crate) fn head(&self) -> Expect {
+        self.head
+    }
+
+    pub(crate) fn touched(&self) -> impl Iterator<Item = &String> {
+        self.touched.iter()
+    }
+
+    /// The `<node>/<id>` of every allocation it writes.
+    pub(crate) fn put_keys(&self) -> impl Iterator<Item = String> + '_ {
+        self.puts.iter().map(|a| format!("{}/{}", a.node, a.id))
+    }
+
+    pub(crate) fn set_fences(&mut self, fences: BTreeMap<String, Option<u64>>) {
+        self.fences = fences;
+    }
+
+    pub(crate) fn set_stored(&mut self, stored: HashMap<String, Vec<u8>>) {
+        self.stored = Arc::new(stored);
+    }
+}
+
+/// Where a plan reads the cluster from.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    /// A fresh [`ClusterView`], read whole.
+    Store,
+    /// A [`ClusterCache`] kept by a watch.
+    Cache(&'a ClusterCache),
+}
+
+/// What a plan starts from.
+struct PlanInput {
+    /// The allocations of the groups planned and those on lost nodes (all of them, from
+    /// a fresh view), merged with reported status.
+    allocs: Vec<AllocRecord>,
+    lost: HashSet<String>,
+    /// An empty plan against the state read.
+    plan: PlanCommit,
+    /// The fresh view it was read from.
+    view: Option<ClusterView>,
 }
 
 /// What one [`ClusterStore::reschedule`] pass did.
@@ -392,8 +443,14 @@ impl ClusterStore {
     /// [`Error::Conflict`] and nothing is written. Readers see the whole plan at once,
     /// whatever its size. Returns the number of keys written.
     pub async fn commit(&self, plan: &PlanCommit) -> Result<usize> {
+        self.commit_revision(plan).await.map(|(count, _)| count)
+    }
+
+    /// [`ClusterStore::commit`], also returning the revision the plan became visible at
+    /// (`None` for an empty plan).
+    async fn commit_revision(&self, plan: &PlanCommit) -> Result<(usize, Option<u64>)> {
         if plan.is_empty() {
-            return Ok(0);
+            return Ok((0, None));
         }
         let writes = self.plan_writes(plan)?;
         let count = writes.len();
@@ -401,7 +458,7 @@ impl ClusterStore {
         let mut head = plan.head;
         for _ in 0..5 {
             match self.journal.commit(head, compares.clone(), writes.clone()).await {
-                Ok(_) => return Ok(count),
+                Ok(revision) => return Ok((count, Some(revision))),
                 Err(keelson_discovery::Error::Conflict { key, .. }) if key == self.journal.head_key() => {
                     // Another plan committed since the view: still fine if it touched none
                     // of this plan's nodes and homed none of its volumes.
@@ -474,11 +531,34 @@ impl ClusterStore {
     /// commits optimistically. On a conflict it re-reads and steps again (steps are
     /// idempotent); the deployment only moves on once a step is committed.
     pub async fn advance(&self, deployment: &mut Deployment, job: &str, group: &str, now_ms: u64) -> Result<Vec<Action>> {
+        self.advance_from(Source::Store, deployment, job, group, now_ms).await
+    }
+
+    /// [`ClusterStore::advance`], reading from `cache` instead of the whole store.
+    pub async fn advance_with(
+        &self,
+        cache: &ClusterCache,
+        deployment: &mut Deployment,
+        job: &str,
+        group: &str,
+        now_ms: u64,
+    ) -> Result<Vec<Action>> {
+        self.advance_from(Source::Cache(cache), deployment, job, group, now_ms).await
+    }
+
+    async fn advance_from(
+        &self,
+        source: Source<'_>,
+        deployment: &mut Deployment,
+        job: &str,
+        group: &str,
+        now_ms: u64,
+    ) -> Result<Vec<Action>> {
+        let mut floor = 0;
         for _ in 0..5 {
-            let view = self.view().await?;
-            let lost = view.lost_nodes();
+            let input = self.plan_input(source, &[(job, group)], floor).await?;
             let mine: Vec<&AllocRecord> =
-                view.allocations.iter().filter(|a| a.job == job && a.group == group && !lost.contains(&a.node)).collect();
+                input.allocs.iter().filter(|a| a.job == job && a.group == group && !input.lost.contains(&a.node)).collect();
             let seen: Vec<AllocView> = mine
                 .iter()
                 .map(|a| {
@@ -493,13 +573,13 @@ impl ClusterStore {
                 .collect();
             let mut trial = deployment.clone();
             let actions = trial.step(&seen, now_ms);
-            let mut plan = view.plan();
+            let mut plan = input.plan.clone();
             for action in &actions {
                 match action {
                     Action::Start { version, count } => {
                         let spec = self.group_version(job, group, *version).await?;
                         let desired = [DesiredGroup { count: *count, ..spec.desired }];
-                        place(&view, &desired, &[(0, *count)], &lost, &mut plan)?;
+                        self.place_in(source, &input, &desired, &[(0, *count)], &mut plan)?;
                     }
                     Action::Stop { ids } => {
                         for a in mine.iter().filter(|a| ids.contains(&a.id)) {
@@ -513,12 +593,16 @@ impl ClusterStore {
             if self.traffic(job, group).await? != trial.traffic() {
                 plan.set_traffic(job, group, trial.traffic());
             }
-            match self.commit(&plan).await {
-                Ok(_) => {
+            let committed = match self.place_in(source, &input, &[], &[], &mut plan) {
+                Ok(_) => self.commit_from(source, &plan).await,
+                Err(e) => Err(e),
+            };
+            match committed {
+                Ok(()) => {
                     *deployment = trial;
                     return Ok(actions);
                 }
-                Err(Error::Conflict { .. }) => continue,
+                Err(Error::Conflict { .. }) => floor = self.head_revision().await?,
                 Err(e) => return Err(e),
             }
         }
@@ -529,43 +613,150 @@ impl ClusterStore {
     /// removed and replacements placed by the placement engine on live nodes, committed
     /// optimistically (re-planned up to 5 times when another plan wins).
     pub async fn reschedule(&self, desired: &[DesiredGroup]) -> Result<ReschedulePass> {
+        self.reschedule_from(Source::Store, desired).await
+    }
+
+    /// [`ClusterStore::reschedule`], reading from `cache` instead of the whole store: what
+    /// a pass costs grows with the groups it plans, not with the cluster.
+    pub async fn reschedule_with(&self, cache: &ClusterCache, desired: &[DesiredGroup]) -> Result<ReschedulePass> {
+        self.reschedule_from(Source::Cache(cache), desired).await
+    }
+
+    async fn reschedule_from(&self, source: Source<'_>, desired: &[DesiredGroup]) -> Result<ReschedulePass> {
         let mut pass = ReschedulePass::default();
+        let groups: Vec<(&str, &str)> = desired.iter().map(|d| (d.job.as_str(), d.group.as_str())).collect();
+        let mut floor = 0;
         for _ in 0..5 {
-            let view = self.view().await?;
-            let lost = view.lost_nodes();
-            let r = reconcile(desired, &view.allocations, &lost);
-            let mut plan = view.plan();
-            for a in view.allocations.iter().filter(|a| r.lost.contains(&a.id)) {
+            let input = self.plan_input(source, &groups, floor).await?;
+            let r = reconcile(desired, &input.allocs, &input.lost);
+            let mut plan = input.plan.clone();
+            for a in input.allocs.iter().filter(|a| r.lost.contains(&a.id)) {
                 plan.delete(&a.node, &a.id);
             }
             // Failed and surplus allocations of these groups stop (their agents stop,
             // remove and forget them); other groups' allocations are not ours to touch.
             let ours = |a: &AllocRecord| desired.iter().any(|d| d.job == a.job && d.group == a.group);
-            let stopping: Vec<&AllocRecord> = view.allocations.iter().filter(|a| r.stop.contains(&a.id) && ours(a)).collect();
+            let stopping: Vec<&AllocRecord> = input.allocs.iter().filter(|a| r.stop.contains(&a.id) && ours(a)).collect();
             for a in &stopping {
                 plan.put(AllocRecord { status: AllocStatus::Stopping, since_ms: wall_clock_ms(), ..(*a).clone() });
             }
-            let placed = place(&view, desired, &r.place, &lost, &mut plan)?;
-            match self.commit(&plan).await {
-                Ok(_) => {
+            let committed = match self.place_in(source, &input, desired, &r.place, &mut plan) {
+                Ok(placed) => self.commit_from(source, &plan).await.map(|()| placed),
+                Err(e) => Err(e),
+            };
+            match committed {
+                Ok(placed) => {
                     pass.lost = r.lost;
                     pass.placed = placed;
                     pass.stopped = stopping.iter().map(|a| a.id.clone()).collect();
                     return Ok(pass);
                 }
-                Err(Error::Conflict { .. }) => pass.replans += 1,
+                Err(Error::Conflict { .. }) => {
+                    pass.replans += 1;
+                    floor = self.head_revision().await?;
+                }
                 Err(e) => return Err(e),
             }
         }
         Err(Error::Conflict { kind: "plan", name: "reschedule (5 attempts)".into() })
     }
+
+    /// Reads what a plan for `groups` starts from; a cache first catches up with
+    /// `floor` (the head after a lost race) and the commits made through it.
+    async fn plan_input(&self, source: Source<'_>, groups: &[(&str, &str)], floor: u64) -> Result<PlanInput> {
+        match source {
+            Source::Store => {
+                let view = self.view().await?;
+                let lost = view.lost_nodes();
+                Ok(PlanInput { allocs: view.allocations.clone(), lost, plan: view.plan(), view: Some(view) })
+            }
+            Source::Cache(cache) => {
+                if cache.root() != self.root {
+                    return Err(Error::invalid("cluster cache", cache.root(), format!("follows another store than {}", self.root)));
+                }
+                cache.catch_up(floor).await?;
+                let (allocs, lost, plan) = cache.plan_input(groups)?;
+                Ok(PlanInput { allocs, lost, plan, view: None })
+            }
+        }
+    }
+
+    /// Places `wanted` allocations of `desired` into `plan`, in the state `input` came
+    /// from. From a cache, also seals the plan: the cache must still be at the head the
+    /// plan was read at ([`Error::Conflict`] otherwise), and the plan takes the fences of
+    /// the nodes it touches from it.
+    fn place_in(
+        &self,
+        source: Source<'_>,
+        input: &PlanInput,
+        desired: &[DesiredGroup],
+        wanted: &[(usize, u32)],
+        plan: &mut PlanCommit,
+    ) -> Result<Vec<AllocRecord>> {
+        let existing: Vec<&AllocRecord> = input.allocs.iter().collect();
+        match (source, &input.view) {
+            (Source::Cache(cache), _) => {
+                cache.place_and_seal(plan, desired, |state, plan| place(state, &existing, desired, wanted, &input.lost, plan))
+            }
+            (Source::Store, Some(view)) if !wanted.is_empty() => {
+                let mut state = view.placement_state(desired, &input.lost)?;
+                place(&mut state, &existing, desired, wanted, &input.lost, plan)
+            }
+            (Source::Store, _) => Ok(Vec::new()),
+        }
+    }
+
+    async fn commit_from(&self, source: Source<'_>, plan: &PlanCommit) -> Result<()> {
+        let (_, revision) = self.commit_revision(plan).await?;
+        if let (Source::Cache(cache), Some(revision)) = (source, revision) {
+            cache.note_commit(revision);
+        }
+        Ok(())
+    }
+
+    /// The journal head's revision now (0 before the first commit).
+    async fn head_revision(&self) -> Result<u64> {
+        Ok(self.journal.read(&[]).await.map_err(kv_err)?.head.version().unwrap_or(0))
+    }
 }
 
-/// Places `wanted` new allocations with the placement engine on the live nodes, given the
-/// allocations already there and where volumes live; adds them (and the homes of volumes
-/// they create) to `plan`.
-fn place(
-    view: &ClusterView,
+impl ClusterView {
+    /// The live nodes, their allocations (not failed) and volumes, indexed for placement.
+    /// Each allocation holds what was recorded with it at placement; records from before
+    /// that field count their group's resources, if it is among `desired`.
+    fn placement_state(&self, desired: &[DesiredGroup], lost: &HashSet<String>) -> Result<ClusterState> {
+        let resources_of = |a: &AllocRecord| {
+            if !a.resources.is_zero() {
+                return a.resources;
+            }
+            desired.iter().find(|d| d.job == a.job && d.group == a.group).map(|d| d.resources).unwrap_or_default()
+        };
+        let mut snapshot = ClusterSnapshot { nodes: self.nodes.clone(), volumes: self.volumes.clone(), ..ClusterSnapshot::default() };
+        snapshot.allocations = self
+            .allocations
+            .iter()
+            .filter(|a| !lost.contains(&a.node) && a.status != AllocStatus::Failed)
+            .map(|a| Allocation { resources: resources_of(a), ..placement_allocation(a) })
+            .collect();
+        ClusterState::from_snapshot(&snapshot)
+    }
+}
+
+/// An allocation as the placement engine counts it.
+pub(crate) fn placement_allocation(a: &AllocRecord) -> Allocation {
+    Allocation {
+        ports: a.ports.iter().copied().collect(),
+        volumes: a.volumes.clone(),
+        ..Allocation::new(a.id.clone(), a.node.clone(), a.job.clone(), a.group.clone(), a.resources)
+    }
+}
+
+/// Places `wanted` new allocations of `desired` with the placement engine in `state` (the
+/// live nodes and what they hold), given the groups' current allocations `existing`; adds
+/// them, and the homes of volumes they create, to `plan`. `state` is left as it was.
+pub(crate) fn place(
+    state: &mut ClusterState,
+    existing: &[&AllocRecord],
     desired: &[DesiredGroup],
     wanted: &[(usize, u32)],
     lost: &HashSet<String>,
@@ -574,80 +765,51 @@ fn place(
     if wanted.is_empty() {
         return Ok(Vec::new());
     }
-    // What each allocation holds: recorded with it at placement. Records from before
-    // that field fall back to their group's, if it is among the groups being placed.
-    let resources_of = |a: &AllocRecord| {
-        if !a.resources.is_zero() {
-            return a.resources;
-        }
-        desired.iter().find(|d| d.job == a.job && d.group == a.group).map(|d| d.resources).unwrap_or_default()
-    };
-    let mut snapshot = ClusterSnapshot { nodes: view.nodes.clone(), volumes: view.volumes.clone(), ..ClusterSnapshot::default() };
-    snapshot.allocations = view
-        .allocations
-        .iter()
-        .filter(|a| !lost.contains(&a.node) && a.status != AllocStatus::Failed)
-        .map(|a| Allocation {
-            ports: a.ports.iter().copied().collect(),
-            volumes: a.volumes.clone(),
-            ..Allocation::new(a.id.clone(), a.node.clone(), a.job.clone(), a.group.clone(), resources_of(a))
-        })
-        .collect();
-    let engine = PlacementEngine::new();
+    let config = crate::engine::EngineConfig::default();
     let mut out = Vec::new();
-    for (i, n) in wanted {
-        let d = &desired[*i];
-        let mut placements = Vec::new();
-        for volumes in volume_batches(view, d, *n, lost) {
-            let count = if d.volumes.iter().any(|v| v.per_task) { 1 } else { *n };
-            let mut group = TaskGroup::new(d.group.clone(), count, d.resources).with_dynamic_ports(d.ports);
-            for v in volumes {
-                group = group.with_volume(v);
-            }
-            let placed = engine.plan(&snapshot, &Job::new(d.job.clone(), vec![group]))?;
-            for u in &placed.unplaced {
-                // Left for the next pass (a node may join, a volume's node may come back).
-                tracing::warn!(job = %d.job, group = %d.group, unplaced = ?u, "allocation not placed");
-            }
-            // Placed one batch at a time, so the next sees this one's ports and writers.
-            for p in &placed.placements {
-                snapshot.allocations.push(Allocation {
-                    ports: p.ports.iter().copied().collect(),
-                    volumes: p.volumes.clone(),
-                    ..Allocation::new(
-                        format!("pending-{}", snapshot.allocations.len()),
-                        p.node.clone(),
-                        d.job.clone(),
-                        d.group.clone(),
-                        d.resources,
-                    )
-                });
-            }
-            placements.extend(placed.placements);
-        }
-        for p in placements {
-            let id = format!("{}-{}-v{}-{}", d.job, d.group, d.version, unique_suffix());
-            for (m, req) in p.volumes.iter().zip(&d.volumes) {
-                if !snapshot.volumes.iter().any(|v| v.name == m.name) {
-                    let home = HostVolume { name: m.name.clone(), node: p.node.clone(), access: req.access };
-                    snapshot.volumes.push(home.clone());
-                    plan.new_volume(home);
+    let mut homed: HashSet<String> = HashSet::new();
+    // Batches are placed one after another in a trial of the state, so each sees the
+    // ports, resources and volume writers of the ones before; the trial is undone at the
+    // end: the allocations come back to the state once committed.
+    state.trial(|state| -> Result<()> {
+        for (i, n) in wanted {
+            let d = &desired[*i];
+            for volumes in volume_batches(existing, d, *n, lost) {
+                let count = if d.volumes.iter().any(|v| v.per_task) { 1 } else { *n };
+                let fresh: HashSet<String> =
+                    volumes.iter().filter(|v| !state.volumes.contains_key(&v.name)).map(|v| v.name.clone()).collect();
+                let mut group = TaskGroup::new(d.group.clone(), count, d.resources).with_dynamic_ports(d.ports);
+                for v in volumes {
+                    group = group.with_volume(v);
+                }
+                let placed = state.place(&Job::new(d.job.clone(), vec![group]), &config)?;
+                for u in &placed.unplaced {
+                    // Left for the next pass (a node may join, a volume's node may come back).
+                    tracing::warn!(job = %d.job, group = %d.group, unplaced = ?u, "allocation not placed");
+                }
+                for p in placed.placements {
+                    for (m, req) in p.volumes.iter().zip(&d.volumes) {
+                        if fresh.contains(&m.name) && homed.insert(m.name.clone()) {
+                            plan.new_volume(HostVolume { name: m.name.clone(), node: p.node.clone(), access: req.access });
+                        }
+                    }
+                    out.push(AllocRecord {
+                        id: format!("{}-{}-v{}-{}", d.job, d.group, d.version, unique_suffix()),
+                        job: d.job.clone(),
+                        group: d.group.clone(),
+                        version: d.version,
+                        node: p.node,
+                        status: AllocStatus::Pending,
+                        ports: p.ports,
+                        since_ms: wall_clock_ms(),
+                        volumes: p.volumes,
+                        resources: d.resources,
+                    });
                 }
             }
-            out.push(AllocRecord {
-                id,
-                job: d.job.clone(),
-                group: d.group.clone(),
-                version: d.version,
-                node: p.node,
-                status: AllocStatus::Pending,
-                ports: p.ports,
-                since_ms: wall_clock_ms(),
-                volumes: p.volumes,
-                resources: d.resources,
-            });
         }
-    }
+        Ok(())
+    })?;
     for a in &out {
         plan.put(a.clone());
     }
@@ -661,11 +823,10 @@ fn place(
 /// mounts the volume of the task it replaces and placement pins it to that volume's node.
 /// Stopping allocations free their index (their volume stays busy until they are gone:
 /// a single writer is not placed beside them).
-fn volume_batches(view: &ClusterView, d: &DesiredGroup, n: u32, lost: &HashSet<String>) -> Vec<Vec<crate::model::VolumeRequest>> {
+fn volume_batches(existing: &[&AllocRecord], d: &DesiredGroup, n: u32, lost: &HashSet<String>) -> Vec<Vec<crate::model::VolumeRequest>> {
     let Some(first) = d.volumes.iter().position(|v| v.per_task) else { return vec![d.volumes.clone()] };
     let prefix = format!("{}-", d.volumes[first].name);
-    let mut taken: HashSet<u32> = view
-        .allocations
+    let mut taken: HashSet<u32> = existing
         .iter()
         .filter(|a| a.job == d.job && a.group == d.group && !lost.contains(&a.node))
         .filter(|a| !matches!(a.status, AllocStatus::Failed | AllocStatus::Stopping))

@@ -26,6 +26,7 @@ use keelson_discovery::{Compare, LockGuard, Txn};
 use serde::{Deserialize, Serialize};
 
 use crate::agent::GroupSpec;
+use crate::cluster_cache::ClusterCache;
 use crate::cluster_store::{decode, encode_over, kv_err, wall_clock_ms, ClusterStore};
 use crate::deployment::{Deployment, Phase};
 use crate::error::{Error, Result};
@@ -219,15 +220,15 @@ impl Controller {
     /// Returns with `acted: false` if another controller holds the lock.
     pub async fn tick(&self) -> Result<TickReport> {
         let Some(guard) = self.acquire(Duration::from_millis(50)).await? else { return Ok(TickReport::default()) };
-        let result = self.tick_as(&self.store.fenced(&guard)).await;
+        let result = self.tick_as(&self.store.fenced(&guard), None).await;
         if let Err(e) = guard.release().await {
             tracing::warn!(error = %e, "releasing the controller lock (it expires with its lease)");
         }
         result
     }
 
-    async fn tick_as(&self, store: &ClusterStore) -> Result<TickReport> {
-        let result = self.tick_locked(store).await;
+    async fn tick_as(&self, store: &ClusterStore, cache: Option<&ClusterCache>) -> Result<TickReport> {
+        let result = self.tick_locked(store, cache).await;
         match &result {
             Ok(r) => {
                 self.metrics.ticks.inc();
@@ -266,10 +267,20 @@ impl Controller {
         tracing::info!(lock = guard.key(), revision = guard.revision(), "leading the cluster controller");
         self.metrics.leader.set(1);
         let store = self.store.fenced(&guard);
+        // A leader plans from its own copy of the cluster, kept by a watch: a tick then
+        // costs what the groups it plans hold, not what the cluster holds. Without one
+        // (the listing failed), it reads the store whole each tick.
+        let cache = match ClusterCache::start(&self.store).await {
+            Ok(cache) => Some(cache),
+            Err(e) => {
+                tracing::warn!(error = %e, "listing the cluster for the controller's cache failed; reading it whole each tick");
+                None
+            }
+        };
         let outcome = loop {
             // A tick is not cut short when the lock is lost: every write in it is fenced,
             // so what it sends after the loss fails, and the loss is seen right after.
-            match self.tick_as(&store).await {
+            match self.tick_as(&store, cache.as_ref()).await {
                 Ok(r) if !r.deployments_ended.is_empty() || !r.lost.is_empty() => tracing::info!(?r, "controller tick"),
                 Ok(_) => {}
                 Err(Error::LockLost { .. }) => break Leadership::Lost,
@@ -301,7 +312,7 @@ impl Controller {
         outcome
     }
 
-    async fn tick_locked(&self, store: &ClusterStore) -> Result<TickReport> {
+    async fn tick_locked(&self, store: &ClusterStore, cache: Option<&ClusterCache>) -> Result<TickReport> {
         let mut report = TickReport { acted: true, ..TickReport::default() };
         // A plan whose committer died half-way is finished first, so this tick plans on it.
         let collected = store.collect_garbage().await?;
@@ -315,7 +326,10 @@ impl Controller {
                 steady.push(DesiredGroup { count: state.count, ..spec.desired });
                 continue;
             };
-            store.advance(&mut deployment, &state.job, &state.group, wall_clock_ms()).await?;
+            match cache {
+                Some(cache) => store.advance_with(cache, &mut deployment, &state.job, &state.group, wall_clock_ms()).await?,
+                None => store.advance(&mut deployment, &state.job, &state.group, wall_clock_ms()).await?,
+            };
             if deployment.phase().is_terminal() {
                 let phase = deployment.phase().clone();
                 tracing::info!(job = %state.job, group = %state.group, ?phase, "deployment ended");
@@ -331,7 +345,10 @@ impl Controller {
                 Err(e) => return Err(e),
             }
         }
-        let pass = store.reschedule(&steady).await?;
+        let pass = match cache {
+            Some(cache) => store.reschedule_with(cache, &steady).await?,
+            None => store.reschedule(&steady).await?,
+        };
         report.lost = pass.lost;
         report.placed = pass.placed.len();
         Ok(report)

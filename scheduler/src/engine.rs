@@ -206,7 +206,13 @@ impl ClusterState {
         if !commit || result.is_err() {
             self.rollback_to(0);
         }
-        self.journal = outer;
+        // A committed plan inside an outer journal (a caller trying several jobs before
+        // undoing them all with `rollback_to`) is recorded there too.
+        let inner = self.journal.take().unwrap_or_default();
+        self.journal = outer.map(|mut o| {
+            o.extend(inner);
+            o
+        });
         result.map(|()| plan)
     }
 

@@ -83,6 +83,7 @@
 
 mod agent;
 mod class_cache;
+mod cluster_cache;
 mod cluster_store;
 mod constraints;
 mod controller;
@@ -115,6 +116,7 @@ mod volumes;
 pub mod conformance;
 
 pub use agent::{GroupSpec, NodeAgent, ServiceSpec, SyncReport, TaskTemplate, NODE_LABEL};
+pub use cluster_cache::ClusterCache;
 pub use cluster_store::{wall_clock_ms, ClusterStore, ClusterView, NodeMembership, PlanCommit, ReschedulePass};
 pub use controller::{Controller, GroupState, Leadership, TickReport, CONTROLLER_LOCK_TTL};
 pub use deployment::{Action, AllocHealth, AllocView, Deployment, Millis, Phase, Traffic};

@@ -166,7 +166,7 @@ impl ClusterState {
         Ok(s)
     }
 
-    fn add_volume(&mut self, v: &HostVolume) -> Result<()> {
+    pub(crate) fn add_volume(&mut self, v: &HostVolume) -> Result<()> {
         validate_id("volume name", &v.name)?;
         let node = *self
             .node_index
@@ -206,6 +206,17 @@ impl ClusterState {
         let slot = *self.alloc_index.get(id).ok_or_else(|| Error::NotFound { kind: "allocation", name: id.to_owned() })?;
         let rec = self.remove_alloc(slot);
         Ok(self.export(&rec))
+    }
+
+    /// Runs `f` on the state, then undoes every change it made (placements committed by
+    /// [`ClusterState::place`], volumes they created): trying several jobs in turn, each
+    /// seeing the ones before, without keeping any of them.
+    pub(crate) fn trial<T>(&mut self, f: impl FnOnce(&mut Self) -> T) -> T {
+        let outer = self.journal.replace(Vec::new());
+        let out = f(self);
+        self.rollback_to(0);
+        self.journal = outer;
+        out
     }
 
     /// Every allocation, as snapshot data, sorted by id.

@@ -34,7 +34,10 @@ impl ClusterStore {
             serde_json::from_slice::<serde_json::Value>(&h.value).is_ok_and(|v| v.get("pending").is_some_and(|p| !p.is_null()))
         });
         let alloc_prefix = self.key(&["allocs", ""]);
-        let allocs = self.kv.list(&alloc_prefix).await.map_err(kv_err)?.entries;
+        // Paged, every listing at the revision of the first: one consistent state of any size.
+        let allocs = keelson_discovery::list_paged(self.kv.as_ref(), &alloc_prefix).await.map_err(kv_err)?;
+        let revision = Some(allocs.revision);
+        let allocs = allocs.entries;
         check.allocations = allocs.len();
         let mut ids: HashSet<String> = HashSet::new();
         let mut ports: HashMap<(String, u16), String> = HashMap::new();
@@ -70,7 +73,7 @@ impl ClusterStore {
             decoded.push(a);
         }
         let status_prefix = self.key(&["status", ""]);
-        let statuses = self.kv.list(&status_prefix).await.map_err(kv_err)?.entries;
+        let statuses = keelson_discovery::list_paged_at(self.kv.as_ref(), &status_prefix, revision).await.map_err(kv_err)?.entries;
         // Failed allocations are replaced beside themselves (placement leaves them out).
         let failed: HashSet<&str> = statuses
             .iter()
@@ -84,7 +87,7 @@ impl ClusterStore {
             let sum = held.entry(a.node.as_str()).or_default();
             *sum = sum.saturating_add(a.resources);
         }
-        for e in self.kv.list(&node_prefix).await.map_err(kv_err)?.entries {
+        for e in keelson_discovery::list_paged_at(self.kv.as_ref(), &node_prefix, revision).await.map_err(kv_err)?.entries {
             let Ok(node) = serde_json::from_slice::<crate::model::Node>(&e.value) else {
                 check.violations.push(format!("{} does not decode", e.key));
                 continue;
