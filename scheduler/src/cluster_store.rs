@@ -555,7 +555,10 @@ impl ClusterStore {
         now_ms: u64,
     ) -> Result<Vec<Action>> {
         let mut floor = 0;
-        for _ in 0..5 {
+        for attempt in 0..PLAN_ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(replan_pause(attempt)).await;
+            }
             let input = self.plan_input(source, &[(job, group)], floor).await?;
             let mine: Vec<&AllocRecord> =
                 input.allocs.iter().filter(|a| a.job == job && a.group == group && !input.lost.contains(&a.node)).collect();
@@ -606,7 +609,7 @@ impl ClusterStore {
                 Err(e) => return Err(e),
             }
         }
-        Err(Error::Conflict { kind: "plan", name: format!("deployment of {job}/{group} (5 attempts)") })
+        Err(Error::Conflict { kind: "plan", name: format!("deployment of {job}/{group} ({PLAN_ATTEMPTS} attempts)") })
     }
 
     /// One pass of node-loss handling for `desired`: allocations on lost nodes are
@@ -626,7 +629,10 @@ impl ClusterStore {
         let mut pass = ReschedulePass::default();
         let groups: Vec<(&str, &str)> = desired.iter().map(|d| (d.job.as_str(), d.group.as_str())).collect();
         let mut floor = 0;
-        for _ in 0..5 {
+        for attempt in 0..PLAN_ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(replan_pause(attempt)).await;
+            }
             let input = self.plan_input(source, &groups, floor).await?;
             let r = reconcile(desired, &input.allocs, &input.lost);
             let mut plan = input.plan.clone();
@@ -658,7 +664,7 @@ impl ClusterStore {
                 Err(e) => return Err(e),
             }
         }
-        Err(Error::Conflict { kind: "plan", name: "reschedule (5 attempts)".into() })
+        Err(Error::Conflict { kind: "plan", name: format!("reschedule ({PLAN_ATTEMPTS} attempts)") })
     }
 
     /// Reads what a plan for `groups` starts from; a cache first catches up with
@@ -896,6 +902,16 @@ fn merge_status(
         out.push(a);
     }
     Ok(out)
+}
+
+/// Plans made again after losing a race before giving up with a conflict.
+const PLAN_ATTEMPTS: u32 = 10;
+
+/// A random pause before planning again after the `attempt`-th lost race (up to
+/// `attempt` × 5 ms): planners that collided do not collide again in lock step.
+fn replan_pause(attempt: u32) -> Duration {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    Duration::from_micros(u64::from(nanos) % (u64::from(attempt) * 5_000 + 1))
 }
 
 /// Milliseconds since the Unix epoch: the clock allocation timestamps and deployment
