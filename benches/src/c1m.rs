@@ -30,6 +30,9 @@ pub struct C1mConfig {
     pub jobs: usize,
     /// Tasks per job.
     pub tasks: u32,
+    /// Jobs of [`BIG_JOB_TASKS`] tasks committed after the others, for the commit latency
+    /// of a large job.
+    pub big_jobs: usize,
     /// Nodes whose allocations a watch follows (the agent's view).
     pub sample_nodes: usize,
 }
@@ -45,10 +48,13 @@ pub struct C1mReport {
     pub writes_per_alloc: f64,
     /// Bytes of keys and values written per allocation.
     pub bytes_per_alloc: f64,
-    /// Commit latency of one job (view, placement, commit), sorted.
+    /// Commit latency of one job (read, placement, commit), sorted.
     pub commit_latencies: Vec<Duration>,
-    /// Commit-to-watch delays on the sampled nodes, sorted: from the moment the job's
-    /// commit returned to the controller (0 when the watch saw it first).
+    /// The same for the jobs of [`BIG_JOB_TASKS`] tasks, sorted.
+    pub big_commit_latencies: Vec<Duration>,
+    /// Delays until the watches on the sampled nodes saw their allocations, sorted,
+    /// counted from the job's submission (before it was planned): an upper bound of the
+    /// delay from commit to watch, which lies inside it.
     pub watch_delays: Vec<Duration>,
     /// How many of those the watch saw before the commit call had returned.
     pub seen_before_return: usize,
@@ -62,6 +68,9 @@ impl C1mReport {
         self.allocations as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 }
+
+/// Tasks of each of the big jobs.
+pub const BIG_JOB_TASKS: u32 = 1_000;
 
 /// The `q` quantile of sorted `v`.
 pub fn quantile(v: &[Duration], q: f64) -> Duration {
@@ -82,7 +91,7 @@ pub async fn run(kv: Arc<dyn KeyValue>, root: &str, config: C1mConfig, mut progr
     // Counts the keys and bytes that reach the store.
     let counting = Arc::new(TestKv::new(kv));
     let store = ClusterStore::new(counting.clone(), root);
-    let total = config.jobs * config.tasks as usize;
+    let total = config.jobs * config.tasks as usize + config.big_jobs * BIG_JOB_TASKS as usize;
     let per_node = (total / config.nodes.max(1)) as u64 + 1;
     let nodes: Vec<Node> = (0..config.nodes).map(|i| node(i, per_node)).collect();
     let _membership = store.join_all(&nodes, Duration::from_secs(60)).await.map_err(|e| format!("joining nodes: {e}"))?;
@@ -109,27 +118,32 @@ pub async fn run(kv: Arc<dyn KeyValue>, root: &str, config: C1mConfig, mut progr
 
     let (writes0, bytes0) = counting.writes();
     let mut report = C1mReport::default();
-    let mut committed: HashMap<String, Instant> = HashMap::new();
+    let mut committed: HashMap<String, (Instant, Instant)> = HashMap::new();
     let began = Instant::now();
-    for j in 0..config.jobs {
+    let sizes = std::iter::repeat_n(config.tasks, config.jobs).chain(std::iter::repeat_n(BIG_JOB_TASKS, config.big_jobs));
+    for (j, tasks) in sizes.enumerate() {
         let desired = DesiredGroup {
             job: format!("job{j:05}"),
             group: "g".into(),
             version: 1,
-            count: config.tasks,
+            count: tasks,
             resources: Resources::new(100, 64),
             ..DesiredGroup::default()
         };
         let t = Instant::now();
         let pass = store.reschedule_with(&cache, std::slice::from_ref(&desired)).await.map_err(|e| format!("job {j}: {e}"))?;
         let done = Instant::now();
-        report.commit_latencies.push(done - t);
-        if pass.placed.len() != config.tasks as usize {
-            return Err(format!("job {j}: placed {} of {} tasks", pass.placed.len(), config.tasks));
+        if j < config.jobs {
+            report.commit_latencies.push(done - t);
+        } else {
+            report.big_commit_latencies.push(done - t);
+        }
+        if pass.placed.len() != tasks as usize {
+            return Err(format!("job {j}: placed {} of {tasks} tasks", pass.placed.len()));
         }
         report.allocations += pass.placed.len();
         for a in pass.placed {
-            committed.insert(a.id, done);
+            committed.insert(a.id, (t, done));
         }
         progress(j + 1);
     }
@@ -145,12 +159,13 @@ pub async fn run(kv: Arc<dyn KeyValue>, root: &str, config: C1mConfig, mut progr
     }
     let seen = seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
     for (id, at) in &seen {
-        if let Some(commit) = committed.get(id) {
-            report.seen_before_return += usize::from(at < commit);
-            report.watch_delays.push(at.saturating_duration_since(*commit));
+        if let Some((submitted, returned)) = committed.get(id) {
+            report.seen_before_return += usize::from(at < returned);
+            report.watch_delays.push(at.saturating_duration_since(*submitted));
         }
     }
     report.commit_latencies.sort();
+    report.big_commit_latencies.sort();
     report.watch_delays.sort();
     let check = store.check_stored().await.map_err(|e| format!("validating: {e}"))?;
     report.violations = check.violations;

@@ -16,6 +16,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use keelson_discovery::health::{probe_once, Probe};
 use keelson_discovery::{Discovery, Registration, RegistrationHandle, ServiceName};
 use serde::{Deserialize, Serialize};
@@ -357,19 +358,41 @@ impl NodeAgent {
         Ok(report)
     }
 
-    /// Syncs every `interval` until `shutdown` completes; errors are logged and retried.
+    /// Syncs every `interval`, and as soon as a plan changes this node's allocations
+    /// (a watch on the node's own `allocs/<node>/` keys, nothing else), until `shutdown`
+    /// completes; errors are logged and retried. A watch that fails is opened again at
+    /// the next tick; meanwhile the ticks alone keep the node in sync.
     pub async fn run(self: Arc<Self>, interval: Duration, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let prefix = self.store.key(&["allocs", &self.node, ""]);
+        let mut changes: Option<keelson_discovery::KvWatch> = None;
         loop {
             tokio::select! {
                 _ = ticker.tick() => {
-                    if let Err(e) = self.sync().await {
-                        tracing::warn!(node = %self.node, error = %e, "agent sync failed; retrying");
+                    if changes.is_none() {
+                        changes = match self.store.kv.watch(&prefix, None).await {
+                            Ok(w) => Some(w),
+                            Err(e) => {
+                                tracing::debug!(node = %self.node, error = %e, "watching this node's allocations failed; syncing on ticks");
+                                None
+                            }
+                        };
                     }
                 }
+                change = next_change(&mut changes) => {
+                    if !change {
+                        changes = None;
+                        continue;
+                    }
+                    // One sync for everything that is ready (a plan's events come together).
+                    while let Some(Some(Ok(_))) = changes.as_mut().and_then(|w| futures::StreamExt::next(w).now_or_never()) {}
+                }
                 () = &mut shutdown => return,
+            }
+            if let Err(e) = self.sync().await {
+                tracing::warn!(node = %self.node, error = %e, "agent sync failed; retrying");
             }
         }
     }
@@ -445,5 +468,14 @@ mod tests {
         assert_eq!((spec.image, spec.env, spec.limits), (template.image.clone(), template.env.clone(), template.limits));
         assert_eq!((spec.restart, spec.health_check), (template.restart, template.health_check.clone()));
         assert!(spec.ports.is_empty() && spec.mounts.is_empty() && spec.labels.is_empty(), "those are the caller's");
+    }
+}
+
+/// Waits for the next change on `watch`: `true` for a change, `false` if the watch failed
+/// or ended; never resolves without a watch.
+async fn next_change(watch: &mut Option<keelson_discovery::KvWatch>) -> bool {
+    match watch {
+        Some(w) => matches!(futures::StreamExt::next(w).await, Some(Ok(_))),
+        None => std::future::pending().await,
     }
 }

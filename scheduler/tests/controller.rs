@@ -181,3 +181,36 @@ async fn the_controller_runs_deploys_rolls_back_promotes_and_replaces_lost_work(
     assert!(value("keelson_agent_tasks_started_total") >= 12.0, "{text}");
     assert!(value("keelson_agent_status_reports_total{status=\"Failed\"}") >= 1.0, "{text}");
 }
+
+/// An agent running with a long interval starts a newly placed allocation at once: it
+/// watches its own node's allocation keys and syncs when a plan changes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_starts_new_work_when_its_watch_sees_the_plan_not_at_its_next_tick() {
+    let store = ClusterStore::new(Arc::new(MemoryKv::new()), "woken");
+    let _n1 = store.join(&Node::new("n1", Resources::new(1_000, 1_024)), Duration::from_secs(30)).await.expect("join");
+    let driver = Arc::new(ProcessDriver::new());
+    let agent = Arc::new(NodeAgent::new("n1", store.clone(), driver.clone(), None, "127.0.0.1"));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(agent.clone().run(Duration::from_secs(3600), async move {
+        let _ = stopped.await;
+    }));
+    // Past the agent's first (immediate) tick: from here on only its watch can wake it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    store.put_group(&spec(1, SERVE)).await.expect("group");
+    let submitted = Instant::now();
+    let pass = store.reschedule(&[DesiredGroup { count: 1, ..spec(1, SERVE).desired }]).await.expect("place");
+    assert_eq!(pass.placed.len(), 1);
+    loop {
+        let tasks = driver.list().await.expect("list");
+        if tasks.iter().any(|t| t.id == pass.placed[0].id) {
+            break;
+        }
+        assert!(submitted.elapsed() < Duration::from_secs(5), "the agent did not start the allocation within 5 s of the plan");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = stop.send(());
+    running.await.expect("agent loop");
+    for t in driver.list().await.expect("list") {
+        let _ = driver.stop(&t.id, Duration::from_secs(1)).await;
+    }
+}

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Parser;
-use keelson_benches::c1m::{quantile, run, C1mConfig, NOMAD_C1M_ALLOCS_PER_S};
+use keelson_benches::c1m::{quantile, run, C1mConfig, BIG_JOB_TASKS, NOMAD_C1M_ALLOCS_PER_S};
 use keelson_discovery::{EtcdConfig, EtcdKv, KeyValue};
 
 #[derive(Parser, Debug)]
@@ -27,6 +27,10 @@ struct Args {
     /// Tasks per job.
     #[arg(long, default_value_t = 500)]
     tasks: u32,
+    /// Jobs of 1,000 tasks committed after the others (their commit latency is reported
+    /// on its own).
+    #[arg(long, default_value_t = 20)]
+    big_jobs: usize,
     /// Nodes whose agent watch is sampled for the commit-to-watch delay.
     #[arg(long, default_value_t = 100)]
     sample_nodes: usize,
@@ -59,12 +63,16 @@ async fn bench(args: Args) -> Result<(), String> {
             .map_err(|e| format!("etcd: {e}"))?;
     let kv: Arc<dyn KeyValue> =
         Arc::new(EtcdKv::connect(EtcdConfig::new([etcd.client_url()])).await.map_err(|e| format!("connecting to etcd: {e}"))?);
-    let config = C1mConfig { nodes: args.nodes, jobs: args.jobs, tasks: args.tasks, sample_nodes: args.sample_nodes };
-    println!("c1m: {} nodes, {} jobs of {} tasks on etcd ({} GiB quota)", args.nodes, args.jobs, args.tasks, args.quota_gib);
+    let config =
+        C1mConfig { nodes: args.nodes, jobs: args.jobs, tasks: args.tasks, big_jobs: args.big_jobs, sample_nodes: args.sample_nodes };
+    println!(
+        "c1m: {} nodes, {} jobs of {} tasks then {} of {BIG_JOB_TASKS}, on etcd ({} GiB quota)",
+        args.nodes, args.jobs, args.tasks, args.big_jobs, args.quota_gib
+    );
     let began = Instant::now();
     let every = (args.jobs / 20).max(1);
     let report = run(kv, "c1m", config, |done| {
-        if done % every == 0 {
+        if done % every == 0 && done <= args.jobs {
             let rate = (done * args.tasks as usize) as f64 / began.elapsed().as_secs_f64();
             eprintln!("c1m: {done}/{} jobs, {rate:.0} allocations/s so far", args.jobs);
         }
@@ -84,7 +92,13 @@ async fn bench(args: Args) -> Result<(), String> {
         quantile(&report.commit_latencies, 0.99)
     );
     println!(
-        "commit to agent watch ({} allocations on {} sampled nodes, {} seen before the commit call returned): p50 {:?}, p99 {:?}",
+        "commit latency of a {BIG_JOB_TASKS}-task job ({} jobs): p50 {:?}, p99 {:?}",
+        report.big_commit_latencies.len(),
+        quantile(&report.big_commit_latencies, 0.5),
+        quantile(&report.big_commit_latencies, 0.99)
+    );
+    println!(
+        "job submission to agent watch, a bound of commit to watch ({} allocations on {} sampled nodes, {} seen before the commit call returned): p50 {:?}, p99 {:?}",
         report.watch_delays.len(),
         args.sample_nodes,
         report.seen_before_return,
