@@ -437,6 +437,15 @@ impl NodeAgent {
     }
 }
 
+/// Waits for the next change on `watch`: `true` for a change, `false` if the watch failed
+/// or ended; never resolves without a watch.
+async fn next_change(watch: &mut Option<keelson_discovery::KvWatch>) -> bool {
+    match watch {
+        Some(w) => matches!(futures::StreamExt::next(w).await, Some(Ok(_))),
+        None => std::future::pending().await,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -468,14 +477,5 @@ mod tests {
         assert_eq!((spec.image, spec.env, spec.limits), (template.image.clone(), template.env.clone(), template.limits));
         assert_eq!((spec.restart, spec.health_check), (template.restart, template.health_check.clone()));
         assert!(spec.ports.is_empty() && spec.mounts.is_empty() && spec.labels.is_empty(), "those are the caller's");
-    }
-}
-
-/// Waits for the next change on `watch`: `true` for a change, `false` if the watch failed
-/// or ended; never resolves without a watch.
-async fn next_change(watch: &mut Option<keelson_discovery::KvWatch>) -> bool {
-    match watch {
-        Some(w) => matches!(futures::StreamExt::next(w).await, Some(Ok(_))),
-        None => std::future::pending().await,
     }
 }

@@ -40,7 +40,27 @@
 //! and its [`Gates`], as a pure state machine; [`reconcile`] keeps counts right;
 //! [`ClusterStore`] keeps the state in etcd or Consul with optimistic plan commits;
 //! a [`NodeAgent`] per node runs what is assigned there; the [`Controller`] advances
-//! deployments and replaces lost work; [`RunSpec`]s are one-off runs.
+//! deployments and replaces lost work; [`RunSpec`]s are one-off runs. At scale, plans
+//! read a [`ClusterCache`] (a watch-fed copy of the cluster, as the leading controller
+//! keeps) instead of the whole store:
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use keelson_discovery::MemoryKv;
+//! use keelson_scheduler::{ClusterCache, ClusterStore, DesiredGroup, Node, Resources};
+//!
+//! # #[tokio::main] async fn main() -> Result<(), keelson_scheduler::Error> {
+//! let store = ClusterStore::new(Arc::new(MemoryKv::new()), "cluster");
+//! let nodes: Vec<Node> = (0..100).map(|i| Node::new(format!("n{i}"), Resources::new(4000, 8192))).collect();
+//! let _members = store.join_all(&nodes, Duration::from_secs(10)).await?; // one shared lease
+//! let cache = ClusterCache::start(&store).await?;
+//! let web = DesiredGroup { job: "web".into(), group: "http".into(), version: 1, count: 50, resources: Resources::new(500, 256), ..Default::default() };
+//! let pass = store.reschedule_with(&cache, &[web]).await?;
+//! assert_eq!(pass.placed.len(), 50);
+//! assert!(store.check_stored().await?.violations.is_empty());
+//! # Ok(()) }
+//! ```
 //!
 //! ```
 //! use keelson_scheduler::{Action, AllocHealth, AllocView, Deployment, Gates, Strategy};

@@ -11,13 +11,14 @@ use keelson_discovery::conformance::TestKv;
 use keelson_discovery::{EtcdConfig, EtcdKv, KeyValue, MemoryKv};
 use keelson_scheduler::{AllocRecord, AllocStatus, ClusterCache, ClusterStore, ClusterView, DesiredGroup, Node, Resources};
 
-/// What a view shows, in a form two views can be compared in.
-fn summary(view: &ClusterView) -> (BTreeSet<String>, BTreeSet<(String, String, String)>, BTreeSet<String>) {
-    (
+/// What a view shows, in a form two views can be compared in: nodes, then allocations
+/// as `node/id status`, then volumes as `name@node`.
+fn summary(view: &ClusterView) -> [BTreeSet<String>; 3] {
+    [
         view.nodes.iter().map(|n| n.id.clone()).collect(),
-        view.allocations.iter().map(|a| (a.node.clone(), a.id.clone(), format!("{:?}", a.status))).collect(),
+        view.allocations.iter().map(|a| format!("{}/{} {:?}", a.node, a.id, a.status)).collect(),
         view.volumes.iter().map(|v| format!("{}@{}", v.name, v.node)).collect(),
-    )
+    ]
 }
 
 /// Waits until the cache shows what the store shows; fails after 10 s with both.
