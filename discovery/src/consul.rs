@@ -443,6 +443,7 @@ impl Discovery for ConsulDiscovery {
             view: first.clone(),
             pending: Some(first),
             error: None,
+            pauses: crate::retry_pauses(self.inner.config.min_query_interval * 5, Duration::from_secs(10)),
             last_query: tokio::time::Instant::now(),
         };
         Ok(futures::stream::unfold(state, ConsulWatch::next).boxed())
@@ -456,6 +457,8 @@ struct ConsulWatch {
     view: Vec<Instance>,
     pending: Option<Vec<Instance>>,
     error: Option<String>,
+    /// Pauses after failed queries; reset by a good one.
+    pauses: crate::RetryPauses,
     last_query: tokio::time::Instant,
 }
 
@@ -472,6 +475,9 @@ impl ConsulWatch {
                 Ok((now, index)) => {
                     self.index = next_index(self.index, index);
                     let recovered = self.error.take().is_some();
+                    if recovered {
+                        self.pauses = crate::retry_pauses(self.inner.config.min_query_interval * 5, Duration::from_secs(10));
+                    }
                     if now != self.view || recovered {
                         self.view = now.clone();
                         self.pending = Some(now);
@@ -483,7 +489,7 @@ impl ConsulWatch {
                         self.error = Some(e.to_string());
                         self.pending = Some(self.view.clone());
                     }
-                    tokio::time::sleep(self.inner.config.min_query_interval * 5).await;
+                    tokio::time::sleep(self.pauses.next().unwrap_or_default()).await;
                 }
             }
         }
@@ -725,6 +731,8 @@ impl KeyValue for ConsulKv {
         let state = KvWatchState {
             kv: self.clone(),
             prefix: prefix.to_owned(),
+            pauses: crate::retry_pauses(self.inner.config.min_query_interval * 5, Duration::from_secs(10)),
+            reported: false,
             index: next_index(0, index),
             known,
             pending: std::collections::VecDeque::new(),
@@ -776,6 +784,10 @@ impl KeyValue for ConsulKv {
 struct KvWatchState {
     kv: ConsulKv,
     prefix: String,
+    /// Pauses after failed queries; reset by a good one.
+    pauses: crate::RetryPauses,
+    /// This outage was reported on the stream already (once per outage).
+    reported: bool,
     index: u64,
     /// Keys as of the last listing, with their modify index.
     known: HashMap<String, u64>,
@@ -791,6 +803,11 @@ impl KvWatchState {
             let started = tokio::time::Instant::now();
             match self.kv.listing(&self.prefix, Some(self.index)).await {
                 Ok((pairs, index)) => {
+                    if self.reported {
+                        tracing::info!(prefix = %self.prefix, "Consul KV watch resumed");
+                        self.reported = false;
+                        self.pauses = crate::retry_pauses(self.kv.inner.config.min_query_interval * 5, Duration::from_secs(10));
+                    }
                     let mut puts: Vec<KvEvent> = Vec::new();
                     let mut now: HashMap<String, u64> = HashMap::with_capacity(pairs.len());
                     for p in &pairs {
@@ -815,8 +832,14 @@ impl KvWatchState {
                     self.index = next_index(self.index, index);
                 }
                 Err(e) => {
+                    tokio::time::sleep(self.pauses.next().unwrap_or_default()).await;
+                    if !self.reported {
+                        self.reported = true;
+                        tracing::warn!(error = %e, prefix = %self.prefix, "Consul KV watch cannot reach Consul; retrying");
+                        return Some((Err(e), self));
+                    }
                     tracing::debug!(error = %e, prefix = %self.prefix, "Consul KV watch failed; retrying");
-                    tokio::time::sleep(self.kv.inner.config.min_query_interval * 5).await;
+                    continue;
                 }
             }
             // A blocking query may return early with no change: space them out.

@@ -352,7 +352,9 @@ impl KeyValue for EtcdKv {
             next: from,
             stream: None,
             pending: VecDeque::new(),
-            backoff: RETRY_MIN,
+            pauses: crate::retry_pauses(RETRY_MIN, RETRY_MAX),
+            failing_since: None,
+            reported: false,
             done: false,
         };
         // Open the first stream here so that a compacted start revision or an
@@ -406,6 +408,8 @@ fn prefix_end(prefix: &str) -> Vec<u8> {
 
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(1);
+/// How long a watch keeps failing to reconnect before it reports an outage.
+const OUTAGE_GRACE: Duration = Duration::from_secs(2);
 
 struct EtcdWatch {
     kv: EtcdKv,
@@ -414,7 +418,11 @@ struct EtcdWatch {
     next: u64,
     stream: Option<WatchStream>,
     pending: VecDeque<KvEvent>,
-    backoff: Duration,
+    pauses: crate::RetryPauses,
+    /// When reconnecting started failing, in this outage.
+    failing_since: Option<std::time::Instant>,
+    /// This outage was reported on the stream already (once per outage).
+    reported: bool,
     done: bool,
 }
 
@@ -470,15 +478,31 @@ impl EtcdWatch {
             }
             let Some(stream) = self.stream.as_mut() else {
                 match self.open().await {
-                    Ok(()) => self.backoff = RETRY_MIN,
+                    Ok(()) => {
+                        if self.reported {
+                            tracing::info!(next = self.next, "etcd watch resumed");
+                        }
+                        self.pauses = crate::retry_pauses(RETRY_MIN, RETRY_MAX);
+                        self.reported = false;
+                        self.failing_since = None;
+                    }
                     Err(e @ Error::Compacted { .. }) => {
                         self.done = true;
                         return Some((Err(e), self));
                     }
                     Err(e) => {
+                        tokio::time::sleep(self.pauses.next().unwrap_or(RETRY_MAX)).await;
+                        // Said once per outage, so a follower can show it is stale; the
+                        // stream goes on resuming, and events follow once etcd is back. A
+                        // member lost in a healthy cluster is not an outage: the client
+                        // reaches another within the grace.
+                        let since = *self.failing_since.get_or_insert_with(std::time::Instant::now);
+                        if !self.reported && since.elapsed() >= OUTAGE_GRACE {
+                            self.reported = true;
+                            tracing::warn!(error = %e, next = self.next, "etcd watch cannot reach etcd; retrying");
+                            return Some((Err(e), self));
+                        }
                         tracing::debug!(error = %e, next = self.next, "etcd watch reconnect failed; retrying");
-                        tokio::time::sleep(self.backoff).await;
-                        self.backoff = (self.backoff * 2).min(RETRY_MAX);
                     }
                 }
                 continue;

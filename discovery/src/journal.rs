@@ -108,7 +108,7 @@ impl Journal {
 
     /// Lists `prefixes` as of one commit, with a pending write set laid over them.
     pub async fn read(&self, prefixes: &[String]) -> Result<JournalRead> {
-        let mut pause = Duration::from_millis(1);
+        let mut pauses = crate::retry_pauses(Duration::from_millis(1), Duration::from_millis(50));
         for _ in 0..READ_ATTEMPTS {
             let (head, before) = self.head().await?;
             let mut lists = Vec::with_capacity(prefixes.len());
@@ -117,8 +117,7 @@ impl Journal {
             }
             let after = self.kv.get(&self.head_key).await?;
             if after.as_ref().map(|e| e.version) != before.as_ref().map(|e| e.version) {
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_millis(50));
+                tokio::time::sleep(pauses.next().unwrap_or_default()).await;
                 continue;
             }
             if let Some(pending) = &head.pending {

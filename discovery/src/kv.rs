@@ -264,7 +264,10 @@ impl Txn {
 }
 
 /// A stream of changes under a prefix, in revision order, each exactly once. Backends
-/// resume it by themselves after transient failures (a lost connection or member). It ends
+/// resume it by themselves after transient failures (a lost connection or member); while
+/// the backend cannot be reached they yield one `Err(Error::Unavailable)` per outage
+/// (within about twice the client's keep-alive interval), so that a follower can say it
+/// is stale, and go on: reading on delivers the changes once the backend is back. It ends
 /// with `Err(Error::Compacted)` when the backend can no longer deliver every change since
 /// the last one seen: re-list, then watch from the list's revision + 1.
 pub type KvWatch = BoxStream<'static, Result<KvEvent>>;

@@ -310,6 +310,7 @@ impl Discovery for KvDiscovery {
             last_sent: None,
             events: None,
             error: None,
+            pauses: crate::retry_pauses(self.retry, self.retry * 10),
         };
         Ok(futures::stream::unfold(state, WatchState::next).boxed())
     }
@@ -347,6 +348,8 @@ struct WatchState {
     events: Option<crate::kv::KvWatch>,
     /// The backend error the view is stale because of, until a read succeeds again.
     error: Option<String>,
+    /// Pauses between attempts while the backend fails; reset once it answers.
+    pauses: crate::RetryPauses,
 }
 
 impl WatchState {
@@ -378,6 +381,14 @@ impl WatchState {
             let mut events = match self.events.take() {
                 Some(events) => events,
                 None => match self.kv.watch(&self.prefix, Some(self.revision + 1)).await {
+                    Ok(_) if self.error.is_some() => {
+                        // Back: say so now, not at the next change (there may be none for a
+                        // long time, and followers show staleness until then), with a view
+                        // read now rather than the one from before the outage.
+                        self.relist().await;
+                        self.pauses = crate::retry_pauses(self.retry, self.retry * 10);
+                        return;
+                    }
                     Ok(w) => w,
                     Err(Error::Compacted { .. }) => {
                         // The re-listed view may already differ: let the caller compare.
@@ -387,7 +398,7 @@ impl WatchState {
                     Err(e) => {
                         tracing::warn!(error = %e, "discovery watch failed; retrying");
                         let report = self.failed(&e);
-                        tokio::time::sleep(self.retry).await;
+                        tokio::time::sleep(self.pauses.next().unwrap_or(self.retry)).await;
                         if report {
                             return;
                         }
@@ -397,7 +408,9 @@ impl WatchState {
             };
             match events.next().await {
                 Some(Ok(first)) => {
-                    self.error = None;
+                    if self.error.take().is_some() {
+                        self.pauses = crate::retry_pauses(self.retry, self.retry * 10);
+                    }
                     self.apply(first);
                     // Coalesce whatever else is already there into one snapshot.
                     while let Some(Some(Ok(ev))) = futures::FutureExt::now_or_never(events.next()) {
@@ -413,12 +426,12 @@ impl WatchState {
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, revision = self.revision, "discovery watch interrupted; resuming");
                     let report = self.failed(&e);
-                    tokio::time::sleep(self.retry).await;
+                    tokio::time::sleep(self.pauses.next().unwrap_or(self.retry)).await;
                     if report {
                         return;
                     }
                 }
-                None => tokio::time::sleep(self.retry).await,
+                None => tokio::time::sleep(self.pauses.next().unwrap_or(self.retry)).await,
             }
         }
     }
@@ -453,7 +466,7 @@ impl WatchState {
                 Err(e) => {
                     tracing::warn!(error = %e, "discovery re-list failed; retrying");
                     self.failed(&e);
-                    tokio::time::sleep(self.retry).await;
+                    tokio::time::sleep(self.pauses.next().unwrap_or(self.retry)).await;
                 }
             }
         }

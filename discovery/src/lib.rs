@@ -73,6 +73,7 @@
 //! # }
 //! ```
 
+mod backoff;
 #[cfg(feature = "consul")]
 mod consul;
 #[cfg(feature = "consul")]
@@ -99,6 +100,7 @@ mod wrappers;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
+pub use backoff::{retry_pauses, RetryPauses};
 #[cfg(feature = "consul")]
 pub use consul::{
     next_index as consul_next_index, ConsulConfig, ConsulDiscovery, ConsulKv, CONSUL_MAX_TXN_BYTES, CONSUL_MAX_TXN_OPS, SESSION_TTL_RANGE,

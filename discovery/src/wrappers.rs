@@ -22,7 +22,7 @@ use crate::name::ServiceName;
 pub struct RetryPolicy {
     /// Attempts per call, the first included (default 4).
     pub attempts: u32,
-    /// Delay before the first retry; doubles each time (default 50 ms).
+    /// Delay before the first retry; doubles each time, with jitter (default 50 ms).
     pub initial_backoff: Duration,
     /// Largest delay between attempts (default 1 s).
     pub max_backoff: Duration,
@@ -58,14 +58,13 @@ impl RetryDiscovery {
         Fut: std::future::Future<Output = Result<T>> + Send,
         T: Send,
     {
-        let mut delay = self.policy.initial_backoff;
+        let mut pauses = crate::retry_pauses(self.policy.initial_backoff, self.policy.max_backoff);
         let mut attempt = 1;
         loop {
             match call().await {
                 Err(e) if e.is_retryable() && attempt < self.policy.attempts => {
                     tracing::debug!(op, attempt, error = %e, "retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(self.policy.max_backoff);
+                    tokio::time::sleep(pauses.next().unwrap_or_default()).await;
                     attempt += 1;
                 }
                 other => return other,

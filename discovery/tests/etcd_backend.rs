@@ -180,3 +180,38 @@ async fn an_oversized_response_is_a_typed_error_and_the_limit_is_configurable() 
     let default = connect(vec![etcd.client_url()]).await;
     assert_eq!(default.list("big/").await.expect("the default limit takes it").entries.len(), 4);
 }
+
+/// etcd stopped under an open watch: the raw watch reports the outage (once) and then
+/// delivers the writes made after etcd came back; a discovery watch sends the last good
+/// view with the error within 10 s, and a snapshot without it as soon as etcd is back,
+/// with no change needed to clear it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_outage_is_reported_on_watches_and_cleared_when_it_returns() {
+    let mut etcd = Etcd::start().expect("etcd");
+    let kv: Arc<dyn KeyValue> = Arc::new(connect(vec![etcd.client_url()]).await);
+    let d = KvDiscovery::new(kv.clone());
+    let svc = ServiceName::new("outage").expect("name");
+    let _a = d.register(Registration::new(svc.clone(), "a", "127.0.0.1", 1)).await.expect("register");
+    let mut snaps = d.watch(Query::service(svc.clone())).await.expect("watch");
+    assert_eq!(snaps.next().await.expect("snapshot").instances.len(), 1);
+    let mut raw = kv.watch("raw/", None).await.expect("raw watch");
+
+    etcd.stop();
+    let stopped = Instant::now();
+    let snap = tokio::time::timeout(Duration::from_secs(10), snaps.next()).await.expect("the outage within 10 s").expect("open");
+    assert!(snap.error.is_some(), "the snapshot says the view is stale");
+    assert_eq!(snap.instances.len(), 1, "the last good view is kept");
+    match tokio::time::timeout(Duration::from_secs(10), raw.next()).await.expect("the outage within 10 s") {
+        Some(Err(e)) => assert!(e.is_retryable(), "an outage is retryable: {e}"),
+        other => panic!("expected the outage on the raw watch, got {other:?}"),
+    }
+    eprintln!("outage reported {:?} after etcd stopped", stopped.elapsed());
+
+    etcd.start_again().expect("etcd again");
+    let snap = tokio::time::timeout(Duration::from_secs(15), snaps.next()).await.expect("recovery within 15 s").expect("open");
+    assert!(snap.error.is_none(), "back: not stale any more, {:?}", snap.error);
+    assert_eq!(snap.instances.len(), 1);
+    kv.put("raw/after", b"1".to_vec(), None).await.expect("put after the outage");
+    let ev = tokio::time::timeout(Duration::from_secs(10), raw.next()).await.expect("event after recovery").expect("open");
+    assert_eq!(ev.expect("an event").key, "raw/after", "the raw watch resumed by itself");
+}

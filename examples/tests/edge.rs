@@ -268,6 +268,54 @@ async fn edge_follows_the_catalog_in_etcd() {
     stop_edge(child);
 }
 
+/// `--etcd` across an etcd outage: while etcd is stopped the routes stay and `/metrics`
+/// says they are stale (within 10 s); once it is back, staleness clears with no change
+/// to the catalog needed.
+#[cfg(feature = "etcd")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_reports_an_etcd_outage_as_staleness_and_clears_it_when_etcd_returns() {
+    use std::sync::Arc;
+
+    use keelson_discovery::{Discovery, EtcdConfig, EtcdKv, KvDiscovery, Registration, ServiceName};
+
+    let mut etcd = keelson_testkit::etcd::Etcd::start().expect("etcd (apt-get install -y etcd-server)");
+    let (up, _task) = echo_server("from-etcd").await.expect("upstream");
+    let kv = EtcdKv::connect(EtcdConfig::new(vec![etcd.client_url()])).await.expect("connect");
+    let discovery = KvDiscovery::new(Arc::new(kv));
+    let _handle = discovery
+        .register(
+            Registration::new(ServiceName::new("dog").expect("name"), "dog-1", up.ip().to_string(), up.port())
+                .with_tag("keelson.http.host=dog.test"),
+        )
+        .await
+        .expect("register");
+    let ports = keelson_testkit::free_ports(2).expect("ports");
+    let (listen, metrics): (SocketAddr, SocketAddr) = (([127, 0, 0, 1], ports[0]).into(), ([127, 0, 0, 1], ports[1]).into());
+    let (child, mut out) = start_edge(&["--etcd", &etcd.client_url(), "--listen", &listen.to_string(), "--metrics", &metrics.to_string()]);
+    let mut line = String::new();
+    out.read_line(&mut line).expect("ready line");
+    until_status(listen, "dog.test", 200).await;
+    let stale = |m: &str, v: u8| m.contains(&format!("keelson_route_source_stale {v}"));
+    assert!(stale(&get(metrics, "m.test", "/metrics").await.expect("metrics").body, 0));
+
+    etcd.stop();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(12);
+    while !stale(&get(metrics, "m.test", "/metrics").await.expect("metrics").body, 1) {
+        assert!(tokio::time::Instant::now() < deadline, "staleness not reported within 12 s of etcd stopping");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(get(listen, "dog.test", "/").await.expect("get").status, 200, "the last good routes are still served");
+
+    etcd.start_again().expect("etcd again");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !stale(&get(metrics, "m.test", "/metrics").await.expect("metrics").body, 0) {
+        assert!(tokio::time::Instant::now() < deadline, "staleness not cleared within 15 s of etcd returning");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(get(listen, "dog.test", "/").await.expect("get").status, 200);
+    stop_edge(child);
+}
+
 /// `--consul`: services registered in a Consul agent become routes; when the agent goes
 /// away the routes stay and `/metrics` says they are stale.
 #[cfg(feature = "consul")]

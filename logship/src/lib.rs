@@ -39,6 +39,6 @@ pub mod conformance;
 
 pub use error::{Error, Result};
 pub use record::{validate_service, Record, Stream};
-pub use ship::{ship, ShipConfig, ShipStats};
+pub use ship::{ship, ShipConfig, ShipStats, Shipper};
 pub use sink::{FileSink, Sink};
 pub use source::{ChildOutputSource, Source, StreamSource};

@@ -14,19 +14,44 @@ pub struct ShipConfig {
     pub max_batch: usize,
     /// How long a partial batch may wait for more records (default 200 ms).
     pub max_delay: Duration,
-    /// Attempts per batch on retryable sink errors (default 5), with doubling backoff.
+    /// Attempts per batch on retryable sink errors (default 5) before
+    /// [`Shipper::run`] returns the error, still holding the batch.
     pub attempts: u32,
-    /// First backoff (default 100 ms).
+    /// First pause between attempts (default 100 ms); it grows exponentially, with
+    /// jitter, up to `max_backoff`.
     pub backoff: Duration,
+    /// Longest pause between attempts (default 10 s).
+    pub max_backoff: Duration,
 }
 
 impl Default for ShipConfig {
     fn default() -> Self {
-        ShipConfig { max_batch: 512, max_delay: Duration::from_millis(200), attempts: 5, backoff: Duration::from_millis(100) }
+        ShipConfig {
+            max_batch: 512,
+            max_delay: Duration::from_millis(200),
+            attempts: 5,
+            backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(10),
+        }
     }
 }
 
-/// What a finished shipment did.
+impl ShipConfig {
+    /// The pauses between attempts: from `backoff`, growing exponentially to
+    /// `max_backoff`, each with up to as much again of random jitter (so shippers that
+    /// failed together do not retry together).
+    pub fn pauses(&self) -> impl Iterator<Item = Duration> + Send {
+        use backon::BackoffBuilder;
+        backon::ExponentialBuilder::new()
+            .with_jitter()
+            .with_min_delay(self.backoff)
+            .with_max_delay(self.max_backoff.max(self.backoff))
+            .without_max_times()
+            .build()
+    }
+}
+
+/// What shipping did so far.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ShipStats {
     /// Records acknowledged by the sink.
@@ -37,37 +62,70 @@ pub struct ShipStats {
     pub retries: u64,
 }
 
-/// Moves every record from `source` to `sink` until the source ends, then flushes. A
-/// batch is only dropped from memory after the sink acknowledged it; a retryable sink
-/// error resends the same batch, so delivery is at least once. A non-retryable error, or
-/// running out of attempts, stops shipping and returns the error.
-pub async fn ship(source: &mut dyn Source, sink: &dyn Sink, config: &ShipConfig) -> Result<ShipStats> {
-    if config.max_batch == 0 || config.attempts == 0 {
-        return Err(Error::InvalidInput {
-            field: "ship config",
-            value: format!("{config:?}"),
-            reason: "max_batch and attempts must be at least 1".into(),
-        });
-    }
-    let mut stats = ShipStats::default();
-    let mut batch: Vec<Record> = Vec::with_capacity(config.max_batch);
-    loop {
-        let ended = fill(source, &mut batch, config).await?;
-        if !batch.is_empty() {
-            send_with_retry(sink, &batch, config, &mut stats).await?;
-            stats.records += batch.len() as u64;
-            stats.batches += 1;
-            batch.clear();
+/// The shipping loop, holding what it read until the sink acknowledges it: a sink error
+/// that outlasts the attempts, or a source error mid-batch, returns from
+/// [`Shipper::run`] with the records still held ([`Shipper::held`]), and the next `run`
+/// sends them first, in order. Delivery is at least once: a batch the sink stored but
+/// failed to acknowledge is sent again.
+#[derive(Debug)]
+pub struct Shipper {
+    config: ShipConfig,
+    held: Vec<Record>,
+    stats: ShipStats,
+}
+
+impl Shipper {
+    /// A shipper with `config`; [`Error::InvalidInput`] for a batch size or attempt count of 0.
+    pub fn new(config: ShipConfig) -> Result<Shipper> {
+        if config.max_batch == 0 || config.attempts == 0 {
+            return Err(Error::InvalidInput {
+                field: "ship config",
+                value: format!("{config:?}"),
+                reason: "max_batch and attempts must be at least 1".into(),
+            });
         }
-        if ended {
-            sink.flush().await?;
-            return Ok(stats);
+        Ok(Shipper { held: Vec::with_capacity(config.max_batch), config, stats: ShipStats::default() })
+    }
+
+    /// Records read from the source and not yet acknowledged by the sink.
+    pub fn held(&self) -> &[Record] {
+        &self.held
+    }
+
+    /// What was shipped so far, over every `run`.
+    pub fn stats(&self) -> &ShipStats {
+        &self.stats
+    }
+
+    /// Moves every record from `source` to `sink` until the source ends, then flushes;
+    /// records held from an earlier run go first. A batch leaves memory only once the
+    /// sink acknowledged it; a retryable error resends it after a capped, jittered pause.
+    pub async fn run(&mut self, source: &mut dyn Source, sink: &dyn Sink) -> Result<ShipStats> {
+        loop {
+            let ended = if self.held.is_empty() { fill(source, &mut self.held, &self.config).await? } else { false };
+            if !self.held.is_empty() {
+                send_with_retry(sink, &self.held, &self.config, &mut self.stats).await?;
+                self.stats.records += self.held.len() as u64;
+                self.stats.batches += 1;
+                self.held.clear();
+            }
+            if ended {
+                sink.flush().await?;
+                return Ok(self.stats.clone());
+            }
         }
     }
 }
 
+/// Moves every record from `source` to `sink` until the source ends, then flushes: a
+/// [`Shipper`] run once. On an error the records it held are dropped with it; keep a
+/// [`Shipper`] to resume with them instead.
+pub async fn ship(source: &mut dyn Source, sink: &dyn Sink, config: &ShipConfig) -> Result<ShipStats> {
+    Shipper::new(config.clone())?.run(source, sink).await
+}
+
 /// Fills `batch` up to `max_batch` or until `max_delay` after its first record. Returns
-/// whether the source ended.
+/// whether the source ended. On a source error, what it read stays in `batch`.
 async fn fill(source: &mut dyn Source, batch: &mut Vec<Record>, config: &ShipConfig) -> Result<bool> {
     match source.next().await? {
         Some(r) => batch.push(r),
@@ -87,7 +145,7 @@ async fn fill(source: &mut dyn Source, batch: &mut Vec<Record>, config: &ShipCon
 }
 
 async fn send_with_retry(sink: &dyn Sink, batch: &[Record], config: &ShipConfig, stats: &mut ShipStats) -> Result<()> {
-    let mut delay = config.backoff;
+    let mut pauses = config.pauses();
     let mut attempt = 1;
     loop {
         match sink.send(batch).await {
@@ -96,8 +154,7 @@ async fn send_with_retry(sink: &dyn Sink, batch: &[Record], config: &ShipConfig,
                 tracing::warn!(sink = sink.name(), attempt, error = %e, "send failed; retrying");
                 stats.retries += 1;
                 attempt += 1;
-                tokio::time::sleep(delay).await;
-                delay = delay.saturating_mul(2);
+                tokio::time::sleep(pauses.next().unwrap_or(config.max_backoff)).await;
             }
             Err(e) => return Err(e),
         }

@@ -91,3 +91,35 @@ async fn a_sink_that_stays_down_stops_shipping_with_its_error() {
         Err(Error::InvalidInput { .. })
     ));
 }
+
+/// A sink down for longer than a run's attempts: the run fails, holding what it read;
+/// the next run delivers it first. Every record arrives once, in order.
+#[tokio::test]
+async fn records_read_before_a_sink_outage_are_held_and_delivered_in_order() {
+    let sink = Flaky { fail: 5, ..Flaky::default() };
+    // Three attempts per run, so the outage of 5 sends outlasts the first run.
+    let config = ShipConfig { max_batch: 10, attempts: 3, backoff: Duration::from_millis(1), ..ShipConfig::default() };
+    let mut shipper = keelson_logship::Shipper::new(config).expect("config");
+    let mut source = records(25);
+    let first = shipper.run(&mut source, &sink).await;
+    assert!(matches!(first, Err(Error::Io { .. })), "the outage outlasts the first run: {first:?}");
+    assert_eq!(shipper.held().len(), 10, "the batch read before the outage is held");
+    assert!(sink.got.lock().expect("lock").is_empty());
+    let stats = shipper.run(&mut source, &sink).await.expect("the sink is back");
+    assert_eq!((stats.records, stats.batches, stats.retries), (25, 3, 4), "2 retries per run, then every batch");
+    assert!(shipper.held().is_empty());
+    let got: Vec<String> = sink.got.lock().expect("lock").iter().map(|r| r.line.clone()).collect();
+    assert_eq!(got, (0..25).map(|i| i.to_string()).collect::<Vec<_>>(), "every record, once, in order");
+}
+
+/// The pause between attempts grows, is jittered, and never passes its cap (plus its
+/// jitter, at most as much again).
+#[test]
+fn retry_pauses_grow_with_jitter_up_to_a_cap() {
+    let config = ShipConfig { backoff: Duration::from_millis(20), max_backoff: Duration::from_millis(500), ..ShipConfig::default() };
+    let pauses: Vec<Duration> = config.pauses().take(12).collect();
+    assert!(pauses.iter().all(|p| *p >= Duration::from_millis(20) && *p <= Duration::from_millis(1_000)), "{pauses:?}");
+    assert!(pauses[6..].iter().all(|p| *p >= Duration::from_millis(500)), "capped at 500 ms before jitter: {pauses:?}");
+    let again: Vec<Duration> = config.pauses().take(12).collect();
+    assert_ne!(pauses, again, "two shippers do not pause in lock step");
+}

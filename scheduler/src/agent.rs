@@ -238,14 +238,18 @@ impl NodeAgent {
         self.metrics.sync_seconds.observe(began.elapsed().as_secs_f64());
         match &result {
             Ok(report) => {
+                self.metrics.store_unreachable.set(0);
                 self.metrics.started.inc_by(report.started.len() as u64);
                 self.metrics.stopped.inc_by(report.stopped.len() as u64);
                 for (_, status) in &report.reported {
                     self.metrics.reports.get_or_create(&OrchestrationMetrics::status(status)).inc();
                 }
             }
-            Err(_) => {
+            Err(e) => {
                 self.metrics.sync_errors.inc();
+                if e.is_retryable() {
+                    self.metrics.store_unreachable.set(1);
+                }
             }
         }
         result

@@ -462,12 +462,13 @@ const FOLLOWED: [&str; 5] = ["nodes/", "allocs/", "status/", "volumes/", "fences
 /// Lists everything the cache follows at one revision, and opens the watch from the
 /// next. Retries when the store moves between pages of a backend without history.
 async fn load(kv: &dyn KeyValue, root: &str) -> Result<(CacheData, keelson_discovery::KvWatch)> {
-    let mut attempts: u64 = 0;
+    let mut attempts = 0;
+    let mut pauses = keelson_discovery::retry_pauses(Duration::from_millis(5), Duration::from_millis(100));
     loop {
         match load_once(kv, root).await {
             Err(keelson_discovery::Error::Compacted { .. }) if attempts < 50 => {
                 attempts += 1;
-                tokio::time::sleep(Duration::from_millis(10 * attempts.min(10))).await;
+                tokio::time::sleep(pauses.next().unwrap_or_default()).await;
             }
             other => return other.map_err(kv_err),
         }
@@ -533,7 +534,7 @@ async fn follow(kv: Arc<dyn KeyValue>, root: String, shared: Arc<Shared>, mut wa
             None => tracing::warn!(root, "cluster cache: watch ended; listing again"),
         }
         // List again, until it works: plans wait meanwhile (and time out).
-        let mut pause = Duration::from_millis(100);
+        let mut pauses = keelson_discovery::retry_pauses(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             match load(kv.as_ref(), &root).await {
                 Ok((data, w)) => {
@@ -546,8 +547,7 @@ async fn follow(kv: Arc<dyn KeyValue>, root: String, shared: Arc<Shared>, mut wa
                 }
                 Err(e) => {
                     tracing::warn!(root, error = %e, "cluster cache: listing failed; retrying");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(5));
+                    tokio::time::sleep(pauses.next().unwrap_or_default()).await;
                 }
             }
         }

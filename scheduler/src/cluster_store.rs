@@ -555,9 +555,10 @@ impl ClusterStore {
         now_ms: u64,
     ) -> Result<Vec<Action>> {
         let mut floor = 0;
+        let mut pauses = keelson_discovery::retry_pauses(REPLAN_PAUSE, REPLAN_PAUSE * 20);
         for attempt in 0..PLAN_ATTEMPTS {
             if attempt > 0 {
-                tokio::time::sleep(replan_pause(attempt)).await;
+                tokio::time::sleep(pauses.next().unwrap_or(REPLAN_PAUSE)).await;
             }
             let input = self.plan_input(source, &[(job, group)], floor).await?;
             let mine: Vec<&AllocRecord> =
@@ -629,9 +630,10 @@ impl ClusterStore {
         let mut pass = ReschedulePass::default();
         let groups: Vec<(&str, &str)> = desired.iter().map(|d| (d.job.as_str(), d.group.as_str())).collect();
         let mut floor = 0;
+        let mut pauses = keelson_discovery::retry_pauses(REPLAN_PAUSE, REPLAN_PAUSE * 20);
         for attempt in 0..PLAN_ATTEMPTS {
             if attempt > 0 {
-                tokio::time::sleep(replan_pause(attempt)).await;
+                tokio::time::sleep(pauses.next().unwrap_or(REPLAN_PAUSE)).await;
             }
             let input = self.plan_input(source, &groups, floor).await?;
             let r = reconcile(desired, &input.allocs, &input.lost);
@@ -907,12 +909,9 @@ fn merge_status(
 /// Plans made again after losing a race before giving up with a conflict.
 const PLAN_ATTEMPTS: u32 = 10;
 
-/// A random pause before planning again after the `attempt`-th lost race (up to
-/// `attempt` × 5 ms): planners that collided do not collide again in lock step.
-fn replan_pause(attempt: u32) -> Duration {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-    Duration::from_micros(u64::from(nanos) % (u64::from(attempt) * 5_000 + 1))
-}
+/// The first pause before planning again after a lost race (then doubling, with
+/// jitter, so planners that collided do not collide again in lock step).
+const REPLAN_PAUSE: Duration = Duration::from_millis(2);
 
 /// Milliseconds since the Unix epoch: the clock allocation timestamps and deployment
 /// steps share across processes.

@@ -251,6 +251,7 @@ impl Controller {
     /// when `stop` completes (the lock is released).
     pub async fn lead(&self, interval: Duration, stop: impl std::future::Future<Output = ()>) -> Leadership {
         tokio::pin!(stop);
+        let mut pauses = keelson_discovery::retry_pauses(interval, interval * 10);
         let guard = loop {
             tokio::select! {
                 () = &mut stop => return Leadership::Stopped,
@@ -259,7 +260,7 @@ impl Controller {
                     Ok(None) => {}
                     Err(e) => {
                         tracing::warn!(error = %e, "taking the controller lock failed; retrying");
-                        tokio::time::sleep(interval).await;
+                        tokio::time::sleep(pauses.next().unwrap_or(interval)).await;
                     }
                 },
             }

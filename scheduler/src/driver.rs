@@ -80,7 +80,8 @@ pub enum TaskHealth {
 
 /// Restarts of a failed task in place: after a non-zero exit or a signal (never after
 /// exit 0 or a `stop`), wait, then run it again, the wait doubling from `initial_backoff`
-/// up to `max_backoff`, at most `max_restarts` times. While it waits the task reports
+/// up to `max_backoff` (plus up to as much again of jitter in the process driver; Docker
+/// applies its own schedule), at most `max_restarts` times. While it waits the task reports
 /// `Running` (as Docker reports a restarting container) and [`TaskStatus::restarts`]
 /// counts the restarts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,7 +97,7 @@ pub struct RestartPolicy {
 }
 
 impl RestartPolicy {
-    /// The wait before restart number `n` (0-based): doubling, capped.
+    /// The wait before restart number `n` (0-based) before jitter: doubling, capped.
     pub fn backoff(&self, n: u32) -> Duration {
         let factor = 1u32.checked_shl(n.min(31)).unwrap_or(u32::MAX);
         self.initial_backoff.saturating_mul(factor).min(self.max_backoff)

@@ -35,6 +35,7 @@ pub struct OrchestrationMetrics {
     pub(crate) stopped: Counter,
     pub(crate) reports: Family<Status, Counter>,
     pub(crate) sync_errors: Counter,
+    pub(crate) store_unreachable: prometheus_client::metrics::gauge::Gauge,
     pub(crate) sync_seconds: Histogram,
     pub(crate) runs_finished: Family<Outcome, Counter>,
     pub(crate) ticks: Counter,
@@ -53,6 +54,7 @@ impl Default for OrchestrationMetrics {
             stopped: Counter::default(),
             reports: Family::default(),
             sync_errors: Counter::default(),
+            store_unreachable: Default::default(),
             // 1 ms to ~16 s.
             sync_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             runs_finished: Family::default(),
@@ -79,6 +81,11 @@ impl OrchestrationMetrics {
         registry.register("keelson_agent_tasks_stopped", "Tasks stopped and removed by node agents", self.stopped.clone());
         registry.register("keelson_agent_status_reports", "Allocation status changes reported, by new status", self.reports.clone());
         registry.register("keelson_agent_sync_errors", "Agent passes that failed (retried)", self.sync_errors.clone());
+        registry.register(
+            "keelson_agent_store_unreachable",
+            "1 while the node agent's last pass could not reach the cluster store (etcd or Consul down or unreachable)",
+            self.store_unreachable.clone(),
+        );
         registry.register("keelson_agent_sync_seconds", "Duration of agent passes", self.sync_seconds.clone());
         registry.register("keelson_runs_finished", "One-off runs that ended, by outcome", self.runs_finished.clone());
         registry.register("keelson_controller_ticks", "Controller passes that held the lock", self.ticks.clone());

@@ -238,6 +238,9 @@ impl ProcessDriver {
         let mut detached = self.detached.subscribe();
         let state_dir = self.state_dir.clone();
         tokio::spawn(async move {
+            // The waits between restarts: the policy's doubling, with jitter (tasks that
+            // failed together, say on a dependency's outage, do not restart together).
+            let mut pauses = spec.restart.map(|p| keelson_discovery::retry_pauses(p.initial_backoff, p.max_backoff));
             loop {
                 let exit = tokio::select! {
                     exit = run.wait() => exit,
@@ -255,7 +258,7 @@ impl ProcessDriver {
                     task.finish(&state_tx, exit).await;
                     return;
                 };
-                let wait = policy.backoff(restarts);
+                let wait = pauses.as_mut().and_then(Iterator::next).unwrap_or_else(|| policy.backoff(restarts));
                 tracing::info!(task = %spec.id, ?exit, ?wait, restart = restarts + 1, "task failed; restarting after a backoff");
                 let mut stopping = task.stopping.subscribe();
                 tokio::select! {

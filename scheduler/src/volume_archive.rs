@@ -145,6 +145,7 @@ pub(crate) async fn unpack_into(tar: TarStream, dst: PathBuf) -> Result<()> {
 /// archives themselves (Docker). The returned receiver reports whether the whole input was
 /// read and valid: an archive cut short looks complete to the backend, so the caller must
 /// check it before trusting the import.
+#[cfg(feature = "docker")]
 pub(crate) fn checked(tar: TarStream) -> (TarStream, tokio::sync::oneshot::Receiver<Result<()>>) {
     let reader = blocking_reader(tar);
     let (verdict_tx, verdict_rx) = tokio::sync::oneshot::channel();
@@ -157,6 +158,7 @@ pub(crate) fn checked(tar: TarStream) -> (TarStream, tokio::sync::oneshot::Recei
     (stream, verdict_rx)
 }
 
+#[cfg(feature = "docker")]
 fn recode(reader: impl std::io::Read, out: &mut ChannelWriter) -> Result<()> {
     let mut archive = tar::Archive::new(reader);
     let mut builder = tar::Builder::new(out);

@@ -214,3 +214,40 @@ async fn an_agent_starts_new_work_when_its_watch_sees_the_plan_not_at_its_next_t
         let _ = driver.stop(&t.id, Duration::from_secs(1)).await;
     }
 }
+
+/// A node agent whose cluster store is unreachable says so in its metrics
+/// (`keelson_agent_store_unreachable 1`) and clears it once the store is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_reports_an_unreachable_store_in_its_metrics_until_it_returns() {
+    let mut etcd = keelson_testkit::etcd::Etcd::start().unwrap_or_else(|e| panic!("etcd for this test: {e}"));
+    let config = keelson_discovery::EtcdConfig {
+        request_timeout: Duration::from_secs(1),
+        ..keelson_discovery::EtcdConfig::new([etcd.client_url()])
+    };
+    let kv = keelson_discovery::EtcdKv::connect(config).await.expect("connect");
+    let store = ClusterStore::new(Arc::new(kv), "outage");
+    let metrics = OrchestrationMetrics::new();
+    let mut registry = prometheus_client::registry::Registry::default();
+    metrics.register(&mut registry);
+    let agent = NodeAgent::new("n1", store, Arc::new(ProcessDriver::new()), None, "127.0.0.1").with_metrics(metrics);
+    let text = |registry: &prometheus_client::registry::Registry| {
+        let mut t = String::new();
+        prometheus_client::encoding::text::encode(&mut t, registry).expect("encode");
+        t
+    };
+    agent.sync().await.expect("sync with etcd up");
+    assert!(text(&registry).contains("keelson_agent_store_unreachable 0"));
+
+    etcd.stop();
+    let err = agent.sync().await.expect_err("etcd is down");
+    assert!(err.is_retryable(), "an outage is retryable: {err}");
+    assert!(text(&registry).contains("keelson_agent_store_unreachable 1"), "{}", text(&registry));
+
+    etcd.start_again().expect("etcd again");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while agent.sync().await.is_err() {
+        assert!(Instant::now() < deadline, "the agent did not reach etcd again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(text(&registry).contains("keelson_agent_store_unreachable 0"));
+}

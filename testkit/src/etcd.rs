@@ -12,6 +12,8 @@ use crate::tools::{free_ports, io, require, TestkitError};
 pub struct Etcd {
     child: Child,
     client: SocketAddr,
+    /// The whole command line, to start the same member again after [`Etcd::stop`].
+    command: Vec<std::ffi::OsString>,
     _dir: tempfile::TempDir,
 }
 
@@ -35,23 +37,43 @@ impl Etcd {
         let client = SocketAddr::from(([127, 0, 0, 1], client_port));
         let client_url = format!("http://{client}");
         let peer_url = format!("http://127.0.0.1:{peer_port}");
-        let log = std::fs::File::create(dir.path().join("etcd.log")).map_err(io("creating etcd log"))?;
-        let child = Command::new(etcd)
-            .args(["--name", "keelson-test", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
-            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
-            .args(["--initial-cluster", &format!("keelson-test={peer_url}")])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .map_err(io("starting etcd"))?;
-        let mut etcd = Etcd { child, client, _dir: dir };
+        let mut command: Vec<std::ffi::OsString> = vec![etcd.into(), "--name".into(), "keelson-test".into(), "--data-dir".into()];
+        command.push(dir.path().join("data").into());
+        for arg in ["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url] {
+            command.push(arg.into());
+        }
+        for arg in ["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url] {
+            command.push(arg.into());
+        }
+        command.extend(["--initial-cluster".into(), format!("keelson-test={peer_url}").into()]);
+        command.extend(extra.iter().map(Into::into));
+        let child = spawn(&command, dir.path())?;
+        let mut etcd = Etcd { child, client, command, _dir: dir };
+        etcd.wait_healthy()?;
+        Ok(etcd)
+    }
+
+    /// Stops etcd (SIGKILL, as a crash or a lost machine would), keeping its data and
+    /// ports for [`Etcd::start_again`].
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the stopped member again, with its data and on its ports, and waits until
+    /// it is healthy (up to 20 s).
+    pub fn start_again(&mut self) -> Result<(), TestkitError> {
+        self.stop();
+        self.child = spawn(&self.command, self._dir.path())?;
+        self.wait_healthy()
+    }
+
+    fn wait_healthy(&mut self) -> Result<(), TestkitError> {
+        let etcd = self;
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if etcd.healthy() {
-                return Ok(etcd);
+                return Ok(());
             }
             if let Ok(Some(status)) = etcd.child.try_wait() {
                 let log = std::fs::read_to_string(etcd._dir.path().join("etcd.log")).unwrap_or_default();
@@ -88,6 +110,12 @@ impl Etcd {
     fn get(&self, path: &str) -> Result<String, TestkitError> {
         self.request("GET", path, "")
     }
+}
+
+/// Starts `command` with its log appended to `dir/etcd.log`.
+fn spawn(command: &[std::ffi::OsString], dir: &std::path::Path) -> Result<Child, TestkitError> {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("etcd.log")).map_err(io("opening etcd log"))?;
+    Command::new(&command[0]).args(&command[1..]).stdout(Stdio::null()).stderr(log).spawn().map_err(io("starting etcd"))
 }
 
 /// A running etcd cluster of several members on loopback, each with its own ports and
