@@ -6,6 +6,14 @@
 //! - `<instance>.<service>.service.<domain>`: A / AAAA of one instance (the SRV targets,
 //!   sent as additional records too, so clients need no second lookup).
 //!
+//! The server is authoritative for the zone (RFC 1034, 2308, 8020): the apex answers SOA
+//! and NS (`ns.<domain>`, whose address is the listen address or the configured one);
+//! a name that exists only because names exist below it (`service.<domain>`,
+//! `_tcp.<domain>`) and a name asked for a type it does not have answer NOERROR with no
+//! records (NODATA), never NXDOMAIN, which resolvers may take to mean that nothing below
+//! exists; and every negative answer carries the zone's SOA in its authority section,
+//! with the configured negative TTL, so resolvers can cache it.
+//!
 //! Answers come from an in-memory snapshot kept current by a discovery watch: no backend
 //! call per query, and a backend outage keeps the last good catalog. The TTL is the
 //! configured one (never derived from backend data). Names outside the domain get
@@ -22,7 +30,7 @@ use arc_swap::ArcSwap;
 use futures::StreamExt;
 use hickory_server::net::runtime::Time;
 use hickory_server::proto::op::{Header, HeaderCounts, Metadata, OpCode, ResponseCode};
-use hickory_server::proto::rr::rdata::{A, AAAA, SRV};
+use hickory_server::proto::rr::rdata::{A, AAAA, NS, SOA, SRV};
 use hickory_server::proto::rr::{LowerName, Name, RData, Record, RecordType};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
@@ -44,6 +52,12 @@ pub struct DnsServerConfig {
     pub listen: SocketAddr,
     /// Idle timeout of TCP connections (default 5 s).
     pub tcp_timeout: Duration,
+    /// How long resolvers may cache a negative answer (NXDOMAIN or NODATA), in seconds:
+    /// the SOA's minimum and the TTL of the SOA sent with it (default 5).
+    pub negative_ttl: u32,
+    /// The address `ns.<domain>` (the zone's NS) resolves to (default: the listen
+    /// address, unless that is unspecified, then 127.0.0.1).
+    pub ns_address: Option<IpAddr>,
 }
 
 impl Default for DnsServerConfig {
@@ -53,6 +67,8 @@ impl Default for DnsServerConfig {
             ttl: 5,
             listen: SocketAddr::from(([127, 0, 0, 1], 8600)),
             tcp_timeout: Duration::from_secs(5),
+            negative_ttl: 5,
+            ns_address: None,
         }
     }
 }
@@ -62,8 +78,20 @@ impl Default for DnsServerConfig {
 #[derive(Debug, Default)]
 struct Catalog {
     answers: HashMap<(LowerName, RecordType), Answer>,
-    /// Names that exist (for NOERROR with no data instead of NXDOMAIN).
+    /// Names that exist, with records or as parents of names that have some (NOERROR
+    /// with no data instead of NXDOMAIN).
     names: HashSet<LowerName>,
+    /// The zone's SOA, sent in the authority section of negative answers.
+    soa: Option<Record>,
+}
+
+/// What the zone itself holds, beside the services: its apex, SOA and NS.
+#[derive(Clone, Debug)]
+struct Zone {
+    apex: Name,
+    ttl: u32,
+    negative_ttl: u32,
+    ns_address: IpAddr,
 }
 
 #[derive(Debug, Default)]
@@ -114,7 +142,8 @@ fn address_record(name: Name, ip: IpAddr, ttl: u32) -> Record {
     }
 }
 
-fn build_catalog(instances: Vec<Instance>, domain: &Name, ttl: u32) -> Catalog {
+fn build_catalog(instances: Vec<Instance>, zone: &Zone, serial: u32) -> Catalog {
+    let (domain, ttl) = (&zone.apex, zone.ttl);
     let mut services: HashMap<String, Vec<Instance>> = HashMap::new();
     for i in instances.into_iter().filter(|i| i.health.is_healthy()) {
         services.entry(i.service.to_string()).or_default().push(i);
@@ -154,7 +183,45 @@ fn build_catalog(instances: Vec<Instance>, domain: &Name, ttl: u32) -> Catalog {
             catalog.answers.entry((svc_key.clone(), rtype)).or_default().records.push(r);
         }
     }
+    add_apex(&mut catalog, zone, serial);
+    // Every name between a name that exists and the apex exists too (an empty
+    // non-terminal): NODATA there, never NXDOMAIN (RFC 8020).
+    let apex = LowerName::from(domain.clone());
+    let mut parents = Vec::new();
+    for name in &catalog.names {
+        let mut n = name.base_name();
+        while apex.zone_of(&n) && n != apex {
+            parents.push(n.clone());
+            n = n.base_name();
+        }
+    }
+    catalog.names.extend(parents);
     catalog
+}
+
+/// The apex's SOA and NS, and the NS's address.
+fn add_apex(catalog: &mut Catalog, zone: &Zone, serial: u32) {
+    let apex = zone.apex.clone();
+    let (Ok(ns), Ok(hostmaster)) =
+        (Name::from_ascii("ns").and_then(|n| n.append_domain(&apex)), Name::from_ascii("hostmaster").and_then(|n| n.append_domain(&apex)))
+    else {
+        return;
+    };
+    // Refresh, retry and expire matter only to secondaries, which this server has none of.
+    let soa = SOA::new(ns.clone(), hostmaster, serial, 3600, 600, 86_400, zone.negative_ttl);
+    // RFC 2308 section 5: a negative answer is cached for the SOA's TTL or its minimum,
+    // whichever is less: both are the negative TTL.
+    let soa = Record::from_rdata(apex.clone(), zone.negative_ttl, RData::SOA(soa));
+    let key = LowerName::from(apex.clone());
+    catalog.names.insert(key.clone());
+    catalog.answers.insert((key.clone(), RecordType::SOA), Answer { records: vec![soa.clone()], additional: Vec::new() });
+    let glue = address_record(ns.clone(), zone.ns_address, zone.ttl);
+    let ns_record = Record::from_rdata(apex, zone.ttl, RData::NS(NS(ns.clone())));
+    catalog.answers.insert((key, RecordType::NS), Answer { records: vec![ns_record], additional: vec![glue.clone()] });
+    let ns_key = LowerName::from(ns);
+    catalog.names.insert(ns_key.clone());
+    catalog.answers.insert((ns_key, glue.record_type()), Answer { records: vec![glue], additional: Vec::new() });
+    catalog.soa = Some(soa);
 }
 
 impl DnsServer {
@@ -169,18 +236,27 @@ impl DnsServer {
         if !discovery.capabilities().query_all_services {
             return Err(Error::Unsupported { operation: "watching every service (needed to serve DNS)", backend: discovery.backend() });
         }
+        let ns_address = config.ns_address.unwrap_or(match config.listen.ip() {
+            ip if ip.is_unspecified() => IpAddr::from([127, 0, 0, 1]),
+            ip => ip,
+        });
+        let zone = Zone { apex: domain.clone(), ttl: config.ttl, negative_ttl: config.negative_ttl, ns_address };
         let mut snapshots = discovery.watch(Query::all()).await?;
         let first = snapshots.next().await.map(|s| s.instances).unwrap_or_default();
-        let ttl = config.ttl;
-        let catalog = Arc::new(ArcSwap::from_pointee(build_catalog(first, &domain, ttl)));
+        // The SOA serial counts catalog changes from the start time, so it grows across
+        // restarts too (RFC 1982 arithmetic leaves room for decades of changes).
+        let mut serial =
+            u32::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(1))
+                .unwrap_or(1);
+        let catalog = Arc::new(ArcSwap::from_pointee(build_catalog(first, &zone, serial)));
         let feed = catalog.clone();
-        let zone = domain.clone();
         let watcher = tokio::spawn(async move {
             // The watch retries backend errors itself and never empties the view because
             // of one (an error snapshot carries the last good instances), so the catalog
             // only ever holds real data.
             while let Some(snapshot) = snapshots.next().await {
-                feed.store(Arc::new(build_catalog(snapshot.instances, &zone, ttl)));
+                serial = serial.wrapping_add(1);
+                feed.store(Arc::new(build_catalog(snapshot.instances, &zone, serial)));
             }
         });
         let io = |e: std::io::Error| Error::Unavailable { backend: "dns-server", reason: format!("binding {}: {e}", config.listen) };
@@ -232,8 +308,9 @@ impl RequestHandler for Handler {
                 send(&mut response, builder.build(metadata, answer.records.iter(), [], [], answer.additional.iter())).await
             }
             None => {
+                // NODATA for a name that exists, NXDOMAIN otherwise; the SOA with either.
                 metadata.response_code = if catalog.names.contains(qname) { ResponseCode::NoError } else { ResponseCode::NXDomain };
-                send(&mut response, builder.build_no_records(metadata)).await
+                send(&mut response, builder.build(metadata, [], [], catalog.soa.iter(), [])).await
             }
         }
     }

@@ -111,3 +111,91 @@ async fn bad_domain_is_a_typed_error() {
         DnsServerConfig { domain: "Bad_Domain".into(), listen: SocketAddr::from(([127, 0, 0, 1], 0)), ..DnsServerConfig::default() };
     assert!(matches!(DnsServer::start(d, config).await, Err(keelson_discovery::Error::InvalidInput { field: "dns domain", .. })));
 }
+
+/// The zone is served as an authority: SOA and NS at the apex, NODATA (NOERROR, no
+/// records) for a name that exists only as a parent (`service.<zone>`) or lacks the type
+/// asked for, NXDOMAIN only for names with nothing at or below them, and the SOA with
+/// the negative TTL in the authority section of every negative answer (RFC 2308, 8020).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_zone_answers_as_an_authority_with_soa_ns_and_nodata() {
+    let d = Arc::new(MemoryDiscovery::memory());
+    let web = ServiceName::new("web").expect("name");
+    let _a = d.register(Registration::new(web, "web-1", "127.0.0.11", 8080)).await.expect("reg");
+    let config = DnsServerConfig {
+        domain: "keelson.test".into(),
+        ttl: 7,
+        negative_ttl: 11,
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        ..DnsServerConfig::default()
+    };
+    let server = DnsServer::start(d, config).await.expect("server starts");
+    let addr = server.local_addr();
+
+    let soa = ask(addr, &["keelson.test", "SOA"]).await;
+    assert!(soa.contains("status: NOERROR") && soa.contains("flags: qr aa"), "{soa}");
+    let short = ask(addr, &["+short", "keelson.test", "SOA"]).await;
+    assert!(short.starts_with("ns.keelson.test. hostmaster.keelson.test. "), "{short}");
+    assert!(short.trim_end().ends_with(" 11"), "the SOA minimum is the negative TTL: {short}");
+    assert_eq!(lines(&ask(addr, &["+short", "keelson.test", "NS"]).await), vec!["ns.keelson.test."]);
+    assert_eq!(lines(&ask(addr, &["+short", "ns.keelson.test", "A"]).await), vec!["127.0.0.1"], "the NS resolves");
+
+    // Empty non-terminals and missing types: NODATA with the SOA.
+    for (name, rtype) in [("service.keelson.test", "A"), ("_tcp.keelson.test", "SRV"), ("web.service.keelson.test", "TXT")] {
+        let out = ask(addr, &[name, rtype]).await;
+        assert!(out.contains("status: NOERROR") && out.contains("ANSWER: 0"), "{name} {rtype}: NODATA\n{out}");
+        assert!(out.contains("AUTHORITY: 1") && out.contains("\t11\tIN\tSOA\tns.keelson.test."), "{name} {rtype}: SOA, TTL 11\n{out}");
+    }
+    // Nothing at or below: NXDOMAIN, with the SOA.
+    let out = ask(addr, &["nope.service.keelson.test", "A"]).await;
+    assert!(out.contains("status: NXDOMAIN") && out.contains("\t11\tIN\tSOA\t"), "{out}");
+    server.shutdown().await;
+}
+
+/// Through a real recursive resolver (unbound, default hardening, forwarding the zone to
+/// keelson): names resolve, absent names are NXDOMAIN, a parent's NODATA does not hide
+/// the names below it, and negative answers are cached no longer than the negative TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recursive_resolver_resolves_the_zone_and_caches_negatives_by_its_soa() {
+    let d = Arc::new(MemoryDiscovery::memory());
+    let web = ServiceName::new("web").expect("name");
+    let _a = d.register(Registration::new(web.clone(), "web-1", "127.0.0.11", 8080)).await.expect("reg");
+    let config = DnsServerConfig {
+        domain: "keelson.test".into(),
+        ttl: 1,
+        negative_ttl: 2,
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        ..DnsServerConfig::default()
+    };
+    let server = DnsServer::start(d.clone(), config).await.expect("server starts");
+    let resolver = tokio::task::spawn_blocking({
+        let addr = server.local_addr();
+        move || keelson_testkit::unbound::Unbound::forwarding("keelson.test", addr)
+    })
+    .await
+    .expect("join")
+    .expect("unbound (apt-get install -y unbound)");
+    let r = resolver.addr();
+
+    // The parent first: its NODATA must not make the resolver believe nothing is below.
+    let parent = ask(r, &["service.keelson.test", "A"]).await;
+    assert!(parent.contains("status: NOERROR"), "{parent}");
+    assert_eq!(lines(&ask(r, &["+short", "web.service.keelson.test", "A"]).await), vec!["127.0.0.11"]);
+    assert_eq!(lines(&ask(r, &["+short", "_web._tcp.keelson.test", "SRV"]).await), vec!["1 1 8080 web-1.web.service.keelson.test."]);
+    let absent = ask(r, &["api.service.keelson.test", "A"]).await;
+    assert!(absent.contains("status: NXDOMAIN"), "{absent}");
+
+    // The negative answer is cached for the SOA's 2 s at most: once `api` exists, the
+    // resolver finds it within a few seconds (not the default negative cache of hours).
+    let api = ServiceName::new("api").expect("name");
+    let _b = d.register(Registration::new(api, "api-1", "127.0.0.12", 9090)).await.expect("reg");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if lines(&ask(r, &["+short", "api.service.keelson.test", "A"]).await) == vec!["127.0.0.12"] {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the negative answer outlived its SOA's TTL");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    drop(resolver);
+    server.shutdown().await;
+}

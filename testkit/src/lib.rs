@@ -23,5 +23,6 @@ pub mod http;
 pub mod netns;
 pub mod tls;
 mod tools;
+pub mod unbound;
 
 pub use tools::{free_port, free_ports, require, run, wait_exit, wait_for_tcp, TestkitError};

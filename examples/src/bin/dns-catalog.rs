@@ -29,6 +29,13 @@ struct Args {
     /// TTL of answers, in seconds.
     #[arg(long, default_value_t = 5)]
     ttl: u32,
+    /// How long resolvers may cache a negative answer (NXDOMAIN or NODATA), in seconds:
+    /// the zone SOA's minimum.
+    #[arg(long, default_value_t = 5)]
+    negative_ttl: u32,
+    /// The address the zone's NS (`ns.<domain>`) resolves to (default: the listen address).
+    #[arg(long)]
+    ns_address: Option<std::net::IpAddr>,
     /// etcd client URLs (repeatable); without it the catalog is in memory.
     #[arg(long)]
     etcd: Vec<String>,
@@ -81,7 +88,14 @@ async fn main() -> ExitCode {
             }
         }
     }
-    let config = DnsServerConfig { domain: args.domain.clone(), ttl: args.ttl, listen: args.listen, ..DnsServerConfig::default() };
+    let config = DnsServerConfig {
+        domain: args.domain.clone(),
+        ttl: args.ttl,
+        negative_ttl: args.negative_ttl,
+        ns_address: args.ns_address,
+        listen: args.listen,
+        ..DnsServerConfig::default()
+    };
     let server = match DnsServer::start(d, config).await {
         Ok(s) => s,
         Err(e) => {
