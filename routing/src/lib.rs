@@ -50,6 +50,7 @@ mod splice;
 mod table;
 mod tcp;
 mod tls;
+mod watched_body;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
@@ -69,3 +70,4 @@ pub use sources::{
 pub use table::{Endpoint, Host, PathPrefix, Picked, Route, RouteChange, RouteEntry, RouteKey, RouteTable, UpstreamProtocol};
 pub use tcp::{TcpProxy, TcpProxyConfig, TCP_DEFAULT_HOST};
 pub use tls::CertStore;
+pub use watched_body::{BodyError, BodyIdle};

@@ -39,15 +39,21 @@ use crate::table::UpstreamProtocol;
 use crate::tls::CertStore;
 
 /// The body type the proxy answers with.
-pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+pub type ProxyBody = BoxBody<Bytes, crate::BodyError>;
 
 /// Proxy timeouts and pool settings. Defaults suit a LAN upstream.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ProxyConfig {
     /// Time to establish an upstream TCP connection (default 2 s).
     pub connect_timeout: Duration,
-    /// Time from sending the request upstream to its response headers (default 30 s).
+    /// Time from the request being sent upstream whole (its body included) to the
+    /// response headers (default 30 s).
     pub upstream_timeout: Duration,
+    /// Longest pause inside a request or response body being forwarded, and longest a
+    /// write to a client may stay blocked (default 60 s): a client that stops uploading
+    /// or stops reading, or an upstream that stops in the middle of its answer, is cut,
+    /// and the other side sees the connection closed.
+    pub body_idle_timeout: Duration,
     /// Time a client has to send its request headers; protects against slowloris. It is
     /// also the idle timeout of HTTP/1.1 keep-alive connections: one that sends nothing
     /// for this long is closed (default 10 s).
@@ -88,6 +94,7 @@ impl Default for ProxyConfig {
         ProxyConfig {
             connect_timeout: Duration::from_secs(2),
             upstream_timeout: Duration::from_secs(30),
+            body_idle_timeout: Duration::from_secs(60),
             header_read_timeout: Duration::from_secs(10),
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle_per_host: 64,
@@ -308,12 +315,14 @@ impl Proxy {
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let proxy = self;
+        let proxy_idle = proxy.config.body_idle_timeout;
         // Formatted once per connection, not per request.
         let client = Arc::new(ClientInfo::new(peer, secure));
         let service = service_fn(move |req| {
             let (proxy, client) = (proxy.clone(), client.clone());
             async move { Ok::<_, Infallible>(proxy.handle_as(req, &client).await) }
         });
+        let io = crate::watched_body::StallGuard::new(io, proxy_idle);
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
         if let Err(e) = watcher.watch(conn.into_owned()).await {
             tracing::debug!(%peer, error = %e, "client connection ended with an error");
@@ -414,7 +423,9 @@ impl Proxy {
         let mut next = Some(first);
         drop(table);
         self.budget.deposit();
-        let retryable = is_idempotent(req.method()) && has_no_body(req.headers());
+        // Whether there is a body is a property of the body, never of the method or the
+        // headers: an HTTP/2 PUT or DELETE may carry one with no content-length.
+        let retryable = is_idempotent(req.method()) && hyper::body::Body::is_end_stream(req.body());
         let (mut parts, body) = req.into_parts();
         // An HTTP/1.1 upgrade (WebSocket): forward the offer, and if the upstream accepts
         // with 101, join the two upgraded connections.
@@ -423,7 +434,11 @@ impl Proxy {
         let offer = upgrade.as_ref().filter(|_| protocol == UpstreamProtocol::Http1).map(|u| u.0.clone());
         let forward = Forward { client, host: &host, upgrade: offer, protocol };
         // A request with a body is sent once: a streamed body cannot be replayed.
-        let mut body = if retryable { None } else { Some(body.boxed()) };
+        // A stalled upload is cut after the idle timeout; its end starts the clock on the
+        // upstream's answer (an upload to a slow reader can take longer than that).
+        let (watched, sent) = crate::watched_body::Watched::new(body, "request", self.config.body_idle_timeout).with_end_signal();
+        let mut sent = Some(sent);
+        let mut body = if retryable { None } else { Some(watched.boxed()) };
         let mut attempt = 0u32;
         loop {
             let target = match next.take() {
@@ -443,6 +458,7 @@ impl Proxy {
             outcome.upstream = Some(addr);
             let in_flight = crate::InFlight::start(stats.clone());
             let upstream_body = body.take().unwrap_or_else(empty_body);
+            let body_pending = !hyper::body::Body::is_end_stream(&upstream_body);
             let upstream = match upstream_request(&parts, upstream_body, &authority, &forward) {
                 Ok(r) => r,
                 Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
@@ -451,7 +467,19 @@ impl Proxy {
                 UpstreamProtocol::Http1 => &self.client,
                 UpstreamProtocol::H2c => &self.h2_client,
             };
-            match tokio::time::timeout(self.config.upstream_timeout, client.request(upstream)).await {
+            let answer = client.request(upstream);
+            let timed = async {
+                tokio::pin!(answer);
+                // Until the request is sent whole, only the body's idle timeout applies.
+                if let Some(sent) = sent.take().filter(|_| body_pending) {
+                    tokio::select! {
+                        r = &mut answer => return Ok(r),
+                        _ = sent => {}
+                    }
+                }
+                tokio::time::timeout(self.config.upstream_timeout, answer).await
+            };
+            match timed.await {
                 Err(_) => {
                     if stats.record_failure(&self.config.outlier) {
                         self.metrics.ejection();
@@ -491,6 +519,7 @@ impl Proxy {
                     }
                     let (mut parts, body) = resp.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
+                    let body = crate::watched_body::Watched::new(body, "response", self.config.body_idle_timeout);
                     return Response::from_parts(parts, body.boxed());
                 }
             }
@@ -664,10 +693,6 @@ fn is_idempotent(m: &http::Method) -> bool {
     )
 }
 
-fn has_no_body(h: &HeaderMap) -> bool {
-    !h.contains_key(http::header::TRANSFER_ENCODING) && h.get(http::header::CONTENT_LENGTH).is_none_or(|v| v.as_bytes() == b"0")
-}
-
 fn empty_body() -> ProxyBody {
     http_body_util::Empty::new().map_err(|never: Infallible| match never {}).boxed()
 }
@@ -710,6 +735,13 @@ fn upstream_request(
     strip_hop_by_hop(&mut parts.headers);
     if te_trailers {
         parts.headers.insert(TE, HeaderValue::from_static("trailers"));
+    }
+    // hyper's HTTP/1.1 client frames a body of unknown length as chunked, except for GET,
+    // HEAD and CONNECT, where it would send none at all: say chunked ourselves, so a GET
+    // with a streamed body (chunked, or HTTP/2 without a length) arrives whole.
+    let unknown_length = !hyper::body::Body::is_end_stream(&body) && hyper::body::Body::size_hint(&body).exact().is_none();
+    if fwd.protocol == UpstreamProtocol::Http1 && unknown_length && !parts.headers.contains_key(http::header::CONTENT_LENGTH) {
+        parts.headers.insert(http::header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
     }
     if let Some(offer) = &fwd.upgrade {
         parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));

@@ -102,9 +102,13 @@ struct Args {
     /// upstream pools: one per core scales without sharing. Default 1.
     #[arg(long, default_value_t = 1)]
     workers: usize,
-    /// Upstream answer timeout, in milliseconds.
+    /// Upstream answer timeout, in milliseconds, counted once the request was sent whole.
     #[arg(long, default_value_t = 30_000)]
     upstream_timeout_ms: u64,
+    /// Longest pause inside a request or response body, and longest a client may leave
+    /// its response unread, in milliseconds; past it the connection is cut.
+    #[arg(long, default_value_t = 60_000)]
+    body_idle_timeout_ms: u64,
 }
 
 /// The routes the file installed, so a reload can compute its difference.
@@ -294,7 +298,11 @@ async fn run(args: Args) -> Result<(), String> {
     };
     let source_status = keelson_routing::SourceStatus::new();
     let following = follow_catalog(&args, router.clone(), source_status.clone()).await?;
-    let config = ProxyConfig { upstream_timeout: Duration::from_millis(args.upstream_timeout_ms), ..ProxyConfig::default() };
+    let config = ProxyConfig {
+        upstream_timeout: Duration::from_millis(args.upstream_timeout_ms),
+        body_idle_timeout: Duration::from_millis(args.body_idle_timeout_ms),
+        ..ProxyConfig::default()
+    };
     let mut proxy = Proxy::new(router.clone(), config.clone());
     let mut access_log = None;
     if let Some(path) = &args.access_log {
