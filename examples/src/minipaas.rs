@@ -226,6 +226,7 @@ impl Demo {
                 OutputStream::Stderr => keelson_logship::Stream::Stderr,
             },
             line: l.line,
+            partial: l.partial,
         });
         let sink = self.sink.clone();
         let replica = id.to_owned();

@@ -29,6 +29,7 @@
 //! ```
 
 mod error;
+mod lines;
 mod record;
 mod ship;
 mod sink;
@@ -38,6 +39,7 @@ mod source;
 pub mod conformance;
 
 pub use error::{Error, Result};
+pub use lines::{Line, LineReader, LineSplitter, MAX_LINE_BYTES};
 pub use record::{validate_service, Record, Stream};
 pub use ship::{ship, ShipConfig, ShipStats, Shipper};
 pub use sink::{FileSink, Sink};

@@ -30,12 +30,23 @@ pub struct Record {
     pub stream: Stream,
     /// The line, without its newline.
     pub line: String,
+    /// A piece of a line longer than [`crate::MAX_LINE_BYTES`], with more of it in the
+    /// records that follow.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub partial: bool,
 }
 
 impl Record {
     /// A record stamped now.
     pub fn now(service: impl Into<String>, instance: impl Into<String>, stream: Stream, line: impl Into<String>) -> Self {
-        Record { timestamp: SystemTime::now(), service: service.into(), instance: instance.into(), stream, line: line.into() }
+        Record {
+            timestamp: SystemTime::now(),
+            service: service.into(),
+            instance: instance.into(),
+            stream,
+            line: line.into(),
+            partial: false,
+        }
     }
 
     /// The record as one JSON line (with trailing newline). Newlines inside the text are

@@ -3,10 +3,11 @@
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 use futures::StreamExt;
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::io::AsyncRead;
 use tokio::sync::mpsc;
 
 use crate::error::Result;
+use crate::lines::{LineReader, MAX_LINE_BYTES};
 use crate::record::{Record, Stream};
 
 /// Produces records until it ends.
@@ -17,7 +18,8 @@ pub trait Source: Send {
 }
 
 /// Lines of a child process's stdout and stderr, tagged with service and instance.
-/// Ends when both streams close. Invalid UTF-8 is replaced, never an error.
+/// Ends when both streams close. Invalid UTF-8 is replaced, never an error; lines longer
+/// than [`MAX_LINE_BYTES`] come as several records marked `partial`.
 #[derive(Debug)]
 pub struct ChildOutputSource {
     rx: mpsc::Receiver<Record>,
@@ -42,15 +44,14 @@ impl ChildOutputSource {
 fn spawn_reader(tx: mpsc::Sender<Record>, service: &str, instance: &str, stream: Stream, reader: impl AsyncRead + Send + Unpin + 'static) {
     let (service, instance) = (service.to_owned(), instance.to_owned());
     tokio::spawn(async move {
-        let mut reader = BufReader::new(reader);
-        let mut buf = Vec::new();
+        // Lines are cut at MAX_LINE_BYTES: output without newlines cannot grow memory.
+        let mut lines = LineReader::new(reader, MAX_LINE_BYTES);
         loop {
-            buf.clear();
-            match reader.read_until(b'\n', &mut buf).await {
-                Ok(0) => return,
-                Ok(_) => {
-                    let line = String::from_utf8_lossy(&buf).trim_end_matches(['\n', '\r']).to_owned();
-                    if tx.send(Record::now(service.clone(), instance.clone(), stream, line)).await.is_err() {
+            match lines.next_line().await {
+                Ok(None) => return,
+                Ok(Some(line)) => {
+                    let record = Record { partial: line.partial, ..Record::now(service.clone(), instance.clone(), stream, line.text) };
+                    if tx.send(record).await.is_err() {
                         return;
                     }
                 }

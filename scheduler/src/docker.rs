@@ -39,6 +39,8 @@ pub struct DockerDriver {
     volume_root: Option<PathBuf>,
     /// Time limit of each engine call that is not a wait (create, inspect, remove).
     call_timeout: Duration,
+    /// Pieces cut from over-long output lines, over every task.
+    lines_split: prometheus_client::metrics::counter::Counter,
 }
 
 fn container_name(id: &str) -> String {
@@ -79,7 +81,18 @@ impl DockerDriver {
             .await
             .map_err(|_| Error::Timeout { operation: "docker version negotiation", after: Duration::from_secs(10) })?
             .map_err(|e| Error::Unavailable { backend: BACKEND, reason: e.to_string() })?;
-        Ok(DockerDriver { docker, volume_root: None, call_timeout: Duration::from_secs(30) })
+        Ok(DockerDriver { docker, volume_root: None, call_timeout: Duration::from_secs(30), lines_split: Default::default() })
+    }
+
+    /// Registers `keelson_driver_output_lines_split_total`: pieces cut from task output
+    /// lines longer than [`crate::MAX_LINE_BYTES`], as readers of
+    /// [`Driver::output`] received them.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "keelson_driver_output_lines_split",
+            "Pieces cut from task output lines longer than the maximum line length",
+            self.lines_split.clone(),
+        );
     }
 
     pub(crate) fn client(&self) -> &Docker {
@@ -214,7 +227,16 @@ impl DockerDriver {
             HealthStatusEnum::UNHEALTHY => Some(TaskHealth::Unhealthy),
             HealthStatusEnum::NONE | HealthStatusEnum::EMPTY => None,
         });
-        Ok(TaskStatus { id: id.to_owned(), state: task_state, labels, started_at, restarts, health })
+        Ok(TaskStatus {
+            id: id.to_owned(),
+            state: task_state,
+            labels,
+            started_at,
+            restarts,
+            health,
+            output_lines_split: 0,
+            output_lines_dropped: 0,
+        })
     }
 
     async fn remove_container(&self, id: &str) -> Result<()> {
@@ -300,7 +322,15 @@ impl Driver for DockerDriver {
         self.status_of(id).await?;
         let options = LogsOptions::<String> { follow: true, stdout: true, stderr: true, tail: "all".into(), ..Default::default() };
         let frames = self.docker.logs(&container_name(id), Some(options));
-        Ok(lines(frames.map(|f| f.ok()).take_while(|f| std::future::ready(f.is_some())).filter_map(std::future::ready)).boxed())
+        let split = self.lines_split.clone();
+        let lines = lines(frames.map(|f| f.ok()).take_while(|f| std::future::ready(f.is_some())).filter_map(std::future::ready));
+        Ok(lines
+            .inspect(move |l| {
+                if l.partial {
+                    split.inc();
+                }
+            })
+            .boxed())
     }
 
     async fn list(&self) -> Result<Vec<TaskStatus>> {
@@ -332,21 +362,24 @@ impl Driver for DockerDriver {
 }
 
 /// Splits the engine's log frames into lines per stream, carrying partial lines across
-/// frames and flushing what is left when the stream ends.
+/// frames (at most [`crate::MAX_LINE_BYTES`] each: longer lines come in marked pieces)
+/// and flushing what is left when the stream ends.
 fn lines(frames: impl futures::Stream<Item = LogOutput> + Send + 'static) -> impl futures::Stream<Item = OutputLine> + Send + 'static {
     struct State<S> {
         frames: std::pin::Pin<Box<S>>,
-        carry: [Vec<u8>; 2],
+        splitters: [keelson_logship::LineSplitter; 2],
         ready: VecDeque<OutputLine>,
         done: bool,
     }
-    let line = |stream: OutputStream, bytes: &[u8]| OutputLine {
+    let line = |stream: OutputStream, l: keelson_logship::Line| OutputLine {
         stream,
-        line: String::from_utf8_lossy(bytes).into_owned(),
+        line: l.text,
         timestamp: SystemTime::now(),
+        partial: l.partial,
     };
-    let state = State { frames: Box::pin(frames), carry: [Vec::new(), Vec::new()], ready: VecDeque::new(), done: false };
+    let state = State { frames: Box::pin(frames), splitters: Default::default(), ready: VecDeque::new(), done: false };
     futures::stream::unfold(state, move |mut st| async move {
+        let mut pieces = VecDeque::new();
         loop {
             if let Some(l) = st.ready.pop_front() {
                 return Some((l, st));
@@ -361,19 +394,14 @@ fn lines(frames: impl futures::Stream<Item = LogOutput> + Send + 'static) -> imp
                         LogOutput::StdOut { message } | LogOutput::Console { message } => (OutputStream::Stdout, message),
                         LogOutput::StdIn { .. } => continue,
                     };
-                    let carry = &mut st.carry[usize::from(stream == OutputStream::Stderr)];
-                    carry.extend_from_slice(&bytes);
-                    while let Some(end) = carry.iter().position(|b| *b == b'\n') {
-                        let rest = carry.split_off(end + 1);
-                        st.ready.push_back(line(stream, &carry[..end]));
-                        *carry = rest;
-                    }
+                    st.splitters[usize::from(stream == OutputStream::Stderr)].push(&bytes, &mut pieces);
+                    st.ready.extend(pieces.drain(..).map(|l| line(stream, l)));
                 }
                 None => {
                     st.done = true;
                     for (k, stream) in [OutputStream::Stdout, OutputStream::Stderr].into_iter().enumerate() {
-                        if !st.carry[k].is_empty() {
-                            st.ready.push_back(line(stream, &st.carry[k]));
+                        if let Some(last) = st.splitters[k].finish() {
+                            st.ready.push_back(line(stream, last));
                         }
                     }
                 }

@@ -265,7 +265,18 @@ pub struct TaskStatus {
     /// [`TaskSpec::health_check`]); `None` when it has none.
     #[serde(default)]
     pub health: Option<TaskHealth>,
+    /// Output lines longer than [`MAX_LINE_BYTES`] were cut into this many extra pieces
+    /// (each marked [`OutputLine::partial`]); 0 where the driver does not count them.
+    #[serde(default)]
+    pub output_lines_split: u64,
+    /// Output lines a reader of [`Driver::output`] missed because it fell behind the
+    /// task (the driver never blocks a task on a slow reader; it counts instead).
+    #[serde(default)]
+    pub output_lines_dropped: u64,
 }
+
+/// The longest output line kept whole: longer ones are split into pieces this long.
+pub use keelson_logship::MAX_LINE_BYTES;
 
 /// Which output stream a line came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -286,6 +297,9 @@ pub struct OutputLine {
     pub line: String,
     /// When the driver read it.
     pub timestamp: SystemTime,
+    /// A piece of a line longer than [`MAX_LINE_BYTES`], with more of it to come.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub partial: bool,
 }
 
 /// A task's output: recent lines first, then live lines until the task's streams close.

@@ -146,7 +146,7 @@ pub use docker::{DockerDriver, MANAGED_LABEL, TASK_LABEL};
 pub use docker_volumes::DockerVolumes;
 pub use driver::{
     Driver, DriverCapabilities, HealthCheck, Limits, MountSource, MountSpec, Output, OutputLine, OutputStream, PortMapping, RestartPolicy,
-    TaskHealth, TaskSpec, TaskState, TaskStatus,
+    TaskHealth, TaskSpec, TaskState, TaskStatus, MAX_LINE_BYTES,
 };
 pub use engine::{EngineConfig, PREEMPTION_GAP};
 pub use error::{validate_id, Dimension, Error, Result};

@@ -24,14 +24,15 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use futures::StreamExt;
+use keelson_logship::LineReader;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::io::AsyncRead;
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::BroadcastStream;
 
-use crate::driver::{Driver, DriverCapabilities, Output, OutputLine, OutputStream, TaskSpec, TaskState, TaskStatus};
+use crate::driver::{Driver, DriverCapabilities, Output, OutputLine, OutputStream, TaskSpec, TaskState, TaskStatus, MAX_LINE_BYTES};
 use crate::error::{Error, Result};
 use crate::process_record::{start_ticks, still_running, StateDir, TaskRecord};
 
@@ -39,6 +40,12 @@ const BACKEND: &str = "process";
 
 /// Lines of output kept per task for late readers.
 pub const OUTPUT_TAIL: usize = 1000;
+/// Bytes of output kept per task for late readers (whichever of this and
+/// [`OUTPUT_TAIL`] is reached first bounds the tail).
+pub const OUTPUT_TAIL_BYTES: usize = 1024 * 1024;
+/// Lines a live reader may fall behind before it misses some (counted in
+/// [`TaskStatus::output_lines_dropped`]): the task itself is never slowed by a reader.
+const LIVE_BACKLOG: usize = 128;
 
 /// How often an adopted process (not our child: no exit notification) is checked.
 const ADOPTED_POLL: Duration = Duration::from_millis(200);
@@ -53,12 +60,25 @@ pub struct ProcessDriver {
     /// Set when a persistent driver is dropped: supervisors let go of their processes,
     /// which keep running for the next driver to adopt.
     detached: watch::Sender<bool>,
+    metrics: OutputMetrics,
 }
 
 impl Default for ProcessDriver {
     fn default() -> Self {
-        ProcessDriver { tasks: Mutex::new(HashMap::new()), state_dir: None, detached: watch::channel(false).0 }
+        ProcessDriver {
+            tasks: Mutex::new(HashMap::new()),
+            state_dir: None,
+            detached: watch::channel(false).0,
+            metrics: OutputMetrics::default(),
+        }
     }
+}
+
+/// What happened to task output, over every task of a driver.
+#[derive(Clone, Debug, Default)]
+struct OutputMetrics {
+    split: prometheus_client::metrics::counter::Counter,
+    dropped: prometheus_client::metrics::counter::Counter,
 }
 
 #[derive(Debug)]
@@ -75,6 +95,12 @@ struct Task {
     /// Set by `stop`: the supervisor restarts nothing after it.
     stopping: watch::Sender<bool>,
     output: Mutex<OutputBuffer>,
+    /// Pieces cut from over-long output lines.
+    lines_split: Arc<AtomicU64>,
+    /// Lines live readers missed by falling behind.
+    lines_dropped: Arc<AtomicU64>,
+    /// The driver's counters of the same.
+    metrics: OutputMetrics,
     /// Output readers (pipes of the current run, or file tails), awaited at the end.
     pumps: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -82,6 +108,8 @@ struct Task {
 #[derive(Debug)]
 struct OutputBuffer {
     tail: VecDeque<OutputLine>,
+    /// Bytes of text in `tail`.
+    tail_bytes: usize,
     /// `None` once the task has ended for good and its output is read: readers then see
     /// the stream end.
     live: Option<broadcast::Sender<OutputLine>>,
@@ -125,7 +153,12 @@ impl ProcessDriver {
     /// previous driver on the same directory left running (see the module docs).
     pub async fn persistent(state_dir: impl Into<PathBuf>) -> Result<Self> {
         let dir = StateDir::new(state_dir.into())?;
-        let driver = ProcessDriver { tasks: Mutex::new(HashMap::new()), state_dir: Some(dir.clone()), detached: watch::channel(false).0 };
+        let driver = ProcessDriver {
+            tasks: Mutex::new(HashMap::new()),
+            state_dir: Some(dir.clone()),
+            detached: watch::channel(false).0,
+            metrics: OutputMetrics::default(),
+        };
         for record in dir.load_all()? {
             let id = record.spec.id.clone();
             let alive = still_running(record.pid, record.start_ticks);
@@ -152,6 +185,23 @@ impl ProcessDriver {
         Ok(driver)
     }
 
+    /// Registers the driver's output metrics: `keelson_driver_output_lines_split_total`
+    /// (pieces cut from lines longer than [`crate::MAX_LINE_BYTES`]) and
+    /// `keelson_driver_output_lines_dropped_total` (lines output readers missed by falling
+    /// behind; the task is never slowed by a reader).
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "keelson_driver_output_lines_split",
+            "Pieces cut from task output lines longer than the maximum line length",
+            self.metrics.split.clone(),
+        );
+        registry.register(
+            "keelson_driver_output_lines_dropped",
+            "Task output lines that readers missed because they fell behind",
+            self.metrics.dropped.clone(),
+        );
+    }
+
     fn get(&self, id: &str) -> Result<Arc<Task>> {
         self.lock().get(id).cloned().ok_or_else(|| Error::NotFound { kind: "task", name: id.to_owned() })
     }
@@ -163,7 +213,7 @@ impl ProcessDriver {
     /// Registers a task (running) and returns it with its state sender.
     fn new_task(&self, spec: &TaskSpec, pgid: i32, started_at: SystemTime, restarts: u32) -> (Arc<Task>, watch::Sender<TaskState>) {
         let (state_tx, state_rx) = watch::channel(TaskState::Running);
-        let (live, _) = broadcast::channel(1024);
+        let (live, _) = broadcast::channel(LIVE_BACKLOG);
         let task = Arc::new(Task {
             pgid: AtomicI32::new(pgid),
             adopted_ticks: AtomicU64::new(0),
@@ -172,7 +222,10 @@ impl ProcessDriver {
             restarts: AtomicU32::new(restarts),
             state: state_rx,
             stopping: watch::channel(false).0,
-            output: Mutex::new(OutputBuffer { tail: VecDeque::new(), live: Some(live) }),
+            output: Mutex::new(OutputBuffer { tail: VecDeque::new(), tail_bytes: 0, live: Some(live) }),
+            lines_split: Arc::default(),
+            lines_dropped: Arc::default(),
+            metrics: self.metrics.clone(),
             pumps: Mutex::new(Vec::new()),
         });
         self.lock().insert(spec.id.clone(), task.clone());
@@ -302,6 +355,8 @@ impl Task {
             started_at: *self.started_at.lock().unwrap_or_else(|p| p.into_inner()),
             restarts: self.restarts.load(Ordering::SeqCst),
             health: None,
+            output_lines_split: self.lines_split.load(Ordering::Relaxed),
+            output_lines_dropped: self.lines_dropped.load(Ordering::Relaxed),
         }
     }
 
@@ -337,14 +392,20 @@ impl Task {
         self.output.lock().unwrap_or_else(|p| p.into_inner()).live = None;
     }
 
-    fn record_line(&self, stream: OutputStream, bytes: &[u8]) {
-        let text = String::from_utf8_lossy(bytes);
-        let line = OutputLine { stream, line: text.trim_end_matches(['\n', '\r']).to_owned(), timestamp: SystemTime::now() };
-        let mut out = self.output.lock().unwrap_or_else(|p| p.into_inner());
-        if out.tail.len() == OUTPUT_TAIL {
-            out.tail.pop_front();
+    fn record_line(&self, stream: OutputStream, piece: keelson_logship::Line) {
+        if piece.partial {
+            self.lines_split.fetch_add(1, Ordering::Relaxed);
+            self.metrics.split.inc();
         }
+        let line = OutputLine { stream, line: piece.text, timestamp: SystemTime::now(), partial: piece.partial };
+        let mut out = self.output.lock().unwrap_or_else(|p| p.into_inner());
+        out.tail_bytes += line.line.len();
         out.tail.push_back(line.clone());
+        while out.tail.len() > OUTPUT_TAIL || (out.tail_bytes > OUTPUT_TAIL_BYTES && out.tail.len() > 1) {
+            if let Some(old) = out.tail.pop_front() {
+                out.tail_bytes -= old.line.len();
+            }
+        }
         if let Some(live) = &out.live {
             let _ = live.send(line);
         }
@@ -377,45 +438,37 @@ async fn until_set(flag: &mut watch::Receiver<bool>) {
 
 fn pump(task: Arc<Task>, stream: OutputStream, reader: impl AsyncRead + Unpin + Send + 'static) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let mut reader = BufReader::new(reader);
-        let mut buf = Vec::new();
-        loop {
-            buf.clear();
-            match reader.read_until(b'\n', &mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => task.record_line(stream, &buf),
-            }
+        // Cut at MAX_LINE_BYTES: output without newlines cannot grow the agent's memory.
+        let mut lines = LineReader::new(reader, MAX_LINE_BYTES);
+        while let Ok(Some(line)) = lines.next_line().await {
+            task.record_line(stream, line);
         }
     })
 }
 
 async fn tail(task: Arc<Task>, stream: OutputStream, path: PathBuf) {
-    let mut reader = loop {
+    let file = loop {
         match tokio::fs::File::open(&path).await {
-            Ok(f) => break BufReader::new(f),
+            Ok(f) => break f,
             Err(_) if !task.state.borrow().is_exited() => tokio::time::sleep(TAIL_POLL).await,
             Err(_) => return,
         }
     };
-    let mut buf = Vec::new();
+    let mut lines = LineReader::new(file, MAX_LINE_BYTES);
     loop {
-        // Read the exit state before reading: an exit seen before an EOF means nothing
-        // more will be written after that EOF.
+        // Read the exit state before reading: an exit seen before the end of the file
+        // means nothing more will be written after it.
         let ended = task.state.borrow().is_exited();
-        match reader.read_until(b'\n', &mut buf).await {
-            Ok(0) if ended => break,
-            Ok(0) => tokio::time::sleep(TAIL_POLL).await,
+        match lines.next_complete().await {
+            Ok(Some(line)) => task.record_line(stream, line),
+            Ok(None) if ended => break,
             // A partial last line waits for its newline (or the end).
-            Ok(_) if !buf.ends_with(b"\n") && !ended => {}
-            Ok(_) => {
-                task.record_line(stream, &buf);
-                buf.clear();
-            }
+            Ok(None) => tokio::time::sleep(TAIL_POLL).await,
             Err(_) => break,
         }
     }
-    if !buf.is_empty() {
-        task.record_line(stream, &buf);
+    if let Some(last) = lines.finish() {
+        task.record_line(stream, last);
     }
 }
 
@@ -491,7 +544,24 @@ impl Driver for ProcessDriver {
         let out = task.output.lock().unwrap_or_else(|p| p.into_inner());
         // Snapshot and subscription under one lock: no line is missed or repeated.
         let past: Vec<OutputLine> = out.tail.iter().cloned().collect();
-        let live = out.live.as_ref().map(|l| BroadcastStream::new(l.subscribe()).filter_map(|r| async move { r.ok() }));
+        // A reader that falls behind misses lines rather than slowing the task: counted.
+        let (dropped, metric) = (task.lines_dropped.clone(), task.metrics.dropped.clone());
+        let live = out.live.as_ref().map(|l| {
+            BroadcastStream::new(l.subscribe()).filter_map(move |r| {
+                let (dropped, metric) = (dropped.clone(), metric.clone());
+                async move {
+                    match r {
+                        Ok(line) => Some(line),
+                        Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
+                            tracing::warn!(missed = n, "a task output reader fell behind");
+                            dropped.fetch_add(n, Ordering::Relaxed);
+                            metric.inc_by(n);
+                            None
+                        }
+                    }
+                }
+            })
+        });
         let past = futures::stream::iter(past);
         Ok(match live {
             Some(live) => past.chain(live).boxed(),

@@ -239,7 +239,7 @@ impl OutputTail {
         if self.cut_bytes > 0 {
             let note = format!("[keelson: earlier output cut: {} lines, {} bytes]", self.cut_lines, self.cut_bytes);
             let timestamp = out.first().map_or_else(std::time::SystemTime::now, |l| l.timestamp);
-            out.insert(0, OutputLine { stream: crate::driver::OutputStream::Stderr, line: note, timestamp });
+            out.insert(0, OutputLine { stream: crate::driver::OutputStream::Stderr, line: note, timestamp, partial: false });
         }
         out
     }
@@ -335,7 +335,12 @@ async fn step_run(
     if let Some(outcome) = record.run.outcome() {
         let mut output = collect_output(driver, &id).await;
         if let Some(line) = failure_line {
-            output.push(OutputLine { stream: crate::driver::OutputStream::Stderr, line, timestamp: std::time::SystemTime::now() });
+            output.push(OutputLine {
+                stream: crate::driver::OutputStream::Stderr,
+                line,
+                timestamp: std::time::SystemTime::now(),
+                partial: false,
+            });
         }
         let result = RunResult {
             id: id.clone(),

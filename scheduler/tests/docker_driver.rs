@@ -241,3 +241,24 @@ async fn a_task_joins_its_named_network_and_a_missing_network_leaves_nothing_beh
     assert!(matches!(err, Error::NotFound { kind: "network", .. }), "{err:?}");
     assert!(guard.containers().is_empty(), "the container that could not start was removed");
 }
+
+/// A container printing 200 KiB with no newline: its output comes in pieces of at most
+/// 64 KiB, each marked partial but the one its newline ends, and counted in the metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_output_lines_are_cut_into_marked_pieces() {
+    use futures::StreamExt;
+    let guard = Cleanup::new("long-lines");
+    let d = driver().await;
+    let mut registry = prometheus_client::registry::Registry::default();
+    d.register_metrics(&mut registry);
+    d.start(sh(&guard.run, &image(), "long-1", "head -c 204800 /dev/zero | tr '\\0' a; echo; echo end")).await.expect("start");
+    let lines: Vec<_> = tokio::time::timeout(Duration::from_secs(30), d.output("long-1").await.expect("output").collect::<Vec<_>>())
+        .await
+        .expect("the output ends with the task");
+    let shape: Vec<(usize, bool)> = lines.iter().map(|l| (l.line.len(), l.partial)).collect();
+    assert_eq!(shape, vec![(65_536, true), (65_536, true), (65_536, true), (8_192, false), (3, false)], "{shape:?}");
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+    assert!(text.contains("keelson_driver_output_lines_split_total 3"), "{text}");
+    d.remove("long-1").await.expect("remove");
+}

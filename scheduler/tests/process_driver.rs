@@ -190,3 +190,82 @@ async fn a_recorded_group_that_now_belongs_to_another_process_is_never_signalled
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(alive(other), "the unrelated process in the recorded group was signalled");
 }
+
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+async fn until_exited(d: &ProcessDriver, id: &str) -> keelson_scheduler::TaskStatus {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = d.inspect(id).await.expect("inspect");
+        if s.state.is_exited() {
+            return s;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{id} did not exit");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A task printing 100 MiB with no newline: its output comes in pieces of at most 64 KiB,
+/// marked partial and counted, and the process reading it (this one: the agent's
+/// driver) grows by at most 16 MiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_without_newlines_is_cut_into_counted_pieces_with_bounded_memory() {
+    let d = ProcessDriver::new();
+    let mut registry = prometheus_client::registry::Registry::default();
+    d.register_metrics(&mut registry);
+    let before = rss_bytes();
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(before));
+    let sampler = {
+        let peak = peak.clone();
+        tokio::spawn(async move {
+            loop {
+                peak.fetch_max(rss_bytes(), std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    d.start(TaskSpec::new("flood", ["/bin/sh", "-c", "head -c 104857600 /dev/zero | tr '\\0' a"])).await.expect("start");
+    let status = until_exited(&d, "flood").await;
+    sampler.abort();
+    assert_eq!(status.state, TaskState::Exited { code: Some(0), signal: None });
+    // 100 MiB / 64 KiB = 1,600 pieces: 1,599 cut, the last ended by the end of output.
+    assert_eq!(status.output_lines_split, 1_599);
+    let lines: Vec<_> = d.output("flood").await.expect("output").collect().await;
+    assert!(!lines.is_empty() && lines.iter().all(|l| l.line.len() <= keelson_scheduler::MAX_LINE_BYTES));
+    assert!(lines[..lines.len() - 1].iter().all(|l| l.partial) && !lines[lines.len() - 1].partial, "pieces marked partial but the last");
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+    assert!(text.contains("keelson_driver_output_lines_split_total 1599"), "{text}");
+    let grew = peak.load(std::sync::atomic::Ordering::Relaxed).saturating_sub(before);
+    eprintln!("RSS grew by {} KiB while reading 100 MiB without a newline", grew / 1024);
+    assert!(grew <= 16 << 20, "RSS grew by {} MiB", grew >> 20);
+    d.remove("flood").await.expect("remove");
+}
+
+/// A reader that falls behind misses lines (the task is never slowed by it), and every
+/// missed line is counted, in the task's status and in the driver's metrics: what it
+/// read plus what it missed is all the task printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lines_a_slow_reader_misses_are_counted_never_silent() {
+    let d = ProcessDriver::new();
+    let mut registry = prometheus_client::registry::Registry::default();
+    d.register_metrics(&mut registry);
+    d.start(TaskSpec::new("chatty", ["/bin/sh", "-c", "sleep 0.3; seq 1 10000"])).await.expect("start");
+    // Subscribed before any line, then not read until the task has ended.
+    let out = d.output("chatty").await.expect("output");
+    until_exited(&d, "chatty").await;
+    let read = out.collect::<Vec<_>>().await.len() as u64;
+    let dropped = d.inspect("chatty").await.expect("inspect").output_lines_dropped;
+    assert!(dropped > 0, "the reader fell behind");
+    assert_eq!(read + dropped, 10_000, "read {read} + missed {dropped}: every line accounted for");
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+    assert!(text.contains(&format!("keelson_driver_output_lines_dropped_total {dropped}")), "{text}");
+}

@@ -96,6 +96,7 @@ async fn run(args: Args) -> Result<(), String> {
     if let Some(addr) = args.metrics_listen {
         let mut registry = prometheus_client::registry::Registry::default();
         metrics.register(&mut registry);
+        driver.register_metrics(&mut registry);
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("--metrics-listen {addr}: {e}"))?;
         tokio::spawn(keelson_examples::metrics_http::serve_metrics(listener, Arc::new(registry)));
     }
