@@ -539,6 +539,41 @@ pub async fn volumes_all(v: &dyn VolumeManager) {
     }
     volume_archives_round_trip(v).await;
     volume_imports_are_all_or_nothing(v).await;
+    volume_imports_drop_setuid_and_foreign_owners(v).await;
+}
+
+/// An archive from a peer holding a setuid-root program and files of a foreign owner:
+/// imported, the program is a plain file (no setuid, no setgid; the rest of its mode
+/// kept) and nothing belongs to the archive's owners (by default).
+pub async fn volume_imports_drop_setuid_and_foreign_owners(v: &dyn VolumeManager) {
+    let name = unique("setuid");
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, mode, uid) in [("tool", 0o4755, 0), ("shared", 0o2775, 4242), ("plain", 0o640, 4242)] {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(4);
+        h.set_mode(mode);
+        h.set_mtime(1_700_000_000);
+        h.set_uid(uid);
+        h.set_gid(uid);
+        b.append_data(&mut h, path, &b"data"[..]).unwrap();
+    }
+    v.import(&name, BTreeMap::new(), chunked(b.into_inner().unwrap())).await.unwrap();
+    let mut bytes = Vec::new();
+    let mut tar = v.export(&name).await.unwrap();
+    while let Some(chunk) = tar.next().await {
+        bytes.extend_from_slice(&chunk.unwrap());
+    }
+    let mut seen = BTreeMap::new();
+    for entry in tar::Archive::new(bytes.as_slice()).entries().unwrap() {
+        let e = entry.unwrap();
+        let path = e.path().unwrap().to_string_lossy().trim_start_matches("./").to_owned();
+        seen.insert(path, (e.header().mode().unwrap() & 0o7777, e.header().uid().unwrap()));
+    }
+    assert_eq!(seen.get("tool").map(|s| s.0), Some(0o755), "setuid dropped, the rest kept: {seen:?}");
+    assert_eq!(seen.get("shared").map(|s| s.0), Some(0o775), "setgid dropped: {seen:?}");
+    assert_eq!(seen.get("plain").map(|s| s.0), Some(0o640));
+    assert!(seen.values().all(|(_, uid)| *uid != 4242), "no file belongs to the archive's owner: {seen:?}");
+    v.remove(&name).await.unwrap();
 }
 
 /// One entry of a volume archive, as the scenarios compare them: kind, mode, and the

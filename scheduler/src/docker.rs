@@ -41,6 +41,8 @@ pub struct DockerDriver {
     call_timeout: Duration,
     /// Pieces cut from over-long output lines, over every task.
     lines_split: prometheus_client::metrics::counter::Counter,
+    /// The host address published ports bind to.
+    publish_address: std::net::IpAddr,
 }
 
 fn container_name(id: &str) -> String {
@@ -81,7 +83,13 @@ impl DockerDriver {
             .await
             .map_err(|_| Error::Timeout { operation: "docker version negotiation", after: Duration::from_secs(10) })?
             .map_err(|e| Error::Unavailable { backend: BACKEND, reason: e.to_string() })?;
-        Ok(DockerDriver { docker, volume_root: None, call_timeout: Duration::from_secs(30), lines_split: Default::default() })
+        Ok(DockerDriver {
+            docker,
+            volume_root: None,
+            call_timeout: Duration::from_secs(30),
+            lines_split: Default::default(),
+            publish_address: std::net::IpAddr::from([127, 0, 0, 1]),
+        })
     }
 
     /// Registers `keelson_driver_output_lines_split_total`: pieces cut from task output
@@ -97,6 +105,17 @@ impl DockerDriver {
 
     pub(crate) fn client(&self) -> &Docker {
         &self.docker
+    }
+
+    /// Publishes task ports on `address` (default 127.0.0.1, never every interface):
+    /// the node's address on the network the edge reaches it by. `0.0.0.0` is refused:
+    /// a published port must not bypass the edge on an interface nobody meant.
+    pub fn with_publish_address(mut self, address: std::net::IpAddr) -> Result<Self> {
+        if address.is_unspecified() {
+            return Err(Error::invalid("publish address", address.to_string(), "must be one address, not every interface"));
+        }
+        self.publish_address = address;
+        Ok(self)
     }
 
     /// Only host directories under `root` may be mounted (a volume manager's root).
@@ -140,7 +159,7 @@ impl DockerDriver {
         Ok(())
     }
 
-    fn config(spec: &TaskSpec, image: &str) -> Config<String> {
+    fn config(&self, spec: &TaskSpec, image: &str) -> Config<String> {
         let mut labels: HashMap<String, String> = spec.labels.clone().into_iter().collect();
         labels.insert(MANAGED_LABEL.into(), "1".into());
         labels.insert(TASK_LABEL.into(), spec.id.clone());
@@ -149,7 +168,10 @@ impl DockerDriver {
         let bindings: HashMap<String, Option<Vec<PortBinding>>> = spec
             .ports
             .iter()
-            .map(|p| (format!("{}/tcp", p.container), Some(vec![PortBinding { host_ip: None, host_port: Some(p.host.to_string()) }])))
+            .map(|p| {
+                let binding = PortBinding { host_ip: Some(self.publish_address.to_string()), host_port: Some(p.host.to_string()) };
+                (format!("{}/tcp", p.container), Some(vec![binding]))
+            })
             .collect();
         // Host directories and named volumes share the bind syntax: `source:target[:ro]`.
         let binds: Vec<String> = spec
@@ -273,7 +295,7 @@ impl Driver for DockerDriver {
         self.ensure_image(&image).await?;
         let name = container_name(&spec.id);
         let options = CreateContainerOptions { name: name.clone(), platform: None };
-        let config = Self::config(&spec, &image);
+        let config = self.config(&spec, &image);
         self.timed("docker create", async { self.docker.create_container(Some(options), config).await.map_err(map_err("task", &spec.id)) })
             .await?;
         let started = self

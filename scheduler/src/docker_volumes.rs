@@ -36,6 +36,7 @@ const HELPER_PREFIX: &str = "keelson-volume-";
 #[derive(Clone, Debug)]
 pub struct DockerVolumes {
     docker: Docker,
+    preserve_owners: bool,
 }
 
 /// A helper container: removed by [`HelperGuard::remove`], or in the background if dropped
@@ -82,7 +83,15 @@ impl DockerVolumes {
     }
 
     pub(crate) fn with_client(docker: Docker) -> Self {
-        DockerVolumes { docker }
+        DockerVolumes { docker, preserve_owners: false }
+    }
+
+    /// Imports keep the owners the archive names (as `LocalVolumes::with_preserve_owners`).
+    /// Off by default: files belong to root in the volume. Setuid and setgid bits are
+    /// dropped either way.
+    pub fn with_preserve_owners(mut self, preserve: bool) -> Self {
+        self.preserve_owners = preserve;
+        self
     }
 
     fn volume(name: &str, labels: Option<HashMap<String, String>>) -> Volume {
@@ -206,7 +215,7 @@ impl VolumeManager for DockerVolumes {
         let volume = self.create(name, labels).await?;
         let imported = async {
             let guard = self.helper(name, "import").await?;
-            let (checked_tar, verdict) = checked(tar);
+            let (checked_tar, verdict) = checked(tar, self.preserve_owners);
             // The engine takes plain bytes; an error in the source ends the stream early
             // and is reported by `verdict` instead.
             let body = checked_tar.take_while(|c| futures::future::ready(c.is_ok())).filter_map(|c| futures::future::ready(c.ok()));

@@ -167,5 +167,7 @@ pub use state::ClusterState;
 pub use store_check::StoredCheck;
 pub use strategy::{Gates, Strategy};
 pub use volume_archive::TarStream;
-pub use volume_transfer::{copy_volume, fetch_volume, fetch_volume_with_token, serve_volumes, VolumeServer, VOLUME_PATH};
+pub use volume_transfer::{
+    copy_volume, fetch_volume, fetch_volume_with, fetch_volume_with_token, serve_volumes, FetchOptions, VolumeServer, VOLUME_PATH,
+};
 pub use volumes::{LocalVolumes, Volume, VolumeCapabilities, VolumeManager};

@@ -112,17 +112,24 @@ fn blocking_reader(tar: TarStream) -> tokio_util::io::SyncIoBridge<tokio_util::i
     tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(tar))
 }
 
+/// Setuid and setgid bits: never taken from an archive. A peer's archive unpacked by an
+/// agent running as root could otherwise plant a setuid-root program on the node.
+pub(crate) const STRIPPED_MODE_BITS: u32 = 0o6000;
+
 /// Unpacks `tar` into the existing, empty directory `dst`, checking every entry first.
-/// Permissions and times are kept, and owners too when running as root. On error, `dst`
-/// may hold part of the archive: the caller unpacks into a directory it can throw away.
-pub(crate) async fn unpack_into(tar: TarStream, dst: PathBuf) -> Result<()> {
+/// Permissions (less setuid and setgid) and times are kept; owners only when asked
+/// (`preserve_owners`) and running as root, otherwise files belong to the importer. On
+/// error, `dst` may hold part of the archive: the caller unpacks into a directory it can
+/// throw away.
+pub(crate) async fn unpack_into(tar: TarStream, dst: PathBuf, preserve_owners: bool) -> Result<()> {
     let reader = blocking_reader(tar);
     let as_root = nix::unistd::geteuid().is_root();
     tokio::task::spawn_blocking(move || -> Result<()> {
         let mut archive = tar::Archive::new(reader);
         archive.set_preserve_permissions(true);
+        archive.set_mask(STRIPPED_MODE_BITS);
         archive.set_preserve_mtime(true);
-        archive.set_preserve_ownerships(as_root);
+        archive.set_preserve_ownerships(as_root && preserve_owners);
         for entry in archive.entries().map_err(archive_err)? {
             let mut entry = entry.map_err(archive_err)?;
             let path = entry.path().map_err(archive_err)?.into_owned();
@@ -145,12 +152,14 @@ pub(crate) async fn unpack_into(tar: TarStream, dst: PathBuf) -> Result<()> {
 /// archives themselves (Docker). The returned receiver reports whether the whole input was
 /// read and valid: an archive cut short looks complete to the backend, so the caller must
 /// check it before trusting the import.
+/// Setuid and setgid bits are dropped, and owners too unless `preserve_owners` (then
+/// files belong to whoever unpacks them: root in the helper container).
 #[cfg(feature = "docker")]
-pub(crate) fn checked(tar: TarStream) -> (TarStream, tokio::sync::oneshot::Receiver<Result<()>>) {
+pub(crate) fn checked(tar: TarStream, preserve_owners: bool) -> (TarStream, tokio::sync::oneshot::Receiver<Result<()>>) {
     let reader = blocking_reader(tar);
     let (verdict_tx, verdict_rx) = tokio::sync::oneshot::channel();
     let stream = produce_stream(move |out| {
-        let result = recode(reader, out);
+        let result = recode(reader, out, preserve_owners);
         let failed = result.as_ref().err().map(|e| std::io::Error::other(e.to_string()));
         let _ = verdict_tx.send(result);
         failed.map_or(Ok(()), Err)
@@ -159,7 +168,7 @@ pub(crate) fn checked(tar: TarStream) -> (TarStream, tokio::sync::oneshot::Recei
 }
 
 #[cfg(feature = "docker")]
-fn recode(reader: impl std::io::Read, out: &mut ChannelWriter) -> Result<()> {
+fn recode(reader: impl std::io::Read, out: &mut ChannelWriter, preserve_owners: bool) -> Result<()> {
     let mut archive = tar::Archive::new(reader);
     let mut builder = tar::Builder::new(out);
     for entry in archive.entries().map_err(archive_err)? {
@@ -167,6 +176,15 @@ fn recode(reader: impl std::io::Read, out: &mut ChannelWriter) -> Result<()> {
         let path = entry.path().map_err(archive_err)?.into_owned();
         check_entry_path(&path)?;
         let mut header = entry.header().clone();
+        if let Ok(mode) = header.mode() {
+            header.set_mode(mode & !STRIPPED_MODE_BITS);
+        }
+        if !preserve_owners {
+            header.set_uid(0);
+            header.set_gid(0);
+            let _ = header.set_username("root");
+            let _ = header.set_groupname("root");
+        }
         let written = match entry.link_name().map_err(archive_err)? {
             Some(target) if header.entry_type().is_hard_link() => {
                 // A hard link names another entry of the archive: it must be inside too.

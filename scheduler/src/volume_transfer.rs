@@ -7,9 +7,11 @@
 //! volume's labels as JSON in `x-keelson-volume-labels`, and the archive as a chunked
 //! body; `404` for an unknown volume and `400` for a bad name. An error while the
 //! archive streams aborts the connection, so the receiver sees an incomplete body and
-//! imports nothing. With a token ([`VolumeServer::with_token`]) every request must carry
-//! `authorization: Bearer <token>` (`401` otherwise; compared in constant time). The
-//! bytes are not encrypted: serve on the nodes' private network (or the overlay).
+//! imports nothing. Every request must carry `authorization: Bearer <token>`
+//! ([`VolumeServer::with_token`]; `401` otherwise, compared in constant time): a server
+//! without a token refuses to start unless told [`VolumeServer::insecure_no_auth`]. With
+//! [`VolumeServer::with_tls`] the bytes are encrypted (rustls); without it, serve on the
+//! nodes' private network (or the overlay) only.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -73,21 +75,53 @@ async fn answer(volumes: Arc<dyn VolumeManager>, req: Request<Incoming>) -> Resp
     }
 }
 
-/// Serves `volumes` on `listener` until `shutdown` completes (transfers under way are
-/// cut: the receivers discard them). No token: anyone who reaches the port may read.
+/// Serves `volumes` on `listener` to clients that present `token`, until `shutdown`
+/// completes (transfers under way are cut: the receivers discard them).
 pub async fn serve_volumes(
     listener: TcpListener,
     volumes: Arc<dyn VolumeManager>,
+    token: &str,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<()> {
-    VolumeServer::new(volumes).serve(listener, shutdown).await
+    VolumeServer::new(volumes).with_token(token)?.serve(listener, shutdown).await
 }
 
 /// A volume server with options.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct VolumeServer {
     volumes: Arc<dyn VolumeManager>,
     token: Option<Arc<str>>,
+    insecure: bool,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+impl std::fmt::Debug for VolumeServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VolumeServer")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("insecure", &self.insecure)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// How [`fetch_volume_with`] reaches a volume server.
+#[derive(Clone, Default)]
+pub struct FetchOptions {
+    /// The server's bearer token.
+    pub token: Option<String>,
+    /// TLS: the client configuration (roots to trust) and the server's name as its
+    /// certificate states it.
+    pub tls: Option<(Arc<rustls::ClientConfig>, String)>,
+}
+
+impl std::fmt::Debug for FetchOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FetchOptions")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("tls", &self.tls.as_ref().map(|(_, name)| name))
+            .finish()
+    }
 }
 
 /// Equal in time independent of where the first difference is (a token check must not
@@ -97,9 +131,23 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
 }
 
 impl VolumeServer {
-    /// A server of `volumes`, without a token.
+    /// A server of `volumes`; give it a token ([`VolumeServer::with_token`]) before
+    /// serving.
     pub fn new(volumes: Arc<dyn VolumeManager>) -> Self {
-        VolumeServer { volumes, token: None }
+        VolumeServer { volumes, token: None, insecure: false, tls: None }
+    }
+
+    /// Serves without a token: anyone who reaches the port reads every volume. Only for
+    /// a network nothing else can reach; [`VolumeServer::serve`] refuses otherwise.
+    pub fn insecure_no_auth(mut self) -> Self {
+        self.insecure = true;
+        self
+    }
+
+    /// Serves over TLS with `config` (its certificate and key).
+    pub fn with_tls(mut self, config: Arc<rustls::ServerConfig>) -> Self {
+        self.tls = Some(tokio_rustls::TlsAcceptor::from(config));
+        self
     }
 
     /// Requires `authorization: Bearer <token>` on every request. [`Error::InvalidInput`]
@@ -118,8 +166,16 @@ impl VolumeServer {
         given.is_some_and(|g| same_secret(g, token.as_bytes()))
     }
 
-    /// Serves until `shutdown` completes.
+    /// Serves until `shutdown` completes. [`Error::InvalidInput`] at once, serving
+    /// nothing, without a token unless [`VolumeServer::insecure_no_auth`] was said.
     pub async fn serve(self, listener: TcpListener, shutdown: impl std::future::Future<Output = ()> + Send) -> Result<()> {
+        if self.token.is_none() && !self.insecure {
+            return Err(Error::invalid(
+                "volume server token",
+                "",
+                "is required: without one anyone who reaches the port reads every volume (say insecure_no_auth to allow that)",
+            ));
+        }
         let server = Arc::new(self);
         tokio::pin!(shutdown);
         let mut connections = tokio::task::JoinSet::new();
@@ -137,6 +193,7 @@ impl VolumeServer {
                 },
             };
             let server = server.clone();
+            let tls = server.tls.clone();
             connections.spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
                     let server = server.clone();
@@ -148,7 +205,21 @@ impl VolumeServer {
                         Ok::<_, Infallible>(answer(server.volumes.clone(), req).await)
                     }
                 });
-                if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+                let served = match &tls {
+                    None => hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await,
+                    Some(acceptor) => match tokio::time::timeout(CONNECT_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), service).await,
+                        Ok(Err(e)) => {
+                            tracing::warn!(%peer, error = %e, "volume transfer TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::warn!(%peer, "volume transfer TLS handshake timed out");
+                            return;
+                        }
+                    },
+                };
+                if let Err(e) = served {
                     tracing::debug!(%peer, error = %e, "volume transfer connection ended");
                 }
             });
@@ -172,18 +243,53 @@ pub async fn fetch_volume(addr: SocketAddr, name: &str, into: &dyn VolumeManager
 
 /// [`fetch_volume`] from a server that wants a token; [`Error::Denied`] if it refuses it.
 pub async fn fetch_volume_with_token(addr: SocketAddr, name: &str, into: &dyn VolumeManager, token: Option<&str>) -> Result<Volume> {
-    crate::error::validate_id("volume name", name)?;
+    fetch_volume_with(addr, name, into, &FetchOptions { token: token.map(str::to_owned), tls: None }).await
+}
+
+/// A request sender over plain TCP or TLS.
+async fn connect(
+    addr: SocketAddr,
+    tls: Option<&(Arc<rustls::ClientConfig>, String)>,
+) -> Result<hyper::client::conn::http1::SendRequest<Empty<Bytes>>> {
     let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
         .await
         .map_err(|_| Error::Timeout { operation: "connecting to a volume source", after: CONNECT_TIMEOUT })?
         .map_err(|e| unavailable(addr, e))?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream)).await.map_err(|e| unavailable(addr, e))?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "volume transfer client connection ended");
+    macro_rules! handshake {
+        ($io:expr) => {{
+            let (sender, connection) =
+                hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new($io)).await.map_err(|e| unavailable(addr, e))?;
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %e, "volume transfer client connection ended");
+                }
+            });
+            sender
+        }};
+    }
+    Ok(match tls {
+        None => handshake!(stream),
+        Some((config, server_name)) => {
+            let name = rustls::pki_types::ServerName::try_from(server_name.clone())
+                .map_err(|e| Error::invalid("volume server name", server_name, e.to_string()))?;
+            let tls = tokio::time::timeout(CONNECT_TIMEOUT, tokio_rustls::TlsConnector::from(config.clone()).connect(name, stream))
+                .await
+                .map_err(|_| Error::Timeout { operation: "TLS handshake with a volume source", after: CONNECT_TIMEOUT })?
+                .map_err(|e| Error::Denied {
+                    operation: "volume transfer",
+                    reason: format!("TLS with {addr} ({server_name}) failed: {e}"),
+                })?;
+            handshake!(tls)
         }
-    });
+    })
+}
+
+/// [`fetch_volume`] with a token and TLS as `options` say. [`Error::Denied`] if the
+/// server refuses the token or its certificate is not trusted for its name.
+pub async fn fetch_volume_with(addr: SocketAddr, name: &str, into: &dyn VolumeManager, options: &FetchOptions) -> Result<Volume> {
+    crate::error::validate_id("volume name", name)?;
+    let token = options.token.as_deref();
+    let mut sender = connect(addr, options.tls.as_ref()).await?;
     let mut request = Request::get(format!("{VOLUME_PATH}{name}"))
         .header(hyper::header::HOST, addr.to_string())
         .body(Empty::new())

@@ -77,6 +77,7 @@ pub trait VolumeManager: Send + Sync + std::fmt::Debug {
 #[derive(Clone, Debug)]
 pub struct LocalVolumes {
     root: PathBuf,
+    preserve_owners: bool,
 }
 
 const BACKEND: &str = "local";
@@ -90,7 +91,15 @@ impl LocalVolumes {
     pub fn new(root: impl Into<PathBuf>) -> Result<Self> {
         let root = root.into();
         std::fs::create_dir_all(&root).map_err(|e| Error::invalid("volume root", root.display().to_string(), e.to_string()))?;
-        Ok(LocalVolumes { root })
+        Ok(LocalVolumes { root, preserve_owners: false })
+    }
+
+    /// Imports keep the owners the archive names (when the agent runs as root): for a
+    /// volume moved between nodes that share users. Off by default: files belong to the
+    /// importer. Setuid and setgid bits are dropped either way.
+    pub fn with_preserve_owners(mut self, preserve: bool) -> Self {
+        self.preserve_owners = preserve;
+        self
     }
 
     fn dir(&self, name: &str) -> Result<PathBuf> {
@@ -189,7 +198,7 @@ impl VolumeManager for LocalVolumes {
         let _ = tokio::fs::remove_dir_all(&staging).await;
         tokio::fs::create_dir_all(staging.join("data")).await.map_err(io_err)?;
         let unpacked = async {
-            unpack_into(tar, staging.join("data")).await?;
+            unpack_into(tar, staging.join("data"), self.preserve_owners).await?;
             write_labels(&staging, &labels).await.map_err(io_err)?;
             // rename(2) onto an existing non-empty directory fails, so a concurrent
             // create of the same name wins and this import reports the conflict.

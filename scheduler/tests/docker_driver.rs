@@ -87,6 +87,11 @@ async fn ports_mounts_limits_and_labels_reach_the_container() {
     let body = keelson_testkit::http::get_when_up(addr, "localhost", "/index.html", Duration::from_secs(5)).await.expect("served").body;
     assert_eq!(body, "from the volume\n", "httpd in the container serves the mounted volume on the published port");
     assert_eq!(docker_inspect("keelson-web-1", "{{.HostConfig.NanoCpus}} {{.HostConfig.Memory}}"), format!("500000000 {}", 64 << 20));
+    assert_eq!(
+        docker_inspect("keelson-web-1", "{{range .HostConfig.PortBindings}}{{range .}}{{.HostIp}}:{{.HostPort}}{{end}}{{end}}"),
+        format!("127.0.0.1:{port}"),
+        "published on loopback by default, never on every interface"
+    );
     d.stop("web-1", Duration::from_secs(2)).await.expect("stop");
     d.remove("web-1").await.expect("remove");
     assert!(guard.containers().is_empty());
@@ -261,4 +266,35 @@ async fn long_output_lines_are_cut_into_marked_pieces() {
     prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
     assert!(text.contains("keelson_driver_output_lines_split_total 3"), "{text}");
     d.remove("long-1").await.expect("remove");
+}
+
+/// Published ports bind to the configured address only; every interface is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_ports_bind_to_the_configured_address_only() {
+    let guard = Cleanup::new("publish");
+    let www = tempfile::tempdir().expect("www");
+    std::fs::write(www.path().join("index.html"), "here\n").expect("write");
+    let port = keelson_testkit::free_ports(1).expect("port")[0];
+    assert!(matches!(
+        driver().await.with_publish_address("0.0.0.0".parse().expect("ip")),
+        Err(keelson_scheduler::Error::InvalidInput { field: "publish address", .. })
+    ));
+    let d = driver().await.with_publish_address("127.0.0.3".parse().expect("ip")).expect("address").with_volume_root(www.path());
+    let spec = TaskSpec {
+        ports: vec![PortMapping { container: 8080, host: port }],
+        mounts: vec![MountSpec { source: MountSource::HostDir(www.path().to_owned()), target: PathBuf::from("/www"), read_only: true }],
+        ..sh(&guard.run, &image(), "pub-1", "exec httpd -f -p 8080 -h /www")
+    };
+    d.start(spec).await.expect("start");
+    assert_eq!(
+        docker_inspect("keelson-pub-1", "{{range .HostConfig.PortBindings}}{{range .}}{{.HostIp}}:{{.HostPort}}{{end}}{{end}}"),
+        format!("127.0.0.3:{port}")
+    );
+    let there = std::net::SocketAddr::from(([127, 0, 0, 3], port));
+    let body = keelson_testkit::http::get_when_up(there, "localhost", "/index.html", Duration::from_secs(5)).await.expect("served").body;
+    assert_eq!(body, "here\n");
+    let elsewhere = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    assert!(tokio::net::TcpStream::connect(elsewhere).await.is_err(), "not published on another address");
+    d.stop("pub-1", Duration::from_secs(2)).await.expect("stop");
+    d.remove("pub-1").await.expect("remove");
 }

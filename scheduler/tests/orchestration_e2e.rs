@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 use keelson_discovery::{Discovery, KeyValue, MemoryDiscovery, MemoryKv};
 use keelson_routing::{MemoryRouter, Proxy, ProxyConfig};
 use keelson_scheduler::{
-    fetch_volume, serve_volumes, wall_clock_ms, AllocRecord, AllocStatus, ClusterStore, Deployment, DesiredGroup, DockerDriver, Gates,
-    GroupSpec, HostVolume, LocalVolumes, Node, NodeAgent, Phase, PortRange, Resources, ServiceSpec, Strategy, TaskTemplate, VolumeAccess,
-    VolumeManager, VolumeRequest, NODE_LABEL,
+    fetch_volume_with_token, serve_volumes, wall_clock_ms, AllocRecord, AllocStatus, ClusterStore, Deployment, DesiredGroup, DockerDriver,
+    Gates, GroupSpec, HostVolume, LocalVolumes, Node, NodeAgent, Phase, PortRange, Resources, ServiceSpec, Strategy, TaskTemplate,
+    VolumeAccess, VolumeManager, VolumeRequest, NODE_LABEL,
 };
 
 /// Removes every container started for `node` when dropped.
@@ -427,8 +427,8 @@ async fn a_stateful_service_keeps_its_volume_through_a_stop_first_update_and_mov
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let source = listener.local_addr().expect("addr");
     let served: Arc<dyn VolumeManager> = docker_volumes.clone();
-    let server = tokio::spawn(serve_volumes(listener, served, std::future::pending()));
-    fetch_volume(source, &volume, volumes_b.as_ref()).await.expect("pull the volume to B");
+    let server = tokio::spawn(serve_volumes(listener, served, "e2e-token", std::future::pending()));
+    fetch_volume_with_token(source, &volume, volumes_b.as_ref(), Some("e2e-token")).await.expect("pull the volume to B");
     server.abort();
     store
         .rehome_volume(&HostVolume { name: volume.clone(), node: node_b.clone(), access: VolumeAccess::SingleWriter })

@@ -10,10 +10,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keelson_scheduler::{
-    conformance, fetch_volume, fetch_volume_with_token, serve_volumes, Error, LocalVolumes, VolumeManager, VolumeServer,
+    conformance, fetch_volume_with, fetch_volume_with_token, serve_volumes, Error, LocalVolumes, VolumeManager, VolumeServer,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+
+const TOKEN: &str = "test-token";
+
+/// `fetch_volume` with this file's token.
+async fn fetch_volume(addr: SocketAddr, name: &str, into: &dyn VolumeManager) -> keelson_scheduler::Result<keelson_scheduler::Volume> {
+    fetch_volume_with_token(addr, name, into, Some(TOKEN)).await
+}
 
 /// A node serving the volumes under `root` on a loopback port until the sender drops.
 async fn serving(root: &std::path::Path) -> (SocketAddr, Arc<LocalVolumes>, tokio::sync::oneshot::Sender<()>) {
@@ -22,7 +29,7 @@ async fn serving(root: &std::path::Path) -> (SocketAddr, Arc<LocalVolumes>, toki
     let addr = listener.local_addr().expect("addr");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let served: Arc<dyn VolumeManager> = volumes.clone();
-    tokio::spawn(serve_volumes(listener, served, async move {
+    tokio::spawn(serve_volumes(listener, served, TOKEN, async move {
         let _ = stopped.await;
     }));
     (addr, volumes, stop)
@@ -122,4 +129,90 @@ async fn a_server_with_a_token_refuses_requests_without_it() {
     let served: Arc<dyn VolumeManager> = source;
     assert!(matches!(VolumeServer::new(served.clone()).with_token(""), Err(Error::InvalidInput { .. })));
     assert!(matches!(VolumeServer::new(served).with_token("bad\ntoken"), Err(Error::InvalidInput { .. })));
+}
+
+/// Nothing is open by default: a server without a token refuses to start (unless told
+/// it may, explicitly), and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_a_token_refuses_to_start_unless_told_insecure() {
+    let (a, b) = (tempfile::tempdir().expect("a"), tempfile::tempdir().expect("b"));
+    let source = Arc::new(LocalVolumes::new(a.path()).expect("a"));
+    source.create("open", BTreeMap::new()).await.expect("create");
+    let served: Arc<dyn VolumeManager> = source;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let r = VolumeServer::new(served.clone()).serve(listener, std::future::pending()).await;
+    assert!(matches!(&r, Err(Error::InvalidInput { field: "volume server token", .. })), "{r:?}");
+    assert!(r.expect_err("refused").to_string().contains("insecure_no_auth"), "the error names the way out");
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(VolumeServer::new(served).insecure_no_auth().serve(listener, std::future::pending()));
+    let dest = LocalVolumes::new(b.path()).expect("dest");
+    fetch_volume_with_token(addr, "open", &dest, None).await.expect("an explicitly open server serves anyone");
+}
+
+fn client_trusting(cert: &keelson_testkit::tls::TestCert) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der.clone()).expect("root");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+/// Over TLS: a client that trusts the server's certificate and has the token gets the
+/// volume; one that trusts another certificate, or speaks plain HTTP, gets nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volumes_move_over_tls_to_clients_that_trust_the_server() {
+    let (a, b) = (tempfile::tempdir().expect("a"), tempfile::tempdir().expect("b"));
+    let source = Arc::new(LocalVolumes::new(a.path()).expect("a"));
+    source.import("tls-vol", BTreeMap::new(), conformance::archive_of(&[("key", b"over tls", 0o600)], &[])).await.expect("seed");
+    let cert = keelson_testkit::tls::test_cert(&["volumes.node-a"]).expect("cert");
+    let other = keelson_testkit::tls::test_cert(&["volumes.node-a"]).expect("another cert");
+    let certs = keelson_routing::CertStore::new();
+    certs.set_fallback(cert.chain_pem.as_bytes(), cert.key_pem.as_bytes()).expect("cert store");
+    let served: Arc<dyn VolumeManager> = source;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server = VolumeServer::new(served).with_token(TOKEN).expect("token").with_tls(certs.server_config());
+    tokio::spawn(server.serve(listener, std::future::pending()));
+    let dest = LocalVolumes::new(b.path()).expect("dest");
+
+    let untrusting =
+        keelson_scheduler::FetchOptions { token: Some(TOKEN.into()), tls: Some((client_trusting(&other), "volumes.node-a".into())) };
+    let r = fetch_volume_with(addr, "tls-vol", &dest, &untrusting).await;
+    assert!(matches!(r, Err(Error::Denied { .. })), "a certificate the client does not trust: {r:?}");
+    let r = fetch_volume_with_token(addr, "tls-vol", &dest, Some(TOKEN)).await;
+    assert!(r.is_err(), "plain HTTP to a TLS server gets nothing: {r:?}");
+    assert!(matches!(dest.get("tls-vol").await, Err(Error::NotFound { .. })));
+
+    let trusting =
+        keelson_scheduler::FetchOptions { token: Some(TOKEN.into()), tls: Some((client_trusting(&cert), "volumes.node-a".into())) };
+    fetch_volume_with(addr, "tls-vol", &dest, &trusting).await.expect("over TLS");
+    assert_eq!(std::fs::read(b.path().join("tls-vol/data/key")).expect("on disk"), b"over tls");
+}
+
+/// Owners named by an archive are kept only when asked (`with_preserve_owners`), and
+/// setuid is dropped even then.
+#[tokio::test]
+async fn owners_are_kept_only_when_asked() {
+    assert!(nix::unistd::geteuid().is_root(), "only root can give files to another owner: run the tests as root, as CI does");
+    let dir = tempfile::tempdir().expect("dir");
+    let v = LocalVolumes::new(dir.path()).expect("root").with_preserve_owners(true);
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(2);
+    h.set_mode(0o4750);
+    h.set_uid(4242);
+    h.set_gid(4343);
+    b.append_data(&mut h, "owned", &b"hi"[..]).expect("append");
+    v.import("kept", BTreeMap::new(), conformance::chunked(b.into_inner().expect("tar"))).await.expect("import");
+    let meta = std::fs::metadata(dir.path().join("kept/data/owned")).expect("file");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((meta.uid(), meta.gid()), (4242, 4343), "owners kept when asked");
+    assert_eq!(meta.mode() & 0o7777, 0o750, "setuid dropped even then");
 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use keelson_scheduler::{fetch_volume, serve_volumes, LocalVolumes, VolumeManager};
+use keelson_scheduler::{fetch_volume_with_token, serve_volumes, LocalVolumes, VolumeManager};
 
 #[derive(Parser, Debug)]
 #[command(about = "a volume between two nodes over HTTP against tar | tar")]
@@ -86,12 +86,12 @@ async fn run(args: Args) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let served: Arc<dyn VolumeManager> = source.clone();
-    tokio::spawn(serve_volumes(listener, served, std::future::pending()));
+    tokio::spawn(serve_volumes(listener, served, "bench-token", std::future::pending()));
     let (mut ours, mut tars) = (Vec::new(), Vec::new());
     for round in 0..args.rounds {
         let dest = LocalVolumes::new(work.path().join(format!("node-b-{round}"))).map_err(|e| e.to_string())?;
         let began = Instant::now();
-        let pulled = fetch_volume(addr, "bench", &dest).await.map_err(|e| e.to_string())?;
+        let pulled = fetch_volume_with_token(addr, "bench", &dest, Some("bench-token")).await.map_err(|e| e.to_string())?;
         ours.push(began.elapsed());
         let keelson_scheduler::MountSource::HostDir(copy) = &pulled.source else { return Err("a local volume is a directory".into()) };
         if tree_bytes(copy) != bytes {

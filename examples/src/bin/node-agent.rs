@@ -65,25 +65,61 @@ struct Args {
     /// Serve this node's volumes to other nodes on this address (private network only).
     #[arg(long)]
     volume_listen: Option<std::net::SocketAddr>,
-    /// A file holding the bearer token volume requests must carry (recommended with
-    /// --volume-listen; read from a file so it stays out of `ps`).
-    #[arg(long)]
+    /// A file holding the bearer token volume requests must carry (required with
+    /// --volume-listen unless --volume-insecure-no-auth; read from a file so it stays out
+    /// of `ps`).
+    #[arg(long, env = "KEELSON_VOLUME_TOKEN_FILE")]
     volume_token_file: Option<std::path::PathBuf>,
+    /// Serve volumes without a token: anyone who reaches --volume-listen reads every
+    /// volume. Only for a network nothing else can reach.
+    #[arg(long)]
+    volume_insecure_no_auth: bool,
+    /// Serve volumes over TLS with this certificate chain (PEM; with --volume-tls-key).
+    #[arg(long, requires = "volume_tls_key")]
+    volume_tls_cert: Option<std::path::PathBuf>,
+    /// The private key (PEM) of --volume-tls-cert.
+    #[arg(long, requires = "volume_tls_cert")]
+    volume_tls_key: Option<std::path::PathBuf>,
+    /// The host address task ports are published on (default: --address when it is an
+    /// IP address, else 127.0.0.1; never every interface).
+    #[arg(long)]
+    publish_address: Option<std::net::IpAddr>,
 }
 
 async fn run(args: Args) -> Result<(), String> {
     let kv: Arc<dyn KeyValue> = Arc::new(EtcdKv::connect(EtcdConfig::new(args.etcd.clone())).await.map_err(|e| format!("etcd: {e}"))?);
     let store = ClusterStore::new(kv.clone(), args.root.clone());
-    let driver = Arc::new(DockerDriver::connect().await.map_err(|e| format!("docker: {e}"))?);
+    let publish = args.publish_address.or_else(|| args.address.parse().ok()).unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
+    let driver = DockerDriver::connect().await.map_err(|e| format!("docker: {e}"))?;
+    let driver = Arc::new(driver.with_publish_address(publish).map_err(|e| format!("--publish-address: {e}"))?);
     let volumes: Arc<dyn VolumeManager> = Arc::new(driver.volumes());
     if let Some(addr) = args.volume_listen {
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("--volume-listen {addr}: {e}"))?;
         let mut server = keelson_scheduler::VolumeServer::new(volumes.clone());
-        if let Some(path) = &args.volume_token_file {
-            let token = std::fs::read_to_string(path).map_err(|e| format!("--volume-token-file {}: {e}", path.display()))?;
-            server = server.with_token(token.trim()).map_err(|e| format!("--volume-token-file {}: {e}", path.display()))?;
+        match (&args.volume_token_file, args.volume_insecure_no_auth) {
+            (Some(path), _) => {
+                let token = std::fs::read_to_string(path).map_err(|e| format!("--volume-token-file {}: {e}", path.display()))?;
+                server = server.with_token(token.trim()).map_err(|e| format!("--volume-token-file {}: {e}", path.display()))?;
+            }
+            (None, true) => server = server.insecure_no_auth(),
+            (None, false) => {
+                return Err(
+                    "--volume-listen needs --volume-token-file (or --volume-insecure-no-auth on a network nothing else reaches)".into()
+                )
+            }
         }
-        tokio::spawn(server.serve(listener, std::future::pending()));
+        if let (Some(cert), Some(key)) = (&args.volume_tls_cert, &args.volume_tls_key) {
+            let chain = std::fs::read(cert).map_err(|e| format!("--volume-tls-cert {}: {e}", cert.display()))?;
+            let key_pem = std::fs::read(key).map_err(|e| format!("--volume-tls-key {}: {e}", key.display()))?;
+            let certs = keelson_routing::CertStore::new();
+            certs.set_fallback(&chain, &key_pem).map_err(|e| format!("--volume-tls-cert/--volume-tls-key: {e}"))?;
+            server = server.with_tls(certs.server_config());
+        }
+        tokio::spawn(async move {
+            if let Err(e) = server.serve(listener, std::future::pending()).await {
+                eprintln!("node-agent: volume server: {e}");
+            }
+        });
         println!("node-agent: serving volumes on {addr}");
     }
     let discovery: Arc<dyn Discovery> = Arc::new(KvDiscovery::new(kv));
