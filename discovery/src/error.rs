@@ -88,6 +88,35 @@ pub enum Error {
         backend: &'static str,
     },
     /// The backend cannot be reached right now; retrying may help.
+    /// TLS with the backend failed: its certificate is not trusted (wrong CA, wrong
+    /// name), or it refused ours (missing or unknown client certificate).
+    #[error("TLS with {backend} failed: {reason}")]
+    Tls {
+        /// The backend.
+        backend: &'static str,
+        /// What the handshake said.
+        reason: String,
+    },
+    /// The backend did not accept the credentials (wrong user or password, none given
+    /// while it requires some, an expired token).
+    #[error("{backend} refused the credentials: {reason}")]
+    Unauthenticated {
+        /// The backend.
+        backend: &'static str,
+        /// What it said.
+        reason: String,
+    },
+    /// The credentials are valid but may not do this (an etcd role limited to another
+    /// key prefix, a Consul ACL policy).
+    #[error("{backend} denied {operation}: {reason}")]
+    PermissionDenied {
+        /// The backend.
+        backend: &'static str,
+        /// What was attempted.
+        operation: String,
+        /// What the backend said.
+        reason: String,
+    },
     #[error("{backend} unavailable: {reason}")]
     Unavailable {
         /// The backend's name.

@@ -12,6 +12,7 @@
 //!   [`Error::Unavailable`] (retryable) instead of hanging.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -40,6 +41,58 @@ pub struct EtcdConfig {
     /// Largest response accepted (default 64 MiB; etcd-client's own default is 4 MiB). A
     /// larger one fails with [`Error::ResponseTooLarge`], never as a generic error.
     pub max_message_bytes: usize,
+    /// TLS to etcd (endpoints then are `https://`).
+    pub tls: Option<EtcdTls>,
+    /// Send the password even over plain `http://` (default false: [`EtcdKv::connect`]
+    /// refuses, since anyone on the path would read it).
+    pub allow_plaintext_password: bool,
+}
+
+/// TLS settings for etcd: the CA to trust, and the client certificate etcd's
+/// `--client-cert-auth` asks for. Keys are never printed.
+#[derive(Clone)]
+pub struct EtcdTls {
+    /// PEM of the CA(s) that signed etcd's server certificates.
+    pub ca_pem: Vec<u8>,
+    /// Client certificate chain and private key (PEM).
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// The name etcd's certificate must carry (default: the endpoint's host).
+    pub server_name: Option<String>,
+}
+
+impl std::fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdTls")
+            .field("ca_pem", &format!("{} bytes", self.ca_pem.len()))
+            .field("identity", &self.identity.as_ref().map(|_| "<certificate and redacted key>"))
+            .field("server_name", &self.server_name)
+            .finish()
+    }
+}
+
+impl EtcdTls {
+    /// Reads the CA and, if given, the client certificate and key from PEM files.
+    /// [`Error::InvalidInput`] naming the file that cannot be read or holds no PEM.
+    pub fn from_files(ca: &std::path::Path, cert: Option<&std::path::Path>, key: Option<&std::path::Path>) -> Result<EtcdTls> {
+        let read = |field: &'static str, path: &std::path::Path| -> Result<Vec<u8>> {
+            let bytes = std::fs::read(path).map_err(|e| Error::invalid(field, path.display().to_string(), e.to_string()))?;
+            if !bytes.windows(11).any(|w| w == b"-----BEGIN ") {
+                return Err(Error::invalid(field, path.display().to_string(), "holds no PEM block"));
+            }
+            Ok(bytes)
+        };
+        let identity = match (cert, key) {
+            (Some(c), Some(k)) => Some((read("etcd client certificate", c)?, read("etcd client key", k)?)),
+            (None, None) => None,
+            (Some(c), None) => {
+                return Err(Error::invalid("etcd client key", c.display().to_string(), "a client certificate needs its key"))
+            }
+            (None, Some(k)) => {
+                return Err(Error::invalid("etcd client certificate", k.display().to_string(), "a client key needs its certificate"))
+            }
+        };
+        Ok(EtcdTls { ca_pem: read("etcd CA", ca)?, identity, server_name: None })
+    }
 }
 
 impl std::fmt::Debug for EtcdConfig {
@@ -50,6 +103,8 @@ impl std::fmt::Debug for EtcdConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("credentials", &self.credentials.as_ref().map(|(user, _)| format!("{user}:<redacted>")))
             .field("max_message_bytes", &self.max_message_bytes)
+            .field("tls", &self.tls)
+            .field("allow_plaintext_password", &self.allow_plaintext_password)
             .finish()
     }
 }
@@ -63,6 +118,8 @@ impl EtcdConfig {
             connect_timeout: Duration::from_secs(2),
             credentials: None,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            tls: None,
+            allow_plaintext_password: false,
         }
     }
 }
@@ -85,9 +142,41 @@ impl std::fmt::Debug for EtcdKv {
     }
 }
 
+/// The whole chain of an error's causes, for messages that name the real one (a TLS
+/// alert is three layers under "transport error").
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let next = s.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = s.source();
+    }
+    text
+}
+
+/// Whether a transport failure was the TLS handshake (trust, names, client certificates).
+fn is_tls_failure(text: &str) -> bool {
+    let t = text.to_ascii_lowercase();
+    ["certificate", "tls", "handshake", "unknownissuer", "alert"].iter().any(|k| t.contains(k))
+}
+
 fn map_err(e: etcd_client::Error) -> Error {
     use etcd_client::Error as E;
     match e {
+        E::GRpcStatus(status) if status.code() == tonic::Code::Unauthenticated || is_auth_failure(status.message()) => {
+            Error::Unauthenticated { backend: BACKEND, reason: status.message().to_owned() }
+        }
+        E::GRpcStatus(status) if status.code() == tonic::Code::PermissionDenied => {
+            Error::PermissionDenied { backend: BACKEND, operation: "the request".into(), reason: status.message().to_owned() }
+        }
+        E::GRpcStatus(status) if status.code() == tonic::Code::Unavailable && is_tls_failure(&causes(&status)) => {
+            Error::Tls { backend: BACKEND, reason: causes(&status) }
+        }
+        E::TransportError(t) if is_tls_failure(&causes(&t)) => Error::Tls { backend: BACKEND, reason: causes(&t) },
         E::GRpcStatus(status) => {
             use tonic::Code;
             match status.code() {
@@ -108,7 +197,7 @@ fn map_err(e: etcd_client::Error) -> Error {
         }
         // etcd-client turns a keep-alive answer with TTL 0 (lease gone) into this.
         E::LeaseKeepAliveError(msg) if msg.contains("not found") => Error::NotFound { kind: "lease", name: msg },
-        E::TransportError(t) => Error::Unavailable { backend: BACKEND, reason: t.to_string() },
+        E::TransportError(t) => Error::Unavailable { backend: BACKEND, reason: causes(&t) },
         E::IoError(io) => Error::Unavailable { backend: BACKEND, reason: io.to_string() },
         other => Error::Backend { backend: BACKEND, source: Box::new(other) },
     }
@@ -126,12 +215,50 @@ impl EtcdKv {
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
             // Fail watches on members that lost the leader instead of hanging on them.
             .with_require_leader(true);
+        let secure = config.endpoints.iter().all(|e| e.starts_with("https://"));
+        match &config.tls {
+            Some(tls) => {
+                if let Some(plain) = config.endpoints.iter().find(|e| !e.starts_with("https://")) {
+                    return Err(Error::invalid("etcd endpoint", plain, "TLS is configured: endpoints must be https://"));
+                }
+                let mut t = etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(&tls.ca_pem));
+                if let Some((cert, key)) = &tls.identity {
+                    t = t.identity(etcd_client::Identity::from_pem(cert, key));
+                }
+                if let Some(name) = &tls.server_name {
+                    t = t.domain_name(name.clone());
+                }
+                options = options.with_tls(t);
+            }
+            None if secure => {
+                return Err(Error::invalid("etcd endpoints", config.endpoints.join(","), "https:// needs TLS settings (a CA to trust)"))
+            }
+            None => {}
+        }
         if let Some((user, password)) = &config.credentials {
+            if !secure && !config.allow_plaintext_password {
+                return Err(Error::invalid(
+                    "etcd password",
+                    user,
+                    "would cross the network in plain text: use https:// endpoints with TLS, or allow it explicitly",
+                ));
+            }
             options = options.with_user(user.clone(), password.clone());
         }
         let connect = Client::connect(config.endpoints.clone(), Some(options));
         let client = match tokio::time::timeout(config.connect_timeout, connect).await {
-            Ok(r) => r.map_err(map_err)?,
+            Ok(Ok(client)) => client,
+            Ok(Err(e)) => {
+                let e = map_err(e);
+                // etcd refusing our certificate reads as "connection closed": ask once
+                // more, directly, what the handshake says.
+                if let (Some(tls), Error::Unavailable { .. }) = (&config.tls, &e) {
+                    if let Some(reason) = tls_probe(&config.endpoints[0], tls, config.connect_timeout).await {
+                        return Err(Error::Tls { backend: BACKEND, reason });
+                    }
+                }
+                return Err(e);
+            }
             Err(_) => {
                 return Err(Error::Unavailable {
                     backend: BACKEND,
@@ -391,6 +518,57 @@ impl KeyValue for EtcdKv {
             other => other,
         })
     }
+}
+
+/// Connects to `endpoint` with `tls` as the client would, sends the HTTP/2 preface and
+/// reads: a TLS failure (an untrusted server, a client certificate refused after the
+/// handshake, as TLS 1.3 servers do) comes back as the alert's text. `None` if the
+/// handshake and the first read go through, or the endpoint cannot be reached at all.
+async fn tls_probe(endpoint: &str, tls: &EtcdTls, timeout: Duration) -> Option<String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let authority = endpoint.strip_prefix("https://")?.split('/').next()?.to_owned();
+    let host = tls.server_name.clone().unwrap_or_else(|| authority.rsplit_once(':').map_or(authority.clone(), |(h, _)| h.to_owned()));
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&tls.ca_pem).flatten() {
+        roots.add(cert).ok()?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .with_root_certificates(roots);
+    let mut config = match &tls.identity {
+        Some((cert, key)) => {
+            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert).flatten().collect();
+            builder.with_client_auth_cert(chain, PrivateKeyDer::from_pem_slice(key).ok()?).ok()?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let name = ServerName::try_from(host.trim_start_matches('[').trim_end_matches(']').to_owned()).ok()?;
+    let probe = async {
+        let tcp = tokio::net::TcpStream::connect(&authority).await.ok()?;
+        let mut stream = match tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await {
+            Ok(s) => s,
+            Err(e) => return Some(e.to_string()),
+        };
+        if let Err(e) = stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").await {
+            return Some(e.to_string());
+        }
+        let mut buf = [0u8; 64];
+        match stream.read(&mut buf).await {
+            Err(e) if is_tls_failure(&e.to_string()) => Some(e.to_string()),
+            _ => None,
+        }
+    };
+    tokio::time::timeout(timeout, probe).await.ok().flatten()
+}
+
+/// etcd's answers to bad or missing credentials (codes vary across versions: 3.4 says
+/// InvalidArgument "authentication failed" or "user name is empty").
+fn is_auth_failure(message: &str) -> bool {
+    ["authentication failed", "user name is empty", "invalid auth token", "invalid user ID or password"].iter().any(|m| message.contains(m))
 }
 
 /// The first key after every key starting with `prefix` (etcd's range end for a

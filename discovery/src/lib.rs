@@ -115,7 +115,7 @@ pub use dns::{DnsConfig, DnsDiscovery};
 pub use dns_server::{instance_label, DnsServer, DnsServerConfig};
 pub use error::{Error, Result};
 #[cfg(feature = "etcd")]
-pub use etcd::{EtcdConfig, EtcdKv, DEFAULT_MAX_MESSAGE_BYTES};
+pub use etcd::{EtcdConfig, EtcdKv, EtcdTls, DEFAULT_MAX_MESSAGE_BYTES};
 pub use journal::{Journal, JournalRead};
 pub use kv::{
     failed_compare, list_paged, list_paged_at, validate_key, Compare, Expect, KeyValue, KvCapabilities, KvEntry, KvEvent, KvEventKind,

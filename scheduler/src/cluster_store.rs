@@ -45,6 +45,9 @@ pub(crate) fn kv_err(e: keelson_discovery::Error) -> Error {
     match e {
         keelson_discovery::Error::Conflict { key, .. } => Error::Conflict { kind: "key", name: key },
         keelson_discovery::Error::Fenced { key, .. } => Error::LockLost { lock: key },
+        e @ (keelson_discovery::Error::Tls { .. }
+        | keelson_discovery::Error::Unauthenticated { .. }
+        | keelson_discovery::Error::PermissionDenied { .. }) => Error::Denied { operation: "cluster store access", reason: e.to_string() },
         e if e.is_retryable() => Error::Unavailable { backend: BACKEND, reason: e.to_string() },
         e => Error::Backend { backend: BACKEND, source: Box::new(e) },
     }

@@ -19,6 +19,7 @@ pub mod consul;
 pub mod dnsmasq;
 pub mod docker;
 pub mod etcd;
+pub mod etcd_secure;
 pub mod http;
 pub mod netns;
 pub mod tls;

@@ -60,3 +60,40 @@ pub async fn handshake(addr: SocketAddr, sni: &str, roots: &[&TestCert]) -> std:
     let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
     Ok(Handshake { stream, leaf, alpn })
 }
+
+/// A certificate authority for tests: issues server and client certificates it signs,
+/// so a test can give one party the CA and the other a certificate (a wrong CA is just
+/// another `TestCa`).
+#[derive(Debug)]
+pub struct TestCa {
+    /// The CA's certificate (PEM): what clients and servers trust.
+    pub cert_pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    /// A fresh CA named `name`.
+    pub fn new(name: &str) -> Result<TestCa, TestkitError> {
+        let fail = |e: rcgen::Error| TestkitError::Failed { what: format!("creating the test CA {name}"), detail: e.to_string() };
+        let key = rcgen::KeyPair::generate().map_err(fail)?;
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(fail)?;
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages =
+            vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign, rcgen::KeyUsagePurpose::DigitalSignature];
+        let cert = params.self_signed(&key).map_err(fail)?;
+        Ok(TestCa { cert_pem: cert.pem(), issuer: rcgen::Issuer::new(params, key) })
+    }
+
+    /// A certificate for `names` (DNS names or IP addresses) with common name `cn`, good
+    /// for both server and client authentication, signed by this CA.
+    pub fn issue(&self, cn: &str, names: &[&str]) -> Result<TestCert, TestkitError> {
+        let fail = |e: rcgen::Error| TestkitError::Failed { what: format!("issuing a certificate for {cn}"), detail: e.to_string() };
+        let key = rcgen::KeyPair::generate().map_err(fail)?;
+        let mut params = rcgen::CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>()).map_err(fail)?;
+        params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &self.issuer).map_err(fail)?;
+        Ok(TestCert { chain_pem: cert.pem(), key_pem: key.serialize_pem(), der: cert.der().clone() })
+    }
+}
