@@ -69,6 +69,9 @@ pub struct ConsulConfig {
     pub min_query_interval: Duration,
     /// PEM file of the CA that signed the agent's certificate; required for `https://`.
     pub ca_file: Option<std::path::PathBuf>,
+    /// Client certificate chain and key (PEM files), for agents that verify clients
+    /// (`verify_incoming`).
+    pub client_cert: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 impl std::fmt::Debug for ConsulConfig {
@@ -81,6 +84,7 @@ impl std::fmt::Debug for ConsulConfig {
             .field("wait", &self.wait)
             .field("min_query_interval", &self.min_query_interval)
             .field("ca_file", &self.ca_file)
+            .field("client_cert", &self.client_cert.as_ref().map(|(cert, _)| cert))
             .finish()
     }
 }
@@ -96,6 +100,7 @@ impl ConsulConfig {
             wait: Duration::from_secs(60),
             min_query_interval: Duration::from_millis(100),
             ca_file: None,
+            client_cert: None,
         }
     }
 }
@@ -119,11 +124,23 @@ fn connector(config: &ConsulConfig) -> Result<HttpsConnector<HttpConnector>> {
             roots.add(c).map_err(|e| Error::invalid("consul ca_file", path.display().to_string(), e.to_string()))?;
         }
     }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::Backend { backend: BACKEND, source: Box::new(e) })?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let tls = match &config.client_cert {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            use rustls::pki_types::pem::PemObject;
+            let bad = |field: &'static str, path: &std::path::Path, e: String| Error::invalid(field, path.display().to_string(), e);
+            let chain = rustls::pki_types::CertificateDer::pem_file_iter(cert)
+                .map_err(|e| bad("consul client certificate", cert, e.to_string()))?
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| bad("consul client certificate", cert, e.to_string()))?;
+            let key_der = rustls::pki_types::PrivateKeyDer::from_pem_file(key).map_err(|e| bad("consul client key", key, e.to_string()))?;
+            builder.with_client_auth_cert(chain, key_der).map_err(|e| bad("consul client certificate", cert, e.to_string()))?
+        }
+    };
     Ok(HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1().wrap_connector(http))
 }
 

@@ -20,6 +20,7 @@
 //! # }
 //! ```
 
+pub mod backends;
 pub mod hello;
 pub mod metrics_http;
 pub mod minipaas;

@@ -257,3 +257,97 @@ async fn keelson_ctl_deploys_updates_and_runs_one_off_jobs_on_an_agent() {
     assert!(code == 1 && err.contains("not found"), "{err}");
     drop(agent);
 }
+
+/// The etcd settings of a secured etcd, as environment variables for the binaries.
+fn secure_env(etcd: &keelson_testkit::etcd_secure::SecureEtcd, password_file: &std::path::Path) -> Vec<(&'static str, String)> {
+    let (cert, key) = etcd.client_files();
+    vec![
+        ("KEELSON_ETCD_ENDPOINTS", etcd.client_url()),
+        ("KEELSON_ETCD_CA", etcd.ca_file().display().to_string()),
+        ("KEELSON_ETCD_CERT", cert.display().to_string()),
+        ("KEELSON_ETCD_KEY", key.display().to_string()),
+        ("KEELSON_ETCD_USER", keelson_testkit::etcd_secure::USER.to_owned()),
+        ("KEELSON_ETCD_PASSWORD_FILE", password_file.display().to_string()),
+    ]
+}
+
+fn ctl_env(env: &[(&'static str, String)], args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_keelson-ctl"))
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .args(args)
+        .output()
+        .expect("keelson-ctl runs");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// On an etcd with TLS, client certificates and a role limited to `keelson/`: a node
+/// agent and keelson-ctl given the right CA, certificate, user and password (all from the
+/// environment, the password from a file) deploy and run work; keelson-ctl with a wrong
+/// CA, no client certificate, a wrong password, or a root outside the role's prefix
+/// exits non-zero naming the cause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_secured_etcd_the_right_credentials_deploy_and_each_wrong_one_is_named() {
+    use keelson_testkit::etcd_secure::{SecureEtcd, PASSWORD};
+    let image = keelson_testkit::docker::busybox_image().unwrap_or_else(|e| panic!("the busybox test image: {e}"));
+    let etcd = tokio::task::spawn_blocking(SecureEtcd::start).await.expect("join").expect("secured etcd");
+    let password_file = etcd.dir().join("password");
+    std::fs::write(&password_file, format!("{PASSWORD}\n")).expect("password file");
+    let env = secure_env(&etcd, &password_file);
+
+    let node = format!("secure-{}", std::process::id());
+    let child = Command::new(env!("CARGO_BIN_EXE_node-agent"))
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .args(["--node", &node, "--cpu", "8000", "--memory", "8192", "--ttl-secs", "2", "--interval-ms", "200", "--ports", "27400-27499"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("node-agent starts");
+    let _agent = Agent { node: node.clone(), child };
+
+    let dir = tempfile::tempdir().expect("dir");
+    let mut spec = web(&image);
+    spec.desired.count = 1;
+    let deploy = dir.path().join("web.json");
+    std::fs::write(&deploy, serde_json::json!({"group": spec}).to_string()).expect("write");
+    let (code, _, err) = ctl_env(&env, &["deploy", &deploy.display().to_string()]);
+    assert_eq!(code, 0, "deploy with the right credentials: {err}");
+
+    let (cert, key) = etcd.client_files();
+    let config = keelson_discovery::EtcdConfig {
+        credentials: Some((keelson_testkit::etcd_secure::USER.into(), PASSWORD.into())),
+        tls: Some(keelson_discovery::EtcdTls::from_files(&etcd.ca_file(), Some(&cert), Some(&key)).expect("tls")),
+        ..EtcdConfig::new([etcd.client_url()])
+    };
+    let kv: Arc<dyn KeyValue> = Arc::new(EtcdKv::connect(config).await.expect("etcd"));
+    let store = ClusterStore::new(kv, "keelson/cluster");
+    wait_for("the deployed allocation running", Duration::from_secs(60), || async { running_on(&store, &node).await == 1 }).await;
+
+    let with = |name: &'static str, value: String| {
+        let mut e: Vec<(&'static str, String)> = env.iter().filter(|(k, _)| *k != name).cloned().collect();
+        e.push((name, value));
+        e
+    };
+    let other_ca = keelson_testkit::tls::TestCa::new("not etcd's CA").expect("ca");
+    let other_ca_file = etcd.dir().join("other-ca.pem");
+    std::fs::write(&other_ca_file, &other_ca.cert_pem).expect("write");
+    let wrong_password = etcd.dir().join("wrong-password");
+    std::fs::write(&wrong_password, "not-it\n").expect("write");
+    let no_cert: Vec<(&'static str, String)> = env.iter().filter(|(k, _)| !k.ends_with("_CERT") && !k.ends_with("_KEY")).cloned().collect();
+    let cases: [(&str, Vec<(&'static str, String)>, &[&str], &str); 4] = [
+        ("a wrong CA", with("KEELSON_ETCD_CA", other_ca_file.display().to_string()), &["status", "web", "http"], "TLS with etcd failed"),
+        ("no client certificate", no_cert, &["status", "web", "http"], "TLS with etcd failed"),
+        (
+            "a wrong password",
+            with("KEELSON_ETCD_PASSWORD_FILE", wrong_password.display().to_string()),
+            &["status", "web", "http"],
+            "refused the credentials",
+        ),
+        ("a root outside the role's prefix", env.clone(), &["--root", "other/cluster", "status", "web", "http"], "denied"),
+    ];
+    for (what, env, args, says) in cases {
+        let (code, _, err) = ctl_env(&env, args);
+        assert_ne!(code, 0, "{what}: keelson-ctl must fail");
+        assert!(err.contains(says), "{what}: the message names the cause ({says:?}): {err}");
+        assert!(!err.contains(PASSWORD), "{what}: no secret in the message: {err}");
+    }
+}

@@ -36,9 +36,10 @@ struct Args {
     /// The address the zone's NS (`ns.<domain>`) resolves to (default: the listen address).
     #[arg(long)]
     ns_address: Option<std::net::IpAddr>,
-    /// etcd client URLs (repeatable); without it the catalog is in memory.
-    #[arg(long)]
-    etcd: Vec<String>,
+    /// etcd (`--etcd` and its TLS and credential flags); without it the catalog is in
+    /// memory.
+    #[command(flatten)]
+    etcd: keelson_examples::backends::EtcdArgs,
     /// Register `service=id@ip:port` (repeatable).
     #[arg(long, value_parser = parse_registration)]
     register: Vec<Registration>,
@@ -54,13 +55,13 @@ fn parse_registration(s: &str) -> Result<Registration, String> {
     Ok(reg)
 }
 
-async fn discovery(etcd: &[String]) -> Result<Arc<dyn Discovery>, String> {
-    if etcd.is_empty() {
+async fn discovery(etcd: &keelson_examples::backends::EtcdArgs) -> Result<Arc<dyn Discovery>, String> {
+    if !etcd.is_set() {
         return Ok(Arc::new(MemoryDiscovery::memory()));
     }
     #[cfg(feature = "etcd")]
     {
-        let kv = keelson_discovery::EtcdKv::connect(keelson_discovery::EtcdConfig::new(etcd.to_vec())).await.map_err(|e| e.to_string())?;
+        let kv = etcd.connect().await?;
         Ok(Arc::new(keelson_discovery::KvDiscovery::new(Arc::new(kv))))
     }
     #[cfg(not(feature = "etcd"))]

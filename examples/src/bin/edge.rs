@@ -57,9 +57,10 @@ struct Args {
     /// Routes file (JSON); re-read on SIGHUP.
     #[arg(long, required_unless_present_any = ["etcd", "consul"])]
     routes: Option<PathBuf>,
-    /// etcd client URLs (repeatable): follow the keelson catalog stored there.
-    #[arg(long)]
-    etcd: Vec<String>,
+    /// etcd (`--etcd` and its TLS and credential flags): follow the keelson catalog
+    /// stored there.
+    #[command(flatten)]
+    etcd: keelson_examples::backends::EtcdArgs,
     /// With --etcd or --consul: serve catalog instances tagged `keelson.tcp.port=<port>`
     /// (and optionally `keelson.sni=<name>`) on this address, opening each port as it
     /// first appears.
@@ -68,9 +69,10 @@ struct Args {
     /// Copy TCP bytes through user space instead of splice(2) (for comparison).
     #[arg(long)]
     tcp_copy: bool,
-    /// Consul agent URL (`http://127.0.0.1:8500`): follow the service catalog there.
-    #[arg(long, conflicts_with = "etcd")]
-    consul: Option<String>,
+    /// Consul (`--consul` URL and its TLS and token flags): follow the service catalog
+    /// there.
+    #[command(flatten)]
+    consul: keelson_examples::backends::ConsulArgs,
     /// Proxy listen address.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
@@ -232,10 +234,13 @@ fn tcp_config(args: &Args) -> keelson_routing::TcpProxyConfig {
 }
 
 async fn follow_catalog(args: &Args, router: Arc<MemoryRouter>, status: keelson_routing::SourceStatus) -> Result<bool, String> {
-    let discovery: Arc<dyn keelson_discovery::Discovery> = if !args.etcd.is_empty() {
+    if args.etcd.is_set() && args.consul.address.is_some() {
+        return Err("--etcd and --consul are two catalogs: follow one".into());
+    }
+    let discovery: Arc<dyn keelson_discovery::Discovery> = if args.etcd.is_set() {
         etcd_catalog(&args.etcd).await?
-    } else if let Some(url) = &args.consul {
-        consul_catalog(url)?
+    } else if args.consul.address.is_some() {
+        consul_catalog(&args.consul)?
     } else {
         return Ok(false);
     };
@@ -249,25 +254,25 @@ async fn follow_catalog(args: &Args, router: Arc<MemoryRouter>, status: keelson_
 }
 
 #[cfg(feature = "etcd")]
-async fn etcd_catalog(endpoints: &[String]) -> Result<Arc<dyn keelson_discovery::Discovery>, String> {
-    let kv = keelson_discovery::EtcdKv::connect(keelson_discovery::EtcdConfig::new(endpoints.to_vec())).await.map_err(|e| e.to_string())?;
+async fn etcd_catalog(etcd: &keelson_examples::backends::EtcdArgs) -> Result<Arc<dyn keelson_discovery::Discovery>, String> {
+    let kv = etcd.connect().await?;
     Ok(Arc::new(keelson_discovery::KvDiscovery::new(Arc::new(kv))))
 }
 
 #[cfg(not(feature = "etcd"))]
-async fn etcd_catalog(_: &[String]) -> Result<Arc<dyn keelson_discovery::Discovery>, String> {
+async fn etcd_catalog(_: &keelson_examples::backends::EtcdArgs) -> Result<Arc<dyn keelson_discovery::Discovery>, String> {
     Err("this build has no etcd support: rebuild with `--features etcd` (needs protoc: apt-get install -y protobuf-compiler)".into())
 }
 
 #[cfg(feature = "consul")]
-fn consul_catalog(url: &str) -> Result<Arc<dyn keelson_discovery::Discovery>, String> {
-    let consul =
-        keelson_discovery::ConsulDiscovery::new(keelson_discovery::ConsulConfig::new(url.to_owned())).map_err(|e| e.to_string())?;
+fn consul_catalog(consul: &keelson_examples::backends::ConsulArgs) -> Result<Arc<dyn keelson_discovery::Discovery>, String> {
+    let config = consul.config()?.ok_or("--consul is required")?;
+    let consul = keelson_discovery::ConsulDiscovery::new(config).map_err(|e| format!("consul: {e}"))?;
     Ok(Arc::new(consul))
 }
 
 #[cfg(not(feature = "consul"))]
-fn consul_catalog(_: &str) -> Result<Arc<dyn keelson_discovery::Discovery>, String> {
+fn consul_catalog(_: &keelson_examples::backends::ConsulArgs) -> Result<Arc<dyn keelson_discovery::Discovery>, String> {
     Err("this build has no Consul support: rebuild with `--features consul`".into())
 }
 

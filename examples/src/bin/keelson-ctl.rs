@@ -18,16 +18,15 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use keelson_discovery::{EtcdConfig, EtcdKv, KeyValue};
+use keelson_discovery::KeyValue;
 use keelson_scheduler::{ClusterStore, Gates, GroupSpec, RunSpec, Strategy};
 use serde::Deserialize;
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Deploy to and inspect a keelson cluster (state in etcd)")]
 struct Args {
-    /// etcd client URLs (repeatable).
-    #[arg(long, required = true)]
-    etcd: Vec<String>,
+    #[command(flatten)]
+    etcd: keelson_examples::backends::EtcdArgs,
     /// Root of the cluster state keys (as given to the node agents).
     #[arg(long, default_value = "keelson/cluster")]
     root: String,
@@ -75,7 +74,10 @@ fn print(value: &impl serde::Serialize) -> Result<(), String> {
 }
 
 async fn run(args: Args) -> Result<(), String> {
-    let kv: Arc<dyn KeyValue> = Arc::new(EtcdKv::connect(EtcdConfig::new(args.etcd.clone())).await.map_err(|e| format!("etcd: {e}"))?);
+    if !args.etcd.is_set() {
+        return Err("--etcd (or KEELSON_ETCD_ENDPOINTS) is required".into());
+    }
+    let kv: Arc<dyn KeyValue> = Arc::new(args.etcd.connect().await?);
     let store = ClusterStore::new(kv, args.root);
     match args.command {
         Command::Deploy { file } => {

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use keelson_discovery::{Discovery, EtcdConfig, EtcdKv, KeyValue, KvDiscovery};
+use keelson_discovery::{Discovery, KeyValue, KvDiscovery};
 use keelson_scheduler::{
     ClusterStore, Controller, DockerDriver, Node, NodeAgent, OrchestrationMetrics, PortRange, Resources, VolumeManager,
 };
@@ -28,9 +28,8 @@ use keelson_scheduler::{
 #[derive(Parser, Debug)]
 #[command(version, about = "Run a keelson node: cluster state in etcd, tasks on Docker")]
 struct Args {
-    /// etcd client URLs (repeatable).
-    #[arg(long, required = true)]
-    etcd: Vec<String>,
+    #[command(flatten)]
+    etcd: keelson_examples::backends::EtcdArgs,
     /// This node's id.
     #[arg(long)]
     node: String,
@@ -87,7 +86,10 @@ struct Args {
 }
 
 async fn run(args: Args) -> Result<(), String> {
-    let kv: Arc<dyn KeyValue> = Arc::new(EtcdKv::connect(EtcdConfig::new(args.etcd.clone())).await.map_err(|e| format!("etcd: {e}"))?);
+    if !args.etcd.is_set() {
+        return Err("--etcd (or KEELSON_ETCD_ENDPOINTS) is required".into());
+    }
+    let kv: Arc<dyn KeyValue> = Arc::new(args.etcd.connect().await?);
     let store = ClusterStore::new(kv.clone(), args.root.clone());
     let publish = args.publish_address.or_else(|| args.address.parse().ok()).unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
     let driver = DockerDriver::connect().await.map_err(|e| format!("docker: {e}"))?;

@@ -1,0 +1,126 @@
+//! How the reference binaries reach etcd and Consul: one set of flags, each also read
+//! from a `KEELSON_*` environment variable, shared by `edge`, `node-agent`,
+//! `keelson-ctl` and `dns-catalog`.
+//!
+//! Secrets never go on the command line (where `ps` shows them): passwords and tokens
+//! come from files (`--etcd-password-file`, `--consul-token-file`) or from the
+//! environment (`KEELSON_ETCD_PASSWORD`, `KEELSON_CONSUL_TOKEN`), and the library configs
+//! print them redacted. A password is only sent over TLS unless
+//! `--etcd-allow-plaintext-password` says otherwise.
+
+use std::path::PathBuf;
+
+/// etcd endpoints, TLS and credentials.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct EtcdArgs {
+    /// etcd client URLs (repeatable; comma-separated in the environment).
+    #[arg(id = "etcd", long = "etcd", env = "KEELSON_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub endpoints: Vec<String>,
+    /// The CA (PEM) that signed etcd's certificate: with it, endpoints are https://.
+    #[arg(id = "etcd_ca", long = "etcd-ca", env = "KEELSON_ETCD_CA")]
+    pub ca: Option<PathBuf>,
+    /// This client's certificate (PEM), for etcd's --client-cert-auth.
+    #[arg(id = "etcd_cert", long = "etcd-cert", env = "KEELSON_ETCD_CERT", requires = "etcd_key")]
+    pub cert: Option<PathBuf>,
+    /// The private key (PEM) of --etcd-cert.
+    #[arg(id = "etcd_key", long = "etcd-key", env = "KEELSON_ETCD_KEY", requires = "etcd_cert")]
+    pub key: Option<PathBuf>,
+    /// The name etcd's certificate must carry (default: the endpoint's host).
+    #[arg(id = "etcd_server_name", long = "etcd-server-name", env = "KEELSON_ETCD_SERVER_NAME")]
+    pub server_name: Option<String>,
+    /// The etcd user (its password from --etcd-password-file or KEELSON_ETCD_PASSWORD).
+    #[arg(id = "etcd_user", long = "etcd-user", env = "KEELSON_ETCD_USER")]
+    pub user: Option<String>,
+    /// A file holding the etcd user's password.
+    #[arg(id = "etcd_password_file", long = "etcd-password-file", env = "KEELSON_ETCD_PASSWORD_FILE")]
+    pub password_file: Option<PathBuf>,
+    /// Send the password to an http:// endpoint anyway (anyone on the path can read it).
+    #[arg(id = "etcd_allow_plaintext_password", long = "etcd-allow-plaintext-password")]
+    pub allow_plaintext_password: bool,
+}
+
+/// Reads a secret from a file: its first line, trimmed. Names the file on error, never
+/// the contents.
+pub fn read_secret(flag: &str, path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{flag} {}: {e}", path.display()))?;
+    let secret = text.lines().next().unwrap_or_default().trim().to_owned();
+    if secret.is_empty() {
+        return Err(format!("{flag} {}: the file is empty", path.display()));
+    }
+    Ok(secret)
+}
+
+impl EtcdArgs {
+    /// Whether etcd was asked for.
+    pub fn is_set(&self) -> bool {
+        !self.endpoints.is_empty()
+    }
+
+    /// The library config these flags describe.
+    #[cfg(feature = "etcd")]
+    pub fn config(&self) -> Result<keelson_discovery::EtcdConfig, String> {
+        let mut config = keelson_discovery::EtcdConfig::new(self.endpoints.clone());
+        if let Some(ca) = &self.ca {
+            let mut tls = keelson_discovery::EtcdTls::from_files(ca, self.cert.as_deref(), self.key.as_deref())
+                .map_err(|e| format!("etcd TLS: {e}"))?;
+            tls.server_name = self.server_name.clone();
+            config.tls = Some(tls);
+        } else if self.cert.is_some() {
+            return Err("--etcd-cert needs --etcd-ca (the CA that signed etcd's certificate)".into());
+        }
+        if let Some(user) = &self.user {
+            let password = match (&self.password_file, std::env::var("KEELSON_ETCD_PASSWORD")) {
+                (Some(path), _) => read_secret("--etcd-password-file", path)?,
+                (None, Ok(p)) if !p.is_empty() => p,
+                _ => return Err("--etcd-user needs a password: --etcd-password-file or KEELSON_ETCD_PASSWORD".into()),
+            };
+            config.credentials = Some((user.clone(), password));
+        }
+        config.allow_plaintext_password = self.allow_plaintext_password;
+        Ok(config)
+    }
+
+    /// Connects; the error names the cause (untrusted certificate, refused password,
+    /// unreachable endpoints) for the binary to print.
+    #[cfg(feature = "etcd")]
+    pub async fn connect(&self) -> Result<keelson_discovery::EtcdKv, String> {
+        keelson_discovery::EtcdKv::connect(self.config()?).await.map_err(|e| format!("etcd: {e}"))
+    }
+}
+
+/// A Consul agent, its TLS and ACL token.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ConsulArgs {
+    /// The Consul agent's URL (http:// or https://).
+    #[arg(id = "consul", long = "consul", env = "KEELSON_CONSUL_ADDR")]
+    pub address: Option<String>,
+    /// The CA (PEM) that signed the agent's certificate.
+    #[arg(id = "consul_ca", long = "consul-ca", env = "KEELSON_CONSUL_CA")]
+    pub ca: Option<PathBuf>,
+    /// This client's certificate (PEM), for agents with verify_incoming.
+    #[arg(id = "consul_cert", long = "consul-cert", env = "KEELSON_CONSUL_CERT", requires = "consul_key")]
+    pub cert: Option<PathBuf>,
+    /// The private key (PEM) of --consul-cert.
+    #[arg(id = "consul_key", long = "consul-key", env = "KEELSON_CONSUL_KEY", requires = "consul_cert")]
+    pub consul_key: Option<PathBuf>,
+    /// A file holding the ACL token (or KEELSON_CONSUL_TOKEN).
+    #[arg(id = "consul_token_file", long = "consul-token-file", env = "KEELSON_CONSUL_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+impl ConsulArgs {
+    /// The library config these flags describe (`None` without --consul).
+    #[cfg(feature = "consul")]
+    pub fn config(&self) -> Result<Option<keelson_discovery::ConsulConfig>, String> {
+        let Some(address) = &self.address else { return Ok(None) };
+        let mut config = keelson_discovery::ConsulConfig::new(address.clone());
+        config.ca_file = self.ca.clone();
+        config.client_cert = self.cert.clone().zip(self.consul_key.clone());
+        config.token = match (&self.token_file, std::env::var("KEELSON_CONSUL_TOKEN")) {
+            (Some(path), _) => Some(read_secret("--consul-token-file", path)?),
+            (None, Ok(t)) if !t.is_empty() => Some(t),
+            _ => None,
+        };
+        Ok(Some(config))
+    }
+}
