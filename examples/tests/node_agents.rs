@@ -258,8 +258,11 @@ async fn keelson_ctl_deploys_updates_and_runs_one_off_jobs_on_an_agent() {
     drop(agent);
 }
 
+/// Environment variables for a binary.
+type Env = Vec<(&'static str, String)>;
+
 /// The etcd settings of a secured etcd, as environment variables for the binaries.
-fn secure_env(etcd: &keelson_testkit::etcd_secure::SecureEtcd, password_file: &std::path::Path) -> Vec<(&'static str, String)> {
+fn secure_env(etcd: &keelson_testkit::etcd_secure::SecureEtcd, password_file: &std::path::Path) -> Env {
     let (cert, key) = etcd.client_files();
     vec![
         ("KEELSON_ETCD_ENDPOINTS", etcd.client_url()),
@@ -323,7 +326,7 @@ async fn on_a_secured_etcd_the_right_credentials_deploy_and_each_wrong_one_is_na
     wait_for("the deployed allocation running", Duration::from_secs(60), || async { running_on(&store, &node).await == 1 }).await;
 
     let with = |name: &'static str, value: String| {
-        let mut e: Vec<(&'static str, String)> = env.iter().filter(|(k, _)| *k != name).cloned().collect();
+        let mut e: Env = env.iter().filter(|(k, _)| *k != name).cloned().collect();
         e.push((name, value));
         e
     };
@@ -332,8 +335,8 @@ async fn on_a_secured_etcd_the_right_credentials_deploy_and_each_wrong_one_is_na
     std::fs::write(&other_ca_file, &other_ca.cert_pem).expect("write");
     let wrong_password = etcd.dir().join("wrong-password");
     std::fs::write(&wrong_password, "not-it\n").expect("write");
-    let no_cert: Vec<(&'static str, String)> = env.iter().filter(|(k, _)| !k.ends_with("_CERT") && !k.ends_with("_KEY")).cloned().collect();
-    let cases: [(&str, Vec<(&'static str, String)>, &[&str], &str); 4] = [
+    let no_cert: Env = env.iter().filter(|(k, _)| !k.ends_with("_CERT") && !k.ends_with("_KEY")).cloned().collect();
+    let cases: [(&str, Env, &[&str], &str); 4] = [
         ("a wrong CA", with("KEELSON_ETCD_CA", other_ca_file.display().to_string()), &["status", "web", "http"], "TLS with etcd failed"),
         ("no client certificate", no_cert, &["status", "web", "http"], "TLS with etcd failed"),
         (
