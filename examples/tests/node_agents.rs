@@ -354,3 +354,111 @@ async fn on_a_secured_etcd_the_right_credentials_deploy_and_each_wrong_one_is_na
         assert!(!err.contains(PASSWORD), "{what}: no secret in the message: {err}");
     }
 }
+
+/// Least privilege: an agent run with `--no-controller` under an etcd role that reads the
+/// cluster but writes only its own node's keys (its node record, its allocations' status,
+/// forgetting its finished work, its runs), run results and the catalog still runs the
+/// work placed on it; with that credential, writing another node's allocations or the
+/// desired state is refused by etcd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_under_a_node_scoped_role_runs_its_work_and_cannot_touch_others() {
+    use keelson_testkit::etcd_secure::{SecureEtcd, PASSWORD};
+    let image = keelson_testkit::docker::busybox_image().unwrap_or_else(|e| panic!("the busybox test image: {e}"));
+    let etcd = tokio::task::spawn_blocking(SecureEtcd::start).await.expect("join").expect("secured etcd");
+    let worker = format!("scoped-{}", std::process::id());
+    let role = "node-role";
+    let c = "keelson/cluster";
+    let grants: Vec<Vec<String>> = vec![
+        vec!["role".into(), "add".into(), role.into()],
+        vec!["role".into(), "grant-permission".into(), role.into(), "--prefix=true".into(), "read".into(), "keelson/".into()],
+        vec!["role".into(), "grant-permission".into(), role.into(), "readwrite".into(), format!("{c}/nodes/{worker}")],
+        vec![
+            "role".into(),
+            "grant-permission".into(),
+            role.into(),
+            "--prefix=true".into(),
+            "readwrite".into(),
+            format!("{c}/status/{worker}/"),
+        ],
+        vec![
+            "role".into(),
+            "grant-permission".into(),
+            role.into(),
+            "--prefix=true".into(),
+            "readwrite".into(),
+            format!("{c}/allocs/{worker}/"),
+        ],
+        vec![
+            "role".into(),
+            "grant-permission".into(),
+            role.into(),
+            "--prefix=true".into(),
+            "readwrite".into(),
+            format!("{c}/runs/{worker}/"),
+        ],
+        vec![
+            "role".into(),
+            "grant-permission".into(),
+            role.into(),
+            "--prefix=true".into(),
+            "readwrite".into(),
+            format!("{c}/run-results/"),
+        ],
+        vec!["role".into(), "grant-permission".into(), role.into(), "--prefix=true".into(), "readwrite".into(), "keelson/services/".into()],
+        vec!["user".into(), "add".into(), format!("{worker}:node-pw")],
+        vec!["user".into(), "grant-role".into(), worker.clone(), role.into()],
+    ];
+    for args in &grants {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        etcd.etcdctl(&args).expect("etcdctl");
+    }
+    let full_password = etcd.dir().join("password");
+    std::fs::write(&full_password, format!("{PASSWORD}\n")).expect("write");
+    let node_password = etcd.dir().join("node-password");
+    std::fs::write(&node_password, "node-pw\n").expect("write");
+    let full_env = secure_env(&etcd, &full_password);
+    let mut node_env: Env = secure_env(&etcd, &node_password).into_iter().filter(|(k, _)| *k != "KEELSON_ETCD_USER").collect();
+    node_env.push(("KEELSON_ETCD_USER", worker.clone()));
+
+    // The controller: an agent with the full role, too small to take the work itself.
+    let leader = format!("leader-{}", std::process::id());
+    let spawn = |env: &Env, node: &str, cpu: &str, ports: &str, extra: &[&str]| {
+        let child = Command::new(env!("CARGO_BIN_EXE_node-agent"))
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .args(["--node", node, "--cpu", cpu, "--memory", "8192", "--ttl-secs", "2", "--interval-ms", "200", "--ports", ports])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("node-agent starts");
+        Agent { node: node.to_owned(), child }
+    };
+    let _leader = spawn(&full_env, &leader, "100", "27500-27549", &[]);
+    let _worker = spawn(&node_env, &worker, "8000", "27550-27599", &["--no-controller"]);
+
+    let dir = tempfile::tempdir().expect("dir");
+    let mut spec = web(&image);
+    spec.desired.count = 1;
+    let deploy = dir.path().join("web.json");
+    std::fs::write(&deploy, serde_json::json!({"group": spec}).to_string()).expect("write");
+    let (code, _, err) = ctl_env(&full_env, &["deploy", &deploy.display().to_string()]);
+    assert_eq!(code, 0, "{err}");
+
+    let (cert, key) = etcd.client_files();
+    let tls = keelson_discovery::EtcdTls::from_files(&etcd.ca_file(), Some(&cert), Some(&key)).expect("tls");
+    let as_user = |user: &str, password: &str| keelson_discovery::EtcdConfig {
+        credentials: Some((user.into(), password.into())),
+        tls: Some(tls.clone()),
+        ..EtcdConfig::new([etcd.client_url()])
+    };
+    let full: Arc<dyn KeyValue> = Arc::new(EtcdKv::connect(as_user(keelson_testkit::etcd_secure::USER, PASSWORD)).await.expect("etcd"));
+    let store = ClusterStore::new(full, c);
+    wait_for("the work running on the scoped node", Duration::from_secs(60), || async { running_on(&store, &worker).await == 1 }).await;
+
+    let scoped = EtcdKv::connect(as_user(&worker, "node-pw")).await.expect("the node's credential connects");
+    for key in [format!("{c}/allocs/{leader}/forged"), format!("{c}/desired/web/http"), format!("{c}/journal/head")] {
+        let r = scoped.put(&key, b"{}".to_vec(), None).await;
+        assert!(matches!(r, Err(keelson_discovery::Error::PermissionDenied { .. })), "{key}: {r:?}");
+    }
+    scoped.get(&format!("{c}/desired/web/http")).await.expect("it reads the desired state");
+}

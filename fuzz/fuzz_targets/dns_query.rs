@@ -13,23 +13,25 @@ struct Served {
     rt: tokio::runtime::Runtime,
     addr: SocketAddr,
     _server: DnsServer,
+    _registrations: Vec<keelson_discovery::RegistrationHandle>,
 }
 
 fn served() -> &'static Served {
     static SERVED: OnceLock<Served> = OnceLock::new();
     SERVED.get_or_init(|| {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
-        let server = rt.block_on(async {
+        let (server, registrations) = rt.block_on(async {
             let d = Arc::new(MemoryDiscovery::memory());
+            let mut registrations = Vec::new();
             for (svc, id, port) in [("web", "web-1", 8080), ("web", "web-2", 8081), ("api", "api-1", 9090)] {
                 let reg = Registration::new(ServiceName::new(svc).expect("name"), id, "127.0.0.11", port);
-                std::mem::forget(d.register(reg).await.expect("register"));
+                registrations.push(d.register(reg).await.expect("register"));
             }
             let config = DnsServerConfig { domain: "keelson.test".into(), listen: SocketAddr::from(([127, 0, 0, 1], 0)), ..DnsServerConfig::default() };
-            DnsServer::start(d, config).await.expect("server")
+            (DnsServer::start(d, config).await.expect("server"), registrations)
         });
         let addr = server.local_addr();
-        Served { rt, addr, _server: server }
+        Served { rt, addr, _server: server, _registrations: registrations }
     })
 }
 
@@ -42,7 +44,7 @@ fuzz_target!(|data: &[u8]| {
         let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
         let _ = socket.send_to(data, s.addr).await;
         let mut buf = [0u8; 4096];
-        let _ = tokio::time::timeout(Duration::from_millis(50), socket.recv_from(&mut buf)).await;
+        let _ = tokio::time::timeout(Duration::from_millis(10), socket.recv_from(&mut buf)).await;
         socket.send_to(GOOD, s.addr).await.expect("send");
         let answered = tokio::time::timeout(Duration::from_secs(2), async {
             loop {

@@ -144,15 +144,6 @@ async fn every_body_arrives_whole_for_every_method_framing_and_upstream() {
     assert!(failures.is_empty(), "{} of 48 cases lost bytes:\n{}", failures.len(), failures.join("\n"));
 }
 
-fn rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
-}
-
 /// 1 GiB through the proxy to an upstream reading at 10 MiB/s: the proxy streams it
 /// (backpressure from the upstream reaches the client) instead of buffering it; this
 /// process (client, proxy and upstream together) grows by at most 32 MiB.
@@ -167,17 +158,7 @@ async fn a_large_upload_to_a_slow_upstream_streams_with_bounded_memory() {
         .await
         .expect("routes");
     let proxy = start_proxy(router).await;
-    let before = rss_bytes();
-    let peak = Arc::new(std::sync::atomic::AtomicU64::new(before));
-    let sampler = {
-        let peak = peak.clone();
-        tokio::spawn(async move {
-            loop {
-                peak.fetch_max(rss_bytes(), std::sync::atomic::Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })
-    };
+    let rss = keelson_testkit::memory::PeakRss::start(Duration::from_millis(100));
     // The chunk is the same each time: the client holds 256 KiB, whatever it sends.
     let chunk = Bytes::from(vec![0x5a; CHUNK]);
     let mut hash = Sha256::new();
@@ -198,10 +179,9 @@ async fn a_large_upload_to_a_slow_upstream_streams_with_bounded_memory() {
     let resp = sender.send_request(req).await.expect("response");
     let status = resp.status();
     let text = String::from_utf8_lossy(&resp.into_body().collect().await.expect("body").to_bytes()).into_owned();
-    sampler.abort();
     assert_eq!(status, StatusCode::OK);
     assert_eq!(text, format!("PUT {TOTAL} {want}"), "every byte arrived");
-    let grew = peak.load(std::sync::atomic::Ordering::Relaxed).saturating_sub(before);
+    let grew = rss.growth();
     eprintln!("RSS grew by {} KiB during the upload", grew / 1024);
     assert!(grew <= 32 << 20, "the upload was buffered: RSS grew by {} MiB", grew >> 20);
 }

@@ -191,15 +191,6 @@ async fn a_recorded_group_that_now_belongs_to_another_process_is_never_signalled
     assert!(alive(other), "the unrelated process in the recorded group was signalled");
 }
 
-fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
-}
-
 async fn until_exited(d: &ProcessDriver, id: &str) -> keelson_scheduler::TaskStatus {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
@@ -220,20 +211,9 @@ async fn output_without_newlines_is_cut_into_counted_pieces_with_bounded_memory(
     let d = ProcessDriver::new();
     let mut registry = prometheus_client::registry::Registry::default();
     d.register_metrics(&mut registry);
-    let before = rss_bytes();
-    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(before));
-    let sampler = {
-        let peak = peak.clone();
-        tokio::spawn(async move {
-            loop {
-                peak.fetch_max(rss_bytes(), std::sync::atomic::Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-    };
+    let rss = keelson_testkit::memory::PeakRss::start(Duration::from_millis(20));
     d.start(TaskSpec::new("flood", ["/bin/sh", "-c", "head -c 104857600 /dev/zero | tr '\\0' a"])).await.expect("start");
     let status = until_exited(&d, "flood").await;
-    sampler.abort();
     assert_eq!(status.state, TaskState::Exited { code: Some(0), signal: None });
     // 100 MiB / 64 KiB = 1,600 pieces: 1,599 cut, the last ended by the end of output.
     assert_eq!(status.output_lines_split, 1_599);
@@ -243,7 +223,7 @@ async fn output_without_newlines_is_cut_into_counted_pieces_with_bounded_memory(
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
     assert!(text.contains("keelson_driver_output_lines_split_total 1599"), "{text}");
-    let grew = peak.load(std::sync::atomic::Ordering::Relaxed).saturating_sub(before);
+    let grew = rss.growth();
     eprintln!("RSS grew by {} KiB while reading 100 MiB without a newline", grew / 1024);
     assert!(grew <= 16 << 20, "RSS grew by {} MiB", grew >> 20);
     d.remove("flood").await.expect("remove");

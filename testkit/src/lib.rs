@@ -21,6 +21,7 @@ pub mod docker;
 pub mod etcd;
 pub mod etcd_secure;
 pub mod http;
+pub mod memory;
 pub mod netns;
 pub mod tls;
 mod tools;
