@@ -283,6 +283,48 @@ fn ctl_env(env: &[(&'static str, String)], args: &[&str]) -> (i32, String, Strin
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
+/// A node agent configured by `env` (no etcd flags), killed on drop with its containers.
+fn agent_with_env(env: &Env, node: &str, cpu: &str, ports: &str, extra: &[&str]) -> Agent {
+    let child = Command::new(env!("CARGO_BIN_EXE_node-agent"))
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .args(["--node", node, "--cpu", cpu, "--memory", "8192", "--ttl-secs", "2", "--interval-ms", "200", "--ports", ports])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("node-agent starts");
+    Agent { node: node.to_owned(), child }
+}
+
+/// Deploys one `web` allocation with keelson-ctl configured by `env`.
+fn deploy_one_web(env: &Env, image: &str) {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut spec = web(image);
+    spec.desired.count = 1;
+    let deploy = dir.path().join("web.json");
+    std::fs::write(&deploy, serde_json::json!({"group": spec}).to_string()).expect("write");
+    let (code, _, err) = ctl_env(env, &["deploy", &deploy.display().to_string()]);
+    assert_eq!(code, 0, "deploy: {err}");
+}
+
+/// A file in the secured etcd's directory holding `secret` (as an operator stores it).
+fn secret_file(etcd: &keelson_testkit::etcd_secure::SecureEtcd, name: &str, secret: &str) -> std::path::PathBuf {
+    let path = etcd.dir().join(name);
+    std::fs::write(&path, format!("{secret}\n")).expect("secret file");
+    path
+}
+
+/// A library connection to the secured etcd as `user`.
+async fn connect_as(etcd: &keelson_testkit::etcd_secure::SecureEtcd, user: &str, password: &str) -> EtcdKv {
+    let (cert, key) = etcd.client_files();
+    let config = keelson_discovery::EtcdConfig {
+        credentials: Some((user.into(), password.into())),
+        tls: Some(keelson_discovery::EtcdTls::from_files(&etcd.ca_file(), Some(&cert), Some(&key)).expect("tls")),
+        ..EtcdConfig::new([etcd.client_url()])
+    };
+    EtcdKv::connect(config).await.expect("etcd")
+}
+
 /// On an etcd with TLS, client certificates and a role limited to `keelson/`: a node
 /// agent and keelson-ctl given the right CA, certificate, user and password (all from the
 /// environment, the password from a file) deploy and run work; keelson-ctl with a wrong
@@ -293,35 +335,11 @@ async fn on_a_secured_etcd_the_right_credentials_deploy_and_each_wrong_one_is_na
     use keelson_testkit::etcd_secure::{SecureEtcd, PASSWORD};
     let image = keelson_testkit::docker::busybox_image().unwrap_or_else(|e| panic!("the busybox test image: {e}"));
     let etcd = tokio::task::spawn_blocking(SecureEtcd::start).await.expect("join").expect("secured etcd");
-    let password_file = etcd.dir().join("password");
-    std::fs::write(&password_file, format!("{PASSWORD}\n")).expect("password file");
-    let env = secure_env(&etcd, &password_file);
-
+    let env = secure_env(&etcd, &secret_file(&etcd, "password", PASSWORD));
     let node = format!("secure-{}", std::process::id());
-    let child = Command::new(env!("CARGO_BIN_EXE_node-agent"))
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .args(["--node", &node, "--cpu", "8000", "--memory", "8192", "--ttl-secs", "2", "--interval-ms", "200", "--ports", "27400-27499"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("node-agent starts");
-    let _agent = Agent { node: node.clone(), child };
-
-    let dir = tempfile::tempdir().expect("dir");
-    let mut spec = web(&image);
-    spec.desired.count = 1;
-    let deploy = dir.path().join("web.json");
-    std::fs::write(&deploy, serde_json::json!({"group": spec}).to_string()).expect("write");
-    let (code, _, err) = ctl_env(&env, &["deploy", &deploy.display().to_string()]);
-    assert_eq!(code, 0, "deploy with the right credentials: {err}");
-
-    let (cert, key) = etcd.client_files();
-    let config = keelson_discovery::EtcdConfig {
-        credentials: Some((keelson_testkit::etcd_secure::USER.into(), PASSWORD.into())),
-        tls: Some(keelson_discovery::EtcdTls::from_files(&etcd.ca_file(), Some(&cert), Some(&key)).expect("tls")),
-        ..EtcdConfig::new([etcd.client_url()])
-    };
-    let kv: Arc<dyn KeyValue> = Arc::new(EtcdKv::connect(config).await.expect("etcd"));
+    let _agent = agent_with_env(&env, &node, "8000", "27400-27499", &[]);
+    deploy_one_web(&env, &image);
+    let kv: Arc<dyn KeyValue> = Arc::new(connect_as(&etcd, keelson_testkit::etcd_secure::USER, PASSWORD).await);
     let store = ClusterStore::new(kv, "keelson/cluster");
     wait_for("the deployed allocation running", Duration::from_secs(60), || async { running_on(&store, &node).await == 1 }).await;
 
@@ -412,50 +430,21 @@ async fn an_agent_under_a_node_scoped_role_runs_its_work_and_cannot_touch_others
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         etcd.etcdctl(&args).expect("etcdctl");
     }
-    let full_password = etcd.dir().join("password");
-    std::fs::write(&full_password, format!("{PASSWORD}\n")).expect("write");
-    let node_password = etcd.dir().join("node-password");
-    std::fs::write(&node_password, "node-pw\n").expect("write");
-    let full_env = secure_env(&etcd, &full_password);
-    let mut node_env: Env = secure_env(&etcd, &node_password).into_iter().filter(|(k, _)| *k != "KEELSON_ETCD_USER").collect();
+    let full_env = secure_env(&etcd, &secret_file(&etcd, "password", PASSWORD));
+    let mut node_env: Env =
+        secure_env(&etcd, &secret_file(&etcd, "node-password", "node-pw")).into_iter().filter(|(k, _)| *k != "KEELSON_ETCD_USER").collect();
     node_env.push(("KEELSON_ETCD_USER", worker.clone()));
 
     // The controller: an agent with the full role, too small to take the work itself.
     let leader = format!("leader-{}", std::process::id());
-    let spawn = |env: &Env, node: &str, cpu: &str, ports: &str, extra: &[&str]| {
-        let child = Command::new(env!("CARGO_BIN_EXE_node-agent"))
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .args(["--node", node, "--cpu", cpu, "--memory", "8192", "--ttl-secs", "2", "--interval-ms", "200", "--ports", ports])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("node-agent starts");
-        Agent { node: node.to_owned(), child }
-    };
-    let _leader = spawn(&full_env, &leader, "100", "27500-27549", &[]);
-    let _worker = spawn(&node_env, &worker, "8000", "27550-27599", &["--no-controller"]);
-
-    let dir = tempfile::tempdir().expect("dir");
-    let mut spec = web(&image);
-    spec.desired.count = 1;
-    let deploy = dir.path().join("web.json");
-    std::fs::write(&deploy, serde_json::json!({"group": spec}).to_string()).expect("write");
-    let (code, _, err) = ctl_env(&full_env, &["deploy", &deploy.display().to_string()]);
-    assert_eq!(code, 0, "{err}");
-
-    let (cert, key) = etcd.client_files();
-    let tls = keelson_discovery::EtcdTls::from_files(&etcd.ca_file(), Some(&cert), Some(&key)).expect("tls");
-    let as_user = |user: &str, password: &str| keelson_discovery::EtcdConfig {
-        credentials: Some((user.into(), password.into())),
-        tls: Some(tls.clone()),
-        ..EtcdConfig::new([etcd.client_url()])
-    };
-    let full: Arc<dyn KeyValue> = Arc::new(EtcdKv::connect(as_user(keelson_testkit::etcd_secure::USER, PASSWORD)).await.expect("etcd"));
+    let _leader = agent_with_env(&full_env, &leader, "100", "27500-27549", &[]);
+    let _worker = agent_with_env(&node_env, &worker, "8000", "27550-27599", &["--no-controller"]);
+    deploy_one_web(&full_env, &image);
+    let full: Arc<dyn KeyValue> = Arc::new(connect_as(&etcd, keelson_testkit::etcd_secure::USER, PASSWORD).await);
     let store = ClusterStore::new(full, c);
     wait_for("the work running on the scoped node", Duration::from_secs(60), || async { running_on(&store, &worker).await == 1 }).await;
 
-    let scoped = EtcdKv::connect(as_user(&worker, "node-pw")).await.expect("the node's credential connects");
+    let scoped = connect_as(&etcd, &worker, "node-pw").await;
     for key in [format!("{c}/allocs/{leader}/forged"), format!("{c}/desired/web/http"), format!("{c}/journal/head")] {
         let r = scoped.put(&key, b"{}".to_vec(), None).await;
         assert!(matches!(r, Err(keelson_discovery::Error::PermissionDenied { .. })), "{key}: {r:?}");
