@@ -34,7 +34,10 @@ fn served() -> &'static Served {
                 }
             });
             let router = Arc::new(MemoryRouter::new());
-            router.apply(vec![RouteChange::Upsert(Route::new(Host::new("f.test").expect("host"), vec![Endpoint::new("u", up)]))]).await.expect("route");
+            router
+                .apply(vec![RouteChange::Upsert(Route::new(Host::new("f.test").expect("host"), vec![Endpoint::new("u", up)]))])
+                .await
+                .expect("route");
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
             let addr = listener.local_addr().expect("addr");
             let config = ProxyConfig { header_read_timeout: Duration::from_millis(200), ..ProxyConfig::default() };

@@ -25,7 +25,14 @@ fuzz_target!(|data: &[u8]| {
         let store = ClusterStore::new(kv, "f");
         let _ = store.view().await;
         let _ = store.check_stored().await;
-        let desired = DesiredGroup { job: "web".into(), group: "g".into(), version: 1, count: 1, resources: Resources::new(1, 1), ..DesiredGroup::default() };
+        let desired = DesiredGroup {
+            job: "web".into(),
+            group: "g".into(),
+            version: 1,
+            count: 1,
+            resources: Resources::new(1, 1),
+            ..DesiredGroup::default()
+        };
         let _ = store.reschedule(&[desired]).await;
     });
 });
