@@ -237,7 +237,7 @@ async fn lines_a_slow_reader_misses_are_counted_never_silent() {
     let d = ProcessDriver::new();
     let mut registry = prometheus_client::registry::Registry::default();
     d.register_metrics(&mut registry);
-    d.start(TaskSpec::new("chatty", ["/bin/sh", "-c", "sleep 0.3; seq 1 10000"])).await.expect("start");
+    d.start(TaskSpec::new("chatty", ["/bin/sh", "-c", "sleep 1; seq 1 10000"])).await.expect("start");
     // Subscribed before any line, then not read until the task has ended.
     let out = d.output("chatty").await.expect("output");
     until_exited(&d, "chatty").await;
