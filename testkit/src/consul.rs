@@ -91,8 +91,17 @@ impl State {
 
 /// A Consul API sample kept in this repository (`testkit/fixtures/consul/<name>`):
 /// responses and payloads in the format of Consul's documentation.
+///
+/// Found from the checkout the test runs in (`CARGO_MANIFEST_DIR`, which cargo sets
+/// for every test run, is the tested crate's folder beside `testkit/`), not from where
+/// testkit was compiled: cargo reuses a build across checkouts, and the self-contained
+/// check in `scripts/test` must see this checkout's files.
 pub fn fixture(name: &str) -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join("consul").join(name)
+    let testkit = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .and_then(|crate_dir| crate_dir.parent().map(|root| root.join("testkit")))
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    testkit.join("fixtures").join("consul").join(name)
 }
 
 /// Consul's default `txn_max_req_len`.
