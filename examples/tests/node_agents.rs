@@ -386,50 +386,22 @@ async fn an_agent_under_a_node_scoped_role_runs_its_work_and_cannot_touch_others
     let worker = format!("scoped-{}", std::process::id());
     let role = "node-role";
     let c = "keelson/cluster";
-    let grants: Vec<Vec<String>> = vec![
-        vec!["role".into(), "add".into(), role.into()],
-        vec!["role".into(), "grant-permission".into(), role.into(), "--prefix=true".into(), "read".into(), "keelson/".into()],
-        vec!["role".into(), "grant-permission".into(), role.into(), "readwrite".into(), format!("{c}/nodes/{worker}")],
-        vec![
-            "role".into(),
-            "grant-permission".into(),
-            role.into(),
-            "--prefix=true".into(),
-            "readwrite".into(),
-            format!("{c}/status/{worker}/"),
-        ],
-        vec![
-            "role".into(),
-            "grant-permission".into(),
-            role.into(),
-            "--prefix=true".into(),
-            "readwrite".into(),
-            format!("{c}/allocs/{worker}/"),
-        ],
-        vec![
-            "role".into(),
-            "grant-permission".into(),
-            role.into(),
-            "--prefix=true".into(),
-            "readwrite".into(),
-            format!("{c}/runs/{worker}/"),
-        ],
-        vec![
-            "role".into(),
-            "grant-permission".into(),
-            role.into(),
-            "--prefix=true".into(),
-            "readwrite".into(),
-            format!("{c}/run-results/"),
-        ],
-        vec!["role".into(), "grant-permission".into(), role.into(), "--prefix=true".into(), "readwrite".into(), "keelson/services/".into()],
-        vec!["user".into(), "add".into(), format!("{worker}:node-pw")],
-        vec!["user".into(), "grant-role".into(), worker.clone(), role.into()],
+    let etcdctl = |args: &[&str]| etcd.etcdctl(args).expect("etcdctl");
+    etcdctl(&["role", "add", role]);
+    etcdctl(&["role", "grant-permission", role, "--prefix=true", "read", "keelson/"]);
+    etcdctl(&["role", "grant-permission", role, "readwrite", &format!("{c}/nodes/{worker}")]);
+    let writable = [
+        format!("{c}/status/{worker}/"),
+        format!("{c}/allocs/{worker}/"),
+        format!("{c}/runs/{worker}/"),
+        format!("{c}/run-results/"),
+        "keelson/services/".to_owned(),
     ];
-    for args in &grants {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        etcd.etcdctl(&args).expect("etcdctl");
+    for prefix in &writable {
+        etcdctl(&["role", "grant-permission", role, "--prefix=true", "readwrite", prefix]);
     }
+    etcdctl(&["user", "add", &format!("{worker}:node-pw")]);
+    etcdctl(&["user", "grant-role", &worker, role]);
     let full_env = secure_env(&etcd, &secret_file(&etcd, "password", PASSWORD));
     let mut node_env: Env =
         secure_env(&etcd, &secret_file(&etcd, "node-password", "node-pw")).into_iter().filter(|(k, _)| *k != "KEELSON_ETCD_USER").collect();

@@ -436,9 +436,13 @@ impl Proxy {
         // A request with a body is sent once: a streamed body cannot be replayed.
         // A stalled upload is cut after the idle timeout; its end starts the clock on the
         // upstream's answer (an upload to a slow reader can take longer than that).
-        let (watched, sent) = crate::watched_body::Watched::new(body, "request", self.config.body_idle_timeout).with_end_signal();
-        let mut sent = Some(sent);
-        let mut body = if retryable { None } else { Some(watched.boxed()) };
+        // A retryable request has no body: nothing to watch, nothing to allocate.
+        let (mut body, mut sent) = if retryable {
+            (None, None)
+        } else {
+            let (watched, sent) = crate::watched_body::Watched::new(body, "request", self.config.body_idle_timeout).with_end_signal();
+            (Some(watched.boxed()), Some(sent))
+        };
         let mut attempt = 0u32;
         loop {
             let target = match next.take() {

@@ -342,53 +342,35 @@ impl CacheData {
         self.unreadable.remove(&ev.key);
         match kind {
             "nodes" => {
-                if put {
-                    match crate::records::decode::<Node>(&ev.key, &ev.value) {
-                        Ok(node) => {
-                            self.nodes.insert(name.to_owned(), node);
-                        }
-                        Err(e) => self.unreadable(&ev.key, e),
-                    }
-                } else {
+                if !put {
                     self.nodes.remove(name);
+                } else if let Some(node) = self.read::<Node>(ev) {
+                    self.nodes.insert(name.to_owned(), node);
                 }
                 self.placement = None;
             }
             "allocs" => self.apply_alloc(name, ev),
             "status" => {
-                if put {
-                    match crate::records::decode::<StatusRecord>(&ev.key, &ev.value) {
-                        Ok(s) => {
-                            self.status.insert(name.to_owned(), s);
-                        }
-                        Err(e) => self.unreadable(&ev.key, e),
-                    }
-                } else {
+                if !put {
                     self.status.remove(name);
+                } else if let Some(status) = self.read::<StatusRecord>(ev) {
+                    self.status.insert(name.to_owned(), status);
                 }
                 if let Some(id) = name.split_once('/').map(|(_, id)| id.to_owned()) {
                     self.sync_placement(name, &id);
                 }
             }
             "volumes" => {
-                if put {
-                    match crate::records::decode::<HostVolume>(&ev.key, &ev.value) {
-                        Ok(v) => {
-                            let moved = self.volumes.insert(name.to_owned(), v.clone()).is_some();
-                            match self.placement.as_mut() {
-                                Some(state) if !moved => {
-                                    if state.add_volume(&v).is_err() {
-                                        self.placement = None;
-                                    }
-                                }
-                                _ => self.placement = None,
-                            }
-                        }
-                        Err(e) => self.unreadable(&ev.key, e),
-                    }
-                } else {
+                if !put {
                     self.volumes.remove(name);
                     self.placement = None;
+                } else if let Some(v) = self.read::<HostVolume>(ev) {
+                    // A new home is added in place; a moved one means a rebuild.
+                    let moved = self.volumes.insert(name.to_owned(), v.clone()).is_some();
+                    let added = !moved && self.placement.as_mut().is_some_and(|state| state.add_volume(&v).is_ok());
+                    if !added {
+                        self.placement = None;
+                    }
                 }
             }
             "fences" => {
@@ -436,6 +418,17 @@ impl CacheData {
             *n -= 1;
             if *n == 0 {
                 self.per_node.remove(&record.node);
+            }
+        }
+    }
+
+    /// The record an event put, or `None` (recorded as unreadable) if it does not decode.
+    fn read<T: serde::de::DeserializeOwned>(&mut self, ev: &KvEvent) -> Option<T> {
+        match crate::records::decode(&ev.key, &ev.value) {
+            Ok(value) => Some(value),
+            Err(e) => {
+                self.unreadable(&ev.key, e);
+                None
             }
         }
     }
