@@ -275,7 +275,10 @@ pub struct Snapshot {
 pub type SnapshotStream = BoxStream<'static, Snapshot>;
 
 /// What a `Discovery` backend can do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+///
+/// A backend outside this crate starts from `default()` (nothing supported) and sets
+/// the fields it supports: `let mut caps = DiscoveryCapabilities::default(); caps.register = true;`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct DiscoveryCapabilities {
     /// `register` and `deregister` work (DNS, for one, is read-only).

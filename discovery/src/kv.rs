@@ -310,6 +310,14 @@ pub const ETCD_MAX_TXN_OPS: usize = 128;
 /// etcd's default `--max-request-bytes` (1.5 MiB), less room for the request's framing.
 pub const ETCD_MAX_TXN_BYTES: usize = 1536 * 1024 - 16 * 1024;
 
+/// Nothing supported, with [`MIN_LEASE_TTL`] and etcd's transaction limits: a backend
+/// outside this crate starts here and sets what it supports.
+impl Default for KvCapabilities {
+    fn default() -> Self {
+        KvCapabilities::new(false, false, false)
+    }
+}
+
 impl KvCapabilities {
     /// Capabilities with every flag given, [`MIN_LEASE_TTL`] and etcd's transaction limits.
     pub fn new(watch_from_revision: bool, leases: bool, durable: bool) -> Self {

@@ -123,3 +123,18 @@ fn retry_pauses_grow_with_jitter_up_to_a_cap() {
     let again: Vec<Duration> = config.pauses().take(12).collect();
     assert_ne!(pauses, again, "two shippers do not pause in lock step");
 }
+
+#[tokio::test]
+async fn the_sources_pass_source_conformance() {
+    let expected: Vec<Record> = (0..50)
+        .map(|i| Record::now("conf-svc", "i1", if i % 3 == 0 { Stream::Stderr } else { Stream::Stdout }, format!("line {i}")))
+        .collect();
+    let text = |stream: Stream| -> Vec<u8> {
+        expected.iter().filter(|r| r.stream == stream).flat_map(|r| format!("{}\n", r.line).into_bytes()).collect()
+    };
+    let mut child =
+        ChildOutputSource::new("conf-svc", "i1", std::io::Cursor::new(text(Stream::Stdout)), std::io::Cursor::new(text(Stream::Stderr)));
+    conformance::source_all(&mut child, &expected).await;
+    let mut stream = StreamSource::new(futures::stream::iter(expected.clone()));
+    conformance::source_all(&mut stream, &expected).await;
+}

@@ -114,7 +114,10 @@ pub struct GcReport {
 }
 
 /// What a network driver supports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+///
+/// A backend outside this crate starts from `default()` (nothing supported) and sets
+/// the fields it supports: `let mut caps = NetworkCapabilities::default(); caps.isolated_endpoints = true;`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct NetworkCapabilities {
     /// Endpoints get their own network namespace.

@@ -16,7 +16,10 @@ use crate::error::{Error, Result};
 pub type BlobReader = Box<dyn AsyncRead + Send + Unpin>;
 
 /// What a blob store supports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+///
+/// A backend outside this crate starts from `default()` (nothing supported) and sets
+/// the fields it supports: `let mut caps = StoreCapabilities::default(); caps.durable = true;`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct StoreCapabilities {
     /// Blobs survive a restart.

@@ -9,7 +9,10 @@ use crate::error::Result;
 use crate::table::{RouteChange, RouteTable};
 
 /// What a router supports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+///
+/// A backend outside this crate starts from `default()` (nothing supported) and sets
+/// the fields it supports: `let mut caps = RouterCapabilities::default(); caps.durable = true;`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RouterCapabilities {
     /// Routes survive a restart.

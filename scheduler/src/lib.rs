@@ -101,73 +101,59 @@
 //! # Ok(()) }
 //! ```
 
-mod agent;
-mod class_cache;
-mod cluster_cache;
-mod cluster_store;
-mod constraints;
-mod controller;
-mod deployment;
-#[cfg(feature = "docker")]
-mod docker;
-#[cfg(feature = "docker")]
-mod docker_volumes;
-mod driver;
-mod engine;
 mod error;
-mod metrics;
-mod model;
-mod oneoff;
+mod orchestrate;
 mod placement;
-mod process;
-mod process_record;
-mod rebalance;
-mod reconcile;
 mod records;
-mod runs;
-mod state;
-mod store_check;
-mod strategy;
-mod volume_archive;
-mod volume_transfer;
-mod volumes;
+mod runtime;
+mod task;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
-pub use agent::{GroupSpec, NodeAgent, ServiceSpec, SyncReport, TaskTemplate, NODE_LABEL};
-pub use cluster_cache::ClusterCache;
-pub use cluster_store::{wall_clock_ms, ClusterStore, ClusterView, NodeMembership, PlanCommit, ReschedulePass};
-pub use controller::{Controller, GroupState, Leadership, TickReport, CONTROLLER_LOCK_TTL};
-pub use deployment::{Action, AllocHealth, AllocView, Deployment, Millis, Phase, Traffic};
-#[cfg(feature = "docker")]
-pub use docker::{DockerDriver, MANAGED_LABEL, TASK_LABEL};
-#[cfg(feature = "docker")]
-pub use docker_volumes::DockerVolumes;
-pub use driver::{
-    Driver, DriverCapabilities, HealthCheck, Limits, MountSource, MountSpec, Output, OutputLine, OutputStream, PortMapping, RestartPolicy,
-    TaskHealth, TaskSpec, TaskState, TaskStatus, MAX_LINE_BYTES,
-};
-pub use engine::{EngineConfig, PREEMPTION_GAP};
+// Shared vocabulary.
 pub use error::{validate_id, Dimension, Error, Result};
-pub use metrics::OrchestrationMetrics;
-pub use model::{
+pub use records::{parse_strict, SCHEMA_VERSION};
+pub use task::{
+    HealthCheck, Limits, MountSource, MountSpec, OutputLine, OutputStream, PortMapping, RestartPolicy, TaskHealth, TaskSpec, TaskState,
+    TaskStatus, MAX_LINE_BYTES,
+};
+
+// Placement.
+pub use placement::engine::{EngineConfig, PREEMPTION_GAP};
+pub use placement::model::{
     Affinity, Allocation, ClusterSnapshot, Constraint, ConstraintOp, Eligibility, Eviction, Explanation, HostVolume, Job, Node, Placement,
     Plan, Policy, PortRange, Resources, ScoreBreakdown, Spread, SpreadTarget, TaskGroup, Unplaced, VolumeAccess, VolumeMount,
     VolumeRequest,
 };
-pub use oneoff::{OneOffRun, RunAction, RunObserved, RunOutcome};
-pub use placement::{PlacementEngine, Scheduler, SchedulerCapabilities};
-pub use process::{ProcessDriver, OUTPUT_TAIL};
-pub use rebalance::{Move, RebalancePlan};
-pub use reconcile::{reconcile, AllocRecord, AllocStatus, DesiredGroup, Reconciliation};
-pub use records::{parse_strict, SCHEMA_VERSION};
-pub use runs::{RunRecord, RunResult, RunSpec, RESULT_OUTPUT_BYTES, RUN_LABEL};
-pub use state::ClusterState;
-pub use store_check::StoredCheck;
-pub use strategy::{Gates, Strategy};
-pub use volume_archive::TarStream;
-pub use volume_transfer::{
+pub use placement::rebalance::{Move, RebalancePlan};
+pub use placement::scheduler::{PlacementEngine, Scheduler, SchedulerCapabilities};
+pub use placement::state::ClusterState;
+
+// Orchestration.
+pub use orchestrate::cluster_cache::ClusterCache;
+pub use orchestrate::cluster_store::{wall_clock_ms, ClusterStore, ClusterView, NodeMembership, PlanCommit};
+pub use orchestrate::controller::{Controller, GroupState, Leadership, TickReport, CONTROLLER_LOCK_TTL};
+pub use orchestrate::deployment::{Action, AllocHealth, AllocView, Deployment, Millis, Phase, Traffic};
+pub use orchestrate::metrics::OrchestrationMetrics;
+pub use orchestrate::oneoff::{OneOffRun, RunAction, RunObserved, RunOutcome};
+pub use orchestrate::planner::ReschedulePass;
+pub use orchestrate::reconcile::{reconcile, AllocRecord, AllocStatus, DesiredGroup, Reconciliation};
+pub use orchestrate::runs::{RunRecord, RunResult, RunSpec, RESULT_OUTPUT_BYTES, RUN_LABEL};
+pub use orchestrate::spec::{GroupSpec, ServiceSpec, TaskTemplate, NODE_LABEL};
+pub use orchestrate::store_check::StoredCheck;
+pub use orchestrate::strategy::{Gates, Strategy};
+
+// Node runtime.
+pub use runtime::agent::{NodeAgent, SyncReport};
+#[cfg(feature = "docker")]
+pub use runtime::docker::{DockerDriver, MANAGED_LABEL, TASK_LABEL};
+#[cfg(feature = "docker")]
+pub use runtime::docker_volumes::DockerVolumes;
+pub use runtime::driver::{Driver, DriverCapabilities, Output};
+pub use runtime::process::{ProcessDriver, OUTPUT_TAIL};
+pub use runtime::volume_archive::TarStream;
+pub use runtime::volume_transfer::{
     copy_volume, fetch_volume, fetch_volume_with, fetch_volume_with_token, serve_volumes, FetchOptions, VolumeServer, VOLUME_PATH,
 };
-pub use volumes::{LocalVolumes, Volume, VolumeCapabilities, VolumeManager};
+pub use runtime::volumes::{LocalVolumes, Volume, VolumeCapabilities, VolumeManager};

@@ -5,7 +5,7 @@
 use std::cmp::Ordering;
 
 use crate::error::{Error, Result};
-use crate::model::{ConstraintOp, Node};
+use crate::placement::model::{ConstraintOp, Node};
 
 /// A compiled node predicate.
 #[derive(Debug)]

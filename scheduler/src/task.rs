@@ -1,12 +1,12 @@
-//! The `Driver` trait: run a task on this node, stop it with a grace period, inspect it,
-//! read its output.
+//! What a task is, in the words shared by the parts of the crate: the spec a driver
+//! runs, its limits, ports, mounts, restart policy and health check, its state and status,
+//! and its output lines. Orchestration stores these in its specs and results; the runtime's
+//! drivers take and return them. Data only: nothing here runs anything.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
-use async_trait::async_trait;
-use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{validate_id, Error, Result};
@@ -58,10 +58,10 @@ pub struct HealthCheck {
     /// Program and arguments (run directly, no shell: use `sh -c` for one).
     pub command: Vec<String>,
     /// Time between checks.
-    #[serde(with = "crate::strategy::humantime_serde_compat")]
+    #[serde(with = "crate::records::humantime_serde_compat")]
     pub interval: Duration,
     /// A check running longer fails.
-    #[serde(with = "crate::strategy::humantime_serde_compat")]
+    #[serde(with = "crate::records::humantime_serde_compat")]
     pub timeout: Duration,
     /// Consecutive failures before the task is unhealthy.
     pub retries: u32,
@@ -89,10 +89,10 @@ pub struct RestartPolicy {
     /// Restarts allowed before the task is left exited.
     pub max_restarts: u32,
     /// The first wait.
-    #[serde(with = "crate::strategy::humantime_serde_compat")]
+    #[serde(with = "crate::records::humantime_serde_compat")]
     pub initial_backoff: Duration,
     /// The longest wait.
-    #[serde(with = "crate::strategy::humantime_serde_compat")]
+    #[serde(with = "crate::records::humantime_serde_compat")]
     pub max_backoff: Duration,
 }
 
@@ -300,53 +300,4 @@ pub struct OutputLine {
     /// A piece of a line longer than [`MAX_LINE_BYTES`], with more of it to come.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub partial: bool,
-}
-
-/// A task's output: recent lines first, then live lines until the task's streams close.
-pub type Output = BoxStream<'static, OutputLine>;
-
-/// What a driver supports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct DriverCapabilities {
-    /// Runs images (`TaskSpec::image`).
-    pub images: bool,
-    /// Enforces cpu/memory limits.
-    pub resource_limits: bool,
-}
-
-impl DriverCapabilities {
-    /// Capabilities with every flag given.
-    pub fn new(images: bool, resource_limits: bool) -> Self {
-        DriverCapabilities { images, resource_limits }
-    }
-}
-
-/// Runs tasks on this node.
-#[async_trait]
-pub trait Driver: Send + Sync + std::fmt::Debug {
-    /// The driver's name.
-    fn name(&self) -> &'static str;
-
-    /// What it supports.
-    fn capabilities(&self) -> DriverCapabilities;
-
-    /// Starts a task. [`Error::Conflict`] if a task with that id is still running.
-    async fn start(&self, spec: TaskSpec) -> Result<TaskStatus>;
-
-    /// Asks the task to stop (SIGTERM or the runtime's equivalent); after `grace`, kills
-    /// it. Returns the final status. Stopping an exited task returns its status.
-    async fn stop(&self, id: &str, grace: Duration) -> Result<TaskStatus>;
-
-    /// The task's current status.
-    async fn inspect(&self, id: &str) -> Result<TaskStatus>;
-
-    /// The task's output.
-    async fn output(&self, id: &str) -> Result<Output>;
-
-    /// Every task the driver knows.
-    async fn list(&self) -> Result<Vec<TaskStatus>>;
-
-    /// Forgets an exited task. [`Error::Conflict`] if it is still running.
-    async fn remove(&self, id: &str) -> Result<()>;
 }

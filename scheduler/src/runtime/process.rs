@@ -32,9 +32,11 @@ use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::BroadcastStream;
 
-use crate::driver::{Driver, DriverCapabilities, Output, OutputLine, OutputStream, TaskSpec, TaskState, TaskStatus, MAX_LINE_BYTES};
+use crate::runtime::driver::{Driver, DriverCapabilities, Output};
+
 use crate::error::{Error, Result};
-use crate::process_record::{start_ticks, still_running, StateDir, TaskRecord};
+use crate::runtime::process_record::{start_ticks, still_running, StateDir, TaskRecord};
+use crate::task::{OutputLine, OutputStream, TaskSpec, TaskState, TaskStatus, MAX_LINE_BYTES};
 
 const BACKEND: &str = "process";
 
@@ -367,7 +369,7 @@ impl Task {
     fn signal(&self, sig: Signal) -> bool {
         let pgid = self.pgid.load(Ordering::SeqCst);
         let adopted = self.adopted_ticks.load(Ordering::SeqCst);
-        if adopted != 0 && !crate::process_record::leads_group(pgid, adopted) {
+        if adopted != 0 && !crate::runtime::process_record::leads_group(pgid, adopted) {
             tracing::warn!(pgid, ?sig, "task lost: its recorded process group is no longer its own; not signalling it");
             return false;
         }

@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use crate::driver::{MountSource, MountSpec};
 use crate::error::{validate_id, Error, Result};
-use crate::volume_archive::{pack_dir, unpack_into, TarStream};
+use crate::runtime::volume_archive::{pack_dir, unpack_into, TarStream};
+use crate::task::{MountSource, MountSpec};
 
 /// A volume as the manager reports it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,7 +33,10 @@ impl Volume {
 }
 
 /// What a volume manager supports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+///
+/// A backend outside this crate starts from `default()` (nothing supported) and sets
+/// the fields it supports: `let mut caps = VolumeCapabilities::default(); caps.durable = true;`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct VolumeCapabilities {
     /// Volumes survive the manager's process.

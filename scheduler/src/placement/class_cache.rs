@@ -7,10 +7,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::constraints::Matcher;
 use crate::error::Result;
-use crate::model::{Affinity, Constraint};
-use crate::state::ClusterState;
+use crate::placement::constraints::Matcher;
+use crate::placement::model::Node;
+use crate::placement::model::{Affinity, Constraint};
 
 /// Entries kept per cache before it is cleared, so a stream of unique job shapes cannot
 /// grow memory without bound.
@@ -47,58 +47,60 @@ fn bound<K, V>(map: &mut HashMap<K, V>) {
     }
 }
 
-impl ClusterState {
+impl ClassCache {
     /// The node-predicate constraints of `list` (distinct ones are skipped), compiled and
     /// evaluated per class.
-    pub(crate) fn compiled_constraints(&mut self, list: &[Constraint]) -> Result<Arc<CompiledConstraints>> {
+    /// `class_rep` holds each class's representative node (an index into `nodes`).
+    pub(crate) fn compiled_constraints(
+        &mut self,
+        class_rep: &[u32],
+        nodes: &[Node],
+        list: &[Constraint],
+    ) -> Result<Arc<CompiledConstraints>> {
         let key: Vec<Constraint> = list.iter().filter(|c| !c.op.is_distinct()).cloned().collect();
-        if let Some(hit) = self.cache.constraints.get(&key) {
+        if let Some(hit) = self.constraints.get(&key) {
             return Ok(hit.clone());
         }
         let matchers = key.iter().map(|c| Matcher::compile("constraint", &c.target, c.op, &c.value)).collect::<Result<Vec<_>>>()?;
         let per_node = matchers.iter().enumerate().filter(|(_, m)| m.per_node()).map(|(i, _)| i).collect();
-        let class_fail = self
-            .class_rep
+        let class_fail = class_rep
             .iter()
-            .map(|&rep| matchers.iter().enumerate().find(|(_, m)| !m.per_node() && !m.matches(&self.nodes[rep as usize])).map(|(i, _)| i))
+            .map(|&rep| matchers.iter().enumerate().find(|(_, m)| !m.per_node() && !m.matches(&nodes[rep as usize])).map(|(i, _)| i))
             .collect();
         let compiled = Arc::new(CompiledConstraints { matchers, class_fail, per_node });
-        bound(&mut self.cache.constraints);
-        self.cache.constraints.insert(key, compiled.clone());
+        bound(&mut self.constraints);
+        self.constraints.insert(key, compiled.clone());
         Ok(compiled)
     }
 
     /// Sum of matching affinity weights per class.
-    pub(crate) fn affinity_scores(&mut self, list: &[Affinity]) -> Result<Arc<AffinityScores>> {
-        if let Some(hit) = self.cache.affinities.get(list) {
+    pub(crate) fn affinity_scores(&mut self, class_rep: &[u32], nodes: &[Node], list: &[Affinity]) -> Result<Arc<AffinityScores>> {
+        if let Some(hit) = self.affinities.get(list) {
             return Ok(hit.clone());
         }
         let matchers = list
             .iter()
             .map(|a| Ok((Matcher::compile("affinity", &a.target, a.op, &a.value)?, i32::from(a.weight))))
             .collect::<Result<Vec<_>>>()?;
-        let per_class: Vec<i32> = self
-            .class_rep
-            .iter()
-            .map(|&rep| matchers.iter().filter(|(m, _)| m.matches(&self.nodes[rep as usize])).map(|(_, w)| w).sum())
-            .collect();
+        let per_class: Vec<i32> =
+            class_rep.iter().map(|&rep| matchers.iter().filter(|(m, _)| m.matches(&nodes[rep as usize])).map(|(_, w)| w).sum()).collect();
         let mut tiers = per_class.clone();
         tiers.sort_unstable_by(|a, b| b.cmp(a));
         tiers.dedup();
         let scores = Arc::new(AffinityScores { per_class, tiers });
-        bound(&mut self.cache.affinities);
-        self.cache.affinities.insert(list.to_vec(), Arc::clone(&scores));
+        bound(&mut self.affinities);
+        self.affinities.insert(list.to_vec(), Arc::clone(&scores));
         Ok(scores)
     }
 
     /// The value of `target` per class.
-    pub(crate) fn spread_values(&mut self, target: &str) -> Arc<Vec<Option<String>>> {
-        if let Some(hit) = self.cache.spread.get(target) {
+    pub(crate) fn spread_values(&mut self, class_rep: &[u32], nodes: &[Node], target: &str) -> Arc<Vec<Option<String>>> {
+        if let Some(hit) = self.spread.get(target) {
             return hit.clone();
         }
-        let values = Arc::new(self.class_rep.iter().map(|&rep| self.nodes[rep as usize].target_value(target).map(str::to_owned)).collect());
-        bound(&mut self.cache.spread);
-        self.cache.spread.insert(target.to_owned(), Arc::clone(&values));
+        let values = Arc::new(class_rep.iter().map(|&rep| nodes[rep as usize].target_value(target).map(str::to_owned)).collect());
+        bound(&mut self.spread);
+        self.spread.insert(target.to_owned(), Arc::clone(&values));
         values
     }
 }

@@ -12,14 +12,14 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::ops::Bound;
 use std::sync::Arc;
 
-use crate::class_cache::{AffinityScores, CompiledConstraints};
-use crate::constraints::validate_target;
 use crate::error::{validate_id, Dimension, Error, Result};
-use crate::model::{
+use crate::placement::class_cache::{AffinityScores, CompiledConstraints};
+use crate::placement::constraints::validate_target;
+use crate::placement::model::{
     ConstraintOp, Eviction, Explanation, Job, Placement, Plan, Policy, Resources, ScoreBreakdown, TaskGroup, Unplaced, VolumeAccess,
     VolumeMount,
 };
-use crate::state::{AllocRec, ClusterState};
+use crate::placement::state::{AllocRec, ClusterState};
 
 /// A job may preempt allocations whose priority is at least this much lower.
 pub const PREEMPTION_GAP: u8 = 10;
@@ -189,31 +189,17 @@ impl ClusterState {
         // Compile (or fetch) every group's constraints first, so a bad regex or version
         // is reported before anything is placed.
         for g in &job.groups {
-            let all: Vec<crate::model::Constraint> = job.constraints.iter().chain(&g.constraints).cloned().collect();
+            let all: Vec<crate::placement::model::Constraint> = job.constraints.iter().chain(&g.constraints).cloned().collect();
             self.compiled_constraints(&all)?;
             self.affinity_scores(&g.affinities)?;
         }
-        let outer = self.journal.take();
-        self.journal = Some(Vec::new());
-        let mut plan = Plan::default();
-        let mut result = Ok(());
-        for group in &job.groups {
-            if let Err(e) = self.place_group(job, group, config, &mut plan) {
-                result = Err(e);
-                break;
+        self.atomically(commit, |state| {
+            let mut plan = Plan::default();
+            for group in &job.groups {
+                state.place_group(job, group, config, &mut plan)?;
             }
-        }
-        if !commit || result.is_err() {
-            self.rollback_to(0);
-        }
-        // A committed plan inside an outer journal (a caller trying several jobs before
-        // undoing them all with `rollback_to`) is recorded there too.
-        let inner = self.journal.take().unwrap_or_default();
-        self.journal = outer.map(|mut o| {
-            o.extend(inner);
-            o
-        });
-        result.map(|()| plan)
+            Ok(plan)
+        })
     }
 
     /// "Asks for more than any node has" is a property of the job, not of the moment:
@@ -235,7 +221,7 @@ impl ClusterState {
 
     pub(crate) fn group_ctx<'g>(&mut self, job: &Job, group: &'g TaskGroup) -> Result<GroupCtx<'g>> {
         let gid = self.intern_group(&job.id, &group.name);
-        let all: Vec<crate::model::Constraint> = job.constraints.iter().chain(&group.constraints).cloned().collect();
+        let all: Vec<crate::placement::model::Constraint> = job.constraints.iter().chain(&group.constraints).cloned().collect();
         let constraints = self.compiled_constraints(&all)?;
         let class_affinity = self.affinity_scores(&group.affinities)?;
         let distinct_hosts = group.constraints.iter().any(|c| c.op == ConstraintOp::DistinctHosts);

@@ -4,10 +4,10 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::Pass;
 use crate::error::Result;
-use crate::model::{Job, Policy};
-use crate::state::ClusterState;
+use crate::placement::engine::Pass;
+use crate::placement::model::{Job, Policy};
+use crate::placement::state::ClusterState;
 
 /// Move one allocation to another node.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -18,11 +18,11 @@ use bollard::volume::{CreateVolumeOptions, ListVolumesOptions, RemoveVolumeOptio
 use bollard::Docker;
 use futures::{StreamExt, TryStreamExt};
 
-use crate::docker::{map_err, DockerDriver, MANAGED_LABEL};
-use crate::driver::MountSource;
 use crate::error::{validate_id, Error, Result};
-use crate::volume_archive::{checked, TarStream};
-use crate::volumes::{Volume, VolumeCapabilities, VolumeManager};
+use crate::runtime::docker::{map_err, DockerDriver, MANAGED_LABEL};
+use crate::runtime::volume_archive::{checked, TarStream};
+use crate::runtime::volumes::{Volume, VolumeCapabilities, VolumeManager};
+use crate::task::MountSource;
 
 const BACKEND: &str = "docker volumes";
 /// The image of the helper containers (an empty root filesystem, made locally).

@@ -26,11 +26,11 @@ use std::time::Duration;
 use futures::{FutureExt, StreamExt};
 use keelson_discovery::{Expect, Journal, KeyValue, KvEvent, KvEventKind};
 
-use crate::cluster_store::{kv_err, placement_allocation, ClusterStore, ClusterView, PlanCommit, StatusRecord};
 use crate::error::{Error, Result};
-use crate::model::{HostVolume, Node};
-use crate::reconcile::{AllocRecord, AllocStatus, DesiredGroup};
-use crate::state::ClusterState;
+use crate::orchestrate::cluster_store::{kv_err, ClusterStore, ClusterView, PlanCommit, StatusRecord};
+use crate::orchestrate::reconcile::{placement_allocation, AllocRecord, AllocStatus, DesiredGroup};
+use crate::placement::model::{HostVolume, Node};
+use crate::placement::state::ClusterState;
 
 const BACKEND: &str = "cluster cache";
 /// How long a journal write set may stay half-applied before the cache finishes it.
@@ -240,7 +240,8 @@ impl ClusterCache {
             for key in by_group.get(&(d.job.clone(), d.group.clone())).into_iter().flatten() {
                 let Some(a) = allocs.get(key).map(|c| &c.record).filter(|a| a.resources.is_zero()) else { continue };
                 if state.remove_allocation(&a.id).is_ok() {
-                    let _ = state.add_allocation(&crate::model::Allocation { resources: d.resources, ..placement_allocation(a) });
+                    let _ =
+                        state.add_allocation(&crate::placement::model::Allocation { resources: d.resources, ..placement_allocation(a) });
                 }
             }
         }
@@ -313,7 +314,7 @@ impl CacheData {
     }
 
     fn build_placement(&self) -> Result<ClusterState> {
-        let snapshot = crate::model::ClusterSnapshot {
+        let snapshot = crate::placement::model::ClusterSnapshot {
             nodes: self.nodes.values().cloned().collect(),
             volumes: self.volumes.values().cloned().collect(),
             allocations: self.allocs.keys().filter_map(|k| self.counted(k)).map(|a| placement_allocation(&a)).collect(),

@@ -14,6 +14,8 @@ use std::collections::{HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
+use crate::placement::model::Allocation;
+
 /// One task group as it should run.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DesiredGroup {
@@ -27,21 +29,21 @@ pub struct DesiredGroup {
     pub count: u32,
     /// What each allocation needs (for placing replacements).
     #[serde(default)]
-    pub resources: crate::model::Resources,
+    pub resources: crate::placement::model::Resources,
     /// Dynamic host ports each allocation gets (a service's port, say).
     #[serde(default)]
     pub ports: u16,
     /// Volumes each allocation mounts: placement puts the allocation on the node that
     /// holds an existing volume, and a new one is created where the allocation lands.
     #[serde(default)]
-    pub volumes: Vec<crate::model::VolumeRequest>,
+    pub volumes: Vec<crate::placement::model::VolumeRequest>,
 }
 
 impl DesiredGroup {
     /// Whether an allocation writes a single-writer volume: then two allocations of the
     /// group can never run at once, and a [`crate::Deployment`] must be stop-first.
     pub fn single_writer(&self) -> bool {
-        self.volumes.iter().any(|v| !v.read_only && v.access == crate::model::VolumeAccess::SingleWriter)
+        self.volumes.iter().any(|v| !v.read_only && v.access == crate::placement::model::VolumeAccess::SingleWriter)
     }
 }
 
@@ -81,11 +83,11 @@ pub struct AllocRecord {
     pub since_ms: u64,
     /// The volumes it mounts, in the order of its group's volume requests.
     #[serde(default)]
-    pub volumes: Vec<crate::model::VolumeMount>,
+    pub volumes: Vec<crate::placement::model::VolumeMount>,
     /// What it was placed with: what it holds on its node, whichever group placement
     /// is working on (records from before this field count as zero).
     #[serde(default)]
-    pub resources: crate::model::Resources,
+    pub resources: crate::placement::model::Resources,
 }
 
 /// What to do to make the cluster match.
@@ -164,6 +166,15 @@ pub fn reconcile(desired: &[DesiredGroup], allocs: &[AllocRecord], lost_nodes: &
         }
     }
     out
+}
+
+/// An allocation as the placement engine counts it.
+pub(crate) fn placement_allocation(a: &AllocRecord) -> Allocation {
+    Allocation {
+        ports: a.ports.iter().copied().collect(),
+        volumes: a.volumes.clone(),
+        ..Allocation::new(a.id.clone(), a.node.clone(), a.job.clone(), a.group.clone(), a.resources)
+    }
 }
 
 #[cfg(test)]

@@ -36,7 +36,7 @@ pub enum Strategy {
     /// healthy, and keep the old set for `rollback_window` before stopping it.
     BlueGreen {
         /// How long the old set stays after the switch, ready to take traffic back.
-        #[serde(with = "humantime_serde_compat")]
+        #[serde(with = "crate::records::humantime_serde_compat")]
         rollback_window: Duration,
     },
 }
@@ -52,14 +52,14 @@ impl Default for Strategy {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Gates {
     /// An allocation counts as healthy once its checks have passed for this long.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "crate::records::humantime_serde_compat")]
     pub min_healthy_time: Duration,
     /// An allocation that is not healthy this long after it was placed fails the gate
     /// (a canary that never starts fails here instead of stalling the deployment).
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "crate::records::humantime_serde_compat")]
     pub healthy_deadline: Duration,
     /// The deployment fails if no further allocation becomes healthy for this long.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "crate::records::humantime_serde_compat")]
     pub progress_deadline: Duration,
     /// Return to the last stable version when a gate fails.
     pub auto_rollback: bool,
@@ -128,22 +128,6 @@ impl Strategy {
                 (stop_first(1), Some("single-writer volume: a green set cannot run beside the blue one; stop-first rolling update".into()))
             }
         }
-    }
-}
-
-/// Durations in files as humantime text (`"30s"`, `"5m"`).
-pub(crate) mod humantime_serde_compat {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> std::result::Result<S::Ok, S::Error> {
-        s.serialize_str(&humantime::format_duration(*d).to_string())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Duration, D::Error> {
-        let text = String::deserialize(d)?;
-        humantime::parse_duration(&text).map_err(serde::de::Error::custom)
     }
 }
 

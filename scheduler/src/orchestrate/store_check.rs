@@ -6,9 +6,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use keelson_discovery::KvEntry;
 
-use crate::cluster_store::{kv_err, ClusterStore};
 use crate::error::Result;
-use crate::reconcile::{AllocRecord, AllocStatus};
+use crate::orchestrate::cluster_store::{kv_err, ClusterStore};
+use crate::orchestrate::reconcile::{AllocRecord, AllocStatus};
 
 /// What [`ClusterStore::check_stored`] found.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -64,7 +64,7 @@ impl ClusterStore {
                     if let Some(other) = writers.insert(m.name.clone(), a.id.clone()) {
                         // Shared-write volumes may have several writers; the home says.
                         let home = self.volume_home(&m.name).await?;
-                        if home.is_some_and(|h| h.access == crate::model::VolumeAccess::SingleWriter) {
+                        if home.is_some_and(|h| h.access == crate::placement::model::VolumeAccess::SingleWriter) {
                             check.violations.push(format!("single-writer volume {} is written by {other} and {}", m.name, a.id));
                         }
                     }
@@ -82,13 +82,13 @@ impl ClusterStore {
             .collect();
         // Capacity: what live allocations hold on a node fits the node.
         let node_prefix = self.key(&["nodes", ""]);
-        let mut held: HashMap<&str, crate::model::Resources> = HashMap::new();
+        let mut held: HashMap<&str, crate::placement::model::Resources> = HashMap::new();
         for a in decoded.iter().filter(|a| !failed.contains(format!("{}/{}", a.node, a.id).as_str())) {
             let sum = held.entry(a.node.as_str()).or_default();
             *sum = sum.saturating_add(a.resources);
         }
         for e in keelson_discovery::list_paged_at(self.kv.as_ref(), &node_prefix, revision).await.map_err(kv_err)?.entries {
-            let Ok(node) = serde_json::from_slice::<crate::model::Node>(&e.value) else {
+            let Ok(node) = serde_json::from_slice::<crate::placement::model::Node>(&e.value) else {
                 check.violations.push(format!("{} does not decode", e.key));
                 continue;
             };

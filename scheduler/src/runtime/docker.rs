@@ -20,10 +20,10 @@ use bollard::models::{HealthConfig, HealthStatusEnum, HostConfig, PortBinding, R
 use bollard::Docker;
 use futures::{StreamExt, TryStreamExt};
 
-use crate::driver::{
-    Driver, DriverCapabilities, MountSource, Output, OutputLine, OutputStream, TaskHealth, TaskSpec, TaskState, TaskStatus,
-};
+use crate::runtime::driver::{Driver, DriverCapabilities, Output};
+
 use crate::error::{validate_id, Error, Result};
+use crate::task::{MountSource, OutputLine, OutputStream, TaskHealth, TaskSpec, TaskState, TaskStatus};
 
 /// Label on every container keelson manages.
 pub const MANAGED_LABEL: &str = "keelson.managed";

@@ -25,15 +25,15 @@ use std::time::Duration;
 use keelson_discovery::{Compare, LockGuard, Txn};
 use serde::{Deserialize, Serialize};
 
-use crate::agent::GroupSpec;
-use crate::cluster_cache::ClusterCache;
-use crate::cluster_store::{decode, encode_over, kv_err, wall_clock_ms, ClusterStore};
-use crate::deployment::{Deployment, Phase};
 use crate::error::{Error, Result};
-use crate::metrics::OrchestrationMetrics;
-use crate::reconcile::DesiredGroup;
+use crate::orchestrate::cluster_cache::ClusterCache;
+use crate::orchestrate::cluster_store::{decode, encode_over, kv_err, wall_clock_ms, ClusterStore};
+use crate::orchestrate::deployment::{Deployment, Phase};
+use crate::orchestrate::metrics::OrchestrationMetrics;
+use crate::orchestrate::reconcile::DesiredGroup;
+use crate::orchestrate::spec::GroupSpec;
+use crate::orchestrate::strategy::{Gates, Strategy};
 use crate::records::Origin;
-use crate::strategy::{Gates, Strategy};
 
 /// What the controller keeps for one task group.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

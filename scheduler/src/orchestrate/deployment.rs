@@ -18,7 +18,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::strategy::{Gates, Strategy};
+use crate::orchestrate::strategy::{Gates, Strategy};
 
 /// Milliseconds on the caller's clock (any fixed origin).
 pub type Millis = u64;

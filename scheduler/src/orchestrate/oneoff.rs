@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::deployment::Millis;
+use crate::orchestrate::deployment::Millis;
 
 /// What the node agent reports of a one-off allocation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -28,8 +28,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::error::{Error, Result};
-use crate::volume_archive::TarStream;
-use crate::volumes::{Volume, VolumeManager};
+use crate::runtime::volume_archive::TarStream;
+use crate::runtime::volumes::{Volume, VolumeManager};
 
 /// The path prefix volumes are served under.
 pub const VOLUME_PATH: &str = "/v1/volumes/";

@@ -8,9 +8,13 @@
 //! all of this consistent, and can be journaled and rolled back (dry runs).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use crate::error::{validate_id, Error, Result};
-use crate::model::{Allocation, ClusterSnapshot, HostVolume, Node, Resources, VolumeAccess, VolumeMount};
+use crate::placement::class_cache::{AffinityScores, ClassCache, CompiledConstraints};
+use crate::placement::model::{
+    Affinity, Allocation, ClusterSnapshot, Constraint, HostVolume, Job, Node, Plan, Resources, VolumeAccess, VolumeMount,
+};
 
 /// `part / whole` in fixed point (0 when `whole` is 0).
 fn frac(part: u64, whole: u64) -> u64 {
@@ -88,7 +92,7 @@ pub struct ClusterState {
     pub(crate) journal: Option<Vec<Change>>,
     /// The largest capacity of any eligible node, per dimension (`None`: no eligible node).
     pub(crate) largest: Option<Resources>,
-    pub(crate) cache: crate::class_cache::ClassCache,
+    pub(crate) cache: ClassCache,
 }
 
 impl ClusterState {
@@ -120,7 +124,7 @@ impl ClusterState {
             priority_count: [0; 101],
             journal: None,
             largest: None,
-            cache: crate::class_cache::ClassCache::default(),
+            cache: ClassCache::default(),
         };
         let mut classes: HashMap<ClassKey<'_>, u32> = HashMap::new();
         for (i, node) in snapshot.nodes.iter().enumerate() {
@@ -178,6 +182,37 @@ impl ClusterState {
         Ok(())
     }
 
+    /// Applies a plan made for `job` on this state's snapshot (by any [`Scheduler`]):
+    /// its evictions are removed and its placements added as allocations, with ids
+    /// `<job>.<group>.<index>` (suffixed `-<n>` if taken). A plan naming an unknown node,
+    /// allocation or a taken port is [`Error::InvalidInput`] and leaves the state as it was.
+    ///
+    /// [`Scheduler`]: crate::Scheduler
+    pub fn apply(&mut self, job: &Job, plan: &Plan) -> Result<()> {
+        self.atomically(true, |state| {
+            for e in &plan.evictions {
+                state.remove_allocation(&e.allocation)?;
+            }
+            for p in &plan.placements {
+                let base = format!("{}.{}.{}", job.id, p.group, p.index);
+                let mut id = base.clone();
+                let mut n = 0;
+                while state.alloc_index.contains_key(&id) {
+                    n += 1;
+                    id = format!("{base}-{n}");
+                }
+                let a = Allocation {
+                    ports: p.ports.iter().copied().collect(),
+                    volumes: p.volumes.clone(),
+                    priority: job.priority,
+                    ..Allocation::new(id, p.node.clone(), job.id.clone(), p.group.clone(), p.resources)
+                };
+                state.add_allocation(&a)?;
+            }
+            Ok(())
+        })
+    }
+
     /// Adds an existing allocation (one that started outside the scheduler, say).
     pub fn add_allocation(&mut self, a: &Allocation) -> Result<()> {
         validate_id("allocation id", &a.id)?;
@@ -206,6 +241,39 @@ impl ClusterState {
         let slot = *self.alloc_index.get(id).ok_or_else(|| Error::NotFound { kind: "allocation", name: id.to_owned() })?;
         let rec = self.remove_alloc(slot);
         Ok(self.export(&rec))
+    }
+
+    /// The node-predicate constraints of `list` (distinct ones are skipped), compiled and
+    /// evaluated per class.
+    pub(crate) fn compiled_constraints(&mut self, list: &[Constraint]) -> Result<Arc<CompiledConstraints>> {
+        self.cache.compiled_constraints(&self.class_rep, &self.nodes, list)
+    }
+
+    /// Sum of matching affinity weights per class.
+    pub(crate) fn affinity_scores(&mut self, list: &[Affinity]) -> Result<Arc<AffinityScores>> {
+        self.cache.affinity_scores(&self.class_rep, &self.nodes, list)
+    }
+
+    /// The value of `target` per class.
+    pub(crate) fn spread_values(&mut self, target: &str) -> Arc<Vec<Option<String>>> {
+        self.cache.spread_values(&self.class_rep, &self.nodes, target)
+    }
+
+    /// Runs `f` in its own journal: its changes are undone if it fails or `keep` is
+    /// false, and otherwise stay (recorded in an outer journal too, so a caller trying
+    /// several jobs can still undo them all).
+    pub(crate) fn atomically<T>(&mut self, keep: bool, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        let outer = self.journal.replace(Vec::new());
+        let result = f(self);
+        if !keep || result.is_err() {
+            self.rollback_to(0);
+        }
+        let inner = self.journal.take().unwrap_or_default();
+        self.journal = outer.map(|mut o| {
+            o.extend(inner);
+            o
+        });
+        result
     }
 
     /// Runs `f` on the state, then undoes every change it made (placements committed by

@@ -12,8 +12,8 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use crate::driver::TaskSpec;
 use crate::error::{Error, Result};
+use crate::task::TaskSpec;
 
 /// One task as recorded.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,7 +26,7 @@ pub(crate) struct TaskRecord {
     pub restarts: u32,
     /// How it ended, once it has ended for good.
     #[serde(default)]
-    pub exit: Option<crate::driver::TaskState>,
+    pub exit: Option<crate::task::TaskState>,
 }
 
 fn io_err(e: std::io::Error) -> Error {

@@ -1,12 +1,15 @@
 //! The `Scheduler` trait and `PlacementEngine`, the embedded default.
 
-use crate::engine::EngineConfig;
 use crate::error::Result;
-use crate::model::{ClusterSnapshot, Job, Plan};
-use crate::state::ClusterState;
+use crate::placement::engine::EngineConfig;
+use crate::placement::model::{ClusterSnapshot, Job, Plan};
+use crate::placement::state::ClusterState;
 
 /// What a scheduler supports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+///
+/// A backend outside this crate starts from `default()` (nothing supported) and sets
+/// the fields it supports: `let mut caps = SchedulerCapabilities::default(); caps.constraints = true;`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct SchedulerCapabilities {
     /// Honours every constraint operator (`=`, `!=`, ordering, version, regexp, sets,
@@ -35,6 +38,17 @@ pub trait Scheduler: Send + Sync + std::fmt::Debug {
     /// Tasks that fit nowhere are listed in [`Plan::unplaced`] with an explanation; a job
     /// that could never fit (bad input, a task larger than any node) is an error.
     fn plan(&self, snapshot: &ClusterSnapshot, job: &Job) -> Result<Plan>;
+
+    /// Places `job` in an indexed `state` and applies the plan to it (evictions removed,
+    /// placements added as allocations), so the next job placed sees them. Orchestration
+    /// places through this. The default plans on [`ClusterState::to_snapshot`] and
+    /// applies the result with [`ClusterState::apply`] (a cost of the cluster's size per
+    /// call); [`PlacementEngine`] places in the state directly.
+    fn place_in(&self, state: &mut ClusterState, job: &Job) -> Result<Plan> {
+        let plan = self.plan(&state.to_snapshot(), job)?;
+        state.apply(job, &plan)?;
+        Ok(plan)
+    }
 }
 
 /// The placement engine behind the [`Scheduler`] trait. For many jobs against one
@@ -79,6 +93,10 @@ impl Scheduler for PlacementEngine {
 
     fn plan(&self, snapshot: &ClusterSnapshot, job: &Job) -> Result<Plan> {
         ClusterState::from_snapshot(snapshot)?.place(job, &self.config)
+    }
+
+    fn place_in(&self, state: &mut ClusterState, job: &Job) -> Result<Plan> {
+        state.place(job, &self.config)
     }
 }
 
