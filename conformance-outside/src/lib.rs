@@ -383,7 +383,7 @@ mod routing {
 
 mod netplumb {
     use keelson_netplumb::{
-        Endpoint, EndpointSpec, GcReport, HostNetwork, NetworkCapabilities, NetworkDriver, NetworkInfo, NetworkSpec, Result,
+        Attachment, EndpointSpec, GcReport, HostNetwork, NetworkCapabilities, NetworkDriver, NetworkInfo, NetworkSpec, Result,
     };
 
     use super::*;
@@ -427,7 +427,7 @@ mod netplumb {
             self.inner.delete_network(name).await
         }
 
-        async fn attach(&self, spec: EndpointSpec) -> Result<Endpoint> {
+        async fn attach(&self, spec: EndpointSpec) -> Result<Attachment> {
             self.calls.hit();
             self.inner.attach(spec).await
         }

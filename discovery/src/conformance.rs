@@ -74,11 +74,11 @@ pub async fn kv_compare_and_swap(kv: &dyn KeyValue) {
     let key = format!("{}/k", unique("conf-cas"));
     let v1 = kv.compare_and_swap(&key, Expect::Absent, b"a".to_vec(), None).await.unwrap();
     match kv.compare_and_swap(&key, Expect::Absent, b"b".to_vec(), None).await {
-        Err(Error::Conflict { expected: None, actual: Some(actual), .. }) => assert_eq!(actual, v1),
+        Err(Error::VersionMismatch { expected: None, actual: Some(actual), .. }) => assert_eq!(actual, v1),
         other => panic!("create of an existing key must conflict, got {other:?}"),
     }
     match kv.compare_and_swap(&key, Expect::Version(v1 + 1000), b"c".to_vec(), None).await {
-        Err(Error::Conflict { expected: Some(e), actual: Some(a), .. }) => assert_eq!((e, a), (v1 + 1000, v1)),
+        Err(Error::VersionMismatch { expected: Some(e), actual: Some(a), .. }) => assert_eq!((e, a), (v1 + 1000, v1)),
         other => panic!("stale version must conflict, got {other:?}"),
     }
     assert_eq!(kv.get(&key).await.unwrap().unwrap().value, b"a", "a lost CAS stores nothing");
@@ -86,7 +86,10 @@ pub async fn kv_compare_and_swap(kv: &dyn KeyValue) {
     assert!(v2 > v1);
     assert_eq!(kv.get(&key).await.unwrap().unwrap().value, b"d");
     kv.delete(&key).await.unwrap();
-    assert!(matches!(kv.compare_and_swap(&key, Expect::Version(v2), b"e".to_vec(), None).await, Err(Error::Conflict { actual: None, .. })));
+    assert!(matches!(
+        kv.compare_and_swap(&key, Expect::Version(v2), b"e".to_vec(), None).await,
+        Err(Error::VersionMismatch { actual: None, .. })
+    ));
 }
 
 /// Prefix listing is exact and sorted, with a revision to watch from.
@@ -241,13 +244,15 @@ pub async fn kv_txn_all_or_nothing(kv: &dyn KeyValue) {
         .put(&c, b"c2".to_vec(), None)
         .delete(&b);
     match kv.txn(stale).await {
-        Err(Error::Conflict { key, expected, actual }) => assert_eq!((key, expected, actual), (b.clone(), Some(vb + 1000), Some(vb))),
+        Err(Error::VersionMismatch { key, expected, actual }) => {
+            assert_eq!((key, expected, actual), (b.clone(), Some(vb + 1000), Some(vb)))
+        }
         other => panic!("a failing compare must name its key, got {other:?}"),
     }
     let absent = Txn::new().when(Compare::key(&c, Expect::Version(1))).put(&a, b"a2".to_vec(), None);
-    assert!(matches!(kv.txn(absent).await, Err(Error::Conflict { actual: None, .. })), "a version compare on an absent key fails");
+    assert!(matches!(kv.txn(absent).await, Err(Error::VersionMismatch { actual: None, .. })), "a version compare on an absent key fails");
     let exists = Txn::new().when(Compare::key(&a, Expect::Absent)).put(&c, b"c2".to_vec(), None);
-    assert!(matches!(kv.txn(exists).await, Err(Error::Conflict { expected: None, actual: Some(_), .. })));
+    assert!(matches!(kv.txn(exists).await, Err(Error::VersionMismatch { expected: None, actual: Some(_), .. })));
     let bad_lease = Txn::new().put(&c, b"c2".to_vec(), None).put(&a, b"a2".to_vec(), Some(987_654_321));
     assert!(matches!(kv.txn(bad_lease).await, Err(Error::NotFound { kind: "lease", .. })), "a missing lease is named");
     assert_eq!(kv.get(&a).await.unwrap().unwrap().value, b"a1", "a failed txn writes nothing");
@@ -352,7 +357,7 @@ pub async fn kv_txn_concurrent_writers(kv: &dyn KeyValue) {
                         .put(&k2, (count(&e2) + 1).to_string().into_bytes(), None);
                     match kv.txn(txn).await {
                         Ok(_) => break,
-                        Err(Error::Conflict { .. }) => conflicts += 1,
+                        Err(Error::VersionMismatch { .. }) => conflicts += 1,
                         Err(e) => panic!("racing txn failed: {e}"),
                     }
                 }
@@ -417,7 +422,7 @@ pub async fn kv_journal_commits_whole(kv: std::sync::Arc<dyn KeyValue>) {
     let base = journal.read(std::slice::from_ref(&data)).await.unwrap();
     assert_eq!(base.lists[0].entries.len(), 10);
     assert!(
-        matches!(journal.commit(first.head, Vec::new(), Vec::new()).await, Err(Error::Conflict { .. })),
+        matches!(journal.commit(first.head, Vec::new(), Vec::new()).await, Err(Error::VersionMismatch { .. })),
         "a commit on a stale read conflicts on the head"
     );
 

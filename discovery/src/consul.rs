@@ -623,7 +623,7 @@ impl ConsulKv {
         if reason.contains("session") && !reason.contains("locked") {
             Error::NotFound { kind: "lease", name: lease.map(|l| l.to_string()).unwrap_or_default() }
         } else {
-            Error::Conflict { key: key.to_owned(), expected: None, actual: None }
+            Error::VersionMismatch { key: key.to_owned(), expected: None, actual: None }
         }
     }
 
@@ -683,7 +683,7 @@ impl KeyValue for ConsulKv {
             Ok(results) => Ok(Self::written_index(&results)),
             Err((0, _)) => {
                 let actual = self.get(key).await?.map(|e| e.version);
-                Err(Error::Conflict { key: key.to_owned(), expected: expect.version(), actual })
+                Err(Error::VersionMismatch { key: key.to_owned(), expected: expect.version(), actual })
             }
             Err((_, reason)) => Err(self.write_failure(key, &reason, lease)),
         }
@@ -722,7 +722,7 @@ impl KeyValue for ConsulKv {
             Err((i, reason)) => match (txn.compares.get(i), txn.ops.get(i.saturating_sub(txn.compares.len()))) {
                 (Some(kv::Compare::Key { key, expect }), _) => {
                     let actual = self.get(key).await?.map(|e| e.version);
-                    Err(Error::Conflict { key: key.clone(), expected: expect.version(), actual })
+                    Err(Error::VersionMismatch { key: key.clone(), expected: expect.version(), actual })
                 }
                 (Some(kv::Compare::Lease { key, lease }), _) => Err(Error::Fenced { key: key.clone(), lease: *lease }),
                 (None, Some(kv::TxnOp::Put { key, lease, .. })) => Err(self.write_failure(key, &reason, *lease)),

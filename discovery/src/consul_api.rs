@@ -63,7 +63,8 @@ pub struct AgentService {
 /// One health check's state.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "PascalCase")]
-pub struct HealthCheck {
+#[must_use = "the checks stop when the handle is dropped"]
+pub struct ConsulHealthCheck {
     /// Check id (`service:<id>` for a service's TTL check, `serfHealth` for the node).
     #[serde(rename = "CheckID")]
     pub check_id: String,
@@ -84,7 +85,7 @@ pub struct HealthServiceEntry {
     pub service: AgentService,
     /// Node and service checks.
     #[serde(default)]
-    pub checks: Vec<HealthCheck>,
+    pub checks: Vec<ConsulHealthCheck>,
 }
 
 /// `GET /v1/catalog/services`: service name to the union of its instances' tags.
@@ -202,7 +203,7 @@ impl ServiceRegistration {
 
 /// An instance's health from its checks, Consul's way: any critical (or maintenance)
 /// check makes it critical, else any warning makes it warning, else passing.
-pub fn aggregate_health(checks: &[HealthCheck]) -> Health {
+pub fn aggregate_health(checks: &[ConsulHealthCheck]) -> Health {
     if checks.iter().any(|c| c.status == "critical" || c.status == "maintenance") {
         Health::Critical
     } else if checks.iter().any(|c| c.status == "warning") {

@@ -307,6 +307,7 @@ pub trait RegistrationLease: Send + Sync + std::fmt::Debug {
 /// Dropping it stops the keep-alive: the instance disappears after its TTL, as if the
 /// process had died. Call [`RegistrationHandle::deregister`] to remove it at once.
 #[derive(Debug)]
+#[must_use = "the registration is released when the handle is dropped; keep it for as long as the instance should be listed"]
 pub struct RegistrationHandle {
     service: ServiceName,
     id: String,

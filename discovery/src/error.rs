@@ -27,9 +27,10 @@ pub enum Error {
         /// Its name.
         name: String,
     },
-    /// A compare-and-swap lost: the stored version is not the expected one.
-    #[error("conflict on {key:?}: expected version {expected:?}, found {actual:?}")]
-    Conflict {
+    /// A compare-and-swap (or a transaction's compare, or a lock already held) lost: the
+    /// stored version is not the expected one. Nothing was written; read again and retry.
+    #[error("version mismatch on {key:?}: expected version {expected:?}, found {actual:?}")]
+    VersionMismatch {
         /// The key that changed under us.
         key: String,
         /// The version the caller expected (`None`: expected absent).

@@ -375,7 +375,7 @@ impl KeyValue for EtcdKv {
             TxnOpResponse::Get(g) => Some(g.kvs().first().map(|kv| kv.mod_revision().max(0) as u64)),
             _ => None,
         });
-        Err(Error::Conflict { key: key.to_owned(), expected: expect.version(), actual: actual.flatten() })
+        Err(Error::VersionMismatch { key: key.to_owned(), expected: expect.version(), actual: actual.flatten() })
     }
 
     async fn delete(&self, key: &str) -> Result<bool> {

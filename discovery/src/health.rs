@@ -108,17 +108,18 @@ async fn http_get_ok(addr: SocketAddr, path: &str) -> bool {
 
 /// A running check; dropping it stops the check.
 #[derive(Debug)]
-pub struct HealthCheck {
+#[must_use = "the checks stop when the handle is dropped"]
+pub struct HealthChecker {
     task: JoinHandle<()>,
 }
 
-impl Drop for HealthCheck {
+impl Drop for HealthChecker {
     fn drop(&mut self) {
         self.task.abort();
     }
 }
 
-impl HealthCheck {
+impl HealthChecker {
     /// Starts probing for instance `id` of `service`, writing health changes to `discovery`.
     /// The instance starts in whatever health it was registered with.
     pub fn spawn(discovery: Arc<dyn Discovery>, service: ServiceName, id: String, probe: Probe, config: CheckConfig) -> Result<Self> {
@@ -141,7 +142,7 @@ impl HealthCheck {
                 }
             }
         });
-        Ok(HealthCheck { task })
+        Ok(HealthChecker { task })
     }
 }
 

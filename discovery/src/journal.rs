@@ -20,7 +20,7 @@
 //! writer that died are invisible and collected by [`Journal::collect_garbage`].
 //!
 //! Every commit compares the head, so commits are serialised, like the plan applier of
-//! Nomad: a writer that read its state before another commit gets [`Error::Conflict`]
+//! Nomad: a writer that read its state before another commit gets [`Error::VersionMismatch`]
 //! on the head key and re-reads.
 
 use std::collections::BTreeMap;
@@ -152,7 +152,7 @@ impl Journal {
 
     /// Applies `writes` if the head is still as `head` says (from a [`Journal::read`])
     /// and every compare holds, visible to readers all at once whatever its size.
-    /// Returns the revision at which it became visible. [`Error::Conflict`] on the head
+    /// Returns the revision at which it became visible. [`Error::VersionMismatch`] on the head
     /// key if another commit came first (re-read and retry); the error of a compare that
     /// failed otherwise ([`Error::Fenced`] for a lost lock). Each key may be written once.
     pub async fn commit(&self, head: Expect, compares: Vec<Compare>, writes: Vec<TxnOp>) -> Result<u64> {
@@ -164,10 +164,10 @@ impl Journal {
             // fail, or worse, a late one would write under the new head). Its writer may
             // have died: finish it, and let the caller re-read.
             self.finish_pending().await?;
-            return Err(Error::Conflict { key: self.head_key.clone(), expected: head.version(), actual: current.version() });
+            return Err(Error::VersionMismatch { key: self.head_key.clone(), expected: head.version(), actual: current.version() });
         }
         if current != head {
-            return Err(Error::Conflict { key: self.head_key.clone(), expected: head.version(), actual: current.version() });
+            return Err(Error::VersionMismatch { key: self.head_key.clone(), expected: head.version(), actual: current.version() });
         }
         let next = Head { schema: 1, seq: now.seq + 1, pending: None };
         let whole = Txn { compares: compares.clone(), ops: writes.clone() }.when(Compare::key(&self.head_key, head)).put(
@@ -236,7 +236,7 @@ impl Journal {
         // 3. Apply, and 4. finish. If another process finishes it first, the head moves
         // and our remaining transactions fail on it: the work is done all the same.
         match self.apply(&id, chunks, published, writes).await {
-            Ok(()) | Err(Error::Conflict { .. }) => Ok(published),
+            Ok(()) | Err(Error::VersionMismatch { .. }) => Ok(published),
             // Not applied yet, but committed: readers see it through the head, and the
             // next commit finishes it. Report success, as etcd would after its Raft commit.
             Err(e) => {
@@ -302,7 +302,7 @@ impl Journal {
         };
         tracing::info!(id = %pending.id, "journal: finishing a write set its writer left pending");
         match self.apply(&pending.id, pending.chunks, entry.version, writes).await {
-            Ok(()) | Err(Error::Conflict { .. }) => Ok(true),
+            Ok(()) | Err(Error::VersionMismatch { .. }) => Ok(true),
             Err(e) => Err(e),
         }
     }

@@ -276,6 +276,7 @@ pub type KvWatch = BoxStream<'static, Result<KvEvent>>;
 /// (a later holder always has a larger one). [`crate::LockGuard`] keeps it alive and
 /// fences writes with it.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[must_use = "the lock stays held until unlocked or its lease expires; release it with KeyValue::unlock"]
 pub struct KvLock {
     /// The lock key.
     pub key: String,
@@ -361,7 +362,7 @@ pub trait KeyValue: Send + Sync + std::fmt::Debug {
     async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<u64>;
 
     /// Writes a key only if it is as `expect` says; otherwise fails with
-    /// [`Error::Conflict`] and stores nothing. Returns the new revision.
+    /// [`Error::VersionMismatch`] and stores nothing. Returns the new revision.
     async fn compare_and_swap(&self, key: &str, expect: Expect, value: Vec<u8>, lease: Option<LeaseId>) -> Result<u64>;
 
     /// Deletes a key; returns whether it existed.
@@ -369,7 +370,7 @@ pub trait KeyValue: Send + Sync + std::fmt::Debug {
 
     /// Applies `txn`'s writes at one revision if every compare holds, or nothing.
     /// Returns the revision of the writes (Consul cannot tell it for a transaction that
-    /// only deletes: 0). A compare that fails gives [`Error::Conflict`] (a key compare,
+    /// only deletes: 0). A compare that fails gives [`Error::VersionMismatch`] (a key compare,
     /// with the version found) or [`Error::Fenced`] (a lease compare) naming its key;
     /// a transaction past [`KvCapabilities::max_txn_ops`] or
     /// [`KvCapabilities::max_txn_bytes`] gives [`Error::TxnTooLarge`]. Writes to one key
@@ -429,7 +430,7 @@ pub trait KeyValue: Send + Sync + std::fmt::Debug {
             loop {
                 match self.compare_and_swap(&key, Expect::Absent, lease.to_string().into_bytes(), Some(lease)).await {
                     Ok(revision) => return Ok(KvLock { key: key.clone(), lease, revision }),
-                    Err(Error::Conflict { .. }) => {}
+                    Err(Error::VersionMismatch { .. }) => {}
                     Err(e) => return Err(e),
                 }
                 // Someone holds it: wait for its key to go away. Watching from the holder's
@@ -523,7 +524,7 @@ pub fn failed_compare(compares: &[Compare], found: &[Option<KvEntry>]) -> Error 
             Compare::Key { key, expect } => {
                 let actual = entry.as_ref().map(|e| e.version);
                 if actual != expect.version() {
-                    return Error::Conflict { key: key.clone(), expected: expect.version(), actual };
+                    return Error::VersionMismatch { key: key.clone(), expected: expect.version(), actual };
                 }
             }
             Compare::Lease { key, lease } => {
@@ -536,7 +537,7 @@ pub fn failed_compare(compares: &[Compare], found: &[Option<KvEntry>]) -> Error 
     // Every compare holds now: a racing writer changed a key back between the check and
     // the read. Still a conflict on the first key; the caller re-reads and retries.
     let key = compares.first().map(|c| c.key_name().to_owned()).unwrap_or_default();
-    Error::Conflict { key, expected: None, actual: None }
+    Error::VersionMismatch { key, expected: None, actual: None }
 }
 
 /// Validates a key as every backend would accept it.

@@ -277,7 +277,7 @@ impl Discovery for KvDiscovery {
             record.health = health;
             match self.kv.compare_and_swap(&entry.key, Expect::Version(entry.version), record.encode(), entry.lease).await {
                 Ok(_) => return Ok(()),
-                Err(Error::Conflict { .. }) => continue,
+                Err(Error::VersionMismatch { .. }) => continue,
                 Err(e) => return Err(e),
             }
         }

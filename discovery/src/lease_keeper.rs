@@ -11,6 +11,7 @@ use crate::kv::{KeyValue, LeaseId};
 /// before the lease is lost). Dropping the keeper stops renewing, so the lease and its
 /// keys expire after their TTL, as they would if the process died.
 #[derive(Debug)]
+#[must_use = "the lease stops being renewed when the keeper is dropped"]
 pub struct LeaseKeeper {
     task: JoinHandle<()>,
     lease: LeaseId,

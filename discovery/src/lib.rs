@@ -73,7 +73,6 @@
 //! # }
 //! ```
 
-mod backoff;
 #[cfg(feature = "consul")]
 mod consul;
 #[cfg(feature = "consul")]
@@ -100,7 +99,6 @@ mod wrappers;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
-pub use backoff::{retry_pauses, RetryPauses};
 #[cfg(feature = "consul")]
 pub use consul::{
     next_index as consul_next_index, ConsulConfig, ConsulDiscovery, ConsulKv, CONSUL_MAX_TXN_BYTES, CONSUL_MAX_TXN_OPS, SESSION_TTL_RANGE,
@@ -117,6 +115,7 @@ pub use error::{Error, Result};
 #[cfg(feature = "etcd")]
 pub use etcd::{EtcdConfig, EtcdKv, EtcdTls, DEFAULT_MAX_MESSAGE_BYTES};
 pub use journal::{Journal, JournalRead};
+pub use keelson_base::{retry_pauses, RetryPauses};
 pub use kv::{
     failed_compare, list_paged, list_paged_at, validate_key, Compare, Expect, KeyValue, KvCapabilities, KvEntry, KvEvent, KvEventKind,
     KvList, KvLock, KvWatch, LeaseId, Txn, TxnOp, ETCD_MAX_TXN_BYTES, ETCD_MAX_TXN_OPS, LIST_PAGE, MAX_KEY_BYTES, MAX_VALUE_BYTES,

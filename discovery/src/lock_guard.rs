@@ -20,6 +20,7 @@ use crate::kv::{Compare, KeyValue, KvLock, LeaseId};
 
 /// A held lock, renewed in the background until it is released, dropped or lost.
 #[derive(Debug)]
+#[must_use = "the lock is released when the guard is dropped"]
 pub struct LockGuard {
     kv: Arc<dyn KeyValue>,
     lock: KvLock,

@@ -227,7 +227,7 @@ impl KeyValue for MemoryKv {
         let mut state = self.inner.lock();
         let actual = state.entries.get(key).map(|s| s.version);
         if actual != expect.version() {
-            return Err(Error::Conflict { key: key.to_owned(), expected: expect.version(), actual });
+            return Err(Error::VersionMismatch { key: key.to_owned(), expected: expect.version(), actual });
         }
         self.inner.write(&mut state, key, value, lease, None)
     }
@@ -246,7 +246,7 @@ impl KeyValue for MemoryKv {
                 Compare::Key { key, expect } => {
                     let actual = state.entries.get(key).map(|s| s.version);
                     if actual != expect.version() {
-                        return Err(Error::Conflict { key: key.clone(), expected: expect.version(), actual });
+                        return Err(Error::VersionMismatch { key: key.clone(), expected: expect.version(), actual });
                     }
                 }
                 Compare::Lease { key, lease } => {

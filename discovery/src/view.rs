@@ -29,6 +29,7 @@ pub struct ViewSnapshot {
 
 /// A background-updated view of every service's healthy instances.
 #[derive(Debug)]
+#[must_use = "the view stops following the service when dropped"]
 pub struct ServiceView {
     current: Arc<ArcSwap<ViewSnapshot>>,
     task: JoinHandle<()>,

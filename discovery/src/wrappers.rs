@@ -148,7 +148,7 @@ fn outcome<T>(r: &Result<T>) -> &'static str {
         Ok(_) => "ok",
         Err(Error::InvalidInput { .. }) => "invalid_input",
         Err(Error::NotFound { .. }) => "not_found",
-        Err(Error::Conflict { .. }) => "conflict",
+        Err(Error::VersionMismatch { .. }) => "conflict",
         Err(Error::Fenced { .. }) => "fenced",
         Err(Error::TxnTooLarge { .. }) => "txn_too_large",
         Err(Error::ResponseTooLarge { .. }) => "response_too_large",

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use keelson_discovery::health::{CheckConfig, HealthCheck, Probe};
+use keelson_discovery::health::{CheckConfig, HealthChecker, Probe};
 use keelson_discovery::{Discovery, Error, Health, KeyValue, KvDiscovery, MemoryKv, Query, Registration, ServiceName};
 
 #[tokio::test]
@@ -53,7 +53,7 @@ async fn tcp_check_marks_dead_instance_critical_and_back() {
     let addr = listener.local_addr().expect("addr");
     let _h = d.register(Registration::new(svc.clone(), "a", "127.0.0.1", addr.port())).await.expect("register");
     let cfg = CheckConfig { interval: Duration::from_millis(100), timeout: Duration::from_millis(200), rise: 2, fall: 2 };
-    let _check = HealthCheck::spawn(d.clone(), svc.clone(), "a".into(), Probe::Tcp(addr), cfg).expect("check");
+    let _check = HealthChecker::spawn(d.clone(), svc.clone(), "a".into(), Probe::Tcp(addr), cfg).expect("check");
     drop(listener);
     wait_for_health(&*d, &svc, Health::Critical).await;
     let _listener = tokio::net::TcpListener::bind(addr).await.expect("rebind");
@@ -82,7 +82,8 @@ async fn http_check_requires_a_good_status() {
     });
     let _h = d.register(Registration::new(svc.clone(), "a", "127.0.0.1", addr.port())).await.expect("register");
     let cfg = CheckConfig { interval: Duration::from_millis(100), timeout: Duration::from_millis(500), rise: 1, fall: 1 };
-    let _check = HealthCheck::spawn(d.clone(), svc.clone(), "a".into(), Probe::Http { addr, path: "/health".into() }, cfg).expect("check");
+    let _check =
+        HealthChecker::spawn(d.clone(), svc.clone(), "a".into(), Probe::Http { addr, path: "/health".into() }, cfg).expect("check");
     wait_for_health(&*d, &svc, Health::Critical).await;
     status.store(204, std::sync::atomic::Ordering::SeqCst);
     wait_for_health(&*d, &svc, Health::Passing).await;
@@ -97,7 +98,7 @@ async fn a_failing_instance_drops_out_within_two_intervals_and_returns_after_ris
     let _h = d.register(Registration::new(svc.clone(), "a", "127.0.0.1", addr.port())).await.expect("register");
     let interval = Duration::from_millis(300);
     let cfg = CheckConfig { interval, timeout: Duration::from_millis(200), rise: 3, fall: 2 };
-    let _check = HealthCheck::spawn(d.clone(), svc.clone(), "a".into(), Probe::Tcp(addr), cfg).expect("check");
+    let _check = HealthChecker::spawn(d.clone(), svc.clone(), "a".into(), Probe::Tcp(addr), cfg).expect("check");
     tokio::time::sleep(interval * 4).await;
     drop(listener);
     let t0 = tokio::time::Instant::now();

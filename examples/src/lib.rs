@@ -20,6 +20,11 @@
 //! # }
 //! ```
 
+/// The workspace README's Rust code, compiled as a doctest so the README stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeExamples;
+
 pub mod backends;
 pub mod hello;
 pub mod metrics_http;

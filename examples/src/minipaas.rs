@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use keelson_discovery::health::{CheckConfig, HealthCheck, Probe};
+use keelson_discovery::health::{CheckConfig, HealthChecker, Probe};
 use keelson_discovery::{Discovery, Health, MemoryDiscovery, Query, Registration, RegistrationHandle, ServiceName};
 use keelson_logship::{FileSink, Record, ShipConfig, Sink, StreamSource};
 use keelson_netplumb::{EndpointSpec, HostNetwork, NetworkDriver, NetworkSpec};
@@ -100,7 +100,7 @@ pub enum DemoError {
 struct Replica {
     task: String,
     registration: RegistrationHandle,
-    _check: HealthCheck,
+    _check: HealthChecker,
     shipper: JoinHandle<()>,
 }
 
@@ -210,7 +210,7 @@ impl Demo {
             .await?;
         let check = CheckConfig { interval: Duration::from_millis(500), timeout: Duration::from_secs(1), rise: 1, fall: 2 };
         let probe = Probe::Http { addr: SocketAddr::new(ip, port), path: "/health".into() };
-        let check = HealthCheck::spawn(discovery.clone(), service.clone(), id.to_owned(), probe, check)?;
+        let check = HealthChecker::spawn(discovery.clone(), service.clone(), id.to_owned(), probe, check)?;
         tracing::info!(replica = id, %ip, port, node, "replica started");
         Ok(Replica { task: id.to_owned(), registration, _check: check, shipper })
     }

@@ -39,6 +39,6 @@ pub enum Error {
 impl Error {
     /// Whether the same call may succeed later.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Io { .. })
+        matches!(self, Error::Io { source, .. } if keelson_base::io_is_transient(source))
     }
 }

@@ -41,13 +41,7 @@ impl ShipConfig {
     /// `max_backoff`, each with up to as much again of random jitter (so shippers that
     /// failed together do not retry together).
     pub fn pauses(&self) -> impl Iterator<Item = Duration> + Send {
-        use backon::BackoffBuilder;
-        backon::ExponentialBuilder::new()
-            .with_jitter()
-            .with_min_delay(self.backoff)
-            .with_max_delay(self.max_backoff.max(self.backoff))
-            .without_max_times()
-            .build()
+        keelson_base::retry_pauses(self.backoff, self.max_backoff)
     }
 }
 

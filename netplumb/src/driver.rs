@@ -32,6 +32,7 @@ impl NetworkSpec {
 /// Transport protocol of a port mapping.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum Protocol {
     /// TCP.
     Tcp,
@@ -82,10 +83,10 @@ impl EndpointSpec {
     }
 }
 
-/// An attached endpoint.
+/// An endpoint attached to a network: what a runtime needs to use it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Endpoint {
-    /// Endpoint id.
+pub struct Attachment {
+    /// Endpoint id (as in its spec).
     pub id: String,
     /// Its network.
     pub network: String,
@@ -103,7 +104,7 @@ pub struct NetworkInfo {
     /// The driver that owns it.
     pub driver: String,
     /// Attached endpoints, sorted by id.
-    pub endpoints: Vec<Endpoint>,
+    pub endpoints: Vec<Attachment>,
 }
 
 /// What `gc` reclaimed.
@@ -144,7 +145,7 @@ pub trait NetworkDriver: Send + Sync + std::fmt::Debug {
     async fn delete_network(&self, name: &str) -> Result<()>;
 
     /// Attaches an endpoint and returns its addresses.
-    async fn attach(&self, spec: EndpointSpec) -> Result<Endpoint>;
+    async fn attach(&self, spec: EndpointSpec) -> Result<Attachment>;
 
     /// Detaches an endpoint. [`Error::NotFound`] if it is not attached.
     async fn detach(&self, network: &str, id: &str) -> Result<()>;

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-use crate::driver::{validate_name, Endpoint, EndpointSpec, GcReport, NetworkCapabilities, NetworkDriver, NetworkInfo, NetworkSpec};
+use crate::driver::{validate_name, Attachment, EndpointSpec, GcReport, NetworkCapabilities, NetworkDriver, NetworkInfo, NetworkSpec};
 use crate::error::{Error, Result};
 
 const BACKEND: &str = "host";
@@ -87,7 +87,7 @@ impl NetworkDriver for HostNetwork {
         Ok(())
     }
 
-    async fn attach(&self, spec: EndpointSpec) -> Result<Endpoint> {
+    async fn attach(&self, spec: EndpointSpec) -> Result<Attachment> {
         validate_name("endpoint id", &spec.id)?;
         if spec.netns.is_some() {
             return Err(Error::InvalidInput {
@@ -105,7 +105,7 @@ impl NetworkDriver for HostNetwork {
         if net.endpoints.iter().any(|e| e.id == spec.id) {
             return Err(Error::Conflict { kind: "endpoint", name: spec.id, reason: format!("already attached to {}", spec.network) });
         }
-        let endpoint = Endpoint { id: spec.id, network: spec.network, addresses, ifname: spec.ifname };
+        let endpoint = Attachment { id: spec.id, network: spec.network, addresses, ifname: spec.ifname };
         net.endpoints.push(endpoint.clone());
         net.endpoints.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(endpoint)

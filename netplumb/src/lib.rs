@@ -24,7 +24,7 @@ mod host;
 pub mod conformance;
 
 pub use driver::{
-    validate_name, Endpoint, EndpointSpec, GcReport, NetworkCapabilities, NetworkDriver, NetworkInfo, NetworkSpec, PortMapping, Protocol,
+    validate_name, Attachment, EndpointSpec, GcReport, NetworkCapabilities, NetworkDriver, NetworkInfo, NetworkSpec, PortMapping, Protocol,
 };
 pub use error::{Error, Result};
 pub use host::{host_addresses, HostNetwork};

@@ -55,6 +55,6 @@ pub async fn store_delete_and_not_found(store: &dyn BlobStore) {
     let d = Digest::of(b"short-lived");
     store.put(&d, Box::new(std::io::Cursor::new(b"short-lived".to_vec()))).await.unwrap();
     store.delete(&d).await.unwrap();
-    assert!(matches!(store.open(&d).await, Err(Error::NotFound(x)) if x == d));
-    assert!(matches!(store.delete(&d).await, Err(Error::NotFound(_))));
+    assert!(matches!(store.open(&d).await, Err(Error::NotFound { kind: "blob", name }) if name == d.to_string()));
+    assert!(matches!(store.delete(&d).await, Err(Error::NotFound { .. })));
 }

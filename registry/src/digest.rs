@@ -6,8 +6,6 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use crate::error::{Error, Result};
-
 /// A sha256 content digest. Other algorithms are rejected: sha256 is the one every OCI
 /// implementation must support, and a store accepting more would need more hashing.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -35,10 +33,21 @@ impl Digest {
     }
 }
 
+/// A string that is not a `sha256:<64 hex>` digest. Converts into the crate's
+/// [`Error::InvalidInput`](crate::Error::InvalidInput).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid digest {value:?}: {reason}")]
+pub struct InvalidDigest {
+    /// The string given.
+    pub value: String,
+    /// Why it is not a digest.
+    pub reason: &'static str,
+}
+
 impl FromStr for Digest {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Digest> {
-        let bad = |reason: &str| Error::InvalidInput { field: "digest", value: s.to_owned(), reason: reason.to_owned() };
+    type Err = InvalidDigest;
+    fn from_str(s: &str) -> Result<Digest, InvalidDigest> {
+        let bad = |reason: &'static str| InvalidDigest { value: s.to_owned(), reason };
         let hex_part = s.strip_prefix("sha256:").ok_or_else(|| bad("must start with \"sha256:\""))?;
         if hex_part.len() != 64 || !hex_part.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
             return Err(bad("must have 64 lower-case hex characters after \"sha256:\""));
@@ -50,8 +59,8 @@ impl FromStr for Digest {
 }
 
 impl TryFrom<String> for Digest {
-    type Error = Error;
-    fn try_from(s: String) -> Result<Digest> {
+    type Error = InvalidDigest;
+    fn try_from(s: String) -> Result<Digest, InvalidDigest> {
         s.parse()
     }
 }

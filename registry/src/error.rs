@@ -1,6 +1,6 @@
 //! The one error type of this crate.
 
-use crate::digest::Digest;
+use crate::digest::{Digest, InvalidDigest};
 
 /// Result alias for this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -27,9 +27,14 @@ pub enum Error {
         /// The digest of the bytes received.
         actual: Digest,
     },
-    /// No blob with that digest.
-    #[error("blob {0} not found")]
-    NotFound(Digest),
+    /// No such thing (a blob, by its digest).
+    #[error("{kind} {name} not found")]
+    NotFound {
+        /// What kind of thing.
+        kind: &'static str,
+        /// Its name (a blob's digest).
+        name: String,
+    },
     /// The backend cannot do this.
     #[error("{backend} does not support {operation}")]
     Unsupported {
@@ -49,9 +54,19 @@ pub enum Error {
     },
 }
 
+impl From<InvalidDigest> for Error {
+    fn from(e: InvalidDigest) -> Self {
+        Error::InvalidInput { field: "digest", value: e.value, reason: e.reason.to_owned() }
+    }
+}
+
 impl Error {
+    pub(crate) fn blob_not_found(digest: &Digest) -> Self {
+        Error::NotFound { kind: "blob", name: digest.to_string() }
+    }
+
     /// Whether the same call may succeed later.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Io { .. })
+        matches!(self, Error::Io { source, .. } if keelson_base::io_is_transient(source))
     }
 }

@@ -27,6 +27,6 @@ mod store;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
-pub use digest::Digest;
+pub use digest::{Digest, InvalidDigest};
 pub use error::{Error, Result};
 pub use store::{BlobReader, BlobStore, FsBlobStore, MemoryBlobStore, StoreCapabilities};

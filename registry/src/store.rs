@@ -91,7 +91,7 @@ impl BlobStore for MemoryBlobStore {
     }
 
     async fn open(&self, digest: &Digest) -> Result<BlobReader> {
-        let blob = self.lock().get(digest).cloned().ok_or(Error::NotFound(*digest))?;
+        let blob = self.lock().get(digest).cloned().ok_or(Error::blob_not_found(digest))?;
         Ok(Box::new(std::io::Cursor::new(blob)))
     }
 
@@ -108,7 +108,7 @@ impl BlobStore for MemoryBlobStore {
     }
 
     async fn delete(&self, digest: &Digest) -> Result<()> {
-        self.lock().remove(digest).map(|_| ()).ok_or(Error::NotFound(*digest))
+        self.lock().remove(digest).map(|_| ()).ok_or(Error::blob_not_found(digest))
     }
 
     async fn list(&self) -> Result<Vec<Digest>> {
@@ -174,7 +174,7 @@ impl BlobStore for FsBlobStore {
     async fn open(&self, digest: &Digest) -> Result<BlobReader> {
         match tokio::fs::File::open(self.path(digest)).await {
             Ok(f) => Ok(Box::new(f)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::NotFound(*digest)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::blob_not_found(digest)),
             Err(e) => Err(io("opening blob")(e)),
         }
     }
@@ -219,7 +219,7 @@ impl BlobStore for FsBlobStore {
     async fn delete(&self, digest: &Digest) -> Result<()> {
         match tokio::fs::remove_file(self.path(digest)).await {
             Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::NotFound(*digest)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::blob_not_found(digest)),
             Err(e) => Err(io("deleting blob")(e)),
         }
     }

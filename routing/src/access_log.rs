@@ -24,6 +24,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
+use crate::proxy::{ProxyHooks, RequestSummary};
 
 /// One request as the access log records it.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -117,10 +118,29 @@ impl AccessLog {
 }
 
 /// `time` for a record: RFC 3339 UTC with milliseconds.
-pub(crate) fn timestamp(at: SystemTime) -> String {
+fn timestamp(at: SystemTime) -> String {
     humantime::format_rfc3339_millis(at).to_string()
 }
 
-pub(crate) fn micros(d: Duration) -> u64 {
+fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// The access log is a hook: one record per request, from its summary.
+impl ProxyHooks for AccessLog {
+    fn logging(&self, summary: &RequestSummary<'_>) {
+        let request = summary.request;
+        self.record(AccessRecord {
+            time: timestamp(summary.at),
+            client: summary.ctx.client(),
+            protocol: format!("{:?}", request.version),
+            method: request.method.to_string(),
+            host: summary.ctx.host().unwrap_or_default().to_owned(),
+            target: request.uri.path_and_query().map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
+            status: summary.status.as_u16(),
+            route: summary.ctx.route().map(str::to_owned),
+            upstream: summary.ctx.upstream(),
+            duration_us: micros(summary.duration),
+        });
+    }
 }

@@ -9,78 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
-/// How a route spreads requests.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(try_from = "BalancerSpec", into = "BalancerSpec")]
-pub enum Balancer {
-    /// Each healthy endpoint in turn.
-    #[default]
-    RoundRobin,
-    /// In turn, in proportion to endpoint weights (smoothly interleaved).
-    Weighted,
-    /// Power of two choices on requests in flight.
-    LeastRequests,
-    /// Power of two choices on Peak-EWMA latency × (requests in flight + 1), as
-    /// Finagle and Linkerd do: a slow endpoint's share drops within a few requests.
-    PeakEwma,
-    /// The same `header` value goes to the same endpoint (a ring with virtual nodes), unless
-    /// that endpoint is over 1.25 × the average load, then the next one on the ring
-    /// (consistent hashing with bounded loads). Requests without the header are spread
-    /// round robin.
-    ConsistentHash {
-        /// The request header whose value is hashed.
-        header: String,
-    },
-}
-
-/// The file form: `{"kind": "peak_ewma"}`, `{"kind": "consistent_hash", "header": "x-user"}`.
-/// Parsed through this strict struct because serde lets internally tagged unit variants
-/// ignore unknown keys, and a typo must be an error.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct BalancerSpec {
-    kind: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    header: Option<String>,
-}
-
-impl TryFrom<BalancerSpec> for Balancer {
-    type Error = String;
-    fn try_from(spec: BalancerSpec) -> std::result::Result<Self, String> {
-        let no_header = |b: Balancer| match &spec.header {
-            None => Ok(b),
-            Some(_) => Err(format!("balancer {:?} takes no header", spec.kind)),
-        };
-        match spec.kind.as_str() {
-            "round_robin" => no_header(Balancer::RoundRobin),
-            "weighted" => no_header(Balancer::Weighted),
-            "least_requests" => no_header(Balancer::LeastRequests),
-            "peak_ewma" => no_header(Balancer::PeakEwma),
-            "consistent_hash" => match spec.header {
-                Some(h) if !h.is_empty() && http::HeaderName::from_bytes(h.as_bytes()).is_ok() => {
-                    Ok(Balancer::ConsistentHash { header: h.to_ascii_lowercase() })
-                }
-                other => Err(format!("consistent_hash needs a valid header name, got {other:?}")),
-            },
-            other => Err(format!("unknown balancer {other:?}: round_robin, weighted, least_requests, peak_ewma or consistent_hash")),
-        }
-    }
-}
-
-impl From<Balancer> for BalancerSpec {
-    fn from(b: Balancer) -> Self {
-        let (kind, header) = match b {
-            Balancer::RoundRobin => ("round_robin", None),
-            Balancer::Weighted => ("weighted", None),
-            Balancer::LeastRequests => ("least_requests", None),
-            Balancer::PeakEwma => ("peak_ewma", None),
-            Balancer::ConsistentHash { header } => ("consistent_hash", Some(header)),
-        };
-        BalancerSpec { kind: kind.into(), header }
-    }
-}
+use crate::route::{Balancer, Endpoint};
 
 /// The EWMA's time constant: an observation's weight halves in about 7 s.
 const EWMA_DECAY: Duration = Duration::from_secs(10);
@@ -230,6 +159,7 @@ impl EndpointStats {
 
 /// Counts a request in flight until dropped; [`InFlight::finish`] also records latency.
 #[derive(Debug)]
+#[must_use = "the request counts as finished when this is dropped; hold it until the response ends"]
 pub struct InFlight {
     stats: Arc<EndpointStats>,
     started: Instant,
@@ -294,7 +224,7 @@ pub(crate) struct Selector {
 }
 
 impl Selector {
-    pub(crate) fn build(balancer: &Balancer, endpoints: &[crate::Endpoint]) -> Selector {
+    pub(crate) fn build(balancer: &Balancer, endpoints: &[Endpoint]) -> Selector {
         let healthy: Vec<usize> = endpoints.iter().enumerate().filter(|(_, e)| e.healthy).map(|(i, _)| i).collect();
         let mut schedule = Vec::new();
         if *balancer == Balancer::Weighted {

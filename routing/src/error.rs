@@ -51,7 +51,7 @@ impl Error {
     /// Whether the same call may succeed later.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Io { .. } => true,
+            Error::Io { source, .. } => keelson_base::io_is_transient(source),
             Error::Source(e) => e.is_retryable(),
             _ => false,
         }

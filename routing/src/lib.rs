@@ -43,6 +43,7 @@ mod error;
 mod metrics;
 mod proxy;
 mod rate_limit;
+mod route;
 mod router;
 mod sources;
 #[cfg(target_os = "linux")]
@@ -57,17 +58,18 @@ pub mod conformance;
 
 pub use access_log::{AccessLog, AccessRecord};
 pub use active_health::{spawn_active_health, ActiveProbe};
-pub use balance::{Balancer, EndpointStats, InFlight, OutlierPolicy};
+pub use balance::{EndpointStats, InFlight, OutlierPolicy};
 pub use error::{Error, Result};
 pub use keelson_discovery::health::CheckConfig;
-pub use proxy::{strip_hop_by_hop, Proxy, ProxyBody, ProxyConfig};
+pub use proxy::{strip_hop_by_hop, Proxy, ProxyBody, ProxyConfig, ProxyHooks, RequestCtx, RequestSummary};
 pub use rate_limit::RateLimit;
+pub use route::{Balancer, Endpoint, Host, PathPrefix, Route, RouteChange, RouteKey, UpstreamProtocol};
 pub use router::{MemoryRouter, Router, RouterCapabilities};
 pub use sources::{
-    follow_discovery, follow_discovery_tcp, follow_discovery_with, routes_from_instances, tcp_routes_from_instances, RoutesFile,
-    SourceStatus, TcpRoute, BALANCER_TAG, HTTP_HOST_TAG, HTTP_PATH_TAG, PROTOCOL_TAG, SNI_TAG, TCP_PORT_TAG, WEIGHT_TAG,
+    follow_discovery, follow_discovery_tcp, follow_discovery_with, routes_from_instances, tcp_routes_from_instances, Reloaded, RoutesFile,
+    RoutesFileSource, SourceStatus, TcpRoute, BALANCER_TAG, HTTP_HOST_TAG, HTTP_PATH_TAG, PROTOCOL_TAG, SNI_TAG, TCP_PORT_TAG, WEIGHT_TAG,
 };
-pub use table::{Endpoint, Host, PathPrefix, Picked, Route, RouteChange, RouteEntry, RouteKey, RouteTable, UpstreamProtocol};
+pub use table::{Picked, RouteEntry, RouteTable};
 pub use tcp::{TcpProxy, TcpProxyConfig, TCP_DEFAULT_HOST};
 pub use tls::CertStore;
 pub use watched_body::{BodyError, BodyIdle};

@@ -2,21 +2,36 @@
 //! are a few atomics, cheap enough to keep on) and exposed by registering them in the
 //! embedder's registry with [`Proxy::register_metrics`](crate::Proxy::register_metrics).
 
+use std::fmt::Write as _;
+use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+
+use crate::proxy::{ProxyHooks, RequestSummary};
 
 /// Labels of `keelson_proxy_requests_total`. `route` is the matched route's host, or
 /// empty when no route matched: labelling by the client's Host would let any client
 /// create unbounded series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
-    route: String,
+    route: RouteLabel,
     code: &'static str,
+}
+
+/// A route's name as a label value, shared with the route table: counting a request
+/// copies a pointer, not the name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct RouteLabel(Option<Arc<str>>);
+
+impl EncodeLabelValue for RouteLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> std::fmt::Result {
+        encoder.write_str(self.0.as_deref().unwrap_or(""))
+    }
 }
 
 /// The proxy's counters and histograms.
@@ -70,9 +85,8 @@ impl ProxyMetrics {
         registry.register("keelson_proxy_ejections", "Endpoints ejected by passive health checks", self.ejections.clone());
     }
 
-    /// Takes the route label by value: it is the one allocation metrics add per request.
-    pub(crate) fn request(&self, route: Option<String>, status: u16, took: Duration) {
-        self.requests.get_or_create(&RequestLabels { route: route.unwrap_or_default(), code: code_class(status) }).inc();
+    fn request(&self, route: Option<&Arc<str>>, status: u16, took: Duration) {
+        self.requests.get_or_create(&RequestLabels { route: RouteLabel(route.cloned()), code: code_class(status) }).inc();
         self.duration.observe(took.as_secs_f64());
     }
 
@@ -86,5 +100,13 @@ impl ProxyMetrics {
 
     pub(crate) fn ejection(&self) {
         self.ejections.inc();
+    }
+}
+
+/// Requests by route and status class, and response times: the metrics are a hook like
+/// any other.
+impl ProxyHooks for ProxyMetrics {
+    fn logging(&self, summary: &RequestSummary<'_>) {
+        self.request(summary.ctx.route_shared(), summary.status.as_u16(), summary.duration);
     }
 }

@@ -6,7 +6,8 @@ use arc_swap::ArcSwap;
 use async_trait::async_trait;
 
 use crate::error::Result;
-use crate::table::{RouteChange, RouteTable};
+use crate::route::RouteChange;
+use crate::table::RouteTable;
 
 /// What a router supports.
 ///

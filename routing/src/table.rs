@@ -4,316 +4,10 @@ use std::net::SocketAddr;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
-
-use crate::balance::{Balancer, EndpointStats, Selector};
+use crate::balance::{EndpointStats, Selector};
 use crate::error::{Error, Result};
-use crate::rate_limit::{RateLimit, RateLimiter};
-
-/// A route host: a DNS name, lower-cased, without port; or a wildcard `*.parent`, which
-/// matches any one label under `parent` (`a.parent`, not `a.b.parent` nor `parent`) when
-/// no exact host matches.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct Host(String);
-
-impl Host {
-    /// Validates and lower-cases `host` (names are case-insensitive; the table stores one
-    /// spelling). Rejects empty names, ports, and characters outside DNS names.
-    pub fn new(host: impl Into<String>) -> Result<Self> {
-        let host = host.into();
-        let lower = host.to_ascii_lowercase();
-        let bad = |reason: &str| Err(Error::invalid("route host", &host, reason));
-        if lower.is_empty() {
-            return bad("must not be empty");
-        }
-        if lower.len() > 253 {
-            return bad("must be at most 253 characters");
-        }
-        let name = lower.strip_prefix("*.").unwrap_or(&lower);
-        for label in name.split('.') {
-            if label.is_empty() || label.len() > 63 {
-                return bad("each dot-separated label must be 1 to 63 characters");
-            }
-            if !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') || label.starts_with('-') || label.ends_with('-') {
-                return bad("labels may contain only a-z, 0-9 and inner '-' (no port, no scheme)");
-            }
-        }
-        Ok(Host(lower))
-    }
-
-    /// The host name.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    /// Whether this is a `*.parent` wildcard.
-    pub fn is_wildcard(&self) -> bool {
-        self.0.starts_with("*.")
-    }
-}
-
-/// A route's path prefix: `/` (everything, the default) or `/segment[/segment...]`
-/// without a trailing slash. It matches a request path equal to it or continuing with
-/// `/`, so `/api` matches `/api` and `/api/v1` but not `/apis`.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct PathPrefix(String);
-
-impl PathPrefix {
-    /// Validates `prefix`; a trailing `/` is dropped (`/api/` is `/api`).
-    pub fn new(prefix: impl Into<String>) -> Result<Self> {
-        let prefix = prefix.into();
-        let bad = |reason: &str| Err(Error::invalid("route path prefix", &prefix, reason));
-        if !prefix.starts_with('/') {
-            return bad("must start with '/'");
-        }
-        if prefix.len() > 1024 {
-            return bad("must be at most 1024 characters");
-        }
-        if !prefix.bytes().all(|b| b.is_ascii_graphic()) || prefix.contains(['?', '#', '%', '\\']) {
-            return bad("may contain only printable ASCII without '?', '#', '%' or '\\'");
-        }
-        let trimmed = if prefix.len() > 1 { prefix.trim_end_matches('/') } else { prefix.as_str() };
-        if trimmed.len() > 1 && trimmed[1..].split('/').any(|seg| seg.is_empty() || seg == "." || seg == "..") {
-            return bad("segments must be non-empty and not '.' or '..'");
-        }
-        Ok(PathPrefix(if trimmed.is_empty() { "/".to_owned() } else { trimmed.to_owned() }))
-    }
-
-    /// The catch-all prefix `/`.
-    pub fn root() -> Self {
-        PathPrefix("/".to_owned())
-    }
-
-    /// The prefix.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    /// Whether `path` (a request path, without query) falls under this prefix.
-    pub fn matches(&self, path: &str) -> bool {
-        self.0 == "/" || (path.starts_with(&self.0) && matches!(path.as_bytes().get(self.0.len()), None | Some(b'/')))
-    }
-}
-
-impl Default for PathPrefix {
-    fn default() -> Self {
-        PathPrefix::root()
-    }
-}
-
-impl std::fmt::Display for PathPrefix {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl TryFrom<String> for PathPrefix {
-    type Error = Error;
-    fn try_from(value: String) -> Result<Self> {
-        PathPrefix::new(value)
-    }
-}
-
-impl From<PathPrefix> for String {
-    fn from(p: PathPrefix) -> String {
-        p.0
-    }
-}
-
-impl std::fmt::Display for Host {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl TryFrom<String> for Host {
-    type Error = Error;
-    fn try_from(value: String) -> Result<Self> {
-        Host::new(value)
-    }
-}
-
-// Lets the table be probed with a `&str` without allocating. Sound because the derived
-// `Hash`/`Eq` of the newtype are exactly those of its `String`, hence of `str`.
-impl std::borrow::Borrow<str> for Host {
-    fn borrow(&self) -> &str {
-        &self.0
-    }
-}
-
-impl From<Host> for String {
-    fn from(h: Host) -> String {
-        h.0
-    }
-}
-
-/// One upstream server of a route.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Endpoint {
-    /// Stable id (an instance id), so per-endpoint state can follow it across updates.
-    pub id: String,
-    /// Where to connect.
-    pub addr: SocketAddr,
-    /// Whether it may receive traffic.
-    #[serde(default = "yes")]
-    pub healthy: bool,
-    /// Relative share for the weighted and consistent-hash balancers, 1 to 100 (default 1).
-    #[serde(default = "one")]
-    pub weight: u32,
-}
-
-fn one() -> u32 {
-    1
-}
-
-fn yes() -> bool {
-    true
-}
-
-impl Endpoint {
-    /// A healthy endpoint.
-    pub fn new(id: impl Into<String>, addr: SocketAddr) -> Self {
-        Endpoint { id: id.into(), addr, healthy: true, weight: 1 }
-    }
-}
-
-/// Requests for `host` whose path falls under `path` go to `endpoints`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Route {
-    /// The host it serves (exact, or a `*.parent` wildcard).
-    pub host: Host,
-    /// The path prefix it serves (default `/`, everything). A host's routes are tried
-    /// longest prefix first.
-    #[serde(default)]
-    pub path: PathPrefix,
-    /// Upstream servers.
-    pub endpoints: Vec<Endpoint>,
-    /// How requests are spread over them (default round robin).
-    #[serde(default)]
-    pub balancer: Balancer,
-    /// What the endpoints speak (default HTTP/1.1).
-    #[serde(default)]
-    pub upstream: UpstreamProtocol,
-    /// Requests over this rate get 429 (default: no limit).
-    #[serde(default)]
-    pub rate_limit: Option<RateLimit>,
-}
-
-/// The protocol the proxy speaks to a route's endpoints, whatever the client speaks.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum UpstreamProtocol {
-    /// HTTP/1.1 with keep-alive; upgrades (WebSocket) pass through.
-    #[default]
-    Http1,
-    /// HTTP/2 in clear text by prior knowledge: gRPC services, multiplexed upstreams.
-    H2c,
-}
-
-impl Route {
-    /// A route.
-    pub fn new(host: Host, endpoints: Vec<Endpoint>) -> Self {
-        Route {
-            host,
-            path: PathPrefix::root(),
-            endpoints,
-            balancer: Balancer::RoundRobin,
-            upstream: UpstreamProtocol::Http1,
-            rate_limit: None,
-        }
-    }
-
-    /// Sets a rate limit.
-    pub fn with_rate_limit(mut self, limit: RateLimit) -> Self {
-        self.rate_limit = Some(limit);
-        self
-    }
-
-    /// Sets the path prefix.
-    pub fn with_path(mut self, path: PathPrefix) -> Self {
-        self.path = path;
-        self
-    }
-
-    /// The route's identity in a table: host and path prefix.
-    pub fn key(&self) -> RouteKey {
-        (self.host.clone(), self.path.clone())
-    }
-
-    /// Sets the upstream protocol.
-    pub fn with_upstream(mut self, upstream: UpstreamProtocol) -> Self {
-        self.upstream = upstream;
-        self
-    }
-
-    /// Sets the balancer.
-    pub fn with_balancer(mut self, balancer: Balancer) -> Self {
-        self.balancer = balancer;
-        self
-    }
-
-    fn validate(&self) -> Result<()> {
-        if let Some(l) = self.rate_limit {
-            if l.per_second == 0 || l.burst == 0 {
-                return Err(Error::invalid(
-                    "rate limit",
-                    format!("{l:?}"),
-                    format!("route {}: per_second and burst must be at least 1", self.host),
-                ));
-            }
-        }
-        let mut ids = std::collections::HashSet::new();
-        for e in &self.endpoints {
-            if e.id.is_empty() || !ids.insert(e.id.as_str()) {
-                return Err(Error::invalid(
-                    "endpoint id",
-                    &e.id,
-                    format!("route {}: endpoint ids must be non-empty and distinct", self.host),
-                ));
-            }
-            if !(1..=100).contains(&e.weight) {
-                return Err(Error::invalid("endpoint weight", e.weight.to_string(), format!("route {}: weights are 1 to 100", self.host)));
-            }
-        }
-        Ok(())
-    }
-}
-
-/// A route's identity: its host and path prefix.
-pub type RouteKey = (Host, PathPrefix);
-
-/// One change to the table.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum RouteChange {
-    /// Adds a route or replaces the one with the same host and path prefix.
-    Upsert(Route),
-    /// Removes every route of a host, whatever its path prefix.
-    Remove(Host),
-    /// Removes the route of a host for one path prefix.
-    RemovePath(Host, PathPrefix),
-}
-
-impl RouteChange {
-    fn host(&self) -> &Host {
-        match self {
-            RouteChange::Upsert(r) => &r.host,
-            RouteChange::Remove(h) | RouteChange::RemovePath(h, _) => h,
-        }
-    }
-
-    /// The path the change is about; `None` for all of a host's paths.
-    fn path(&self) -> Option<&PathPrefix> {
-        match self {
-            RouteChange::Upsert(r) => Some(&r.path),
-            RouteChange::Remove(_) => None,
-            RouteChange::RemovePath(_, p) => Some(p),
-        }
-    }
-}
+use crate::rate_limit::RateLimiter;
+use crate::route::{Endpoint, Host, PathPrefix, Route, RouteChange};
 
 /// A route as the table holds it, with the balancing state that survives updates.
 #[derive(Debug)]
@@ -328,8 +22,9 @@ pub struct RouteEntry {
     authorities: Vec<http::uri::Authority>,
     /// Rotation position, shared with the entry that replaces this one.
     cursor: Arc<AtomicUsize>,
-    /// `host` or `host/path`: the route's label in metrics and messages.
-    name: String,
+    /// `host` or `host/path`: the route's label in metrics and messages (shared, so
+    /// each request that names its route copies a pointer, not the string).
+    name: Arc<str>,
     /// The route's rate limit, shared with the entry that replaces this one while the
     /// limit stays the same (so an update does not refill the bucket).
     limiter: Option<Arc<RateLimiter>>,
@@ -360,6 +55,10 @@ impl RouteEntry {
     /// `host` for a route on `/`, else `host` followed by its path prefix.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    pub(crate) fn shared_name(&self) -> Arc<str> {
+        self.name.clone()
     }
 
     /// The next healthy endpoint by the route's balancer (no request key); `None` when
@@ -556,7 +255,8 @@ impl RouteTable {
                     // What the balancer learned about an endpoint follows its id.
                     let stats = r.endpoints.iter().map(|e| old.and_then(|o| o.stats(&e.id)).cloned().unwrap_or_default()).collect();
                     let selector = Selector::build(&r.balancer, &r.endpoints);
-                    let name = if r.path.as_str() == "/" { r.host.to_string() } else { format!("{}{}", r.host, r.path) };
+                    let name: Arc<str> =
+                        if r.path.as_str() == "/" { r.host.to_string().into() } else { format!("{}{}", r.host, r.path).into() };
                     let limiter = r.rate_limit.map(|limit| match old.and_then(|o| o.limiter.as_ref()) {
                         Some(kept) if kept.limit == limit => kept.clone(),
                         _ => Arc::new(RateLimiter::new(limit)),

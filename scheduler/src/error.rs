@@ -40,12 +40,24 @@ pub enum Error {
         /// Its name.
         name: String,
     },
-    /// The thing already exists.
-    #[error("{kind} {name:?} already exists")]
+    /// The thing already exists, or is in use, or is running: the call cannot succeed
+    /// until that changes (retrying alone does not help).
+    #[error("{kind} {name:?}: {reason}")]
     Conflict {
         /// What kind of thing.
         kind: &'static str,
         /// Its name.
+        name: String,
+        /// What conflicts.
+        reason: String,
+    },
+    /// What a plan or write was based on changed before it was written (another planner
+    /// committed first): nothing was written. Read again, plan again.
+    #[error("{kind} {name:?} was based on cluster state that changed; nothing was written")]
+    Stale {
+        /// What went stale (a plan, a key, a group's state).
+        kind: &'static str,
+        /// Which one.
         name: String,
     },
     /// A write made under a lock found the lock lost (its lease expired while the holder
@@ -128,6 +140,7 @@ impl Error {
 /// A resource dimension, for capacity errors and placement explanations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum Dimension {
     /// CPU, in millicores.
     Cpu,

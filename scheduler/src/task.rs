@@ -69,6 +69,7 @@ pub struct HealthCheck {
 
 /// What a task's own health check says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub enum TaskHealth {
     /// Not passed yet.
     Starting,
@@ -104,27 +105,71 @@ impl RestartPolicy {
     }
 }
 
-/// CPU and memory limits of a task.
+/// CPU, memory and process-count limits of a task.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Limits {
     /// CPU in thousandths of a core (0: no limit).
     pub cpu_millis: u64,
     /// Memory in MiB (0: no limit; Docker needs at least 6).
     pub memory_mb: u64,
+    /// Processes and threads at most (0: no limit): a fork bomb stops here.
+    #[serde(default)]
+    pub pids: u64,
 }
 
-/// A container port published on a host port.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+impl Limits {
+    /// Limits on cpu (thousandths of a core) and memory (MiB), no process limit.
+    pub fn new(cpu_millis: u64, memory_mb: u64) -> Self {
+        Limits { cpu_millis, memory_mb, pids: 0 }
+    }
+
+    /// Also at most `pids` processes and threads.
+    pub fn with_pids(mut self, pids: u64) -> Self {
+        self.pids = pids;
+        self
+    }
+}
+
+/// A port a task serves on, reached on the host's `host` port. Drivers that map ports
+/// (Docker) publish `host` to `container`; drivers that run on the host's network (the
+/// process driver) need the two equal and tell the task its port in its environment
+/// (`PORT`, and `KEELSON_PORT_<NAME>` when named).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortMapping {
     /// The port inside the task (1 to 65535).
     pub container: u16,
     /// The host port (1 to 65535).
     pub host: u16,
+    /// A name for the port (the service it serves), for `KEELSON_PORT_<NAME>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl PortMapping {
+    /// `host` published to `container`, unnamed.
+    pub fn new(container: u16, host: u16) -> Self {
+        PortMapping { container, host, name: None }
+    }
+
+    /// The same port, named.
+    pub fn named(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// The variable that tells the task this port: `KEELSON_PORT_WEB` for `web`
+    /// (upper case; characters other than letters and digits become `_`).
+    pub fn env_name(&self) -> Option<String> {
+        let name = self.name.as_ref()?;
+        let upper: String = name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();
+        Some(format!("KEELSON_PORT_{upper}"))
+    }
 }
 
 /// Where a mount's data lives on the node.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum MountSource {
     /// A host directory (a [`crate::LocalVolumes`] volume's data directory).
     HostDir(PathBuf),

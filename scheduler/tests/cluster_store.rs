@@ -47,7 +47,7 @@ async fn conflicting_plans_one_commits_the_other_replans(kv: Arc<dyn KeyValue>) 
     b.put(alloc("b1", "n2"));
     b.put(alloc("b2", "n1"));
     store.commit(&a).await.expect("the first plan commits");
-    assert!(matches!(store.commit(&b).await, Err(Error::Conflict { .. })), "the second saw n1 before the first changed it");
+    assert!(matches!(store.commit(&b).await, Err(Error::Stale { .. })), "the second saw n1 before the first changed it");
     let after = store.view().await.expect("view");
     let ids: Vec<&str> = after.allocations.iter().map(|a| a.id.as_str()).collect();
     assert_eq!(ids, ["a1"], "the stale plan wrote nothing, not even on n2");
@@ -158,7 +158,7 @@ async fn volumes_pin_work_to_their_node_and_move_with_it(kv: Arc<dyn KeyValue>) 
     a.new_volume(HostVolume { name: "fresh".into(), node: "n1".into(), access: VolumeAccess::SingleWriter });
     b.new_volume(HostVolume { name: "fresh".into(), node: "n2".into(), access: VolumeAccess::SingleWriter });
     store.commit(&a).await.expect("first home");
-    assert!(matches!(store.commit(&b).await, Err(Error::Conflict { .. })));
+    assert!(matches!(store.commit(&b).await, Err(Error::Stale { .. })));
     assert_eq!(store.volume_home("fresh").await.expect("home").expect("recorded").node, "n1");
 }
 

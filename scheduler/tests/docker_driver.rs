@@ -73,9 +73,9 @@ async fn ports_mounts_limits_and_labels_reach_the_container() {
     let port = keelson_testkit::free_ports(1).expect("port")[0];
     let d = driver().await.with_volume_root(root.path());
     let spec = TaskSpec {
-        ports: vec![PortMapping { container: 8080, host: port }],
+        ports: vec![PortMapping::new(8080, port)],
         mounts: vec![MountSpec { source: MountSource::HostDir(www.clone()), target: PathBuf::from("/www"), read_only: true }],
-        limits: Some(Limits { cpu_millis: 500, memory_mb: 64 }),
+        limits: Some(Limits::new(500, 64)),
         ..sh(&guard.run, &image(), "web-1", "exec httpd -f -p 8080 -h /www")
     }
     .with_label("keelson.job", "web")
@@ -136,7 +136,7 @@ async fn bad_input_and_faults_are_typed_errors_that_leave_no_container_behind() 
         other => panic!("a missing image: {other:?}"),
     }
 
-    let bad_port = TaskSpec { ports: vec![PortMapping { container: 0, host: 8080 }], ..sh(&guard.run, &image, "bad-port", "true") };
+    let bad_port = TaskSpec { ports: vec![PortMapping::new(0, 8080)], ..sh(&guard.run, &image, "bad-port", "true") };
     assert!(matches!(d.start(bad_port).await, Err(Error::InvalidInput { field: "port", .. })));
 
     let root = tempfile::tempdir().expect("root");
@@ -164,7 +164,7 @@ async fn bad_input_and_faults_are_typed_errors_that_leave_no_container_behind() 
     // The host port is taken: the engine refuses at start; the created container goes.
     let taken = std::net::TcpListener::bind("0.0.0.0:0").expect("bind");
     let port = taken.local_addr().expect("addr").port();
-    let clash = TaskSpec { ports: vec![PortMapping { container: 8080, host: port }], ..sh(&guard.run, &image, "clash", "sleep 30") };
+    let clash = TaskSpec { ports: vec![PortMapping::new(8080, port)], ..sh(&guard.run, &image, "clash", "sleep 30") };
     assert!(d.start(clash).await.is_err(), "a taken host port fails the start");
     assert!(guard.containers().is_empty(), "no half-created containers: {:?}", guard.containers());
 
@@ -281,7 +281,7 @@ async fn published_ports_bind_to_the_configured_address_only() {
     ));
     let d = driver().await.with_publish_address("127.0.0.3".parse().expect("ip")).expect("address").with_volume_root(www.path());
     let spec = TaskSpec {
-        ports: vec![PortMapping { container: 8080, host: port }],
+        ports: vec![PortMapping::new(8080, port)],
         mounts: vec![MountSpec { source: MountSource::HostDir(www.path().to_owned()), target: PathBuf::from("/www"), read_only: true }],
         ..sh(&guard.run, &image(), "pub-1", "exec httpd -f -p 8080 -h /www")
     };

@@ -76,7 +76,7 @@ async fn a_docker_volume_is_mounted_into_a_task_and_cannot_be_removed_while_in_u
     let task = format!("site-web-{}-1", std::process::id());
     let spec = TaskSpec {
         image: Some(image),
-        ports: vec![PortMapping { container: 8080, host: port }],
+        ports: vec![PortMapping::new(8080, port)],
         mounts: vec![volume.mount("/www", true)],
         ..TaskSpec::new(&task, ["httpd", "-f", "-p", "8080", "-h", "/www"])
     };

@@ -30,7 +30,7 @@ async fn local_volumes_pass_volume_conformance() {
 
 #[tokio::test]
 async fn the_process_driver_refuses_isolation_it_cannot_give() {
-    let spec = TaskSpec { limits: Some(keelson_scheduler::Limits { cpu_millis: 100, memory_mb: 64 }), ..sh("limited", "true") };
-    let err = ProcessDriver::new().start(spec).await.expect_err("no limits without containers");
+    let spec = TaskSpec { limits: Some(keelson_scheduler::Limits::new(100, 64)), ..sh("limited", "true") };
+    let err = ProcessDriver::new().without_limits().start(spec).await.expect_err("no limits without control groups");
     assert!(matches!(err, keelson_scheduler::Error::Unsupported { backend: "process", .. }), "{err:?}");
 }

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use keelson_scheduler::{Driver, Error, ProcessDriver, RestartPolicy, TaskSpec, TaskState};
+use keelson_scheduler::{Driver, Error, Limits, PortMapping, ProcessDriver, RestartPolicy, TaskSpec, TaskState};
 
 fn alive(pid: i32) -> bool {
     // /proc/<pid> exists for live processes and zombies; a zombie's state is 'Z'.
@@ -248,4 +248,100 @@ async fn lines_a_slow_reader_misses_are_counted_never_silent() {
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
     assert!(text.contains(&format!("keelson_driver_output_lines_dropped_total {dropped}")), "{text}");
+}
+
+/// Collects a task's output until it ends.
+async fn all_output(d: &ProcessDriver, id: &str) -> String {
+    let lines: Vec<String> = tokio::time::timeout(Duration::from_secs(30), d.output(id).await.expect("output").map(|l| l.line).collect())
+        .await
+        .expect("the output ends with the task");
+    lines.join("\n")
+}
+
+#[tokio::test]
+async fn a_task_is_told_its_ports_and_a_mapping_it_cannot_make_is_refused() {
+    let d = ProcessDriver::new();
+    let spec = TaskSpec {
+        ports: vec![PortMapping::new(18080, 18080).named("web"), PortMapping::new(18081, 18081)],
+        ..TaskSpec::new("told", ["/bin/sh", "-c", "echo $PORT $KEELSON_PORT_WEB $KEELSON_TASK_ID"])
+    };
+    assert!(!d.capabilities().publishes_ports);
+    d.start(spec).await.expect("start");
+    assert_eq!(all_output(&d, "told").await, "18080 18080 told");
+    let mapped = TaskSpec { ports: vec![PortMapping::new(80, 18082)], ..TaskSpec::new("mapped", ["/bin/true"]) };
+    assert!(matches!(d.start(mapped).await, Err(Error::Unsupported { backend: "process", .. })));
+}
+
+/// Whether this machine lets a root process put tasks in control groups with the cpu,
+/// memory and pids controllers, read independently of the driver.
+fn control_groups_usable() -> bool {
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    let is_root = std::fs::read_to_string("/proc/self/status")
+        .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0")));
+    let v2 = std::fs::read_to_string(root.join("cgroup.controllers"))
+        .is_ok_and(|c| ["cpu", "memory", "pids"].iter().all(|w| c.split_whitespace().any(|x| x == *w)));
+    let v1 = ["cpu", "memory", "pids"].iter().all(|c| root.join(c).join("cgroup.procs").exists());
+    is_root && (v2 || v1)
+}
+
+/// The task's control-group file `name` for `controller`, read through /proc/<pid>/cgroup.
+fn group_file(pid: &str, controller: &str, name: &str) -> String {
+    let groups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroup of the task");
+    let path = groups
+        .lines()
+        .find_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            controllers.split(',').any(|c| c == controller).then(|| format!("/sys/fs/cgroup/{controller}{path}"))
+        })
+        .or_else(|| groups.lines().find_map(|l| l.strip_prefix("0::").map(|p| format!("/sys/fs/cgroup{p}"))))
+        .expect("the task's group");
+    std::fs::read_to_string(format!("{path}/{name}")).expect("group file").trim().to_owned()
+}
+
+#[tokio::test]
+async fn limits_are_enforced_in_a_control_group_or_refused() {
+    let d = ProcessDriver::new();
+    let usable = control_groups_usable();
+    assert_eq!(d.capabilities().resource_limits, usable, "the capability says what the machine allows");
+    let limited =
+        |id: &str, limits: Limits, script: &str| TaskSpec { limits: Some(limits), ..TaskSpec::new(id, ["/bin/sh", "-c", script]) };
+    if !usable {
+        let err = d.start(limited("refused", Limits::new(500, 64), "true")).await.expect_err("refused");
+        assert!(matches!(err, Error::Unsupported { backend: "process", .. }), "{err:?}");
+        return;
+    }
+    let v2 = std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+
+    // CPU and memory limits are what the task's own group says.
+    d.start(limited("cpu", Limits::new(500, 64), "echo $$; sleep 30")).await.expect("start");
+    let pid = first_line(&d, "cpu").await;
+    if v2 {
+        assert_eq!(group_file(&pid, "cpu", "cpu.max"), "50000 100000");
+        assert_eq!(group_file(&pid, "memory", "memory.max"), (64u64 << 20).to_string());
+    } else {
+        assert_eq!(group_file(&pid, "cpu", "cpu.cfs_quota_us"), "50000");
+        assert_eq!(group_file(&pid, "memory", "memory.limit_in_bytes"), (64u64 << 20).to_string());
+    }
+    d.stop("cpu", Duration::from_secs(1)).await.expect("stop");
+
+    // Past its memory, the task is killed.
+    let hog = "x=$(head -c 134217728 /dev/zero | tr '\\0' a); echo survived ${#x}";
+    d.start(limited("hog", Limits::new(0, 16), hog)).await.expect("start");
+    let state = until_exited(&d, "hog").await.state;
+    assert!(!matches!(state, TaskState::Exited { code: Some(0), .. }), "a 128 MiB string fits no 16 MiB group: {state:?}");
+    assert!(!all_output(&d, "hog").await.contains("survived"));
+
+    // Past its process count, fork fails.
+    d.start(limited("forks", Limits::default().with_pids(4), "for i in 1 2 3 4 5 6 7 8; do sleep 5 & done; wait")).await.expect("start");
+    let output = all_output(&d, "forks").await;
+    assert!(output.to_ascii_lowercase().contains("fork"), "fork refused past 4 processes: {output}");
+
+    // Removing a task removes its group.
+    for id in ["cpu", "hog", "forks"] {
+        until_exited(&d, id).await;
+        d.remove(id).await.expect("remove");
+    }
+    let leftover = if v2 { vec!["/sys/fs/cgroup/keelson/forks".to_owned()] } else { vec!["/sys/fs/cgroup/pids/keelson/forks".to_owned()] };
+    assert!(leftover.iter().all(|p| !std::path::Path::new(p).exists()), "{leftover:?}");
 }

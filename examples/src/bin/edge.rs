@@ -20,8 +20,9 @@
 //! `{"routes": [{"host": "app.example", "endpoints": [{"id": "a", "addr": "127.0.0.1:9000"}]}]}`;
 //! a route may add `"path": "/api"` (longest prefix wins), `"balancer"` and
 //! `"upstream": "h2c"`, and `host` may be a `*.example` wildcard.
-//! On SIGHUP the file is read again and only the difference is applied; a file that no
-//! longer parses is reported and the routes in force are kept. SIGINT or SIGTERM stop
+//! On SIGHUP, and within `--routes-poll-ms` (1 s) of the file changing, the file is read
+//! again and only the difference is applied (`keelson_routing::RoutesFileSource`); a file
+//! that no longer parses is reported and the routes in force are kept. SIGINT or SIGTERM stop
 //! accepting and drain in-flight requests.
 //!
 //! TCP: a `"tcp"` section in the routes file, `[{"listen": "127.0.0.1:5432", "sni":
@@ -47,16 +48,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use keelson_routing::{MemoryRouter, Proxy, ProxyConfig, Route, RouteChange, RouteKey, Router, RoutesFile};
+use keelson_routing::{MemoryRouter, Proxy, ProxyConfig, Router, RoutesFileSource};
 use prometheus_client::registry::Registry;
 use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Serve HTTP routes from a routes file through the keelson proxy")]
 struct Args {
-    /// Routes file (JSON); re-read on SIGHUP.
+    /// Routes file (JSON); re-read on SIGHUP and when it changes.
     #[arg(long, required_unless_present_any = ["etcd", "consul"])]
     routes: Option<PathBuf>,
+    /// How often the routes file is checked for changes, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    routes_poll_ms: u64,
     /// etcd (`--etcd` and its TLS and credential flags): follow the keelson catalog
     /// stored there.
     #[command(flatten)]
@@ -111,72 +115,6 @@ struct Args {
     /// its response unread, in milliseconds; past it the connection is cut.
     #[arg(long, default_value_t = 60_000)]
     body_idle_timeout_ms: u64,
-}
-
-/// The routes the file installed, so a reload can compute its difference.
-type FileRoutes = BTreeMap<RouteKey, Route>;
-
-/// What the routes file installed: HTTP routes, and TCP routes per listen address.
-#[derive(Debug, Default)]
-struct Installed {
-    http: FileRoutes,
-    tcp: BTreeMap<SocketAddr, FileRoutes>,
-}
-
-fn load(path: Option<&Path>) -> Result<Installed, keelson_routing::Error> {
-    let Some(path) = path else { return Ok(Installed::default()) };
-    let file = RoutesFile::load(path)?;
-    let mut tcp: BTreeMap<SocketAddr, FileRoutes> = BTreeMap::new();
-    for t in &file.tcp {
-        let route = t.to_route()?;
-        tcp.entry(t.listen).or_default().insert(route.key(), route);
-    }
-    Ok(Installed { http: file.routes.into_iter().map(|r| (r.key(), r)).collect(), tcp })
-}
-
-/// The changes that turn `old` into `new`: upserts of new or changed routes, removals of
-/// the rest. Unchanged routes are not touched, so their balancer state is kept.
-fn diff(old: &FileRoutes, new: &FileRoutes) -> Vec<RouteChange> {
-    let upserts = new.iter().filter(|(k, r)| old.get(*k) != Some(*r)).map(|(_, r)| RouteChange::Upsert(r.clone()));
-    let removals = old.keys().filter(|k| !new.contains_key(*k)).map(|(h, p)| RouteChange::RemovePath(h.clone(), p.clone()));
-    upserts.chain(removals).collect()
-}
-
-/// The routers the file feeds: one for HTTP, one per TCP listen address.
-struct Routers {
-    http: Arc<MemoryRouter>,
-    tcp: BTreeMap<SocketAddr, Arc<MemoryRouter>>,
-}
-
-/// Applies `new` over `current` on `router`; on success `current` becomes `new`.
-async fn apply_diff(what: &str, router: &MemoryRouter, current: &mut FileRoutes, new: FileRoutes) {
-    let changes = diff(current, &new);
-    let n = changes.len();
-    match router.apply(changes).await {
-        Ok(version) => {
-            tracing::info!(routes = what, changes = n, version, "routes reloaded");
-            *current = new;
-        }
-        Err(e) => tracing::error!(routes = what, error = %e, "reload rejected; keeping the routes in force"),
-    }
-}
-
-async fn reload(path: Option<&Path>, routers: &Routers, current: &mut Installed) {
-    let mut new = match load(path) {
-        Ok(n) => n,
-        Err(e) => {
-            tracing::error!(error = %e, "reload failed; keeping the routes in force");
-            return;
-        }
-    };
-    for addr in new.tcp.keys().filter(|a| !routers.tcp.contains_key(*a)) {
-        tracing::warn!(%addr, "a TCP listen address added by reload opens only when edge restarts");
-    }
-    apply_diff("http", &routers.http, &mut current.http, new.http).await;
-    for (addr, router) in &routers.tcp {
-        let wanted = new.tcp.remove(addr).unwrap_or_default();
-        apply_diff(&format!("tcp {addr}"), router, current.tcp.entry(*addr).or_default(), wanted).await;
-    }
 }
 
 /// A listening socket on `addr`; with `shared`, SO_REUSEPORT lets other sockets bind
@@ -277,15 +215,17 @@ fn consul_catalog(_: &keelson_examples::backends::ConsulArgs) -> Result<Arc<dyn 
 }
 
 async fn run(args: Args) -> Result<(), String> {
-    let mut current = load(args.routes.as_deref()).map_err(|e| e.to_string())?;
     let router = Arc::new(MemoryRouter::new());
-    router.apply(diff(&FileRoutes::new(), &current.http)).await.map_err(|e| e.to_string())?;
-    let mut routers = Routers { http: router.clone(), tcp: BTreeMap::new() };
-    for (addr, routes) in &current.tcp {
-        let tcp_router = Arc::new(MemoryRouter::new());
-        tcp_router.apply(diff(&FileRoutes::new(), routes)).await.map_err(|e| format!("TCP routes on {addr}: {e}"))?;
-        routers.tcp.insert(*addr, tcp_router);
-    }
+    // The routes file, installed and then kept installed (SIGHUP, or the file changing).
+    let mut tcp_routers = BTreeMap::new();
+    let _file_watch = match &args.routes {
+        None => None,
+        Some(path) => {
+            let source = RoutesFileSource::open(path, router.clone()).await.map_err(|e| e.to_string())?;
+            tcp_routers = source.tcp_routers().clone();
+            Some(source.watch(Duration::from_millis(args.routes_poll_ms)).map_err(|e| e.to_string())?)
+        }
+    };
     let _checks = match args.health_check.as_deref() {
         None => None,
         Some(spec) => {
@@ -364,14 +304,14 @@ async fn run(args: Args) -> Result<(), String> {
         servers.push(tokio::spawn(proxy.clone().serve_tls(listener, certs.clone(), until_stopped(stopped.clone()))));
     }
     let mut tcp_local = Vec::new();
-    for (addr, tcp_router) in &routers.tcp {
+    for (addr, tcp_router) in &tcp_routers {
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("TCP listen {addr}: {e}"))?;
         tcp_local.push(listener.local_addr().map_err(|e| e.to_string())?);
         let tcp = Arc::new(keelson_routing::TcpProxy::new(tcp_router.clone(), tcp_config(&args)));
         servers.push(tokio::spawn(tcp.serve(listener, until_stopped(stopped.clone()))));
     }
     // Printed once every listener is up, so a supervisor can wait for this line.
-    println!("edge serving {} routes on {local}", current.http.len());
+    println!("edge serving {} routes on {local}", router.snapshot().len());
     if let Some(tls_local) = tls_local {
         println!("edge serving TLS for {:?} on {tls_local}", certs.names());
     }
@@ -380,8 +320,8 @@ async fn run(args: Args) -> Result<(), String> {
     }
     loop {
         tokio::select! {
+            // The routes file reloads itself on SIGHUP; the certificates are read here.
             _ = hup.recv() => {
-                reload(args.routes.as_deref(), &routers, &mut current).await;
                 if load_certs(&specs, &certs).is_ok() && !specs.is_empty() {
                     tracing::info!(names = ?certs.names(), "certificates reloaded");
                 }

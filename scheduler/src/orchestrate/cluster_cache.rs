@@ -41,6 +41,7 @@ const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(30);
 /// A watch-fed copy of a [`ClusterStore`]'s state (see the module docs). Dropping it
 /// stops its watch.
 #[derive(Debug)]
+#[must_use = "the cache stops following the store when dropped"]
 pub struct ClusterCache {
     shared: Arc<Shared>,
     journal: Journal,
@@ -217,7 +218,7 @@ impl ClusterCache {
 
     /// Runs `place` on the cache's placement state, then seals `plan` for commit (the
     /// fences of the nodes it touches and the stored bytes of records it rewrites).
-    /// [`Error::Conflict`] if the cache has moved past the head `plan` was made against.
+    /// [`Error::Stale`] if the cache has moved past the head `plan` was made against.
     /// Allocations of `desired` recorded before allocations carried their resources are
     /// counted with their group's.
     pub(crate) fn place_and_seal<T>(
@@ -228,7 +229,7 @@ impl ClusterCache {
     ) -> Result<T> {
         let mut data = self.lock();
         if plan.head() != data.head_expect() || data.pending {
-            return Err(Error::Conflict { kind: "plan", name: "the cluster changed while planning".into() });
+            return Err(Error::Stale { kind: "plan", name: "the cluster changed while planning".into() });
         }
         data.readable()?;
         if data.placement.is_none() {
@@ -457,7 +458,7 @@ const FOLLOWED: [&str; 5] = ["nodes/", "allocs/", "status/", "volumes/", "fences
 /// next. Retries when the store moves between pages of a backend without history.
 async fn load(kv: &dyn KeyValue, root: &str) -> Result<(CacheData, keelson_discovery::KvWatch)> {
     let mut attempts = 0;
-    let mut pauses = keelson_discovery::retry_pauses(Duration::from_millis(5), Duration::from_millis(100));
+    let mut pauses = keelson_base::retry_pauses(Duration::from_millis(5), Duration::from_millis(100));
     loop {
         match load_once(kv, root).await {
             Err(keelson_discovery::Error::Compacted { .. }) if attempts < 50 => {
@@ -528,7 +529,7 @@ async fn follow(kv: Arc<dyn KeyValue>, root: String, shared: Arc<Shared>, mut wa
             None => tracing::warn!(root, "cluster cache: watch ended; listing again"),
         }
         // List again, until it works: plans wait meanwhile (and time out).
-        let mut pauses = keelson_discovery::retry_pauses(Duration::from_millis(100), Duration::from_secs(5));
+        let mut pauses = keelson_base::retry_pauses(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             match load(kv.as_ref(), &root).await {
                 Ok((data, w)) => {

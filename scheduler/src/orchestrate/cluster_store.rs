@@ -21,7 +21,7 @@
 //! published chunks when not), and only if no commit happened since the view was read.
 //! If one did, the commit checks the fences of the nodes the plan touches: if none of
 //! them changed, it commits on the new head; otherwise it fails with
-//! [`Error::Conflict`], writes nothing, and the caller re-plans from a fresh view. A
+//! [`Error::Stale`], writes nothing, and the caller re-plans from a fresh view. A
 //! store made [`ClusterStore::fenced`] by a held lock adds the lock to every commit, so
 //! a holder that lost its lock (paused past its TTL) writes nothing.
 
@@ -42,7 +42,7 @@ const BACKEND: &str = "cluster store";
 
 pub(crate) fn kv_err(e: keelson_discovery::Error) -> Error {
     match e {
-        keelson_discovery::Error::Conflict { key, .. } => Error::Conflict { kind: "key", name: key },
+        keelson_discovery::Error::VersionMismatch { key, .. } => Error::Stale { kind: "key", name: key },
         keelson_discovery::Error::Fenced { key, .. } => Error::LockLost { lock: key },
         e @ (keelson_discovery::Error::Tls { .. }
         | keelson_discovery::Error::Unauthenticated { .. }
@@ -77,6 +77,7 @@ pub(crate) struct StatusRecord {
 /// A node's membership: its lease is renewed until this is dropped or
 /// [`NodeMembership::leave`] is called.
 #[derive(Debug)]
+#[must_use = "the node's lease stops being renewed when this is dropped, and the node is lost"]
 pub struct NodeMembership {
     keeper: LeaseKeeper,
     kv: Arc<dyn KeyValue>,
@@ -403,12 +404,12 @@ impl ClusterStore {
             return Err(Error::NotFound { kind: "volume", name: volume.name.clone() });
         }
         if let Some(user) = view.allocations.iter().find(|a| a.volumes.iter().any(|m| m.name == volume.name)) {
-            return Err(Error::Conflict { kind: "volume in use by allocation", name: user.id.clone() });
+            return Err(Error::Conflict { kind: "volume", name: volume.name.clone(), reason: format!("in use by allocation {}", user.id) });
         }
         // Through the journal: a plan placing a user of the volume meanwhile conflicts.
         let writes = vec![TxnOp::Put { key, value: encode(volume)?, lease: None }];
         self.journal.commit(view.head, self.fence.clone().into_iter().collect(), writes).await.map_err(|e| match e {
-            keelson_discovery::Error::Conflict { .. } => Error::Conflict { kind: "plan", name: "cluster state changed; retry".into() },
+            keelson_discovery::Error::VersionMismatch { .. } => Error::Stale { kind: "plan", name: "cluster state changed; retry".into() },
             other => kv_err(other),
         })?;
         Ok(())
@@ -422,7 +423,7 @@ impl ClusterStore {
     }
 
     /// Commits `plan` if no node it touches changed since its view was read; otherwise
-    /// [`Error::Conflict`] and nothing is written. Readers see the whole plan at once,
+    /// [`Error::Stale`] and nothing is written. Readers see the whole plan at once,
     /// whatever its size. Returns the number of keys written.
     pub async fn commit(&self, plan: &PlanCommit) -> Result<usize> {
         self.commit_revision(plan).await.map(|(count, _)| count)
@@ -441,7 +442,7 @@ impl ClusterStore {
         for _ in 0..5 {
             match self.journal.commit(head, compares.clone(), writes.clone()).await {
                 Ok(revision) => return Ok((count, Some(revision))),
-                Err(keelson_discovery::Error::Conflict { key, .. }) if key == self.journal.head_key() => {
+                Err(keelson_discovery::Error::VersionMismatch { key, .. }) if key == self.journal.head_key() => {
                     // Another plan committed since the view: still fine if it touched none
                     // of this plan's nodes and homed none of its volumes.
                     head = self.journal.read(&[]).await.map_err(kv_err)?.head;
@@ -450,7 +451,7 @@ impl ClusterStore {
                 Err(e) => return Err(kv_err(e)),
             }
         }
-        Err(Error::Conflict { kind: "plan", name: "the cluster state kept changing (5 attempts)".into() })
+        Err(Error::Stale { kind: "plan", name: "the cluster state kept changing (5 attempts)".into() })
     }
 
     /// Fails with a conflict if a node `plan` touches changed, or a volume it homes was
@@ -459,12 +460,12 @@ impl ClusterStore {
         for node in &plan.touched {
             let now = self.kv.get(&self.key(&["fences", node])).await.map_err(kv_err)?.map(|e| e.version);
             if now != plan.fences.get(node).copied().flatten() {
-                return Err(Error::Conflict { kind: "plan for node", name: node.clone() });
+                return Err(Error::Stale { kind: "plan for node", name: node.clone() });
             }
         }
         for v in &plan.new_volumes {
             if self.kv.get(&self.key(&["volumes", &v.name])).await.map_err(kv_err)?.is_some() {
-                return Err(Error::Conflict { kind: "volume home", name: v.name.clone() });
+                return Err(Error::Stale { kind: "volume home", name: v.name.clone() });
             }
         }
         Ok(())

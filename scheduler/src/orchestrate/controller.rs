@@ -91,7 +91,7 @@ impl ClusterStore {
         let value = encode_over(Origin::bytes(origin), state)?;
         let txn = Txn::new().when(Compare::key(&key, Origin::expect(origin))).put(&key, value, None);
         self.write(txn).await.map_err(|e| match e {
-            Error::Conflict { .. } => Error::Conflict { kind: "group state", name: format!("{}/{}", state.job, state.group) },
+            Error::Stale { .. } => Error::Stale { kind: "group state", name: format!("{}/{}", state.job, state.group) },
             other => other,
         })?;
         Ok(())
@@ -120,7 +120,11 @@ impl ClusterStore {
                 None,
             ),
             Some((current, _)) if current.deployment.is_some() => {
-                return Err(Error::Conflict { kind: "deployment under way for", name: format!("{}/{}", d.job, d.group) });
+                return Err(Error::Conflict {
+                    kind: "group",
+                    name: format!("{}/{}", d.job, d.group),
+                    reason: "a deployment is under way".into(),
+                });
             }
             Some((mut current, origin)) => {
                 let deployment =
@@ -205,7 +209,7 @@ impl Controller {
         let key = self.store.lock_key("controller");
         match LockGuard::acquire(self.store.kv.clone(), &key, self.lock_ttl, wait).await {
             Ok(guard) => Ok(Some(guard)),
-            Err(keelson_discovery::Error::Timeout { .. } | keelson_discovery::Error::Conflict { .. }) => Ok(None),
+            Err(keelson_discovery::Error::Timeout { .. } | keelson_discovery::Error::VersionMismatch { .. }) => Ok(None),
             Err(e) => Err(kv_err(e)),
         }
     }
@@ -342,7 +346,7 @@ impl Controller {
             }
             // A promote or rollback saved meanwhile wins: this step is re-derived next tick.
             match store.save_group_state(&state, Some(&origin)).await {
-                Ok(()) | Err(Error::Conflict { .. }) => {}
+                Ok(()) | Err(Error::Stale { .. }) => {}
                 Err(e) => return Err(e),
             }
         }

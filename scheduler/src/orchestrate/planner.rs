@@ -131,11 +131,11 @@ impl ClusterStore {
                     *deployment = trial;
                     return Ok(actions);
                 }
-                Err(Error::Conflict { .. }) => floor = self.head_revision().await?,
+                Err(Error::Stale { .. }) => floor = self.head_revision().await?,
                 Err(e) => return Err(e),
             }
         }
-        Err(Error::Conflict { kind: "plan", name: format!("deployment of {job}/{group} ({PLAN_ATTEMPTS} attempts)") })
+        Err(Error::Stale { kind: "plan", name: format!("deployment of {job}/{group} ({PLAN_ATTEMPTS} attempts)") })
     }
 
     /// One pass of node-loss handling for `desired`: allocations on lost nodes are
@@ -184,14 +184,14 @@ impl ClusterStore {
                     pass.stopped = stopping.iter().map(|a| a.id.clone()).collect();
                     return Ok(pass);
                 }
-                Err(Error::Conflict { .. }) => {
+                Err(Error::Stale { .. }) => {
                     pass.replans += 1;
                     floor = self.head_revision().await?;
                 }
                 Err(e) => return Err(e),
             }
         }
-        Err(Error::Conflict { kind: "plan", name: format!("reschedule ({PLAN_ATTEMPTS} attempts)") })
+        Err(Error::Stale { kind: "plan", name: format!("reschedule ({PLAN_ATTEMPTS} attempts)") })
     }
 
     /// Reads what a plan for `groups` starts from; a cache first catches up with
@@ -216,7 +216,7 @@ impl ClusterStore {
 
     /// Places `wanted` allocations of `desired` into `plan`, in the state `input` came
     /// from. From a cache, also seals the plan: the cache must still be at the head the
-    /// plan was read at ([`Error::Conflict`] otherwise), and the plan takes the fences of
+    /// plan was read at ([`Error::Stale`] otherwise), and the plan takes the fences of
     /// the nodes it touches from it.
     fn place_in(
         &self,

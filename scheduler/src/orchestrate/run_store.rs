@@ -22,12 +22,20 @@ impl ClusterStore {
         }
         for _ in 0..5 {
             if self.run_result(&spec.id).await?.is_some() {
-                return Err(Error::Conflict { kind: "run", name: spec.id.clone() });
+                return Err(Error::Conflict {
+                    kind: "run",
+                    name: spec.id.clone(),
+                    reason: "a run with this id exists or has a result".into(),
+                });
             }
             let view = self.view().await?;
             let runs = self.all_runs().await?;
             if runs.iter().any(|r| r.spec.id == spec.id) {
-                return Err(Error::Conflict { kind: "run", name: spec.id.clone() });
+                return Err(Error::Conflict {
+                    kind: "run",
+                    name: spec.id.clone(),
+                    reason: "a run with this id exists or has a result".into(),
+                });
             }
             let lost = view.lost_nodes();
             let mut snapshot = ClusterSnapshot { nodes: view.nodes.clone(), volumes: view.volumes.clone(), ..ClusterSnapshot::default() };
@@ -60,11 +68,11 @@ impl ClusterStore {
             commit.put_run(record.clone());
             match self.commit(&commit).await {
                 Ok(_) => return Ok(record),
-                Err(Error::Conflict { kind: "plan for node" | "plan", .. }) => continue,
+                Err(Error::Stale { .. }) => continue,
                 Err(e) => return Err(e),
             }
         }
-        Err(Error::Conflict { kind: "plan", name: format!("run {} (5 attempts)", spec.id) })
+        Err(Error::Stale { kind: "plan", name: format!("run {} (5 attempts)", spec.id) })
     }
 
     /// The runs placed on `node`, with where each was read from (for write-backs).

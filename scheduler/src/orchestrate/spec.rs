@@ -95,7 +95,7 @@ mod tests {
             image: Some("web:2".into()),
             command: vec!["/web".into()],
             env: BTreeMap::from([("MODE".to_owned(), "prod".to_owned())]),
-            limits: Some(Limits { cpu_millis: 500, memory_mb: 64 }),
+            limits: Some(Limits::new(500, 64)),
             mounts: BTreeMap::new(),
             restart: Some(RestartPolicy {
                 max_restarts: 3,

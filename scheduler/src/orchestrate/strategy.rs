@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 /// How a task group moves from one version to the next.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum Strategy {
     /// Stop every old allocation, then start the new ones (downtime, no overlap).
     Recreate,

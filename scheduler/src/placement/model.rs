@@ -73,6 +73,7 @@ impl Resources {
 /// Whether new work may be placed on a node.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum Eligibility {
     /// New work may be placed here.
     #[default]
@@ -316,6 +317,7 @@ pub struct ClusterSnapshot {
 
 /// How a constraint or affinity compares a node's target value with its `value`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub enum ConstraintOp {
     /// Set and equal.
     #[serde(rename = "=")]
@@ -584,6 +586,7 @@ impl TaskGroup {
 /// How to choose among nodes that fit.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum Policy {
     /// Best fit: the fullest node that fits, keeping whole nodes free.
     #[default]

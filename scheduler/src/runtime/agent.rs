@@ -143,8 +143,11 @@ impl NodeAgent {
     }
 
     async fn task_spec(&self, alloc: &AllocRecord, spec: &GroupSpec) -> Result<TaskSpec> {
+        // A driver that maps ports publishes the host port on the service's own port; one
+        // that cannot runs the task on the host port itself and tells it so (`PORT`).
         let ports = match (&spec.service, alloc.ports.first()) {
-            (Some(s), Some(host)) => vec![PortMapping { container: s.port, host: *host }],
+            (Some(s), Some(&host)) if self.driver.capabilities().publishes_ports => vec![PortMapping::new(s.port, host).named(&s.name)],
+            (Some(s), Some(&host)) => vec![PortMapping::new(host, host).named(&s.name)],
             _ => Vec::new(),
         };
         Ok(TaskSpec { ports, mounts: self.mounts(alloc, spec).await?, ..spec.task.to_spec(alloc.id.clone()) }

@@ -54,7 +54,9 @@ fn container_name(id: &str) -> String {
 pub(crate) fn map_err<'a>(kind: &'static str, name: &'a str) -> impl Fn(bollard::errors::Error) -> Error + 'a {
     move |e| match e {
         bollard::errors::Error::DockerResponseServerError { status_code: 404, .. } => Error::NotFound { kind, name: name.to_owned() },
-        bollard::errors::Error::DockerResponseServerError { status_code: 409, .. } => Error::Conflict { kind, name: name.to_owned() },
+        bollard::errors::Error::DockerResponseServerError { status_code: 409, message } => {
+            Error::Conflict { kind, name: name.to_owned(), reason: message }
+        }
         bollard::errors::Error::DockerResponseServerError { status_code: 400, message } => Error::invalid("task", name, message),
         bollard::errors::Error::DockerResponseServerError { .. } | bollard::errors::Error::JsonDataError { .. } => {
             Error::Backend { backend: BACKEND, source: Box::new(e) }
@@ -189,6 +191,7 @@ impl DockerDriver {
         let host_config = HostConfig {
             nano_cpus: (limits.cpu_millis > 0).then(|| i64::try_from(limits.cpu_millis.saturating_mul(1_000_000)).unwrap_or(i64::MAX)),
             memory: (limits.memory_mb > 0).then(|| i64::try_from(limits.memory_mb.saturating_mul(1 << 20)).unwrap_or(i64::MAX)),
+            pids_limit: (limits.pids > 0).then(|| i64::try_from(limits.pids).unwrap_or(i64::MAX)),
             port_bindings: (!bindings.is_empty()).then_some(bindings),
             binds: (!binds.is_empty()).then_some(binds),
             network_mode: spec.network.clone(),
@@ -277,7 +280,7 @@ impl Driver for DockerDriver {
     }
 
     fn capabilities(&self) -> DriverCapabilities {
-        DriverCapabilities::new(true, true)
+        DriverCapabilities::new(true, true, true)
     }
 
     async fn start(&self, spec: TaskSpec) -> Result<TaskStatus> {
@@ -287,7 +290,9 @@ impl Driver for DockerDriver {
         self.check_mounts(&spec)?;
         // Adoption: the engine already has this task. Running: never a second one.
         match self.status_of(&spec.id).await {
-            Ok(s) if s.state == TaskState::Running => return Err(Error::Conflict { kind: "task", name: spec.id }),
+            Ok(s) if s.state == TaskState::Running => {
+                return Err(Error::Conflict { kind: "task", name: spec.id, reason: "already running".into() })
+            }
             Ok(_) => self.remove_container(&spec.id).await?,
             Err(Error::NotFound { .. }) => {}
             Err(e) => return Err(e),
@@ -377,7 +382,7 @@ impl Driver for DockerDriver {
     async fn remove(&self, id: &str) -> Result<()> {
         validate_id("task id", id)?;
         if self.status_of(id).await?.state == TaskState::Running {
-            return Err(Error::Conflict { kind: "task", name: id.to_owned() });
+            return Err(Error::Conflict { kind: "task", name: id.to_owned(), reason: "already running".into() });
         }
         self.remove_container(id).await
     }

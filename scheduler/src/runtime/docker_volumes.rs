@@ -155,7 +155,7 @@ impl VolumeManager for DockerVolumes {
         // The engine's create returns an existing volume as if made: check first, so an
         // existing volume is a conflict, as with every manager.
         match self.get(name).await {
-            Ok(_) => return Err(Error::Conflict { kind: "volume", name: name.to_owned() }),
+            Ok(_) => return Err(Error::Conflict { kind: "volume", name: name.to_owned(), reason: "already exists".into() }),
             Err(Error::NotFound { .. }) => {}
             Err(e) => return Err(e),
         }

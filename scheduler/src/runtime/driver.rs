@@ -21,14 +21,19 @@ pub type Output = BoxStream<'static, OutputLine>;
 pub struct DriverCapabilities {
     /// Runs images (`TaskSpec::image`).
     pub images: bool,
-    /// Enforces cpu/memory limits.
+    /// Enforces cpu, memory and process-count limits (`TaskSpec::limits`); a driver that
+    /// cannot refuses tasks with limits.
     pub resource_limits: bool,
+    /// Publishes a host port to a different port inside the task (`PortMapping` with
+    /// `container != host`). Without it, tasks share the host's network and must serve
+    /// on the host port they are told (`PORT`), and the node agent asks for no mapping.
+    pub publishes_ports: bool,
 }
 
 impl DriverCapabilities {
     /// Capabilities with every flag given.
-    pub fn new(images: bool, resource_limits: bool) -> Self {
-        DriverCapabilities { images, resource_limits }
+    pub fn new(images: bool, resource_limits: bool, publishes_ports: bool) -> Self {
+        DriverCapabilities { images, resource_limits, publishes_ports }
     }
 }
 

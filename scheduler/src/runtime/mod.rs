@@ -4,6 +4,7 @@
 //! and the specs it reads) and the shared vocabulary.
 
 pub(crate) mod agent;
+pub(crate) mod cgroups;
 #[cfg(feature = "docker")]
 pub(crate) mod docker;
 #[cfg(feature = "docker")]

@@ -16,7 +16,7 @@
 //!   adopted process is unknowable (it is not our child): it exits with `code: None`.
 
 use std::collections::{HashMap, VecDeque};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -32,6 +32,7 @@ use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::BroadcastStream;
 
+use crate::runtime::cgroups::Cgroups;
 use crate::runtime::driver::{Driver, DriverCapabilities, Output};
 
 use crate::error::{Error, Result};
@@ -39,6 +40,8 @@ use crate::runtime::process_record::{start_ticks, still_running, StateDir, TaskR
 use crate::task::{OutputLine, OutputStream, TaskSpec, TaskState, TaskStatus, MAX_LINE_BYTES};
 
 const BACKEND: &str = "process";
+/// Where the control-group file systems are mounted.
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 /// Lines of output kept per task for late readers.
 pub const OUTPUT_TAIL: usize = 1000;
@@ -63,6 +66,8 @@ pub struct ProcessDriver {
     /// which keep running for the next driver to adopt.
     detached: watch::Sender<bool>,
     metrics: OutputMetrics,
+    /// Where tasks with limits get their control group; `None`: limits are refused.
+    cgroups: Option<Cgroups>,
 }
 
 impl Default for ProcessDriver {
@@ -72,6 +77,7 @@ impl Default for ProcessDriver {
             state_dir: None,
             detached: watch::channel(false).0,
             metrics: OutputMetrics::default(),
+            cgroups: Cgroups::detect(Path::new(CGROUP_ROOT)),
         }
     }
 }
@@ -146,9 +152,19 @@ impl Run {
 }
 
 impl ProcessDriver {
-    /// A driver with no tasks, owning the tasks it starts.
+    /// A driver with no tasks, owning the tasks it starts. Running as root where the
+    /// cpu, memory and pids controllers are available (cgroup v2, or v1 hierarchies), it
+    /// enforces task limits in a control group per task; elsewhere it refuses tasks with
+    /// limits, and its capabilities say so.
     pub fn new() -> Self {
         ProcessDriver::default()
+    }
+
+    /// This driver, never enforcing limits (tasks with limits are refused), whatever the
+    /// machine offers.
+    pub fn without_limits(mut self) -> Self {
+        self.cgroups = None;
+        self
     }
 
     /// A driver whose tasks outlive it, recorded in `state_dir`; adopts the tasks a
@@ -160,6 +176,7 @@ impl ProcessDriver {
             state_dir: Some(dir.clone()),
             detached: watch::channel(false).0,
             metrics: OutputMetrics::default(),
+            cgroups: Cgroups::detect(Path::new(CGROUP_ROOT)),
         };
         for record in dir.load_all()? {
             let id = record.spec.id.clone();
@@ -237,9 +254,28 @@ impl ProcessDriver {
 
 /// Starts one run of `spec`: the child and its group id; output to pipes, or appended to
 /// files in the state directory of a persistent driver.
-fn spawn_run(spec: &TaskSpec, state_dir: Option<&StateDir>) -> Result<(tokio::process::Child, i32)> {
-    let mut cmd = tokio::process::Command::new(&spec.command[0]);
-    cmd.args(&spec.command[1..]).envs(&spec.env).stdin(Stdio::null()).process_group(0);
+/// Tells a task the ports it serves on: `PORT` (the first), `KEELSON_PORT_<NAME>` for
+/// named ones, and its id in `KEELSON_TASK_ID`. Values the spec sets itself win.
+fn tell_ports(spec: &mut TaskSpec) {
+    let mut told = vec![("KEELSON_TASK_ID".to_owned(), spec.id.clone())];
+    if let Some(first) = spec.ports.first() {
+        told.push(("PORT".to_owned(), first.host.to_string()));
+    }
+    told.extend(spec.ports.iter().filter_map(|p| Some((p.env_name()?, p.host.to_string()))));
+    for (name, value) in told {
+        spec.env.entry(name).or_insert(value);
+    }
+}
+
+/// Starts one run of `spec`'s program: in its own process group, and with limits inside
+/// the task's control group (joined before the program starts).
+fn spawn_run(spec: &TaskSpec, state_dir: Option<&StateDir>, cgroups: Option<&Cgroups>) -> Result<(tokio::process::Child, i32)> {
+    let command = match (spec.limits, cgroups) {
+        (Some(limits), Some(cgroups)) => Cgroups::wrap(&cgroups.create(&spec.id, &limits)?, &spec.command),
+        _ => spec.command.clone(),
+    };
+    let mut cmd = tokio::process::Command::new(&command[0]);
+    cmd.args(&command[1..]).envs(&spec.env).stdin(Stdio::null()).process_group(0);
     match state_dir {
         None => {
             cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
@@ -292,10 +328,11 @@ impl ProcessDriver {
     fn supervise(&self, (task, state_tx): (Arc<Task>, watch::Sender<TaskState>), spec: TaskSpec, mut run: Run) {
         let mut detached = self.detached.subscribe();
         let state_dir = self.state_dir.clone();
+        let cgroups = self.cgroups.clone();
         tokio::spawn(async move {
             // The waits between restarts: the policy's doubling, with jitter (tasks that
             // failed together, say on a dependency's outage, do not restart together).
-            let mut pauses = spec.restart.map(|p| keelson_discovery::retry_pauses(p.initial_backoff, p.max_backoff));
+            let mut pauses = spec.restart.map(|p| keelson_base::retry_pauses(p.initial_backoff, p.max_backoff));
             loop {
                 let exit = tokio::select! {
                     exit = run.wait() => exit,
@@ -325,7 +362,7 @@ impl ProcessDriver {
                     }
                     () = until_set(&mut detached) => return,
                 }
-                match spawn_run(&spec, state_dir.as_ref()) {
+                match spawn_run(&spec, state_dir.as_ref(), cgroups.as_ref()) {
                     Ok((mut child, pgid)) => {
                         task.pgid.store(pgid, Ordering::SeqCst);
                         // Our own child from now on: its pid cannot be reused while we hold it.
@@ -481,30 +518,43 @@ impl Driver for ProcessDriver {
     }
 
     fn capabilities(&self) -> DriverCapabilities {
-        DriverCapabilities::new(false, false)
+        DriverCapabilities::new(false, self.cgroups.is_some(), false)
     }
 
-    async fn start(&self, spec: TaskSpec) -> Result<TaskStatus> {
+    async fn start(&self, mut spec: TaskSpec) -> Result<TaskStatus> {
         spec.validate()?;
         // Silently running without the isolation asked for would be worse than refusing.
-        if spec.limits.is_some()
-            || !spec.ports.is_empty()
+        if (spec.limits.is_some() && self.cgroups.is_none())
             || !spec.mounts.is_empty()
             || spec.network.is_some()
             || spec.health_check.is_some()
         {
-            return Err(Error::Unsupported { operation: "limits, published ports, mounts, networks or health checks", backend: "process" });
+            return Err(Error::Unsupported {
+                operation: "limits (no control groups), mounts, networks or health checks",
+                backend: "process",
+            });
         }
+        if let Some(p) = spec.ports.iter().find(|p| p.host != p.container) {
+            return Err(Error::Unsupported {
+                operation: if p.host == 0 {
+                    "port mapping"
+                } else {
+                    "port mapping (a process serves on the host port it is given in PORT)"
+                },
+                backend: "process",
+            });
+        }
+        tell_ports(&mut spec);
         if let Some(existing) = self.lock().get(&spec.id) {
             if !existing.state.borrow().is_exited() {
-                return Err(Error::Conflict { kind: "task", name: spec.id });
+                return Err(Error::Conflict { kind: "task", name: spec.id, reason: "already running".into() });
             }
         }
         if let Some(dir) = &self.state_dir {
             // A new task of a reused id starts with fresh output.
             dir.forget(&spec.id);
         }
-        let (mut child, pgid) = spawn_run(&spec, self.state_dir.as_ref())?;
+        let (mut child, pgid) = spawn_run(&spec, self.state_dir.as_ref(), self.cgroups.as_ref())?;
         let (task, state_tx) = self.new_task(&spec, pgid, SystemTime::now(), 0);
         match &self.state_dir {
             None => task.pump_pipes(&mut child),
@@ -581,11 +631,16 @@ impl Driver for ProcessDriver {
         let mut tasks = self.lock();
         match tasks.get(id) {
             None => Err(Error::NotFound { kind: "task", name: id.to_owned() }),
-            Some(t) if !t.state.borrow().is_exited() => Err(Error::Conflict { kind: "running task", name: id.to_owned() }),
+            Some(t) if !t.state.borrow().is_exited() => {
+                Err(Error::Conflict { kind: "running task", name: id.to_owned(), reason: "still running".into() })
+            }
             Some(_) => {
                 tasks.remove(id);
                 if let Some(dir) = &self.state_dir {
                     dir.forget(id);
+                }
+                if let Some(cgroups) = &self.cgroups {
+                    cgroups.remove(id);
                 }
                 Ok(())
             }

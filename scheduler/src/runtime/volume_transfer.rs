@@ -88,6 +88,7 @@ pub async fn serve_volumes(
 
 /// A volume server with options.
 #[derive(Clone)]
+#[must_use = "the server stops when this is dropped"]
 pub struct VolumeServer {
     volumes: Arc<dyn VolumeManager>,
     token: Option<Arc<str>>,

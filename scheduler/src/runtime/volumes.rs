@@ -136,7 +136,7 @@ impl VolumeManager for LocalVolumes {
         match tokio::fs::create_dir(&dir).await {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(Error::Conflict { kind: "volume", name: name.to_owned() })
+                return Err(Error::Conflict { kind: "volume", name: name.to_owned(), reason: "already exists".into() })
             }
             Err(e) => return Err(io_err(e)),
         }
@@ -193,7 +193,7 @@ impl VolumeManager for LocalVolumes {
     async fn import(&self, name: &str, labels: BTreeMap<String, String>, tar: TarStream) -> Result<Volume> {
         let dir = self.dir(name)?;
         if tokio::fs::try_exists(&dir).await.map_err(io_err)? {
-            return Err(Error::Conflict { kind: "volume", name: name.to_owned() });
+            return Err(Error::Conflict { kind: "volume", name: name.to_owned(), reason: "already exists".into() });
         }
         // Unpacked beside the root's volumes under a name `list` skips (it starts with a
         // dot), then renamed into place: the volume appears whole or not at all.
@@ -207,7 +207,7 @@ impl VolumeManager for LocalVolumes {
             // create of the same name wins and this import reports the conflict.
             match tokio::fs::rename(&staging, &dir).await {
                 Ok(()) => Ok(()),
-                Err(_) if dir.exists() => Err(Error::Conflict { kind: "volume", name: name.to_owned() }),
+                Err(_) if dir.exists() => Err(Error::Conflict { kind: "volume", name: name.to_owned(), reason: "already exists".into() }),
                 Err(e) => Err(io_err(e)),
             }
         }

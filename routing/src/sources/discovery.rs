@@ -1,24 +1,19 @@
-//! Where routes come from: a static routes file, or a `Discovery` watch with tags.
+//! Routes from a `Discovery` watch: instances tagged `keelson.http.host` (and
+//! `keelson.tcp.port`) become routes, kept in step with the catalog.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
 use std::sync::Arc;
-
-use std::sync::atomic::AtomicU64;
 
 use futures::StreamExt;
 use keelson_discovery::{Discovery, Instance, Query};
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
-use serde::Deserialize;
 use tokio::task::JoinHandle;
 
-use crate::balance::Balancer;
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::route::{Balancer, Endpoint, Host, PathPrefix, Route, RouteKey, UpstreamProtocol};
 use crate::router::Router;
-use crate::table::{Endpoint, Host, PathPrefix, Route, RouteChange, RouteKey, UpstreamProtocol};
+use crate::sources::status::SourceStatus;
+use crate::sources::sync::sync_routes;
 
 /// The tag an instance carries to be routed: `keelson.http.host=<host>` (or `*.parent`).
 pub const HTTP_HOST_TAG: &str = "keelson.http.host";
@@ -39,82 +34,6 @@ pub const TCP_PORT_TAG: &str = "keelson.tcp.port";
 /// `keelson.sni=db.example` or `*.example`; without it the instance is in the port's
 /// default route.
 pub const SNI_TAG: &str = "keelson.sni";
-
-/// A routes file: `{"routes": [{"host": "...", "endpoints": [{"id": "...", "addr": "ip:port"}]}]}`,
-/// optionally with `"tcp": [{"listen": "0.0.0.0:5432", "sni": "db.example", "endpoints": [...]}]`.
-/// Unknown keys are rejected, so a typo is an error and not a silently ignored setting.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RoutesFile {
-    /// HTTP routes.
-    #[serde(default)]
-    pub routes: Vec<Route>,
-    /// TCP routes, served by a [`crate::TcpProxy`] per listen address.
-    #[serde(default)]
-    pub tcp: Vec<TcpRoute>,
-}
-
-/// A TCP route: connections to `listen` whose TLS server name is `sni` (or, without
-/// `sni`, every other connection) go to `endpoints`.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TcpRoute {
-    /// The listen address.
-    pub listen: SocketAddr,
-    /// The TLS server name (exact or `*.parent`); none for the listener's default.
-    #[serde(default)]
-    pub sni: Option<Host>,
-    /// Upstream servers.
-    pub endpoints: Vec<Endpoint>,
-    /// How connections are spread (default round robin).
-    #[serde(default)]
-    pub balancer: Balancer,
-}
-
-impl TcpRoute {
-    /// The route as its listener's [`crate::TcpProxy`] router holds it.
-    pub fn to_route(&self) -> Result<Route> {
-        let host = match &self.sni {
-            Some(h) => h.clone(),
-            None => Host::new(crate::TCP_DEFAULT_HOST)?,
-        };
-        Ok(Route::new(host, self.endpoints.clone()).with_balancer(self.balancer.clone()))
-    }
-}
-
-impl RoutesFile {
-    /// Parses a routes file from JSON text; errors carry serde's line and column.
-    pub fn parse(text: &str) -> Result<Self> {
-        let file: RoutesFile =
-            serde_json::from_str(text).map_err(|e| Error::invalid("routes file", e.to_string(), "is not a valid routes file"))?;
-        let mut keys = BTreeSet::new();
-        for r in &file.routes {
-            if !keys.insert((&r.host, &r.path)) {
-                return Err(Error::invalid("route", format!("{}{}", r.host, r.path), "appears twice in the routes file"));
-            }
-        }
-        let mut tcp_keys = BTreeSet::new();
-        for t in &file.tcp {
-            if !tcp_keys.insert((t.listen, &t.sni)) {
-                let sni = t.sni.as_ref().map_or("default", Host::as_str);
-                return Err(Error::invalid("TCP route", format!("{} {sni}", t.listen), "appears twice in the routes file"));
-            }
-        }
-        Ok(file)
-    }
-
-    /// Reads and parses a routes file.
-    pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| Error::Io { context: format!("reading routes file {}", path.display()), source })?;
-        RoutesFile::parse(&text)
-    }
-
-    /// The changes that install these routes.
-    pub fn changes(self) -> Vec<RouteChange> {
-        self.routes.into_iter().map(RouteChange::Upsert).collect()
-    }
-}
 
 /// Groups instances into routes by their [`HTTP_HOST_TAG`] and [`HTTP_PATH_TAG`].
 /// Instances without a host tag are ignored; ones with an invalid host or path, or a
@@ -209,29 +128,6 @@ pub fn tcp_routes_from_instances(instances: &[Instance]) -> BTreeMap<u16, BTreeM
     ports
 }
 
-/// Applies to `router` what turns `owned` into `wanted`; on success `owned` becomes
-/// `wanted`. A failure (someone else removed one of our routes) is logged and `owned`
-/// keeps only what the router still has, so the next snapshot re-syncs.
-async fn sync_routes(router: &dyn Router, owned: &mut BTreeMap<RouteKey, Route>, wanted: BTreeMap<RouteKey, Route>, what: &str) {
-    let mut changes: Vec<RouteChange> =
-        wanted.iter().filter(|(k, r)| owned.get(*k) != Some(*r)).map(|(_, r)| RouteChange::Upsert(r.clone())).collect();
-    changes.extend(owned.keys().filter(|k| !wanted.contains_key(*k)).cloned().map(|(h, p)| RouteChange::RemovePath(h, p)));
-    if changes.is_empty() {
-        return;
-    }
-    match router.apply(changes).await {
-        Ok(version) => {
-            tracing::info!(version, routes = wanted.len(), what, "routes follow discovery");
-            *owned = wanted;
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, what, "could not apply routes from discovery");
-            let table = router.snapshot();
-            owned.retain(|(h, p), _| table.get(h, p).is_some());
-        }
-    }
-}
-
 /// Serves TCP routes from discovery: the first time an instance names a
 /// [`TCP_PORT_TAG`] port, a [`crate::TcpProxy`] starts listening on `bind:port`; its
 /// routes then follow the instances (by [`SNI_TAG`], or the default route). A port whose
@@ -274,63 +170,11 @@ pub async fn follow_discovery_tcp(
             }
             for (port, (router, owned)) in &mut ports {
                 let routes = wanted.remove(port).unwrap_or_default();
-                sync_routes(router.as_ref(), owned, routes, "tcp").await;
+                // A failure is logged inside; the next snapshot syncs again.
+                let _ = sync_routes(router.as_ref(), owned, routes, "tcp from discovery").await;
             }
         }
     }))
-}
-
-/// Whether a route source is current, as metrics: `keelson_route_source_stale` (1 while
-/// the source fails and the last good routes are served), `keelson_route_source_errors_total`
-/// and `keelson_route_source_last_success_seconds` (Unix time). Clones share the values.
-#[derive(Debug, Clone, Default)]
-pub struct SourceStatus {
-    stale: Gauge,
-    errors: Counter,
-    last_success: Gauge<f64, AtomicU64>,
-}
-
-impl SourceStatus {
-    /// A status that is not stale and has seen no success yet.
-    pub fn new() -> Self {
-        SourceStatus::default()
-    }
-
-    /// Whether the source is failing now.
-    pub fn is_stale(&self) -> bool {
-        self.stale.get() == 1
-    }
-
-    /// Failures seen (outages, each reported once by the watch).
-    pub fn errors(&self) -> u64 {
-        self.errors.get()
-    }
-
-    /// Registers the three metrics in `registry`.
-    pub fn register(&self, registry: &mut Registry) {
-        registry.register(
-            "keelson_route_source_stale",
-            "1 while the route source fails and the last good routes are served",
-            self.stale.clone(),
-        );
-        registry.register("keelson_route_source_errors", "Route source failures", self.errors.clone());
-        registry.register(
-            "keelson_route_source_last_success_seconds",
-            "When the route source last answered, Unix time",
-            self.last_success.clone(),
-        );
-    }
-
-    fn succeeded(&self) {
-        self.stale.set(0);
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
-        self.last_success.set(now);
-    }
-
-    fn failed(&self) {
-        self.stale.set(1);
-        self.errors.inc();
-    }
 }
 
 /// Keeps `router` in step with `discovery`: every instance tagged `keelson.http.host=<h>`
@@ -354,7 +198,8 @@ pub async fn follow_discovery_with(discovery: Arc<dyn Discovery>, router: Arc<dy
                 continue;
             }
             status.succeeded();
-            sync_routes(router.as_ref(), &mut owned, routes_from_instances(&snapshot.instances), "http").await;
+            // A failure is logged inside; the next snapshot syncs again.
+            let _ = sync_routes(router.as_ref(), &mut owned, routes_from_instances(&snapshot.instances), "http from discovery").await;
         }
     }))
 }
