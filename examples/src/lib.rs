@@ -1,10 +1,11 @@
 //! Reference platforms built from keelson crates: small, real programs a platform team
 //! can start from.
 //!
-//! - `minipaas demo`: three replicas of [`hello`] run by the process driver, placed by
-//!   the bin-packing scheduler, registered in in-memory discovery with HTTP health checks,
-//!   served by the router on `127.0.0.1:8080` as `hello.localhost`, their output shipped
-//!   to JSON-lines files. No server, no Docker, no protoc.
+//! - `minipaas demo`: three replicas of [`hello`] deployed through a cluster store in
+//!   memory, placed by the controller, run and health-checked by a node agent on the
+//!   process driver, registered in in-memory discovery, served by the router on
+//!   `127.0.0.1:8080` as `hello.localhost`, their output shipped to JSON-lines files.
+//!   No server, no Docker, no protoc.
 //! - `hello`: the tiny HTTP service the demo runs.
 //!
 //! The pieces are library functions, so the wiring can be read and reused:

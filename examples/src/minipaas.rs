@@ -1,30 +1,39 @@
-//! The `minipaas demo` wiring: every keelson building block on its embedded default.
+//! The `minipaas demo` wiring: the building blocks on their embedded defaults, put
+//! together as a platform would put them together on many machines.
 //!
-//! the scheduler (PlacementEngine) places the replicas on this machine, netplumb (HostNetwork) gives
-//! them an address, the ProcessDriver runs them, discovery (in memory) registers them with
-//! HTTP health checks, the router follows discovery and the proxy serves it, and logship
-//! ships each replica's output to `<data-dir>/logs/<service>.log`.
+//! The cluster state is a [`ClusterStore`] over `MemoryKv`; this machine joins it as one
+//! node. The replicas are one group deployed through the store: the [`Controller`] places
+//! them, a [`NodeAgent`] runs them with the [`ProcessDriver`] (each told its port in
+//! `PORT`), checks their health and registers the healthy ones in discovery (in memory),
+//! the router follows discovery and the proxy serves it, and logship ships each
+//! replica's output to `<data-dir>/logs/<service>.log`. The demo itself only wires.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use keelson_discovery::health::{CheckConfig, HealthChecker, Probe};
-use keelson_discovery::{Discovery, Health, MemoryDiscovery, Query, Registration, RegistrationHandle, ServiceName};
+use keelson_discovery::{Discovery, MemoryDiscovery, MemoryKv, Query, ServiceName};
 use keelson_logship::{FileSink, Record, ShipConfig, Sink, StreamSource};
-use keelson_netplumb::{EndpointSpec, HostNetwork, NetworkDriver, NetworkSpec};
 use keelson_routing::{follow_discovery, MemoryRouter, Proxy, ProxyConfig, HTTP_HOST_TAG};
 use keelson_scheduler::{
-    ClusterSnapshot, Driver, Job, Node, OutputStream, PlacementEngine, ProcessDriver, Resources, Scheduler, TaskGroup, TaskSpec,
+    ClusterStore, Controller, DesiredGroup, Driver, Gates, GroupSpec, Node, NodeAgent, NodeMembership, OutputStream, ProcessDriver,
+    Resources, ServiceSpec, Strategy, TaskTemplate, NODE_LABEL,
 };
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 /// The service the demo runs.
 pub const SERVICE: &str = "hello";
 /// The host the router serves it as.
 pub const HOST: &str = "hello.localhost";
+/// This machine's name in the cluster.
+const NODE: &str = "local";
+/// How often the agent and the controller go over the cluster (and the log shipper
+/// looks for new replicas).
+const TICK: Duration = Duration::from_millis(200);
 
 /// Demo settings.
 #[derive(Clone, Debug)]
@@ -35,7 +44,8 @@ pub struct DemoConfig {
     pub data_dir: PathBuf,
     /// How many replicas (default 3).
     pub replicas: u32,
-    /// The program to run for each replica, with arguments before `--id ID --port PORT`.
+    /// The program each replica runs; it learns its id and port from `KEELSON_TASK_ID`
+    /// and `PORT`, which the process driver sets.
     pub hello_command: Vec<String>,
     /// How long to wait for every replica to pass its health check (default 30 s).
     pub ready_timeout: Duration,
@@ -56,21 +66,15 @@ impl Default for DemoConfig {
 /// Why the demo could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
-    /// Placement failed or did not place every replica.
-    #[error("scheduling: {0}")]
-    Schedule(String),
-    /// Starting or stopping a replica failed.
-    #[error("driver: {0}")]
-    Driver(#[from] keelson_scheduler::Error),
+    /// Placing, starting or stopping a replica failed.
+    #[error("scheduler: {0}")]
+    Scheduler(#[from] keelson_scheduler::Error),
     /// Discovery failed.
     #[error("discovery: {0}")]
     Discovery(#[from] keelson_discovery::Error),
     /// Routing failed.
     #[error("routing: {0}")]
     Routing(#[from] keelson_routing::Error),
-    /// Networking failed.
-    #[error("network: {0}")]
-    Network(#[from] keelson_netplumb::Error),
     /// Log shipping failed.
     #[error("logs: {0}")]
     Logs(#[from] keelson_logship::Error),
@@ -97,85 +101,95 @@ pub enum DemoError {
     },
 }
 
-struct Replica {
-    task: String,
-    registration: RegistrationHandle,
-    _check: HealthChecker,
-    shipper: JoinHandle<()>,
-}
-
 /// A running demo.
 pub struct Demo {
     listen: SocketAddr,
     driver: Arc<ProcessDriver>,
-    network: HostNetwork,
     sink: Arc<FileSink>,
-    replicas: Vec<Replica>,
+    _member: NodeMembership,
+    stop: watch::Sender<bool>,
+    loops: Vec<JoinHandle<()>>,
+    shippers: JoinHandle<Vec<JoinHandle<()>>>,
     follower: JoinHandle<()>,
-    proxy_stop: tokio::sync::oneshot::Sender<()>,
     proxy: JoinHandle<()>,
 }
 
 impl std::fmt::Debug for Demo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Demo").field("listen", &self.listen).field("replicas", &self.replicas.len()).finish_non_exhaustive()
+        f.debug_struct("Demo").field("listen", &self.listen).finish_non_exhaustive()
     }
 }
 
-/// This machine as a one-node cluster.
+/// This machine as a cluster node.
 fn local_node() -> Node {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
     let mem_mb = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| m.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
         .map_or(1024, |kb| kb / 1024);
-    Node::new("local", Resources::new(cpus * 1000, mem_mb)).with_attribute("kernel.name", std::env::consts::OS)
+    Node::new(NODE, Resources::new(cpus * 1000, mem_mb)).with_attribute("kernel.name", std::env::consts::OS)
 }
 
-fn free_port() -> Result<u16, DemoError> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|source| DemoError::Io { context: "finding a free port".into(), source })?;
-    l.local_addr().map(|a| a.port()).map_err(|source| DemoError::Io { context: "finding a free port".into(), source })
+/// The demo's one group: `replicas` of the hello program, each on a port of its own,
+/// offered as the `hello` service, routed as [`HOST`], healthy while `/health` answers.
+fn hello_group(config: &DemoConfig) -> GroupSpec {
+    GroupSpec {
+        desired: DesiredGroup {
+            job: SERVICE.into(),
+            group: "web".into(),
+            version: 1,
+            count: config.replicas,
+            resources: Resources::new(100, 64),
+            ports: 1,
+            ..Default::default()
+        },
+        task: TaskTemplate { command: config.hello_command.clone(), ..Default::default() },
+        service: Some(ServiceSpec {
+            name: SERVICE.into(),
+            // Inside a container; a process serves on the host port it is told (PORT).
+            port: 8080,
+            tags: vec![format!("{HTTP_HOST_TAG}={HOST}")],
+            http_check: Some("/health".into()),
+        }),
+    }
 }
 
 impl Demo {
     /// Starts everything and returns once every replica is healthy and routed.
     pub async fn start(config: DemoConfig) -> Result<Demo, DemoError> {
-        let service = ServiceName::new(SERVICE)?;
         let discovery: Arc<dyn Discovery> = Arc::new(MemoryDiscovery::memory());
-        let driver = Arc::new(ProcessDriver::new());
-        let network = HostNetwork::new();
-        network.create_network(NetworkSpec::new("minipaas")).await?;
-        let sink = Arc::new(FileSink::new(config.data_dir.join("logs"))?);
         let router = Arc::new(MemoryRouter::new());
         let follower = follow_discovery(discovery.clone(), router.clone()).await?;
-
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| DemoError::Io { context: format!("binding the router to {}", config.listen), source })?;
         let listen = listener.local_addr().map_err(|source| DemoError::Io { context: "router address".into(), source })?;
-        let (proxy_stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let proxy = tokio::spawn(Arc::new(Proxy::new(router, ProxyConfig::default())).serve(listener, async move {
-            let _ = stopped.await;
-        }));
-
-        let cluster = ClusterSnapshot { nodes: vec![local_node()], ..ClusterSnapshot::default() };
-        let job = Job::new("minipaas-demo", vec![TaskGroup::new(SERVICE, config.replicas, Resources::new(100, 64))]);
-        let plan = PlacementEngine::new().plan(&cluster, &job).map_err(|e| DemoError::Schedule(e.to_string()))?;
-        if let Some(u) = plan.unplaced.first() {
-            return Err(DemoError::Schedule(format!("{} replicas did not fit: {}", u.count, u.explanation)));
-        }
-
-        let mut demo = Demo { listen, driver, network, sink, replicas: Vec::new(), follower, proxy_stop, proxy };
-        for placement in &plan.placements {
-            let id = format!("{SERVICE}-{}", placement.index + 1);
-            match demo.start_replica(&config, &discovery, &service, &id, &placement.node).await {
-                Ok(r) => demo.replicas.push(r),
-                Err(e) => {
-                    let _ = demo.shutdown().await;
-                    return Err(e);
-                }
+        let (stop, stopped) = watch::channel(false);
+        let until_stopped = move || {
+            let mut stopped = stopped.clone();
+            async move {
+                let _ = stopped.wait_for(|s| *s).await;
             }
-        }
+        };
+        let proxy = tokio::spawn(Arc::new(Proxy::new(router, ProxyConfig::default())).serve(listener, until_stopped()));
+
+        let store = ClusterStore::new(Arc::new(MemoryKv::new()), "minipaas");
+        let member = store.join(&local_node(), Duration::from_secs(10)).await?;
+        let driver = Arc::new(ProcessDriver::new());
+        let agent = Arc::new(NodeAgent::new(NODE, store.clone(), driver.clone(), Some(discovery.clone()), "127.0.0.1"));
+        let controller = Controller::new(store.clone());
+        store.deploy(&hello_group(&config), Strategy::default(), Gates::default()).await?;
+        let loops = vec![
+            tokio::spawn(agent.run(TICK, until_stopped())),
+            tokio::spawn({
+                let stop = until_stopped();
+                async move { controller.run(TICK, stop).await }
+            }),
+        ];
+        let sink = Arc::new(FileSink::new(config.data_dir.join("logs"))?);
+        let shippers = tokio::spawn(ship_replica_logs(driver.clone(), sink.clone(), until_stopped()));
+        let demo = Demo { listen, driver, sink, _member: member, stop, loops, shippers, follower, proxy };
+        let service = ServiceName::new(SERVICE)?;
         if let Err(e) = wait_healthy(&*discovery, &service, config.replicas, config.ready_timeout, &config.data_dir).await {
             let _ = demo.shutdown().await;
             return Err(e);
@@ -183,84 +197,30 @@ impl Demo {
         Ok(demo)
     }
 
-    async fn start_replica(
-        &self,
-        config: &DemoConfig,
-        discovery: &Arc<dyn Discovery>,
-        service: &ServiceName,
-        id: &str,
-        node: &str,
-    ) -> Result<Replica, DemoError> {
-        let endpoint = self.network.attach(EndpointSpec::new("minipaas", id)).await?;
-        let ip = endpoint.addresses.iter().copied().find(IpAddr::is_loopback).unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
-        let port = free_port()?;
-        let mut command = config.hello_command.clone();
-        command.extend(["--id".into(), id.into(), "--port".into(), port.to_string()]);
-        let spec = TaskSpec::new(id, command).with_label("keelson.service", SERVICE).with_label("keelson.node", node);
-        self.driver.start(spec).await?;
-        let shipper = self.ship_logs(id).await?;
-        let registration = discovery
-            .register(
-                Registration::new(service.clone(), id, ip.to_string(), port)
-                    .with_tag(format!("{HTTP_HOST_TAG}={HOST}"))
-                    .with_meta("node", node)
-                    // Not routable until the first health check passes.
-                    .with_initial_health(Health::Critical),
-            )
-            .await?;
-        let check = CheckConfig { interval: Duration::from_millis(500), timeout: Duration::from_secs(1), rise: 1, fall: 2 };
-        let probe = Probe::Http { addr: SocketAddr::new(ip, port), path: "/health".into() };
-        let check = HealthChecker::spawn(discovery.clone(), service.clone(), id.to_owned(), probe, check)?;
-        tracing::info!(replica = id, %ip, port, node, "replica started");
-        Ok(Replica { task: id.to_owned(), registration, _check: check, shipper })
-    }
-
-    async fn ship_logs(&self, id: &str) -> Result<JoinHandle<()>, DemoError> {
-        let instance = id.to_owned();
-        let lines = self.driver.output(id).await?.map(move |l| Record {
-            timestamp: l.timestamp,
-            service: SERVICE.to_owned(),
-            instance: instance.clone(),
-            stream: match l.stream {
-                OutputStream::Stdout => keelson_logship::Stream::Stdout,
-                OutputStream::Stderr => keelson_logship::Stream::Stderr,
-            },
-            line: l.line,
-            partial: l.partial,
-        });
-        let sink = self.sink.clone();
-        let replica = id.to_owned();
-        Ok(tokio::spawn(async move {
-            let mut source = StreamSource::new(lines);
-            if let Err(e) = keelson_logship::ship(&mut source, &*sink, &ShipConfig::default()).await {
-                tracing::warn!(%replica, error = %e, "log shipping stopped");
-            }
-        }))
-    }
-
     /// Where the router listens.
     pub fn listen_addr(&self) -> SocketAddr {
         self.listen
     }
 
-    /// Stops routing, deregisters and stops every replica (SIGTERM, then SIGKILL after
-    /// 5 s), and flushes their logs.
+    /// Stops routing, then the agent and the controller, then every replica (SIGTERM,
+    /// then SIGKILL after 5 s), and flushes their logs.
     pub async fn shutdown(self) -> Result<(), DemoError> {
-        let _ = self.proxy_stop.send(());
+        let _ = self.stop.send(true);
         let _ = self.proxy.await;
         self.follower.abort();
+        for l in self.loops {
+            let _ = l.await;
+        }
         let mut first_error = None;
-        for r in self.replicas {
-            if let Err(e) = r.registration.deregister().await {
+        for task in self.driver.list().await? {
+            if let Err(e) = self.driver.stop(&task.id, Duration::from_secs(5)).await {
                 first_error.get_or_insert(DemoError::from(e));
             }
-            if let Err(e) = self.driver.stop(&r.task, Duration::from_secs(5)).await {
-                first_error.get_or_insert(DemoError::from(e));
-            }
-            let _ = self.network.detach("minipaas", &r.task).await;
-            // The output stream ends when the process's pipes close, which ends shipping.
-            if tokio::time::timeout(Duration::from_secs(5), r.shipper).await.is_err() {
-                tracing::warn!(replica = %r.task, "log shipping did not finish in 5 s");
+        }
+        // Each replica's output stream ends when its process's pipes close.
+        for shipper in self.shippers.await.unwrap_or_default() {
+            if tokio::time::timeout(Duration::from_secs(5), shipper).await.is_err() {
+                tracing::warn!("log shipping did not finish in 5 s");
             }
         }
         self.sink.flush().await?;
@@ -268,6 +228,57 @@ impl Demo {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+}
+
+/// Ships the output of every replica the agent starts, as `hello-1`, `hello-2`, ... in
+/// the order they appear; returns the shippers once `stop` completes.
+async fn ship_replica_logs(
+    driver: Arc<ProcessDriver>,
+    sink: Arc<FileSink>,
+    stop: impl std::future::Future<Output = ()>,
+) -> Vec<JoinHandle<()>> {
+    let mut names: BTreeMap<String, String> = BTreeMap::new();
+    let mut shippers = Vec::new();
+    tokio::pin!(stop);
+    loop {
+        let mut tasks: Vec<String> =
+            driver.list().await.unwrap_or_default().into_iter().filter(|t| t.labels.contains_key(NODE_LABEL)).map(|t| t.id).collect();
+        tasks.sort();
+        for id in tasks {
+            if names.contains_key(&id) {
+                continue;
+            }
+            let instance = format!("{SERVICE}-{}", names.len() + 1);
+            names.insert(id.clone(), instance.clone());
+            match driver.output(&id).await {
+                Ok(output) => shippers.push(tokio::spawn(ship(output, instance, sink.clone()))),
+                Err(e) => tracing::warn!(task = %id, error = %e, "no output to ship"),
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(TICK) => {}
+            () = &mut stop => return shippers,
+        }
+    }
+}
+
+async fn ship(output: keelson_scheduler::Output, instance: String, sink: Arc<FileSink>) {
+    let replica = instance.clone();
+    let lines = output.map(move |l| Record {
+        timestamp: l.timestamp,
+        service: SERVICE.to_owned(),
+        instance: instance.clone(),
+        stream: match l.stream {
+            OutputStream::Stdout => keelson_logship::Stream::Stdout,
+            OutputStream::Stderr => keelson_logship::Stream::Stderr,
+        },
+        line: l.line,
+        partial: l.partial,
+    });
+    let mut source = StreamSource::new(lines);
+    if let Err(e) = keelson_logship::ship(&mut source, &*sink, &ShipConfig::default()).await {
+        tracing::warn!(%replica, error = %e, "log shipping stopped");
     }
 }
 

@@ -1,4 +1,5 @@
-//! `hello --id ID --port PORT`: the tiny HTTP service minipaas runs.
+//! `hello --id ID --port PORT`: the tiny HTTP service minipaas runs. Run by a keelson
+//! driver, it takes both from the environment the driver sets (`KEELSON_TASK_ID`, `PORT`).
 
 use clap::Parser;
 
@@ -6,10 +7,10 @@ use clap::Parser;
 #[derive(Parser, Debug)]
 struct Args {
     /// Instance id to answer with.
-    #[arg(long)]
+    #[arg(long, env = "KEELSON_TASK_ID")]
     id: String,
     /// Port to listen on (127.0.0.1).
-    #[arg(long)]
+    #[arg(long, env = "PORT")]
     port: u16,
 }
 

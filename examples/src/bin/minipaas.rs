@@ -37,9 +37,9 @@ enum Command {
     /// Serve the hello service (what each replica runs when no `hello` binary is found).
     #[command(hide = true)]
     Hello {
-        #[arg(long)]
+        #[arg(long, env = "KEELSON_TASK_ID")]
         id: String,
-        #[arg(long)]
+        #[arg(long, env = "PORT")]
         port: u16,
     },
 }
