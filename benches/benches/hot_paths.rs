@@ -1,9 +1,10 @@
 //! Hot paths of the embedded defaults: route lookup + pick (per request) and bin-pack
 //! placement (per plan).
 
+use std::hint::black_box;
 use std::net::SocketAddr;
 
-use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use keelson_benches::placement::{cluster, jobs, Workload};
 use keelson_routing::{Endpoint, Host, MemoryRouter, Route, RouteChange, Router};
 use keelson_scheduler::{ClusterState, EngineConfig, Job, PlacementEngine, Scheduler, TaskGroup};

@@ -11,12 +11,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use bollard::container::{
-    Config, CreateContainerOptions, InspectContainerOptions, ListContainersOptions, LogOutput, LogsOptions, RemoveContainerOptions,
-    StopContainerOptions,
-};
-use bollard::image::CreateImageOptions;
+use bollard::container::LogOutput;
+use bollard::models::ContainerCreateBody;
 use bollard::models::{HealthConfig, HealthStatusEnum, HostConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, InspectContainerOptions, ListContainersOptionsBuilder, LogsOptionsBuilder,
+    RemoveContainerOptionsBuilder, StartContainerOptions, StopContainerOptionsBuilder,
+};
 use bollard::Docker;
 use futures::{StreamExt, TryStreamExt};
 
@@ -136,7 +137,7 @@ impl DockerDriver {
         if self.docker.inspect_image(image).await.is_ok() {
             return Ok(());
         }
-        let options = CreateImageOptions { from_image: image, ..Default::default() };
+        let options = CreateImageOptionsBuilder::new().from_image(image).build();
         let pulled: std::result::Result<Vec<_>, _> =
             tokio::time::timeout(Duration::from_secs(300), self.docker.create_image(Some(options), None, None).try_collect())
                 .await
@@ -161,12 +162,11 @@ impl DockerDriver {
         Ok(())
     }
 
-    fn config(&self, spec: &TaskSpec, image: &str) -> Config<String> {
+    fn config(&self, spec: &TaskSpec, image: &str) -> ContainerCreateBody {
         let mut labels: HashMap<String, String> = spec.labels.clone().into_iter().collect();
         labels.insert(MANAGED_LABEL.into(), "1".into());
         labels.insert(TASK_LABEL.into(), spec.id.clone());
-        let exposed: HashMap<String, HashMap<(), ()>> =
-            spec.ports.iter().map(|p| (format!("{}/tcp", p.container), HashMap::new())).collect();
+        let exposed: Vec<String> = spec.ports.iter().map(|p| format!("{}/tcp", p.container)).collect();
         let bindings: HashMap<String, Option<Vec<PortBinding>>> = spec
             .ports
             .iter()
@@ -213,7 +213,7 @@ impl DockerDriver {
             start_interval: Some(nanos(h.interval)),
             ..Default::default()
         });
-        Config {
+        ContainerCreateBody {
             image: Some(image.to_owned()),
             cmd: Some(spec.command.clone()),
             healthcheck,
@@ -265,7 +265,7 @@ impl DockerDriver {
     }
 
     async fn remove_container(&self, id: &str) -> Result<()> {
-        let options = RemoveContainerOptions { force: true, ..Default::default() };
+        let options = RemoveContainerOptionsBuilder::new().force(true).build();
         self.timed("docker remove", async {
             self.docker.remove_container(&container_name(id), Some(options)).await.map_err(map_err("task", id))
         })
@@ -299,12 +299,14 @@ impl Driver for DockerDriver {
         }
         self.ensure_image(&image).await?;
         let name = container_name(&spec.id);
-        let options = CreateContainerOptions { name: name.clone(), platform: None };
+        let options = CreateContainerOptionsBuilder::new().name(&name).build();
         let config = self.config(&spec, &image);
         self.timed("docker create", async { self.docker.create_container(Some(options), config).await.map_err(map_err("task", &spec.id)) })
             .await?;
         let started = self
-            .timed("docker start", async { self.docker.start_container::<String>(&name, None).await.map_err(map_err("task", &spec.id)) })
+            .timed("docker start", async {
+                self.docker.start_container(&name, None::<StartContainerOptions>).await.map_err(map_err("task", &spec.id))
+            })
             .await;
         // The container exists, so a 404 here is about what it refers to: its network.
         let started = started.map_err(|e| match (e, &spec.network) {
@@ -330,9 +332,9 @@ impl Driver for DockerDriver {
         }
         // The engine sends the image's stop signal (SIGTERM), then SIGKILL after `t`
         // whole seconds: round up so the task gets at least its grace.
-        let t = i64::try_from(grace.as_millis().div_ceil(1000)).unwrap_or(i64::MAX);
+        let t = i32::try_from(grace.as_millis().div_ceil(1000)).unwrap_or(i32::MAX);
         let wait = grace + self.call_timeout;
-        tokio::time::timeout(wait, self.docker.stop_container(&container_name(id), Some(StopContainerOptions { t })))
+        tokio::time::timeout(wait, self.docker.stop_container(&container_name(id), Some(StopContainerOptionsBuilder::new().t(t).build())))
             .await
             .map_err(|_| Error::Timeout { operation: "docker stop", after: wait })?
             .map_err(map_err("task", id))?;
@@ -347,7 +349,7 @@ impl Driver for DockerDriver {
     async fn output(&self, id: &str) -> Result<Output> {
         validate_id("task id", id)?;
         self.status_of(id).await?;
-        let options = LogsOptions::<String> { follow: true, stdout: true, stderr: true, tail: "all".into(), ..Default::default() };
+        let options = LogsOptionsBuilder::new().follow(true).stdout(true).stderr(true).tail("all").build();
         let frames = self.docker.logs(&container_name(id), Some(options));
         let split = self.lines_split.clone();
         let lines = lines(frames.map(|f| f.ok()).take_while(|f| std::future::ready(f.is_some())).filter_map(std::future::ready));
@@ -362,7 +364,7 @@ impl Driver for DockerDriver {
 
     async fn list(&self) -> Result<Vec<TaskStatus>> {
         let filters = HashMap::from([("label".to_owned(), vec![MANAGED_LABEL.to_owned()])]);
-        let options = ListContainersOptions { all: true, filters, ..Default::default() };
+        let options = ListContainersOptionsBuilder::new().all(true).filters(&filters).build();
         let containers =
             self.timed("docker list", async { self.docker.list_containers(Some(options)).await.map_err(map_err("task", "*")) }).await?;
         let mut out = Vec::new();

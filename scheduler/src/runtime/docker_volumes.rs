@@ -9,12 +9,11 @@
 use std::collections::{BTreeMap, HashMap};
 
 use async_trait::async_trait;
-use bollard::container::{
-    Config, CreateContainerOptions, DownloadFromContainerOptions, ListContainersOptions, RemoveContainerOptions, UploadToContainerOptions,
+use bollard::models::{ContainerCreateBody, HostConfig, VolumeCreateRequest};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, DownloadFromContainerOptionsBuilder, ListContainersOptionsBuilder,
+    ListVolumesOptionsBuilder, RemoveContainerOptionsBuilder, RemoveVolumeOptionsBuilder, UploadToContainerOptionsBuilder,
 };
-use bollard::image::CreateImageOptions;
-use bollard::models::HostConfig;
-use bollard::volume::{CreateVolumeOptions, ListVolumesOptions, RemoveVolumeOptions};
 use bollard::Docker;
 use futures::{StreamExt, TryStreamExt};
 
@@ -47,7 +46,7 @@ struct HelperGuard {
 }
 
 async fn remove_helper(docker: &Docker, name: &str) {
-    let options = RemoveContainerOptions { force: true, ..Default::default() };
+    let options = RemoveContainerOptionsBuilder::new().force(true).build();
     match docker.remove_container(name, Some(options)).await {
         Ok(()) | Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {}
         Err(e) => tracing::warn!(container = %name, error = %e, "removing a volume helper container"),
@@ -106,9 +105,9 @@ impl DockerVolumes {
         }
         // An empty tar archive (two zero blocks) is a valid, empty root filesystem.
         let empty_rootfs = bytes::Bytes::from(vec![0u8; 1024]);
-        let options = CreateImageOptions { from_src: "-", repo: "keelson/volume-helper", tag: "1", ..Default::default() };
+        let options = CreateImageOptionsBuilder::new().from_src("-").repo("keelson/volume-helper").tag("1").build();
         self.docker
-            .create_image(Some(options), Some(empty_rootfs), None)
+            .create_image(Some(options), Some(bollard::body_full(empty_rootfs)), None)
             .try_collect::<Vec<_>>()
             .await
             .map_err(|e| Error::Backend { backend: BACKEND, source: format!("making {HELPER_IMAGE}: {e}").into() })?;
@@ -119,7 +118,7 @@ impl DockerVolumes {
     async fn helper(&self, volume: &str, purpose: &str) -> Result<HelperGuard> {
         self.ensure_helper_image().await?;
         let name = format!("{HELPER_PREFIX}{purpose}-{volume}-{}", std::process::id());
-        let config = Config {
+        let config = ContainerCreateBody {
             image: Some(HELPER_IMAGE.to_owned()),
             // Never run: the engine only needs a command to accept the container.
             cmd: Some(vec!["/keelson-volume-helper".to_owned()]),
@@ -127,7 +126,7 @@ impl DockerVolumes {
             host_config: Some(HostConfig { binds: Some(vec![format!("{volume}:{HELPER_MOUNT}")]), ..Default::default() }),
             ..Default::default()
         };
-        let options = CreateContainerOptions { name: name.clone(), platform: None };
+        let options = CreateContainerOptionsBuilder::new().name(&name).build();
         self.docker.create_container(Some(options), config).await.map_err(map_err("volume helper", &name))?;
         Ok(HelperGuard { docker: self.docker.clone(), name: Some(name) })
     }
@@ -161,7 +160,7 @@ impl VolumeManager for DockerVolumes {
         }
         let mut all: HashMap<String, String> = labels.into_iter().collect();
         all.insert(MANAGED_LABEL.to_owned(), "1".to_owned());
-        let options = CreateVolumeOptions { name: name.to_owned(), labels: all, ..Default::default() };
+        let options = VolumeCreateRequest { name: Some(name.to_owned()), labels: Some(all), ..Default::default() };
         let v = self.docker.create_volume(options).await.map_err(map_err("volume", name))?;
         Ok(Self::volume(name, Some(v.labels)))
     }
@@ -178,7 +177,11 @@ impl VolumeManager for DockerVolumes {
 
     async fn list(&self) -> Result<Vec<Volume>> {
         let filters = HashMap::from([("label".to_owned(), vec![MANAGED_LABEL.to_owned()])]);
-        let found = self.docker.list_volumes(Some(ListVolumesOptions { filters })).await.map_err(map_err("volume", "*"))?;
+        let found = self
+            .docker
+            .list_volumes(Some(ListVolumesOptionsBuilder::new().filters(&filters).build()))
+            .await
+            .map_err(map_err("volume", "*"))?;
         let mut out: Vec<Volume> = found.volumes.unwrap_or_default().into_iter().map(|v| Self::volume(&v.name, Some(v.labels))).collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
@@ -189,21 +192,21 @@ impl VolumeManager for DockerVolumes {
         // Helper containers (never running) left by an abandoned transfer or a crash hold
         // the volume: they go first. A task's container still makes this a conflict.
         let filters = HashMap::from([("volume".to_owned(), vec![name.to_owned()]), ("label".to_owned(), vec![MANAGED_LABEL.to_owned()])]);
-        let options = ListContainersOptions { all: true, filters, ..Default::default() };
+        let options = ListContainersOptionsBuilder::new().all(true).filters(&filters).build();
         for c in self.docker.list_containers(Some(options)).await.map_err(map_err("volume", name))? {
             for helper in c.names.unwrap_or_default().iter().filter(|n| n.trim_start_matches('/').starts_with(HELPER_PREFIX)) {
                 remove_helper(&self.docker, helper.trim_start_matches('/')).await;
             }
         }
         // 409 (in use by a container) maps to Conflict: a mounted volume is never removed.
-        self.docker.remove_volume(name, Some(RemoveVolumeOptions { force: false })).await.map_err(map_err("volume", name))
+        self.docker.remove_volume(name, Some(RemoveVolumeOptionsBuilder::new().force(false).build())).await.map_err(map_err("volume", name))
     }
 
     async fn export(&self, name: &str) -> Result<TarStream> {
         self.get(name).await?;
         let guard = self.helper(name, "export").await?;
         // `<mount>/.` archives the contents with entries named `./…`, as `pack_dir` does.
-        let options = DownloadFromContainerOptions { path: format!("{HELPER_MOUNT}/.") };
+        let options = DownloadFromContainerOptionsBuilder::new().path(&format!("{HELPER_MOUNT}/.")).build();
         let stream = self.docker.download_from_container(guard.name(), Some(options)).map(|chunk| chunk.map_err(std::io::Error::other));
         // At the end of the stream the helper goes before the reader sees the end, so the
         // volume is free again (removable) once the export has been read.
@@ -219,8 +222,8 @@ impl VolumeManager for DockerVolumes {
             // The engine takes plain bytes; an error in the source ends the stream early
             // and is reported by `verdict` instead.
             let body = checked_tar.take_while(|c| futures::future::ready(c.is_ok())).filter_map(|c| futures::future::ready(c.ok()));
-            let options = UploadToContainerOptions { path: HELPER_MOUNT.to_owned(), ..Default::default() };
-            let uploaded = self.docker.upload_to_container_streaming(guard.name(), Some(options), body).await;
+            let options = UploadToContainerOptionsBuilder::new().path(HELPER_MOUNT).build();
+            let uploaded = self.docker.upload_to_container(guard.name(), Some(options), bollard::body_stream(body)).await;
             let verdict = verdict.await.unwrap_or_else(|_| Err(Error::invalid("volume archive", name, "checking stopped early")));
             guard.remove().await;
             verdict?;
@@ -230,7 +233,7 @@ impl VolumeManager for DockerVolumes {
         .await;
         if let Err(e) = imported {
             // All or nothing: the half-filled volume goes (its helper is gone already).
-            if let Err(cleanup) = self.docker.remove_volume(name, Some(RemoveVolumeOptions { force: true })).await {
+            if let Err(cleanup) = self.docker.remove_volume(name, Some(RemoveVolumeOptionsBuilder::new().force(true).build())).await {
                 tracing::warn!(volume = %name, error = %cleanup, "removing a volume whose import failed");
             }
             return Err(e);
