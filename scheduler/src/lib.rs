@@ -1,4 +1,8 @@
-//! Placement, task drivers and volumes for keelson.
+//! Placement, orchestration and the node runtime for keelson, in three parts over a shared
+//! vocabulary of errors, stored records and task specs: placement (pure), orchestration
+//! (specs, deployments, the cluster store, the controller; it places through any
+//! `Arc<dyn Scheduler>`, see [`ClusterStore::with_scheduler`]) and the runtime (drivers,
+//! volumes, the node agent). ARCHITECTURE.md says why in that order.
 //!
 //! - [`Scheduler`]: pure, synchronous placement (`plan(&ClusterSnapshot, &Job)`).
 //!   [`PlacementEngine`] is the embedded default: constraints (`=`, `!=`, ordering,
@@ -9,9 +13,10 @@
 //!   index it once as a [`ClusterState`] and call [`ClusterState::place`];
 //!   [`ClusterState::rebalance`] proposes moves that free whole nodes.
 //! - [`Driver`]: runs a task on this node; [`ProcessDriver`] runs local processes in
-//!   their own process groups (SIGTERM, then SIGKILL after the grace period), restarts
-//!   them under a [`RestartPolicy`], and with [`ProcessDriver::persistent`] adopts them
-//!   after a restart; `DockerDriver` (feature `docker`) runs containers.
+//!   their own process groups (SIGTERM, then SIGKILL after the grace period), tells them
+//!   their ports (`PORT`), enforces [`Limits`] in a control group per task when it can,
+//!   restarts them under a [`RestartPolicy`], and with [`ProcessDriver::persistent`]
+//!   adopts them after a restart; `DockerDriver` (feature `docker`) runs containers.
 //! - [`VolumeManager`]: named volumes; [`LocalVolumes`] keeps them as directories,
 //!   `DockerVolumes` (feature `docker`) as Docker named volumes. Both export and import
 //!   tar streams: [`serve_volumes`] and [`fetch_volume`] move a volume between nodes.
