@@ -54,6 +54,7 @@ const BACKEND: &str = "consul";
 
 /// How to reach the Consul agent.
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct ConsulConfig {
     /// Agent URL, `http://127.0.0.1:8500`.
     pub address: String,

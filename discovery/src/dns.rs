@@ -31,6 +31,7 @@ const BACKEND: &str = "dns";
 
 /// Where and how to look services up.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DnsConfig {
     /// Name servers to ask (UDP, then TCP for truncated answers).
     pub servers: Vec<SocketAddr>,

@@ -43,6 +43,7 @@ use crate::name::validate_label;
 
 /// DNS server settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DnsServerConfig {
     /// The zone served, like `keelson.test` (default `keelson`).
     pub domain: String,

@@ -29,6 +29,7 @@ const BACKEND: &str = "etcd";
 
 /// How to reach etcd.
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct EtcdConfig {
     /// Client URLs (`http://127.0.0.1:2379`); requests are balanced over all of them.
     pub endpoints: Vec<String>,

@@ -32,6 +32,7 @@ pub enum Probe {
 
 /// How often and how strictly to probe.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CheckConfig {
     /// Time between probes (default 1 s).
     pub interval: Duration,

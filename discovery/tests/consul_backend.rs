@@ -18,7 +18,12 @@ fn fixture() -> std::path::PathBuf {
 }
 
 fn client(url: String) -> ConsulDiscovery {
-    let config = ConsulConfig { wait: Duration::from_secs(2), min_query_interval: Duration::from_millis(20), ..ConsulConfig::new(url) };
+    let config = {
+        let mut built = ConsulConfig::new(url);
+        built.wait = Duration::from_secs(2);
+        built.min_query_interval = Duration::from_millis(20);
+        built
+    };
     ConsulDiscovery::new(config).expect("client")
 }
 
@@ -101,7 +106,12 @@ async fn unreachable_agent_is_unavailable_and_bad_config_is_rejected() {
 }
 
 fn kv_client(url: String) -> ConsulKv {
-    let config = ConsulConfig { wait: Duration::from_secs(2), min_query_interval: Duration::from_millis(20), ..ConsulConfig::new(url) };
+    let config = {
+        let mut built = ConsulConfig::new(url);
+        built.wait = Duration::from_secs(2);
+        built.min_query_interval = Duration::from_millis(20);
+        built
+    };
     ConsulKv::new(config).expect("kv client")
 }
 
@@ -134,7 +144,11 @@ async fn tls_to_the_agent_trusts_exactly_the_configured_ca() {
     let dir = tempfile::tempdir().expect("tempdir");
     let ca = dir.path().join("ca.pem");
     std::fs::write(&ca, &cert_pem).expect("write CA");
-    let config = ConsulConfig { ca_file: Some(ca), ..ConsulConfig::new(consul.url()) };
+    let config = {
+        let mut built = ConsulConfig::new(consul.url());
+        built.ca_file = Some(ca);
+        built
+    };
     assert!(consul.url().starts_with("https://"));
     let d = ConsulDiscovery::new(config).expect("client");
     let redis = d.instances(&Query::service(ServiceName::new("redis").expect("name"))).await.expect("lookup over TLS");
@@ -144,7 +158,11 @@ async fn tls_to_the_agent_trusts_exactly_the_configured_ca() {
     let other = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("other certificate");
     let wrong = dir.path().join("wrong.pem");
     std::fs::write(&wrong, other.cert.pem()).expect("write");
-    let mut config = ConsulConfig { ca_file: Some(wrong), ..ConsulConfig::new(consul.url()) };
+    let mut config = {
+        let mut built = ConsulConfig::new(consul.url());
+        built.ca_file = Some(wrong);
+        built
+    };
     config.request_timeout = Duration::from_secs(2);
     let d = ConsulDiscovery::new(config).expect("client");
     assert!(matches!(d.instances(&Query::service(ServiceName::new("redis").expect("name"))).await, Err(Error::Unavailable { .. })));
@@ -153,7 +171,11 @@ async fn tls_to_the_agent_trusts_exactly_the_configured_ca() {
     let empty = dir.path().join("empty.pem");
     std::fs::write(&empty, "").expect("write");
     assert!(matches!(
-        ConsulDiscovery::new(ConsulConfig { ca_file: Some(empty), ..ConsulConfig::new(consul.url()) }),
+        ConsulDiscovery::new({
+            let mut built = ConsulConfig::new(consul.url());
+            built.ca_file = Some(empty);
+            built
+        }),
         Err(Error::InvalidInput { .. })
     ));
 }

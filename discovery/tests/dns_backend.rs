@@ -18,7 +18,12 @@ fn srv(name: &str, target: &str, port: u16) -> DnsRecord {
 }
 
 fn config(server: SocketAddr) -> DnsConfig {
-    DnsConfig { min_refresh: Duration::from_millis(200), max_refresh: Duration::from_secs(2), ..DnsConfig::new(vec![server], "zone.test") }
+    {
+        let mut built = DnsConfig::new(vec![server], "zone.test");
+        built.min_refresh = Duration::from_millis(200);
+        built.max_refresh = Duration::from_secs(2);
+        built
+    }
 }
 
 fn ids(v: &[keelson_discovery::Instance]) -> Vec<(String, String, u16)> {
@@ -130,10 +135,12 @@ async fn reads_back_what_the_keelson_dns_server_serves() {
     let web = ServiceName::new("web").expect("name");
     let _h = source.register(Registration::new(web.clone(), "web-1", "127.0.3.1", 7001)).await.expect("reg");
     let _g = source.register(Registration::new(web.clone(), "web-2", "127.0.3.2", 7002)).await.expect("reg");
-    let server = DnsServer::start(
-        source,
-        DnsServerConfig { domain: "zone.test".into(), listen: SocketAddr::from(([127, 0, 0, 1], 0)), ..DnsServerConfig::default() },
-    )
+    let server = DnsServer::start(source, {
+        let mut built = DnsServerConfig::default();
+        built.domain = "zone.test".into();
+        built.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        built
+    })
     .await
     .expect("server");
     let d = DnsDiscovery::new(config(server.local_addr())).expect("resolver");

@@ -9,11 +9,12 @@ use keelson_discovery::{Discovery, DnsServer, DnsServerConfig, Health, MemoryDis
 use keelson_testkit::dnsmasq::dig;
 
 async fn serve(d: Arc<dyn Discovery>) -> DnsServer {
-    let config = DnsServerConfig {
-        domain: "keelson.test".into(),
-        ttl: 7,
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        ..DnsServerConfig::default()
+    let config = {
+        let mut built = DnsServerConfig::default();
+        built.domain = "keelson.test".into();
+        built.ttl = 7;
+        built.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        built
     };
     DnsServer::start(d, config).await.expect("server starts")
 }
@@ -107,8 +108,12 @@ async fn large_udp_answers_are_truncated_with_tc_and_complete_over_tcp() {
 #[tokio::test]
 async fn bad_domain_is_a_typed_error() {
     let d = Arc::new(MemoryDiscovery::memory());
-    let config =
-        DnsServerConfig { domain: "Bad_Domain".into(), listen: SocketAddr::from(([127, 0, 0, 1], 0)), ..DnsServerConfig::default() };
+    let config = {
+        let mut built = DnsServerConfig::default();
+        built.domain = "Bad_Domain".into();
+        built.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        built
+    };
     assert!(matches!(DnsServer::start(d, config).await, Err(keelson_discovery::Error::InvalidInput { field: "dns domain", .. })));
 }
 
@@ -121,12 +126,13 @@ async fn the_zone_answers_as_an_authority_with_soa_ns_and_nodata() {
     let d = Arc::new(MemoryDiscovery::memory());
     let web = ServiceName::new("web").expect("name");
     let _a = d.register(Registration::new(web, "web-1", "127.0.0.11", 8080)).await.expect("reg");
-    let config = DnsServerConfig {
-        domain: "keelson.test".into(),
-        ttl: 7,
-        negative_ttl: 11,
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        ..DnsServerConfig::default()
+    let config = {
+        let mut built = DnsServerConfig::default();
+        built.domain = "keelson.test".into();
+        built.ttl = 7;
+        built.negative_ttl = 11;
+        built.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        built
     };
     let server = DnsServer::start(d, config).await.expect("server starts");
     let addr = server.local_addr();
@@ -159,12 +165,13 @@ async fn a_recursive_resolver_resolves_the_zone_and_caches_negatives_by_its_soa(
     let d = Arc::new(MemoryDiscovery::memory());
     let web = ServiceName::new("web").expect("name");
     let _a = d.register(Registration::new(web.clone(), "web-1", "127.0.0.11", 8080)).await.expect("reg");
-    let config = DnsServerConfig {
-        domain: "keelson.test".into(),
-        ttl: 1,
-        negative_ttl: 2,
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        ..DnsServerConfig::default()
+    let config = {
+        let mut built = DnsServerConfig::default();
+        built.domain = "keelson.test".into();
+        built.ttl = 1;
+        built.negative_ttl = 2;
+        built.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        built
     };
     let server = DnsServer::start(d.clone(), config).await.expect("server starts");
     let resolver = tokio::task::spawn_blocking({

@@ -57,8 +57,12 @@ async fn unreachable_etcd_fails_with_unavailable_within_the_timeout() {
         Err(e @ Error::Unavailable { .. }) => assert!(e.is_retryable()),
         other => panic!("expected Unavailable, got {other:?}"),
     }
-    assert!(format!("{:?}", EtcdConfig { credentials: Some(("root".into(), "s3cret".into())), ..EtcdConfig::new(["x"]) })
-        .contains("<redacted>"));
+    assert!(format!("{:?}", {
+        let mut built = EtcdConfig::new(["x"]);
+        built.credentials = Some(("root".into(), "s3cret".into()));
+        built
+    })
+    .contains("<redacted>"));
 }
 
 #[tokio::test]
@@ -165,8 +169,13 @@ async fn watch_survives_leader_loss_without_gaps_or_duplicates() {
 #[tokio::test]
 async fn an_oversized_response_is_a_typed_error_and_the_limit_is_configurable() {
     let etcd = Etcd::start().expect("etcd");
-    let small =
-        EtcdKv::connect(EtcdConfig { max_message_bytes: 1024 * 1024, ..EtcdConfig::new([etcd.client_url()]) }).await.expect("connect");
+    let small = EtcdKv::connect({
+        let mut built = EtcdConfig::new([etcd.client_url()]);
+        built.max_message_bytes = 1024 * 1024;
+        built
+    })
+    .await
+    .expect("connect");
     for i in 0..4 {
         small.put(&format!("big/{i}"), vec![b'x'; 400 * 1024], None).await.expect("put");
     }

@@ -11,11 +11,12 @@ use keelson_discovery::{Error, EtcdConfig, EtcdKv, EtcdTls, KeyValue};
 use keelson_testkit::etcd_secure::{SecureEtcd, PASSWORD, PREFIX, USER};
 
 fn config(etcd: &SecureEtcd, tls: EtcdTls, password: &str) -> EtcdConfig {
-    EtcdConfig {
-        credentials: Some((USER.into(), password.into())),
-        tls: Some(tls),
-        connect_timeout: Duration::from_secs(5),
-        ..EtcdConfig::new([etcd.client_url()])
+    {
+        let mut built = EtcdConfig::new([etcd.client_url()]);
+        built.credentials = Some((USER.into(), password.into()));
+        built.tls = Some(tls);
+        built.connect_timeout = Duration::from_secs(5);
+        built
     }
 }
 
@@ -63,13 +64,22 @@ async fn a_secured_etcd_takes_the_right_credentials_and_names_every_wrong_one() 
     eprintln!("without a client certificate: {}", r.expect_err("refused"));
 
     // A password over plain HTTP is refused before anything is sent.
-    let plain = EtcdConfig { credentials: Some((USER.into(), PASSWORD.into())), ..EtcdConfig::new(["http://127.0.0.1:1"]) };
+    let plain = {
+        let mut built = EtcdConfig::new(["http://127.0.0.1:1"]);
+        built.credentials = Some((USER.into(), PASSWORD.into()));
+        built
+    };
     let r = EtcdKv::connect(plain).await;
     assert!(matches!(&r, Err(Error::InvalidInput { field: "etcd password", .. })), "{r:?}");
     // https:// without a CA to trust, and TLS with an http:// endpoint, are refused too.
     let r = EtcdKv::connect(EtcdConfig::new([etcd.client_url()])).await;
     assert!(matches!(&r, Err(Error::InvalidInput { field: "etcd endpoints", .. })), "{r:?}");
-    let r = EtcdKv::connect(EtcdConfig { tls: Some(good_tls(&etcd)), ..EtcdConfig::new(["http://127.0.0.1:1"]) }).await;
+    let r = EtcdKv::connect({
+        let mut built = EtcdConfig::new(["http://127.0.0.1:1"]);
+        built.tls = Some(good_tls(&etcd));
+        built
+    })
+    .await;
     assert!(matches!(&r, Err(Error::InvalidInput { field: "etcd endpoint", .. })), "{r:?}");
 
     // Nothing of a secret reaches a Debug print.

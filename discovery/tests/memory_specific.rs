@@ -52,7 +52,14 @@ async fn tcp_check_marks_dead_instance_critical_and_back() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let _h = d.register(Registration::new(svc.clone(), "a", "127.0.0.1", addr.port())).await.expect("register");
-    let cfg = CheckConfig { interval: Duration::from_millis(100), timeout: Duration::from_millis(200), rise: 2, fall: 2 };
+    let cfg = {
+        let mut built = CheckConfig::default();
+        built.interval = Duration::from_millis(100);
+        built.timeout = Duration::from_millis(200);
+        built.rise = 2;
+        built.fall = 2;
+        built
+    };
     let _check = HealthChecker::spawn(d.clone(), svc.clone(), "a".into(), Probe::Tcp(addr), cfg).expect("check");
     drop(listener);
     wait_for_health(&*d, &svc, Health::Critical).await;
@@ -81,7 +88,14 @@ async fn http_check_requires_a_good_status() {
         }
     });
     let _h = d.register(Registration::new(svc.clone(), "a", "127.0.0.1", addr.port())).await.expect("register");
-    let cfg = CheckConfig { interval: Duration::from_millis(100), timeout: Duration::from_millis(500), rise: 1, fall: 1 };
+    let cfg = {
+        let mut built = CheckConfig::default();
+        built.interval = Duration::from_millis(100);
+        built.timeout = Duration::from_millis(500);
+        built.rise = 1;
+        built.fall = 1;
+        built
+    };
     let _check =
         HealthChecker::spawn(d.clone(), svc.clone(), "a".into(), Probe::Http { addr, path: "/health".into() }, cfg).expect("check");
     wait_for_health(&*d, &svc, Health::Critical).await;
@@ -97,7 +111,14 @@ async fn a_failing_instance_drops_out_within_two_intervals_and_returns_after_ris
     let addr = listener.local_addr().expect("addr");
     let _h = d.register(Registration::new(svc.clone(), "a", "127.0.0.1", addr.port())).await.expect("register");
     let interval = Duration::from_millis(300);
-    let cfg = CheckConfig { interval, timeout: Duration::from_millis(200), rise: 3, fall: 2 };
+    let cfg = {
+        let mut built = CheckConfig::default();
+        built.interval = interval;
+        built.timeout = Duration::from_millis(200);
+        built.rise = 3;
+        built.fall = 2;
+        built
+    };
     let _check = HealthChecker::spawn(d.clone(), svc.clone(), "a".into(), Probe::Tcp(addr), cfg).expect("check");
     tokio::time::sleep(interval * 4).await;
     drop(listener);

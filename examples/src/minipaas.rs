@@ -232,7 +232,9 @@ impl Demo {
 }
 
 /// Ships the output of every replica the agent starts, as `hello-1`, `hello-2`, ... in
-/// the order they appear; returns the shippers once `stop` completes.
+/// the order they appear; returns the shippers once `stop` completes, after a last look
+/// (a replica started since the previous look is still running then, and its output
+/// stream begins with what it printed so far).
 async fn ship_replica_logs(
     driver: Arc<ProcessDriver>,
     sink: Arc<FileSink>,
@@ -242,23 +244,36 @@ async fn ship_replica_logs(
     let mut shippers = Vec::new();
     tokio::pin!(stop);
     loop {
-        let mut tasks: Vec<String> =
-            driver.list().await.unwrap_or_default().into_iter().filter(|t| t.labels.contains_key(NODE_LABEL)).map(|t| t.id).collect();
-        tasks.sort();
-        for id in tasks {
-            if names.contains_key(&id) {
-                continue;
-            }
-            let instance = format!("{SERVICE}-{}", names.len() + 1);
-            names.insert(id.clone(), instance.clone());
-            match driver.output(&id).await {
-                Ok(output) => shippers.push(tokio::spawn(ship(output, instance, sink.clone()))),
-                Err(e) => tracing::warn!(task = %id, error = %e, "no output to ship"),
-            }
-        }
+        ship_new_replicas(&driver, &sink, &mut names, &mut shippers).await;
         tokio::select! {
             () = tokio::time::sleep(TICK) => {}
-            () = &mut stop => return shippers,
+            () = &mut stop => {
+                ship_new_replicas(&driver, &sink, &mut names, &mut shippers).await;
+                return shippers;
+            }
+        }
+    }
+}
+
+/// Starts a shipper for each replica task not seen before, named in order.
+async fn ship_new_replicas(
+    driver: &ProcessDriver,
+    sink: &Arc<FileSink>,
+    names: &mut BTreeMap<String, String>,
+    shippers: &mut Vec<JoinHandle<()>>,
+) {
+    let mut tasks: Vec<String> =
+        driver.list().await.unwrap_or_default().into_iter().filter(|t| t.labels.contains_key(NODE_LABEL)).map(|t| t.id).collect();
+    tasks.sort();
+    for id in tasks {
+        if names.contains_key(&id) {
+            continue;
+        }
+        let instance = format!("{SERVICE}-{}", names.len() + 1);
+        names.insert(id.clone(), instance.clone());
+        match driver.output(&id).await {
+            Ok(output) => shippers.push(tokio::spawn(ship(output, instance, sink.clone()))),
+            Err(e) => tracing::warn!(task = %id, error = %e, "no output to ship"),
         }
     }
 }

@@ -331,7 +331,11 @@ async fn edge_follows_the_consul_catalog_and_reports_staleness() {
     let mut line = String::new();
     out.read_line(&mut line).expect("ready line");
 
-    let config = ConsulConfig { wait: Duration::from_secs(2), ..ConsulConfig::new(consul.url()) };
+    let config = {
+        let mut built = ConsulConfig::new(consul.url());
+        built.wait = Duration::from_secs(2);
+        built
+    };
     let registrar = ConsulDiscovery::new(config).expect("client");
     let reg = Registration::new(ServiceName::new("shop").expect("name"), "shop-1", "127.0.0.1", up.port())
         .with_tag("keelson.http.host=shop.test");

@@ -317,10 +317,11 @@ fn secret_file(etcd: &keelson_testkit::etcd_secure::SecureEtcd, name: &str, secr
 /// A library connection to the secured etcd as `user`.
 async fn connect_as(etcd: &keelson_testkit::etcd_secure::SecureEtcd, user: &str, password: &str) -> EtcdKv {
     let (cert, key) = etcd.client_files();
-    let config = keelson_discovery::EtcdConfig {
-        credentials: Some((user.into(), password.into())),
-        tls: Some(keelson_discovery::EtcdTls::from_files(&etcd.ca_file(), Some(&cert), Some(&key)).expect("tls")),
-        ..EtcdConfig::new([etcd.client_url()])
+    let config = {
+        let mut built = EtcdConfig::new([etcd.client_url()]);
+        built.credentials = Some((user.into(), password.into()));
+        built.tls = Some(keelson_discovery::EtcdTls::from_files(&etcd.ca_file(), Some(&cert), Some(&key)).expect("tls"));
+        built
     };
     EtcdKv::connect(config).await.expect("etcd")
 }

@@ -27,11 +27,7 @@ fn served() -> &'static Served {
                 let reg = Registration::new(ServiceName::new(svc).expect("name"), id, "127.0.0.11", port);
                 registrations.push(d.register(reg).await.expect("register"));
             }
-            let config = DnsServerConfig {
-                domain: "keelson.test".into(),
-                listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-                ..DnsServerConfig::default()
-            };
+            let config = { let mut built = DnsServerConfig::default(); built.domain = "keelson.test".into(); built.listen = SocketAddr::from(([127, 0, 0, 1], 0)); built };
             (DnsServer::start(d, config).await.expect("server"), registrations)
         });
         let addr = server.local_addr();

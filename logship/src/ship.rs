@@ -9,6 +9,7 @@ use crate::source::Source;
 
 /// Batching and retry settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ShipConfig {
     /// Records per batch at most (default 512).
     pub max_batch: usize,

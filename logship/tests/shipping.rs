@@ -29,7 +29,13 @@ async fn ships_every_line_of_a_child_process() {
         .expect("spawn");
     let mut source = ChildOutputSource::new("chatty", "c-1", child.stdout.take().expect("stdout"), child.stderr.take().expect("stderr"));
     let sink = FileSink::new(dir.path()).expect("sink");
-    let stats = ship(&mut source, &sink, &ShipConfig { max_batch: 64, ..ShipConfig::default() }).await.expect("ship");
+    let stats = ship(&mut source, &sink, &{
+        let mut built = ShipConfig::default();
+        built.max_batch = 64;
+        built
+    })
+    .await
+    .expect("ship");
     assert_eq!(stats.records, 2000);
     let records = read_records(&dir.path().join("chatty.log"));
     let outs: Vec<&str> = records.iter().filter(|r| r.stream == Stream::Stdout).map(|r| r.line.as_str()).collect();
@@ -72,7 +78,12 @@ fn records(n: usize) -> StreamSource {
 #[tokio::test]
 async fn retryable_sink_errors_resend_the_same_batch() {
     let sink = Flaky { fail: 2, ..Flaky::default() };
-    let config = ShipConfig { max_batch: 10, backoff: Duration::from_millis(1), ..ShipConfig::default() };
+    let config = {
+        let mut built = ShipConfig::default();
+        built.max_batch = 10;
+        built.backoff = Duration::from_millis(1);
+        built
+    };
     let stats = ship(&mut records(25), &sink, &config).await.expect("ship");
     assert_eq!((stats.records, stats.batches, stats.retries), (25, 3, 2));
     let got: Vec<String> = sink.got.lock().expect("lock").iter().map(|r| r.line.clone()).collect();
@@ -82,12 +93,22 @@ async fn retryable_sink_errors_resend_the_same_batch() {
 #[tokio::test]
 async fn a_sink_that_stays_down_stops_shipping_with_its_error() {
     let sink = Flaky { fail: u32::MAX, ..Flaky::default() };
-    let config = ShipConfig { attempts: 3, backoff: Duration::from_millis(1), ..ShipConfig::default() };
+    let config = {
+        let mut built = ShipConfig::default();
+        built.attempts = 3;
+        built.backoff = Duration::from_millis(1);
+        built
+    };
     let err = ship(&mut records(5), &sink, &config).await.expect_err("gives up");
     assert!(matches!(err, Error::Io { .. }), "{err}");
     assert_eq!(sink.calls.load(Ordering::SeqCst), 3);
     assert!(matches!(
-        ship(&mut records(1), &sink, &ShipConfig { max_batch: 0, ..ShipConfig::default() }).await,
+        ship(&mut records(1), &sink, &{
+            let mut built = ShipConfig::default();
+            built.max_batch = 0;
+            built
+        })
+        .await,
         Err(Error::InvalidInput { .. })
     ));
 }
@@ -98,7 +119,13 @@ async fn a_sink_that_stays_down_stops_shipping_with_its_error() {
 async fn records_read_before_a_sink_outage_are_held_and_delivered_in_order() {
     let sink = Flaky { fail: 5, ..Flaky::default() };
     // Three attempts per run, so the outage of 5 sends outlasts the first run.
-    let config = ShipConfig { max_batch: 10, attempts: 3, backoff: Duration::from_millis(1), ..ShipConfig::default() };
+    let config = {
+        let mut built = ShipConfig::default();
+        built.max_batch = 10;
+        built.attempts = 3;
+        built.backoff = Duration::from_millis(1);
+        built
+    };
     let mut shipper = keelson_logship::Shipper::new(config).expect("config");
     let mut source = records(25);
     let first = shipper.run(&mut source, &sink).await;
@@ -116,7 +143,12 @@ async fn records_read_before_a_sink_outage_are_held_and_delivered_in_order() {
 /// jitter, at most as much again).
 #[test]
 fn retry_pauses_grow_with_jitter_up_to_a_cap() {
-    let config = ShipConfig { backoff: Duration::from_millis(20), max_backoff: Duration::from_millis(500), ..ShipConfig::default() };
+    let config = {
+        let mut built = ShipConfig::default();
+        built.backoff = Duration::from_millis(20);
+        built.max_backoff = Duration::from_millis(500);
+        built
+    };
     let pauses: Vec<Duration> = config.pauses().take(12).collect();
     assert!(pauses.iter().all(|p| *p >= Duration::from_millis(20) && *p <= Duration::from_millis(1_000)), "{pauses:?}");
     assert!(pauses[6..].iter().all(|p| *p >= Duration::from_millis(500)), "capped at 500 ms before jitter: {pauses:?}");

@@ -25,6 +25,7 @@ const DEFAULT_RTT: Duration = Duration::from_millis(1);
 
 /// Passive health: when an endpoint is ejected after failures, and for how long.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct OutlierPolicy {
     /// Consecutive failures (connect errors, broken exchanges) that eject (default 1).
     pub consecutive_failures: u32,

@@ -30,6 +30,7 @@ pub const TCP_DEFAULT_HOST: &str = "tcp-default.keelson.invalid";
 
 /// TCP proxy settings.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct TcpProxyConfig {
     /// Time to connect to an endpoint (default 2 s).
     pub connect_timeout: Duration,

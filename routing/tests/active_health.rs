@@ -11,7 +11,14 @@ use keelson_routing::{
 use keelson_testkit::http::{echo_server, get};
 
 fn fast() -> CheckConfig {
-    CheckConfig { interval: Duration::from_millis(50), timeout: Duration::from_millis(500), rise: 2, fall: 2 }
+    {
+        let mut built = CheckConfig::default();
+        built.interval = Duration::from_millis(50);
+        built.timeout = Duration::from_millis(500);
+        built.rise = 2;
+        built.fall = 2;
+        built
+    }
 }
 
 async fn until(what: &str, mut cond: impl FnMut() -> bool) {
@@ -51,7 +58,11 @@ async fn a_stopped_upstream_leaves_rotation_before_clients_see_it_fail() {
     let _checks = spawn_active_health(router.clone(), ActiveProbe::Http { path: "/healthz".into() }, fast()).expect("checks");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let proxy = listener.local_addr().expect("addr");
-    let config = ProxyConfig { max_retries: 0, ..ProxyConfig::default() };
+    let config = {
+        let mut built = ProxyConfig::default();
+        built.max_retries = 0;
+        built
+    };
     tokio::spawn(Arc::new(Proxy::new(router.clone(), config)).serve(listener, std::future::pending()));
     let stats = |id: &str| router.snapshot().lookup("checked.test").and_then(|r| r.stats(id).cloned()).expect("stats");
 
@@ -76,7 +87,11 @@ async fn a_stopped_upstream_leaves_rotation_before_clients_see_it_fail() {
 #[tokio::test]
 async fn bad_check_settings_are_typed_errors() {
     let router = Arc::new(MemoryRouter::new());
-    let zero = CheckConfig { interval: Duration::ZERO, ..CheckConfig::default() };
+    let zero = {
+        let mut built = CheckConfig::default();
+        built.interval = Duration::ZERO;
+        built
+    };
     assert!(matches!(spawn_active_health(router.clone(), ActiveProbe::Tcp, zero), Err(Error::InvalidInput { .. })));
     let path = ActiveProbe::Http { path: "healthz".into() };
     assert!(matches!(spawn_active_health(router, path, CheckConfig::default()), Err(Error::InvalidInput { .. })));

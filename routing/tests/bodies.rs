@@ -190,7 +190,11 @@ async fn a_large_upload_to_a_slow_upstream_streams_with_bounded_memory() {
 async fn start_proxy_with_idle(router: Arc<dyn Router>, idle: Duration) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let proxy = Arc::new(Proxy::new(router, ProxyConfig { body_idle_timeout: idle, ..ProxyConfig::default() }));
+    let proxy = Arc::new(Proxy::new(router, {
+        let mut built = ProxyConfig::default();
+        built.body_idle_timeout = idle;
+        built
+    }));
     tokio::spawn(proxy.serve(listener, std::future::pending()));
     addr
 }

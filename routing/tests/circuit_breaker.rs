@@ -30,7 +30,12 @@ async fn a_route_at_its_in_flight_limit_sheds_load_with_503() {
         .expect("apply");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let config = ProxyConfig { max_in_flight_per_route: 2, upstream_timeout: Duration::from_millis(1500), ..ProxyConfig::default() };
+    let config = {
+        let mut built = ProxyConfig::default();
+        built.max_in_flight_per_route = 2;
+        built.upstream_timeout = Duration::from_millis(1500);
+        built
+    };
     tokio::spawn(Arc::new(Proxy::new(router.clone(), config)).serve(listener, std::future::pending()));
 
     let stuck: Vec<_> = (0..2).map(|_| tokio::spawn(async move { get(addr, "stuck.test", "/").await.expect("response").status })).collect();

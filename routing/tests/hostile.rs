@@ -19,7 +19,11 @@ async fn proxy() -> SocketAddr {
         .expect("apply");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let config = ProxyConfig { header_read_timeout: Duration::from_millis(500), ..ProxyConfig::default() };
+    let config = {
+        let mut built = ProxyConfig::default();
+        built.header_read_timeout = Duration::from_millis(500);
+        built
+    };
     tokio::spawn(Arc::new(Proxy::new(router, config)).serve(listener, std::future::pending()));
     addr
 }

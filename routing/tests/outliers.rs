@@ -35,9 +35,16 @@ async fn killed_backend_is_ejected_after_one_failure_and_readmitted() {
     let endpoints =
         ports.iter().enumerate().map(|(i, p)| Endpoint::new(format!("up{i}"), SocketAddr::from(([127, 0, 0, 1], *p)))).collect();
     router.apply(vec![RouteChange::Upsert(Route::new(Host::new("k.test").expect("host"), endpoints))]).await.expect("apply");
-    let config = ProxyConfig {
-        outlier: OutlierPolicy { consecutive_failures: 1, base_ejection: Duration::from_secs(1), max_ejection: Duration::from_secs(4) },
-        ..ProxyConfig::default()
+    let config = {
+        let mut built = ProxyConfig::default();
+        built.outlier = {
+            let mut built = OutlierPolicy::default();
+            built.consecutive_failures = 1;
+            built.base_ejection = Duration::from_secs(1);
+            built.max_ejection = Duration::from_secs(4);
+            built
+        };
+        built
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");

@@ -181,7 +181,11 @@ async fn websockets_are_tunnelled_and_outlive_shutdown_only_for_the_grace() {
     let up = websocket_echo().await.expect("websocket server");
     let router = Arc::new(MemoryRouter::new());
     route(&router, Route::new(host("ws.test"), vec![Endpoint::new("w", up)])).await;
-    let config = ProxyConfig { upgrade_drain_grace: Duration::from_millis(700), ..ProxyConfig::default() };
+    let config = {
+        let mut built = ProxyConfig::default();
+        built.upgrade_drain_grace = Duration::from_millis(700);
+        built
+    };
     let proxy = start_proxy(router, config, None).await;
 
     let mut ws = websocket_client(proxy.addr, "ws://ws.test/chat").await;
@@ -354,7 +358,11 @@ async fn a_websocket_outlives_its_endpoints_removal_only_for_the_grace() {
     let up = websocket_echo().await.expect("websocket server");
     let router = Arc::new(MemoryRouter::new());
     route(&router, Route::new(host("live.test"), vec![Endpoint::new("w", up)])).await;
-    let config = ProxyConfig { upgrade_drain_grace: Duration::from_millis(700), ..ProxyConfig::default() };
+    let config = {
+        let mut built = ProxyConfig::default();
+        built.upgrade_drain_grace = Duration::from_millis(700);
+        built
+    };
     let proxy = start_proxy(router.clone(), config, None).await;
     let mut ws = websocket_client(proxy.addr, "ws://live.test/").await;
     assert_eq!(echo_round_trip(&mut ws, "before").await.as_deref(), Some("before"));

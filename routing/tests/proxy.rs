@@ -77,7 +77,11 @@ async fn errors_have_the_right_status_and_a_clear_body() {
     // An upstream that accepts and never answers.
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     route(&router, "slow.test", vec![Endpoint::new("slow", silent.local_addr().expect("addr"))]).await;
-    let config = ProxyConfig { upstream_timeout: Duration::from_millis(300), ..ProxyConfig::default() };
+    let config = {
+        let mut built = ProxyConfig::default();
+        built.upstream_timeout = Duration::from_millis(300);
+        built
+    };
     let (proxy, _stop, _task) = start_proxy(router, config).await;
 
     for (host, status, text) in [

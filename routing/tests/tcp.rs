@@ -195,7 +195,11 @@ async fn large_streams_cross_intact_both_ways_and_half_close_passes_through() {
         router.apply(vec![route(TCP_DEFAULT_HOST, vec![Endpoint::new("e", backend)])]).await.expect("apply");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let config = TcpProxyConfig { zero_copy, ..TcpProxyConfig::default() };
+        let config = {
+            let mut built = TcpProxyConfig::default();
+            built.zero_copy = zero_copy;
+            built
+        };
         tokio::spawn(Arc::new(TcpProxy::new(router, config)).serve(listener, std::future::pending()));
 
         let (greeting, stream) = first_line(addr).await;

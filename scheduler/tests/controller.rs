@@ -36,11 +36,13 @@ fn spec(version: u64, script: &str) -> GroupSpec {
 const SERVE: &str = "while true; do sleep 0.1; done";
 
 fn gates() -> Gates {
-    Gates {
-        min_healthy_time: Duration::from_millis(300),
-        healthy_deadline: Duration::from_secs(3),
-        progress_deadline: Duration::from_secs(20),
-        auto_rollback: true,
+    {
+        let mut built = Gates::default();
+        built.min_healthy_time = Duration::from_millis(300);
+        built.healthy_deadline = Duration::from_secs(3);
+        built.progress_deadline = Duration::from_secs(20);
+        built.auto_rollback = true;
+        built
     }
 }
 
@@ -220,9 +222,10 @@ async fn an_agent_starts_new_work_when_its_watch_sees_the_plan_not_at_its_next_t
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_reports_an_unreachable_store_in_its_metrics_until_it_returns() {
     let mut etcd = keelson_testkit::etcd::Etcd::start().unwrap_or_else(|e| panic!("etcd for this test: {e}"));
-    let config = keelson_discovery::EtcdConfig {
-        request_timeout: Duration::from_secs(1),
-        ..keelson_discovery::EtcdConfig::new([etcd.client_url()])
+    let config = {
+        let mut built = keelson_discovery::EtcdConfig::new([etcd.client_url()]);
+        built.request_timeout = Duration::from_secs(1);
+        built
     };
     let kv = keelson_discovery::EtcdKv::connect(config).await.expect("connect");
     let store = ClusterStore::new(Arc::new(kv), "outage");

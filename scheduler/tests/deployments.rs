@@ -25,11 +25,13 @@ const START_MS: Millis = 2_000;
 const TICK_MS: Millis = 1_000;
 
 fn gates() -> Gates {
-    Gates {
-        min_healthy_time: Duration::from_secs(3),
-        healthy_deadline: Duration::from_secs(20),
-        progress_deadline: Duration::from_secs(60),
-        auto_rollback: true,
+    {
+        let mut built = Gates::default();
+        built.min_healthy_time = Duration::from_secs(3);
+        built.healthy_deadline = Duration::from_secs(20);
+        built.progress_deadline = Duration::from_secs(60);
+        built.auto_rollback = true;
+        built
     }
 }
 
@@ -367,7 +369,11 @@ fn placements_that_never_happen_hit_the_progress_deadline() {
 #[test]
 fn without_auto_rollback_a_failed_gate_stops_the_deployment_where_it_is() {
     let mut sim = Sim::new(3, v2_crashes);
-    let no_rollback = Gates { auto_rollback: false, ..gates() };
+    let no_rollback = {
+        let mut built = gates();
+        built.auto_rollback = false;
+        built
+    };
     let mut d = Deployment::new(Some(1), 2, 3, Strategy::Rolling { max_surge: 1, max_unavailable: 0 }, no_rollback, false, sim.now)
         .expect("deployment");
     drive(&mut d, &mut sim, None, |_, _| {});

@@ -188,7 +188,11 @@ fn preemption_evicts_only_much_lower_priority_work() {
     let peer = Job::new("peer", vec![TaskGroup::new("u", 1, Resources::new(1500, 256))]).with_priority(25);
     let p = plan(&snap, &peer);
     assert!(p.evictions.is_empty() && p.placements.is_empty(), "25 may not evict 20");
-    let off = PlacementEngine::with_config(EngineConfig { preemption: false, ..EngineConfig::default() });
+    let off = PlacementEngine::with_config({
+        let mut built = EngineConfig::default();
+        built.preemption = false;
+        built
+    });
     assert!(off.plan(&snap, &urgent).expect("plan").evictions.is_empty());
 }
 
@@ -244,7 +248,11 @@ fn state_place_commits_and_plan_does_not() {
 #[test]
 fn bad_jobs_are_typed_errors_naming_the_field() {
     let snap = zones(3, 4000);
-    let engine = PlacementEngine::with_config(EngineConfig { max_group_count: 100, ..EngineConfig::default() });
+    let engine = PlacementEngine::with_config({
+        let mut built = EngineConfig::default();
+        built.max_group_count = 100;
+        built
+    });
     let spread =
         |t: Vec<SpreadTarget>| TaskGroup::new("g", 1, Resources::new(1, 1)).with_spread(Spread { target: "attr.zone".into(), targets: t });
     let cases: Vec<(TaskGroup, &str)> = vec![

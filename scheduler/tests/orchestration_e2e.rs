@@ -216,11 +216,13 @@ async fn deploy(p: &Platform, deployment: &mut Deployment) {
 }
 
 fn gates() -> Gates {
-    Gates {
-        min_healthy_time: Duration::from_secs(1),
-        healthy_deadline: Duration::from_secs(8),
-        progress_deadline: Duration::from_secs(30),
-        auto_rollback: true,
+    {
+        let mut built = Gates::default();
+        built.min_healthy_time = Duration::from_secs(1);
+        built.healthy_deadline = Duration::from_secs(8);
+        built.progress_deadline = Duration::from_secs(30);
+        built.auto_rollback = true;
+        built
     }
 }
 

@@ -182,16 +182,24 @@ async fn volumes_move_over_tls_to_clients_that_trust_the_server() {
     tokio::spawn(server.serve(listener, std::future::pending()));
     let dest = LocalVolumes::new(b.path()).expect("dest");
 
-    let untrusting =
-        keelson_scheduler::FetchOptions { token: Some(TOKEN.into()), tls: Some((client_trusting(&other), "volumes.node-a".into())) };
+    let untrusting = {
+        let mut built = keelson_scheduler::FetchOptions::default();
+        built.token = Some(TOKEN.into());
+        built.tls = Some((client_trusting(&other), "volumes.node-a".into()));
+        built
+    };
     let r = fetch_volume_with(addr, "tls-vol", &dest, &untrusting).await;
     assert!(matches!(r, Err(Error::Denied { .. })), "a certificate the client does not trust: {r:?}");
     let r = fetch_volume_with_token(addr, "tls-vol", &dest, Some(TOKEN)).await;
     assert!(r.is_err(), "plain HTTP to a TLS server gets nothing: {r:?}");
     assert!(matches!(dest.get("tls-vol").await, Err(Error::NotFound { .. })));
 
-    let trusting =
-        keelson_scheduler::FetchOptions { token: Some(TOKEN.into()), tls: Some((client_trusting(&cert), "volumes.node-a".into())) };
+    let trusting = {
+        let mut built = keelson_scheduler::FetchOptions::default();
+        built.token = Some(TOKEN.into());
+        built.tls = Some((client_trusting(&cert), "volumes.node-a".into()));
+        built
+    };
     fetch_volume_with(addr, "tls-vol", &dest, &trusting).await.expect("over TLS");
     assert_eq!(std::fs::read(b.path().join("tls-vol/data/key")).expect("on disk"), b"over tls");
 }

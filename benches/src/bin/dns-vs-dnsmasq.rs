@@ -51,11 +51,12 @@ fn serve_keelson(port: u16, services: usize) {
                 );
             }
         }
-        let config = DnsServerConfig {
-            domain: DOMAIN.into(),
-            ttl: 30,
-            listen: SocketAddr::from(([127, 0, 0, 1], port)),
-            ..DnsServerConfig::default()
+        let config = {
+            let mut built = DnsServerConfig::default();
+            built.domain = DOMAIN.into();
+            built.ttl = 30;
+            built.listen = SocketAddr::from(([127, 0, 0, 1], port));
+            built
         };
         let _server = DnsServer::start(d, config).await.expect("server");
         println!("ready");

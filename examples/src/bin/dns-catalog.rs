@@ -89,13 +89,14 @@ async fn main() -> ExitCode {
             }
         }
     }
-    let config = DnsServerConfig {
-        domain: args.domain.clone(),
-        ttl: args.ttl,
-        negative_ttl: args.negative_ttl,
-        ns_address: args.ns_address,
-        listen: args.listen,
-        ..DnsServerConfig::default()
+    let config = {
+        let mut built = DnsServerConfig::default();
+        built.domain = args.domain.clone();
+        built.ttl = args.ttl;
+        built.negative_ttl = args.negative_ttl;
+        built.ns_address = args.ns_address;
+        built.listen = args.listen;
+        built
     };
     let server = match DnsServer::start(d, config).await {
         Ok(s) => s,

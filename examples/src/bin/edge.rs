@@ -168,7 +168,11 @@ fn load_certs(specs: &[CertSpec], store: &keelson_routing::CertStore) -> Result<
 
 /// Follows a catalog in etcd or Consul, if asked to. Returns whether one is followed.
 fn tcp_config(args: &Args) -> keelson_routing::TcpProxyConfig {
-    keelson_routing::TcpProxyConfig { zero_copy: !args.tcp_copy, ..keelson_routing::TcpProxyConfig::default() }
+    {
+        let mut built = keelson_routing::TcpProxyConfig::default();
+        built.zero_copy = !args.tcp_copy;
+        built
+    }
 }
 
 async fn follow_catalog(args: &Args, router: Arc<MemoryRouter>, status: keelson_routing::SourceStatus) -> Result<bool, String> {
@@ -237,16 +241,24 @@ async fn run(args: Args) -> Result<(), String> {
                 },
             };
             let interval = Duration::from_millis(args.health_interval_ms);
-            let config = keelson_routing::CheckConfig { interval, timeout: interval.min(Duration::from_secs(1)), rise: 2, fall: 2 };
+            let config = {
+                let mut built = keelson_routing::CheckConfig::default();
+                built.interval = interval;
+                built.timeout = interval.min(Duration::from_secs(1));
+                built.rise = 2;
+                built.fall = 2;
+                built
+            };
             Some(keelson_routing::spawn_active_health(router.clone(), probe, config).map_err(|e| e.to_string())?)
         }
     };
     let source_status = keelson_routing::SourceStatus::new();
     let following = follow_catalog(&args, router.clone(), source_status.clone()).await?;
-    let config = ProxyConfig {
-        upstream_timeout: Duration::from_millis(args.upstream_timeout_ms),
-        body_idle_timeout: Duration::from_millis(args.body_idle_timeout_ms),
-        ..ProxyConfig::default()
+    let config = {
+        let mut built = ProxyConfig::default();
+        built.upstream_timeout = Duration::from_millis(args.upstream_timeout_ms);
+        built.body_idle_timeout = Duration::from_millis(args.body_idle_timeout_ms);
+        built
     };
     let mut proxy = Proxy::new(router.clone(), config.clone());
     let mut access_log = None;

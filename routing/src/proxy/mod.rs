@@ -51,6 +51,7 @@ pub type ProxyBody = BoxBody<Bytes, crate::BodyError>;
 
 /// Proxy timeouts and pool settings. Defaults suit a LAN upstream.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct ProxyConfig {
     /// Time to establish an upstream TCP connection (default 2 s).
     pub connect_timeout: Duration,

@@ -51,6 +51,7 @@ impl Default for Strategy {
 /// What a new allocation must show before a deployment counts it, and how long the
 /// deployment may take.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Gates {
     /// An allocation counts as healthy once its checks have passed for this long.
     #[serde(with = "crate::records::humantime_serde_compat")]

@@ -26,6 +26,7 @@ pub const PREEMPTION_GAP: u8 = 10;
 
 /// Limits the engine enforces on jobs.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct EngineConfig {
     /// Largest task count one group may ask for (default 1,000,000).
     pub max_group_count: u32,

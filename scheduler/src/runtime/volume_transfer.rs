@@ -108,6 +108,7 @@ impl std::fmt::Debug for VolumeServer {
 
 /// How [`fetch_volume_with`] reaches a volume server.
 #[derive(Clone, Default)]
+#[non_exhaustive]
 pub struct FetchOptions {
     /// The server's bearer token.
     pub token: Option<String>,
