@@ -628,23 +628,28 @@ impl Driver for ProcessDriver {
     }
 
     async fn remove(&self, id: &str) -> Result<()> {
-        let mut tasks = self.lock();
-        match tasks.get(id) {
-            None => Err(Error::NotFound { kind: "task", name: id.to_owned() }),
-            Some(t) if !t.state.borrow().is_exited() => {
-                Err(Error::Conflict { kind: "running task", name: id.to_owned(), reason: "still running".into() })
-            }
-            Some(_) => {
-                tasks.remove(id);
-                if let Some(dir) = &self.state_dir {
-                    dir.forget(id);
+        {
+            let mut tasks = self.lock();
+            match tasks.get(id) {
+                None => return Err(Error::NotFound { kind: "task", name: id.to_owned() }),
+                Some(t) if !t.state.borrow().is_exited() => {
+                    return Err(Error::Conflict { kind: "running task", name: id.to_owned(), reason: "still running".into() });
                 }
-                if let Some(cgroups) = &self.cgroups {
-                    cgroups.remove(id);
+                Some(_) => {
+                    tasks.remove(id);
+                    if let Some(dir) = &self.state_dir {
+                        dir.forget(id);
+                    }
                 }
-                Ok(())
             }
         }
+        // Killing stragglers and removing the group may wait on the kernel: off the
+        // runtime's threads, and with no lock held.
+        if let Some(cgroups) = self.cgroups.clone() {
+            let id = id.to_owned();
+            let _ = tokio::task::spawn_blocking(move || cgroups.remove(&id)).await;
+        }
+        Ok(())
     }
 }
 
