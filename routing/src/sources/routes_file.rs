@@ -189,6 +189,8 @@ impl RoutesFileSource {
     /// Reports reloads into `status` (`keelson_route_source_stale` while the file on disk
     /// is broken and the last good routes serve).
     pub fn with_status(mut self, status: SourceStatus) -> Self {
+        // The file was installed when the source opened: the status starts current.
+        status.succeeded();
         self.status = status;
         self
     }
