@@ -10,6 +10,44 @@
 //! 3. [`ProxyHooks::response_filter`]: the response head about to go to the client,
 //!    whoever made it (the upstream, the proxy's own error, a request filter).
 //! 4. [`ProxyHooks::logging`]: once per request, after its response head is decided.
+//!
+//! An auth check and a header, from outside the crate (`tests/hooks.rs` runs a fuller
+//! one against a real upstream):
+//!
+//! ```
+//! use std::sync::Arc;
+//! use keelson_routing::{MemoryRouter, Proxy, ProxyBody, ProxyConfig, ProxyHooks, RequestCtx};
+//!
+//! #[derive(Debug)]
+//! struct ApiKey(String);
+//!
+//! #[async_trait::async_trait]
+//! impl ProxyHooks for ApiKey {
+//!     fn filters_requests(&self) -> bool {
+//!         true
+//!     }
+//!
+//!     async fn request_filter(&self, req: &mut http::request::Parts, _: &RequestCtx) -> Option<http::Response<ProxyBody>> {
+//!         if req.headers.get("x-api-key").is_some_and(|k| k.as_bytes() == self.0.as_bytes()) {
+//!             return None; // on to routing
+//!         }
+//!         use http_body_util::BodyExt;
+//!         let body = http_body_util::Empty::new().map_err(|never: std::convert::Infallible| match never {}).boxed();
+//!         let mut denied = http::Response::new(body);
+//!         *denied.status_mut() = http::StatusCode::UNAUTHORIZED;
+//!         Some(denied)
+//!     }
+//!
+//!     fn upstream_request(&self, req: &mut http::request::Parts, _: &RequestCtx) {
+//!         req.headers.remove("x-api-key");
+//!         req.headers.insert("x-authenticated", http::HeaderValue::from_static("api-key"));
+//!     }
+//! }
+//!
+//! let router = Arc::new(MemoryRouter::new());
+//! let proxy = Proxy::new(router, ProxyConfig::default()).with_hooks(Arc::new(ApiKey("s3cret".into())));
+//! # let _ = proxy;
+//! ```
 
 use std::net::SocketAddr;
 use std::sync::Arc;
