@@ -660,10 +660,20 @@ impl Drop for ProcessDriver {
             self.detached.send_replace(true);
             return;
         }
-        for task in self.lock().values() {
-            if !task.state.borrow().is_exited() {
-                task.signal(Signal::SIGKILL);
-            }
+        let ids: Vec<String> = self
+            .lock()
+            .iter()
+            .map(|(id, task)| {
+                if !task.state.borrow().is_exited() {
+                    task.signal(Signal::SIGKILL);
+                }
+                id.clone()
+            })
+            .collect();
+        // The groups empty as the killed processes exit; remove them off this thread
+        // (a drop must not wait), so no empty group is left behind per task.
+        if let Some(cgroups) = self.cgroups.clone().filter(|_| !ids.is_empty()) {
+            std::thread::spawn(move || ids.iter().for_each(|id| cgroups.remove(id)));
         }
     }
 }
