@@ -255,7 +255,7 @@ impl Controller {
     /// when `stop` completes (the lock is released).
     pub async fn lead(&self, interval: Duration, stop: impl std::future::Future<Output = ()>) -> Leadership {
         tokio::pin!(stop);
-        let mut pauses = keelson_discovery::retry_pauses(interval, interval * 10);
+        let mut pauses = keelson_base::retry_pauses(interval, interval * 10);
         let guard = loop {
             tokio::select! {
                 () = &mut stop => return Leadership::Stopped,

@@ -80,7 +80,7 @@ impl ClusterStore {
         now_ms: u64,
     ) -> Result<Vec<Action>> {
         let mut floor = 0;
-        let mut pauses = keelson_discovery::retry_pauses(REPLAN_PAUSE, REPLAN_PAUSE * 20);
+        let mut pauses = keelson_base::retry_pauses(REPLAN_PAUSE, REPLAN_PAUSE * 20);
         for attempt in 0..PLAN_ATTEMPTS {
             if attempt > 0 {
                 tokio::time::sleep(pauses.next().unwrap_or(REPLAN_PAUSE)).await;
@@ -155,7 +155,7 @@ impl ClusterStore {
         let mut pass = ReschedulePass::default();
         let groups: Vec<(&str, &str)> = desired.iter().map(|d| (d.job.as_str(), d.group.as_str())).collect();
         let mut floor = 0;
-        let mut pauses = keelson_discovery::retry_pauses(REPLAN_PAUSE, REPLAN_PAUSE * 20);
+        let mut pauses = keelson_base::retry_pauses(REPLAN_PAUSE, REPLAN_PAUSE * 20);
         for attempt in 0..PLAN_ATTEMPTS {
             if attempt > 0 {
                 tokio::time::sleep(pauses.next().unwrap_or(REPLAN_PAUSE)).await;
