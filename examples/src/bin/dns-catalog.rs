@@ -89,15 +89,12 @@ async fn main() -> ExitCode {
             }
         }
     }
-    let config = {
-        let mut built = DnsServerConfig::default();
-        built.domain = args.domain.clone();
-        built.ttl = args.ttl;
-        built.negative_ttl = args.negative_ttl;
-        built.ns_address = args.ns_address;
-        built.listen = args.listen;
-        built
-    };
+    let mut config = DnsServerConfig::default();
+    config.domain = args.domain.clone();
+    config.ttl = args.ttl;
+    config.negative_ttl = args.negative_ttl;
+    config.ns_address = args.ns_address;
+    config.listen = args.listen;
     let server = match DnsServer::start(d, config).await {
         Ok(s) => s,
         Err(e) => {

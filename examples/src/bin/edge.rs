@@ -166,15 +166,14 @@ fn load_certs(specs: &[CertSpec], store: &keelson_routing::CertStore) -> Result<
     first_error.map_or(Ok(()), Err)
 }
 
-/// Follows a catalog in etcd or Consul, if asked to. Returns whether one is followed.
+/// The TCP proxy's settings from the flags.
 fn tcp_config(args: &Args) -> keelson_routing::TcpProxyConfig {
-    {
-        let mut built = keelson_routing::TcpProxyConfig::default();
-        built.zero_copy = !args.tcp_copy;
-        built
-    }
+    let mut config = keelson_routing::TcpProxyConfig::default();
+    config.zero_copy = !args.tcp_copy;
+    config
 }
 
+/// Follows a catalog in etcd or Consul, if asked to. Returns whether one is followed.
 async fn follow_catalog(args: &Args, router: Arc<MemoryRouter>, status: keelson_routing::SourceStatus) -> Result<bool, String> {
     if args.etcd.is_set() && args.consul.address.is_some() {
         return Err("--etcd and --consul are two catalogs: follow one".into());
@@ -241,25 +240,18 @@ async fn run(args: Args) -> Result<(), String> {
                 },
             };
             let interval = Duration::from_millis(args.health_interval_ms);
-            let config = {
-                let mut built = keelson_routing::CheckConfig::default();
-                built.interval = interval;
-                built.timeout = interval.min(Duration::from_secs(1));
-                built.rise = 2;
-                built.fall = 2;
-                built
-            };
+            let mut config = keelson_routing::CheckConfig::default();
+            config.interval = interval;
+            config.timeout = interval.min(Duration::from_secs(1));
+            (config.rise, config.fall) = (2, 2);
             Some(keelson_routing::spawn_active_health(router.clone(), probe, config).map_err(|e| e.to_string())?)
         }
     };
     let source_status = keelson_routing::SourceStatus::new();
     let following = follow_catalog(&args, router.clone(), source_status.clone()).await?;
-    let config = {
-        let mut built = ProxyConfig::default();
-        built.upstream_timeout = Duration::from_millis(args.upstream_timeout_ms);
-        built.body_idle_timeout = Duration::from_millis(args.body_idle_timeout_ms);
-        built
-    };
+    let mut config = ProxyConfig::default();
+    config.upstream_timeout = Duration::from_millis(args.upstream_timeout_ms);
+    config.body_idle_timeout = Duration::from_millis(args.body_idle_timeout_ms);
     let mut proxy = Proxy::new(router.clone(), config.clone());
     let mut access_log = None;
     if let Some(path) = &args.access_log {
