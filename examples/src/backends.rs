@@ -50,6 +50,17 @@ pub fn read_secret(flag: &str, path: &std::path::Path) -> Result<String, String>
     Ok(secret)
 }
 
+/// A secret from its file flag, else from its environment variable (an empty variable
+/// counts as unset); `None` when neither is given.
+#[cfg(any(feature = "etcd", feature = "consul"))]
+fn secret(flag: &str, file: Option<&std::path::Path>, env: &str) -> Result<Option<String>, String> {
+    match (file, std::env::var(env)) {
+        (Some(path), _) => read_secret(flag, path).map(Some),
+        (None, Ok(value)) if !value.is_empty() => Ok(Some(value)),
+        _ => Ok(None),
+    }
+}
+
 impl EtcdArgs {
     /// Whether etcd was asked for.
     pub fn is_set(&self) -> bool {
@@ -69,11 +80,8 @@ impl EtcdArgs {
             return Err("--etcd-cert needs --etcd-ca (the CA that signed etcd's certificate)".into());
         }
         if let Some(user) = &self.user {
-            let password = match (&self.password_file, std::env::var("KEELSON_ETCD_PASSWORD")) {
-                (Some(path), _) => read_secret("--etcd-password-file", path)?,
-                (None, Ok(p)) if !p.is_empty() => p,
-                _ => return Err("--etcd-user needs a password: --etcd-password-file or KEELSON_ETCD_PASSWORD".into()),
-            };
+            let password = secret("--etcd-password-file", self.password_file.as_deref(), "KEELSON_ETCD_PASSWORD")?
+                .ok_or("--etcd-user needs a password: --etcd-password-file or KEELSON_ETCD_PASSWORD")?;
             config.credentials = Some((user.clone(), password));
         }
         config.allow_plaintext_password = self.allow_plaintext_password;
@@ -116,11 +124,7 @@ impl ConsulArgs {
         let mut config = keelson_discovery::ConsulConfig::new(address.clone());
         config.ca_file = self.ca.clone();
         config.client_cert = self.cert.clone().zip(self.consul_key.clone());
-        config.token = match (&self.token_file, std::env::var("KEELSON_CONSUL_TOKEN")) {
-            (Some(path), _) => Some(read_secret("--consul-token-file", path)?),
-            (None, Ok(t)) if !t.is_empty() => Some(t),
-            _ => None,
-        };
+        config.token = secret("--consul-token-file", self.token_file.as_deref(), "KEELSON_CONSUL_TOKEN")?;
         Ok(Some(config))
     }
 }
