@@ -20,7 +20,7 @@ const CPU_PERIOD_US: u64 = 100_000;
 #[derive(Clone, Debug)]
 pub(crate) enum Cgroups {
     /// cgroup v2: `<root>/keelson/<task>/` with cpu, memory and pids enabled.
-    V2 { parent: PathBuf },
+    V2 { root: PathBuf, parent: PathBuf },
     /// cgroup v1: `<controller mount>/keelson/<task>/` for each of cpu, memory, pids.
     V1 { cpu: PathBuf, memory: PathBuf, pids: PathBuf },
 }
@@ -35,33 +35,29 @@ fn write(path: &Path, value: &str) -> Result<()> {
 
 impl Cgroups {
     /// The groups under `root` (normally `/sys/fs/cgroup`), if this process may create
-    /// them (root) and cpu, memory and pids are available; creates the `keelson` parent.
+    /// them (root) and cpu, memory and pids are available. Only reads: nothing on the
+    /// host changes until a task with limits starts.
     pub(crate) fn detect(root: &Path) -> Option<Cgroups> {
         if !nix::unistd::geteuid().is_root() {
             return None;
         }
-        let found = if let Ok(controllers) = std::fs::read_to_string(root.join("cgroup.controllers")) {
+        if let Ok(controllers) = std::fs::read_to_string(root.join("cgroup.controllers")) {
             let have: Vec<&str> = controllers.split_whitespace().collect();
-            if !["cpu", "memory", "pids"].iter().all(|c| have.contains(c)) {
-                return None;
-            }
-            Cgroups::V2 { parent: root.join("keelson") }
-        } else {
-            let v1 = |c: &str| root.join(c).join("cgroup.procs").exists().then(|| root.join(c).join("keelson"));
-            Cgroups::V1 { cpu: v1("cpu")?, memory: v1("memory")?, pids: v1("pids")? }
-        };
-        match found.prepare(root) {
-            Ok(()) => Some(found),
-            Err(e) => {
-                tracing::info!(error = %e, "control groups unusable; the process driver enforces no limits");
-                None
-            }
+            return ["cpu", "memory", "pids"]
+                .iter()
+                .all(|c| have.contains(c))
+                .then(|| Cgroups::V2 { root: root.to_owned(), parent: root.join("keelson") });
         }
+        let v1 = |c: &str| root.join(c).join("cgroup.procs").exists().then(|| root.join(c).join("keelson"));
+        Some(Cgroups::V1 { cpu: v1("cpu")?, memory: v1("memory")?, pids: v1("pids")? })
     }
 
-    fn prepare(&self, root: &Path) -> Result<()> {
+    /// Creates the `keelson` parents (idempotent); on v2, enables the controllers for
+    /// the subtree, which fails where the root's own group holds processes (a container
+    /// without its own cgroup namespace): the task then fails to start, naming why.
+    fn prepare(&self) -> Result<()> {
         match self {
-            Cgroups::V2 { parent } => {
+            Cgroups::V2 { root, parent } => {
                 // Children get controllers only if every ancestor enables them for its subtree.
                 write(&root.join("cgroup.subtree_control"), "+cpu +memory +pids")?;
                 std::fs::create_dir_all(parent).map_err(io(format!("creating {}", parent.display())))?;
@@ -78,7 +74,7 @@ impl Cgroups {
 
     fn dirs(&self, task: &str) -> Vec<PathBuf> {
         match self {
-            Cgroups::V2 { parent } => vec![parent.join(task)],
+            Cgroups::V2 { parent, .. } => vec![parent.join(task)],
             Cgroups::V1 { cpu, memory, pids } => vec![cpu.join(task), memory.join(task), pids.join(task)],
         }
     }
@@ -86,6 +82,7 @@ impl Cgroups {
     /// Creates (or updates) `task`'s group with `limits`; returns the `cgroup.procs`
     /// files the task's process must join.
     pub(crate) fn create(&self, task: &str, limits: &Limits) -> Result<Vec<PathBuf>> {
+        self.prepare()?;
         let dirs = self.dirs(task);
         for dir in &dirs {
             std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;

@@ -673,7 +673,12 @@ impl Drop for ProcessDriver {
         // The groups empty as the killed processes exit; remove them off this thread
         // (a drop must not wait), so no empty group is left behind per task.
         if let Some(cgroups) = self.cgroups.clone().filter(|_| !ids.is_empty()) {
-            std::thread::spawn(move || ids.iter().for_each(|id| cgroups.remove(id)));
+            let spawned = std::thread::Builder::new().name("keelson-cgroup-cleanup".into()).spawn(move || {
+                ids.iter().for_each(|id| cgroups.remove(id));
+            });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot remove the tasks' control groups; empty groups stay behind");
+            }
         }
     }
 }
