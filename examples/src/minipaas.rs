@@ -218,7 +218,11 @@ impl Demo {
             }
         }
         // Each replica's output stream ends when its process's pipes close.
-        for shipper in self.shippers.await.unwrap_or_default() {
+        let shippers = self.shippers.await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "the log shipping watcher failed; replicas' last lines may be missing");
+            Vec::new()
+        });
+        for shipper in shippers {
             if tokio::time::timeout(Duration::from_secs(5), shipper).await.is_err() {
                 tracing::warn!("log shipping did not finish in 5 s");
             }
@@ -262,8 +266,15 @@ async fn ship_new_replicas(
     names: &mut BTreeMap<String, String>,
     shippers: &mut Vec<JoinHandle<()>>,
 ) {
-    let mut tasks: Vec<String> =
-        driver.list().await.unwrap_or_default().into_iter().filter(|t| t.labels.contains_key(NODE_LABEL)).map(|t| t.id).collect();
+    let listed = match driver.list().await {
+        Ok(listed) => listed,
+        Err(e) => {
+            // Looked for again next tick, and once more at shutdown.
+            tracing::warn!(error = %e, "cannot list the replicas to ship their logs");
+            return;
+        }
+    };
+    let mut tasks: Vec<String> = listed.into_iter().filter(|t| t.labels.contains_key(NODE_LABEL)).map(|t| t.id).collect();
     tasks.sort();
     for id in tasks {
         if names.contains_key(&id) {
