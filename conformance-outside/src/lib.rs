@@ -383,7 +383,8 @@ mod routing {
 
 mod netplumb {
     use keelson_netplumb::{
-        Attachment, EndpointSpec, GcReport, HostNetwork, NetworkCapabilities, NetworkDriver, NetworkInfo, NetworkSpec, Result,
+        Attachment, AttachmentKey, EndpointSpec, GcReport, HostNetwork, NetworkCapabilities, NetworkDriver, NetworkInfo, NetworkSpec,
+        Result,
     };
 
     use super::*;
@@ -432,9 +433,14 @@ mod netplumb {
             self.inner.attach(spec).await
         }
 
-        async fn detach(&self, network: &str, id: &str) -> Result<()> {
+        async fn detach(&self, key: &AttachmentKey) -> Result<()> {
             self.calls.hit();
-            self.inner.detach(network, id).await
+            self.inner.detach(key).await
+        }
+
+        async fn check(&self, key: &AttachmentKey) -> Result<Attachment> {
+            self.calls.hit();
+            self.inner.check(key).await
         }
 
         async fn inspect(&self, name: &str) -> Result<NetworkInfo> {
@@ -447,9 +453,9 @@ mod netplumb {
             self.inner.list().await
         }
 
-        async fn gc(&self) -> Result<GcReport> {
+        async fn gc(&self, valid: &[AttachmentKey]) -> Result<GcReport> {
             self.calls.hit();
-            self.inner.gc().await
+            self.inner.gc(valid).await
         }
     }
 }

@@ -55,7 +55,11 @@ async fn an_outside_router_passes_router_conformance() {
 #[tokio::test]
 async fn an_outside_network_driver_passes_network_conformance() {
     let n = OutsideNetwork::default();
-    keelson_netplumb::conformance::network_all(&n, &|net, id| keelson_netplumb::EndpointSpec::new(net, id)).await;
+    let fixture = keelson_netplumb::conformance::Fixture {
+        network: &|name, _| keelson_netplumb::NetworkSpec::new(name),
+        endpoint: &|net, id| keelson_netplumb::EndpointSpec::new(net, id),
+    };
+    keelson_netplumb::conformance::network_all(&n, &fixture).await;
     assert!(n.calls.count() > 3);
 }
 

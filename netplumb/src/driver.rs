@@ -1,16 +1,17 @@
-//! The `NetworkDriver` trait and its types.
+//! The `NetworkDriver` trait and what goes into it.
 
-use std::net::IpAddr;
 use std::path::PathBuf;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+use crate::attachment::{Attachment, AttachmentKey};
 use crate::error::{Error, Result};
 
 /// What to create.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct NetworkSpec {
     /// Network name.
     pub name: String,
@@ -20,17 +21,38 @@ pub struct NetworkSpec {
     /// Link MTU, for drivers that create links.
     #[serde(default)]
     pub mtu: Option<u32>,
+    /// Masquerade traffic from the network to addresses outside it (drivers with NAT).
+    #[serde(default)]
+    pub masquerade: bool,
+    /// The host interface a macvlan network hangs off (`eth0`).
+    #[serde(default)]
+    pub parent: Option<String>,
+    /// Name servers handed to endpoints in their attachment result.
+    #[serde(default)]
+    pub dns: Vec<std::net::IpAddr>,
 }
 
 impl NetworkSpec {
     /// A network with driver defaults.
     pub fn new(name: impl Into<String>) -> Self {
-        NetworkSpec { name: name.into(), subnet: None, mtu: None }
+        NetworkSpec { name: name.into(), ..NetworkSpec::default() }
+    }
+
+    /// The same spec with `subnet`.
+    pub fn with_subnet(mut self, subnet: impl Into<String>) -> Self {
+        self.subnet = Some(subnet.into());
+        self
+    }
+
+    /// The same spec with masquerade on.
+    pub fn with_masquerade(mut self) -> Self {
+        self.masquerade = true;
+        self
     }
 }
 
 /// Transport protocol of a port mapping.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 #[non_exhaustive]
 pub enum Protocol {
@@ -40,8 +62,17 @@ pub enum Protocol {
     Udp,
 }
 
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
 /// Publish `container_port` of the endpoint on `host_port` of the host.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PortMapping {
     /// Port on the host.
@@ -52,9 +83,17 @@ pub struct PortMapping {
     pub protocol: Protocol,
 }
 
+impl PortMapping {
+    /// A TCP mapping.
+    pub fn tcp(host_port: u16, container_port: u16) -> Self {
+        PortMapping { host_port, container_port, protocol: Protocol::Tcp }
+    }
+}
+
 /// What to attach.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct EndpointSpec {
     /// The network to attach to.
     pub network: String,
@@ -64,7 +103,7 @@ pub struct EndpointSpec {
     /// drivers that give endpoints their own namespace.
     #[serde(default)]
     pub netns: Option<PathBuf>,
-    /// Interface name inside the namespace.
+    /// Interface name inside the namespace (at most 15 bytes, the kernel's limit).
     #[serde(default = "default_ifname")]
     pub ifname: String,
     /// Ports to publish.
@@ -81,19 +120,29 @@ impl EndpointSpec {
     pub fn new(network: impl Into<String>, id: impl Into<String>) -> Self {
         EndpointSpec { network: network.into(), id: id.into(), netns: None, ifname: default_ifname(), port_mappings: Vec::new() }
     }
-}
 
-/// An endpoint attached to a network: what a runtime needs to use it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Attachment {
-    /// Endpoint id (as in its spec).
-    pub id: String,
-    /// Its network.
-    pub network: String,
-    /// Addresses it is reachable at.
-    pub addresses: Vec<IpAddr>,
-    /// Interface name.
-    pub ifname: String,
+    /// The same spec in namespace `netns`.
+    pub fn in_netns(mut self, netns: impl Into<PathBuf>) -> Self {
+        self.netns = Some(netns.into());
+        self
+    }
+
+    /// The same spec publishing `mapping`.
+    pub fn publish(mut self, mapping: PortMapping) -> Self {
+        self.port_mappings.push(mapping);
+        self
+    }
+
+    /// The same spec with interface `ifname`.
+    pub fn with_ifname(mut self, ifname: impl Into<String>) -> Self {
+        self.ifname = ifname.into();
+        self
+    }
+
+    /// What identifies this attachment.
+    pub fn key(&self) -> AttachmentKey {
+        AttachmentKey::new(&self.network, &self.id, &self.ifname)
+    }
 }
 
 /// A network and its endpoints.
@@ -110,7 +159,7 @@ pub struct NetworkInfo {
 /// What `gc` reclaimed.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GcReport {
-    /// Things removed (links, addresses, rules), described.
+    /// Things removed (attachments, links, addresses, rules), described.
     pub removed: Vec<String>,
 }
 
@@ -130,6 +179,11 @@ pub struct NetworkCapabilities {
 }
 
 /// Creates networks and attaches endpoints to them.
+///
+/// Attachments are identified by their [`AttachmentKey`] (network, endpoint id,
+/// interface), as a CNI runtime identifies them; everything a driver creates for one is
+/// tagged with it, so that [`gc`](NetworkDriver::gc) can reclaim what a crash left even
+/// when the endpoint's namespace is gone.
 #[async_trait]
 pub trait NetworkDriver: Send + Sync + std::fmt::Debug {
     /// The driver's name.
@@ -138,17 +192,29 @@ pub trait NetworkDriver: Send + Sync + std::fmt::Debug {
     /// What it supports.
     fn capabilities(&self) -> NetworkCapabilities;
 
-    /// Creates a network. [`Error::Conflict`] if the name is taken.
+    /// Creates a network. [`Error::Conflict`] if the name is taken or its subnet
+    /// overlaps another network's.
     async fn create_network(&self, spec: NetworkSpec) -> Result<NetworkInfo>;
 
     /// Deletes a network. [`Error::Conflict`] while endpoints are attached.
     async fn delete_network(&self, name: &str) -> Result<()>;
 
-    /// Attaches an endpoint and returns its addresses.
+    /// Attaches an endpoint and returns what its runtime needs: interfaces, addresses,
+    /// routes and DNS. [`Error::Conflict`] if the key is already attached. A failed
+    /// attach leaves nothing behind.
     async fn attach(&self, spec: EndpointSpec) -> Result<Attachment>;
 
-    /// Detaches an endpoint. [`Error::NotFound`] if it is not attached.
-    async fn detach(&self, network: &str, id: &str) -> Result<()>;
+    /// Detaches an endpoint and releases what it held. Detaching something already gone
+    /// (or on a network already deleted) succeeds: runtimes retry deletes.
+    async fn detach(&self, key: &AttachmentKey) -> Result<()>;
+
+    /// The attachment as the driver recorded it, after checking that what it created is
+    /// still there. [`Error::NotFound`] if it is not attached; [`Error::Backend`] if
+    /// something it created has gone missing.
+    async fn check(&self, key: &AttachmentKey) -> Result<Attachment> {
+        let info = self.inspect(&key.network).await?;
+        info.endpoints.into_iter().find(|a| &a.key() == key).ok_or_else(|| Error::NotFound { kind: "attachment", name: key.to_string() })
+    }
 
     /// A network and its endpoints.
     async fn inspect(&self, name: &str) -> Result<NetworkInfo>;
@@ -156,8 +222,9 @@ pub trait NetworkDriver: Send + Sync + std::fmt::Debug {
     /// Every network, sorted by name.
     async fn list(&self) -> Result<Vec<NetworkInfo>>;
 
-    /// Reclaims what a crash left behind (links, addresses, rules with no owner).
-    async fn gc(&self) -> Result<GcReport>;
+    /// Detaches every attachment not in `valid` and reclaims what crashes left behind
+    /// (addresses, links, rules no attachment owns).
+    async fn gc(&self, valid: &[AttachmentKey]) -> Result<GcReport>;
 }
 
 /// A network or endpoint name: 1 to 64 of `A-Za-z0-9_.-`, starting alphanumeric, so it is
@@ -174,6 +241,25 @@ pub fn validate_name(field: &'static str, value: &str) -> Result<()> {
             field,
             value: value.to_owned(),
             reason: "must be 1 to 64 of A-Za-z0-9_.- starting with a letter or digit".into(),
+        })
+    }
+}
+
+/// An interface name the kernel accepts: 1 to 15 bytes, no `/`, whitespace or `:`, not
+/// `.` or `..`.
+pub fn validate_ifname(value: &str) -> Result<()> {
+    let ok = !value.is_empty()
+        && value.len() <= 15
+        && value != "."
+        && value != ".."
+        && value.bytes().all(|b| b.is_ascii_graphic() && b != b'/' && b != b':');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidInput {
+            field: "interface name",
+            value: value.to_owned(),
+            reason: "must be 1 to 15 printable bytes without '/', ':' or spaces (the kernel's IFNAMSIZ)".into(),
         })
     }
 }

@@ -35,6 +35,14 @@ pub enum Error {
         /// What conflicts.
         reason: String,
     },
+    /// Every address of the network's pool is leased.
+    #[error("network {network:?}: no free address left in {subnet}")]
+    PoolExhausted {
+        /// The network.
+        network: String,
+        /// Its subnet.
+        subnet: String,
+    },
     /// The driver cannot do this.
     #[error("{backend} does not support {operation}")]
     Unsupported {

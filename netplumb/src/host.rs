@@ -8,7 +8,8 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-use crate::driver::{validate_name, Attachment, EndpointSpec, GcReport, NetworkCapabilities, NetworkDriver, NetworkInfo, NetworkSpec};
+use crate::attachment::{Attachment, AttachmentKey, Dns, Interface, IpConfig};
+use crate::driver::{validate_name, EndpointSpec, GcReport, NetworkCapabilities, NetworkDriver, NetworkInfo, NetworkSpec};
 use crate::error::{Error, Result};
 
 const BACKEND: &str = "host";
@@ -57,11 +58,11 @@ impl NetworkDriver for HostNetwork {
 
     async fn create_network(&self, spec: NetworkSpec) -> Result<NetworkInfo> {
         validate_name("network name", &spec.name)?;
-        if spec.subnet.is_some() || spec.mtu.is_some() {
+        if spec.subnet.is_some() || spec.mtu.is_some() || spec.masquerade || spec.parent.is_some() {
             return Err(Error::InvalidInput {
                 field: "network spec",
                 value: spec.name,
-                reason: "the host network has no subnet or MTU of its own".into(),
+                reason: "the host network has no subnet, MTU, NAT or parent of its own".into(),
             });
         }
         let mut nets = self.lock();
@@ -89,6 +90,7 @@ impl NetworkDriver for HostNetwork {
 
     async fn attach(&self, spec: EndpointSpec) -> Result<Attachment> {
         validate_name("endpoint id", &spec.id)?;
+        crate::driver::validate_ifname(&spec.ifname)?;
         if spec.netns.is_some() {
             return Err(Error::InvalidInput {
                 field: "endpoint netns",
@@ -102,22 +104,29 @@ impl NetworkDriver for HostNetwork {
         let addresses = host_addresses()?;
         let mut nets = self.lock();
         let net = nets.get_mut(&spec.network).ok_or_else(|| Error::NotFound { kind: "network", name: spec.network.clone() })?;
-        if net.endpoints.iter().any(|e| e.id == spec.id) {
-            return Err(Error::Conflict { kind: "endpoint", name: spec.id, reason: format!("already attached to {}", spec.network) });
+        let key = spec.key();
+        if net.endpoints.iter().any(|e| e.key() == key) {
+            return Err(Error::Conflict { kind: "attachment", name: key.to_string(), reason: "already attached".into() });
         }
-        let endpoint = Attachment { id: spec.id, network: spec.network, addresses, ifname: spec.ifname };
+        let ips = addresses.into_iter().map(|a| IpConfig { address: ipnet::IpNet::from(a), gateway: None, interface: 0 }).collect();
+        let endpoint = Attachment {
+            interfaces: vec![Interface { name: "host".into(), mac: None, mtu: None, sandbox: None }],
+            id: spec.id,
+            network: spec.network,
+            ifname: spec.ifname,
+            ips,
+            routes: Vec::new(),
+            dns: Dns { nameservers: net.spec.dns.clone(), search: Vec::new() },
+            port_mappings: Vec::new(),
+        };
         net.endpoints.push(endpoint.clone());
-        net.endpoints.sort_by(|a, b| a.id.cmp(&b.id));
+        net.endpoints.sort_by_key(|a| a.key());
         Ok(endpoint)
     }
 
-    async fn detach(&self, network: &str, id: &str) -> Result<()> {
-        let mut nets = self.lock();
-        let net = nets.get_mut(network).ok_or_else(|| Error::NotFound { kind: "network", name: network.to_owned() })?;
-        let before = net.endpoints.len();
-        net.endpoints.retain(|e| e.id != id);
-        if net.endpoints.len() == before {
-            return Err(Error::NotFound { kind: "endpoint", name: id.to_owned() });
+    async fn detach(&self, key: &AttachmentKey) -> Result<()> {
+        if let Some(net) = self.lock().get_mut(&key.network) {
+            net.endpoints.retain(|e| &e.key() != key);
         }
         Ok(())
     }
@@ -130,8 +139,18 @@ impl NetworkDriver for HostNetwork {
         Ok(self.lock().values().cloned().collect())
     }
 
-    async fn gc(&self) -> Result<GcReport> {
-        // Nothing is ever created in the kernel, so a crash leaves nothing to reclaim.
-        Ok(GcReport::default())
+    async fn gc(&self, valid: &[AttachmentKey]) -> Result<GcReport> {
+        // Nothing is ever created in the kernel: only bookkeeping is reclaimed.
+        let mut report = GcReport::default();
+        for net in self.lock().values_mut() {
+            net.endpoints.retain(|e| {
+                let keep = valid.contains(&e.key());
+                if !keep {
+                    report.removed.push(format!("attachment {}", e.key()));
+                }
+                keep
+            });
+        }
+        Ok(report)
     }
 }

@@ -1,6 +1,11 @@
 //! Container networking for keelson: the [`NetworkDriver`] trait (create and delete
-//! networks, attach and detach endpoints, inspect, and `gc` of what a crash left behind)
-//! and [`HostNetwork`], the embedded default where endpoints share the host's network.
+//! networks, attach and detach endpoints, inspect, and `gc` of what a crash left behind),
+//! IPAM ([`LocalIpam`], and [`KvIpam`] on a cluster `KeyValue` with feature `cluster`),
+//! and the drivers:
+//! - [`HostNetwork`], the embedded default: endpoints share the host's network;
+//! - `BridgeNetwork` and `MacvlanNetwork` (feature `netlink`): a Linux bridge or macvlan
+//!   with IPAM, NAT and port mapping, programmed over netlink and nf_tables;
+//! - the `keelson-cni` binary (feature `netlink`): the same drivers as a CNI plugin.
 //!
 //! ```
 //! use keelson_netplumb::{EndpointSpec, HostNetwork, NetworkDriver, NetworkSpec};
@@ -10,21 +15,29 @@
 //! let net = HostNetwork::new();
 //! net.create_network(NetworkSpec::new("apps")).await?;
 //! let ep = net.attach(EndpointSpec::new("apps", "web-1")).await?;
-//! assert!(ep.addresses.iter().any(|a| a.is_loopback()));
-//! net.detach("apps", "web-1").await?;
+//! assert!(ep.addresses().iter().any(|a| a.is_loopback()));
+//! net.detach(&ep.key()).await?;
+//! net.detach(&ep.key()).await?; // already gone: still fine
 //! # Ok(())
 //! # }
 //! ```
 
+mod attachment;
 mod driver;
 mod error;
 mod host;
+pub mod ipam;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
+pub use attachment::{Attachment, AttachmentKey, Dns, Interface, IpConfig, Route};
 pub use driver::{
-    validate_name, Attachment, EndpointSpec, GcReport, NetworkCapabilities, NetworkDriver, NetworkInfo, NetworkSpec, PortMapping, Protocol,
+    validate_ifname, validate_name, EndpointSpec, GcReport, NetworkCapabilities, NetworkDriver, NetworkInfo, NetworkSpec, PortMapping,
+    Protocol,
 };
 pub use error::{Error, Result};
 pub use host::{host_addresses, HostNetwork};
+#[cfg(feature = "cluster")]
+pub use ipam::KvIpam;
+pub use ipam::{Ipam, Lease, LeaseRequest, LocalIpam, Pool};
