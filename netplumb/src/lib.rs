@@ -27,6 +27,8 @@ mod driver;
 mod error;
 mod host;
 pub mod ipam;
+#[cfg(feature = "netlink")]
+mod linux;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
@@ -41,3 +43,5 @@ pub use host::{host_addresses, HostNetwork};
 #[cfg(feature = "cluster")]
 pub use ipam::KvIpam;
 pub use ipam::{Ipam, Lease, LeaseRequest, LocalIpam, Pool};
+#[cfg(feature = "netlink")]
+pub use linux::{BridgeNetwork, KernelConfig, DEFAULT_STATE_DIR};

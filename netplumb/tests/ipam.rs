@@ -1,6 +1,8 @@
 //! IPAM never hands out an address twice: not to concurrent processes sharing one
 //! journal, not across `kill -9` of any of them, not across hosts sharing a `KeyValue`.
 
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
@@ -9,7 +11,7 @@ use std::time::Duration;
 use keelson_netplumb::{AttachmentKey, Error, Ipam, LeaseRequest, LocalIpam, Pool, PortMapping};
 
 fn request(net: &str, id: &str) -> LeaseRequest {
-    LeaseRequest { key: AttachmentKey::new(net, id, "eth0"), host_link: None, ports: Vec::new() }
+    LeaseRequest::new(AttachmentKey::new(net, id, "eth0"))
 }
 
 #[tokio::test]

@@ -33,6 +33,21 @@ impl Netns {
         &self.name
     }
 
+    /// The namespace's file, what `setns` and netplumb's `EndpointSpec::netns` take.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/var/run/netns").join(&self.name)
+    }
+
+    /// Whether the namespace still exists (a test may delete it behind netplumb's back).
+    pub fn exists(&self) -> bool {
+        self.path().exists()
+    }
+
+    /// Deletes the namespace now (as a crashed runtime would leave it gone).
+    pub fn delete(&self) -> Result<(), TestkitError> {
+        run(&ip()?, &["netns", "del", &self.name]).map(|_| ())
+    }
+
     /// Runs `program args` inside the namespace; its stdout.
     pub fn exec(&self, program: &str, args: &[&str]) -> Result<String, TestkitError> {
         let mut all = vec!["netns", "exec", &self.name, program];
@@ -57,7 +72,7 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         // Deleting the namespace destroys its veth ends, which destroys the host ends.
-        if let Ok(ip) = ip() {
+        if let (Ok(ip), true) = (ip(), self.exists()) {
             let _ = run(&ip, &["netns", "del", &self.name]);
         }
     }

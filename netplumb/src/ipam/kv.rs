@@ -65,7 +65,13 @@ impl Ipam for KvIpam {
         let after = held.iter().map(|(_, _, l)| l.address).max();
         let taken: std::collections::HashSet<Ipv4Addr> = held.iter().map(|(_, _, l)| l.address).collect();
         for address in pool.candidates(after).filter(|a| !taken.contains(a)) {
-            let lease = Lease { key: request.key.clone(), address, host_link: request.host_link.clone(), ports: request.ports.clone() };
+            let lease = Lease {
+                key: request.key.clone(),
+                address,
+                host_link: request.host_link.clone(),
+                ports: request.ports.clone(),
+                netns: request.netns.clone(),
+            };
             let value = serde_json::to_vec(&lease).map_err(|e| Error::Backend { backend: "kv-ipam", source: Box::new(e) })?;
             match self.kv.compare_and_swap(&format!("{prefix}{address}"), Expect::Absent, value, None).await {
                 Ok(_) => return Ok(lease),

@@ -277,7 +277,7 @@ impl Ipam for LocalIpam {
                     .candidates(leases.last)
                     .find(|a| !leases.by_address.contains_key(a))
                     .ok_or_else(|| Error::PoolExhausted { network: network.clone(), subnet: pool.subnet.to_string() })?;
-                let lease = Lease { key: request.key, address, host_link: request.host_link, ports: request.ports };
+                let lease = Lease { key: request.key, address, host_link: request.host_link, ports: request.ports, netns: request.netns };
                 Ok((lease.clone(), vec![Entry::Lease(lease)]))
             })
         })

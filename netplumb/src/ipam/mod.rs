@@ -15,6 +15,7 @@ mod pool;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use std::net::Ipv4Addr;
+use std::path::PathBuf;
 
 use crate::attachment::AttachmentKey;
 use crate::driver::PortMapping;
@@ -38,6 +39,9 @@ pub struct Lease {
     /// Ports the attachment publishes on the host.
     #[serde(default)]
     pub ports: Vec<PortMapping>,
+    /// The endpoint's namespace, as given at attach.
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
 }
 
 /// What an attachment asks for.
@@ -50,6 +54,15 @@ pub struct LeaseRequest {
     /// Ports it will publish. The allocator refuses a port another lease on the same
     /// store already publishes ([`Error::Conflict`](crate::Error::Conflict)).
     pub ports: Vec<PortMapping>,
+    /// The endpoint's namespace.
+    pub netns: Option<PathBuf>,
+}
+
+impl LeaseRequest {
+    /// A request for `key` with nothing on the host.
+    pub fn new(key: AttachmentKey) -> Self {
+        LeaseRequest { key, host_link: None, ports: Vec::new(), netns: None }
+    }
 }
 
 /// Hands out addresses from pools, never the same one twice.

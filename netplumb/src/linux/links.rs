@@ -1,0 +1,177 @@
+//! Links, addresses and routes over rtnetlink.
+
+use std::net::Ipv4Addr;
+
+use futures::TryStreamExt;
+use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::{Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
+
+use crate::error::{Error, Result};
+
+const ENODEV: i32 = nix::errno::Errno::ENODEV as i32;
+const ENOENT: i32 = nix::errno::Errno::ENOENT as i32;
+const EEXIST: i32 = nix::errno::Errno::EEXIST as i32;
+
+/// The errno of a netlink error (0 if it is not one).
+pub(crate) fn errno(e: &rtnetlink::Error) -> i32 {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => -m.raw_code(),
+        _ => 0,
+    }
+}
+
+pub(crate) fn backend(what: impl std::fmt::Display, e: rtnetlink::Error) -> Error {
+    Error::Backend { backend: "netlink", source: format!("{what}: {e}").into() }
+}
+
+/// A connection to rtnetlink in the calling thread's namespace, driven on the current
+/// tokio runtime.
+pub(crate) fn connect() -> Result<Handle> {
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| Error::Backend { backend: "netlink", source: Box::new(e) })?;
+    tokio::spawn(conn);
+    Ok(handle)
+}
+
+/// The link named `name`, if it exists.
+pub(crate) async fn by_name(h: &Handle, name: &str) -> Result<Option<LinkMessage>> {
+    match h.link().get().match_name(name.to_owned()).execute().try_next().await {
+        Ok(link) => Ok(link),
+        Err(e) if matches!(errno(&e), ENODEV | ENOENT) => Ok(None),
+        Err(e) => Err(backend(format!("looking up link {name}"), e)),
+    }
+}
+
+/// The alias (`ifalias`) of a link.
+pub(crate) fn alias(link: &LinkMessage) -> Option<&str> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfAlias(s) => Some(s.as_str()),
+        _ => None,
+    })
+}
+
+/// The name of a link.
+pub(crate) fn name(link: &LinkMessage) -> Option<&str> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(s) => Some(s.as_str()),
+        _ => None,
+    })
+}
+
+/// The bridge (controller) a link is enslaved to.
+pub(crate) fn controller(link: &LinkMessage) -> Option<u32> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Controller(i) => Some(*i),
+        _ => None,
+    })
+}
+
+/// Every link of the namespace.
+pub(crate) async fn all(h: &Handle) -> Result<Vec<LinkMessage>> {
+    h.link().get().execute().try_collect().await.map_err(|e| backend("listing links", e))
+}
+
+/// The bridge `name` with `gateway/prefix` on it, up; created if missing. Returns its index.
+pub(crate) async fn ensure_bridge(h: &Handle, name: &str, mtu: u32, gateway: Ipv4Addr, prefix: u8, alias: &str) -> Result<u32> {
+    let index = match by_name(h, name).await? {
+        Some(link) => link.header.index,
+        None => {
+            let msg = LinkBridge::new(name).mtu(mtu).alias(alias).up().build();
+            match h.link().add(msg).execute().await {
+                Ok(()) => {}
+                // Another process made it between our look and our add.
+                Err(e) if errno(&e) == EEXIST => {}
+                Err(e) => return Err(backend(format!("creating bridge {name}"), e)),
+            }
+            by_name(h, name)
+                .await?
+                .ok_or_else(|| Error::Backend { backend: "netlink", source: format!("bridge {name} vanished").into() })?
+                .header
+                .index
+        }
+    };
+    match h.address().add(index, gateway.into(), prefix).execute().await {
+        Ok(()) => {}
+        Err(e) if errno(&e) == EEXIST => {}
+        Err(e) => return Err(backend(format!("adding {gateway}/{prefix} to {name}"), e)),
+    }
+    Ok(index)
+}
+
+/// What the host side of a veth pair looks like.
+pub(crate) struct VethSpec<'a> {
+    pub(crate) host_name: &'a str,
+    pub(crate) peer_name: &'a str,
+    pub(crate) peer_netns: std::os::fd::RawFd,
+    pub(crate) peer_mac: [u8; 6],
+    pub(crate) bridge: u32,
+    pub(crate) mtu: u32,
+    pub(crate) alias: &'a str,
+}
+
+/// Creates a veth pair in one request: the host end enslaved to the bridge and up, the
+/// peer created directly inside the endpoint's namespace (never visible on the host)
+/// with its MAC. The peer cannot be brought up in the same request (veth refuses to open
+/// before its pair is complete: ENOTCONN); [`configure_endpoint`] does it. Sets hairpin on the bridge port when `hairpin` (an endpoint reaching
+/// itself through its own published port).
+pub(crate) async fn create_veth(h: &Handle, v: &VethSpec<'_>, hairpin: bool) -> Result<()> {
+    let peer = LinkMessageBuilder::<LinkUnspec>::new()
+        .name(v.peer_name.to_owned())
+        .setns_by_fd(v.peer_netns)
+        .address(v.peer_mac.to_vec())
+        .mtu(v.mtu)
+        .build();
+    let msg = LinkVeth::new(v.host_name, v.peer_name)
+        .set_info_data(rtnetlink::packet_route::link::InfoData::Veth(rtnetlink::packet_route::link::InfoVeth::Peer(peer)))
+        .mtu(v.mtu)
+        .controller(v.bridge)
+        .alias(v.alias)
+        .up()
+        .build();
+    h.link().add(msg).execute().await.map_err(|e| match errno(&e) {
+        EEXIST => Error::Conflict {
+            kind: "interface",
+            name: v.host_name.to_owned(),
+            reason: "a link of this name exists (attached twice?)".into(),
+        },
+        _ => backend(format!("creating veth {} (peer {})", v.host_name, v.peer_name), e),
+    })?;
+    if hairpin {
+        let link = by_name(h, v.host_name)
+            .await?
+            .ok_or_else(|| Error::Backend { backend: "netlink", source: format!("veth {} vanished", v.host_name).into() })?;
+        let msg = rtnetlink::LinkBridgePort::new(link.header.index).hairpin(true).build();
+        h.link().set_port(msg).execute().await.map_err(|e| backend(format!("hairpin on {}", v.host_name), e))?;
+    }
+    Ok(())
+}
+
+/// Deletes the link `name`; already gone is fine. Returns whether it existed.
+pub(crate) async fn delete(h: &Handle, name: &str) -> Result<bool> {
+    let Some(link) = by_name(h, name).await? else { return Ok(false) };
+    match h.link().del(link.header.index).execute().await {
+        Ok(()) => Ok(true),
+        Err(e) if matches!(errno(&e), ENODEV | ENOENT) => Ok(false),
+        Err(e) => Err(backend(format!("deleting link {name}"), e)),
+    }
+}
+
+/// Inside an endpoint's namespace: the address and the default route via the gateway.
+pub(crate) async fn configure_endpoint(h: &Handle, ifname: &str, address: Ipv4Addr, prefix: u8, gateway: Ipv4Addr) -> Result<()> {
+    let link = by_name(h, ifname)
+        .await?
+        .ok_or_else(|| Error::Backend { backend: "netlink", source: format!("{ifname} is missing in the endpoint's namespace").into() })?;
+    let index = link.header.index;
+    h.link().set(LinkUnspec::new_with_index(index).up().build()).execute().await.map_err(|e| backend(format!("setting {ifname} up"), e))?;
+    h.address()
+        .add(index, address.into(), prefix)
+        .execute()
+        .await
+        .map_err(|e| backend(format!("adding {address}/{prefix} to {ifname}"), e))?;
+    let route = RouteMessageBuilder::<Ipv4Addr>::new().gateway(gateway).output_interface(index).build();
+    match h.route().add(route).execute().await {
+        Ok(()) => Ok(()),
+        // The namespace already has a default route (another network's): keep it.
+        Err(e) if errno(&e) == EEXIST => Ok(()),
+        Err(e) => Err(backend(format!("default route via {gateway} on {ifname}"), e)),
+    }
+}
