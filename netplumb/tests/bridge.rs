@@ -152,3 +152,50 @@ async fn gc_reclaims_attachments_whose_namespaces_were_deleted() {
     d.delete_network("g").await.expect("delete");
     assert_eq!(snapshot(&h.host), before);
 }
+
+/// In the root namespace beside dockerd, whose FORWARD policy is drop: the network's
+/// traffic is accepted in DOCKER-USER while it exists, and the rules go with it.
+#[tokio::test]
+async fn works_in_the_root_namespace_beside_dockerd() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let eps = Endpoints::default();
+    let config = keelson_netplumb::KernelConfig::in_dir(state.path());
+    // Declared after the endpoints, so dropped before them: detach, then namespaces go.
+    let _cleanup = support::CleanupGuard { config: config.clone() };
+    let d = BridgeNetwork::open(config).expect("open");
+    let net = format!("root{}", std::process::id() % 100_000);
+    d.create_network(NetworkSpec::new(&net).with_subnet("10.207.0.0/24").with_masquerade()).await.expect("create");
+    let c1 = d.attach(EndpointSpec::new(&net, "r1").in_netns(eps.path("r1"))).await.expect("attach r1");
+    let c2 = d
+        .attach(EndpointSpec::new(&net, "r2").in_netns(eps.path("r2")).publish(PortMapping::tcp(18090, 8080)))
+        .await
+        .expect("attach r2");
+    serve(&eps.path("r2"), "0.0.0.0:8080", "r2");
+    let ip2 = c2.ipv4().expect("v4");
+    let docker_user = || std::process::Command::new("nft").args(["list", "chain", "ip", "filter", "DOCKER-USER"]).output().expect("nft");
+    let dockerd = docker_user().status.success();
+    if dockerd {
+        let rules = String::from_utf8_lossy(&docker_user().stdout).into_owned();
+        let ours = rules.lines().filter(|l| l.contains(&format!("comment \"keelson:{}\"", keelson_bridge(&net)))).count();
+        assert_eq!(ours, 2, "an iifname and an oifname accept: {rules}");
+    }
+    assert_eq!(call(&eps.path("r1"), &format!("{ip2}:8080")).expect("r1 -> r2 across a drop-policy FORWARD"), format!("r2 {}", c1.ipv4().expect("v4")));
+    let root = std::path::PathBuf::from("/proc/self/ns/net");
+    assert!(call(&root, "127.0.0.1:18090").expect("localhost -> published").starts_with("r2 "));
+    for a in [&c1, &c2] {
+        d.detach(&a.key()).await.expect("detach");
+    }
+    d.delete_network(&net).await.expect("delete");
+    if dockerd {
+        let rules = String::from_utf8_lossy(&docker_user().stdout).into_owned();
+        assert!(!rules.contains(&keelson_bridge(&net)), "DOCKER-USER rules left: {rules}");
+    }
+    let links = std::process::Command::new("ip").args(["-o", "link", "show"]).output().expect("ip");
+    assert!(!String::from_utf8_lossy(&links.stdout).contains(&keelson_bridge(&net)), "bridge left in the root namespace");
+}
+
+/// The bridge name netplumb derives from a network name (FNV-1a, as the driver does).
+fn keelson_bridge(network: &str) -> String {
+    let h = network.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    format!("kpb{:08x}", h as u32)
+}

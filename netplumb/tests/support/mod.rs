@@ -149,3 +149,27 @@ impl Endpoints {
         }
     }
 }
+
+/// Removes every network (and attachment) of a state directory when dropped, even when
+/// the test panicked: a fresh driver on its own runtime, on its own thread.
+pub struct CleanupGuard {
+    pub config: keelson_netplumb::KernelConfig,
+}
+
+impl Drop for CleanupGuard {
+    fn drop(&mut self) {
+        use keelson_netplumb::NetworkDriver;
+        let config = self.config.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async {
+                let Ok(d) = keelson_netplumb::BridgeNetwork::open(config) else { return };
+                let _ = d.gc(&[]).await;
+                for net in d.list().await.unwrap_or_default() {
+                    let _ = d.delete_network(&net.spec.name).await;
+                }
+            });
+        })
+        .join();
+    }
+}
