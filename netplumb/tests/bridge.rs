@@ -199,3 +199,80 @@ fn keelson_bridge(network: &str) -> String {
     let h = network.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
     format!("kpb{:08x}", h as u32)
 }
+
+/// Not a test on its own: a process churning attach/detach until it is killed (below).
+#[test]
+fn bridge_child_churns() {
+    let (Ok(state), Ok(host), Ok(eps)) =
+        (std::env::var("KEELSON_CHURN_STATE"), std::env::var("KEELSON_CHURN_HOST"), std::env::var("KEELSON_CHURN_ENDPOINTS"))
+    else {
+        return;
+    };
+    let seed: u64 = std::env::var("KEELSON_CHURN_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
+    let ops: usize = std::env::var("KEELSON_CHURN_OPS").ok().and_then(|s| s.parse().ok()).unwrap_or(50);
+    let eps: Vec<String> = eps.split(',').map(str::to_owned).collect();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let mut config = keelson_netplumb::KernelConfig::in_dir(state);
+        config.host_netns = Some(host.into());
+        let d = BridgeNetwork::open(config).expect("open");
+        let mut x = seed;
+        for _ in 0..ops {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let i = (x >> 33) as usize % eps.len();
+            let id = format!("k{i}");
+            let mut spec = EndpointSpec::new("churn", &id).in_netns(&eps[i]);
+            if i % 3 == 0 {
+                spec = spec.publish(PortMapping::tcp(18200 + i as u16, 80));
+            }
+            match d.attach(spec).await {
+                Ok(_) => {}
+                Err(Error::Conflict { .. }) => d.detach(&AttachmentKey::new("churn", &id, "eth0")).await.expect("detach"),
+                Err(e) => panic!("attach: {e}"),
+            }
+        }
+    });
+}
+
+#[tokio::test]
+async fn twenty_kill_9s_during_a_thousand_attaches_and_detaches_leak_nothing_after_gc() {
+    let h = HostWithOutside::new();
+    let eps = Endpoints::default();
+    let d = BridgeNetwork::open(h.config()).expect("open");
+    let before = snapshot(&h.host);
+    d.create_network(NetworkSpec::new("churn").with_subnet("10.208.0.0/24").with_masquerade()).await.expect("create");
+    let paths: Vec<String> = (0..10).map(|i| eps.path(&format!("k{i}")).display().to_string()).collect();
+    let mut killed = 0;
+    for round in 0..20u64 {
+        let mut child = std::process::Command::new(std::env::current_exe().expect("exe"))
+            .args(["--exact", "bridge_child_churns", "--test-threads", "1", "-q"])
+            .env("KEELSON_CHURN_STATE", h.state.path())
+            .env("KEELSON_CHURN_HOST", h.host.path())
+            .env("KEELSON_CHURN_ENDPOINTS", paths.join(","))
+            .env("KEELSON_CHURN_SEED", round.to_string())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn");
+        // A point that moves from round to round, inside the child's 50 operations.
+        std::thread::sleep(std::time::Duration::from_millis(20 + (round * 53) % 150));
+        if child.try_wait().expect("try_wait").is_none() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGKILL);
+            killed += 1;
+        }
+        let status = child.wait().expect("wait");
+        assert!(status.success() || status.code().is_none(), "the child failed on its own: {status}");
+        let leases = d.ipam().leases("churn").await.expect("leases");
+        let distinct: std::collections::HashSet<_> = leases.iter().map(|l| l.address).collect();
+        assert_eq!(distinct.len(), leases.len(), "an address was handed out twice");
+    }
+    assert!(killed >= 10, "most children were killed mid-run ({killed} of 20): the kill points need moving");
+    let report = d.gc(&[]).await.expect("gc");
+    assert!(d.ipam().leases("churn").await.expect("leases").is_empty(), "zero IPAM reservations after gc: {report:?}");
+    for i in 0..10 {
+        assert_eq!(eps.link_count(&format!("k{i}")), 1, "endpoint k{i} still has a link");
+    }
+    let table = h.host.exec("nft", &["list", "table", "ip", "keelson-churn"]).expect("nft");
+    assert!(!table.contains("elements"), "published ports left: {table}");
+    d.delete_network("churn").await.expect("delete");
+    assert_eq!(snapshot(&h.host), before);
+}
