@@ -23,6 +23,8 @@
 //! ```
 
 mod attachment;
+#[cfg(feature = "netlink")]
+pub mod cni;
 mod driver;
 mod error;
 mod host;

@@ -166,10 +166,8 @@ async fn works_in_the_root_namespace_beside_dockerd() {
     let net = format!("root{}", std::process::id() % 100_000);
     d.create_network(NetworkSpec::new(&net).with_subnet("10.207.0.0/24").with_masquerade()).await.expect("create");
     let c1 = d.attach(EndpointSpec::new(&net, "r1").in_netns(eps.path("r1"))).await.expect("attach r1");
-    let c2 = d
-        .attach(EndpointSpec::new(&net, "r2").in_netns(eps.path("r2")).publish(PortMapping::tcp(18090, 8080)))
-        .await
-        .expect("attach r2");
+    let c2 =
+        d.attach(EndpointSpec::new(&net, "r2").in_netns(eps.path("r2")).publish(PortMapping::tcp(18090, 8080))).await.expect("attach r2");
     serve(&eps.path("r2"), "0.0.0.0:8080", "r2");
     let ip2 = c2.ipv4().expect("v4");
     let docker_user = || std::process::Command::new("nft").args(["list", "chain", "ip", "filter", "DOCKER-USER"]).output().expect("nft");
@@ -179,7 +177,10 @@ async fn works_in_the_root_namespace_beside_dockerd() {
         let ours = rules.lines().filter(|l| l.contains(&format!("comment \"keelson:{}\"", keelson_bridge(&net)))).count();
         assert_eq!(ours, 2, "an iifname and an oifname accept: {rules}");
     }
-    assert_eq!(call(&eps.path("r1"), &format!("{ip2}:8080")).expect("r1 -> r2 across a drop-policy FORWARD"), format!("r2 {}", c1.ipv4().expect("v4")));
+    assert_eq!(
+        call(&eps.path("r1"), &format!("{ip2}:8080")).expect("r1 -> r2 across a drop-policy FORWARD"),
+        format!("r2 {}", c1.ipv4().expect("v4"))
+    );
     let root = std::path::PathBuf::from("/proc/self/ns/net");
     assert!(call(&root, "127.0.0.1:18090").expect("localhost -> published").starts_with("r2 "));
     for a in [&c1, &c2] {
