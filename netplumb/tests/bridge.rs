@@ -223,7 +223,7 @@ fn bridge_child_churns() {
             let i = (x >> 33) as usize % eps.len();
             let id = format!("k{i}");
             let mut spec = EndpointSpec::new("churn", &id).in_netns(&eps[i]);
-            if i % 3 == 0 {
+            if i.is_multiple_of(3) {
                 spec = spec.publish(PortMapping::tcp(18200 + i as u16, 80));
             }
             match d.attach(spec).await {
