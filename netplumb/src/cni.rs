@@ -262,15 +262,14 @@ pub async fn run(vars: &HashMap<String, String>, stdin: &[u8]) -> Result<Option<
 /// disagrees with the network as created.
 async fn ensure_network(driver: &BridgeNetwork, conf: &NetConf) -> Result<(), CniError> {
     let wanted = conf.network_spec();
-    let existing = match driver.inspect(&conf.name).await {
-        Ok(info) => Some(info.spec),
-        Err(Error::NotFound { .. }) => match driver.create_network(wanted.clone()).await {
+    let existing = match driver.network_spec(&conf.name).map_err(from_driver)? {
+        Some(spec) => Some(spec),
+        None => match driver.create_network(wanted.clone()).await {
             Ok(_) => None,
             // Another ADD created it at the same moment.
-            Err(Error::Conflict { kind: "network", .. }) => Some(driver.inspect(&conf.name).await.map_err(from_driver)?.spec),
+            Err(Error::Conflict { kind: "network", .. }) => driver.network_spec(&conf.name).map_err(from_driver)?,
             Err(e) => return Err(from_driver(e)),
         },
-        Err(e) => return Err(from_driver(e)),
     };
     if let Some(spec) = existing {
         if (wanted.subnet.is_some() && spec.subnet != wanted.subnet)

@@ -205,10 +205,14 @@ pub(crate) fn open_endpoint(spec: &EndpointSpec, backend: &'static str) -> Resul
     netns::open(path)
 }
 
-/// Inside the endpoint's namespace: address, default route, and no IPv6 DAD delay.
+/// Inside the endpoint's namespace: address, default route, and no IPv6 DAD delay. One
+/// thread joins the namespace and drives its own netlink connection there.
 pub(crate) async fn configure_in_namespace(ns: File, ifname: String, address: Ipv4Addr, prefix: u8, gateway: Ipv4Addr) -> Result<()> {
-    tokio::task::spawn_blocking(move || {
-        netns::run_in(Some(&ns), || -> Result<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let outcome = (|| -> Result<()> {
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| Error::Backend { backend: "netns", source: format!("joining the endpoint's namespace: {e}").into() })?;
             // The address is ours: duplicate address detection only delays IPv6 here.
             let _ = netns::write_sysctl(&format!("net/ipv6/conf/{ifname}/accept_dad"), "0");
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -219,10 +223,10 @@ pub(crate) async fn configure_in_namespace(ns: File, ifname: String, address: Ip
                 let h = links::connect()?;
                 links::configure_endpoint(&h, &ifname, address, prefix, gateway).await
             })
-        })?
-    })
-    .await
-    .map_err(|e| Error::Backend { backend: "netlink", source: Box::new(e) })?
+        })();
+        let _ = tx.send(outcome);
+    });
+    rx.await.map_err(|_| Error::Backend { backend: "netns", source: "the thread inside the endpoint's namespace died".into() })?
 }
 
 impl BridgeNetwork {
@@ -233,6 +237,12 @@ impl BridgeNetwork {
         let ipam = LocalIpam::open(config.state_dir.join("ipam"))?;
         let host = HostSide::open(config.host_netns.as_deref())?;
         Ok(BridgeNetwork { inner: Arc::new(Inner { config, networks, ipam, host }) })
+    }
+
+    /// The spec of network `name`, if it exists (cheaper than [`NetworkDriver::inspect`]:
+    /// no leases are read).
+    pub fn network_spec(&self, name: &str) -> Result<Option<NetworkSpec>> {
+        Ok(self.inner.networks.get(name)?.map(|n| n.spec))
     }
 
     /// The driver's IPAM (to inspect leases).

@@ -161,14 +161,15 @@ pub(crate) async fn configure_endpoint(h: &Handle, ifname: &str, address: Ipv4Ad
         .await?
         .ok_or_else(|| Error::Backend { backend: "netlink", source: format!("{ifname} is missing in the endpoint's namespace").into() })?;
     let index = link.header.index;
-    h.link().set(LinkUnspec::new_with_index(index).up().build()).execute().await.map_err(|e| backend(format!("setting {ifname} up"), e))?;
-    h.address()
-        .add(index, address.into(), prefix)
-        .execute()
-        .await
-        .map_err(|e| backend(format!("adding {address}/{prefix} to {ifname}"), e))?;
-    let route = RouteMessageBuilder::<Ipv4Addr>::new().gateway(gateway).output_interface(index).build();
-    match h.route().add(route).execute().await {
+    // Sent back to back on one socket: the kernel handles them in order (up, address,
+    // then the route that needs both), and we wait for the three answers together.
+    let up = h.link().set(LinkUnspec::new_with_index(index).up().build()).execute();
+    let addr = h.address().add(index, address.into(), prefix).execute();
+    let route = h.route().add(RouteMessageBuilder::<Ipv4Addr>::new().gateway(gateway).output_interface(index).build()).execute();
+    let (up, addr, route) = futures::join!(up, addr, route);
+    up.map_err(|e| backend(format!("setting {ifname} up"), e))?;
+    addr.map_err(|e| backend(format!("adding {address}/{prefix} to {ifname}"), e))?;
+    match route {
         Ok(()) => Ok(()),
         // The namespace already has a default route (another network's): keep it.
         Err(e) if errno(&e) == EEXIST => Ok(()),
