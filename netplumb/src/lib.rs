@@ -47,3 +47,5 @@ pub use ipam::KvIpam;
 pub use ipam::{Ipam, Lease, LeaseRequest, LocalIpam, Pool};
 #[cfg(feature = "netlink")]
 pub use linux::{BridgeNetwork, KernelConfig, DEFAULT_STATE_DIR};
+#[cfg(feature = "overlay")]
+pub use linux::{OverlayConfig, OverlayNetwork, VXLAN_OVERHEAD};

@@ -77,3 +77,54 @@ impl Drop for Netns {
         }
     }
 }
+
+/// Several test hosts on one L2 segment: a "switch" namespace holding a bridge, and a
+/// namespace per host with `eth0` on it at `<prefix>.<10 + i>/24`. IPv6 is off in the
+/// hosts (its link-local addresses appear late and race before/after snapshots).
+/// Everything is deleted on drop. netplumb's overlay tests and the multi-host platform
+/// tests use it as their cluster.
+#[derive(Debug)]
+pub struct Underlay {
+    /// The hosts, in order.
+    pub hosts: Vec<Netns>,
+    /// Their underlay addresses, in the same order.
+    pub addresses: Vec<std::net::Ipv4Addr>,
+    switch: Netns,
+}
+
+impl Underlay {
+    /// `n` hosts on `<prefix>.0/24` (`prefix` is three octets: `"172.31.9"`).
+    pub fn create(n: usize, prefix: &str) -> Result<Underlay, TestkitError> {
+        let ip = ip()?;
+        let ip_s = ip.to_string_lossy().into_owned();
+        let switch = Netns::create("kpsw")?;
+        switch.exec(&ip_s, &["link", "add", "sw0", "type", "bridge"])?;
+        switch.exec(&ip_s, &["link", "set", "sw0", "up"])?;
+        switch.exec(&ip_s, &["addr", "add", &format!("{prefix}.250/24"), "dev", "sw0"])?;
+        let mut hosts = Vec::new();
+        let mut addresses = Vec::new();
+        for i in 0..n {
+            let host = Netns::create("kphost")?;
+            host.exec(
+                "sh",
+                &["-c", "echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6; echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6"],
+            )?;
+            let port = format!("p{i}");
+            switch.exec(&ip_s, &["link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", host.name()])?;
+            switch.exec(&ip_s, &["link", "set", &port, "master", "sw0", "up"])?;
+            let addr: std::net::Ipv4Addr = format!("{prefix}.{}", 10 + i)
+                .parse()
+                .map_err(|e| TestkitError::Failed { what: format!("underlay prefix {prefix:?}"), detail: format!("{e}") })?;
+            host.exec(&ip_s, &["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+            host.exec(&ip_s, &["link", "set", "eth0", "up"])?;
+            hosts.push(host);
+            addresses.push(addr);
+        }
+        Ok(Underlay { hosts, addresses, switch })
+    }
+
+    /// The switch namespace, at `<prefix>.250` on the segment but no host: an intruder.
+    pub fn switch(&self) -> &Netns {
+        &self.switch
+    }
+}

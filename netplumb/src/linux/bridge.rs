@@ -245,13 +245,24 @@ impl BridgeNetwork {
         Ok(self.inner.networks.get(name)?.map(|n| n.spec))
     }
 
+    /// The sockets in the host namespace (for drivers built on this one).
+    pub(crate) fn host(&self) -> &HostSide {
+        &self.inner.host
+    }
+
     /// The driver's IPAM (to inspect leases).
     pub fn ipam(&self) -> &LocalIpam {
         &self.inner.ipam
     }
 
     fn firewall<'a>(net: &'a StoredNetwork) -> Firewall<'a> {
-        Firewall { network: &net.spec.name, bridge: &net.link, subnet: net.pool.subnet, masquerade: net.spec.masquerade }
+        Firewall {
+            network: &net.spec.name,
+            bridge: &net.link,
+            subnet: net.pool.subnet,
+            masquerade: net.spec.masquerade,
+            keep_source_to: net.overlay,
+        }
     }
 
     async fn create_kernel_side(&self, net: &StoredNetwork) -> Result<()> {
@@ -317,6 +328,39 @@ impl BridgeNetwork {
         Ok(())
     }
 
+    /// Creates a network; `overlay` is the cluster CIDR when this is an overlay's local
+    /// bridge (its subnet is the host's lease; traffic to the CIDR keeps its source).
+    pub(crate) async fn create(&self, spec: NetworkSpec, overlay: Option<Ipv4Net>) -> Result<NetworkInfo> {
+        validate_name("network name", &spec.name)?;
+        if spec.parent.is_some() {
+            return Err(Error::InvalidInput {
+                field: "parent",
+                value: spec.parent.clone().unwrap_or_default(),
+                reason: "bridge networks have no parent link".into(),
+            });
+        }
+        let mtu = checked_mtu(&spec, self.inner.config.default_mtu)?;
+        let store = &self.inner.networks;
+        let _lock = store.lock()?;
+        if store.get(&spec.name)?.is_some() {
+            return Err(Error::Conflict { kind: "network", name: spec.name, reason: "already exists".into() });
+        }
+        let existing = store.all()?;
+        let pool = choose_pool(&spec, &existing)?;
+        let net = StoredNetwork { link: bridge_name(&spec.name), spec, driver: BACKEND.into(), pool, mtu, overlay };
+        store.put(&net)?;
+        if let Err(e) = self.create_kernel_side(&net).await {
+            // Nothing half-created: undo what was made, keep the first error.
+            if let Err(undo) = self.remove_kernel_side(&net).await {
+                tracing::warn!(network = %net.spec.name, error = %undo, "undoing a failed network create");
+            }
+            store.remove(&net.spec.name)?;
+            return Err(e);
+        }
+        tracing::info!(network = %net.spec.name, bridge = %net.link, subnet = %net.pool.subnet, "network created");
+        Ok(self.info(net, &[]))
+    }
+
     fn info(&self, net: StoredNetwork, leases: &[Lease]) -> NetworkInfo {
         let mut endpoints: Vec<Attachment> = leases.iter().map(|l| attachment_of(&net, l)).collect();
         endpoints.sort_by_key(|a| a.key());
@@ -335,34 +379,7 @@ impl NetworkDriver for BridgeNetwork {
     }
 
     async fn create_network(&self, spec: NetworkSpec) -> Result<NetworkInfo> {
-        validate_name("network name", &spec.name)?;
-        if spec.parent.is_some() {
-            return Err(Error::InvalidInput {
-                field: "parent",
-                value: spec.parent.clone().unwrap_or_default(),
-                reason: "bridge networks have no parent link".into(),
-            });
-        }
-        let mtu = checked_mtu(&spec, self.inner.config.default_mtu)?;
-        let store = &self.inner.networks;
-        let _lock = store.lock()?;
-        if store.get(&spec.name)?.is_some() {
-            return Err(Error::Conflict { kind: "network", name: spec.name, reason: "already exists".into() });
-        }
-        let existing = store.all()?;
-        let pool = choose_pool(&spec, &existing)?;
-        let net = StoredNetwork { link: bridge_name(&spec.name), spec, driver: BACKEND.into(), pool, mtu };
-        store.put(&net)?;
-        if let Err(e) = self.create_kernel_side(&net).await {
-            // Nothing half-created: undo what was made, keep the first error.
-            if let Err(undo) = self.remove_kernel_side(&net).await {
-                tracing::warn!(network = %net.spec.name, error = %undo, "undoing a failed network create");
-            }
-            store.remove(&net.spec.name)?;
-            return Err(e);
-        }
-        tracing::info!(network = %net.spec.name, bridge = %net.link, subnet = %net.pool.subnet, "network created");
-        Ok(self.info(net, &[]))
+        self.create(spec, None).await
     }
 
     async fn delete_network(&self, name: &str) -> Result<()> {

@@ -39,6 +39,8 @@ pub(crate) struct Firewall<'a> {
     pub(crate) bridge: &'a str,
     pub(crate) subnet: Ipv4Net,
     pub(crate) masquerade: bool,
+    /// Destinations never masqueraded (the overlay's cluster CIDR).
+    pub(crate) keep_source_to: Option<Ipv4Net>,
 }
 
 fn nft_error(what: &str, e: NftError) -> Error {
@@ -123,6 +125,13 @@ impl Firewall<'_> {
         }
         if self.masquerade {
             let mut rule = saddr_in(self.subnet);
+            if let Some(cluster) = self.keep_source_to {
+                rule.extend([
+                    expr::payload(expr::NETWORK_HEADER, 16, 4, REG_1),
+                    expr::mask(REG_1, &cluster.netmask().octets()),
+                    expr::cmp(REG_1, false, &cluster.network().octets()),
+                ]);
+            }
             rule.extend(oifname(false, self.bridge));
             rule.push(expr::masquerade());
             b.add_rule(f, &t, "postrouting", rule, None, false);

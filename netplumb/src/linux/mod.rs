@@ -6,6 +6,10 @@ mod firewall;
 mod links;
 mod netns;
 mod nft;
+#[cfg(feature = "overlay")]
+mod overlay;
 mod state;
 
 pub use bridge::{BridgeNetwork, KernelConfig, DEFAULT_STATE_DIR};
+#[cfg(feature = "overlay")]
+pub use overlay::{OverlayConfig, OverlayNetwork, VXLAN_OVERHEAD};

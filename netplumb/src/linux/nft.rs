@@ -76,6 +76,7 @@ pub(crate) const FAMILY_IPV4: u8 = 2;
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Hook {
     Prerouting = 0,
+    Input = 1,
     Forward = 2,
     Output = 3,
     Postrouting = 4,
@@ -192,11 +193,23 @@ pub(crate) mod expr {
         })
     }
 
+    /// Whether `sreg` is (or, with `inverse`, is not) in set `set`; a miss ends the rule.
+    pub(crate) fn set_lookup(set: &str, sreg: u32, inverse: bool) -> Expr {
+        make("lookup", |a| {
+            a.str(1, set).be32(2, sreg).be32(5, u32::from(inverse));
+        })
+    }
+
     /// `dnat to <addr reg>:<port reg>` (IPv4).
     pub(crate) fn dnat(addr_reg: u32, port_reg: u32) -> Expr {
         make("nat", |a| {
             a.be32(1, 1).be32(2, u32::from(FAMILY_IPV4)).be32(3, addr_reg).be32(5, port_reg);
         })
+    }
+
+    /// `counter` (packets and bytes, shown by `nft list`).
+    pub(crate) fn counter() -> Expr {
+        make("counter", |_| {})
     }
 
     /// `masquerade`.
@@ -306,19 +319,29 @@ impl Batch {
         });
     }
 
-    /// A map from `key_len`-byte keys to `data_len`-byte values.
+    /// A map from `key_len`-byte keys to `data_len`-byte values (`(type, len)` pairs).
     pub(crate) fn add_map(&mut self, family: u8, table: &str, name: &str, key: (u32, u32), data: (u32, u32)) {
+        self.add_set_or_map(family, table, name, key, Some(data));
+    }
+
+    /// A set of `key_len`-byte keys.
+    pub(crate) fn add_set(&mut self, family: u8, table: &str, name: &str, key: (u32, u32)) {
+        self.add_set_or_map(family, table, name, key, None);
+    }
+
+    fn add_set_or_map(&mut self, family: u8, table: &str, name: &str, key: (u32, u32), data: Option<(u32, u32)>) {
         self.next_set_id += 1;
         let id = self.next_set_id;
         self.push(NFT_MSG_NEWSET, NLM_F_CREATE, family, |a| {
-            a.str(NFTA_SET_TABLE, table)
-                .str(NFTA_SET_NAME, name)
-                .be32(NFTA_SET_FLAGS, NFT_SET_MAP)
-                .be32(NFTA_SET_KEY_TYPE, key.0)
-                .be32(NFTA_SET_KEY_LEN, key.1)
-                .be32(NFTA_SET_DATA_TYPE, data.0)
-                .be32(NFTA_SET_DATA_LEN, data.1)
-                .be32(NFTA_SET_ID, id);
+            a.str(NFTA_SET_TABLE, table).str(NFTA_SET_NAME, name);
+            if let Some(data) = data {
+                a.be32(NFTA_SET_FLAGS, NFT_SET_MAP);
+                a.be32(NFTA_SET_KEY_TYPE, key.0).be32(NFTA_SET_KEY_LEN, key.1);
+                a.be32(NFTA_SET_DATA_TYPE, data.0).be32(NFTA_SET_DATA_LEN, data.1);
+            } else {
+                a.be32(NFTA_SET_KEY_TYPE, key.0).be32(NFTA_SET_KEY_LEN, key.1);
+            }
+            a.be32(NFTA_SET_ID, id);
         });
     }
 
@@ -354,7 +377,7 @@ impl Batch {
                 for (key, data) in elems {
                     list.nested(NFTA_LIST_ELEM, |el| {
                         el.data(NFTA_SET_ELEM_KEY, key);
-                        if ty == NFT_MSG_NEWSETELEM {
+                        if ty == NFT_MSG_NEWSETELEM && !data.is_empty() {
                             el.data(NFTA_SET_ELEM_DATA, data);
                         }
                     });

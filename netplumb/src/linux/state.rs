@@ -20,6 +20,10 @@ pub(crate) struct StoredNetwork {
     pub(crate) mtu: u32,
     /// The bridge (bridge driver) or parent (macvlan) link.
     pub(crate) link: String,
+    /// For the overlay's local bridge: the cluster CIDR, which is not masqueraded (other
+    /// hosts see container addresses as they are).
+    #[serde(default)]
+    pub(crate) overlay: Option<ipnet::Ipv4Net>,
 }
 
 /// The directory of network files.
