@@ -205,28 +205,41 @@ pub(crate) fn open_endpoint(spec: &EndpointSpec, backend: &'static str) -> Resul
     netns::open(path)
 }
 
-/// Inside the endpoint's namespace: address, default route, and no IPv6 DAD delay. One
-/// thread joins the namespace and drives its own netlink connection there.
-pub(crate) async fn configure_in_namespace(ns: File, ifname: String, address: Ipv4Addr, prefix: u8, gateway: Ipv4Addr) -> Result<()> {
+/// Runs `work` with a netlink handle inside the namespace `ns`: one thread joins the
+/// namespace and drives its own connection there.
+pub(crate) async fn in_namespace<F>(ns: File, work: F) -> Result<()>
+where
+    F: FnOnce(rtnetlink::Handle) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>>>> + Send + 'static,
+{
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
         let outcome = (|| -> Result<()> {
             nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
                 .map_err(|e| Error::Backend { backend: "netns", source: format!("joining the endpoint's namespace: {e}").into() })?;
-            // The address is ours: duplicate address detection only delays IPv6 here.
-            let _ = netns::write_sysctl(&format!("net/ipv6/conf/{ifname}/accept_dad"), "0");
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_io()
                 .build()
                 .map_err(|e| Error::Backend { backend: "netlink", source: Box::new(e) })?;
             rt.block_on(async {
                 let h = links::connect()?;
-                links::configure_endpoint(&h, &ifname, address, prefix, gateway).await
+                work(h).await
             })
         })();
         let _ = tx.send(outcome);
     });
     rx.await.map_err(|_| Error::Backend { backend: "netns", source: "the thread inside the endpoint's namespace died".into() })?
+}
+
+/// Inside the endpoint's namespace: address, default route, and no IPv6 DAD delay.
+pub(crate) async fn configure_in_namespace(ns: File, ifname: String, address: Ipv4Addr, prefix: u8, gateway: Ipv4Addr) -> Result<()> {
+    in_namespace(ns, move |h| {
+        Box::pin(async move {
+            // The address is ours: duplicate address detection only delays IPv6 here.
+            let _ = netns::write_sysctl(&format!("net/ipv6/conf/{ifname}/accept_dad"), "0");
+            links::configure_endpoint(&h, &ifname, address, prefix, gateway).await
+        })
+    })
+    .await
 }
 
 impl BridgeNetwork {

@@ -4,6 +4,7 @@
 mod bridge;
 mod firewall;
 mod links;
+mod macvlan;
 mod netns;
 mod nft;
 #[cfg(feature = "overlay")]
@@ -11,5 +12,6 @@ mod overlay;
 mod state;
 
 pub use bridge::{BridgeNetwork, KernelConfig, DEFAULT_STATE_DIR};
+pub use macvlan::MacvlanNetwork;
 #[cfg(feature = "overlay")]
 pub use overlay::{OverlayConfig, OverlayNetwork, VXLAN_OVERHEAD};
