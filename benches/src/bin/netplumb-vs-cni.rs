@@ -8,7 +8,9 @@
 //! - keelson's in-process library attach is reported beside it (what a runtime that
 //!   links keelson pays);
 //! - everything happens inside a namespace created as the host (the root namespace and
-//!   dockerd stay untouched), into one fresh namespace per container.
+//!   dockerd stay untouched), into one fresh namespace per container;
+//! - the overlay: iperf3 container to container across two hosts over VXLAN against host
+//!   to host on the plain underlay veth, and peer programming latency with real etcd.
 //!
 //! `cargo build --release -p keelson-netplumb --features netlink --bin keelson-cni`
 //! `cargo run --release -p keelson-benches --bin netplumb-vs-cni -- --containers 1000`
@@ -38,6 +40,15 @@ struct Args {
     /// Where Debian's plugins are.
     #[arg(long, default_value = "/usr/lib/cni")]
     cni_path: PathBuf,
+    /// iperf3 rounds per path (VXLAN and plain veth, interleaved).
+    #[arg(long, default_value_t = 3)]
+    iperf_rounds: usize,
+    /// Seconds per iperf3 run.
+    #[arg(long, default_value_t = 5)]
+    iperf_seconds: u64,
+    /// Fake hosts whose leases appear, to time peer programming.
+    #[arg(long, default_value_t = 50)]
+    peers: usize,
     /// Internal: act as the keelson-cni plugin.
     #[arg(long, hide = true)]
     as_cni: bool,
@@ -317,5 +328,138 @@ async fn run(args: Args) -> Result<(), String> {
     println!("growth keelson library attach last100/first100 p99: {:.2}", growth(&l_add));
     println!("growth cni bridge ADD last100/first100 p99: {:.2}", growth(&c_add));
     lib.delete_network("lbench").await.map_err(|e| e.to_string())?;
-    Ok(())
+    println!();
+    overlay::run(args.iperf_rounds, args.iperf_seconds, args.peers).await
+}
+
+/// The overlay: single-stream TCP throughput container to container across two hosts
+/// over VXLAN against host to host over the same underlay without it (iperf3, rounds
+/// interleaved, medians), and how long after a new host's lease appears its route is
+/// programmed on another host.
+mod overlay {
+    use std::net::Ipv4Addr;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use futures::TryStreamExt;
+    use keelson_discovery::{EtcdConfig, EtcdKv, KeyValue};
+    use keelson_netplumb::{BridgeNetwork, EndpointSpec, KernelConfig, NetworkDriver, NetworkSpec, OverlayConfig, OverlayNetwork};
+    use keelson_testkit::netns::{Netns, Underlay};
+
+    use super::{ms, pct};
+
+    fn iperf(client: &Netns, server: &Netns, to: Ipv4Addr, seconds: u64) -> Result<f64, String> {
+        let mut srv = std::process::Command::new("ip")
+            .args(["netns", "exec", server.name(), "iperf3", "-s", "-1", "-p", "5201"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| format!("iperf3 server: {e} (apt-get install iperf3)"))?;
+        std::thread::sleep(Duration::from_millis(300));
+        let out =
+            client.exec("iperf3", &["-c", &to.to_string(), "-p", "5201", "-t", &seconds.to_string(), "-J"]).map_err(|e| e.to_string());
+        let _ = srv.wait();
+        let v: serde_json::Value = serde_json::from_str(&out?).map_err(|e| e.to_string())?;
+        v["end"]["sum_received"]["bits_per_second"].as_f64().ok_or_else(|| "iperf3 gave no throughput".to_owned())
+    }
+
+    fn median(mut v: Vec<f64>) -> f64 {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    }
+
+    pub async fn run(rounds: usize, seconds: u64, peers: usize) -> Result<(), String> {
+        let etcd = keelson_testkit::etcd::Etcd::start().map_err(|e| e.to_string())?;
+        let kv: Arc<dyn KeyValue> = Arc::new(EtcdKv::connect(EtcdConfig::new([etcd.client_url()])).await.map_err(|e| e.to_string())?);
+        let ul = Underlay::create(2, "172.31.77").map_err(|e| e.to_string())?;
+        let state = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let mut drivers = Vec::new();
+        for (i, host) in ul.hosts.iter().enumerate() {
+            let mut kc = KernelConfig::in_dir(state.path().join(format!("h{i}")));
+            kc.host_netns = Some(host.path());
+            let bridge = BridgeNetwork::open(kc).map_err(|e| e.to_string())?;
+            let oc = OverlayConfig::new(kv.clone(), format!("bench{i}"), ul.addresses[i]);
+            let d = OverlayNetwork::new(bridge, oc).map_err(|e| e.to_string())?;
+            d.create_network(NetworkSpec::new("ovlbench").with_subnet("10.248.0.0/16")).await.map_err(|e| e.to_string())?;
+            drivers.push(d);
+        }
+        let c: Vec<Netns> = (0..2).map(|_| Netns::create("kpovc")).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
+        let mut addrs = Vec::new();
+        for (i, d) in drivers.iter().enumerate() {
+            let a = d.attach(EndpointSpec::new("ovlbench", format!("c{i}")).in_netns(c[i].path())).await.map_err(|e| e.to_string())?;
+            addrs.push(a.ipv4().ok_or("no address")?);
+        }
+        // The first packets wait for the peers' entries; let the watch settle.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (mut vx, mut plain) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            vx.push(iperf(&c[0], &c[1], addrs[1], seconds)?);
+            plain.push(iperf(&ul.hosts[0], &ul.hosts[1], ul.addresses[1], seconds)?);
+        }
+        let (vx, plain) = (median(vx), median(plain));
+        println!(
+            "overlay: vxlan container->container {:.2} Gbit/s, plain veth host->host {:.2} Gbit/s (median of {rounds} x {seconds} s)",
+            vx / 1e9,
+            plain / 1e9
+        );
+        println!("ratio vxlan_throughput keelson-vxlan/veth: {:.3}", vx / plain);
+
+        // Peer programming: fake hosts' leases appear in etcd; time until host 0 routes to them.
+        let host0 = std::fs::File::open(ul.hosts[0].path()).map_err(|e| e.to_string())?;
+        let runtime = tokio::runtime::Handle::current();
+        let (conn, handle) = std::thread::scope(|s| {
+            s.spawn(|| {
+                nix::sched::setns(&host0, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| e.to_string())?;
+                let _entered = runtime.enter();
+                let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| e.to_string())?;
+                Ok::<_, String>((conn, handle))
+            })
+            .join()
+            .map_err(|_| "netlink thread panicked".to_owned())?
+        })?;
+        tokio::spawn(conn);
+        let prefix = "keelson/netplumb/overlay/ovlbench/hosts/";
+        let mut latencies = Vec::new();
+        for i in 0..peers {
+            let subnet: ipnet::Ipv4Net = format!("10.248.{}.0/24", 100 + i).parse().map_err(|e: ipnet::AddrParseError| e.to_string())?;
+            let public = Ipv4Addr::new(172, 31, 78, 10 + i as u8);
+            let o = public.octets();
+            let lease = serde_json::json!({ "host": format!("fake{i}"), "public_ip": public,
+                "vtep_mac": format!("02:4b:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3]), "subnet": subnet });
+            let key = format!("{prefix}{}-24", subnet.network());
+            let started = Instant::now();
+            kv.put(&key, lease.to_string().into_bytes(), None).await.map_err(|e| e.to_string())?;
+            loop {
+                let routes: Vec<_> = handle
+                    .route()
+                    .get(rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new().build())
+                    .execute()
+                    .try_collect()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let found = routes.iter().any(|r| {
+                    r.header.destination_prefix_length == 24
+                        && r.attributes.iter().any(|a| matches!(a, rtnetlink::packet_route::route::RouteAttribute::Destination(rtnetlink::packet_route::route::RouteAddress::Inet(d)) if *d == subnet.network()))
+                });
+                if found {
+                    break;
+                }
+                if started.elapsed() > Duration::from_secs(10) {
+                    return Err(format!("route to {subnet} never appeared"));
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            latencies.push(started.elapsed());
+            kv.delete(&key).await.map_err(|e| e.to_string())?;
+        }
+        println!(
+            "overlay: peer route programmed after its lease appears: p50 {:.1} ms, p99 {:.1} ms (n {peers}, real etcd, polled every 1 ms)",
+            ms(pct(&latencies, 0.5)),
+            ms(pct(&latencies, 0.99))
+        );
+        for (i, d) in drivers.iter().enumerate() {
+            d.detach(&keelson_netplumb::AttachmentKey::new("ovlbench", format!("c{i}"), "eth0")).await.map_err(|e| e.to_string())?;
+            d.delete_network("ovlbench").await.map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
 }
