@@ -277,3 +277,27 @@ async fn twenty_kill_9s_during_a_thousand_attaches_and_detaches_leak_nothing_aft
     d.delete_network("churn").await.expect("delete");
     assert_eq!(snapshot(&h.host), before);
 }
+
+/// Concurrent detaches are deleted in batches (one group delete): every one reports
+/// success, and nothing is left.
+#[tokio::test]
+async fn concurrent_detaches_all_complete_and_leave_nothing() {
+    let h = HostWithOutside::new();
+    let eps = Endpoints::default();
+    let d = BridgeNetwork::open(h.config()).expect("open");
+    let before = snapshot(&h.host);
+    d.create_network(NetworkSpec::new("many").with_subnet("10.209.0.0/24")).await.expect("create");
+    let mut keys = Vec::new();
+    for i in 0..12 {
+        let id = format!("m{i}");
+        keys.push(d.attach(EndpointSpec::new("many", &id).in_netns(eps.path(&id))).await.expect("attach").key());
+    }
+    let results = futures::future::join_all(keys.iter().map(|k| d.detach(k))).await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    for i in 0..12 {
+        assert_eq!(eps.link_count(&format!("m{i}")), 1, "m{i} still has its interface");
+    }
+    assert!(d.ipam().leases("many").await.expect("leases").is_empty());
+    d.delete_network("many").await.expect("delete");
+    assert_eq!(snapshot(&h.host), before);
+}

@@ -56,6 +56,8 @@ impl KernelConfig {
 pub(crate) struct HostSide {
     pub(crate) ns: Option<File>,
     pub(crate) rtnl: rtnetlink::Handle,
+    /// Deletes attachments' links, batching concurrent deletions.
+    pub(crate) deleter: links::Deleter,
     pub(crate) nft: Mutex<Nft>,
 }
 
@@ -74,7 +76,8 @@ impl HostSide {
             Ok((conn, handle, nft))
         })??;
         tokio::spawn(conn);
-        Ok(HostSide { ns, rtnl, nft: Mutex::new(nft) })
+        let deleter = links::Deleter::start(rtnl.clone());
+        Ok(HostSide { ns, deleter, rtnl, nft: Mutex::new(nft) })
     }
 
     pub(crate) fn nft(&self) -> std::sync::MutexGuard<'_, Nft> {
@@ -310,7 +313,7 @@ impl BridgeNetwork {
             }
         }
         if let Some(link) = &lease.host_link {
-            links::delete(&self.inner.host.rtnl, link).await?;
+            self.inner.host.deleter.delete(link).await?;
         }
         self.inner.ipam.release(&lease.key.network, &lease.key).await?;
         Ok(())

@@ -176,3 +176,97 @@ pub(crate) async fn configure_endpoint(h: &Handle, ifname: &str, address: Ipv4Ad
         Err(e) => Err(backend(format!("default route via {gateway} on {ifname}"), e)),
     }
 }
+
+/// One link to delete, and where to say whether it existed.
+type DeleteRequest = (String, tokio::sync::oneshot::Sender<Result<bool>>);
+
+/// Deletes links in batches. Deleting a link waits in the kernel for RCU grace periods
+/// and for references to drain (some 20 ms per veth, under the RTNL lock, so concurrent
+/// deletions only queue). Deletions that arrive while one is under way are tagged with
+/// a link group of this process and deleted by one group delete, which pays that wait
+/// once for the whole batch.
+#[derive(Clone, Debug)]
+pub(crate) struct Deleter {
+    tx: tokio::sync::mpsc::UnboundedSender<DeleteRequest>,
+}
+
+impl Deleter {
+    /// Starts the deleting task on the current runtime.
+    pub(crate) fn start(h: Handle) -> Deleter {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(delete_batches(h, rx));
+        Deleter { tx }
+    }
+
+    /// Deletes `name` (already gone is fine); whether it existed.
+    pub(crate) async fn delete(&self, name: &str) -> Result<bool> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .send((name.to_owned(), tx))
+            .map_err(|_| Error::Backend { backend: "netlink", source: "the link deleter stopped".into() })?;
+        rx.await.map_err(|_| Error::Backend { backend: "netlink", source: "the link deleter stopped".into() })?
+    }
+}
+
+/// A link group no other process uses: this process's id in the low 22 bits (Linux
+/// pids fit), a batch counter above.
+fn batch_group(counter: u32) -> u32 {
+    (std::process::id() & 0x003f_ffff) | ((counter & 0x3ff) << 22) | 1
+}
+
+async fn delete_batches(h: Handle, mut rx: tokio::sync::mpsc::UnboundedReceiver<DeleteRequest>) {
+    let mut counter = 0u32;
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            batch.push(more);
+        }
+        if batch.len() == 1 {
+            let (name, reply) = batch.remove(0);
+            let _ = reply.send(delete(&h, &name).await);
+            continue;
+        }
+        counter = counter.wrapping_add(1);
+        let group = batch_group(counter);
+        let mut tagged = Vec::new();
+        for (name, reply) in batch {
+            match by_name(&h, &name).await {
+                Ok(Some(link)) => {
+                    let msg = LinkUnspec::new_with_index(link.header.index).link_group(group).build();
+                    match h.link().set(msg).execute().await {
+                        Ok(()) => tagged.push((name, reply)),
+                        Err(e) if matches!(errno(&e), ENODEV | ENOENT) => {
+                            let _ = reply.send(Ok(false));
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(backend(format!("tagging {name} for deletion"), e)));
+                        }
+                    }
+                }
+                Ok(None) => {
+                    let _ = reply.send(Ok(false));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            }
+        }
+        if tagged.is_empty() {
+            continue;
+        }
+        let msg = LinkMessageBuilder::<LinkUnspec>::default().link_group(group).build();
+        match h.link().del_with_message(msg).execute().await {
+            Ok(()) => {
+                for (_, reply) in tagged {
+                    let _ = reply.send(Ok(true));
+                }
+            }
+            // Fall back to one by one, each reporting its own outcome.
+            Err(_) => {
+                for (name, reply) in tagged {
+                    let _ = reply.send(delete(&h, &name).await);
+                }
+            }
+        }
+    }
+}
