@@ -5,7 +5,12 @@
 //! - [`HostNetwork`], the embedded default: endpoints share the host's network;
 //! - `BridgeNetwork` and `MacvlanNetwork` (feature `netlink`): a Linux bridge or macvlan
 //!   with IPAM, NAT and port mapping, programmed over netlink and nf_tables;
-//! - the `keelson-cni` binary (feature `netlink`): the same drivers as a CNI plugin.
+//! - `OverlayNetwork` (feature `overlay`): hosts joined by VXLAN, per-host subnets leased
+//!   in a cluster `KeyValue`;
+//! - the `keelson-cni` binary (feature `netlink`): the bridge driver as a CNI plugin.
+//!
+//! The kernel drivers are shown in the crate's README; they need root (or
+//! `CAP_NET_ADMIN`) and a namespace per endpoint.
 //!
 //! ```
 //! use keelson_netplumb::{EndpointSpec, HostNetwork, NetworkDriver, NetworkSpec};
@@ -21,6 +26,11 @@
 //! # Ok(())
 //! # }
 //! ```
+
+/// The README's example compiles (it needs root and a namespace to run).
+#[cfg(all(doctest, feature = "netlink"))]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeExamples;
 
 mod attachment;
 #[cfg(feature = "netlink")]

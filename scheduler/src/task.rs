@@ -318,6 +318,10 @@ pub struct TaskStatus {
     /// task (the driver never blocks a task on a slow reader; it counts instead).
     #[serde(default)]
     pub output_lines_dropped: u64,
+    /// The task's own address on its network (a keelson network the driver attached
+    /// it to); `None`: it is reached at its node's address and published port.
+    #[serde(default)]
+    pub address: Option<std::net::IpAddr>,
 }
 
 /// The longest output line kept whole: longer ones are split into pieces this long.

@@ -10,6 +10,11 @@
 //! node-agent --etcd http://127.0.0.1:2379 --node n1 --cpu 4000 --memory 4096
 //! ```
 //!
+//! With `--network bridge`, tasks get addresses of their own on a keelson bridge on this
+//! host; with `--network overlay`, on a VXLAN overlay across every agent of the cluster
+//! (each host leases a subnet of `--network-subnet` in etcd): services register at
+//! their own address and port, and reach each other across hosts.
+//!
 //! Build with `--features etcd,docker`. SIGINT or SIGTERM leave the cluster at once (the
 //! lease is revoked); a killed agent's node is lost after `--ttl-secs` and its work is
 //! re-placed by the controller of another agent. Containers outlive the agent: restarted
@@ -83,6 +88,61 @@ struct Args {
     /// IP address, else 127.0.0.1; never every interface).
     #[arg(long)]
     publish_address: Option<std::net::IpAddr>,
+    /// Put tasks on a keelson network: `bridge` (this host) or `overlay` (VXLAN across
+    /// every agent on the same etcd). Without it tasks use the engine's default network.
+    #[arg(long, value_enum)]
+    network: Option<NetworkKind>,
+    /// The keelson network's name.
+    #[arg(long, default_value = "keelson")]
+    network_name: String,
+    /// The bridge's subnet (default: a free 10.89.x.0/24), or the overlay's cluster CIDR
+    /// (default 10.244.0.0/16; each host leases a /24 of it).
+    #[arg(long)]
+    network_subnet: Option<String>,
+    /// Where netplumb keeps its state (a tmpfs: a reboot clears it with the containers).
+    #[arg(long, default_value = "/run/keelson/netplumb")]
+    network_state_dir: std::path::PathBuf,
+    /// The address other hosts send this host's VXLAN packets to (default: --address).
+    #[arg(long)]
+    underlay_address: Option<std::net::Ipv4Addr>,
+    /// Do not masquerade task traffic that leaves the network.
+    #[arg(long)]
+    no_masquerade: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum NetworkKind {
+    Bridge,
+    Overlay,
+}
+
+/// The keelson network tasks go on, created (bridge) or joined (overlay) if needed.
+async fn task_network(args: &Args, kv: Arc<dyn KeyValue>) -> Result<Option<keelson_scheduler::TaskNetwork>, String> {
+    use keelson_netplumb::{BridgeNetwork, KernelConfig, NetworkDriver, NetworkSpec, OverlayConfig, OverlayNetwork};
+    let Some(kind) = args.network else { return Ok(None) };
+    let bridge = BridgeNetwork::open(KernelConfig::in_dir(&args.network_state_dir)).map_err(|e| format!("--network-state-dir: {e}"))?;
+    let mut spec = NetworkSpec::new(&args.network_name);
+    spec.masquerade = !args.no_masquerade;
+    let driver: Arc<dyn NetworkDriver> = match kind {
+        NetworkKind::Bridge => {
+            spec.subnet = args.network_subnet.clone();
+            if bridge.network_spec(&args.network_name).map_err(|e| e.to_string())?.is_none() {
+                bridge.create_network(spec).await.map_err(|e| format!("--network bridge: {e}"))?;
+            }
+            Arc::new(bridge)
+        }
+        NetworkKind::Overlay => {
+            spec.subnet = Some(args.network_subnet.clone().unwrap_or_else(|| "10.244.0.0/16".into()));
+            let underlay = match args.underlay_address {
+                Some(a) => a,
+                None => args.address.parse().map_err(|_| "--network overlay needs --underlay-address (or an IPv4 --address)".to_owned())?,
+            };
+            let overlay = OverlayNetwork::new(bridge, OverlayConfig::new(kv, &args.node, underlay)).map_err(|e| e.to_string())?;
+            overlay.create_network(spec).await.map_err(|e| format!("--network overlay: {e}"))?;
+            Arc::new(overlay)
+        }
+    };
+    Ok(Some(keelson_scheduler::TaskNetwork::new(driver, &args.network_name)))
 }
 
 async fn run(args: Args) -> Result<(), String> {
@@ -93,7 +153,16 @@ async fn run(args: Args) -> Result<(), String> {
     let store = ClusterStore::new(kv.clone(), args.root.clone());
     let publish = args.publish_address.or_else(|| args.address.parse().ok()).unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
     let driver = DockerDriver::connect().await.map_err(|e| format!("docker: {e}"))?;
-    let driver = Arc::new(driver.with_publish_address(publish).map_err(|e| format!("--publish-address: {e}"))?);
+    let mut driver = driver.with_publish_address(publish).map_err(|e| format!("--publish-address: {e}"))?;
+    if let Some(net) = task_network(&args, kv.clone()).await? {
+        // Attachments of containers that are gone (the agent or host died) go first.
+        let keep: Vec<String> =
+            keelson_scheduler::Driver::list(&driver).await.map_err(|e| format!("docker: {e}"))?.into_iter().map(|t| t.id).collect();
+        let collected = net.collect(&keep).await.map_err(|e| format!("--network: {e}"))?;
+        println!("node-agent: tasks on keelson network {} ({collected} stale attachments collected)", net.name());
+        driver = driver.with_network(net);
+    }
+    let driver = Arc::new(driver);
     let volumes: Arc<dyn VolumeManager> = Arc::new(driver.volumes());
     if let Some(addr) = args.volume_listen {
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("--volume-listen {addr}: {e}"))?;

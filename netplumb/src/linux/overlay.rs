@@ -537,6 +537,18 @@ impl NetworkDriver for OverlayNetwork {
             local.mtu = Some(c.underlay_mtu - VXLAN_OVERHEAD);
             local.masquerade = spec.masquerade;
             local.dns = spec.dns.clone();
+            // After a restart the host gets its subnet back, and its local bridge (with
+            // the containers on it) is still there: adopt it.
+            if let Some(existing) = self.inner.bridge.network_spec(&spec.name)? {
+                if existing.subnet.as_deref() == Some(mine.subnet.to_string().as_str()) {
+                    return Ok((index, self.inner.bridge.inspect(&spec.name).await?));
+                }
+                return Err(Error::Conflict {
+                    kind: "network",
+                    name: spec.name.clone(),
+                    reason: format!("a local network on {:?} exists but this host now leases {}", existing.subnet, mine.subnet),
+                });
+            }
             let info = self.inner.bridge.create(local, Some(cidr)).await?;
             Ok((index, info))
         }

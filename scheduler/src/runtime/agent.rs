@@ -189,14 +189,14 @@ impl NodeAgent {
         let mut report = SyncReport::default();
         let assigned: HashMap<String, AllocRecord> =
             self.store.allocations_on(&self.node).await?.into_iter().map(|a| (a.id.clone(), a)).collect();
-        let running: HashMap<String, (TaskState, Option<TaskHealth>)> = self
+        let running: HashMap<String, (TaskState, Option<TaskHealth>, Option<std::net::IpAddr>)> = self
             .driver
             .list()
             .await?
             .into_iter()
             // One-off runs have their own loop (`runs`).
             .filter(|t| t.labels.get(NODE_LABEL) == Some(&self.node) && !t.labels.contains_key(crate::orchestrate::runs::RUN_LABEL))
-            .map(|t| (t.id, (t.state, t.health)))
+            .map(|t| (t.id, (t.state, t.health, t.address)))
             .collect();
         let mut traffic: HashMap<(String, String), Traffic> = HashMap::new();
         // Registrations come first in a pass and deregistrations after, so a switch of
@@ -207,6 +207,9 @@ impl NodeAgent {
                 continue;
             }
             let spec = self.store.group_version(&alloc.job, &alloc.group, alloc.version).await?;
+            // On a keelson network the task has its own address, where it serves on its
+            // service's own port.
+            let address = running.get(id).and_then(|r| r.2);
             let status = match running.get(id) {
                 None if alloc.status == AllocStatus::Failed => continue,
                 None => match self.start(alloc, &spec).await {
@@ -220,12 +223,12 @@ impl NodeAgent {
                         AllocStatus::Failed
                     }
                 },
-                Some((TaskState::Exited { .. }, _)) => AllocStatus::Failed,
-                Some((TaskState::Running, health)) => {
+                Some((TaskState::Exited { .. }, _, _)) => AllocStatus::Failed,
+                Some((TaskState::Running, health, _)) => {
                     // The task's own check (Docker HEALTHCHECK) and keelson's probe must
                     // both pass, when there are both.
                     let own = health.is_none_or(|h| h == TaskHealth::Healthy);
-                    if own && self.healthy(alloc, &spec).await {
+                    if own && self.healthy(alloc, &spec, address).await {
                         AllocStatus::Running
                     } else {
                         AllocStatus::Pending
@@ -246,7 +249,7 @@ impl NodeAgent {
                 Traffic::Only(v) => v == alloc.version,
             };
             if status == AllocStatus::Running && admitted {
-                self.register(alloc, &spec).await?;
+                self.register(alloc, &spec, address).await?;
             } else {
                 unroute.push(id.clone());
             }
@@ -333,9 +336,12 @@ impl NodeAgent {
         }
     }
 
-    async fn healthy(&self, alloc: &AllocRecord, spec: &GroupSpec) -> bool {
+    async fn healthy(&self, alloc: &AllocRecord, spec: &GroupSpec, address: Option<std::net::IpAddr>) -> bool {
         let (Some(service), Some(port)) = (&spec.service, alloc.ports.first()) else { return true };
-        let addr = SocketAddr::from(([127, 0, 0, 1], *port));
+        let addr = match address {
+            Some(ip) => SocketAddr::new(ip, service.port),
+            None => SocketAddr::from(([127, 0, 0, 1], *port)),
+        };
         let probe = match &service.http_check {
             Some(path) => Probe::Http { addr, path: path.clone() },
             None => Probe::Tcp(addr),
@@ -343,14 +349,18 @@ impl NodeAgent {
         probe_once(&probe, Duration::from_secs(1)).await
     }
 
-    async fn register(&self, alloc: &AllocRecord, spec: &GroupSpec) -> Result<()> {
+    async fn register(&self, alloc: &AllocRecord, spec: &GroupSpec, address: Option<std::net::IpAddr>) -> Result<()> {
         let (Some(discovery), Some(service), Some(port)) = (&self.discovery, &spec.service, alloc.ports.first()) else { return Ok(()) };
         let mut registrations = self.registrations.lock().await;
         if registrations.contains_key(&alloc.id) {
             return Ok(());
         }
         let name = ServiceName::new(service.name.clone()).map_err(|e| Error::invalid("service name", &service.name, e.to_string()))?;
-        let mut registration = Registration::new(name, alloc.id.clone(), self.address.clone(), *port)
+        let (host, port) = match address {
+            Some(ip) => (ip.to_string(), service.port),
+            None => (self.address.clone(), *port),
+        };
+        let mut registration = Registration::new(name, alloc.id.clone(), host, port)
             .with_meta("keelson.job", alloc.job.clone())
             .with_meta("keelson.version", alloc.version.to_string());
         for tag in &service.tags {

@@ -5,6 +5,10 @@
 //! sees (adopts) the containers already running and never starts a second one for the
 //! same task. A container that was created but could not be started is removed before
 //! the error is returned: no half-created containers are left behind.
+//!
+//! With [`DockerDriver::with_network`], containers get no network of the engine's: each
+//! is attached to a keelson network through its namespace, its ports published there,
+//! and its address reported in [`TaskStatus::address`].
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -44,6 +48,8 @@ pub struct DockerDriver {
     lines_split: prometheus_client::metrics::counter::Counter,
     /// The host address published ports bind to.
     publish_address: std::net::IpAddr,
+    /// The keelson network tasks are attached to, if any.
+    network: Option<crate::runtime::task_network::TaskNetwork>,
 }
 
 fn container_name(id: &str) -> String {
@@ -92,6 +98,7 @@ impl DockerDriver {
             call_timeout: Duration::from_secs(30),
             lines_split: Default::default(),
             publish_address: std::net::IpAddr::from([127, 0, 0, 1]),
+            network: None,
         })
     }
 
@@ -119,6 +126,15 @@ impl DockerDriver {
         }
         self.publish_address = address;
         Ok(self)
+    }
+
+    /// Puts every task that names no engine network on the keelson network `network`:
+    /// the container starts with none of the engine's, its namespace is attached, its
+    /// ports are published by the network driver, and [`TaskStatus::address`] carries
+    /// its address there.
+    pub fn with_network(mut self, network: crate::runtime::task_network::TaskNetwork) -> Self {
+        self.network = Some(network);
+        self
     }
 
     /// Only host directories under `root` may be mounted (a volume manager's root).
@@ -188,13 +204,17 @@ impl DockerDriver {
             })
             .collect();
         let limits = spec.limits.unwrap_or_default();
+        // On a keelson network the network driver publishes the ports, not the engine.
+        let on_keelson = self.network.is_some() && spec.network.is_none();
+        let (network_mode, bindings) =
+            if on_keelson { (Some("none".to_owned()), HashMap::new()) } else { (spec.network.clone(), bindings) };
         let host_config = HostConfig {
             nano_cpus: (limits.cpu_millis > 0).then(|| i64::try_from(limits.cpu_millis.saturating_mul(1_000_000)).unwrap_or(i64::MAX)),
             memory: (limits.memory_mb > 0).then(|| i64::try_from(limits.memory_mb.saturating_mul(1 << 20)).unwrap_or(i64::MAX)),
             pids_limit: (limits.pids > 0).then(|| i64::try_from(limits.pids).unwrap_or(i64::MAX)),
             port_bindings: (!bindings.is_empty()).then_some(bindings),
             binds: (!binds.is_empty()).then_some(binds),
-            network_mode: spec.network.clone(),
+            network_mode,
             // The engine restarts on failure with its own backoff (100 ms doubling);
             // the count is what the policy allows.
             restart_policy: spec.restart.map(|r| RestartPolicy {
@@ -246,6 +266,11 @@ impl DockerDriver {
             .unwrap_or(SystemTime::UNIX_EPOCH);
         let labels: BTreeMap<String, String> = info.config.and_then(|c| c.labels).unwrap_or_default().into_iter().collect();
         let restarts = info.restart_count.and_then(|n| u32::try_from(n).ok()).unwrap_or(0);
+        let pid = state.pid.and_then(|p| u32::try_from(p).ok()).filter(|p| *p > 0);
+        let address = match (&self.network, pid, running) {
+            (Some(net), Some(pid), true) => net.address(id, pid, &[]).await?,
+            _ => None,
+        };
         let health = state.health.and_then(|h| h.status).and_then(|s| match s {
             HealthStatusEnum::STARTING => Some(TaskHealth::Starting),
             HealthStatusEnum::HEALTHY => Some(TaskHealth::Healthy),
@@ -261,10 +286,32 @@ impl DockerDriver {
             health,
             output_lines_split: 0,
             output_lines_dropped: 0,
+            address,
         })
     }
 
+    /// Attaches a just-started container's namespace to the keelson network.
+    async fn attach(&self, net: &crate::runtime::task_network::TaskNetwork, spec: &TaskSpec) -> Result<()> {
+        let info = self
+            .docker
+            .inspect_container(&container_name(&spec.id), None::<InspectContainerOptions>)
+            .await
+            .map_err(map_err("task", &spec.id))?;
+        let pid = info.state.and_then(|s| s.pid).and_then(|p| u32::try_from(p).ok()).filter(|p| *p > 0).ok_or_else(|| Error::Conflict {
+            kind: "task",
+            name: spec.id.clone(),
+            reason: "exited before it could be attached to its network".into(),
+        })?;
+        let address = net.attach(&spec.id, pid, &spec.ports).await?;
+        tracing::info!(task = %spec.id, network = %net.name(), %address, "task attached");
+        Ok(())
+    }
+
+    /// Removes the container, and its attachment first (already gone is fine).
     async fn remove_container(&self, id: &str) -> Result<()> {
+        if let Some(net) = &self.network {
+            net.detach(id).await?;
+        }
         let options = RemoveContainerOptionsBuilder::new().force(true).build();
         self.timed("docker remove", async {
             self.docker.remove_container(&container_name(id), Some(options)).await.map_err(map_err("task", id))
@@ -313,8 +360,13 @@ impl Driver for DockerDriver {
             (Error::NotFound { .. }, Some(network)) => Error::NotFound { kind: "network", name: network.clone() },
             (e, _) => e,
         });
+        let started = match (started, &self.network) {
+            (Ok(()), Some(net)) if spec.network.is_none() => self.attach(net, &spec).await,
+            (other, _) => other,
+        };
         if let Err(e) = started {
-            // A bad port binding, a missing network or mount shows up here: leave nothing behind.
+            // A bad port binding, a missing network or mount, a failed attach shows up
+            // here: leave nothing behind.
             if let Err(cleanup) = self.remove_container(&spec.id).await {
                 tracing::warn!(task = %spec.id, error = %cleanup, "removing a container that failed to start");
             }
@@ -338,6 +390,10 @@ impl Driver for DockerDriver {
             .await
             .map_err(|_| Error::Timeout { operation: "docker stop", after: wait })?
             .map_err(map_err("task", id))?;
+        // Its namespace went with its process: give the address back now.
+        if let Some(net) = &self.network {
+            net.detach(id).await?;
+        }
         self.status_of(id).await
     }
 

@@ -396,6 +396,7 @@ impl Task {
             health: None,
             output_lines_split: self.lines_split.load(Ordering::Relaxed),
             output_lines_dropped: self.lines_dropped.load(Ordering::Relaxed),
+            address: None,
         }
     }
 

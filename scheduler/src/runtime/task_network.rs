@@ -1,0 +1,108 @@
+//! Tasks on a keelson network: the driver starts a container with no network of its
+//! engine's, then attaches its namespace (`/proc/<pid>/ns/net`) to a keelson network
+//! through any `NetworkDriver` (bridge, overlay, macvlan), publishes its ports there,
+//! and detaches it when the task stops. A container restarted in place by its engine
+//! has a new namespace: the attachment follows it (see [`TaskNetwork::address`]).
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use keelson_netplumb::{AttachmentKey, EndpointSpec, NetworkDriver};
+
+use crate::error::{Error, Result};
+use crate::task::PortMapping;
+
+/// A keelson network tasks are put on.
+#[derive(Clone, Debug)]
+pub struct TaskNetwork {
+    driver: Arc<dyn NetworkDriver>,
+    network: String,
+}
+
+fn net_error(e: keelson_netplumb::Error) -> Error {
+    let retryable = e.is_retryable();
+    match e {
+        keelson_netplumb::Error::InvalidInput { field, value, reason } => Error::invalid(field, value, reason),
+        keelson_netplumb::Error::Conflict { kind, name, reason } => Error::Conflict { kind, name, reason },
+        keelson_netplumb::Error::NotFound { kind, name } => Error::NotFound { kind, name },
+        other if retryable => Error::Unavailable { backend: "netplumb", reason: other.to_string() },
+        other => Error::Backend { backend: "netplumb", source: Box::new(other) },
+    }
+}
+
+fn netns_of(pid: u32) -> String {
+    format!("/proc/{pid}/ns/net")
+}
+
+impl TaskNetwork {
+    /// Tasks on `network` of `driver` (the network must exist).
+    pub fn new(driver: Arc<dyn NetworkDriver>, network: impl Into<String>) -> Self {
+        TaskNetwork { driver, network: network.into() }
+    }
+
+    /// The network's name.
+    pub fn name(&self) -> &str {
+        &self.network
+    }
+
+    fn key(&self, task: &str) -> AttachmentKey {
+        AttachmentKey::new(&self.network, task, "eth0")
+    }
+
+    /// Attaches the task whose process is `pid`, publishing `ports` on the host.
+    pub async fn attach(&self, task: &str, pid: u32, ports: &[PortMapping]) -> Result<IpAddr> {
+        let mut spec = EndpointSpec::new(&self.network, task).in_netns(netns_of(pid));
+        for p in ports {
+            spec = spec.publish(keelson_netplumb::PortMapping::tcp(p.host, p.container));
+        }
+        let a = self.driver.attach(spec).await.map_err(net_error)?;
+        a.addresses()
+            .first()
+            .copied()
+            .ok_or_else(|| Error::Backend { backend: "netplumb", source: format!("task {task}: attached with no address").into() })
+    }
+
+    /// The task's address while its process is `pid`; re-attached if the engine
+    /// restarted it (a new process, a new namespace) since it was attached.
+    pub async fn address(&self, task: &str, pid: u32, ports: &[PortMapping]) -> Result<Option<IpAddr>> {
+        match self.driver.check(&self.key(task)).await {
+            Ok(a) if a.interfaces.last().and_then(|i| i.sandbox.as_ref()).is_some_and(|s| s.to_str() == Some(netns_of(pid).as_str())) => {
+                Ok(a.addresses().first().copied())
+            }
+            Ok(a) => {
+                // Restarted in place: the old namespace is gone with its interface.
+                let ports: Vec<PortMapping> = if ports.is_empty() {
+                    a.port_mappings.iter().map(|m| PortMapping::new(m.container_port, m.host_port)).collect()
+                } else {
+                    ports.to_vec()
+                };
+                self.detach(task).await?;
+                self.attach(task, pid, &ports).await.map(Some)
+            }
+            Err(keelson_netplumb::Error::NotFound { .. }) => Ok(None),
+            // Its host link is gone (the namespace went): attach anew.
+            Err(keelson_netplumb::Error::Backend { .. }) => {
+                self.detach(task).await?;
+                self.attach(task, pid, ports).await.map(Some)
+            }
+            Err(e) => Err(net_error(e)),
+        }
+    }
+
+    /// Detaches the task; already detached is fine.
+    pub async fn detach(&self, task: &str) -> Result<()> {
+        self.driver.detach(&self.key(task)).await.map_err(net_error)
+    }
+
+    /// Detaches every task of this network but `keep` (what a crash left behind).
+    pub async fn collect(&self, keep: &[String]) -> Result<usize> {
+        let mut valid: Vec<AttachmentKey> = keep.iter().map(|t| self.key(t)).collect();
+        // Attachments on the driver's other networks are not ours to judge.
+        for info in self.driver.list().await.map_err(net_error)? {
+            if info.spec.name != self.network {
+                valid.extend(info.endpoints.iter().map(|a| a.key()));
+            }
+        }
+        Ok(self.driver.gc(&valid).await.map_err(net_error)?.removed.len())
+    }
+}
