@@ -7,7 +7,44 @@ use std::path::PathBuf;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::driver::PortMapping;
+/// Transport protocol of a port mapping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum Protocol {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+/// Publish `container_port` of the endpoint on `host_port` of the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortMapping {
+    /// Port on the host.
+    pub host_port: u16,
+    /// Port inside the endpoint.
+    pub container_port: u16,
+    /// Protocol.
+    pub protocol: Protocol,
+}
+
+impl PortMapping {
+    /// A TCP mapping.
+    pub fn tcp(host_port: u16, container_port: u16) -> Self {
+        PortMapping { host_port, container_port, protocol: Protocol::Tcp }
+    }
+}
 
 /// Identifies an attachment the way a runtime does: network, endpoint (container) id and
 /// the interface name inside it. One endpoint may hold several interfaces on one network.

@@ -23,7 +23,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::attachment::{Attachment, AttachmentKey};
-use crate::driver::{EndpointSpec, NetworkDriver, NetworkSpec, PortMapping, Protocol};
+use crate::attachment::{PortMapping, Protocol};
+use crate::driver::{EndpointSpec, NetworkDriver, NetworkSpec};
 use crate::error::Error;
 use crate::ipam::Ipam as _;
 use crate::linux::{BridgeNetwork, KernelConfig, DEFAULT_STATE_DIR};

@@ -45,11 +45,8 @@ mod linux;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
-pub use attachment::{Attachment, AttachmentKey, Dns, Interface, IpConfig, Route};
-pub use driver::{
-    validate_ifname, validate_name, EndpointSpec, GcReport, NetworkCapabilities, NetworkDriver, NetworkInfo, NetworkSpec, PortMapping,
-    Protocol,
-};
+pub use attachment::{Attachment, AttachmentKey, Dns, Interface, IpConfig, PortMapping, Protocol, Route};
+pub use driver::{validate_ifname, validate_name, EndpointSpec, GcReport, NetworkCapabilities, NetworkDriver, NetworkInfo, NetworkSpec};
 pub use error::{Error, Result};
 pub use host::{host_addresses, HostNetwork};
 #[cfg(feature = "cluster")]

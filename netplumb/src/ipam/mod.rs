@@ -18,7 +18,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use crate::attachment::AttachmentKey;
-use crate::driver::PortMapping;
+use crate::attachment::PortMapping;
 use crate::error::Result;
 
 #[cfg(feature = "cluster")]

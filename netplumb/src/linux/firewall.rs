@@ -24,7 +24,7 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 
 use super::nft::{expr, BaseChain, Batch, Element, Hook, Nft, NftError, ACCEPT, DROP, FAMILY_IPV4, REG_1, REG_2, REG_3};
-use crate::driver::{PortMapping, Protocol};
+use crate::attachment::{PortMapping, Protocol};
 use crate::error::{Error, Result};
 
 /// The prefix every keelson bridge name starts with (isolation matches on it).
