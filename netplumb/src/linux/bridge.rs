@@ -262,6 +262,7 @@ impl BridgeNetwork {
     }
 
     /// The sockets in the host namespace (for drivers built on this one).
+    #[cfg(feature = "overlay")]
     pub(crate) fn host(&self) -> &HostSide {
         &self.inner.host
     }

@@ -76,6 +76,7 @@ pub(crate) const FAMILY_IPV4: u8 = 2;
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Hook {
     Prerouting = 0,
+    #[cfg(feature = "overlay")]
     Input = 1,
     Forward = 2,
     Output = 3,
@@ -194,6 +195,7 @@ pub(crate) mod expr {
     }
 
     /// Whether `sreg` is (or, with `inverse`, is not) in set `set`; a miss ends the rule.
+    #[cfg(feature = "overlay")]
     pub(crate) fn set_lookup(set: &str, sreg: u32, inverse: bool) -> Expr {
         make("lookup", |a| {
             a.str(1, set).be32(2, sreg).be32(5, u32::from(inverse));
@@ -208,6 +210,7 @@ pub(crate) mod expr {
     }
 
     /// `counter` (packets and bytes, shown by `nft list`).
+    #[cfg(feature = "overlay")]
     pub(crate) fn counter() -> Expr {
         make("counter", |_| {})
     }
@@ -325,6 +328,7 @@ impl Batch {
     }
 
     /// A set of `key_len`-byte keys.
+    #[cfg(feature = "overlay")]
     pub(crate) fn add_set(&mut self, family: u8, table: &str, name: &str, key: (u32, u32)) {
         self.add_set_or_map(family, table, name, key, None);
     }
