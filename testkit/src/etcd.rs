@@ -30,11 +30,17 @@ impl Etcd {
 
     /// Starts etcd with extra flags (`--quota-backend-bytes=...`, `--auto-compaction-...`).
     pub fn start_with(extra: &[&str]) -> Result<Etcd, TestkitError> {
+        Etcd::start_on(std::net::Ipv4Addr::LOCALHOST, extra)
+    }
+
+    /// Starts etcd serving clients on `address` (one of this namespace's, e.g. a test
+    /// underlay's), with extra flags.
+    pub fn start_on(address: std::net::Ipv4Addr, extra: &[&str]) -> Result<Etcd, TestkitError> {
         let etcd = require("etcd", "etcd-server")?;
         let dir = tempfile::tempdir().map_err(io("creating etcd data dir"))?;
         let ports = free_ports(2)?;
         let (client_port, peer_port) = (ports[0], ports[1]);
-        let client = SocketAddr::from(([127, 0, 0, 1], client_port));
+        let client = SocketAddr::from((address, client_port));
         let client_url = format!("http://{client}");
         let peer_url = format!("http://127.0.0.1:{peer_port}");
         let mut command: Vec<std::ffi::OsString> = vec![etcd.into(), "--name".into(), "keelson-test".into(), "--data-dir".into()];

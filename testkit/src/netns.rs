@@ -90,6 +90,9 @@ pub struct Underlay {
     /// Their underlay addresses, in the same order.
     pub addresses: Vec<std::net::Ipv4Addr>,
     switch: Netns,
+    prefix: String,
+    /// The root namespace's link into the switch, if joined (deleted on drop).
+    root_link: Option<String>,
 }
 
 impl Underlay {
@@ -120,11 +123,37 @@ impl Underlay {
             hosts.push(host);
             addresses.push(addr);
         }
-        Ok(Underlay { hosts, addresses, switch })
+        Ok(Underlay { hosts, addresses, switch, prefix: prefix.to_owned(), root_link: None })
+    }
+
+    /// Puts the test's own (root) namespace on the segment at `<prefix>.1`, so servers
+    /// the test starts there (etcd) are reachable from every host, and the test reaches
+    /// the hosts. The link is deleted on drop.
+    pub fn join_root(&mut self) -> Result<std::net::Ipv4Addr, TestkitError> {
+        let ip = ip()?;
+        let ip_s = ip.to_string_lossy().into_owned();
+        let name = format!("kpr{}", std::process::id() % 1_000_000);
+        run(&ip, &["link", "add", &name, "type", "veth", "peer", "name", "root", "netns", self.switch.name()])?;
+        self.root_link = Some(name.clone());
+        self.switch.exec(&ip_s, &["link", "set", "root", "master", "sw0", "up"])?;
+        let addr: std::net::Ipv4Addr = format!("{}.1", self.prefix)
+            .parse()
+            .map_err(|e| TestkitError::Failed { what: format!("underlay prefix {:?}", self.prefix), detail: format!("{e}") })?;
+        run(&ip, &["addr", "add", &format!("{addr}/24"), "dev", &name])?;
+        run(&ip, &["link", "set", &name, "up"])?;
+        Ok(addr)
     }
 
     /// The switch namespace, at `<prefix>.250` on the segment but no host: an intruder.
     pub fn switch(&self) -> &Netns {
         &self.switch
+    }
+}
+
+impl Drop for Underlay {
+    fn drop(&mut self) {
+        if let (Some(name), Ok(ip)) = (self.root_link.take(), ip()) {
+            let _ = run(&ip, &["link", "del", &name]);
+        }
     }
 }
