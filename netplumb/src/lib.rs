@@ -53,6 +53,6 @@ pub use host::{host_addresses, HostNetwork};
 pub use ipam::KvIpam;
 pub use ipam::{Ipam, Lease, LeaseRequest, LocalIpam, Pool};
 #[cfg(feature = "netlink")]
-pub use linux::{BridgeNetwork, KernelConfig, MacvlanNetwork, DEFAULT_STATE_DIR};
+pub use linux::{create_netns, delete_netns, run_in_netns, BridgeNetwork, KernelConfig, MacvlanNetwork, DEFAULT_STATE_DIR};
 #[cfg(feature = "overlay")]
 pub use linux::{OverlayConfig, OverlayNetwork, VXLAN_OVERHEAD};

@@ -5,6 +5,7 @@ mod bridge;
 mod firewall;
 mod links;
 mod macvlan;
+mod named_netns;
 mod netns;
 mod nft;
 #[cfg(feature = "overlay")]
@@ -13,5 +14,6 @@ mod state;
 
 pub use bridge::{BridgeNetwork, KernelConfig, DEFAULT_STATE_DIR};
 pub use macvlan::MacvlanNetwork;
+pub use named_netns::{create_netns, delete_netns, run_in_netns};
 #[cfg(feature = "overlay")]
 pub use overlay::{OverlayConfig, OverlayNetwork, VXLAN_OVERHEAD};

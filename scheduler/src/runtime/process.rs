@@ -34,6 +34,7 @@ use tokio_stream::wrappers::BroadcastStream;
 
 use crate::runtime::cgroups::Cgroups;
 use crate::runtime::driver::{Driver, DriverCapabilities, Output};
+use crate::runtime::task_network::ProcessNetwork;
 
 use crate::error::{Error, Result};
 use crate::runtime::process_record::{start_ticks, still_running, StateDir, TaskRecord};
@@ -68,6 +69,8 @@ pub struct ProcessDriver {
     metrics: OutputMetrics,
     /// Where tasks with limits get their control group; `None`: limits are refused.
     cgroups: Option<Cgroups>,
+    /// The keelson network tasks get namespaces on; `None`: they share the host's.
+    network: Option<ProcessNetwork>,
 }
 
 impl Default for ProcessDriver {
@@ -78,6 +81,7 @@ impl Default for ProcessDriver {
             detached: watch::channel(false).0,
             metrics: OutputMetrics::default(),
             cgroups: Cgroups::detect(Path::new(CGROUP_ROOT)),
+            network: None,
         }
     }
 }
@@ -177,6 +181,7 @@ impl ProcessDriver {
             detached: watch::channel(false).0,
             metrics: OutputMetrics::default(),
             cgroups: Cgroups::detect(Path::new(CGROUP_ROOT)),
+            network: None,
         };
         for record in dir.load_all()? {
             let id = record.spec.id.clone();
@@ -256,12 +261,15 @@ impl ProcessDriver {
 /// files in the state directory of a persistent driver.
 /// Tells a task the ports it serves on: `PORT` (the first), `KEELSON_PORT_<NAME>` for
 /// named ones, and its id in `KEELSON_TASK_ID`. Values the spec sets itself win.
-fn tell_ports(spec: &mut TaskSpec) {
+fn tell_ports(spec: &mut TaskSpec, own_network: bool) {
+    // In a namespace of its own the task serves on its own port (published from the
+    // host port); on the host's network, on the host port itself.
+    let port = |p: &crate::task::PortMapping| if own_network { p.container } else { p.host };
     let mut told = vec![("KEELSON_TASK_ID".to_owned(), spec.id.clone())];
     if let Some(first) = spec.ports.first() {
-        told.push(("PORT".to_owned(), first.host.to_string()));
+        told.push(("PORT".to_owned(), port(first).to_string()));
     }
-    told.extend(spec.ports.iter().filter_map(|p| Some((p.env_name()?, p.host.to_string()))));
+    told.extend(spec.ports.iter().filter_map(|p| Some((p.env_name()?, port(p).to_string()))));
     for (name, value) in told {
         spec.env.entry(name).or_insert(value);
     }
@@ -269,7 +277,12 @@ fn tell_ports(spec: &mut TaskSpec) {
 
 /// Starts one run of `spec`'s program: in its own process group, and with limits inside
 /// the task's control group (joined before the program starts).
-fn spawn_run(spec: &TaskSpec, state_dir: Option<&StateDir>, cgroups: Option<&Cgroups>) -> Result<(tokio::process::Child, i32)> {
+fn spawn_run(
+    spec: &TaskSpec,
+    state_dir: Option<&StateDir>,
+    cgroups: Option<&Cgroups>,
+    network: Option<&ProcessNetwork>,
+) -> Result<(tokio::process::Child, i32)> {
     let command = match (spec.limits, cgroups) {
         (Some(limits), Some(cgroups)) => Cgroups::wrap(&cgroups.create(&spec.id, &limits)?, &spec.command),
         _ => spec.command.clone(),
@@ -296,7 +309,18 @@ fn spawn_run(spec: &TaskSpec, state_dir: Option<&StateDir>, cgroups: Option<&Cgr
     if let Some(dir) = &spec.working_dir {
         cmd.current_dir(dir);
     }
-    let child = cmd.spawn().map_err(|e| Error::invalid("command", &spec.command[0], format!("task {:?} could not start: {e}", spec.id)))?;
+    let spawned = match network {
+        // Spawned from a thread inside the task's namespace: the child starts there.
+        Some(net) => {
+            let runtime = tokio::runtime::Handle::current();
+            net.spawn_in(&spec.id, move || {
+                let _entered = runtime.enter();
+                cmd.spawn()
+            })?
+        }
+        None => cmd.spawn(),
+    };
+    let child = spawned.map_err(|e| Error::invalid("command", &spec.command[0], format!("task {:?} could not start: {e}", spec.id)))?;
     let pgid = child
         .id()
         .and_then(|p| i32::try_from(p).ok())
@@ -323,12 +347,31 @@ fn record_run(state_dir: Option<&StateDir>, spec: &TaskSpec, task: &Task, pid: i
 }
 
 impl ProcessDriver {
+    /// Runs every task in a network namespace of its own (bound under `netns_dir`),
+    /// attached to `network` before the task starts and kept across its restarts: the
+    /// task serves on its own ports (`PORT` is the container port), published from the
+    /// host ports, and [`TaskStatus::address`] is its address. Needs root.
+    #[cfg(feature = "netns")]
+    pub fn with_network(mut self, network: crate::runtime::task_network::TaskNetwork, netns_dir: impl Into<PathBuf>) -> Self {
+        self.network = Some(ProcessNetwork::new(network, netns_dir.into()));
+        self
+    }
+
+    /// `status` with the task's network address, when it has one.
+    async fn with_address(&self, mut status: TaskStatus) -> Result<TaskStatus> {
+        if let Some(net) = &self.network {
+            status.address = net.net.lookup(&status.id).await?;
+        }
+        Ok(status)
+    }
+
     /// Watches a task's runs until it ends for good: restarts it under its policy, and
     /// lets go when a persistent driver is dropped.
     fn supervise(&self, (task, state_tx): (Arc<Task>, watch::Sender<TaskState>), spec: TaskSpec, mut run: Run) {
         let mut detached = self.detached.subscribe();
         let state_dir = self.state_dir.clone();
         let cgroups = self.cgroups.clone();
+        let network = self.network.clone();
         tokio::spawn(async move {
             // The waits between restarts: the policy's doubling, with jitter (tasks that
             // failed together, say on a dependency's outage, do not restart together).
@@ -362,7 +405,7 @@ impl ProcessDriver {
                     }
                     () = until_set(&mut detached) => return,
                 }
-                match spawn_run(&spec, state_dir.as_ref(), cgroups.as_ref()) {
+                match spawn_run(&spec, state_dir.as_ref(), cgroups.as_ref(), network.as_ref()) {
                     Ok((mut child, pgid)) => {
                         task.pgid.store(pgid, Ordering::SeqCst);
                         // Our own child from now on: its pid cannot be reused while we hold it.
@@ -519,7 +562,8 @@ impl Driver for ProcessDriver {
     }
 
     fn capabilities(&self) -> DriverCapabilities {
-        DriverCapabilities::new(false, self.cgroups.is_some(), false)
+        // On a keelson network, ports are published from the host to the task's own.
+        DriverCapabilities::new(false, self.cgroups.is_some(), self.network.is_some())
     }
 
     async fn start(&self, mut spec: TaskSpec) -> Result<TaskStatus> {
@@ -535,7 +579,7 @@ impl Driver for ProcessDriver {
                 backend: "process",
             });
         }
-        if let Some(p) = spec.ports.iter().find(|p| p.host != p.container) {
+        if let Some(p) = spec.ports.iter().find(|p| p.host != p.container && (self.network.is_none() || p.host == 0)) {
             return Err(Error::Unsupported {
                 operation: if p.host == 0 {
                     "port mapping"
@@ -545,7 +589,7 @@ impl Driver for ProcessDriver {
                 backend: "process",
             });
         }
-        tell_ports(&mut spec);
+        tell_ports(&mut spec, self.network.is_some());
         if let Some(existing) = self.lock().get(&spec.id) {
             if !existing.state.borrow().is_exited() {
                 return Err(Error::Conflict { kind: "task", name: spec.id, reason: "already running".into() });
@@ -555,7 +599,21 @@ impl Driver for ProcessDriver {
             // A new task of a reused id starts with fresh output.
             dir.forget(&spec.id);
         }
-        let (mut child, pgid) = spawn_run(&spec, self.state_dir.as_ref(), self.cgroups.as_ref())?;
+        if let Some(net) = &self.network {
+            let address = net.prepare(&spec.id, &spec.ports).await?;
+            tracing::info!(task = %spec.id, network = %net.net.name(), %address, "task namespace attached");
+        }
+        let spawned = spawn_run(&spec, self.state_dir.as_ref(), self.cgroups.as_ref(), self.network.as_ref());
+        let (mut child, pgid) = match (spawned, &self.network) {
+            (Ok(run), _) => run,
+            (Err(e), Some(net)) => {
+                if let Err(undo) = net.release(&spec.id).await {
+                    tracing::warn!(task = %spec.id, error = %undo, "releasing the namespace of a task that did not start");
+                }
+                return Err(e);
+            }
+            (Err(e), None) => return Err(e),
+        };
         let (task, state_tx) = self.new_task(&spec, pgid, SystemTime::now(), 0);
         match &self.state_dir {
             None => task.pump_pipes(&mut child),
@@ -589,7 +647,8 @@ impl Driver for ProcessDriver {
     }
 
     async fn inspect(&self, id: &str) -> Result<TaskStatus> {
-        Ok(self.get(id)?.status(id))
+        let status = self.get(id)?.status(id);
+        self.with_address(status).await
     }
 
     async fn output(&self, id: &str) -> Result<Output> {
@@ -625,7 +684,11 @@ impl Driver for ProcessDriver {
     async fn list(&self) -> Result<Vec<TaskStatus>> {
         let mut all: Vec<TaskStatus> = self.lock().iter().map(|(id, t)| t.status(id)).collect();
         all.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(all)
+        let mut out = Vec::with_capacity(all.len());
+        for status in all {
+            out.push(self.with_address(status).await?);
+        }
+        Ok(out)
     }
 
     async fn remove(&self, id: &str) -> Result<()> {
@@ -643,6 +706,9 @@ impl Driver for ProcessDriver {
                     }
                 }
             }
+        }
+        if let Some(net) = &self.network {
+            net.release(id).await?;
         }
         // Killing stragglers and removing the group may wait on the kernel: off the
         // runtime's threads, and with no lock held.

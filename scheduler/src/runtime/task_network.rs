@@ -51,7 +51,12 @@ impl TaskNetwork {
 
     /// Attaches the task whose process is `pid`, publishing `ports` on the host.
     pub async fn attach(&self, task: &str, pid: u32, ports: &[PortMapping]) -> Result<IpAddr> {
-        let mut spec = EndpointSpec::new(&self.network, task).in_netns(netns_of(pid));
+        self.attach_at(task, std::path::Path::new(&netns_of(pid)), ports).await
+    }
+
+    /// Attaches the task's namespace at `netns`, publishing `ports` on the host.
+    pub async fn attach_at(&self, task: &str, netns: &std::path::Path, ports: &[PortMapping]) -> Result<IpAddr> {
+        let mut spec = EndpointSpec::new(&self.network, task).in_netns(netns);
         for p in ports {
             spec = spec.publish(keelson_netplumb::PortMapping::tcp(p.host, p.container));
         }
@@ -89,6 +94,15 @@ impl TaskNetwork {
         }
     }
 
+    /// The task's address if it is attached.
+    pub async fn lookup(&self, task: &str) -> Result<Option<IpAddr>> {
+        match self.driver.check(&self.key(task)).await {
+            Ok(a) => Ok(a.addresses().first().copied()),
+            Err(keelson_netplumb::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(net_error(e)),
+        }
+    }
+
     /// Detaches the task; already detached is fine.
     pub async fn detach(&self, task: &str) -> Result<()> {
         self.driver.detach(&self.key(task)).await.map_err(net_error)
@@ -104,5 +118,74 @@ impl TaskNetwork {
             }
         }
         Ok(self.driver.gc(&valid).await.map_err(net_error)?.removed.len())
+    }
+}
+
+/// A process driver's tasks on a keelson network: each in a network namespace of its
+/// own, created and attached before the task starts (so it never runs unconnected) and
+/// kept across its restarts.
+#[derive(Clone, Debug)]
+// Without the netns feature it is never built: drivers refuse networks instead.
+#[cfg_attr(not(feature = "netns"), allow(dead_code))]
+pub(crate) struct ProcessNetwork {
+    pub(crate) net: TaskNetwork,
+    dir: std::path::PathBuf,
+}
+
+impl ProcessNetwork {
+    #[cfg(feature = "netns")]
+    pub(crate) fn new(net: TaskNetwork, dir: std::path::PathBuf) -> Self {
+        ProcessNetwork { net, dir }
+    }
+
+    /// Where a task's namespace is bound.
+    #[cfg(feature = "netns")]
+    pub(crate) fn path(&self, task: &str) -> std::path::PathBuf {
+        self.dir.join(task)
+    }
+
+    /// Creates the task's namespace (kept if it exists) and attaches it.
+    #[cfg(feature = "netns")]
+    pub(crate) async fn prepare(&self, task: &str, ports: &[PortMapping]) -> Result<IpAddr> {
+        let path = self.path(task);
+        let made = path.clone();
+        tokio::task::spawn_blocking(move || keelson_netplumb::create_netns(&made))
+            .await
+            .map_err(|e| Error::Backend { backend: "netns", source: Box::new(e) })?
+            .map_err(net_error)?;
+        if let Some(address) = self.net.lookup(task).await? {
+            return Ok(address);
+        }
+        match self.net.attach_at(task, &path, ports).await {
+            Ok(address) => Ok(address),
+            Err(e) => {
+                let _ = keelson_netplumb::delete_netns(&path);
+                Err(e)
+            }
+        }
+    }
+
+    #[cfg(not(feature = "netns"))]
+    pub(crate) async fn prepare(&self, _task: &str, _ports: &[PortMapping]) -> Result<IpAddr> {
+        Err(Error::Unsupported { operation: "networks (build with the netns feature)", backend: "process" })
+    }
+
+    /// Detaches the task and removes its namespace; already gone is fine.
+    pub(crate) async fn release(&self, task: &str) -> Result<()> {
+        self.net.detach(task).await?;
+        #[cfg(feature = "netns")]
+        keelson_netplumb::delete_netns(&self.path(task)).map_err(net_error)?;
+        Ok(())
+    }
+
+    /// Runs `spawn` on a thread inside the task's namespace: what it starts runs there.
+    #[cfg(feature = "netns")]
+    pub(crate) fn spawn_in<R: Send>(&self, task: &str, spawn: impl FnOnce() -> R + Send) -> Result<R> {
+        keelson_netplumb::run_in_netns(&self.path(task), spawn).map_err(net_error)
+    }
+
+    #[cfg(not(feature = "netns"))]
+    pub(crate) fn spawn_in<R: Send>(&self, _task: &str, _spawn: impl FnOnce() -> R + Send) -> Result<R> {
+        Err(Error::Unsupported { operation: "networks (build with the netns feature)", backend: "process" })
     }
 }
