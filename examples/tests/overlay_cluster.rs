@@ -129,6 +129,9 @@ async fn services_on_two_hosts_reach_each_other_over_the_overlay_by_address_name
             "ovl",
             "--network-state-dir",
             state.to_str().expect("utf-8"),
+            // Tasks resolve with dns-catalog at their own host's address.
+            "--network-dns",
+            &addr,
         ];
         agents.push(in_host(host, env!("CARGO_BIN_EXE_node-agent"), &args, &logs.path().join(format!("agent{i}.log"))));
     }
@@ -215,7 +218,8 @@ async fn services_on_two_hosts_reach_each_other_over_the_overlay_by_address_name
     }
     assert_eq!(body.trim(), "api-on-host2", "client on host 1 -> api on host 2 by address\n{}", agent_logs());
 
-    // By name, through dns-catalog on host 1 (at host 1's underlay address, port 53).
+    // By name, through dns-catalog on host 1 (at host 1's underlay address, port 53),
+    // the name server the agent wrote into the client's resolv.conf.
     let h1 = ul.addresses[0].to_string();
     let _dns = in_host(
         &ul.hosts[0],
@@ -223,9 +227,19 @@ async fn services_on_two_hosts_reach_each_other_over_the_overlay_by_address_name
         &["--etcd", &url, "--listen", &format!("{h1}:53")],
         &logs.path().join("dns.log"),
     );
+    let inspect = Command::new("docker")
+        .args(["inspect", "--format", "{{json .HostConfig.Dns}} {{.HostConfig.NetworkMode}} {{.ResolvConfPath}}", &client_container])
+        .output()
+        .expect("inspect");
+    assert_eq!(
+        docker_exec(&client_container, &["cat", "/etc/resolv.conf"]).trim(),
+        format!("nameserver {h1}"),
+        "{}",
+        String::from_utf8_lossy(&inspect.stdout)
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let answer = docker_exec(&client_container, &["nslookup", "api.service.keelson", &h1]);
+        let answer = docker_exec(&client_container, &["nslookup", "api.service.keelson"]);
         if answer.contains(api_ip.as_str()) {
             break;
         }

@@ -108,6 +108,10 @@ struct Args {
     /// Do not masquerade task traffic that leaves the network.
     #[arg(long)]
     no_masquerade: bool,
+    /// The name server tasks on the network resolve with (repeatable), e.g. the
+    /// `dns-catalog` serving the cluster's catalog at this host's address.
+    #[arg(long)]
+    network_dns: Vec<std::net::IpAddr>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -142,7 +146,7 @@ async fn task_network(args: &Args, kv: Arc<dyn KeyValue>) -> Result<Option<keels
             Arc::new(overlay)
         }
     };
-    Ok(Some(keelson_scheduler::TaskNetwork::new(driver, &args.network_name)))
+    Ok(Some(keelson_scheduler::TaskNetwork::new(driver, &args.network_name).with_dns(args.network_dns.iter().copied())))
 }
 
 async fn run(args: Args) -> Result<(), String> {

@@ -482,7 +482,7 @@ impl Nft {
                     continue;
                 }
                 answered += 1;
-                let code = payload.get(..4).map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+                let code = error_code(&payload);
                 if code != 0 && first_error.is_none() {
                     first_error = Some(NftError { index: (seq - base - 1) as usize, source: io::Error::from_raw_os_error(-code) });
                 }
@@ -537,7 +537,7 @@ impl Nft {
                 if got_seq != seq || ty != NLMSG_ERROR {
                     continue;
                 }
-                let code = payload.get(..4).map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+                let code = error_code(&payload);
                 return match code {
                     0 => Ok(true),
                     c if c == -libc_enoent() => Ok(false),
@@ -568,7 +568,7 @@ impl Nft {
                 match ty {
                     NLMSG_DONE => return Ok(Some(rules)),
                     NLMSG_ERROR => {
-                        let code = payload.get(..4).map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+                        let code = error_code(&payload);
                         if code == -libc_enoent() {
                             return Ok(None);
                         }
@@ -581,6 +581,11 @@ impl Nft {
             }
         }
     }
+}
+
+/// The (negative) errno of an `NLMSG_ERROR` payload; 0 is an acknowledgement.
+fn error_code(payload: &[u8]) -> i32 {
+    payload.get(..4).map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
 }
 
 fn libc_enoent() -> i32 {

@@ -215,6 +215,12 @@ impl DockerDriver {
             port_bindings: (!bindings.is_empty()).then_some(bindings),
             binds: (!binds.is_empty()).then_some(binds),
             network_mode,
+            // The engine writes them to the container's resolv.conf, network or none.
+            dns: self
+                .network
+                .as_ref()
+                .filter(|n| on_keelson && !n.dns().is_empty())
+                .map(|n| n.dns().iter().map(ToString::to_string).collect()),
             // The engine restarts on failure with its own backoff (100 ms doubling);
             // the count is what the policy allows.
             restart_policy: spec.restart.map(|r| RestartPolicy {

@@ -17,6 +17,7 @@ use crate::task::PortMapping;
 pub struct TaskNetwork {
     driver: Arc<dyn NetworkDriver>,
     network: String,
+    dns: Vec<IpAddr>,
 }
 
 fn net_error(e: keelson_netplumb::Error) -> Error {
@@ -37,7 +38,19 @@ fn netns_of(pid: u32) -> String {
 impl TaskNetwork {
     /// Tasks on `network` of `driver` (the network must exist).
     pub fn new(driver: Arc<dyn NetworkDriver>, network: impl Into<String>) -> Self {
-        TaskNetwork { driver, network: network.into() }
+        TaskNetwork { driver, network: network.into(), dns: Vec::new() }
+    }
+
+    /// The same, telling tasks to resolve names with `servers` (a catalog's DNS server
+    /// reachable from the network, such as `dns-catalog` on the host's address).
+    pub fn with_dns(mut self, servers: impl IntoIterator<Item = IpAddr>) -> Self {
+        self.dns = servers.into_iter().collect();
+        self
+    }
+
+    /// The name servers tasks are told.
+    pub fn dns(&self) -> &[IpAddr] {
+        &self.dns
     }
 
     /// The network's name.
