@@ -89,7 +89,7 @@ async fn wait_for<F: std::future::Future<Output = bool>>(what: &str, limit: Dura
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn services_on_two_hosts_reach_each_other_over_the_overlay_by_address_name_and_edge() {
     let image = keelson_testkit::docker::busybox_image().unwrap_or_else(|e| panic!("the busybox test image: {e}"));
-    let mut ul = Underlay::create(2, "172.31.61").expect("underlay");
+    let mut ul = Underlay::create(2, "198.18.61").expect("underlay");
     let root = ul.join_root().expect("the test on the underlay");
     let etcd = keelson_testkit::etcd::Etcd::start_on(root, &[]).expect("etcd on the underlay");
     let url = etcd.client_url();

@@ -128,7 +128,9 @@ impl Underlay {
 
     /// Puts the test's own (root) namespace on the segment at `<prefix>.1`, so servers
     /// the test starts there (etcd) are reachable from every host, and the test reaches
-    /// the hosts. The link is deleted on drop.
+    /// the hosts. The link is deleted on drop. This adds a route to the root namespace:
+    /// use a prefix no real network of the machine uses (198.18.0.0/15, reserved for
+    /// benchmarking, rather than the 172.31/16 of some clouds).
     pub fn join_root(&mut self) -> Result<std::net::Ipv4Addr, TestkitError> {
         let ip = ip()?;
         let ip_s = ip.to_string_lossy().into_owned();
