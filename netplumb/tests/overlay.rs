@@ -79,13 +79,11 @@ async fn containers_on_two_hosts_talk_over_vxlan_and_a_dead_host_is_forgotten() 
         .expect("a counter on the drop rule");
     assert!(dropped >= 1, "the intruder's datagram was dropped and counted: {table}");
 
-    // Host 2 dies without leaving: its lease expires and host 1 removes its entries.
+    // Host 2 dies without leaving: its lease (TTL 2 s) expires in etcd and host 1
+    // removes its entries.
     h2.driver.detach(&c2.key()).await.expect("detach c2");
+    h2.driver.stop_following("ovl");
     let died = Instant::now();
-    // (Its driver stays in memory; revoking its lease is what its TTL running out does.)
-    let h2_key = format!("{prefix}/ovl/hosts/{}-{}", s2.network(), s2.prefix_len());
-    let entry = kv.get(&h2_key).await.expect("get").expect("host2's lease");
-    kv.revoke_lease(entry.lease.expect("leased")).await.expect("revoke: as if its TTL ran out");
     let fdb = || ul.hosts[0].exec("bridge", &["fdb", "show"]).expect("fdb");
     let neigh = || ul.hosts[0].exec("ip", &["neigh", "show"]).expect("neigh");
     while routes(&ul.hosts[0]).contains(&s2.to_string())
@@ -101,6 +99,7 @@ async fn containers_on_two_hosts_talk_over_vxlan_and_a_dead_host_is_forgotten() 
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    assert!(died.elapsed() >= Duration::from_millis(1500), "removed before the lease could expire: {:?}", died.elapsed());
     let peers = ul.hosts[0].exec("nft", &["list", "set", "ip", "keelson-ovl-ovl", "peers"]).expect("nft");
     assert!(!peers.contains(&ul.addresses[1].to_string()), "host2 still accepted on the VXLAN port: {peers}");
 
@@ -110,4 +109,35 @@ async fn containers_on_two_hosts_talk_over_vxlan_and_a_dead_host_is_forgotten() 
     assert!(left.iter().all(|e| e.key != format!("{prefix}/ovl/hosts/{}-{}", s1.network(), s1.prefix_len())), "host1's subnet went back");
     eps.delete("c1");
     assert_eq!(snapshot(&ul.hosts[0]), before[0], "host1 left something behind");
+}
+
+/// A host whose lease expired while it could not renew (a partition) takes its subnet
+/// back, and its peers program it again.
+#[tokio::test]
+async fn a_host_whose_lease_expired_takes_its_subnet_back() {
+    let etcd = keelson_testkit::etcd::Etcd::start().expect("etcd");
+    let kv: Arc<dyn KeyValue> = Arc::new(EtcdKv::connect(EtcdConfig::new([etcd.client_url()])).await.expect("etcd client"));
+    let ul = Underlay::create(2, "172.31.10").expect("underlay");
+    let prefix = format!("test/{}/again", std::process::id());
+    let h1 = host(&ul.hosts[0], "host1", ul.addresses[0], kv.clone(), &prefix).await;
+    let h2 = host(&ul.hosts[1], "host2", ul.addresses[1], kv.clone(), &prefix).await;
+    let spec = NetworkSpec::new("ovl").with_subnet("10.245.0.0/16");
+    h1.driver.create_network(spec.clone()).await.expect("join host1");
+    h2.driver.create_network(spec).await.expect("join host2");
+    let s2 = h2.driver.host_subnet("ovl").expect("s2");
+    let key = format!("{prefix}/ovl/hosts/{}-{}", s2.network(), s2.prefix_len());
+    let lease = kv.get(&key).await.expect("get").expect("host2's key").lease.expect("leased");
+    kv.revoke_lease(lease).await.expect("the lease is lost (as after a partition longer than its TTL)");
+    let lost = Instant::now();
+    loop {
+        let back = kv.get(&key).await.expect("get").is_some_and(|e| e.lease.is_some_and(|l| l != lease));
+        if back && routes(&ul.hosts[0]).contains(&s2.to_string()) {
+            break;
+        }
+        assert!(lost.elapsed() < Duration::from_secs(5), "host2 never took its subnet back: {}", routes(&ul.hosts[0]));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for d in [&h1.driver, &h2.driver] {
+        d.delete_network("ovl").await.expect("leave");
+    }
 }

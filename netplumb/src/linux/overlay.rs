@@ -101,7 +101,8 @@ struct HostLease {
 
 struct Running {
     vxlan: String,
-    lease: LeaseId,
+    /// The lease holding this host's subnet (renewed, or replaced when it was lost).
+    lease: Arc<Mutex<LeaseId>>,
     key: String,
     task: tokio::task::JoinHandle<()>,
 }
@@ -167,6 +168,15 @@ impl OverlayNetwork {
 
     fn prefix(&self, network: &str) -> String {
         format!("{}/{network}", self.inner.config.prefix.trim_end_matches('/'))
+    }
+
+    /// Stops renewing this host's lease and following its peers on `network`, leaving
+    /// everything in place: what a host that died looks like to the others (its lease
+    /// expires), and what an agent stopping for a restart does (it joins again after).
+    pub fn stop_following(&self, network: &str) {
+        if let Some(run) = self.inner.running.lock().unwrap_or_else(|p| p.into_inner()).get(network) {
+            run.task.abort();
+        }
     }
 
     /// This host's subnet on `network`, once created.
@@ -427,10 +437,63 @@ impl Peers {
     }
 }
 
+/// This host's subnet key and record, and the lease holding it.
+struct MyLease {
+    key: String,
+    record: HostLease,
+    lease: Arc<Mutex<LeaseId>>,
+}
+
+impl MyLease {
+    fn current(&self) -> LeaseId {
+        *self.lease.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Renews the lease; if it is gone (expired while this host could not reach the
+    /// store), takes the same subnet again under a new one, unless another host took it.
+    async fn renew(&self, kv: &dyn KeyValue, ttl: Duration) -> Result<()> {
+        if kv.keep_alive(self.current()).await.is_ok() {
+            return Ok(());
+        }
+        let lease = kv.grant_lease(ttl).await.map_err(|e| kv_error("granting this host's lease again", e))?;
+        let value = serde_json::to_vec(&self.record).map_err(|e| Error::Backend { backend: BACKEND, source: Box::new(e) })?;
+        let taken = match kv.compare_and_swap(&self.key, Expect::Absent, value.clone(), Some(lease)).await {
+            Ok(_) => Ok(()),
+            Err(keelson_discovery::Error::VersionMismatch { .. }) => {
+                match kv.get(&self.key).await.map_err(|e| kv_error("reading this host's subnet", e))? {
+                    Some(entry) if serde_json::from_slice::<HostLease>(&entry.value).is_ok_and(|h| h.host == self.record.host) => kv
+                        .compare_and_swap(&self.key, Expect::Version(entry.version), value, Some(lease))
+                        .await
+                        .map(drop)
+                        .map_err(|e| kv_error("taking this host's subnet again", e)),
+                    _ => Err(Error::Conflict {
+                        kind: "overlay subnet",
+                        name: self.record.subnet.to_string(),
+                        reason: "another host took it while this one was away; its tasks need new addresses".into(),
+                    }),
+                }
+            }
+            Err(e) => Err(kv_error("taking this host's subnet again", e)),
+        };
+        match taken {
+            Ok(()) => {
+                tracing::warn!(subnet = %self.record.subnet, "this host's lease had expired; its subnet is taken again");
+                *self.lease.lock().unwrap_or_else(|p| p.into_inner()) = lease;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = kv.revoke_lease(lease).await;
+                Err(e)
+            }
+        }
+    }
+}
+
 /// Keeps this host's lease alive and the peers in step with the cluster, until aborted.
-async fn follow(mut peers: Peers, lease: LeaseId, prefix: String) {
+async fn follow(mut peers: Peers, mine: MyLease, prefix: String) {
     let kv = peers.host.config.kv.clone();
-    let renew_every = peers.host.config.lease_ttl / 3;
+    let ttl = peers.host.config.lease_ttl;
+    let renew_every = ttl / 3;
     let mut pauses = keelson_base::retry_pauses(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         let outcome: Result<()> = async {
@@ -464,7 +527,7 @@ async fn follow(mut peers: Peers, lease: LeaseId, prefix: String) {
                         Some(Err(e)) => return Err(kv_error("peer watch", e)),
                         None => return Err(Error::Backend { backend: BACKEND, source: "the peer watch ended".into() }),
                     },
-                    _ = renew.tick() => kv.keep_alive(lease).await.map_err(|e| kv_error("renewing this host's lease", e))?,
+                    _ = renew.tick() => mine.renew(kv.as_ref(), ttl).await?,
                 }
             }
         }
@@ -565,7 +628,9 @@ impl NetworkDriver for OverlayNetwork {
         let peers =
             Peers { host: self.inner.clone(), network: spec.name.clone(), vxlan_index: index, me: c.host.clone(), known: HashMap::new() };
         let hosts_prefix = format!("{}/hosts/", self.prefix(&spec.name));
-        let task = tokio::spawn(follow(peers, lease, hosts_prefix));
+        let lease = Arc::new(Mutex::new(lease));
+        let me = MyLease { key: key.clone(), record: mine.clone(), lease: lease.clone() };
+        let task = tokio::spawn(follow(peers, me, hosts_prefix));
         tracing::info!(network = %spec.name, subnet = %mine.subnet, vxlan = %vxlan, "joined overlay");
         self.inner.running.lock().unwrap_or_else(|p| p.into_inner()).insert(spec.name.clone(), Running { vxlan, lease, key, task });
         info.spec = spec;
@@ -586,7 +651,11 @@ impl NetworkDriver for OverlayNetwork {
         self.remove_firewall(name)?;
         let kv = &self.inner.config.kv;
         kv.delete(&run.key).await.map_err(|e| kv_error("releasing this host's subnet", e))?;
-        kv.revoke_lease(run.lease).await.map_err(|e| kv_error("revoking this host's lease", e))?;
+        let lease = *run.lease.lock().unwrap_or_else(|p| p.into_inner());
+        // Already expired is fine: the subnet key is deleted above either way.
+        if let Err(e) = kv.revoke_lease(lease).await {
+            tracing::debug!(error = %e, "revoking this host's lease");
+        }
         Ok(())
     }
 
