@@ -434,8 +434,9 @@ impl NetworkDriver for BridgeNetwork {
         };
         match leases.iter().find(|l| &l.key == key) {
             Some(lease) => self.teardown(net.as_ref(), lease).await,
-            // Not leased: nothing of ours can exist but a link from a crash between the
-            // lease's release and... nothing; still, remove a link by its derived name.
+            // Not leased: leases are written before anything is created and released
+            // last, so nothing of ours should exist; a link of its derived name (made by
+            // hand, or by an older build) goes anyway.
             None => links::delete(&self.inner.host.rtnl, &host_link_name(key)).await.map(|_| ()),
         }
     }
