@@ -52,7 +52,12 @@ async fn containers_on_two_hosts_talk_over_vxlan_and_a_dead_host_is_forgotten() 
     // Host 1 learns host 2's subnet from the watch; host 2 learns host 1's from its
     // first listing (its follower runs after create_network returns).
     while !routes(&ul.hosts[0]).contains(&s2.to_string()) || !routes(&ul.hosts[1]).contains(&s1.to_string()) {
-        assert!(joined.elapsed() < Duration::from_secs(5), "the hosts never programmed each other: {} / {}", routes(&ul.hosts[0]), routes(&ul.hosts[1]));
+        assert!(
+            joined.elapsed() < Duration::from_secs(5),
+            "the hosts never programmed each other: {} / {}",
+            routes(&ul.hosts[0]),
+            routes(&ul.hosts[1])
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
