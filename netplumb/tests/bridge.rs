@@ -201,42 +201,38 @@ fn keelson_bridge(network: &str) -> String {
     format!("kpb{:08x}", h as u32)
 }
 
-/// Not a test on its own: a process churning attach/detach until it is killed (below).
-#[test]
-fn bridge_child_churns() {
-    let (Ok(state), Ok(host), Ok(eps)) =
-        (std::env::var("KEELSON_CHURN_STATE"), std::env::var("KEELSON_CHURN_HOST"), std::env::var("KEELSON_CHURN_ENDPOINTS"))
-    else {
-        return;
-    };
-    let seed: u64 = std::env::var("KEELSON_CHURN_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
-    let ops: usize = std::env::var("KEELSON_CHURN_OPS").ok().and_then(|s| s.parse().ok()).unwrap_or(50);
-    let eps: Vec<String> = eps.split(',').map(str::to_owned).collect();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    rt.block_on(async {
-        let mut config = keelson_netplumb::KernelConfig::in_dir(state);
-        config.host_netns = Some(host.into());
-        let d = BridgeNetwork::open(config).expect("open");
-        let mut x = seed;
-        for _ in 0..ops {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            let i = (x >> 33) as usize % eps.len();
-            let id = format!("k{i}");
-            let mut spec = EndpointSpec::new("churn", &id).in_netns(&eps[i]);
-            if i.is_multiple_of(3) {
-                spec = spec.publish(PortMapping::tcp(18200 + i as u16, 80));
-            }
-            match d.attach(spec).await {
-                Ok(_) => {}
-                Err(Error::Conflict { .. }) => d.detach(&AttachmentKey::new("churn", &id, "eth0")).await.expect("detach"),
-                Err(e) => panic!("attach: {e}"),
-            }
+/// The part a child process plays (see `keelson_testkit::child`): 50 attach/detach
+/// operations on the churn network until it is killed, from the environment the parent
+/// set.
+async fn churn_as_child() {
+    let var = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name} is set by the parent"));
+    let seed: u64 = var("KEELSON_CHURN_SEED").parse().expect("seed");
+    let eps: Vec<String> = var("KEELSON_CHURN_ENDPOINTS").split(',').map(str::to_owned).collect();
+    let mut config = keelson_netplumb::KernelConfig::in_dir(var("KEELSON_CHURN_STATE"));
+    config.host_netns = Some(var("KEELSON_CHURN_HOST").into());
+    let d = BridgeNetwork::open(config).expect("open");
+    let mut x = seed;
+    for _ in 0..50 {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let i = (x >> 33) as usize % eps.len();
+        let id = format!("k{i}");
+        let mut spec = EndpointSpec::new("churn", &id).in_netns(&eps[i]);
+        if i.is_multiple_of(3) {
+            spec = spec.publish(PortMapping::tcp(18200 + i as u16, 80));
         }
-    });
+        match d.attach(spec).await {
+            Ok(_) => {}
+            Err(Error::Conflict { .. }) => d.detach(&AttachmentKey::new("churn", &id, "eth0")).await.expect("detach"),
+            Err(e) => panic!("attach: {e}"),
+        }
+    }
 }
 
 #[tokio::test]
 async fn twenty_kill_9s_during_a_thousand_attaches_and_detaches_leak_nothing_after_gc() {
+    if keelson_testkit::child::role().is_some() {
+        return churn_as_child().await;
+    }
     let h = HostWithOutside::new();
     let eps = Endpoints::default();
     let d = BridgeNetwork::open(h.config()).expect("open");
@@ -246,7 +242,8 @@ async fn twenty_kill_9s_during_a_thousand_attaches_and_detaches_leak_nothing_aft
     let mut killed = 0;
     for round in 0..20u64 {
         let mut child = std::process::Command::new(std::env::current_exe().expect("exe"))
-            .args(["--exact", "bridge_child_churns", "--test-threads", "1", "-q"])
+            .args(["--exact", "twenty_kill_9s_during_a_thousand_attaches_and_detaches_leak_nothing_after_gc", "--test-threads", "1", "-q"])
+            .env(keelson_testkit::child::ROLE_VAR, "churner")
             .env("KEELSON_CHURN_STATE", h.state.path())
             .env("KEELSON_CHURN_HOST", h.host.path())
             .env("KEELSON_CHURN_ENDPOINTS", paths.join(","))

@@ -99,28 +99,39 @@ async fn local_ipam_compacts_without_losing_leases() {
     assert_ne!(next.address, Ipv4Addr::new(10, 34, 0, 3));
 }
 
-/// Not a test on its own: the body of the child processes below.
-#[test]
-fn ipam_child_allocates() {
-    let Ok(dir) = std::env::var("KEELSON_IPAM_CHILD_DIR") else { return };
+/// The part a child process plays (see `keelson_testkit::child`): allocate 200 leases,
+/// releasing every third, in the journal directory `dir`.
+async fn allocate_as_child(dir: &str) {
     let me = std::process::id();
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-    rt.block_on(async {
-        let ipam = LocalIpam::open(&dir).unwrap();
-        let pool = Pool::parse("10.40.0.0/16").unwrap();
-        for i in 0..200 {
-            let lease = ipam.allocate(&pool, request("shared", &format!("p{me}-{i}"))).await.unwrap();
-            if i % 3 == 0 {
-                ipam.release("shared", &lease.key).await.unwrap();
-            }
+    let ipam = LocalIpam::open(dir).unwrap();
+    let pool = Pool::parse("10.40.0.0/16").unwrap();
+    for i in 0..200 {
+        let lease = ipam.allocate(&pool, request("shared", &format!("p{me}-{i}"))).await.unwrap();
+        if i % 3 == 0 {
+            ipam.release("shared", &lease.key).await.unwrap();
         }
-    });
+    }
 }
 
-fn spawn_child(dir: &std::path::Path) -> std::process::Child {
+const CHILD_DIR: &str = "KEELSON_IPAM_CHILD_DIR";
+
+/// When this process is a child (a role is set), plays it and returns true.
+async fn played_child() -> bool {
+    match (keelson_testkit::child::role(), std::env::var(CHILD_DIR)) {
+        (Some(_), Ok(dir)) => {
+            allocate_as_child(&dir).await;
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Runs `test` of this binary again as an allocating child on `dir`.
+fn spawn_child(test: &str, dir: &std::path::Path) -> std::process::Child {
     Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "ipam_child_allocates", "--test-threads", "1", "-q"])
-        .env("KEELSON_IPAM_CHILD_DIR", dir)
+        .args(["--exact", test, "--test-threads", "1", "-q"])
+        .env(keelson_testkit::child::ROLE_VAR, "allocator")
+        .env(CHILD_DIR, dir)
         .stdout(Stdio::null())
         .spawn()
         .unwrap()
@@ -135,8 +146,11 @@ fn assert_distinct(leases: &[keelson_netplumb::Lease]) {
 
 #[tokio::test]
 async fn concurrent_processes_never_share_an_address() {
+    if played_child().await {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
-    let children: Vec<_> = (0..4).map(|_| spawn_child(dir.path())).collect();
+    let children: Vec<_> = (0..4).map(|_| spawn_child("concurrent_processes_never_share_an_address", dir.path())).collect();
     for mut c in children {
         assert!(c.wait().unwrap().success());
     }
@@ -147,10 +161,14 @@ async fn concurrent_processes_never_share_an_address() {
 
 #[tokio::test]
 async fn kill_9_at_random_points_never_shares_an_address() {
+    if played_child().await {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
+    let me = "kill_9_at_random_points_never_shares_an_address";
     for round in 0..10u64 {
-        let mut a = spawn_child(dir.path());
-        let mut b = spawn_child(dir.path());
+        let mut a = spawn_child(me, dir.path());
+        let mut b = spawn_child(me, dir.path());
         // Kill one mid-run at a point that moves from round to round.
         std::thread::sleep(Duration::from_millis(5 + (round * 37) % 60));
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(a.id() as i32), nix::sys::signal::Signal::SIGKILL);
