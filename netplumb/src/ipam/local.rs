@@ -97,7 +97,13 @@ impl LocalIpam {
         let boot = std::fs::read_to_string(BOOT_ID).map_err(|e| io_error(Path::new(BOOT_ID), e))?;
         let _guard = lock(&dir.join(".boot.lock"))?;
         let marker = dir.join("boot_id");
-        let recorded = std::fs::read_to_string(&marker).unwrap_or_default();
+        // Only a missing marker is a new store; one that cannot be read is an error, not
+        // a reason to drop every lease.
+        let recorded = match std::fs::read_to_string(&marker) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(io_error(&marker, e)),
+        };
         if recorded.trim() != boot.trim() {
             for entry in std::fs::read_dir(&dir).map_err(|e| io_error(&dir, e))?.flatten() {
                 if entry.path().extension().is_some_and(|x| x == "journal") {

@@ -11,6 +11,12 @@ use crate::error::{Error, Result};
 const ENODEV: i32 = nix::errno::Errno::ENODEV as i32;
 const ENOENT: i32 = nix::errno::Errno::ENOENT as i32;
 const EEXIST: i32 = nix::errno::Errno::EEXIST as i32;
+const ESRCH: i32 = nix::errno::Errno::ESRCH as i32;
+
+/// Whether a delete failed only because the object is already gone.
+pub(crate) fn already_gone(e: &rtnetlink::Error) -> bool {
+    matches!(errno(e), ENOENT | ESRCH | ENODEV)
+}
 
 /// The errno of a netlink error (0 if it is not one).
 pub(crate) fn errno(e: &rtnetlink::Error) -> i32 {
@@ -150,7 +156,7 @@ pub(crate) async fn delete(h: &Handle, name: &str) -> Result<bool> {
     let Some(link) = by_name(h, name).await? else { return Ok(false) };
     match h.link().del(link.header.index).execute().await {
         Ok(()) => Ok(true),
-        Err(e) if matches!(errno(&e), ENODEV | ENOENT) => Ok(false),
+        Err(e) if already_gone(&e) => Ok(false),
         Err(e) => Err(backend(format!("deleting link {name}"), e)),
     }
 }
@@ -209,9 +215,10 @@ impl Deleter {
 }
 
 /// A link group no other process uses: this process's id in the low 22 bits (Linux
-/// pids fit), a batch counter above.
+/// pids fit), a batch counter of 1 to 1023 above, so the group is never 0 (every link's
+/// default) and two processes never share one.
 fn batch_group(counter: u32) -> u32 {
-    (std::process::id() & 0x003f_ffff) | ((counter & 0x3ff) << 22) | 1
+    (std::process::id() & 0x003f_ffff) | ((counter % 0x3ff + 1) << 22)
 }
 
 async fn delete_batches(h: Handle, mut rx: tokio::sync::mpsc::UnboundedReceiver<DeleteRequest>) {
@@ -235,7 +242,7 @@ async fn delete_batches(h: Handle, mut rx: tokio::sync::mpsc::UnboundedReceiver<
                     let msg = LinkUnspec::new_with_index(link.header.index).link_group(group).build();
                     match h.link().set(msg).execute().await {
                         Ok(()) => tagged.push((name, reply)),
-                        Err(e) if matches!(errno(&e), ENODEV | ENOENT) => {
+                        Err(e) if already_gone(&e) => {
                             let _ = reply.send(Ok(false));
                         }
                         Err(e) => {
@@ -267,6 +274,19 @@ async fn delete_batches(h: Handle, mut rx: tokio::sync::mpsc::UnboundedReceiver<
                     let _ = reply.send(delete(&h, &name).await);
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn batch_groups_are_never_zero_and_never_another_pids() {
+        let me = std::process::id() & 0x003f_ffff;
+        for counter in [0, 1, 1022, 1023, 1024, u32::MAX] {
+            let g = super::batch_group(counter);
+            assert_ne!(g, 0);
+            assert_eq!(g & 0x003f_ffff, me, "the low bits are exactly this pid");
         }
     }
 }

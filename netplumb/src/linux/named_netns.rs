@@ -7,7 +7,7 @@ use std::fs::File;
 use std::path::Path;
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
-use nix::sched::{setns, unshare, CloneFlags};
+use nix::sched::{unshare, CloneFlags};
 
 use crate::error::{Error, Result};
 
@@ -66,13 +66,5 @@ pub fn delete_netns(path: &Path) -> Result<()> {
 
 /// Runs `f` on a thread inside the namespace at `path` (processes it spawns start there).
 pub fn run_in_netns<R: Send>(path: &Path, f: impl FnOnce() -> R + Send) -> Result<R> {
-    let ns = super::netns::open(path)?;
-    std::thread::scope(|s| {
-        s.spawn(|| -> Result<R> {
-            setns(&ns, CloneFlags::CLONE_NEWNET).map_err(|e| backend(format!("joining {}: {e}", path.display())))?;
-            Ok(f())
-        })
-        .join()
-        .map_err(|_| backend("a thread inside a network namespace panicked".into()))?
-    })
+    super::netns::run_in(Some(&super::netns::open(path)?), f)
 }

@@ -147,6 +147,18 @@ fn parse_mac(s: &str) -> Option<Vec<u8>> {
     (bytes.len() == 6).then_some(bytes)
 }
 
+/// A host's lease record; one that does not parse (written by a newer or broken peer) is
+/// logged and skipped: its subnet stays taken (its key exists) but is not routed.
+fn read_lease(key: &str, value: &[u8]) -> Option<HostLease> {
+    match serde_json::from_slice(value) {
+        Ok(lease) => Some(lease),
+        Err(e) => {
+            tracing::warn!(key, error = %e, "unreadable overlay host lease: not routed");
+            None
+        }
+    }
+}
+
 fn table(network: &str) -> String {
     format!("keelson-ovl-{network}")
 }
@@ -223,7 +235,7 @@ impl OverlayNetwork {
         let list = kv.list(&hosts).await.map_err(|e| kv_error("listing host subnets", e))?;
         let mut taken = std::collections::HashSet::new();
         for entry in &list.entries {
-            let Ok(held) = serde_json::from_slice::<HostLease>(&entry.value) else { continue };
+            let Some(held) = read_lease(&entry.key, &entry.value) else { continue };
             if held.host == c.host {
                 // Ours from before a restart: keep it (containers may still use it).
                 let mine = HostLease { public_ip: c.public_ip, vtep_mac: mac_string(vtep_mac(c.public_ip)), ..held };
@@ -397,27 +409,26 @@ impl Peers {
     /// Route, neighbour, FDB entry and firewall element of a peer; each already gone is fine.
     async fn remove_entries(&self, peer: &HostLease) -> Result<()> {
         let h = &self.h().rtnl;
-        let gone = |e: &rtnetlink::Error| matches!(links::errno(e), 2 | 3 | 19);
         let route = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(peer.subnet.network(), peer.subnet.prefix_len())
             .output_interface(self.vxlan_index)
             .build();
         if let Err(e) = h.route().del(route).execute().await {
-            if !gone(&e) {
+            if !links::already_gone(&e) {
                 return Err(links::backend("removing a peer route", e));
             }
         }
         if let Some(mac) = parse_mac(&peer.vtep_mac) {
             let mut neigh = h.neighbours().add(self.vxlan_index, IpAddr::V4(peer.subnet.network())).link_layer_address(&mac);
             if let Err(e) = h.neighbours().del(neigh.message_mut().clone()).execute().await {
-                if !gone(&e) {
+                if !links::already_gone(&e) {
                     return Err(links::backend("removing a peer neighbour", e));
                 }
             }
             let mut fdb =
                 h.neighbours().add_bridge(self.vxlan_index, &mac).flags(NeighbourFlags::Own).destination(IpAddr::V4(peer.public_ip));
             if let Err(e) = h.neighbours().del(fdb.message_mut().clone()).execute().await {
-                if !gone(&e) {
+                if !links::already_gone(&e) {
                     return Err(links::backend("removing a peer fdb entry", e));
                 }
             }
@@ -500,7 +511,7 @@ async fn follow(mut peers: Peers, mine: MyLease, prefix: String) {
             let list = kv.list(&prefix).await.map_err(|e| kv_error("listing peers", e))?;
             let mut present = std::collections::HashSet::new();
             for entry in list.entries {
-                if let Ok(peer) = serde_json::from_slice::<HostLease>(&entry.value) {
+                if let Some(peer) = read_lease(&entry.key, &entry.value) {
                     present.insert(entry.key.clone());
                     peers.add(entry.key, peer).await?;
                 }
@@ -518,7 +529,7 @@ async fn follow(mut peers: Peers, mine: MyLease, prefix: String) {
                     event = events.next() => match event {
                         Some(Ok(ev)) => match ev.kind {
                             KvEventKind::Put => {
-                                if let Ok(peer) = serde_json::from_slice::<HostLease>(&ev.value) {
+                                if let Some(peer) = read_lease(&ev.key, &ev.value) {
                                     peers.add(ev.key, peer).await?;
                                 }
                             }
