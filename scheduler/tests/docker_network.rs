@@ -75,3 +75,58 @@ async fn tasks_on_a_keelson_network_get_their_own_address_and_published_ports() 
     driver.remove("kn-1").await.expect("remove");
     bridge.delete_network(&name).await.expect("delete network");
 }
+
+/// A container the engine restarts in place gets a new namespace: the driver attaches
+/// it again, with the port it published, when it next reports its status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_restarted_in_place_is_attached_again_with_its_ports() {
+    let state = tempfile::tempdir().expect("state");
+    let run = format!("knet-restart-{}", std::process::id());
+    let _cleanup = Cleanup { run: run.clone(), state: state.path().to_owned() };
+    let image = keelson_testkit::docker::busybox_image().expect("busybox test image");
+    let bridge = BridgeNetwork::open(KernelConfig::in_dir(state.path())).expect("bridge");
+    let name = format!("dr{}", std::process::id() % 100_000);
+    bridge.create_network(NetworkSpec::new(&name).with_subnet("10.220.0.0/24")).await.expect("network");
+    let driver = DockerDriver::connect().await.expect("Docker Engine").with_network(TaskNetwork::new(Arc::new(bridge.clone()), &name));
+    let port = keelson_testkit::free_ports(1).expect("port")[0];
+    // Fails once (the engine restarts it in place, in a new namespace), then serves.
+    let script = "if [ -f /once ]; then mkdir -p /www && echo second run > /www/index.html && exec httpd -f -p 8080 -h /www; fi; touch /once; exit 1";
+    let spec = TaskSpec {
+        image: Some(image),
+        ports: vec![PortMapping::new(8080, port)],
+        restart: Some(keelson_scheduler::RestartPolicy {
+            max_restarts: 3,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+        }),
+        ..TaskSpec::new("kr-1", ["/bin/sh", "-c", script])
+    }
+    .with_label("keelson.test-run", &run);
+    driver.start(spec).await.expect("start");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let s = driver.inspect("kr-1").await.expect("inspect");
+        if s.restarts >= 1 && s.state == TaskState::Running && s.address.is_some() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "never restarted and attached again: {s:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let ip = status.address.expect("address");
+    let own = keelson_testkit::http::get_when_up(std::net::SocketAddr::new(ip, 8080), "kr", "/index.html", Duration::from_secs(10))
+        .await
+        .expect("at its address");
+    assert_eq!(own.body, "second run\n");
+    let published = keelson_testkit::http::get_when_up(
+        std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        "kr",
+        "/index.html",
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("its port is published again");
+    assert_eq!(published.body, "second run\n");
+    driver.stop("kr-1", Duration::from_secs(2)).await.expect("stop");
+    driver.remove("kr-1").await.expect("remove");
+    bridge.delete_network(&name).await.expect("delete network");
+}
