@@ -170,8 +170,8 @@ pub trait NetworkDriver: Send + Sync + std::fmt::Debug {
     async fn detach(&self, key: &AttachmentKey) -> Result<()>;
 
     /// The attachment as the driver recorded it, after checking that what it created is
-    /// still there. [`Error::NotFound`] of kind `"attachment"` if it is not attached, of
-    /// the missing thing's kind (`"host link"`) if something it created has gone.
+    /// still there. [`Error::NotFound`] if it is not attached; [`Error::Backend`] if
+    /// something it created has gone missing.
     async fn check(&self, key: &AttachmentKey) -> Result<Attachment> {
         let info = self.inspect(&key.network).await?;
         info.endpoints.into_iter().find(|a| &a.key() == key).ok_or_else(|| Error::NotFound { kind: "attachment", name: key.to_string() })

@@ -447,7 +447,7 @@ impl NetworkDriver for BridgeNetwork {
         let lease = leases.iter().find(|l| &l.key == key).ok_or_else(|| Error::NotFound { kind: "attachment", name: key.to_string() })?;
         if let Some(link) = &lease.host_link {
             if links::by_name(&self.inner.host.rtnl, link).await?.is_none() {
-                return Err(Error::NotFound { kind: "host link", name: format!("{link} of {key}") });
+                return Err(Error::Backend { backend: BACKEND, source: format!("{key}: host link {link} is missing").into() });
             }
         }
         Ok(attachment_of(&net, lease))

@@ -34,20 +34,6 @@ use crate::task::{MountSource, OutputLine, OutputStream, TaskHealth, TaskSpec, T
 pub const MANAGED_LABEL: &str = "keelson.managed";
 /// Label holding the task id.
 pub const TASK_LABEL: &str = "keelson.task";
-/// On a keelson network: the ports the network publishes for the task
-/// (`container:host,...`), so it can be attached again after the engine restarted it.
-const NETWORK_PORTS_LABEL: &str = "keelson.network.ports";
-
-fn ports_label(ports: &[crate::task::PortMapping]) -> String {
-    ports.iter().map(|p| format!("{}:{}", p.container, p.host)).collect::<Vec<_>>().join(",")
-}
-
-fn parse_ports_label(text: &str) -> Vec<crate::task::PortMapping> {
-    text.split(',')
-        .filter_map(|p| p.split_once(':'))
-        .filter_map(|(c, h)| Some(crate::task::PortMapping::new(c.parse().ok()?, h.parse().ok()?)))
-        .collect()
-}
 
 const BACKEND: &str = "docker";
 
@@ -196,9 +182,6 @@ impl DockerDriver {
         let mut labels: HashMap<String, String> = spec.labels.clone().into_iter().collect();
         labels.insert(MANAGED_LABEL.into(), "1".into());
         labels.insert(TASK_LABEL.into(), spec.id.clone());
-        if self.network.is_some() && spec.network.is_none() && !spec.ports.is_empty() {
-            labels.insert(NETWORK_PORTS_LABEL.into(), ports_label(&spec.ports));
-        }
         let exposed: Vec<String> = spec.ports.iter().map(|p| format!("{}/tcp", p.container)).collect();
         let bindings: HashMap<String, Option<Vec<PortBinding>>> = spec
             .ports
@@ -291,10 +274,7 @@ impl DockerDriver {
         let restarts = info.restart_count.and_then(|n| u32::try_from(n).ok()).unwrap_or(0);
         let pid = state.pid.and_then(|p| u32::try_from(p).ok()).filter(|p| *p > 0);
         let address = match (&self.network, pid, running) {
-            (Some(net), Some(pid), true) => {
-                let ports = labels.get(NETWORK_PORTS_LABEL).map(|l| parse_ports_label(l)).unwrap_or_default();
-                net.address(id, pid, &ports).await?
-            }
+            (Some(net), Some(pid), true) => net.address(id, pid, &[]).await?,
             _ => None,
         };
         let health = state.health.and_then(|h| h.status).and_then(|s| match s {
@@ -323,13 +303,11 @@ impl DockerDriver {
             .inspect_container(&container_name(&spec.id), None::<InspectContainerOptions>)
             .await
             .map_err(map_err("task", &spec.id))?;
-        let running = info.state.as_ref().is_some_and(|s| s.running.unwrap_or(false));
-        let pid = info.state.and_then(|s| s.pid).and_then(|p| u32::try_from(p).ok()).filter(|p| *p > 0);
-        let Some(pid) = pid.filter(|_| running) else {
-            // Exited already (a short task, or one the engine will restart): nothing to
-            // attach now; its status attaches it whenever it runs again.
-            return Ok(());
-        };
+        let pid = info.state.and_then(|s| s.pid).and_then(|p| u32::try_from(p).ok()).filter(|p| *p > 0).ok_or_else(|| Error::Conflict {
+            kind: "task",
+            name: spec.id.clone(),
+            reason: "exited before it could be attached to its network".into(),
+        })?;
         let address = net.attach(&spec.id, pid, &spec.ports).await?;
         tracing::info!(task = %spec.id, network = %net.name(), %address, "task attached");
         Ok(())

@@ -80,28 +80,29 @@ impl TaskNetwork {
             .ok_or_else(|| Error::Backend { backend: "netplumb", source: format!("task {task}: attached with no address").into() })
     }
 
-    /// The address of the running task whose process is `pid`: attached now if it runs
-    /// unattached (it exited before its start could attach it, and its engine restarted
-    /// it), re-attached if the engine restarted it in a new namespace since. `ports` are
-    /// what it publishes.
+    /// The task's address while its process is `pid`; re-attached if the engine
+    /// restarted it (a new process, a new namespace) since it was attached.
     pub async fn address(&self, task: &str, pid: u32, ports: &[PortMapping]) -> Result<Option<IpAddr>> {
         match self.driver.check(&self.key(task)).await {
             Ok(a) if a.interfaces.last().and_then(|i| i.sandbox.as_ref()).is_some_and(|s| s.to_str() == Some(netns_of(pid).as_str())) => {
                 Ok(a.addresses().first().copied())
             }
-            // Restarted in place: the old namespace is gone with its interface.
-            Ok(a) => self.reattach(task, pid, ports, &a.port_mappings).await,
-            // Its host link is gone (the namespace went): attach anew, with the ports it
-            // published. Any other error is reported, never taken as a reason to detach a
-            // running task.
-            Err(keelson_netplumb::Error::NotFound { kind: "host link", .. }) => {
-                let key = self.key(task);
-                let info = self.driver.inspect(&self.network).await.map_err(net_error)?;
-                let published = info.endpoints.iter().find(|a| a.key() == key).map(|a| a.port_mappings.clone()).unwrap_or_default();
-                self.reattach(task, pid, ports, &published).await
+            Ok(a) => {
+                // Restarted in place: the old namespace is gone with its interface.
+                let ports: Vec<PortMapping> = if ports.is_empty() {
+                    a.port_mappings.iter().map(|m| PortMapping::new(m.container_port, m.host_port)).collect()
+                } else {
+                    ports.to_vec()
+                };
+                self.detach(task).await?;
+                self.attach(task, pid, &ports).await.map(Some)
             }
-            // Not attached while it runs: attach it.
-            Err(keelson_netplumb::Error::NotFound { .. }) => self.attach(task, pid, ports).await.map(Some),
+            Err(keelson_netplumb::Error::NotFound { .. }) => Ok(None),
+            // Its host link is gone (the namespace went): attach anew.
+            Err(keelson_netplumb::Error::Backend { .. }) => {
+                self.detach(task).await?;
+                self.attach(task, pid, ports).await.map(Some)
+            }
             Err(e) => Err(net_error(e)),
         }
     }
@@ -113,24 +114,6 @@ impl TaskNetwork {
             Err(keelson_netplumb::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(net_error(e)),
         }
-    }
-
-    /// Detaches the task and attaches its process `pid`, publishing `ports` or, if none
-    /// are given, what it published before.
-    async fn reattach(
-        &self,
-        task: &str,
-        pid: u32,
-        ports: &[PortMapping],
-        published: &[keelson_netplumb::PortMapping],
-    ) -> Result<Option<IpAddr>> {
-        let ports: Vec<PortMapping> = if ports.is_empty() {
-            published.iter().map(|m| PortMapping::new(m.container_port, m.host_port)).collect()
-        } else {
-            ports.to_vec()
-        };
-        self.detach(task).await?;
-        self.attach(task, pid, &ports).await.map(Some)
     }
 
     /// Detaches the task; already detached is fine.
