@@ -461,14 +461,16 @@ mod netplumb {
 }
 
 mod registry {
-    use keelson_registry::{BlobReader, BlobStore, Digest, MemoryBlobStore, Result, StoreCapabilities};
+    use keelson_registry::{BlobReader, BlobStat, BlobStore, Digest, MemoryBlobStore, Result, StoreCapabilities, UploadId, UploadStatus};
 
     use super::*;
 
-    /// A `BlobStore` over the [`MemoryBlobStore`].
+    /// A `BlobStore` over the [`MemoryBlobStore`], built only from public types.
     #[derive(Debug, Default)]
     pub struct OutsideBlobStore {
         inner: MemoryBlobStore,
+        /// Our session ids and the inner store's.
+        ids: std::sync::Mutex<std::collections::HashMap<UploadId, UploadId>>,
         /// Calls forwarded.
         pub calls: Calls,
     }
@@ -485,19 +487,15 @@ mod registry {
             caps
         }
 
-        async fn stat(&self, digest: &Digest) -> Result<Option<u64>> {
+        async fn stat(&self, digest: &Digest) -> Result<Option<BlobStat>> {
             self.calls.hit();
-            self.inner.stat(digest).await
+            // Rebuilt through the public constructor, as a backend of its own would.
+            Ok(self.inner.stat(digest).await?.map(|s| BlobStat::new(s.size, s.created)))
         }
 
-        async fn open(&self, digest: &Digest) -> Result<BlobReader> {
+        async fn open_range(&self, digest: &Digest, offset: u64, len: Option<u64>) -> Result<BlobReader> {
             self.calls.hit();
-            self.inner.open(digest).await
-        }
-
-        async fn put(&self, expected: &Digest, content: BlobReader) -> Result<u64> {
-            self.calls.hit();
-            self.inner.put(expected, content).await
+            self.inner.open_range(digest, offset, len).await
         }
 
         async fn delete(&self, digest: &Digest) -> Result<()> {
@@ -508,6 +506,63 @@ mod registry {
         async fn list(&self) -> Result<Vec<Digest>> {
             self.calls.hit();
             self.inner.list().await
+        }
+
+        async fn begin_upload(&self) -> Result<UploadId> {
+            self.calls.hit();
+            // An id of its own making, parsed as any backend would.
+            let id: UploadId = format!("outside-{}", self.calls.count()).parse()?;
+            let inner = self.inner.begin_upload().await?;
+            self.ids.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), inner);
+            Ok(id)
+        }
+
+        async fn upload_status(&self, id: &UploadId) -> Result<UploadStatus> {
+            self.calls.hit();
+            let s = self.inner.upload_status(&self.inner_id(id)?).await?;
+            Ok(UploadStatus::new(s.size, s.last_activity))
+        }
+
+        async fn append(&self, id: &UploadId, offset: u64, content: BlobReader) -> Result<u64> {
+            self.calls.hit();
+            self.inner.append(&self.inner_id(id)?, offset, content).await
+        }
+
+        async fn commit(&self, id: &UploadId, expected: &Digest) -> Result<u64> {
+            self.calls.hit();
+            let inner = self.inner_id(id)?;
+            self.ids.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+            self.inner.commit(&inner, expected).await
+        }
+
+        async fn cancel(&self, id: &UploadId) -> Result<()> {
+            self.calls.hit();
+            let inner = self.inner_id(id)?;
+            self.ids.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+            self.inner.cancel(&inner).await
+        }
+
+        async fn list_uploads(&self) -> Result<Vec<(UploadId, UploadStatus)>> {
+            self.calls.hit();
+            let ids: Vec<(UploadId, UploadId)> =
+                self.ids.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(a, b)| (a.clone(), b.clone())).collect();
+            let mut out = Vec::new();
+            for (outer, inner) in ids {
+                out.push((outer, self.inner.upload_status(&inner).await?));
+            }
+            out.sort_by(|a, b| a.0.cmp(&b.0));
+            Ok(out)
+        }
+    }
+
+    impl OutsideBlobStore {
+        fn inner_id(&self, id: &UploadId) -> Result<UploadId> {
+            self.ids
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(id)
+                .cloned()
+                .ok_or_else(|| keelson_registry::Error::NotFound { kind: "upload", name: id.to_string() })
         }
     }
 }

@@ -35,6 +35,51 @@ pub enum Error {
         /// Its name (a blob's digest).
         name: String,
     },
+    /// An append did not start where the upload session ends; nothing was written.
+    #[error("upload {id}: append at offset {got}, but the session holds {expected} bytes")]
+    UploadOffset {
+        /// The session.
+        id: String,
+        /// Its size, where an append must start.
+        expected: u64,
+        /// Where the append asked to start.
+        got: u64,
+    },
+    /// A read starts past the end of the blob.
+    #[error("range starting at {offset} is past the end of a {size}-byte blob")]
+    RangeNotSatisfiable {
+        /// The requested start.
+        offset: u64,
+        /// The blob's size.
+        size: u64,
+    },
+    /// Something exceeds a configured cap.
+    #[error("{what} of {size} bytes exceeds the limit of {limit}")]
+    TooLarge {
+        /// What (a manifest, a blob read into memory).
+        what: &'static str,
+        /// Its size (at least; reading stopped past the limit).
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// A manifest is not one this registry accepts, or refers to what is not there.
+    #[error("invalid manifest: {reason}")]
+    ManifestInvalid {
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A manifest refers to a blob or manifest the repository does not hold.
+    #[error("manifest refers to {digest}, which repository {repository} does not hold")]
+    ManifestReferenceUnknown {
+        /// The repository.
+        repository: String,
+        /// The missing digest.
+        digest: Digest,
+    },
+    /// The metadata store failed (or is held by another process).
+    #[error("metadata store: {0}")]
+    Metadata(String),
     /// The backend cannot do this.
     #[error("{backend} does not support {operation}")]
     Unsupported {
@@ -63,6 +108,10 @@ impl From<InvalidDigest> for Error {
 impl Error {
     pub(crate) fn blob_not_found(digest: &Digest) -> Self {
         Error::NotFound { kind: "blob", name: digest.to_string() }
+    }
+
+    pub(crate) fn upload_not_found(id: &crate::UploadId) -> Self {
+        Error::NotFound { kind: "upload", name: id.to_string() }
     }
 
     /// Whether the same call may succeed later.

@@ -1,0 +1,287 @@
+//! Blobs and upload sessions as files.
+
+use std::collections::HashMap;
+use std::io::SeekFrom;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use sha2::{Digest as _, Sha256};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+
+use super::{io_error as io, BlobReader, BlobStat, BlobStore, StoreCapabilities, UploadId, UploadStatus};
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+
+/// Bytes moved per read and write: large enough that the thread-pool hop of each file
+/// operation is paid rarely.
+const CHUNK: usize = 1 << 20;
+
+/// What this process knows of a session beyond its file: the hash of the bytes it
+/// appended, so a commit does not read the blob again. After a restart the hash is
+/// unknown and the commit reads the file once.
+#[derive(Default)]
+struct Session {
+    hasher: Option<(Sha256, u64)>,
+}
+
+/// Blobs as files: `<root>/blobs/sha256/<first two hex>/<hex>`, sessions as
+/// `<root>/uploads/<id>`. Appends hash as they write; a commit fsyncs the session's
+/// file, renames it into place and fsyncs the directory, so a crash leaves either the
+/// whole blob or none. Sessions survive restarts (resume from their size); opening a
+/// store removes nothing, since another process may be uploading (garbage collection
+/// ends sessions idle past its window).
+#[derive(Clone)]
+pub struct FsBlobStore {
+    root: PathBuf,
+    sessions: Arc<Mutex<HashMap<UploadId, Arc<tokio::sync::Mutex<Session>>>>>,
+}
+
+impl std::fmt::Debug for FsBlobStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FsBlobStore").field("root", &self.root).finish_non_exhaustive()
+    }
+}
+
+impl FsBlobStore {
+    /// Uses (and creates) `root`.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
+        let root = root.into();
+        for dir in [root.join("uploads"), root.join("blobs/sha256")] {
+            std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
+        }
+        Ok(FsBlobStore { root, sessions: Arc::default() })
+    }
+
+    /// The directory this store lives in.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path(&self, d: &Digest) -> PathBuf {
+        let hex = d.hex();
+        self.root.join("blobs/sha256").join(&hex[..2]).join(hex)
+    }
+
+    fn upload_path(&self, id: &UploadId) -> PathBuf {
+        self.root.join("uploads").join(id.as_str())
+    }
+
+    fn session(&self, id: &UploadId) -> Arc<tokio::sync::Mutex<Session>> {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        sessions.entry(id.clone()).or_default().clone()
+    }
+
+    fn forget(&self, id: &UploadId) {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+    }
+
+    async fn upload_len(&self, id: &UploadId) -> Result<std::fs::Metadata> {
+        match tokio::fs::metadata(self.upload_path(id)).await {
+            Ok(m) => Ok(m),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::upload_not_found(id)),
+            Err(e) => Err(io("reading upload metadata")(e)),
+        }
+    }
+}
+
+async fn sync_dir(dir: &Path) -> Result<()> {
+    let d = tokio::fs::File::open(dir).await.map_err(io(format!("opening {}", dir.display())))?;
+    d.sync_all().await.map_err(io(format!("syncing {}", dir.display())))
+}
+
+async fn hash_file(path: &Path) -> Result<Digest> {
+    let mut f = tokio::fs::File::open(path).await.map_err(io("opening upload"))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = f.read(&mut buf).await.map_err(io("reading upload"))?;
+        if n == 0 {
+            return Ok(Digest::from_hasher(hasher));
+        }
+        hasher.update(&buf[..n]);
+    }
+}
+
+#[async_trait]
+impl BlobStore for FsBlobStore {
+    fn name(&self) -> &'static str {
+        "filesystem"
+    }
+
+    fn capabilities(&self) -> StoreCapabilities {
+        StoreCapabilities { durable: true }
+    }
+
+    async fn stat(&self, digest: &Digest) -> Result<Option<BlobStat>> {
+        match tokio::fs::metadata(self.path(digest)).await {
+            Ok(m) => Ok(Some(BlobStat::new(m.len(), m.modified().unwrap_or(SystemTime::UNIX_EPOCH)))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io("reading blob metadata")(e)),
+        }
+    }
+
+    async fn open_range(&self, digest: &Digest, offset: u64, len: Option<u64>) -> Result<BlobReader> {
+        let mut f = match tokio::fs::File::open(self.path(digest)).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Error::blob_not_found(digest)),
+            Err(e) => return Err(io("opening blob")(e)),
+        };
+        let size = f.metadata().await.map_err(io("reading blob metadata"))?.len();
+        if offset > size {
+            return Err(Error::RangeNotSatisfiable { offset, size });
+        }
+        if offset > 0 {
+            f.seek(SeekFrom::Start(offset)).await.map_err(io("seeking in blob"))?;
+        }
+        Ok(match len {
+            Some(len) => Box::new(f.take(len)),
+            None => Box::new(f),
+        })
+    }
+
+    async fn delete(&self, digest: &Digest) -> Result<()> {
+        match tokio::fs::remove_file(self.path(digest)).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::blob_not_found(digest)),
+            Err(e) => Err(io("deleting blob")(e)),
+        }
+    }
+
+    async fn list(&self) -> Result<Vec<Digest>> {
+        let mut out = Vec::new();
+        let mut shards = tokio::fs::read_dir(self.root.join("blobs/sha256")).await.map_err(io("listing blobs"))?;
+        while let Some(shard) = shards.next_entry().await.map_err(io("listing blobs"))? {
+            let mut files = tokio::fs::read_dir(shard.path()).await.map_err(io("listing blobs"))?;
+            while let Some(f) = files.next_entry().await.map_err(io("listing blobs"))? {
+                // Anything that is not a well-formed digest name is not ours to report.
+                if let Ok(d) = format!("sha256:{}", f.file_name().to_string_lossy()).parse::<Digest>() {
+                    out.push(d);
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    async fn begin_upload(&self) -> Result<UploadId> {
+        let id = UploadId::random();
+        tokio::fs::OpenOptions::new().write(true).create_new(true).open(self.upload_path(&id)).await.map_err(io("creating upload"))?;
+        *self.session(&id).lock().await = Session { hasher: Some((Sha256::new(), 0)) };
+        Ok(id)
+    }
+
+    async fn upload_status(&self, id: &UploadId) -> Result<UploadStatus> {
+        let m = self.upload_len(id).await?;
+        Ok(UploadStatus::new(m.len(), m.modified().unwrap_or(SystemTime::UNIX_EPOCH)))
+    }
+
+    async fn append(&self, id: &UploadId, offset: u64, mut content: BlobReader) -> Result<u64> {
+        let session = self.session(id);
+        let mut session = session.lock().await;
+        let size = match self.upload_len(id).await {
+            Ok(m) => m.len(),
+            Err(e) => {
+                drop(session);
+                self.forget(id);
+                return Err(e);
+            }
+        };
+        if size != offset {
+            return Err(Error::UploadOffset { id: id.to_string(), expected: size, got: offset });
+        }
+        let mut file = tokio::fs::OpenOptions::new().append(true).open(self.upload_path(id)).await.map_err(io("opening upload"))?;
+        // The running hash only continues if it covers exactly the bytes in the file.
+        let mut hasher = match session.hasher.take() {
+            Some((h, hashed)) if hashed == size => Some(h),
+            _ => None,
+        };
+        let mut written = size;
+        let mut buf = vec![0u8; CHUNK];
+        let outcome = loop {
+            let n = match content.read(&mut buf).await {
+                Ok(0) => break Ok(()),
+                Ok(n) => n,
+                Err(e) => break Err(io("reading upload content")(e)),
+            };
+            if let Err(e) = file.write_all(&buf[..n]).await {
+                // How much of this chunk reached the file is unknown: the hash is lost.
+                hasher = None;
+                break Err(io("writing upload")(e));
+            }
+            if let Some(h) = hasher.as_mut() {
+                h.update(&buf[..n]);
+            }
+            written += n as u64;
+        };
+        let flushed = file.flush().await.map_err(io("writing upload"));
+        if flushed.is_err() {
+            hasher = None;
+        }
+        session.hasher = hasher.map(|h| (h, written));
+        outcome?;
+        flushed?;
+        Ok(written)
+    }
+
+    async fn commit(&self, id: &UploadId, expected: &Digest) -> Result<u64> {
+        let session = self.session(id);
+        let mut session = session.lock().await;
+        let result = async {
+            let size = self.upload_len(id).await?.len();
+            let tmp = self.upload_path(id);
+            let actual = match session.hasher.take() {
+                Some((h, hashed)) if hashed == size => Digest::from_hasher(h),
+                _ => hash_file(&tmp).await?,
+            };
+            if actual != *expected {
+                return Err(Error::DigestMismatch { expected: *expected, actual });
+            }
+            let file = tokio::fs::File::open(&tmp).await.map_err(io("opening upload"))?;
+            file.sync_all().await.map_err(io("syncing upload"))?;
+            drop(file);
+            let dest = self.path(expected);
+            let parent = dest.parent().unwrap_or(&self.root).to_owned();
+            tokio::fs::create_dir_all(&parent).await.map_err(io("creating blob directory"))?;
+            // Same digest, same bytes: replacing a blob that exists changes nothing but
+            // its time, which is what a fresh commit should give it.
+            tokio::fs::rename(&tmp, &dest).await.map_err(io("committing blob"))?;
+            sync_dir(&parent).await?;
+            Ok(size)
+        }
+        .await;
+        if !matches!(result, Err(Error::NotFound { .. })) {
+            // The session ends either way: a mismatched upload is dropped, not kept for retry.
+            let _ = tokio::fs::remove_file(self.upload_path(id)).await;
+        }
+        drop(session);
+        self.forget(id);
+        result
+    }
+
+    async fn cancel(&self, id: &UploadId) -> Result<()> {
+        let session = self.session(id);
+        let guard = session.lock().await;
+        let removed = tokio::fs::remove_file(self.upload_path(id)).await;
+        drop(guard);
+        self.forget(id);
+        match removed {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::upload_not_found(id)),
+            Err(e) => Err(io("cancelling upload")(e)),
+        }
+    }
+
+    async fn list_uploads(&self) -> Result<Vec<(UploadId, UploadStatus)>> {
+        let mut out = Vec::new();
+        let mut files = tokio::fs::read_dir(self.root.join("uploads")).await.map_err(io("listing uploads"))?;
+        while let Some(f) = files.next_entry().await.map_err(io("listing uploads"))? {
+            let Ok(id) = f.file_name().to_string_lossy().parse::<UploadId>() else { continue };
+            let Ok(m) = f.metadata().await else { continue };
+            out.push((id, UploadStatus::new(m.len(), m.modified().unwrap_or(SystemTime::UNIX_EPOCH))));
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+}
