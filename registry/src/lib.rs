@@ -37,6 +37,8 @@ mod store;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
+#[cfg(feature = "server")]
+pub mod server;
 
 pub use digest::{Digest, InvalidDigest};
 pub use error::{Error, Result};

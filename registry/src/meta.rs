@@ -361,12 +361,14 @@ impl Meta {
         Ok(out)
     }
 
-    /// Every manifest link (repository, digest) and every blob link: what fsck checks.
-    pub fn all_links(&self) -> Result<(Vec<(String, Digest)>, Vec<(String, Digest)>)> {
-        let tx = self.read()?;
-        let manifests = pairs(&tx.open_table(MANIFESTS).map_err(db_err)?)?;
-        let blobs = pairs(&tx.open_table(BLOB_LINKS).map_err(db_err)?)?;
-        Ok((manifests, blobs))
+    /// Every manifest link: (repository, digest).
+    pub fn manifest_links(&self) -> Result<Vec<(String, Digest)>> {
+        pairs(&self.read()?.open_table(MANIFESTS).map_err(db_err)?)
+    }
+
+    /// Every blob link: (repository, digest).
+    pub fn blob_links(&self) -> Result<Vec<(String, Digest)>> {
+        pairs(&self.read()?.open_table(BLOB_LINKS).map_err(db_err)?)
     }
 }
 

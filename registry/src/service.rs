@@ -67,7 +67,8 @@ pub struct FsckReport {
     pub blobs_checked: usize,
     /// Blobs whose bytes do not hash to their name.
     pub corrupt: Vec<Digest>,
-    /// Manifest links whose manifest, or a blob it refers to, is missing.
+    /// Blob links and manifest links whose blob or manifest, or a blob a manifest
+    /// refers to, is missing.
     pub missing: Vec<String>,
     /// Tags that point to no manifest of their repository.
     pub dangling_tags: Vec<String>,
@@ -356,6 +357,17 @@ impl Registry {
     /// idle upload sessions. Safe while clients push and pull: each removal re-checks
     /// under the sweep lock, which a manifest commit and a lease hold shared.
     pub async fn gc(&self) -> Result<GcReport> {
+        self.collect(true).await
+    }
+
+    /// Garbage collection by a process that opened the store only for it: the
+    /// metadata store admits one process, so no server runs and no lease is outstanding,
+    /// and there is no reason to wait a grace window after starting.
+    pub async fn gc_offline(&self) -> Result<GcReport> {
+        self.collect(false).await
+    }
+
+    async fn collect(&self, online: bool) -> Result<GcReport> {
         let mut report = GcReport::default();
         let now = SystemTime::now();
         for (id, status) in self.store.list_uploads().await? {
@@ -367,7 +379,7 @@ impl Registry {
             }
         }
         let grace = self.config.gc_grace;
-        if self.started.elapsed() < grace {
+        if online && self.started.elapsed() < grace {
             // A lease given before a restart was lost with the process: wait it out.
             report.deferred = true;
             return Ok(report);
@@ -421,8 +433,14 @@ impl Registry {
                 report.corrupt.push(d);
             }
         }
-        let (manifests, _blob_links) = self.meta.all_links()?;
-        for (repo, d) in &manifests {
+        for (repo, d) in self.meta.blob_links()? {
+            // Garbage collection forgets the links of what it removes: a link without
+            // its blob is a blob lost.
+            if self.store.stat(&d).await?.is_none() {
+                report.missing.push(format!("blob {d} of repository {repo}"));
+            }
+        }
+        for (repo, d) in &self.meta.manifest_links()? {
             if self.store.stat(d).await?.is_none() {
                 report.missing.push(format!("manifest {repo}@{d}"));
                 continue;

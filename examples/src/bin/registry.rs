@@ -1,0 +1,222 @@
+//! `registry`: keelson's OCI image registry, and the tools around it.
+//!
+//! ```text
+//! registry serve --root /var/lib/keelson-registry --listen 127.0.0.1:5000
+//! registry serve --root DIR --htpasswd users.htpasswd --token-secret secret.key --realm http://127.0.0.1:5000/token
+//! registry gc --root DIR            # offline: the server must be stopped (it collects online itself)
+//! registry fsck --root DIR          # verify every blob's bytes and every link
+//! registry push --registry http://127.0.0.1:5000 --oci-layout DIR app:v1
+//! registry pull --registry http://127.0.0.1:5000 app:v1 --oci-layout DIR
+//! ```
+//!
+//! Secrets (htpasswd, token secret, TLS key, client password) come from files or the
+//! environment, never from flags another user can read in the process list.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use keelson_registry::server::{Acl, Auth, Htpasswd, Server, ServerConfig, Tokens};
+use keelson_registry::{Registry, RegistryConfig};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "keelson's OCI image registry")]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Debug)]
+struct StoreArgs {
+    /// Where blobs and metadata live.
+    #[arg(long, env = "KEELSON_REGISTRY_ROOT")]
+    root: PathBuf,
+    /// Grace window of garbage collection (blobs younger, or leased within it, stay).
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    gc_grace: Duration,
+    /// Upload sessions idle this long are ended by garbage collection.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    upload_idle: Duration,
+    /// Largest manifest accepted, in bytes.
+    #[arg(long, default_value_t = 4 << 20)]
+    max_manifest: u64,
+}
+
+impl StoreArgs {
+    fn open(&self) -> Result<Registry, String> {
+        let mut config = RegistryConfig::default();
+        config.gc_grace = self.gc_grace;
+        config.upload_idle_timeout = self.upload_idle;
+        config.max_manifest_size = self.max_manifest;
+        Registry::open_dir(&self.root, config).map_err(|e| format!("opening {}: {e}", self.root.display()))
+    }
+}
+
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Listen address (loopback by default: nothing is open unless you say so).
+    #[arg(long, default_value = "127.0.0.1:5000", env = "KEELSON_REGISTRY_LISTEN")]
+    listen: SocketAddr,
+    /// htpasswd file (bcrypt, `htpasswd -B`): basic auth, or the token endpoint's users.
+    #[arg(long, env = "KEELSON_REGISTRY_HTPASSWD")]
+    htpasswd: Option<PathBuf>,
+    /// Per-repository rules: `<user|*> <pattern> <pull,push,delete|*>` lines.
+    #[arg(long, env = "KEELSON_REGISTRY_ACL", requires = "htpasswd")]
+    acl: Option<PathBuf>,
+    /// File holding the bearer-token signing secret (32 bytes or more): turns on
+    /// bearer auth with a token endpoint at `/token`.
+    #[arg(long, env = "KEELSON_REGISTRY_TOKEN_SECRET", requires_all = ["htpasswd", "realm"])]
+    token_secret: Option<PathBuf>,
+    /// The token endpoint's URL as clients reach it (e.g. http://127.0.0.1:5000/token).
+    #[arg(long, env = "KEELSON_REGISTRY_REALM")]
+    realm: Option<String>,
+    /// The `service` of tokens.
+    #[arg(long, default_value = "keelson-registry")]
+    service: String,
+    /// TLS certificate chain (PEM); with --tls-key, serve HTTPS.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Run garbage collection this often (0 to disable).
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    gc_interval: Duration,
+    /// Serve Prometheus metrics on this address.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve the distribution API.
+    Serve(Box<ServeArgs>),
+    /// Collect garbage once (offline: the server holds the store while it runs).
+    Gc {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Verify every blob's bytes and every manifest link and tag; exit 1 if anything is wrong.
+    Fsck {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+fn read(path: &PathBuf, what: &str) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("reading {what} {}: {e}", path.display()))
+}
+
+async fn serve(args: ServeArgs) -> Result<(), String> {
+    let ServeArgs { store, listen, htpasswd, acl, token_secret, realm, service, tls_cert, tls_key, gc_interval, metrics_listen } = args;
+    let registry = Arc::new(store.open()?);
+    let acl = match &acl {
+        Some(p) => Acl::load(p).map_err(|e| e.to_string())?,
+        None => Acl::allow_all(),
+    };
+    let auth = match (htpasswd, token_secret, realm) {
+        (None, _, _) => Auth::None,
+        (Some(h), None, _) => Auth::Basic { users: Htpasswd::load(&h).map_err(|e| e.to_string())?, acl },
+        (Some(h), Some(secret), Some(realm)) => Auth::Bearer {
+            users: Htpasswd::load(&h).map_err(|e| e.to_string())?,
+            acl,
+            tokens: Tokens::load(&secret, realm, service).map_err(|e| e.to_string())?,
+        },
+        (Some(_), Some(_), None) => return Err("--token-secret needs --realm".into()),
+    };
+    if matches!(auth, Auth::None) && !listen.ip().is_loopback() {
+        tracing::warn!(%listen, "serving without authentication on a non-loopback address");
+    }
+    let mut config = ServerConfig::with_auth(auth);
+    if let Some((cert, key)) = tls_cert.zip(tls_key) {
+        config.tls = Some(
+            keelson_registry::server::tls_config(&read(&cert, "TLS certificate")?, &read(&key, "TLS key")?).map_err(|e| e.to_string())?,
+        );
+    }
+    let server = Server::new(registry.clone(), config);
+    if let Some(addr) = metrics_listen {
+        let mut reg = prometheus_client::registry::Registry::default();
+        server.metrics().register(&mut reg);
+        let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("binding metrics {addr}: {e}"))?;
+        tokio::spawn(keelson_examples::metrics_http::serve_metrics(l, Arc::new(reg)));
+    }
+    if !gc_interval.is_zero() {
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(gc_interval);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                match registry.gc().await {
+                    Ok(r) => tracing::info!(
+                        removed = r.blobs_removed,
+                        bytes = r.bytes_removed,
+                        spared = r.blobs_spared,
+                        uploads = r.uploads_removed,
+                        deferred = r.deferred,
+                        "gc"
+                    ),
+                    Err(e) => tracing::warn!(error = %e, "gc failed"),
+                }
+            }
+        });
+    }
+    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("binding {listen}: {e}"))?;
+    tracing::info!(addr = %listener.local_addr().map_err(|e| e.to_string())?, "registry serving");
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    server.serve(listener, shutdown).await;
+    Ok(())
+}
+
+async fn run(args: Args) -> Result<ExitCode, String> {
+    match args.command {
+        Command::Serve(args) => {
+            serve(*args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Gc { store } => {
+            // The metadata store admits one process: if this opened it, no server is
+            // running, so no lease can be outstanding.
+            let report = store.open()?.gc_offline().await.map_err(|e| e.to_string())?;
+            println!(
+                "removed {} blobs ({} bytes), spared {} young or leased, ended {} idle uploads, {} blobs seen",
+                report.blobs_removed, report.bytes_removed, report.blobs_spared, report.uploads_removed, report.blobs_seen
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Fsck { store } => {
+            let registry = store.open()?;
+            let report = registry.fsck().await.map_err(|e| e.to_string())?;
+            for d in &report.corrupt {
+                println!("corrupt blob {d}");
+            }
+            for m in &report.missing {
+                println!("missing {m}");
+            }
+            for t in &report.dangling_tags {
+                println!("dangling tag {t}");
+            }
+            println!("{} blobs checked, {}", report.blobs_checked, if report.is_clean() { "clean" } else { "PROBLEMS FOUND" });
+            Ok(if report.is_clean() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    keelson_examples::init_tracing();
+    match run(Args::parse()).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("registry: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
