@@ -80,6 +80,26 @@ pub enum Error {
     /// The metadata store failed (or is held by another process).
     #[error("metadata store: {0}")]
     Metadata(String),
+    /// A registry answered a client's request with an error.
+    #[error("registry answered {status} to {request}: {code} {message}")]
+    Http {
+        /// The request (method and path).
+        request: String,
+        /// The HTTP status.
+        status: u16,
+        /// The spec's error code, if the body had one.
+        code: String,
+        /// The message.
+        message: String,
+    },
+    /// The registry could not be reached, or the connection failed.
+    #[error("{context}: {reason}")]
+    Transport {
+        /// What the client was doing.
+        context: String,
+        /// Why it failed.
+        reason: String,
+    },
     /// The backend cannot do this.
     #[error("{backend} does not support {operation}")]
     Unsupported {
@@ -116,6 +136,11 @@ impl Error {
 
     /// Whether the same call may succeed later.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Io { source, .. } if keelson_base::io_is_transient(source))
+        match self {
+            Error::Io { source, .. } => keelson_base::io_is_transient(source),
+            Error::Transport { .. } => true,
+            Error::Http { status, .. } => *status >= 500 || *status == 429 || *status == 408,
+            _ => false,
+        }
     }
 }

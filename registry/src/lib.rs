@@ -35,6 +35,8 @@ pub mod reference;
 mod service;
 mod store;
 
+#[cfg(feature = "client")]
+pub mod client;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 #[cfg(feature = "server")]

@@ -16,6 +16,7 @@
 
 pub mod child;
 pub mod consul;
+pub mod distribution;
 pub mod dnsmasq;
 pub mod docker;
 pub mod etcd;

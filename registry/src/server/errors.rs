@@ -69,6 +69,8 @@ impl From<Error> for ApiError {
                 (StatusCode::REQUEST_TIMEOUT, "BLOB_UPLOAD_INVALID")
             }
             Error::Io { .. } | Error::Metadata(_) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
+            // Only a client makes these; a server that proxied would answer 502.
+            Error::Http { .. } | Error::Transport { .. } => (StatusCode::BAD_GATEWAY, "UNKNOWN"),
         };
         ApiError::new(status, code, message)
     }
