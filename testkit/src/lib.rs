@@ -24,6 +24,7 @@ pub mod etcd_secure;
 pub mod http;
 pub mod memory;
 pub mod netns;
+pub mod oci;
 pub mod tls;
 mod tools;
 pub mod unbound;
