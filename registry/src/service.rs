@@ -398,11 +398,13 @@ impl Registry {
                 report.blobs_spared += 1;
                 continue;
             }
+            // Links first, bytes second: a crash between leaves an unlinked blob that
+            // the next sweep removes, never a link to bytes that are gone.
+            self.meta_write(move |m| m.forget_blob(&d)).await?;
             match self.store.delete(&d).await {
                 Ok(()) | Err(Error::NotFound { .. }) => {}
                 Err(e) => return Err(e),
             }
-            self.meta_write(move |m| m.forget_blob(&d)).await?;
             report.blobs_removed += 1;
             report.bytes_removed += stat.size;
         }
