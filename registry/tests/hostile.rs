@@ -45,7 +45,10 @@ async fn oversized_manifests_and_bad_digests_are_refused_by_name() {
     assert!(String::from_utf8_lossy(&r.body).contains("limit of 1024"), "{:?}", r.body);
 
     for (bad, why) in [("sha256:xyz", "short"), ("md5:d41d8cd98f00b204e9800998ecf8427e", "algorithm"), ("sha256:%2e%2e", "encoded")] {
-        let r = client.raw(Method::POST, &format!("/v2/h/app/blobs/uploads/?digest={bad}"), &[], Bytes::from_static(b"x"), &[]).await.expect("post");
+        let r = client
+            .raw(Method::POST, &format!("/v2/h/app/blobs/uploads/?digest={bad}"), &[], Bytes::from_static(b"x"), &[])
+            .await
+            .expect("post");
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{why}");
         assert_eq!(code(&r), "DIGEST_INVALID", "{why}");
     }
@@ -66,7 +69,8 @@ async fn sessions_are_bound_to_their_repository_and_lengths_must_agree() {
     let (_server, client) = setup(1 << 20, Duration::from_secs(5)).await;
     let loc = start_session(&client, "h/one").await;
     let id = loc.rsplit('/').next().expect("id");
-    let r = client.raw(Method::PATCH, &format!("/v2/h/two/blobs/uploads/{id}"), &[], Bytes::from_static(b"data"), &[]).await.expect("patch");
+    let r =
+        client.raw(Method::PATCH, &format!("/v2/h/two/blobs/uploads/{id}"), &[], Bytes::from_static(b"data"), &[]).await.expect("patch");
     assert_eq!((r.status, code(&r).as_str()), (StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN"), "another repository's session");
     let headers = [(header::CONTENT_RANGE, "0-9".to_owned()), (header::CONTENT_LENGTH, "4".to_owned())];
     let r = client.raw(Method::PATCH, &loc, &headers, Bytes::from_static(b"data"), &[]).await.expect("patch");
@@ -78,7 +82,8 @@ async fn sessions_are_bound_to_their_repository_and_lengths_must_agree() {
 /// Sends a PATCH by hand: its head, then `sent` of `declared` body bytes.
 async fn partial_patch(addr: std::net::SocketAddr, path: &str, declared: usize, sent: &[u8]) -> tokio::net::TcpStream {
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let head = format!("PATCH {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/octet-stream\r\nContent-Length: {declared}\r\n\r\n");
+    let head =
+        format!("PATCH {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/octet-stream\r\nContent-Length: {declared}\r\n\r\n");
     s.write_all(head.as_bytes()).await.expect("head");
     s.write_all(sent).await.expect("body");
     s.flush().await.expect("flush");

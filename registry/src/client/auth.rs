@@ -151,6 +151,10 @@ pub(crate) async fn answer(client: &Client, challenge: &str, scopes: &[String]) 
                 .await
                 .map_err(|e| Error::Transport { context: format!("GET {realm}"), reason: e.to_string() })?
                 .to_bytes();
+            if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+                // No (or wrong) credentials: the registry's own 401 stands.
+                return Ok(false);
+            }
             if status != StatusCode::OK {
                 return Err(http_error(format!("GET {realm} (token)"), status, &body));
             }

@@ -30,9 +30,15 @@ impl Drop for Running {
 }
 
 pub async fn serve(registry: Registry, config: ServerConfig) -> Running {
+    serve_with(registry, |_| config).await
+}
+
+/// Like [`serve`], with a configuration that needs the address (a token realm).
+pub async fn serve_with(registry: Registry, config: impl FnOnce(SocketAddr) -> ServerConfig) -> Running {
     let registry = Arc::new(registry);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
+    let config = config(addr);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = Server::new(registry.clone(), config);
     tokio::spawn(server.serve(listener, async move {
