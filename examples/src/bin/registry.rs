@@ -5,8 +5,8 @@
 //! registry serve --root DIR --htpasswd users.htpasswd --token-secret secret.key --realm http://127.0.0.1:5000/token
 //! registry gc --root DIR            # offline: the server must be stopped (it collects online itself)
 //! registry fsck --root DIR          # verify every blob's bytes and every link
-//! registry push --registry http://127.0.0.1:5000 --oci-layout DIR app:v1
-//! registry pull --registry http://127.0.0.1:5000 app:v1 --oci-layout DIR
+//! registry push --registry http://127.0.0.1:5000 --oci-layout DIR team/app:v1
+//! registry pull --registry http://127.0.0.1:5000 team/app:v1 --oci-layout DIR
 //! ```
 //!
 //! Secrets (htpasswd, token secret, TLS key, client password) come from files or the
@@ -18,9 +18,13 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use clap::{Parser, Subcommand};
+use keelson_registry::client::{Client, ClientConfig, Credentials, Progress};
 use keelson_registry::server::{Acl, Auth, Htpasswd, Server, ServerConfig, Tokens};
-use keelson_registry::{Registry, RegistryConfig};
+use keelson_registry::{Digest, Registry, RegistryConfig, RepoName};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "keelson's OCI image registry")]
@@ -106,6 +110,127 @@ enum Command {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// Push an image from an OCI layout directory.
+    Push {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        /// The OCI layout holding the image (its index.json entry named TAG, or its only one).
+        #[arg(long)]
+        oci_layout: PathBuf,
+        /// Repositories to mount shared layers from (no bytes move for those).
+        #[arg(long)]
+        mount_from: Vec<String>,
+        /// Where to push: REPOSITORY:TAG.
+        image: String,
+    },
+    /// Pull an image into an OCI layout directory.
+    Pull {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        /// What to pull: REPOSITORY:TAG or REPOSITORY@DIGEST.
+        image: String,
+        /// The OCI layout to write (created if needed).
+        #[arg(long)]
+        oci_layout: PathBuf,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct RemoteArgs {
+    /// The registry's URL.
+    #[arg(long, default_value = "http://127.0.0.1:5000", env = "KEELSON_REGISTRY_URL")]
+    registry: String,
+    /// A file whose first line is user:password.
+    #[arg(long, env = "KEELSON_REGISTRY_CREDENTIALS_FILE")]
+    credentials_file: Option<PathBuf>,
+    /// Extra CA certificates (PEM) for an HTTPS registry.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Blobs moved at once.
+    #[arg(long, default_value_t = 4)]
+    parallel: usize,
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
+impl RemoteArgs {
+    fn client(&self) -> Result<Client, String> {
+        // Credentials from a file, or KEELSON_REGISTRY_USER and KEELSON_REGISTRY_PASSWORD:
+        // never a flag, which other users can read in the process list.
+        let creds = match &self.credentials_file {
+            Some(f) => Some(Credentials::from_file(f).map_err(|e| e.to_string())?),
+            None => match (std::env::var("KEELSON_REGISTRY_USER"), std::env::var("KEELSON_REGISTRY_PASSWORD")) {
+                (Ok(u), Ok(p)) => Some(Credentials::new(u, p)),
+                _ => None,
+            },
+        };
+        let mut config = ClientConfig::default();
+        config.parallel = self.parallel.max(1);
+        if let Some(ca) = &self.ca {
+            config.ca_pem = Some(read(ca, "CA certificate")?);
+        }
+        Client::new(&self.registry, creds, config).map_err(|e| e.to_string())
+    }
+}
+
+/// `repo:tag` or `repo@digest` into the repository and the reference.
+fn split_image(image: &str) -> Result<(RepoName, String), String> {
+    let (repo, reference) = match image.split_once('@') {
+        Some((r, d)) => (r, d.to_owned()),
+        None => match image.rsplit_once(':') {
+            Some((r, t)) if !t.contains('/') => (r, t.to_owned()),
+            _ => (image, "latest".to_owned()),
+        },
+    };
+    let repo: RepoName = repo.parse().map_err(|e: keelson_registry::Error| e.to_string())?;
+    reference.parse::<keelson_registry::Reference>().map_err(|e| e.to_string())?;
+    Ok((repo, reference))
+}
+
+/// Progress bars, one per blob, under one header line.
+struct Bars {
+    multi: indicatif::MultiProgress,
+    bars: Mutex<HashMap<Digest, indicatif::ProgressBar>>,
+}
+
+impl Bars {
+    fn new(quiet: bool) -> Bars {
+        let multi = indicatif::MultiProgress::new();
+        if quiet {
+            multi.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        }
+        Bars { multi, bars: Mutex::default() }
+    }
+}
+
+impl Progress for Bars {
+    fn begin(&self, blob: &Digest, size: u64) {
+        let bar = self.multi.add(indicatif::ProgressBar::new(size));
+        let style = indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> ");
+        bar.set_style(style);
+        bar.set_prefix(blob.hex()[..12].to_owned());
+        self.bars.lock().unwrap_or_else(|p| p.into_inner()).insert(*blob, bar);
+    }
+
+    fn advance(&self, blob: &Digest, bytes: u64) {
+        if let Some(bar) = self.bars.lock().unwrap_or_else(|p| p.into_inner()).get(blob) {
+            bar.inc(bytes);
+        }
+    }
+
+    fn done(&self, blob: &Digest, skipped: bool) {
+        let bar = self.bars.lock().unwrap_or_else(|p| p.into_inner()).remove(blob);
+        match bar {
+            Some(bar) => bar.finish(),
+            None if skipped => {
+                let _ = self.multi.println(format!("{} already there", &blob.hex()[..12]));
+            }
+            None => {}
+        }
+    }
 }
 
 fn read(path: &PathBuf, what: &str) -> Result<Vec<u8>, String> {
@@ -189,6 +314,21 @@ async fn run(args: Args) -> Result<ExitCode, String> {
                 "removed {} blobs ({} bytes), spared {} young or leased, ended {} idle uploads, {} blobs seen",
                 report.blobs_removed, report.bytes_removed, report.blobs_spared, report.uploads_removed, report.blobs_seen
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Push { remote, oci_layout, mount_from, image } => {
+            let (repo, tag) = split_image(&image)?;
+            let mount_from = mount_from.iter().map(|m| m.parse::<RepoName>().map_err(|e| e.to_string())).collect::<Result<Vec<_>, _>>()?;
+            let bars = Bars::new(remote.quiet);
+            let d = remote.client()?.push_oci_layout(&oci_layout, &repo, &tag, &mount_from, &bars).await.map_err(|e| e.to_string())?;
+            println!("{repo}:{tag} {d}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Pull { remote, image, oci_layout } => {
+            let (repo, reference) = split_image(&image)?;
+            let bars = Bars::new(remote.quiet);
+            let d = remote.client()?.pull_oci_layout(&repo, &reference, &oci_layout, &bars).await.map_err(|e| e.to_string())?;
+            println!("{repo}:{reference} {d} -> {}", oci_layout.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Fsck { store } => {
