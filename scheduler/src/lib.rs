@@ -152,7 +152,7 @@ pub use orchestrate::strategy::{Gates, Strategy};
 // Node runtime.
 pub use runtime::agent::{NodeAgent, SyncReport};
 #[cfg(feature = "docker")]
-pub use runtime::docker::{DockerDriver, MANAGED_LABEL, TASK_LABEL};
+pub use runtime::docker::{DockerDriver, RegistryAuth, MANAGED_LABEL, TASK_LABEL};
 #[cfg(feature = "docker")]
 pub use runtime::docker_volumes::DockerVolumes;
 pub use runtime::driver::{Driver, DriverCapabilities, Output};

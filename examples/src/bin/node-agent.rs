@@ -112,6 +112,32 @@ struct Args {
     /// `dns-catalog` serving the cluster's catalog at this host's address.
     #[arg(long)]
     network_dns: Vec<std::net::IpAddr>,
+    /// Credentials for pulling from a private registry: `HOST[:PORT]=FILE`, where the
+    /// file's first line is `user:password` (repeatable). Or set KEELSON_REGISTRY_HOST,
+    /// KEELSON_REGISTRY_USER and KEELSON_REGISTRY_PASSWORD.
+    #[arg(long, value_name = "HOST=FILE")]
+    registry_auth: Vec<String>,
+}
+
+/// The registry credentials of `--registry-auth` and the environment.
+fn registry_auth(args: &Args) -> Result<Vec<keelson_scheduler::RegistryAuth>, String> {
+    let mut out = Vec::new();
+    for spec in &args.registry_auth {
+        let (host, file) = spec.split_once('=').ok_or_else(|| format!("--registry-auth {spec:?}: expected HOST=FILE"))?;
+        let text = std::fs::read_to_string(file).map_err(|e| format!("--registry-auth: reading {file}: {e}"))?;
+        let (user, password) = text
+            .lines()
+            .next()
+            .and_then(|l| l.split_once(':'))
+            .ok_or_else(|| format!("--registry-auth: the first line of {file} must be user:password"))?;
+        out.push(keelson_scheduler::RegistryAuth::new(host, user, password).map_err(|e| format!("--registry-auth: {e}"))?);
+    }
+    if let (Ok(host), Ok(user), Ok(password)) =
+        (std::env::var("KEELSON_REGISTRY_HOST"), std::env::var("KEELSON_REGISTRY_USER"), std::env::var("KEELSON_REGISTRY_PASSWORD"))
+    {
+        out.push(keelson_scheduler::RegistryAuth::new(host, user, password).map_err(|e| format!("KEELSON_REGISTRY_HOST: {e}"))?);
+    }
+    Ok(out)
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -158,6 +184,9 @@ async fn run(args: Args) -> Result<(), String> {
     let publish = args.publish_address.or_else(|| args.address.parse().ok()).unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
     let driver = DockerDriver::connect().await.map_err(|e| format!("docker: {e}"))?;
     let mut driver = driver.with_publish_address(publish).map_err(|e| format!("--publish-address: {e}"))?;
+    for auth in registry_auth(&args)? {
+        driver = driver.with_registry_auth(auth);
+    }
     if let Some(net) = task_network(&args, kv.clone()).await? {
         // Attachments of containers that are gone (the agent or host died) go first.
         let keep: Vec<String> =

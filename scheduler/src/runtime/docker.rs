@@ -50,6 +50,43 @@ pub struct DockerDriver {
     publish_address: std::net::IpAddr,
     /// The keelson network tasks are attached to, if any.
     network: Option<crate::runtime::task_network::TaskNetwork>,
+    /// Credentials for private registries images are pulled from.
+    registry_auth: Vec<RegistryAuth>,
+}
+
+/// Credentials the engine pulls with from one registry (a keelson registry, say).
+/// The password never appears in `Debug` output.
+#[derive(Clone)]
+pub struct RegistryAuth {
+    /// The registry as image names spell it: `host[:port]`.
+    pub server: String,
+    /// User name.
+    pub username: String,
+    password: String,
+}
+
+impl std::fmt::Debug for RegistryAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryAuth").field("server", &self.server).field("username", &self.username).finish_non_exhaustive()
+    }
+}
+
+impl RegistryAuth {
+    /// Credentials for `server` (`host[:port]`, no scheme).
+    pub fn new(server: impl Into<String>, username: impl Into<String>, password: impl Into<String>) -> Result<Self> {
+        let server = server.into();
+        if server.is_empty() || server.contains('/') || server.contains("://") {
+            return Err(Error::invalid("registry", &server, "must be host[:port], as in image names"));
+        }
+        Ok(RegistryAuth { server, username: username.into(), password: password.into() })
+    }
+}
+
+/// The registry an image name points at (`host[:port]/path:tag`), if it names one:
+/// the first component counts as a host when it has a dot or a port, or is `localhost`.
+fn image_registry(image: &str) -> Option<&str> {
+    let (first, _) = image.split_once('/')?;
+    (first.contains('.') || first.contains(':') || first == "localhost").then_some(first)
 }
 
 fn container_name(id: &str) -> String {
@@ -99,6 +136,7 @@ impl DockerDriver {
             lines_split: Default::default(),
             publish_address: std::net::IpAddr::from([127, 0, 0, 1]),
             network: None,
+            registry_auth: Vec::new(),
         })
     }
 
@@ -137,6 +175,13 @@ impl DockerDriver {
         self
     }
 
+    /// Pulls images of `auth.server` with these credentials (repeat for more registries).
+    pub fn with_registry_auth(mut self, auth: RegistryAuth) -> Self {
+        self.registry_auth.retain(|a| a.server != auth.server);
+        self.registry_auth.push(auth);
+        self
+    }
+
     /// Only host directories under `root` may be mounted (a volume manager's root).
     pub fn with_volume_root(mut self, root: impl Into<PathBuf>) -> Self {
         self.volume_root = Some(root.into());
@@ -154,8 +199,16 @@ impl DockerDriver {
             return Ok(());
         }
         let options = CreateImageOptionsBuilder::new().from_image(image).build();
+        let credentials = image_registry(image).and_then(|r| self.registry_auth.iter().find(|a| a.server == r)).map(|a| {
+            bollard::auth::DockerCredentials {
+                username: Some(a.username.clone()),
+                password: Some(a.password.clone()),
+                serveraddress: Some(a.server.clone()),
+                ..Default::default()
+            }
+        });
         let pulled: std::result::Result<Vec<_>, _> =
-            tokio::time::timeout(Duration::from_secs(300), self.docker.create_image(Some(options), None, None).try_collect())
+            tokio::time::timeout(Duration::from_secs(300), self.docker.create_image(Some(options), None, credentials).try_collect())
                 .await
                 .map_err(|_| Error::ImageUnavailable { image: image.to_owned(), reason: "pull timed out after 300 s".into() })?;
         pulled.map_err(|e| Error::ImageUnavailable { image: image.to_owned(), reason: e.to_string() })?;
@@ -499,4 +552,21 @@ fn lines(frames: impl futures::Stream<Item = LogOutput> + Send + 'static) -> imp
             }
         }
     })
+}
+
+#[cfg(test)]
+mod registry_auth_tests {
+    use super::*;
+
+    #[test]
+    fn image_names_name_their_registry_and_passwords_stay_hidden() {
+        assert_eq!(image_registry("127.0.0.1:5000/apps/web:v1"), Some("127.0.0.1:5000"));
+        assert_eq!(image_registry("registry.example/web"), Some("registry.example"));
+        assert_eq!(image_registry("localhost/web"), Some("localhost"));
+        assert_eq!(image_registry("library/busybox:1"), None);
+        assert_eq!(image_registry("busybox"), None);
+        let auth = RegistryAuth::new("127.0.0.1:5000", "ci", "hunter2").expect("auth");
+        assert!(!format!("{auth:?}").contains("hunter2"));
+        assert!(RegistryAuth::new("http://127.0.0.1:5000", "ci", "x").is_err());
+    }
 }
