@@ -36,6 +36,13 @@ pub struct Meta {
     db: Database,
 }
 
+impl Drop for Meta {
+    fn drop(&mut self) {
+        // Sessions begun since the last durable commit survive a clean shutdown.
+        let _ = self.flush();
+    }
+}
+
 impl std::fmt::Debug for Meta {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Meta").finish_non_exhaustive()
@@ -122,9 +129,13 @@ impl Meta {
         })
     }
 
-    /// Records an upload session of `repo`.
+    /// Records an upload session of `repo`. Not durable on its own (an fsync per
+    /// session would halve the upload rate): the next durable commit, any blob or
+    /// manifest acknowledged, or closing the store makes it so. A session lost to a
+    /// crash before then is answered BLOB_UPLOAD_UNKNOWN and the client starts over;
+    /// no acknowledged blob is lost.
     pub fn begin_session(&self, id: &str, repo: &str) -> Result<()> {
-        self.write(true, |tx| {
+        self.write(false, |tx| {
             tx.open_table(UPLOADS).map_err(db_err)?.insert(id, repo).map_err(db_err)?;
             Ok(())
         })
@@ -134,6 +145,24 @@ impl Meta {
     pub fn session_repo(&self, id: &str) -> Result<Option<String>> {
         let t = self.read()?.open_table(UPLOADS).map_err(db_err)?;
         Ok(t.get(id).map_err(db_err)?.map(|v| v.value().to_owned()))
+    }
+
+    /// Ends a session with its blob linked into `repo`, in one durable transaction: the
+    /// client is told the blob is there next.
+    pub fn finish_session(&self, id: &str, repo: &str, d: &Digest, size: u64) -> Result<()> {
+        let ds = d.to_string();
+        self.write(true, |tx| {
+            tx.open_table(UPLOADS).map_err(db_err)?.remove(id).map_err(db_err)?;
+            tx.open_table(REPOS).map_err(db_err)?.insert(repo, ()).map_err(db_err)?;
+            tx.open_table(BLOB_LINKS).map_err(db_err)?.insert((repo, ds.as_str()), size).map_err(db_err)?;
+            tx.open_table(LINKED_BY).map_err(db_err)?.insert((ds.as_str(), repo), ()).map_err(db_err)?;
+            Ok(())
+        })
+    }
+
+    /// Makes every earlier commit durable (an empty durable transaction).
+    pub fn flush(&self) -> Result<()> {
+        self.write(true, |_| Ok(()))
     }
 
     /// Forgets a session. Not durable on its own: a session that reappears after a

@@ -93,6 +93,36 @@ pub struct Registry {
     /// exclusively by the sweep while it re-checks and deletes one blob.
     sweep: tokio::sync::RwLock<()>,
     started: Instant,
+    /// Manifest bytes by digest: readers are served from memory, without a trip
+    /// through the blocking pool that uploads keep busy. Content-addressed, so never stale.
+    manifests: Mutex<ManifestCache>,
+}
+
+/// Recently read or written manifests, up to a byte budget.
+#[derive(Debug, Default)]
+struct ManifestCache {
+    entries: HashMap<Digest, Arc<[u8]>>,
+    bytes: usize,
+}
+
+/// Bytes of manifests kept in memory.
+const MANIFEST_CACHE_BYTES: usize = 32 << 20;
+
+impl ManifestCache {
+    fn insert(&mut self, d: Digest, bytes: Arc<[u8]>) {
+        if bytes.len() > MANIFEST_CACHE_BYTES / 8 || self.entries.contains_key(&d) {
+            return;
+        }
+        while self.bytes + bytes.len() > MANIFEST_CACHE_BYTES {
+            // Any entry will do: a miss costs one file read.
+            let Some(victim) = self.entries.keys().next().copied() else { break };
+            if let Some(v) = self.entries.remove(&victim) {
+                self.bytes -= v.len();
+            }
+        }
+        self.bytes += bytes.len();
+        self.entries.insert(d, bytes);
+    }
 }
 
 fn not_found(kind: &'static str, name: impl ToString) -> Error {
@@ -109,6 +139,7 @@ impl Registry {
             leases: Mutex::default(),
             sweep: tokio::sync::RwLock::new(()),
             started: Instant::now(),
+            manifests: Mutex::default(),
         }
     }
 
@@ -227,12 +258,16 @@ impl Registry {
     /// Commits a session as blob `d` of `repo`. The session ends either way.
     pub async fn finish_upload(&self, repo: &RepoName, id: &UploadId, d: &Digest) -> Result<u64> {
         self.check_session(repo, id)?;
-        let committed = self.store.commit(id, d).await;
         let i = id.to_string();
-        let _ = self.meta_write(move |m| m.end_session(&i)).await;
-        let size = committed?;
+        let size = match self.store.commit(id, d).await {
+            Ok(size) => size,
+            Err(e) => {
+                let _ = self.meta_write(move |m| m.end_session(&i)).await;
+                return Err(e);
+            }
+        };
         let (r, d2) = (repo.to_string(), *d);
-        self.meta_write(move |m| m.link_blob(&r, &d2, size)).await?;
+        self.meta_write(move |m| m.finish_session(&i, &r, &d2, size)).await?;
         self.lease(d);
         Ok(size)
     }
@@ -278,8 +313,9 @@ impl Registry {
                 return Err(Error::ManifestReferenceUnknown { repository: repo.to_string(), digest: *b });
             }
         }
+        let shared: Arc<[u8]> = bytes.into();
         if self.store.stat(&d).await?.is_none() {
-            self.store.put(&d, Box::new(std::io::Cursor::new(bytes))).await?;
+            self.store.put(&d, Box::new(std::io::Cursor::new(shared.clone()))).await?;
         }
         let tag = match reference {
             Reference::Tag(t) => Some(t.to_string()),
@@ -287,6 +323,7 @@ impl Registry {
         };
         let r = repo.to_string();
         self.meta_write(move |m| m.put_manifest(&r, &d, &info, tag.as_deref())).await?;
+        self.manifests.lock().unwrap_or_else(|p| p.into_inner()).insert(d, shared);
         Ok(d)
     }
 
@@ -303,7 +340,12 @@ impl Registry {
     /// A manifest's digest, what is known of it, and its bytes.
     pub async fn manifest(&self, repo: &RepoName, reference: &Reference) -> Result<(Digest, ManifestInfo, Vec<u8>)> {
         let (d, info) = self.resolve(repo, reference)?;
+        let cached = self.manifests.lock().unwrap_or_else(|p| p.into_inner()).entries.get(&d).cloned();
+        if let Some(bytes) = cached {
+            return Ok((d, info, bytes.to_vec()));
+        }
         let bytes = self.store.read_to_vec(&d, self.config.max_manifest_size).await?;
+        self.manifests.lock().unwrap_or_else(|p| p.into_inner()).insert(d, bytes.as_slice().into());
         Ok((d, info, bytes))
     }
 

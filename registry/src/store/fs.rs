@@ -8,15 +8,34 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 use sha2::{Digest as _, Sha256};
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::{io_error as io, BlobReader, BlobStat, BlobStore, StoreCapabilities, UploadId, UploadStatus};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 
-/// Bytes moved per read and write: large enough that the thread-pool hop of each file
-/// operation is paid rarely.
-const CHUNK: usize = 1 << 20;
+/// Bytes moved per write: large enough that the thread-pool hop of each write is paid
+/// rarely, small enough that hundreds of concurrent uploads stay within tens of MiB.
+const CHUNK: usize = 128 << 10;
+
+/// Runs blocking file work on the blocking pool.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> std::io::Result<T> + Send + 'static) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(std::io::Error::other)?
+}
+
+pub(crate) fn hash_file_sync(path: &Path) -> std::io::Result<Digest> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(Digest::from_hasher(hasher));
+        }
+        hasher.update(&buf[..n]);
+    }
+}
 
 /// What this process knows of a session beyond its file: the hash of the bytes it
 /// appended, so a commit does not read the blob again. After a restart the hash is
@@ -86,24 +105,6 @@ impl FsBlobStore {
     }
 }
 
-async fn sync_dir(dir: &Path) -> Result<()> {
-    let d = tokio::fs::File::open(dir).await.map_err(io(format!("opening {}", dir.display())))?;
-    d.sync_all().await.map_err(io(format!("syncing {}", dir.display())))
-}
-
-async fn hash_file(path: &Path) -> Result<Digest> {
-    let mut f = tokio::fs::File::open(path).await.map_err(io("opening upload"))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; CHUNK];
-    loop {
-        let n = f.read(&mut buf).await.map_err(io("reading upload"))?;
-        if n == 0 {
-            return Ok(Digest::from_hasher(hasher));
-        }
-        hasher.update(&buf[..n]);
-    }
-}
-
 #[async_trait]
 impl BlobStore for FsBlobStore {
     fn name(&self) -> &'static str {
@@ -167,7 +168,10 @@ impl BlobStore for FsBlobStore {
 
     async fn begin_upload(&self) -> Result<UploadId> {
         let id = UploadId::random();
-        tokio::fs::OpenOptions::new().write(true).create_new(true).open(self.upload_path(&id)).await.map_err(io("creating upload"))?;
+        let path = self.upload_path(&id);
+        blocking(move || std::fs::OpenOptions::new().write(true).create_new(true).open(path).map(drop))
+            .await
+            .map_err(io("creating upload"))?;
         *self.session(&id).lock().await = Session { hasher: Some((Sha256::new(), 0)) };
         Ok(id)
     }
@@ -180,18 +184,26 @@ impl BlobStore for FsBlobStore {
     async fn append(&self, id: &UploadId, offset: u64, mut content: BlobReader) -> Result<u64> {
         let session = self.session(id);
         let mut session = session.lock().await;
-        let size = match self.upload_len(id).await {
-            Ok(m) => m.len(),
-            Err(e) => {
+        let path = self.upload_path(id);
+        // One trip to the blocking pool opens the file and checks where it ends.
+        let opened = blocking(move || {
+            let file = std::fs::OpenOptions::new().append(true).open(&path)?;
+            let size = file.metadata()?.len();
+            Ok((file, size))
+        })
+        .await;
+        let (mut file, size) = match opened {
+            Ok(x) => x,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 drop(session);
                 self.forget(id);
-                return Err(e);
+                return Err(Error::upload_not_found(id));
             }
+            Err(e) => return Err(io("opening upload")(e)),
         };
         if size != offset {
             return Err(Error::UploadOffset { id: id.to_string(), expected: size, got: offset });
         }
-        let mut file = tokio::fs::OpenOptions::new().append(true).open(self.upload_path(id)).await.map_err(io("opening upload"))?;
         // The running hash only continues if it covers exactly the bytes in the file.
         let mut hasher = match session.hasher.take() {
             Some((h, hashed)) if hashed == size => Some(h),
@@ -200,61 +212,97 @@ impl BlobStore for FsBlobStore {
         let mut written = size;
         let mut buf = vec![0u8; CHUNK];
         let outcome = loop {
-            let n = match content.read(&mut buf).await {
-                Ok(0) => break Ok(()),
-                Ok(n) => n,
-                Err(e) => break Err(io("reading upload content")(e)),
-            };
-            if let Err(e) = file.write_all(&buf[..n]).await {
-                // How much of this chunk reached the file is unknown: the hash is lost.
-                hasher = None;
-                break Err(io("writing upload")(e));
+            // Fill the buffer before writing: request bodies arrive in frames of a few
+            // KiB, and each write is a trip to the blocking pool.
+            let mut filled = 0;
+            let mut read_error = None;
+            while filled < buf.len() {
+                match content.read(&mut buf[filled..]).await {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    Err(e) => {
+                        read_error = Some(e);
+                        break;
+                    }
+                }
             }
-            if let Some(h) = hasher.as_mut() {
-                h.update(&buf[..n]);
+            if filled > 0 {
+                let chunk = std::mem::take(&mut buf);
+                let (back, wrote) = blocking(move || {
+                    use std::io::Write;
+                    let r = file.write_all(&chunk[..filled]);
+                    Ok(((file, chunk), r))
+                })
+                .await
+                .map_err(io("writing upload"))?;
+                (file, buf) = back;
+                if let Err(e) = wrote {
+                    // How much of this chunk reached the file is unknown: the hash is lost.
+                    hasher = None;
+                    break Err(io("writing upload")(e));
+                }
+                if let Some(h) = hasher.as_mut() {
+                    h.update(&buf[..filled]);
+                }
+                written += filled as u64;
             }
-            written += n as u64;
+            match read_error {
+                Some(e) => break Err(io("reading upload content")(e)),
+                None if filled < buf.len() => break Ok(()),
+                None => {}
+            }
         };
-        let flushed = file.flush().await.map_err(io("writing upload"));
-        if flushed.is_err() {
-            hasher = None;
-        }
         session.hasher = hasher.map(|h| (h, written));
         outcome?;
-        flushed?;
         Ok(written)
     }
 
     async fn commit(&self, id: &UploadId, expected: &Digest) -> Result<u64> {
         let session = self.session(id);
         let mut session = session.lock().await;
-        let result = async {
-            let size = self.upload_len(id).await?.len();
-            let tmp = self.upload_path(id);
-            let actual = match session.hasher.take() {
+        let tmp = self.upload_path(id);
+        let dest = self.path(expected);
+        let known = session.hasher.take();
+        let expected = *expected;
+        // Everything a commit does to the disk, in one trip to the blocking pool: hash
+        // (only if this process did not see every byte), fsync, rename, fsync the directory.
+        let result = blocking(move || {
+            let file = std::fs::File::open(&tmp)?;
+            let size = file.metadata()?.len();
+            let actual = match known {
                 Some((h, hashed)) if hashed == size => Digest::from_hasher(h),
-                _ => hash_file(&tmp).await?,
+                _ => hash_file_sync(&tmp)?,
             };
-            if actual != *expected {
-                return Err(Error::DigestMismatch { expected: *expected, actual });
+            if actual != expected {
+                let _ = std::fs::remove_file(&tmp);
+                return Ok(Err(Error::DigestMismatch { expected, actual }));
             }
-            let file = tokio::fs::File::open(&tmp).await.map_err(io("opening upload"))?;
-            file.sync_all().await.map_err(io("syncing upload"))?;
+            file.sync_all()?;
             drop(file);
-            let dest = self.path(expected);
-            let parent = dest.parent().unwrap_or(&self.root).to_owned();
-            tokio::fs::create_dir_all(&parent).await.map_err(io("creating blob directory"))?;
-            // Same digest, same bytes: replacing a blob that exists changes nothing but
-            // its time, which is what a fresh commit should give it.
-            tokio::fs::rename(&tmp, &dest).await.map_err(io("committing blob"))?;
-            sync_dir(&parent).await?;
-            Ok(size)
-        }
+            let parent = dest.parent().map(Path::to_path_buf).unwrap_or_default();
+            if let Err(e) = std::fs::rename(&tmp, &dest) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    return Err(e);
+                }
+                // The shard directory did not exist yet.
+                std::fs::create_dir_all(&parent)?;
+                // Same digest, same bytes: replacing a blob that exists changes nothing
+                // but its time, which is what a fresh commit should give it.
+                std::fs::rename(&tmp, &dest)?;
+            }
+            std::fs::File::open(&parent)?.sync_all()?;
+            Ok(Ok(size))
+        })
         .await;
-        if !matches!(result, Err(Error::NotFound { .. })) {
-            // The session ends either way: a mismatched upload is dropped, not kept for retry.
-            let _ = tokio::fs::remove_file(self.upload_path(id)).await;
-        }
+        let result = match result {
+            Ok(r) => r,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !self.upload_path(id).exists() => Err(Error::upload_not_found(id)),
+            Err(e) => {
+                // The session ends either way.
+                let _ = tokio::fs::remove_file(self.upload_path(id)).await;
+                Err(io("committing blob")(e))
+            }
+        };
         drop(session);
         self.forget(id);
         result
