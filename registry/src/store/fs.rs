@@ -55,7 +55,14 @@ struct Session {
 pub struct FsBlobStore {
     root: PathBuf,
     sessions: Arc<Mutex<HashMap<UploadId, Arc<tokio::sync::Mutex<Session>>>>>,
+    /// Chunks being written and hashed at once. Hashing is the CPU of an upload; with
+    /// hundreds of uploads ready to hash, everything else (a manifest GET) would wait
+    /// behind all of them in the runtime's queue. Waiting for the network holds no permit.
+    chunk_permits: Arc<tokio::sync::Semaphore>,
 }
+
+/// See `FsBlobStore::chunk_permits`.
+const CONCURRENT_CHUNKS: usize = 4;
 
 impl std::fmt::Debug for FsBlobStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -70,7 +77,7 @@ impl FsBlobStore {
         for dir in [root.join("uploads"), root.join("blobs/sha256")] {
             std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
         }
-        Ok(FsBlobStore { root, sessions: Arc::default() })
+        Ok(FsBlobStore { root, sessions: Arc::default(), chunk_permits: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_CHUNKS)) })
     }
 
     /// The directory this store lives in.
@@ -227,6 +234,7 @@ impl BlobStore for FsBlobStore {
                 }
             }
             if filled > 0 {
+                let _permit = self.chunk_permits.acquire().await.map_err(|e| io("writing upload")(std::io::Error::other(e)))?;
                 let chunk = std::mem::take(&mut buf);
                 let (back, wrote) = blocking(move || {
                     use std::io::Write;
