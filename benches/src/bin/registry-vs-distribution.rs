@@ -460,8 +460,6 @@ fn run(args: &Args) -> Fallible<()> {
     let d = Digest::of(&bytes);
     std::fs::write(&blob, &bytes).map_err(|e| e.to_string())?;
     drop(bytes);
-    let layout = work.path().join("layout");
-    keelson_testkit::oci::write_layout(&layout, "v1", &[("linux", "amd64")], &[128 << 20; 4], 9).map_err(|e| e.to_string())?;
     let skopeo_mib = 4 * 128;
 
     let keelson = start_keelson()?;
@@ -472,7 +470,13 @@ fn run(args: &Args) -> Fallible<()> {
     let mut pull = [Vec::new(), Vec::new()];
     let mut sk = [Vec::new(), Vec::new()];
     let mut sk_cpu = [Vec::new(), Vec::new()];
+    let mut remount = [Vec::new(), Vec::new()];
     for round in 0..args.rounds {
+        // Fresh layers each round: skopeo remembers which registry holds a blob and
+        // would mount instead of uploading.
+        let layout = work.path().join(format!("layout{round}"));
+        keelson_testkit::oci::write_layout(&layout, "v1", &[("linux", "amd64")], &[128 << 20; 4], round as u64 + 9)
+            .map_err(|e| e.to_string())?;
         for i in 0..2 {
             let p = if round % 2 == 0 { i } else { 1 - i };
             let peer = peers[p];
@@ -484,6 +488,19 @@ fn run(args: &Args) -> Fallible<()> {
             let (mibs, cpu) = skopeo_push(&skopeo, peer, &layout, &format!("bench/skopeo{round}"), skopeo_mib)?;
             sk[p].push(mibs);
             sk_cpu[p].push(cpu);
+            // The same image to another repository: skopeo mounts every layer.
+            let took = timed(
+                &skopeo,
+                &[
+                    "copy".into(),
+                    "--quiet".into(),
+                    "--preserve-digests".into(),
+                    "--dest-tls-verify=false".into(),
+                    format!("oci:{}:v1", layout.display()),
+                    format!("docker://{}/bench/mounted{round}:v1", peer.addr),
+                ],
+            )?;
+            remount[p].push(took.as_secs_f64());
             eprintln!(
                 "round {round} {}: push {:.0} MiB/s ({:.2} CPU-s/GiB), pull {:.0} MiB/s, skopeo {:.0} MiB/s ({:.2} CPU-s)",
                 peer.name,
@@ -494,6 +511,7 @@ fn run(args: &Args) -> Fallible<()> {
                 sk_cpu[p].last().copied().unwrap_or(0.0)
             );
         }
+        let _ = std::fs::remove_dir_all(&layout);
     }
     let m = |v: &Vec<f64>| median(v.clone());
     println!(
@@ -515,6 +533,8 @@ fn run(args: &Args) -> Fallible<()> {
     );
     ratio("skopeo-push-throughput", m(&sk[0]), m(&sk[1]));
     ratio("skopeo-push-server-cpu", m(&sk_cpu[0]), m(&sk_cpu[1]));
+    println!("skopeo re-push to a new repository (cross-mount): keelson {:.2} s, distribution {:.2} s", m(&remount[0]), m(&remount[1]));
+    ratio("skopeo-cross-mount-time", m(&remount[0]), m(&remount[1]));
     println!("curl pull {} MiB single stream: keelson {:.0} MiB/s, distribution {:.0} MiB/s", args.blob_mib, m(&pull[0]), m(&pull[1]));
     ratio("pull-throughput", m(&pull[0]), m(&pull[1]));
 

@@ -31,7 +31,6 @@ use http::{header, HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::client::legacy::connect::HttpConnector;
-use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 pub use auth::Credentials;
@@ -521,15 +520,9 @@ fn file_body(path: std::path::PathBuf, offset: u64, len: u64) -> ReqBody {
 }
 
 pub(crate) async fn hash_file(path: &Path) -> Result<Digest> {
-    let io = |source| Error::Io { context: format!("reading {}", path.display()), source };
-    let mut f = tokio::fs::File::open(path).await.map_err(io)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).await.map_err(io)?;
-        if n == 0 {
-            return Ok(Digest::from_hasher(hasher));
-        }
-        hasher.update(&buf[..n]);
-    }
+    let owned = path.to_owned();
+    tokio::task::spawn_blocking(move || crate::store::hash_file_sync(&owned))
+        .await
+        .map_err(|e| Error::Io { context: format!("hashing {}", path.display()), source: std::io::Error::other(e) })?
+        .map_err(|source| Error::Io { context: format!("reading {}", path.display()), source })
 }

@@ -12,6 +12,7 @@ use crate::digest::Digest;
 use crate::error::{Error, Result};
 
 pub use fs::FsBlobStore;
+pub(crate) use fs::hash_file_sync;
 pub use memory::MemoryBlobStore;
 
 /// A readable blob.
