@@ -224,7 +224,8 @@ fn curl_pull(curl: &Path, peer: &Peer, d: &Digest, repo: &str, mib: usize) -> Fa
     Ok(mib as f64 / took.as_secs_f64())
 }
 
-fn skopeo_push(skopeo: &Path, peer: &Peer, layout: &Path, repo: &str, mib: usize) -> Fallible<(f64, f64)> {
+/// `skopeo copy` of the layout's image to `repo:v1`. Returns (seconds, server CPU seconds).
+fn skopeo_push(skopeo: &Path, peer: &Peer, layout: &Path, repo: &str) -> Fallible<(f64, f64)> {
     let cpu = peer.cpu_seconds();
     let took = timed(
         skopeo,
@@ -237,7 +238,7 @@ fn skopeo_push(skopeo: &Path, peer: &Peer, layout: &Path, repo: &str, mib: usize
             format!("docker://{}/{repo}:v1", peer.addr),
         ],
     )?;
-    Ok((mib as f64 / took.as_secs_f64(), peer.cpu_seconds() - cpu))
+    Ok((took.as_secs_f64(), peer.cpu_seconds() - cpu))
 }
 
 fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
@@ -485,22 +486,11 @@ fn run(args: &Args) -> Fallible<()> {
             push[p].push(mibs);
             push_cpu[p].push(cpu);
             pull[p].push(curl_pull(&curl, peer, &d, &repo, args.blob_mib)?);
-            let (mibs, cpu) = skopeo_push(&skopeo, peer, &layout, &format!("bench/skopeo{round}"), skopeo_mib)?;
-            sk[p].push(mibs);
+            let (secs, cpu) = skopeo_push(&skopeo, peer, &layout, &format!("bench/skopeo{round}"))?;
+            sk[p].push(skopeo_mib as f64 / secs);
             sk_cpu[p].push(cpu);
             // The same image to another repository: skopeo mounts every layer.
-            let took = timed(
-                &skopeo,
-                &[
-                    "copy".into(),
-                    "--quiet".into(),
-                    "--preserve-digests".into(),
-                    "--dest-tls-verify=false".into(),
-                    format!("oci:{}:v1", layout.display()),
-                    format!("docker://{}/bench/mounted{round}:v1", peer.addr),
-                ],
-            )?;
-            remount[p].push(took.as_secs_f64());
+            remount[p].push(skopeo_push(&skopeo, peer, &layout, &format!("bench/mounted{round}"))?.0);
             eprintln!(
                 "round {round} {}: push {:.0} MiB/s ({:.2} CPU-s/GiB), pull {:.0} MiB/s, skopeo {:.0} MiB/s ({:.2} CPU-s)",
                 peer.name,

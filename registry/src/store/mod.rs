@@ -11,8 +11,8 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 
-pub use fs::FsBlobStore;
 pub(crate) use fs::hash_file_sync;
+pub use fs::FsBlobStore;
 pub use memory::MemoryBlobStore;
 
 /// A readable blob.
