@@ -11,6 +11,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 
+#[cfg(feature = "client")]
 pub(crate) use fs::hash_file_sync;
 pub use fs::FsBlobStore;
 pub use memory::MemoryBlobStore;
