@@ -28,10 +28,12 @@ fn serve_push_pull_then_gc_and_fsck_offline() {
     std::fs::write(&creds, "ci:ci-secret-pw\n").expect("creds");
     let port = keelson_testkit::free_port().expect("port");
     let listen = format!("127.0.0.1:{port}");
+    let metrics_addr = format!("127.0.0.1:{}", keelson_testkit::free_port().expect("port"));
     let log = dir.path().join("serve.log");
     let server = Serve(
         Command::new(env!("CARGO_BIN_EXE_registry"))
             .args(["serve", "--root", root.to_str().expect("utf8"), "--listen", &listen, "--htpasswd", htpasswd.to_str().expect("utf8")])
+            .args(["--gc-interval", "300ms", "--metrics-listen", &metrics_addr])
             .env("RUST_LOG", "debug")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log"))
@@ -74,6 +76,22 @@ fn serve_push_pull_then_gc_and_fsck_offline() {
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(keelson_testkit::oci::blobs(&pulled).expect("pulled"), keelson_testkit::oci::blobs(&layout).expect("layout"));
+    // Garbage collection runs on its interval and what it removes is counted in metrics.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let m = rt
+            .block_on(keelson_testkit::http::get_when_up(metrics_addr.parse().expect("addr"), "m", "/metrics", Duration::from_secs(5)))
+            .expect("metrics");
+        if !m.body.contains("registry_gc_runs_total 0") || std::time::Instant::now() > deadline {
+            break m.body;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for name in ["registry_gc_runs_total", "registry_gc_blobs_removed_total", "registry_gc_uploads_removed_total", "registry_upload_bytes_total"] {
+        assert!(metrics.contains(name), "{name} missing:\n{metrics}");
+    }
+    assert!(!metrics.contains("registry_gc_runs_total 0"), "no GC ran:\n{metrics}");
     drop(server);
     let logged = std::fs::read_to_string(&log).expect("log");
     assert!(!logged.contains("ci-secret-pw"), "the password reached the log");

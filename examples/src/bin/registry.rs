@@ -272,20 +272,24 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     }
     if !gc_interval.is_zero() {
         let registry = registry.clone();
+        let metrics = server.metrics().clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(gc_interval);
             tick.tick().await;
             loop {
                 tick.tick().await;
                 match registry.gc().await {
-                    Ok(r) => tracing::info!(
-                        removed = r.blobs_removed,
-                        bytes = r.bytes_removed,
-                        spared = r.blobs_spared,
-                        uploads = r.uploads_removed,
-                        deferred = r.deferred,
-                        "gc"
-                    ),
+                    Ok(r) => {
+                        metrics.observe_gc(&r);
+                        tracing::info!(
+                            removed = r.blobs_removed,
+                            bytes = r.bytes_removed,
+                            spared = r.blobs_spared,
+                            uploads = r.uploads_removed,
+                            deferred = r.deferred,
+                            "gc"
+                        )
+                    }
                     Err(e) => tracing::warn!(error = %e, "gc failed"),
                 }
             }

@@ -26,6 +26,10 @@ pub struct ServerMetrics {
     pub bytes_received: Counter,
     /// Requests refused for missing, wrong or insufficient credentials.
     pub auth_failures: Counter,
+    gc_runs: Counter,
+    gc_blobs_removed: Counter,
+    gc_bytes_removed: Counter,
+    gc_uploads_removed: Counter,
 }
 
 impl Default for ServerMetrics {
@@ -35,6 +39,10 @@ impl Default for ServerMetrics {
             latency: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 16)),
             bytes_received: Counter::default(),
             auth_failures: Counter::default(),
+            gc_runs: Counter::default(),
+            gc_blobs_removed: Counter::default(),
+            gc_bytes_removed: Counter::default(),
+            gc_uploads_removed: Counter::default(),
         }
     }
 }
@@ -45,6 +53,14 @@ impl ServerMetrics {
         self.latency.observe(took.as_secs_f64());
     }
 
+    /// Counts what a garbage collection removed on purpose, so it shows in metrics.
+    pub fn observe_gc(&self, report: &crate::GcReport) {
+        self.gc_runs.inc();
+        self.gc_blobs_removed.inc_by(report.blobs_removed as u64);
+        self.gc_bytes_removed.inc_by(report.bytes_removed);
+        self.gc_uploads_removed.inc_by(report.uploads_removed as u64);
+    }
+
     /// Registers every metric under `registry_`.
     pub fn register(self: &Arc<Self>, registry: &mut prometheus_client::registry::Registry) {
         let sub = registry.sub_registry_with_prefix("registry");
@@ -52,6 +68,10 @@ impl ServerMetrics {
         sub.register("request_seconds", "Time to the response head", self.latency.clone());
         sub.register("upload_bytes", "Blob bytes received", self.bytes_received.clone());
         sub.register("auth_failures", "Requests refused by authentication or authorization", self.auth_failures.clone());
+        sub.register("gc_runs", "Garbage collections run", self.gc_runs.clone());
+        sub.register("gc_blobs_removed", "Unreferenced blobs removed by garbage collection", self.gc_blobs_removed.clone());
+        sub.register("gc_removed_bytes", "Bytes freed by garbage collection", self.gc_bytes_removed.clone());
+        sub.register("gc_uploads_removed", "Idle upload sessions ended by garbage collection", self.gc_uploads_removed.clone());
     }
 }
 
