@@ -88,7 +88,9 @@ fn serve_push_pull_then_gc_and_fsck_offline() {
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    for name in ["registry_gc_runs_total", "registry_gc_blobs_removed_total", "registry_gc_uploads_removed_total", "registry_upload_bytes_total"] {
+    for name in
+        ["registry_gc_runs_total", "registry_gc_blobs_removed_total", "registry_gc_uploads_removed_total", "registry_upload_bytes_total"]
+    {
         assert!(metrics.contains(name), "{name} missing:\n{metrics}");
     }
     assert!(!metrics.contains("registry_gc_runs_total 0"), "no GC ran:\n{metrics}");
