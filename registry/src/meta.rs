@@ -273,13 +273,14 @@ impl Meta {
                 tx.open_table(REFERRERS).map_err(db_err)?.remove((repo, subject.to_string().as_str(), ds.as_str())).map_err(db_err)?;
             }
             let mut tags = tx.open_table(TAGS).map_err(db_err)?;
-            let pointing: Vec<String> = tags
-                .range((repo, "")..(repo, HIGH))
-                .map_err(db_err)?
-                .filter_map(|e| e.ok())
-                .filter(|(_, v)| v.value() == ds)
-                .map(|(k, _)| k.value().1.to_owned())
-                .collect();
+            // A read error aborts the transaction: a tag must not outlive its manifest.
+            let mut pointing = Vec::new();
+            for e in tags.range((repo, "")..(repo, HIGH)).map_err(db_err)? {
+                let (k, v) = e.map_err(db_err)?;
+                if v.value() == ds {
+                    pointing.push(k.value().1.to_owned());
+                }
+            }
             for t in pointing {
                 tags.remove((repo, t.as_str())).map_err(db_err)?;
             }
@@ -298,12 +299,10 @@ impl Meta {
         let ds = d.to_string();
         self.write(true, |tx| {
             let mut by = tx.open_table(LINKED_BY).map_err(db_err)?;
-            let repos: Vec<String> = by
-                .range((ds.as_str(), "")..(ds.as_str(), HIGH))
-                .map_err(db_err)?
-                .filter_map(|e| e.ok())
-                .map(|(k, _)| k.value().1.to_owned())
-                .collect();
+            let mut repos = Vec::new();
+            for e in by.range((ds.as_str(), "")..(ds.as_str(), HIGH)).map_err(db_err)? {
+                repos.push(e.map_err(db_err)?.0.value().1.to_owned());
+            }
             let mut links = tx.open_table(BLOB_LINKS).map_err(db_err)?;
             for r in repos {
                 by.remove((ds.as_str(), r.as_str())).map_err(db_err)?;

@@ -196,7 +196,12 @@ impl Server {
                     b = b.header(*k, v);
                 }
                 let body = if method == Method::HEAD { body::empty() } else { body::full(e.body()) };
-                b.body(body).unwrap_or_else(|_| Response::new(body::empty()))
+                b.body(body).unwrap_or_else(|_| {
+                    // A header we could not encode: say so rather than answer 200.
+                    let mut r = Response::new(body::empty());
+                    *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                    r
+                })
             }
         };
         self.metrics.observe(&method, response.status(), started.elapsed());
