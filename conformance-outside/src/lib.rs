@@ -576,25 +576,47 @@ mod logship {
     #[derive(Debug, Default)]
     pub struct OutsideSource {
         records: std::collections::VecDeque<Record>,
-        /// Records handed out.
+        /// Reads that handed out records.
         pub calls: Calls,
+        /// The highest acknowledgement heard.
+        pub acked: u64,
+        /// Records acknowledged over every run, kept across "restarts".
+        checkpoint: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+        skipped: u64,
     }
 
     impl OutsideSource {
         /// A source that yields `records`, then ends.
         pub fn new(records: Vec<Record>) -> Self {
-            OutsideSource { records: records.into(), calls: Calls::default() }
+            OutsideSource { records: records.into(), calls: Calls::default(), acked: 0, checkpoint: None, skipped: 0 }
+        }
+
+        /// A source over `records` that starts after the `checkpoint`th and advances it
+        /// as records are acknowledged.
+        pub fn with_checkpoint(records: Vec<Record>, checkpoint: std::sync::Arc<std::sync::atomic::AtomicU64>) -> Self {
+            let skipped = checkpoint.load(std::sync::atomic::Ordering::SeqCst);
+            let records = records.into_iter().skip(usize::try_from(skipped).unwrap_or(usize::MAX)).collect();
+            OutsideSource { records, calls: Calls::default(), acked: 0, checkpoint: Some(checkpoint), skipped }
         }
     }
 
     #[async_trait]
     impl Source for OutsideSource {
-        async fn next(&mut self) -> Result<Option<Record>> {
-            let next = self.records.pop_front();
-            if next.is_some() {
+        async fn read(&mut self, batch: &mut Vec<Record>, max: usize) -> Result<usize> {
+            let n = max.min(self.records.len());
+            batch.extend(self.records.drain(..n));
+            if n > 0 {
                 self.calls.hit();
             }
-            Ok(next)
+            Ok(n)
+        }
+
+        async fn ack(&mut self, count: u64) -> Result<()> {
+            self.acked = self.acked.max(count);
+            if let Some(saved) = &self.checkpoint {
+                saved.store(self.skipped + self.acked, std::sync::atomic::Ordering::SeqCst);
+            }
+            Ok(())
         }
     }
 

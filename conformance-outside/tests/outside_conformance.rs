@@ -75,7 +75,11 @@ async fn an_outside_source_passes_source_conformance() {
     let expected: Vec<Record> = (0..20).map(|i| Record::now("conf-svc", "i0", Stream::Stdout, format!("line {i}"))).collect();
     let mut source = OutsideSource::new(expected.clone());
     keelson_logship::conformance::source_all(&mut source, &expected).await;
-    assert_eq!(source.calls.count(), 20);
+    assert!(source.calls.count() >= 1);
+    assert_eq!(source.acked, 20, "the acknowledgement reached the source");
+    let saved = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let open = || -> Box<dyn keelson_logship::Source> { Box::new(OutsideSource::with_checkpoint(expected.clone(), saved.clone())) };
+    keelson_logship::conformance::source_resumes_after_its_checkpoint(&open, &expected).await;
 }
 
 #[tokio::test]
@@ -87,7 +91,7 @@ async fn an_outside_sink_passes_sink_conformance() {
         std::fs::read_to_string(root.join(format!("{service}.log")))
             .unwrap_or_default()
             .lines()
-            .map(|l| serde_json::from_str(l).expect("every line is a record"))
+            .map(|l| Record::from_json(l).expect("every line is a record"))
             .collect()
     };
     keelson_logship::conformance::sink_all(&sink, &read_back).await;

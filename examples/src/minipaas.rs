@@ -290,17 +290,14 @@ async fn ship_new_replicas(
 }
 
 async fn ship(output: keelson_scheduler::Output, instance: String, sink: Arc<FileSink>) {
-    let replica = instance.clone();
-    let lines = output.map(move |l| Record {
-        timestamp: l.timestamp,
-        service: SERVICE.to_owned(),
-        instance: instance.clone(),
-        stream: match l.stream {
+    let labels = Arc::new(keelson_logship::Labels::new(SERVICE, instance.clone()));
+    let replica = instance;
+    let lines = output.map(move |l| {
+        let stream = match l.stream {
             OutputStream::Stdout => keelson_logship::Stream::Stdout,
             OutputStream::Stderr => keelson_logship::Stream::Stderr,
-        },
-        line: l.line,
-        partial: l.partial,
+        };
+        Record { timestamp: l.timestamp, partial: l.partial, ..Record::new(labels.clone(), stream, l.line) }
     });
     let mut source = StreamSource::new(lines);
     if let Err(e) = keelson_logship::ship(&mut source, &*sink, &ShipConfig::default()).await {

@@ -26,6 +26,14 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A peer did not answer in time; retrying may help.
+    #[error("{operation} timed out after {after:?}")]
+    Timeout {
+        /// What we were doing.
+        operation: String,
+        /// How long we waited.
+        after: std::time::Duration,
+    },
     /// The sink or source cannot do this.
     #[error("{backend} does not support {operation}")]
     Unsupported {
@@ -39,6 +47,10 @@ pub enum Error {
 impl Error {
     /// Whether the same call may succeed later.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Io { source, .. } if keelson_base::io_is_transient(source))
+        match self {
+            Error::Io { source, .. } => keelson_base::io_is_transient(source),
+            Error::Timeout { .. } => true,
+            _ => false,
+        }
     }
 }

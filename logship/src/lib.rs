@@ -28,19 +28,23 @@
 //! # }
 //! ```
 
+mod checkpoint;
 mod error;
 mod lines;
 mod record;
 mod ship;
 mod sink;
 mod source;
+mod sys;
+pub mod syslog;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
+pub use checkpoint::CheckpointFile;
 pub use error::{Error, Result};
 pub use lines::{Line, LineReader, LineSplitter, MAX_LINE_BYTES};
-pub use record::{validate_service, Record, Stream};
+pub use record::{validate_service, Labels, Record, Stream};
 pub use ship::{ship, ShipConfig, ShipStats, Shipper};
-pub use sink::{FileSink, Sink};
-pub use source::{ChildOutputSource, Source, StreamSource};
+pub use sink::{FileSink, FileSinkConfig, Sink, SyslogSink, SyslogSinkConfig, SyslogTransport};
+pub use source::{ChildOutputSource, FileSource, FileSourceConfig, Source, StartAt, StreamSource};

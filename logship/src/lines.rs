@@ -93,7 +93,7 @@ impl LineSplitter {
 /// The largest cut of `bytes` that does not split a UTF-8 character: before the last
 /// character if it is incomplete (looking back at most 3 bytes; bytes that are not UTF-8
 /// are cut where they are, and a piece is never empty).
-fn char_boundary(bytes: &[u8]) -> usize {
+pub(crate) fn char_boundary(bytes: &[u8]) -> usize {
     let len = bytes.len();
     let is_continuation = |b: u8| b & 0b1100_0000 == 0b1000_0000;
     let Some(start) = (len.saturating_sub(4)..len).rev().find(|&j| !is_continuation(bytes[j])) else { return len };
