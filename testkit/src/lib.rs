@@ -25,6 +25,7 @@ pub mod http;
 pub mod memory;
 pub mod netns;
 pub mod oci;
+pub mod rsyslog;
 pub mod tls;
 mod tools;
 pub mod unbound;

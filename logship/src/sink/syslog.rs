@@ -329,6 +329,10 @@ impl Sink for SyslogSink {
 async fn wait_until_taken(tcp: &TcpStream) -> std::io::Result<()> {
     let mut pause = Duration::from_micros(20);
     loop {
+        // A reset first: its queue may read as empty once the kernel dropped it.
+        if let Some(e) = tcp.take_error()? {
+            return Err(e);
+        }
         if crate::sys::unsent_bytes(tcp)? == 0 {
             return Ok(());
         }
