@@ -31,6 +31,7 @@
 mod checkpoint;
 mod error;
 mod lines;
+mod metrics;
 mod record;
 mod ship;
 mod sink;
@@ -44,7 +45,10 @@ pub mod conformance;
 pub use checkpoint::CheckpointFile;
 pub use error::{Error, Result};
 pub use lines::{Line, LineReader, LineSplitter, MAX_LINE_BYTES};
+pub use metrics::ShipMetrics;
 pub use record::{validate_service, Labels, Record, Stream};
 pub use ship::{ship, ShipConfig, ShipStats, Shipper};
-pub use sink::{FileSink, FileSinkConfig, Sink, SyslogSink, SyslogSinkConfig, SyslogTransport};
-pub use source::{ChildOutputSource, FileSource, FileSourceConfig, Source, StartAt, StreamSource};
+pub use sink::{
+    client_config, sink_from_url, FileSink, FileSinkConfig, Sink, SyslogSink, SyslogSinkConfig, SyslogSinkStats, SyslogTransport, TlsFiles,
+};
+pub use source::{ChildOutputSource, FileSource, FileSourceConfig, FileSourceStats, ReaderSource, Source, StartAt, StreamSource};

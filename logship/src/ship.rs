@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::metrics::ShipMetrics;
 use crate::record::Record;
 use crate::sink::Sink;
 use crate::source::Source;
@@ -85,6 +86,7 @@ pub struct Shipper {
     /// Records of the source acknowledged so far (what `Source::ack` is told).
     acked: u64,
     stats: ShipStats,
+    metrics: ShipMetrics,
 }
 
 impl Shipper {
@@ -97,7 +99,13 @@ impl Shipper {
                 reason: "max_batch, max_batch_bytes and attempts must be at least 1".into(),
             });
         }
-        Ok(Shipper { held: Vec::new(), next: Vec::new(), config, acked: 0, stats: ShipStats::default() })
+        Ok(Shipper { held: Vec::new(), next: Vec::new(), config, acked: 0, stats: ShipStats::default(), metrics: ShipMetrics::default() })
+    }
+
+    /// Keeps `metrics` up to date as well as [`Shipper::stats`].
+    pub fn with_metrics(mut self, metrics: ShipMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Records read from the source and not yet acknowledged by the sink.
@@ -129,7 +137,7 @@ impl Shipper {
             // Deliver `held` while reading the next batch into `next`. Once `held` is
             // acknowledged the read-ahead stops where it is (reads are cancel-safe: what
             // it read stays in `next`), so a quiet source never delays an acknowledgement.
-            let Shipper { config, held, next, stats, .. } = self;
+            let Shipper { config, held, next, stats, metrics, .. } = self;
             let read_ahead = async {
                 if ended || !next.is_empty() {
                     Ok(ended)
@@ -138,7 +146,7 @@ impl Shipper {
                 }
             };
             let (delivered, read) = {
-                let delivering = deliver(sink, held, config, stats);
+                let delivering = deliver(sink, held, config, stats, metrics);
                 tokio::pin!(read_ahead, delivering);
                 let mut read = None;
                 loop {
@@ -150,13 +158,16 @@ impl Shipper {
                 }
             };
             delivered?;
-            self.acked += self.held.len() as u64;
-            self.stats.records += self.held.len() as u64;
-            self.stats.bytes += self.held.iter().map(|r| r.line.len() as u64).sum::<u64>();
+            let (records, bytes) = (self.held.len() as u64, self.held.iter().map(|r| r.line.len() as u64).sum::<u64>());
+            self.acked += records;
+            self.stats.records += records;
+            self.stats.bytes += bytes;
             self.stats.batches += 1;
+            self.metrics.delivered(records, bytes);
             self.held.clear();
             if let Err(e) = source.ack(self.acked).await {
                 self.stats.ack_errors += 1;
+                self.metrics.ack_failed();
                 tracing::warn!(sink = sink.name(), error = %e, "the source could not record an acknowledgement; a restart re-sends");
             }
             if let Some(read) = read {
@@ -198,7 +209,7 @@ async fn fill(source: &mut dyn Source, batch: &mut Vec<Record>, config: &ShipCon
 }
 
 /// Sends `batch` and waits for its acknowledgement, retrying both on retryable errors.
-async fn deliver(sink: &dyn Sink, batch: &[Record], config: &ShipConfig, stats: &mut ShipStats) -> Result<()> {
+async fn deliver(sink: &dyn Sink, batch: &[Record], config: &ShipConfig, stats: &mut ShipStats, metrics: &ShipMetrics) -> Result<()> {
     let mut pauses = config.pauses();
     let mut attempt = 1;
     loop {
@@ -211,6 +222,7 @@ async fn deliver(sink: &dyn Sink, batch: &[Record], config: &ShipConfig, stats: 
             Err(e) if e.is_retryable() && attempt < config.attempts => {
                 tracing::warn!(sink = sink.name(), attempt, error = %e, "send failed; retrying");
                 stats.retries += 1;
+                metrics.retried();
                 attempt += 1;
                 tokio::time::sleep(pauses.next().unwrap_or(config.max_backoff)).await;
             }

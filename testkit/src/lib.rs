@@ -26,6 +26,7 @@ pub mod memory;
 pub mod netns;
 pub mod oci;
 pub mod rsyslog;
+pub mod syslog_counter;
 pub mod tls;
 mod tools;
 pub mod unbound;

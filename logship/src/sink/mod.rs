@@ -2,9 +2,11 @@
 
 mod file;
 mod syslog;
+mod url;
 
 pub use file::{FileSink, FileSinkConfig};
-pub use syslog::{SyslogSink, SyslogSinkConfig, SyslogTransport};
+pub use syslog::{SyslogSink, SyslogSinkConfig, SyslogSinkStats, SyslogTransport};
+pub use url::{client_config, sink_from_url, TlsFiles};
 
 use async_trait::async_trait;
 

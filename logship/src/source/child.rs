@@ -76,6 +76,34 @@ impl Source for ChildOutputSource {
     }
 }
 
+/// Lines of one reader (stdin, a socket, a pipe) as records of one stream; ends at the
+/// reader's end. Like [`ChildOutputSource`], a reader has no checkpoint.
+#[derive(Debug)]
+pub struct ReaderSource {
+    inner: ChildOutputSource,
+}
+
+impl ReaderSource {
+    /// Lines of `reader`, labelled with `labels`, as `stream`.
+    pub fn new(labels: Labels, stream: Stream, reader: impl AsyncRead + Send + Unpin + 'static) -> Self {
+        let (tx, rx) = mpsc::channel(1024);
+        spawn_reader(tx, std::sync::Arc::new(labels), stream, reader);
+        ReaderSource { inner: ChildOutputSource { rx } }
+    }
+
+    /// Lines of this process's standard input.
+    pub fn stdin(labels: Labels) -> Self {
+        Self::new(labels, Stream::Stdout, tokio::io::stdin())
+    }
+}
+
+#[async_trait]
+impl Source for ReaderSource {
+    async fn read(&mut self, batch: &mut Vec<Record>, max: usize) -> Result<usize> {
+        self.inner.read(batch, max).await
+    }
+}
+
 /// Any stream of records as a source (a driver's output mapped to records, say).
 pub struct StreamSource {
     stream: futures::stream::Fuse<BoxStream<'static, Record>>,

@@ -3,8 +3,8 @@
 mod child;
 mod file;
 
-pub use child::{ChildOutputSource, StreamSource};
-pub use file::{FileSource, FileSourceConfig, StartAt};
+pub use child::{ChildOutputSource, ReaderSource, StreamSource};
+pub use file::{FileSource, FileSourceConfig, FileSourceStats, StartAt};
 
 use async_trait::async_trait;
 

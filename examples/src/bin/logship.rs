@@ -1,0 +1,152 @@
+//! `logship`: ships log files (or stdin) to syslog or to files, at least once.
+//!
+//! ```text
+//! logship --file '/var/log/app/*.log*' --checkpoints /var/lib/logship/files.json --to tcp://127.0.0.1:514
+//! logship --file app.log --service web --to tls://logs.example:6514 --tls-ca ca.pem
+//! some-program | logship --stdin --service batch --to udp://127.0.0.1:514
+//! logship --file 'old/*.log' --once --to file:///srv/archive
+//! ```
+//!
+//! A file's offset is saved only after the receiver has the lines before it: kill
+//! `logship` at any moment and the next start sends what was not acknowledged (at most
+//! one batch again), never skipping a line. While the receiver stalls, reading pauses.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use keelson_logship::{
+    sink_from_url, FileSource, FileSourceConfig, Labels, ReaderSource, ShipConfig, ShipMetrics, Shipper, Sink, Source, StartAt, TlsFiles,
+};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "Ships log files or stdin to syslog or files, at least once")]
+struct Args {
+    /// Files to tail (glob patterns; include rotated names such as 'app.log*').
+    #[arg(long = "file", value_name = "GLOB", required_unless_present = "stdin", env = "KEELSON_LOGSHIP_FILES", value_delimiter = ',')]
+    files: Vec<String>,
+    /// Read lines from standard input instead of files (ends at its end).
+    #[arg(long, conflicts_with = "files")]
+    stdin: bool,
+    /// Where to send: tcp://host:port, tls://host:port, udp://host:port (syslog RFC 5424)
+    /// or file:///dir (JSON lines per service).
+    #[arg(long, env = "KEELSON_LOGSHIP_TO")]
+    to: String,
+    /// PEM file of the certificates a tls:// receiver is checked against.
+    #[arg(long, env = "KEELSON_LOGSHIP_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Name the tls:// receiver's certificate must carry (default: the URL's host).
+    #[arg(long)]
+    tls_server_name: Option<String>,
+    /// Service label (default: each file's name up to its first dot; "stdin" for stdin).
+    #[arg(long, env = "KEELSON_LOGSHIP_SERVICE")]
+    service: Option<String>,
+    /// Instance label.
+    #[arg(long, default_value = "")]
+    instance: String,
+    /// Node label (syslog HOSTNAME; default: this machine's name).
+    #[arg(long)]
+    node: Option<String>,
+    /// Where file offsets are kept (without it, a restart starts over).
+    #[arg(long, env = "KEELSON_LOGSHIP_CHECKPOINTS")]
+    checkpoints: Option<PathBuf>,
+    /// Where to start in files found at the first start that have no checkpoint.
+    #[arg(long, value_enum, default_value = "beginning")]
+    start_at: Start,
+    /// Stop once every file is read to its end and acknowledged.
+    #[arg(long)]
+    once: bool,
+    /// Records per batch at most.
+    #[arg(long, default_value_t = 2048)]
+    max_batch: usize,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464).
+    #[arg(long, env = "KEELSON_LOGSHIP_METRICS")]
+    metrics: Option<SocketAddr>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Start {
+    Beginning,
+    End,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    keelson_examples::init_tracing();
+    let args = Args::parse();
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("logship: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let mut tls = TlsFiles::default();
+    tls.ca = args.tls_ca.clone();
+    tls.server_name = args.tls_server_name.clone();
+    let sink: Arc<dyn Sink> = sink_from_url(&args.to, &tls).map_err(|e| e.to_string())?;
+    let mut labels = Labels::new(args.service.clone().unwrap_or_default(), args.instance.clone());
+    labels.node = args.node.clone();
+    let mut source: Box<dyn Source> = if args.stdin {
+        if labels.service.is_empty() {
+            labels.service = "stdin".into();
+        }
+        Box::new(ReaderSource::stdin(labels))
+    } else {
+        let mut config = FileSourceConfig::new(args.files.clone());
+        config.labels = labels;
+        config.checkpoints = args.checkpoints.clone();
+        config.start_at = match args.start_at {
+            Start::Beginning => StartAt::Beginning,
+            Start::End => StartAt::End,
+        };
+        config.stop_at_eof = args.once;
+        Box::new(FileSource::new(config).map_err(|e| e.to_string())?)
+    };
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = ShipMetrics::register(&mut registry);
+    if let Some(addr) = args.metrics {
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("binding the metrics listener {addr}: {e}"))?;
+        tokio::spawn(keelson_examples::metrics_http::serve_metrics(listener, Arc::new(registry)));
+    }
+    let mut config = ShipConfig::default();
+    config.max_batch = args.max_batch;
+    let mut shipper = Shipper::new(config.clone()).map_err(|e| e.to_string())?.with_metrics(metrics);
+    tracing::info!(to = %args.to, "shipping");
+    let mut pauses = config.pauses();
+    let mut shipped_at_last_error = 0;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
+    loop {
+        tokio::select! {
+            result = shipper.run(&mut *source, &*sink) => match result {
+                Ok(stats) => {
+                    tracing::info!(records = stats.records, batches = stats.batches, retries = stats.retries, "all input shipped");
+                    return Ok(());
+                }
+                Err(e) if e.is_retryable() => {
+                    // The receiver is down: what was read stays held and goes first.
+                    // Pauses grow while nothing gets through, and start small again after.
+                    if shipper.stats().records > shipped_at_last_error {
+                        pauses = config.pauses();
+                        shipped_at_last_error = shipper.stats().records;
+                    }
+                    let pause = pauses.next().unwrap_or(Duration::from_secs(10));
+                    tracing::warn!(error = %e, retry_in = ?pause, held = shipper.held().count(), "shipping paused");
+                    tokio::time::sleep(pause).await;
+                }
+                Err(e) => return Err(e.to_string()),
+            },
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+        }
+    }
+    // What was not acknowledged is sent again by the next start.
+    tracing::info!(records = shipper.stats().records, "stopping");
+    Ok(())
+}
