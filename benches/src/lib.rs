@@ -12,6 +12,7 @@
 
 pub mod c1m;
 pub mod placement;
+pub mod procstat;
 pub mod proxy_bench;
 
 use keelson_scheduler::{ClusterSnapshot, Constraint, Job, Node, Resources, TaskGroup};

@@ -83,17 +83,6 @@ fn source(addr: SocketAddr, mib: u64, connections: usize) -> Fallible<()> {
     Ok(())
 }
 
-/// User plus system CPU seconds of process `pid` and its threads so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // Fields start at the 3rd (state), so utime (14) is index 11 and stime (15) index 12.
-    (ticks(11) + ticks(12)) / 100.0
-}
-
 fn wait_listening(addr: SocketAddr) -> Fallible<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
@@ -143,7 +132,7 @@ fn start_haproxy(haproxy: &Path, dir: &Path, listen: u16, sink: u16) -> Fallible
 
 /// One run through `server`: (Gbit/s, proxy CPU seconds per GiB).
 fn run_once(me: &Path, server: &Server, args: &Args) -> Fallible<(f64, f64)> {
-    let cpu_before = cpu_seconds(server.child.id());
+    let cpu_before = keelson_benches::procstat::cpu_seconds(server.child.id());
     let out = std::process::Command::new("taskset")
         .args(["-c", LOAD_CPU])
         .arg(me)
@@ -155,7 +144,7 @@ fn run_once(me: &Path, server: &Server, args: &Args) -> Fallible<(f64, f64)> {
         return Err(format!("source through {} failed", server.name));
     }
     let seconds: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().map_err(|_| "source printed no time".to_owned())?;
-    let cpu = cpu_seconds(server.child.id()) - cpu_before;
+    let cpu = keelson_benches::procstat::cpu_seconds(server.child.id()) - cpu_before;
     let gib = args.mib as f64 / 1024.0;
     Ok((gib * 8.0 * 1.073_741_824 / seconds, cpu / gib))
 }

@@ -12,7 +12,7 @@ use tokio::sync::Mutex;
 use super::Sink;
 use crate::error::{Error, Result};
 use crate::record::Record;
-use crate::syslog::{encode_5424, Header5424, FACILITY_USER, SD_ID};
+use crate::syslog::{Encoder5424, Header5424, FACILITY_USER, SD_ID};
 
 /// How [`SyslogSink`] reaches the receiver.
 #[derive(Clone)]
@@ -121,6 +121,7 @@ struct Conn {
     stream: Option<Stream>,
     /// Frames of the batch being sent, reused between batches.
     buf: Vec<u8>,
+    encoder: Encoder5424,
 }
 
 enum Stream {
@@ -249,7 +250,7 @@ impl Sink for SyslogSink {
         if conn.stream.is_none() {
             conn.stream = Some(self.connect().await?);
         }
-        let Conn { stream, buf } = &mut *conn;
+        let Conn { stream, buf, encoder } = &mut *conn;
         buf.clear();
         let header = self.header();
         let result = match stream {
@@ -257,7 +258,7 @@ impl Sink for SyslogSink {
                 let mut result = Ok(());
                 for record in batch {
                     buf.clear();
-                    encode_5424(buf, record, &header, false);
+                    encoder.encode(buf, record, &header, false);
                     if buf.len() > self.config.max_datagram {
                         buf.truncate(self.config.max_datagram);
                         self.truncated.fetch_add(1, Ordering::Relaxed);
@@ -272,7 +273,7 @@ impl Sink for SyslogSink {
             }
             Some(s) => {
                 for record in batch {
-                    encode_5424(buf, record, &header, true);
+                    encoder.encode(buf, record, &header, true);
                 }
                 let written = match s {
                     Stream::Tcp(tcp) => tcp.write_all(buf).await,
@@ -323,11 +324,15 @@ impl Sink for SyslogSink {
 }
 
 /// Waits until the peer's TCP stack has acknowledged every byte written to `tcp`, or
-/// the peer closed or reset the connection (an error). Polls the send queue, backing
-/// off from 20 µs to 5 ms: a receiver keeping up answers within a few round trips, a
-/// stalled one costs 200 wake-ups a second.
+/// the peer closed or reset the connection (an error). The kernel has no event for "all
+/// acknowledged", so this polls the send queue: first by yielding (a receiver keeping up
+/// on a LAN answers within tens of microseconds, far below the timer's 1 ms), then
+/// sleeping from 1 ms up to 5 ms (a stalled receiver costs at most 1,000 wake-ups a
+/// second, usually 200).
 async fn wait_until_taken(tcp: &TcpStream) -> std::io::Result<()> {
-    let mut pause = Duration::from_micros(20);
+    const SPINS: u32 = 256;
+    let mut polls = 0u32;
+    let mut pause = Duration::from_millis(1);
     loop {
         // A reset first: its queue may read as empty once the kernel dropped it.
         if let Some(e) = tcp.take_error()? {
@@ -339,7 +344,12 @@ async fn wait_until_taken(tcp: &TcpStream) -> std::io::Result<()> {
         if crate::sys::peer_closed(tcp)? {
             return Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "the receiver closed the connection"));
         }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(5));
+        polls += 1;
+        if polls < SPINS {
+            tokio::task::yield_now().await;
+        } else {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(5));
+        }
     }
 }

@@ -23,6 +23,31 @@ pub struct Header5424<'a> {
 /// space when `octet_counted`. Header fields are cut to their RFC lengths and anything
 /// outside printable US-ASCII in them becomes `_`; MSG is the line's UTF-8 as is.
 pub fn encode_5424(out: &mut Vec<u8>, record: &Record, header: &Header5424<'_>, octet_counted: bool) {
+    Encoder5424::default().encode(out, record, header, octet_counted);
+}
+
+/// [`encode_5424`] for many records: records read together share a timestamp, so its
+/// text is formatted once.
+#[derive(Debug, Default)]
+pub struct Encoder5424 {
+    last: Option<(std::time::SystemTime, String)>,
+}
+
+impl Encoder5424 {
+    /// Appends `record` to `out`, as [`encode_5424`] does.
+    pub fn encode(&mut self, out: &mut Vec<u8>, record: &Record, header: &Header5424<'_>, octet_counted: bool) {
+        encode_with(out, record, header, octet_counted, self.timestamp(record.timestamp));
+    }
+
+    fn timestamp(&mut self, t: std::time::SystemTime) -> &str {
+        if self.last.as_ref().is_none_or(|(at, _)| *at != t) {
+            self.last = Some((t, humantime::format_rfc3339_micros(t).to_string()));
+        }
+        self.last.as_ref().map_or("-", |(_, text)| text.as_str())
+    }
+}
+
+fn encode_with(out: &mut Vec<u8>, record: &Record, header: &Header5424<'_>, octet_counted: bool, timestamp: &str) {
     let start = out.len();
     if octet_counted {
         // Room for the length, filled in once the message is written: up to 10 digits
@@ -32,7 +57,11 @@ pub fn encode_5424(out: &mut Vec<u8>, record: &Record, header: &Header5424<'_>, 
     let body = out.len();
     let priority = record.priority.unwrap_or_else(|| header.facility.min(23) * 8 + super::default_severity(record.stream));
     let labels = &*record.labels;
-    let _ = write!(out, "<{priority}>1 {} ", humantime::format_rfc3339_micros(record.timestamp));
+    out.push(b'<');
+    out.extend_from_slice(itoa::Buffer::new().format(priority).as_bytes());
+    out.extend_from_slice(b">1 ");
+    out.extend_from_slice(timestamp.as_bytes());
+    out.push(b' ');
     field(out, labels.node.as_deref().unwrap_or(header.hostname), 255);
     out.push(b' ');
     field(out, &labels.service, 48);

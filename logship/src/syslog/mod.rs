@@ -3,7 +3,7 @@
 
 mod encode;
 
-pub use encode::{encode_5424, Header5424, SD_ID};
+pub use encode::{encode_5424, Encoder5424, Header5424, SD_ID};
 
 /// Facility `user` (1), for records that carry no priority of their own.
 pub const FACILITY_USER: u8 = 1;
