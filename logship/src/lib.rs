@@ -32,6 +32,7 @@ mod checkpoint;
 mod error;
 mod lines;
 mod metrics;
+mod queue;
 mod record;
 mod ship;
 mod sink;
@@ -46,9 +47,13 @@ pub use checkpoint::CheckpointFile;
 pub use error::{Error, Result};
 pub use lines::{Line, LineReader, LineSplitter, MAX_LINE_BYTES};
 pub use metrics::ShipMetrics;
+pub use queue::{DiskQueue, DiskQueueConfig, DiskQueueStats, Overflow, QueueSource};
 pub use record::{validate_service, Labels, Record, Stream};
 pub use ship::{ship, ShipConfig, ShipStats, Shipper};
 pub use sink::{
     client_config, sink_from_url, FileSink, FileSinkConfig, Sink, SyslogSink, SyslogSinkConfig, SyslogSinkStats, SyslogTransport, TlsFiles,
 };
-pub use source::{ChildOutputSource, FileSource, FileSourceConfig, FileSourceStats, ReaderSource, Source, StartAt, StreamSource};
+pub use source::{
+    ChildOutputSource, FileSource, FileSourceConfig, FileSourceStats, ReaderSource, Source, StartAt, StreamSource, SyslogSource,
+    SyslogSourceConfig, SyslogSourceStats,
+};

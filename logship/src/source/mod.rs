@@ -2,9 +2,11 @@
 
 mod child;
 mod file;
+mod syslog;
 
 pub use child::{ChildOutputSource, ReaderSource, StreamSource};
 pub use file::{FileSource, FileSourceConfig, FileSourceStats, StartAt};
+pub use syslog::{SyslogSource, SyslogSourceConfig, SyslogSourceStats};
 
 use async_trait::async_trait;
 

@@ -2,8 +2,10 @@
 //! senders write (RFC 5424 and the older BSD format of RFC 3164).
 
 mod encode;
+mod parse;
 
 pub use encode::{encode_5424, Encoder5424, Header5424, SD_ID};
+pub use parse::{parse, Format, Parsed};
 
 /// Facility `user` (1), for records that carry no priority of their own.
 pub const FACILITY_USER: u8 = 1;
