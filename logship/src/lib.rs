@@ -39,6 +39,7 @@ mod sink;
 mod source;
 mod sys;
 pub mod syslog;
+pub mod transform;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
