@@ -34,6 +34,16 @@ pub enum Error {
         /// How long we waited.
         after: std::time::Duration,
     },
+    /// A server answered with an error status.
+    #[error("{url} answered {status}: {body}")]
+    Rejected {
+        /// The HTTP status.
+        status: u16,
+        /// Where the request went.
+        url: String,
+        /// The start of the answer.
+        body: String,
+    },
     /// The sink or source cannot do this.
     #[error("{backend} does not support {operation}")]
     Unsupported {
@@ -50,6 +60,7 @@ impl Error {
         match self {
             Error::Io { source, .. } => keelson_base::io_is_transient(source),
             Error::Timeout { .. } => true,
+            Error::Rejected { status, .. } => matches!(status, 408 | 429) || *status >= 500,
             _ => false,
         }
     }

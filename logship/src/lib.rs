@@ -52,7 +52,8 @@ pub use queue::{DiskQueue, DiskQueueConfig, DiskQueueStats, Overflow, QueueSourc
 pub use record::{validate_service, Labels, Record, Stream};
 pub use ship::{ship, ShipConfig, ShipStats, Shipper};
 pub use sink::{
-    client_config, sink_from_url, FileSink, FileSinkConfig, Sink, SyslogSink, SyslogSinkConfig, SyslogSinkStats, SyslogTransport, TlsFiles,
+    client_config, sink_from_url, FileSink, FileSinkConfig, HttpFormat, HttpSink, HttpSinkConfig, Sink, SinkOptions, SyslogSink,
+    SyslogSinkConfig, SyslogSinkStats, SyslogTransport,
 };
 pub use source::{
     ChildOutputSource, FileSource, FileSourceConfig, FileSourceStats, ReaderSource, Source, StartAt, StreamSource, SyslogSource,

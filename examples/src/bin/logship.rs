@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use keelson_logship::{
-    sink_from_url, FileSource, FileSourceConfig, Labels, ReaderSource, ShipConfig, ShipMetrics, Shipper, Sink, Source, StartAt, TlsFiles,
+    sink_from_url, FileSource, FileSourceConfig, Labels, ReaderSource, ShipConfig, ShipMetrics, Shipper, Sink, SinkOptions, Source, StartAt,
 };
 
 #[derive(Parser, Debug)]
@@ -31,11 +31,15 @@ struct Args {
     /// Read lines from standard input instead of files (ends at its end).
     #[arg(long, conflicts_with = "files")]
     stdin: bool,
-    /// Where to send: tcp://host:port, tls://host:port, udp://host:port (syslog RFC 5424)
-    /// or file:///dir (JSON lines per service).
+    /// Where to send: tcp://host:port, tls://host:port, udp://host:port (syslog RFC 5424),
+    /// file:///dir (JSON lines per service), http(s)://… (NDJSON), loki+http(s)://… or
+    /// elasticsearch+http(s)://…/_bulk?index=NAME.
     #[arg(long, env = "KEELSON_LOGSHIP_TO")]
     to: String,
-    /// PEM file of the certificates a tls:// receiver is checked against.
+    /// File holding the bearer token for http(s) sinks (never on the command line).
+    #[arg(long, env = "KEELSON_LOGSHIP_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// PEM file of the certificates a tls:// or https:// receiver is checked against.
     #[arg(long, env = "KEELSON_LOGSHIP_TLS_CA")]
     tls_ca: Option<PathBuf>,
     /// Name the tls:// receiver's certificate must carry (default: the URL's host).
@@ -87,10 +91,14 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), String> {
-    let mut tls = TlsFiles::default();
-    tls.ca = args.tls_ca.clone();
-    tls.server_name = args.tls_server_name.clone();
-    let sink: Arc<dyn Sink> = sink_from_url(&args.to, &tls).map_err(|e| e.to_string())?;
+    let mut options = SinkOptions::default();
+    options.ca = args.tls_ca.clone();
+    options.server_name = args.tls_server_name.clone();
+    if let Some(path) = &args.token_file {
+        let token = std::fs::read_to_string(path).map_err(|e| format!("reading the token file {}: {e}", path.display()))?;
+        options.bearer_token = Some(token.trim().to_owned());
+    }
+    let sink: Arc<dyn Sink> = sink_from_url(&args.to, &options).map_err(|e| e.to_string())?;
     let mut labels = Labels::new(args.service.clone().unwrap_or_default(), args.instance.clone());
     labels.node = args.node.clone();
     let mut source: Box<dyn Source> = if args.stdin {

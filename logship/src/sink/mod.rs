@@ -1,12 +1,14 @@
 //! Sinks: where records go, and when they count as delivered.
 
 mod file;
+mod http;
 mod syslog;
 mod url;
 
 pub use file::{FileSink, FileSinkConfig};
+pub use http::{HttpFormat, HttpSink, HttpSinkConfig};
 pub use syslog::{SyslogSink, SyslogSinkConfig, SyslogSinkStats, SyslogTransport};
-pub use url::{client_config, sink_from_url, TlsFiles};
+pub use url::{client_config, sink_from_url, SinkOptions};
 
 use async_trait::async_trait;
 

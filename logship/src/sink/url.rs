@@ -3,23 +3,36 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::{FileSink, Sink, SyslogSink, SyslogSinkConfig, SyslogTransport};
+use super::{FileSink, HttpFormat, HttpSink, HttpSinkConfig, Sink, SyslogSink, SyslogSinkConfig, SyslogTransport};
 use crate::error::{Error, Result};
 
-/// TLS settings for `tls://` sinks.
-#[derive(Clone, Debug, Default)]
+/// What a sink URL does not say: TLS trust and credentials.
+#[derive(Clone, Default)]
 #[non_exhaustive]
-pub struct TlsFiles {
-    /// PEM file of the certificates to trust (default: none, so a CA must be given).
+pub struct SinkOptions {
+    /// PEM file of the certificates to trust for `tls://` and `https://` (default: none,
+    /// so a CA must be given).
     pub ca: Option<PathBuf>,
-    /// The name the server's certificate must carry (default: the URL's host).
+    /// The name a `tls://` server's certificate must carry (default: the URL's host).
     pub server_name: Option<String>,
+    /// Bearer token for HTTP sinks (read it from a file or the environment).
+    pub bearer_token: Option<String>,
 }
 
-impl TlsFiles {
+impl std::fmt::Debug for SinkOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SinkOptions")
+            .field("ca", &self.ca)
+            .field("server_name", &self.server_name)
+            .field("bearer_token", &self.bearer_token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl SinkOptions {
     /// Trusting the certificates in `ca`.
     pub fn new(ca: impl Into<PathBuf>) -> Self {
-        TlsFiles { ca: Some(ca.into()), server_name: None }
+        SinkOptions { ca: Some(ca.into()), ..SinkOptions::default() }
     }
 }
 
@@ -28,10 +41,30 @@ impl TlsFiles {
 /// - `tcp://host:port`: syslog RFC 5424, octet counted, over TCP;
 /// - `tls://host:port`: the same over TLS (RFC 5425), trusting `tls.ca`;
 /// - `udp://host:port`: syslog RFC 5424 over UDP;
-/// - `file:///dir`: JSON lines, one file per service, rotated by size.
-pub fn sink_from_url(url: &str, tls: &TlsFiles) -> Result<Arc<dyn Sink>> {
+/// - `file:///dir`: JSON lines, one file per service, rotated by size;
+/// - `http://…` or `https://…`: NDJSON POSTed to that URL;
+/// - `loki+http://host:3100/loki/api/v1/push`: Loki's push API;
+/// - `elasticsearch+http://host:9200/_bulk?index=logs`: Elasticsearch's bulk API.
+pub fn sink_from_url(url: &str, options: &SinkOptions) -> Result<Arc<dyn Sink>> {
     let bad = |reason: &str| Error::InvalidInput { field: "sink URL", value: url.to_owned(), reason: reason.to_owned() };
-    let (scheme, rest) = url.split_once("://").ok_or_else(|| bad("expected scheme://address (tcp, tls, udp or file)"))?;
+    let (scheme, rest) = url.split_once("://").ok_or_else(|| bad("expected scheme://address (tcp, tls, udp, file, http or https)"))?;
+    let http = |format: HttpFormat, inner: &str| -> Result<Arc<dyn Sink>> {
+        let mut config = HttpSinkConfig::new(inner, format);
+        config.bearer_token = options.bearer_token.clone();
+        if inner.starts_with("https://") {
+            let ca = options.ca.as_ref().ok_or_else(|| bad("an https:// sink needs a CA file to trust"))?;
+            config.tls = Some(client_config(ca)?);
+        }
+        Ok(Arc::new(HttpSink::new(config)?))
+    };
+    if let Some(inner) = url.strip_prefix("loki+") {
+        return http(HttpFormat::Loki, inner);
+    }
+    if let Some(inner) = url.strip_prefix("elasticsearch+") {
+        let index = inner.split_once("index=").map_or("logs", |(_, i)| i.split('&').next().unwrap_or("logs")).to_owned();
+        let base = inner.split_once('?').map_or(inner, |(b, _)| b);
+        return http(HttpFormat::ElasticsearchBulk { index }, base);
+    }
     let address = || -> Result<String> {
         let (host, port) = rest.rsplit_once(':').ok_or_else(|| bad("expected host:port"))?;
         if host.is_empty() || port.parse::<u16>().is_err() {
@@ -45,9 +78,9 @@ pub fn sink_from_url(url: &str, tls: &TlsFiles) -> Result<Arc<dyn Sink>> {
         "tls" => {
             let addr = address()?;
             let host = addr.rsplit_once(':').map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']').to_owned()).unwrap_or_default();
-            let ca = tls.ca.as_ref().ok_or_else(|| bad("a tls:// sink needs a CA file to trust"))?;
+            let ca = options.ca.as_ref().ok_or_else(|| bad("a tls:// sink needs a CA file to trust"))?;
             let config = client_config(ca)?;
-            let server_name = tls.server_name.clone().unwrap_or(host);
+            let server_name = options.server_name.clone().unwrap_or(host);
             Arc::new(SyslogSink::new(SyslogSinkConfig::new(SyslogTransport::Tls { addr, server_name, config }))?)
         }
         "file" => {
@@ -56,7 +89,8 @@ pub fn sink_from_url(url: &str, tls: &TlsFiles) -> Result<Arc<dyn Sink>> {
             }
             Arc::new(FileSink::new(rest)?)
         }
-        _ => return Err(bad("unknown scheme: use tcp, tls, udp or file")),
+        "http" | "https" => http(HttpFormat::Ndjson, url)?,
+        _ => return Err(bad("unknown scheme: use tcp, tls, udp, file, http or https (loki+ and elasticsearch+ for those APIs)")),
     })
 }
 
@@ -94,11 +128,22 @@ mod tests {
             ("tls://h:6514", "CA file"),
             ("file://", "file:///"),
         ] {
-            let err = sink_from_url(url, &TlsFiles::default()).expect_err(url).to_string();
+            let err = sink_from_url(url, &SinkOptions::default()).expect_err(url).to_string();
             assert!(err.contains(url) && err.contains(why), "{url}: {err}");
         }
-        let err = sink_from_url("tls://h:6514", &TlsFiles::new("/nonexistent/ca.pem")).expect_err("missing CA").to_string();
+        let err = sink_from_url("tls://h:6514", &SinkOptions::new("/nonexistent/ca.pem")).expect_err("missing CA").to_string();
         assert!(err.contains("/nonexistent/ca.pem"), "{err}");
-        assert_eq!(sink_from_url("tcp://127.0.0.1:514", &TlsFiles::default()).expect("tcp").name(), "syslog");
+        let err = sink_from_url("https://h/push", &SinkOptions::default()).expect_err("no CA").to_string();
+        assert!(err.contains("CA file"), "{err}");
+        assert_eq!(sink_from_url("tcp://127.0.0.1:514", &SinkOptions::default()).expect("tcp").name(), "syslog");
+        for url in [
+            "http://127.0.0.1:9/push",
+            "loki+http://127.0.0.1:3100/loki/api/v1/push",
+            "elasticsearch+http://127.0.0.1:9200/_bulk?index=app",
+        ] {
+            assert_eq!(sink_from_url(url, &SinkOptions::default()).expect(url).name(), "http");
+        }
+        let secret = SinkOptions { bearer_token: Some("s3cret".into()), ..SinkOptions::default() };
+        assert!(!format!("{secret:?}").contains("s3cret"));
     }
 }
