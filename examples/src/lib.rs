@@ -28,6 +28,8 @@ pub struct ReadmeExamples;
 
 pub mod backends;
 pub mod hello;
+pub mod logd;
+pub mod logs_client;
 pub mod metrics_http;
 pub mod minipaas;
 

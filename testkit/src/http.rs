@@ -26,6 +26,28 @@ pub struct Reply {
 /// Sends one request over a fresh connection to `addr` with the given `Host` and extra
 /// headers, and reads the whole response (10 s limit).
 pub async fn request(addr: SocketAddr, method: &str, host: &str, path: &str, headers: &[(&str, &str)]) -> Result<Reply, TestkitError> {
+    send(addr, method, host, path, headers, Bytes::new()).await
+}
+
+/// Like [`request`] with a body, and `Host: test`.
+pub async fn request_with_body(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> Result<Reply, TestkitError> {
+    send(addr, method, "test", path, headers, Bytes::from(body)).await
+}
+
+async fn send(
+    addr: SocketAddr,
+    method: &str,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Result<Reply, TestkitError> {
     let fail = |detail: String| TestkitError::Failed { what: format!("{method} http://{host}{path} via {addr}"), detail };
     let exchange = async {
         let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| fail(e.to_string()))?;
@@ -35,7 +57,7 @@ pub async fn request(addr: SocketAddr, method: &str, host: &str, path: &str, hea
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let req = req.body(Full::new(Bytes::new())).map_err(|e| fail(e.to_string()))?;
+        let req = req.body(Full::new(body)).map_err(|e| fail(e.to_string()))?;
         let resp = sender.send_request(req).await.map_err(|e| fail(e.to_string()))?;
         let status = resp.status().as_u16();
         let mut headers = BTreeMap::new();

@@ -9,7 +9,12 @@
 //! keelson-ctl --etcd http://127.0.0.1:2379 rollback web http "errors after the switch"
 //! keelson-ctl --etcd http://127.0.0.1:2379 run migrate.json    # a RunSpec
 //! keelson-ctl --etcd http://127.0.0.1:2379 result migrate-42
+//! keelson-ctl logs shop http --follow --since 10m --logd http://127.0.0.1:7070 --token-file logd.token
 //! ```
+//!
+//! `logs` reads a job's output from `logd` (the node agents ship it there with
+//! `--logs-to`): every group of the job, or one; one line per record,
+//! `<time> <instance> <stream> <line>`, or the records as NDJSON with `--json`.
 //!
 //! Answers are JSON on stdout; errors go to stderr with exit status 1 (2 for usage).
 //! Build with `--features etcd`.
@@ -48,6 +53,35 @@ enum Command {
     Run { file: std::path::PathBuf },
     /// Prints a run's result (null while it has not ended).
     Result { id: String },
+    /// Prints a job's output (every group, or one) from logd.
+    Logs(LogsArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct LogsArgs {
+    job: String,
+    group: Option<String>,
+    /// Keep printing new output as it arrives.
+    #[arg(long, short)]
+    follow: bool,
+    /// Only output since this time (RFC 3339) or this long ago (5m, 2h).
+    #[arg(long)]
+    since: Option<String>,
+    /// Only the last N records.
+    #[arg(long)]
+    tail: Option<usize>,
+    /// Only this instance (task id).
+    #[arg(long)]
+    instance: Option<String>,
+    /// The log server.
+    #[arg(long, default_value = "http://127.0.0.1:7070", env = "KEELSON_LOGD")]
+    logd: String,
+    /// File holding logd's bearer token.
+    #[arg(long, env = "KEELSON_LOGD_TOKEN_FILE")]
+    token_file: Option<std::path::PathBuf>,
+    /// Print the records as NDJSON.
+    #[arg(long)]
+    json: bool,
 }
 
 /// A deploy file: the group version, and how to roll it out (default: rolling with one
@@ -74,6 +108,9 @@ fn print(value: &impl serde::Serialize) -> Result<(), String> {
 }
 
 async fn run(args: Args) -> Result<(), String> {
+    if let Command::Logs(logs) = &args.command {
+        return keelson_examples::logs_client::print_logs(&logs.query(), &logs.logd, logs.token_file.as_deref(), logs.json).await;
+    }
     if !args.etcd.is_set() {
         return Err("--etcd (or KEELSON_ETCD_ENDPOINTS) is required".into());
     }
@@ -95,6 +132,22 @@ async fn run(args: Args) -> Result<(), String> {
             print(&store.submit_run(&spec).await.map_err(|e| e.to_string())?)
         }
         Command::Result { id } => print(&store.run_result(&id).await.map_err(|e| e.to_string())?),
+        Command::Logs(_) => Ok(()),
+    }
+}
+
+impl LogsArgs {
+    fn query(&self) -> keelson_examples::logs_client::LogQuery {
+        keelson_examples::logs_client::LogQuery {
+            service: match &self.group {
+                Some(group) => format!("{}.{group}", self.job),
+                None => format!("{}.*", self.job),
+            },
+            instance: self.instance.clone(),
+            since: self.since.clone(),
+            tail: self.tail,
+            follow: self.follow,
+        }
     }
 }
 

@@ -117,6 +117,16 @@ struct Args {
     /// KEELSON_REGISTRY_USER and KEELSON_REGISTRY_PASSWORD.
     #[arg(long, value_name = "HOST=FILE")]
     registry_auth: Vec<String>,
+    /// Ship every task's output here, labelled with service (job.group), instance (task
+    /// id), node and stream: a logd (http://host:7070/v1/push) or any logship sink URL.
+    #[arg(long, env = "KEELSON_LOGS_TO")]
+    logs_to: Option<String>,
+    /// File holding the bearer token of --logs-to.
+    #[arg(long, env = "KEELSON_LOGS_TOKEN_FILE")]
+    logs_token_file: Option<std::path::PathBuf>,
+    /// PEM file of the certificates an https:// or tls:// --logs-to is checked against.
+    #[arg(long)]
+    logs_ca: Option<std::path::PathBuf>,
 }
 
 /// The registry credentials of `--registry-auth` and the environment.
@@ -138,6 +148,19 @@ fn registry_auth(args: &Args) -> Result<Vec<keelson_scheduler::RegistryAuth>, St
         out.push(keelson_scheduler::RegistryAuth::new(host, user, password).map_err(|e| format!("KEELSON_REGISTRY_HOST: {e}"))?);
     }
     Ok(out)
+}
+
+/// The shipper of task output that `--logs-to` asks for.
+fn log_shipper(args: &Args, driver: Arc<DockerDriver>) -> Result<Option<keelson_scheduler::TaskLogShipper>, String> {
+    let Some(url) = &args.logs_to else { return Ok(None) };
+    let mut options = keelson_logship::SinkOptions::default();
+    options.ca = args.logs_ca.clone();
+    if let Some(path) = &args.logs_token_file {
+        let token = std::fs::read_to_string(path).map_err(|e| format!("--logs-token-file {}: {e}", path.display()))?;
+        options.bearer_token = Some(token.trim().to_owned());
+    }
+    let sink = keelson_logship::sink_from_url(url, &options).map_err(|e| format!("--logs-to: {e}"))?;
+    Ok(Some(keelson_scheduler::TaskLogShipper::new(driver, sink, args.node.clone())))
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -240,6 +263,7 @@ async fn run(args: Args) -> Result<(), String> {
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("--metrics-listen {addr}: {e}"))?;
         tokio::spawn(keelson_examples::metrics_http::serve_metrics(listener, Arc::new(registry)));
     }
+    let log_shipping = log_shipper(&args, driver.clone())?;
     let agent = Arc::new(
         NodeAgent::new(args.node.clone(), store.clone(), driver, Some(discovery), args.address.clone())
             .with_volumes(volumes)
@@ -251,6 +275,10 @@ async fn run(args: Args) -> Result<(), String> {
         // leads, another agent's controller takes over as soon as the node is lost.
         let controller = Controller::new(store).with_metrics(metrics).with_lock_ttl(Duration::from_secs(args.ttl_secs));
         tokio::spawn(async move { controller.run(interval, std::future::pending()).await });
+    }
+    if let Some(shipper) = log_shipping {
+        tokio::spawn(shipper.run(interval, std::future::pending()));
+        println!("node-agent: shipping task output to {}", args.logs_to.as_deref().unwrap_or_default());
     }
     println!("node-agent: node {} joined", args.node);
     let stop = async {

@@ -13,6 +13,7 @@ pub(crate) mod driver;
 pub(crate) mod process;
 pub(crate) mod process_record;
 pub(crate) mod run_exec;
+pub(crate) mod task_logs;
 pub(crate) mod task_network;
 pub(crate) mod volume_archive;
 pub(crate) mod volume_transfer;

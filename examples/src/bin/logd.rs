@@ -1,0 +1,80 @@
+//! `logd`: the platform's log server (see [`keelson_examples::logd`]).
+//!
+//! ```text
+//! logd --dir /var/lib/keelson/logd --token-file /etc/keelson/logd.token          # 127.0.0.1:7070
+//! logd --dir DIR --token-file FILE --listen 10.0.0.5:7070                          # reachable by agents
+//! ```
+//!
+//! The token comes from a file (or `KEELSON_LOGD_TOKEN_FILE`), never the command line;
+//! without one logd refuses to start unless `--insecure-no-auth` says otherwise.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use keelson_examples::logd::{serve, LogdConfig};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "keelson's log server: receives records from agents, answers queries and follows")]
+struct Args {
+    /// Where the per-service files are kept.
+    #[arg(long, env = "KEELSON_LOGD_DIR")]
+    dir: PathBuf,
+    /// Listen address (loopback unless you say otherwise).
+    #[arg(long, default_value = "127.0.0.1:7070", env = "KEELSON_LOGD_LISTEN")]
+    listen: SocketAddr,
+    /// File holding the bearer token agents and readers must send.
+    #[arg(long, env = "KEELSON_LOGD_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Serve without a token: anyone who reaches --listen reads and writes every log.
+    #[arg(long, conflicts_with = "token_file")]
+    insecure_no_auth: bool,
+    /// Rotate a service's file once it holds this many bytes.
+    #[arg(long, default_value_t = 64 << 20)]
+    max_file_bytes: u64,
+    /// Rotated files kept per service.
+    #[arg(long, default_value_t = 5)]
+    keep_files: usize,
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> ExitCode {
+    keelson_examples::init_tracing();
+    let args = Args::parse();
+    let token = match (&args.token_file, args.insecure_no_auth) {
+        (Some(path), _) => match std::fs::read_to_string(path) {
+            Ok(t) if t.trim().len() >= 16 => Some(t.trim().to_owned()),
+            Ok(_) => return fail(format!("--token-file {}: the token must be at least 16 characters", path.display())),
+            Err(e) => return fail(format!("--token-file {}: {e}", path.display())),
+        },
+        (None, true) => None,
+        (None, false) => {
+            return fail("a token is required: --token-file FILE (or --insecure-no-auth on a network nothing else reaches)".into())
+        }
+    };
+    let mut config = LogdConfig::new(&args.dir, token);
+    config.files.max_bytes = Some(args.max_file_bytes);
+    config.files.keep = args.keep_files;
+    let listener = match tokio::net::TcpListener::bind(args.listen).await {
+        Ok(l) => l,
+        Err(e) => return fail(format!("--listen {}: {e}", args.listen)),
+    };
+    println!("logd: serving on {} from {}", args.listen, args.dir.display());
+    let stop = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+        }
+    };
+    match serve(listener, config, stop).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e.to_string()),
+    }
+}
+
+fn fail(message: String) -> ExitCode {
+    eprintln!("logd: {message}");
+    ExitCode::FAILURE
+}

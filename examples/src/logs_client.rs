@@ -1,0 +1,91 @@
+//! Reading `logd`: the query `keelson-ctl logs` sends and the printing of its answer.
+
+use std::path::Path;
+
+use http_body_util::{BodyExt, Empty};
+use keelson_logship::Record;
+
+/// What to ask logd for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LogQuery {
+    /// A service, or a prefix ending in `*`.
+    pub service: String,
+    /// Only this instance.
+    pub instance: Option<String>,
+    /// RFC 3339, or a duration back from now.
+    pub since: Option<String>,
+    /// Only the last N.
+    pub tail: Option<usize>,
+    /// Keep streaming.
+    pub follow: bool,
+}
+
+impl LogQuery {
+    /// The query string, percent-encoded.
+    pub fn to_query_string(&self) -> String {
+        let enc = |s: &str| {
+            s.bytes()
+                .map(|b| if b.is_ascii_alphanumeric() || b"-._*".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+                .collect::<String>()
+        };
+        let mut q = format!("service={}", enc(&self.service));
+        if let Some(i) = &self.instance {
+            q.push_str(&format!("&instance={}", enc(i)));
+        }
+        if let Some(s) = &self.since {
+            q.push_str(&format!("&since={}", enc(s)));
+        }
+        if let Some(t) = self.tail {
+            q.push_str(&format!("&tail={t}"));
+        }
+        if self.follow {
+            q.push_str("&follow=1");
+        }
+        q
+    }
+}
+
+/// Asks logd at `base` (http://host:port) and prints each record as it comes: one line
+/// `<time> <instance> <stream> <line>`, or NDJSON with `json`. Errors are one line each.
+pub async fn print_logs(query: &LogQuery, base: &str, token_file: Option<&Path>, json: bool) -> Result<(), String> {
+    let token = match token_file {
+        Some(p) => Some(std::fs::read_to_string(p).map_err(|e| format!("--token-file {}: {e}", p.display()))?.trim().to_owned()),
+        None => None,
+    };
+    let url = format!("{}/v1/logs?{}", base.trim_end_matches('/'), query.to_query_string());
+    let uri: hyper::Uri = url.parse().map_err(|e| format!("--logd {base}: {e}"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(format!("--logd {base}: expected http://host:port"));
+    }
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
+    let mut req = hyper::Request::get(uri);
+    if let Some(t) = &token {
+        req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let req = req.body(Empty::new()).map_err(|e| e.to_string())?;
+    let response = client.request(req).await.map_err(|e| format!("logd at {base}: {e}"))?;
+    let status = response.status();
+    let mut body = response.into_body();
+    if !status.is_success() {
+        let text = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        return Err(format!("logd answered {status}: {}", String::from_utf8_lossy(&text).trim()));
+    }
+    let mut pending = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| format!("reading from logd: {e}"))?;
+        let Some(data) = frame.data_ref() else { continue };
+        pending.extend_from_slice(data);
+        while let Some(nl) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=nl).collect();
+            let text = String::from_utf8_lossy(&line);
+            if json {
+                print!("{text}");
+            } else if let Ok(r) = Record::from_json(&text) {
+                println!("{} {} {} {}", humantime::format_rfc3339_millis(r.timestamp), r.instance(), r.stream.as_str(), r.line);
+            }
+        }
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+    }
+    Ok(())
+}

@@ -1,0 +1,150 @@
+//! Shipping every task's output, with labels, to a log sink: what a node agent does so
+//! that `keelson-ctl logs` (through `logd`) shows a job's output from every node.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt;
+use keelson_logship::{Labels, Record, ShipConfig, ShipMetrics, Shipper, Sink, StreamSource};
+
+use super::driver::Driver;
+use crate::task::OutputStream;
+
+/// Follows the tasks of a driver and ships each one's output to a sink, labelled with
+/// the service (`<job>.<group>`, or `<job>` for a one-off run), the instance (the task
+/// id), the node and the stream.
+///
+/// A sink that is down holds a task's lines (one batch read ahead at most; the driver's
+/// own output buffer takes the rest, counting what it drops) and delivers them, in
+/// order, once it is back: lines written while the log server restarts arrive late, not
+/// never. A task's output is shipped once per run; a task restarted in place is shipped
+/// again from its driver's start of output (Docker replays the container's whole log,
+/// so earlier lines come twice), and an agent restarted ships its tasks again: a Docker
+/// source with per-container checkpoints is what removes those duplicates.
+#[derive(Debug)]
+pub struct TaskLogShipper {
+    driver: Arc<dyn Driver>,
+    sink: Arc<dyn Sink>,
+    node: String,
+    config: ShipConfig,
+    metrics: ShipMetrics,
+    /// Tasks being shipped, by id, with the start of the run being shipped.
+    shipping: HashMap<String, (SystemTime, tokio::task::JoinHandle<()>)>,
+    /// Runs whose output was shipped to its end: not shipped again until they restart.
+    done: HashMap<String, SystemTime>,
+}
+
+impl TaskLogShipper {
+    /// Ships the output of `driver`'s tasks to `sink`, labelled with `node`.
+    pub fn new(driver: Arc<dyn Driver>, sink: Arc<dyn Sink>, node: impl Into<String>) -> Self {
+        TaskLogShipper {
+            driver,
+            sink,
+            node: node.into(),
+            config: ShipConfig::default(),
+            metrics: ShipMetrics::default(),
+            shipping: HashMap::new(),
+            done: HashMap::new(),
+        }
+    }
+
+    /// Counts what is shipped in `metrics`.
+    pub fn with_metrics(mut self, metrics: ShipMetrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Looks for tasks every `interval` until `stop` resolves, shipping each new one's
+    /// output until it ends.
+    pub async fn run(mut self, interval: Duration, stop: impl std::future::Future<Output = ()>) {
+        tokio::pin!(stop);
+        loop {
+            self.sync().await;
+            tokio::select! {
+                _ = &mut stop => break,
+                _ = tokio::time::sleep(interval) => {}
+            }
+        }
+        for (_, (_, handle)) in self.shipping.drain() {
+            handle.abort();
+        }
+    }
+
+    /// Starts shipping for tasks not shipped yet; forgets finished ones. Returns how
+    /// many tasks are being shipped.
+    pub async fn sync(&mut self) -> usize {
+        let finished: Vec<String> = self.shipping.iter().filter(|(_, (_, h))| h.is_finished()).map(|(id, _)| id.clone()).collect();
+        for id in finished {
+            if let Some((started, _)) = self.shipping.remove(&id) {
+                self.done.insert(id, started);
+            }
+        }
+        let tasks = match self.driver.list().await {
+            Ok(tasks) => tasks,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list tasks to ship their logs");
+                return self.shipping.len();
+            }
+        };
+        self.done.retain(|id, _| tasks.iter().any(|t| &t.id == id));
+        for task in tasks {
+            if self.shipping.contains_key(&task.id) || self.done.get(&task.id) == Some(&task.started_at) {
+                continue;
+            }
+            let Some(job) = task.labels.get("keelson.job") else { continue };
+            let service = match task.labels.get("keelson.group") {
+                Some(group) => format!("{job}.{group}"),
+                None => job.clone(),
+            };
+            let mut labels = Labels::new(service, task.id.clone()).with_node(self.node.clone());
+            if let Some(version) = task.labels.get("keelson.version") {
+                labels.extra.insert("version".into(), version.clone());
+            }
+            let output = match self.driver.output(&task.id).await {
+                Ok(output) => output,
+                Err(e) => {
+                    tracing::debug!(task = %task.id, error = %e, "no output to ship yet");
+                    continue;
+                }
+            };
+            let (sink, config, metrics) = (self.sink.clone(), self.config.clone(), self.metrics.clone());
+            let handle = tokio::spawn(ship_task(task.id.clone(), Arc::new(labels), output, sink, config, metrics));
+            self.shipping.insert(task.id, (task.started_at, handle));
+        }
+        self.shipping.len()
+    }
+}
+
+async fn ship_task(
+    id: String,
+    labels: Arc<Labels>,
+    output: super::driver::Output,
+    sink: Arc<dyn Sink>,
+    config: ShipConfig,
+    metrics: ShipMetrics,
+) {
+    let lines = output.map(move |l| {
+        let stream = match l.stream {
+            OutputStream::Stdout => keelson_logship::Stream::Stdout,
+            OutputStream::Stderr => keelson_logship::Stream::Stderr,
+        };
+        Record { timestamp: l.timestamp, partial: l.partial, ..Record::new(labels.clone(), stream, l.line) }
+    });
+    let mut source = StreamSource::new(lines);
+    let Ok(shipper) = Shipper::new(config.clone()) else { return };
+    let mut shipper = shipper.with_metrics(metrics);
+    let mut pauses = config.pauses();
+    loop {
+        match shipper.run(&mut source, &*sink).await {
+            Ok(_) => return,
+            Err(e) => {
+                // Held records go first on the next run: keep trying while the task's
+                // output lasts.
+                let pause = pauses.next().unwrap_or(config.max_backoff);
+                tracing::warn!(task = %id, error = %e, retry_in = ?pause, "shipping task output paused");
+                tokio::time::sleep(pause).await;
+            }
+        }
+    }
+}
