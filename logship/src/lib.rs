@@ -59,3 +59,5 @@ pub use source::{
     ChildOutputSource, FileSource, FileSourceConfig, FileSourceStats, ReaderSource, Source, StartAt, StreamSource, SyslogSource,
     SyslogSourceConfig, SyslogSourceStats,
 };
+#[cfg(feature = "docker")]
+pub use source::{DockerSource, DockerSourceConfig};

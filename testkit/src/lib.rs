@@ -19,6 +19,7 @@ pub mod consul;
 pub mod distribution;
 pub mod dnsmasq;
 pub mod docker;
+pub mod dockerd;
 pub mod etcd;
 pub mod etcd_secure;
 pub mod http;

@@ -1,10 +1,14 @@
 //! Sources: where records come from, and where their acknowledgements go back to.
 
 mod child;
+#[cfg(feature = "docker")]
+mod docker;
 mod file;
 mod syslog;
 
 pub use child::{ChildOutputSource, ReaderSource, StreamSource};
+#[cfg(feature = "docker")]
+pub use docker::{DockerSource, DockerSourceConfig};
 pub use file::{FileSource, FileSourceConfig, FileSourceStats, StartAt};
 pub use syslog::{SyslogSource, SyslogSourceConfig, SyslogSourceStats};
 
