@@ -108,8 +108,8 @@ async fn container_logs_survive_rotation_a_source_restart_and_a_daemon_restart()
     let (first_run, got) = &seen[0];
     let last_written: u64 = logs
         .lines()
-        .filter(|l| l.starts_with(first_run.as_str()))
-        .last()
+        .rev()
+        .find(|l| l.starts_with(first_run.as_str()))
         .and_then(|l| l.split_once("seq="))
         .and_then(|(_, s)| s.split(' ').next()?.parse().ok())
         .expect("the engine still has the first run's last line");
