@@ -611,6 +611,10 @@ mod logship {
             Ok(n)
         }
 
+        fn capabilities(&self) -> keelson_logship::SourceCapabilities {
+            keelson_logship::SourceCapabilities::new(self.checkpoint.is_some(), true)
+        }
+
         async fn ack(&mut self, count: u64) -> Result<()> {
             self.acked = self.acked.max(count);
             if let Some(saved) = &self.checkpoint {
@@ -639,6 +643,10 @@ mod logship {
     impl Sink for OutsideSink {
         fn name(&self) -> &'static str {
             "outside"
+        }
+
+        fn capabilities(&self) -> keelson_logship::SinkCapabilities {
+            self.inner.capabilities()
         }
 
         async fn send(&self, batch: &[Record]) -> Result<()> {

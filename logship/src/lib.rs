@@ -1,29 +1,49 @@
-//! Log shipping for keelson: [`Source`]s produce [`Record`]s, [`Sink`]s store them, and
-//! [`ship`] moves them in batches, dropping a batch only after the sink acknowledged it
-//! (at least once).
+//! Log shipping for keelson: [`Source`]s produce [`Record`]s, [`Transform`](transform::Transform)s reshape
+//! them, [`Sink`]s take them, and a [`Shipper`] moves them in batches. Acknowledgements
+//! flow back: a batch counts as delivered when its sink says so ([`Sink::flush`]), and
+//! only then does its source advance its checkpoint ([`Source::ack`]). A crash re-sends
+//! at most the one unacknowledged batch, and never skips a line.
 //!
-//! Sources: [`ChildOutputSource`] (a child process's stdout and stderr) and
-//! [`StreamSource`] (any stream, such as a driver's output). Sink: [`FileSink`] (JSON
-//! lines, one file per service).
+//! - Sources: [`FileSource`] (tails files: rotation by rename and copytruncate,
+//!   truncation, deletion while open, checkpoints keyed by a fingerprint of each file's
+//!   first bytes), `DockerSource` (feature `docker`: container logs with per-container
+//!   checkpoints, across json-file rotation and daemon restarts), [`SyslogSource`] (UDP
+//!   and TCP, RFC 5424 and 3164, octet counting and newline framing, spilling to a
+//!   [`DiskQueue`]), [`ReaderSource`] (stdin, any reader), [`ChildOutputSource`],
+//!   [`StreamSource`].
+//! - Transforms ([`transform`]): JSON parsing, multiline merging, joining pieces of cut
+//!   lines, enrichment, filtering; [`transform::Transformed`] maps acknowledgements back
+//!   through them.
+//! - Sinks: [`SyslogSink`] (RFC 5424 over TCP and TLS with RFC 6587 octet counting, and
+//!   UDP), [`FileSink`] (JSON lines per service, rotated by size), [`HttpSink`] (NDJSON,
+//!   Loki push, Elasticsearch bulk); [`sink_from_url`] builds one from a URL.
+//! - Memory stays bounded: files and the engine's log files are their own buffer (reading
+//!   pauses while the sink stalls); sources that cannot pause spill to a byte-capped
+//!   [`DiskQueue`] that blocks or drops its oldest segment, counting every drop.
+//!
+//! Shipping a file to another folder, then shipping again from the checkpoint:
 //!
 //! ```
-//! use keelson_logship::{ship, ChildOutputSource, FileSink, ShipConfig};
+//! use keelson_logship::{FileSink, FileSource, FileSourceConfig, ShipConfig, Shipper};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let dir = tempfile::tempdir()?;
-//! let mut child = tokio::process::Command::new("sh")
-//!     .args(["-c", "echo hello; echo oops >&2"])
-//!     .stdout(std::process::Stdio::piped())
-//!     .stderr(std::process::Stdio::piped())
-//!     .spawn()?;
-//! let (out, err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
-//! let mut source = ChildOutputSource::new("web", "web-1", out, err);
-//! let sink = FileSink::new(dir.path())?;
-//! let stats = ship(&mut source, &sink, &ShipConfig::default()).await?;
+//! std::fs::write(dir.path().join("web.log"), "started\n{\"msg\":\"ready\"}\n")?;
+//! let mut config = FileSourceConfig::new([dir.path().join("*.log").display().to_string()]);
+//! config.checkpoints = Some(dir.path().join("state/files.json"));
+//! config.stop_at_eof = true;
+//! let sink = FileSink::new(dir.path().join("out"))?;
+//!
+//! let mut shipper = Shipper::new(ShipConfig::default())?;
+//! let stats = shipper.run(&mut FileSource::new(config.clone())?, &sink).await?;
 //! assert_eq!(stats.records, 2);
-//! let text = std::fs::read_to_string(dir.path().join("web.log"))?;
-//! assert!(text.contains("\"line\":\"hello\"") && text.contains("\"stream\":\"stderr\""));
+//! let shipped = std::fs::read_to_string(dir.path().join("out/web.log"))?;
+//! assert!(shipped.contains("\"service\":\"web\"") && shipped.contains("\"line\":\"started\""));
+//!
+//! // Everything was acknowledged: a second run from the checkpoint sends nothing.
+//! let again = Shipper::new(ShipConfig::default())?.run(&mut FileSource::new(config)?, &sink).await?;
+//! assert_eq!(again.records, 0);
 //! # Ok(())
 //! # }
 //! ```
@@ -52,12 +72,12 @@ pub use queue::{DiskQueue, DiskQueueConfig, DiskQueueStats, Overflow, QueueSourc
 pub use record::{validate_service, Labels, Record, Stream};
 pub use ship::{ship, ShipConfig, ShipStats, Shipper};
 pub use sink::{
-    client_config, sink_from_url, FileSink, FileSinkConfig, HttpFormat, HttpSink, HttpSinkConfig, Sink, SinkOptions, SyslogSink,
-    SyslogSinkConfig, SyslogSinkStats, SyslogTransport,
+    client_config, sink_from_url, Acknowledgement, FileSink, FileSinkConfig, HttpFormat, HttpSink, HttpSinkConfig, Sink, SinkCapabilities,
+    SinkOptions, SyslogSink, SyslogSinkConfig, SyslogSinkStats, SyslogTransport,
 };
 pub use source::{
-    ChildOutputSource, FileSource, FileSourceConfig, FileSourceStats, ReaderSource, Source, StartAt, StreamSource, SyslogSource,
-    SyslogSourceConfig, SyslogSourceStats,
+    ChildOutputSource, FileSource, FileSourceConfig, FileSourceStats, ReaderSource, Source, SourceCapabilities, StartAt, StreamSource,
+    SyslogSource, SyslogSourceConfig, SyslogSourceStats,
 };
 #[cfg(feature = "docker")]
 pub use source::{DockerSource, DockerSourceConfig};

@@ -415,6 +415,10 @@ pub struct QueueSource {
 
 #[async_trait]
 impl Source for QueueSource {
+    fn capabilities(&self) -> crate::source::SourceCapabilities {
+        crate::source::SourceCapabilities::new(true, true)
+    }
+
     async fn read(&mut self, batch: &mut Vec<Record>, max: usize) -> Result<usize> {
         loop {
             let wait = self.queue.data.notified();

@@ -408,6 +408,10 @@ impl<S: Source> Transformed<S> {
 
 #[async_trait]
 impl<S: Source> Source for Transformed<S> {
+    fn capabilities(&self) -> crate::source::SourceCapabilities {
+        self.inner.capabilities()
+    }
+
     async fn read(&mut self, batch: &mut Vec<Record>, max: usize) -> Result<usize> {
         let max = max.max(1);
         loop {

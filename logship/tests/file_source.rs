@@ -63,6 +63,7 @@ async fn file_source_passes_source_conformance() {
     c.labels = keelson_logship::Labels::new("conf-svc", "i1");
     c.stop_at_eof = true;
     let mut source = FileSource::new(c.clone()).expect("source");
+    assert!(!source.capabilities().checkpoints && source.capabilities().pauses);
     conformance::source_all(&mut source, &expected).await;
 
     c.checkpoints = Some(dir.path().join("state/files.json"));

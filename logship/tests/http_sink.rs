@@ -87,6 +87,7 @@ async fn ndjson_passes_sink_conformance_with_the_token() {
     let addr = server.start().await;
     let s = sink(addr, HttpFormat::Ndjson);
     assert!(!format!("{s:?}").contains("t0ken-s3cret"), "the token never shows");
+    assert_eq!(s.capabilities().acknowledgement, keelson_logship::Acknowledgement::Stored);
     let read_back = |service: &str| -> Vec<Record> {
         server
             .bodies()

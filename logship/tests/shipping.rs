@@ -14,6 +14,7 @@ fn read_records(path: &std::path::Path) -> Vec<Record> {
 async fn file_sink_passes_conformance() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = FileSink::new(dir.path()).expect("sink");
+    assert_eq!(sink.capabilities().acknowledgement, keelson_logship::Acknowledgement::Durable);
     let root = dir.path().to_owned();
     conformance::sink_all(&sink, &move |service| read_records(&root.join(format!("{service}.log")))).await;
 }

@@ -33,6 +33,7 @@ async fn tcp_to_rsyslog_passes_sink_conformance() {
     let got = rsyslog.messages();
     assert!(got.iter().all(|m| m.pri == "14" || m.pri == "11"), "user.info for stdout, user.err for stderr: {got:?}");
     assert_eq!(sink.stats().connects, 1, "one connection for every batch");
+    assert_eq!(sink.capabilities().acknowledgement, keelson_logship::Acknowledgement::Received);
 }
 
 #[tokio::test]
@@ -41,6 +42,7 @@ async fn udp_to_rsyslog_passes_sink_conformance() {
     let mut config = SyslogSinkConfig::new(SyslogTransport::Udp(rsyslog.udp_addr().to_string()));
     config.max_datagram = 60 * 1024;
     let sink = SyslogSink::new(config).expect("sink");
+    assert_eq!(sink.capabilities().acknowledgement, keelson_logship::Acknowledgement::None, "UDP acknowledges nothing");
     conformance::sink_all(&sink, &|service| read_back(&rsyslog, service)).await;
 }
 

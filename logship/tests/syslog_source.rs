@@ -43,6 +43,7 @@ fn logger(args: &[&str]) {
 async fn messages_from_logger_over_udp_and_tcp_in_both_formats() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut source = receiver(dir.path()).await;
+    assert!(!source.capabilities().pauses && source.capabilities().checkpoints, "senders cannot be paused; the queue checkpoints");
     let (udp, tcp) = (source.udp_addr().expect("udp").port().to_string(), source.tcp_addr().expect("tcp").port().to_string());
     logger(&[
         "--server",

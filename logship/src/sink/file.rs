@@ -124,6 +124,10 @@ impl Sink for FileSink {
         "file"
     }
 
+    fn capabilities(&self) -> super::SinkCapabilities {
+        super::SinkCapabilities::new(super::Acknowledgement::Durable, true)
+    }
+
     async fn send(&self, batch: &[Record]) -> Result<()> {
         // Validate the whole batch first: a bad record must not leave half a batch written.
         for r in batch {

@@ -194,6 +194,11 @@ impl Sink for HttpSink {
         "http"
     }
 
+    fn capabilities(&self) -> super::SinkCapabilities {
+        // Loki and Elasticsearch get the labels a stream or document holds; NDJSON all.
+        super::SinkCapabilities::new(super::Acknowledgement::Stored, self.config.format == HttpFormat::Ndjson)
+    }
+
     async fn send(&self, batch: &[Record]) -> Result<()> {
         if batch.is_empty() {
             return Ok(());

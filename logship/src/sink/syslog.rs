@@ -245,6 +245,14 @@ impl Sink for SyslogSink {
         "syslog"
     }
 
+    fn capabilities(&self) -> super::SinkCapabilities {
+        let ack = match self.config.transport {
+            SyslogTransport::Udp(_) => super::Acknowledgement::None,
+            _ => super::Acknowledgement::Received,
+        };
+        super::SinkCapabilities::new(ack, false)
+    }
+
     async fn send(&self, batch: &[Record]) -> Result<()> {
         let mut conn = self.conn.lock().await;
         if conn.stream.is_none() {

@@ -130,6 +130,10 @@ impl DockerSource {
 
 #[async_trait]
 impl Source for DockerSource {
+    fn capabilities(&self) -> super::SourceCapabilities {
+        super::SourceCapabilities::new(self.checkpoint.is_some(), true)
+    }
+
     async fn read(&mut self, batch: &mut Vec<Record>, max: usize) -> Result<usize> {
         let mut lines = Vec::new();
         let n = self.rx.recv_many(&mut lines, max.max(1)).await;

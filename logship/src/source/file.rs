@@ -454,6 +454,10 @@ impl FileSource {
 
 #[async_trait]
 impl Source for FileSource {
+    fn capabilities(&self) -> super::SourceCapabilities {
+        super::SourceCapabilities::new(self.checkpoint.is_some(), true)
+    }
+
     async fn read(&mut self, batch: &mut Vec<Record>, max: usize) -> Result<usize> {
         let max = max.max(1);
         loop {

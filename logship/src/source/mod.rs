@@ -17,6 +17,24 @@ use async_trait::async_trait;
 use crate::error::Result;
 use crate::record::Record;
 
+/// What a source does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SourceCapabilities {
+    /// Whether acknowledgements advance a checkpoint that outlives the process (a
+    /// restart resumes after the last acknowledged record).
+    pub checkpoints: bool,
+    /// Whether it can pause: when the sink stalls, nothing accumulates in memory.
+    pub pauses: bool,
+}
+
+impl SourceCapabilities {
+    /// Capabilities: checkpoints, and pausing.
+    pub fn new(checkpoints: bool, pauses: bool) -> Self {
+        SourceCapabilities { checkpoints, pauses }
+    }
+}
+
 /// Produces records in batches and hears back which of them were delivered.
 ///
 /// Records are counted from 1 in the order the source hands them out. The shipper calls
@@ -31,6 +49,12 @@ pub trait Source: Send {
     /// shipper drops a pending read (its batch is full in time, or the sink acknowledged
     /// first), so records go into `batch` only as the call returns.
     async fn read(&mut self, batch: &mut Vec<Record>, max: usize) -> Result<usize>;
+
+    /// What the source does (by default: no checkpoints; it pauses, as a bounded reader
+    /// of a pipe does).
+    fn capabilities(&self) -> SourceCapabilities {
+        SourceCapabilities::new(false, true)
+    }
 
     /// Every record up to the `count`th this source handed out is delivered. Sources
     /// without checkpoints ignore it (the default).

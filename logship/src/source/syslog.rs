@@ -175,6 +175,11 @@ impl SyslogSource {
 
 #[async_trait]
 impl Source for SyslogSource {
+    fn capabilities(&self) -> super::SourceCapabilities {
+        // Senders cannot be paused: the disk queue takes what the sink has not.
+        super::SourceCapabilities::new(true, false)
+    }
+
     async fn read(&mut self, batch: &mut Vec<Record>, max: usize) -> Result<usize> {
         self.reader.read(batch, max).await
     }
