@@ -14,13 +14,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use keelson_discovery::{Discovery, MemoryDiscovery, MemoryKv, Query, ServiceName};
-use keelson_logship::{FileSink, Record, ShipConfig, Sink, StreamSource};
+use keelson_logship::{FileSink, ShipConfig, Sink};
 use keelson_routing::{follow_discovery, MemoryRouter, Proxy, ProxyConfig, HTTP_HOST_TAG};
 use keelson_scheduler::{
-    ClusterStore, Controller, DesiredGroup, Driver, Gates, GroupSpec, Node, NodeAgent, NodeMembership, OutputStream, ProcessDriver,
-    Resources, ServiceSpec, Strategy, TaskTemplate, NODE_LABEL,
+    ClusterStore, Controller, DesiredGroup, Driver, Gates, GroupSpec, Node, NodeAgent, NodeMembership, ProcessDriver, Resources,
+    ServiceSpec, Strategy, TaskTemplate, NODE_LABEL,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -292,14 +291,7 @@ async fn ship_new_replicas(
 async fn ship(output: keelson_scheduler::Output, instance: String, sink: Arc<FileSink>) {
     let labels = Arc::new(keelson_logship::Labels::new(SERVICE, instance.clone()));
     let replica = instance;
-    let lines = output.map(move |l| {
-        let stream = match l.stream {
-            OutputStream::Stdout => keelson_logship::Stream::Stdout,
-            OutputStream::Stderr => keelson_logship::Stream::Stderr,
-        };
-        Record { timestamp: l.timestamp, partial: l.partial, ..Record::new(labels.clone(), stream, l.line) }
-    });
-    let mut source = StreamSource::new(lines);
+    let mut source = keelson_scheduler::output_source(output, labels);
     if let Err(e) = keelson_logship::ship(&mut source, &*sink, &ShipConfig::default()).await {
         tracing::warn!(%replica, error = %e, "log shipping stopped");
     }

@@ -181,7 +181,7 @@ mod end_to_end {
                     "--interval-ms",
                     "200",
                 ])
-                .args(["--ports", "27400-27499", "--logs-to", &format!("http://{addr}/v1/push")])
+                .args(["--ports", "27600-27649", "--logs-to", &format!("http://{addr}/v1/push")])
                 .arg("--logs-token-file")
                 .arg(&token_file)
                 .stdout(Stdio::null())

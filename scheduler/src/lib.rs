@@ -157,7 +157,7 @@ pub use runtime::docker::{DockerDriver, RegistryAuth, MANAGED_LABEL, TASK_LABEL}
 pub use runtime::docker_volumes::DockerVolumes;
 pub use runtime::driver::{Driver, DriverCapabilities, Output};
 pub use runtime::process::{ProcessDriver, OUTPUT_TAIL};
-pub use runtime::task_logs::TaskLogShipper;
+pub use runtime::task_logs::{output_source, TaskLogShipper};
 pub use runtime::task_network::TaskNetwork;
 pub use runtime::volume_archive::TarStream;
 pub use runtime::volume_transfer::{

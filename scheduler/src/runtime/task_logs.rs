@@ -116,6 +116,18 @@ impl TaskLogShipper {
     }
 }
 
+/// A driver's output as a log source: each line a record labelled with `labels`, keeping
+/// the driver's timestamp, stream and partial flag.
+pub fn output_source(output: super::driver::Output, labels: Arc<Labels>) -> StreamSource {
+    StreamSource::new(output.map(move |l| {
+        let stream = match l.stream {
+            OutputStream::Stdout => keelson_logship::Stream::Stdout,
+            OutputStream::Stderr => keelson_logship::Stream::Stderr,
+        };
+        Record { timestamp: l.timestamp, partial: l.partial, ..Record::new(labels.clone(), stream, l.line) }
+    }))
+}
+
 async fn ship_task(
     id: String,
     labels: Arc<Labels>,
@@ -124,14 +136,7 @@ async fn ship_task(
     config: ShipConfig,
     metrics: ShipMetrics,
 ) {
-    let lines = output.map(move |l| {
-        let stream = match l.stream {
-            OutputStream::Stdout => keelson_logship::Stream::Stdout,
-            OutputStream::Stderr => keelson_logship::Stream::Stderr,
-        };
-        Record { timestamp: l.timestamp, partial: l.partial, ..Record::new(labels.clone(), stream, l.line) }
-    });
-    let mut source = StreamSource::new(lines);
+    let mut source = output_source(output, labels);
     let Ok(shipper) = Shipper::new(config.clone()) else { return };
     let mut shipper = shipper.with_metrics(metrics);
     let mut pauses = config.pauses();
