@@ -1,5 +1,6 @@
 //! Reading `logd`: the query `keelson-ctl logs` sends and the printing of its answer.
 
+use std::io::Write;
 use std::path::Path;
 
 use http_body_util::{BodyExt, Empty};
@@ -71,6 +72,7 @@ pub async fn print_logs(query: &LogQuery, base: &str, token_file: Option<&Path>,
         return Err(format!("logd answered {status}: {}", String::from_utf8_lossy(&text).trim()));
     }
     let mut pending = Vec::new();
+    let mut out = std::io::stdout().lock();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| format!("reading from logd: {e}"))?;
         let Some(data) = frame.data_ref() else { continue };
@@ -78,14 +80,20 @@ pub async fn print_logs(query: &LogQuery, base: &str, token_file: Option<&Path>,
         while let Some(nl) = pending.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = pending.drain(..=nl).collect();
             let text = String::from_utf8_lossy(&line);
-            if json {
-                print!("{text}");
+            let written = if json {
+                write!(out, "{text}")
             } else if let Ok(r) = Record::from_json(&text) {
-                println!("{} {} {} {}", humantime::format_rfc3339_millis(r.timestamp), r.instance(), r.stream.as_str(), r.line);
+                writeln!(out, "{} {} {} {}", humantime::format_rfc3339_millis(r.timestamp), r.instance(), r.stream.as_str(), r.line)
+            } else {
+                Ok(())
+            };
+            match written.and_then(|()| out.flush()) {
+                Ok(()) => {}
+                // The reader went away (`| head`): done, not an error.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+                Err(e) => return Err(format!("writing the logs: {e}")),
             }
         }
-        use std::io::Write;
-        let _ = std::io::stdout().flush();
     }
     Ok(())
 }

@@ -185,7 +185,7 @@ mod end_to_end {
                 .arg("--logs-token-file")
                 .arg(&token_file)
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stderr(Stdio::from(std::fs::File::create(dir.path().join("agent.log")).expect("agent log")))
                 .spawn()
                 .expect("node-agent starts"),
             node: node.clone(),
@@ -209,7 +209,10 @@ mod end_to_end {
                 if got.iter().any(|n| *n >= want) {
                     return got;
                 }
-                assert!(Instant::now() < deadline, "line {want} never showed; last: {:?}", got.last());
+                if Instant::now() >= deadline {
+                    let agent = std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default();
+                    panic!("line {want} never showed; last: {:?}; the agent said:\n{agent}", got.last());
+                }
                 std::thread::sleep(Duration::from_millis(300));
             }
         };

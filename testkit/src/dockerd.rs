@@ -1,7 +1,11 @@
 //! A private Docker daemon for tests that stop or restart the engine: its own data root,
 //! exec root, socket and containerd namespace, no bridge and no iptables rules, the vfs
-//! storage driver (no mounts to leave behind). Never the machine's daemon, which other
-//! tests use.
+//! storage driver (no mounts to leave behind), in a network namespace of its own. Never
+//! the machine's daemon, which other tests use.
+//!
+//! The network namespace is not optional: `dockerd --bridge=none` deletes the host's
+//! `docker0` interface at start (it removes "the default bridge" it is told not to use),
+//! which leaves the machine's daemon unable to start a container on its default network.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -42,7 +46,11 @@ impl PrivateDockerd {
     fn spawn(&mut self) -> Result<(), TestkitError> {
         let p = |name: &str| self.dir.path().join(name);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(p("dockerd.log")).map_err(io("creating dockerd.log"))?;
-        let child = Command::new(require("dockerd", "docker.io")?)
+        let child = Command::new(require("unshare", "util-linux")?)
+            // Its own network namespace (see the module docs); unshare execs dockerd, so
+            // the child is the daemon itself.
+            .arg("--net")
+            .arg(require("dockerd", "docker.io")?)
             // Its own config file: the machine's may set a data root or driver.
             .arg("--config-file")
             .arg(p("daemon.json"))
