@@ -20,6 +20,8 @@
 //!   `shop`); `since` is RFC 3339 or a duration back from now (`5m`); with `follow`, new
 //!   records stream as they arrive.
 //! - `GET /healthz`: `200 ok`.
+//! - With [`LogdConfig::syslog`]: syslog over TLS with client certificates (RFC 5425,
+//!   octet counted), APP-NAME as the service, through a disk queue into the same files.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -48,6 +50,9 @@ pub struct LogdConfig {
     pub max_history: usize,
     /// Rotation of the per-service files.
     pub files: FileSinkConfig,
+    /// Also receive syslog here: the address and the TLS configuration (which should
+    /// verify client certificates: anyone who completes the handshake may write).
+    pub syslog: Option<(std::net::SocketAddr, Arc<rustls::ServerConfig>)>,
 }
 
 impl std::fmt::Debug for LogdConfig {
@@ -63,7 +68,7 @@ impl std::fmt::Debug for LogdConfig {
 impl LogdConfig {
     /// Defaults, keeping files in `dir`.
     pub fn new(dir: impl Into<PathBuf>, token: Option<String>) -> Self {
-        LogdConfig { dir: dir.into(), token, max_body: 16 << 20, max_history: 100_000, files: FileSinkConfig::default() }
+        LogdConfig { dir: dir.into(), token, max_body: 16 << 20, max_history: 100_000, files: FileSinkConfig::default(), syslog: None }
     }
 }
 
@@ -73,11 +78,14 @@ pub enum LogdError {
     /// The directory could not be used.
     #[error("logd directory: {0}")]
     Store(#[from] keelson_logship::Error),
+    /// The syslog listener could not start.
+    #[error("logd syslog listener: {0}")]
+    Syslog(keelson_logship::Error),
 }
 
 struct State {
     config: LogdConfig,
-    sink: FileSink,
+    sink: Arc<FileSink>,
     /// One push at a time: a batch is written and synced whole before the next.
     writing: tokio::sync::Mutex<()>,
 }
@@ -96,7 +104,14 @@ pub async fn serve(
     config: LogdConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), LogdError> {
-    let sink = FileSink::with_config(&config.dir, config.files.clone())?;
+    let sink = Arc::new(FileSink::with_config(&config.dir, config.files.clone())?);
+    if let Some((addr, tls)) = &config.syslog {
+        let mut syslog = keelson_logship::SyslogSourceConfig::new(config.dir.join(".syslog-queue"));
+        syslog.tcp = Some(*addr);
+        syslog.tls = Some(tls.clone());
+        let source = keelson_logship::SyslogSource::start(syslog).await.map_err(LogdError::Syslog)?;
+        tokio::spawn(ship_syslog(source, sink.clone()));
+    }
     let state = Arc::new(State { config, sink, writing: tokio::sync::Mutex::new(()) });
     tokio::pin!(shutdown);
     loop {
@@ -117,6 +132,40 @@ pub async fn serve(
             async move { Ok::<_, Infallible>(handle(&state, req).await) }
         });
         tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(stream), service));
+    }
+}
+
+/// Moves what syslog senders sent into the files, for as long as logd runs.
+async fn ship_syslog(source: keelson_logship::SyslogSource, sink: Arc<FileSink>) {
+    let mut source = keelson_logship::transform::Transformed::new(source, vec![Box::new(FileNames)]);
+    let Ok(mut shipper) = keelson_logship::Shipper::new(keelson_logship::ShipConfig::default()) else { return };
+    loop {
+        if let Err(e) = shipper.run(&mut source, &*sink).await {
+            tracing::error!(error = %e, "storing syslog records failed; retrying");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
+/// A sender names the service (APP-NAME): one that cannot name a file becomes `syslog`,
+/// or has its other characters replaced, so one bad sender cannot stop the pipeline.
+#[derive(Debug)]
+struct FileNames;
+
+impl keelson_logship::transform::Transform for FileNames {
+    fn apply(&mut self, mut item: keelson_logship::transform::Item, out: &mut Vec<keelson_logship::transform::Item>) {
+        if keelson_logship::validate_service(item.record.service()).is_err() {
+            let mut labels = (*item.record.labels).clone();
+            let cleaned: String = labels
+                .service
+                .chars()
+                .take(128)
+                .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') { c } else { '_' })
+                .collect();
+            labels.service = if keelson_logship::validate_service(&cleaned).is_ok() { cleaned } else { "syslog".into() };
+            item.record.labels = Arc::new(labels);
+        }
+        out.push(item);
     }
 }
 

@@ -20,6 +20,10 @@ struct Logd {
 
 impl Logd {
     fn start(dir: &std::path::Path, addr: SocketAddr) -> Logd {
+        Logd::start_with(dir, addr, &[])
+    }
+
+    fn start_with(dir: &std::path::Path, addr: SocketAddr, extra: &[&std::ffi::OsStr]) -> Logd {
         let token_file = dir.join("token");
         std::fs::write(&token_file, TOKEN).expect("token file");
         let child = Command::new(env!("CARGO_BIN_EXE_logd"))
@@ -29,6 +33,7 @@ impl Logd {
             .arg(addr.to_string())
             .arg("--token-file")
             .arg(&token_file)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -118,6 +123,88 @@ async fn logd_needs_a_token_stores_pushes_and_answers_queries() {
     assert!(reply.status == 400 && reply.body.contains("line 2"), "{} {}", reply.status, reply.body);
     let (_, body) = get(logd.addr, "/v1/logs?service=shop.web", Some(TOKEN)).await;
     assert_eq!(lines(&body).len(), 3);
+}
+
+/// A syslog client config trusting `ca`, presenting `client` if given.
+fn syslog_tls(ca: &keelson_testkit::tls::TestCa, client: Option<&keelson_testkit::tls::TestCert>) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca.cert_pem.as_bytes()) {
+        roots.add(c.expect("CA PEM")).expect("root");
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots);
+    Arc::new(match client {
+        Some(c) => {
+            let chain =
+                rustls::pki_types::CertificateDer::pem_slice_iter(c.chain_pem.as_bytes()).collect::<Result<Vec<_>, _>>().expect("chain");
+            let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(c.key_pem.as_bytes()).expect("key");
+            builder.with_client_auth_cert(chain, key).expect("client auth")
+        }
+        None => builder.with_no_client_auth(),
+    })
+}
+
+#[tokio::test]
+async fn syslog_over_mutual_tls_reaches_queries_and_strangers_are_refused() {
+    use keelson_logship::{SyslogSink, SyslogSinkConfig, SyslogTransport};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = keelson_testkit::tls::TestCa::new("logd test CA").expect("CA");
+    let other_ca = keelson_testkit::tls::TestCa::new("someone else").expect("CA");
+    let server = ca.issue("logd", &["logd.test"]).expect("server cert");
+    let agent = ca.issue("agent-1", &["agent-1.test"]).expect("client cert");
+    let stranger = other_ca.issue("stranger", &["stranger.test"]).expect("client cert");
+    let files = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write");
+        path
+    };
+    let (cert, key, client_ca) =
+        (files("server.pem", &server.chain_pem), files("server.key", &server.key_pem), files("ca.pem", &ca.cert_pem));
+    let (http, syslog) = (free_addr(), free_addr());
+    let syslog_text = syslog.to_string();
+    let flags: Vec<&std::ffi::OsStr> = vec![
+        "--syslog-listen".as_ref(),
+        syslog_text.as_ref(),
+        "--syslog-tls-cert".as_ref(),
+        cert.as_os_str(),
+        "--syslog-tls-key".as_ref(),
+        key.as_os_str(),
+        "--syslog-client-ca".as_ref(),
+        client_ca.as_os_str(),
+    ];
+    let _logd = Logd::start_with(dir.path(), http, &flags);
+    keelson_testkit::wait_for_tcp(syslog, Duration::from_secs(10)).expect("syslog listens");
+    let send = |client: Option<&keelson_testkit::tls::TestCert>, service: &str| {
+        let transport = SyslogTransport::Tls { addr: syslog.to_string(), server_name: "logd.test".into(), config: syslog_tls(&ca, client) };
+        let sink = SyslogSink::new(SyslogSinkConfig::new(transport)).expect("sink");
+        let batch: Vec<Record> = (0..3).map(|i| Record::now(service, "s-1", Stream::Stdout, format!("{service} {i}"))).collect();
+        async move {
+            match sink.send(&batch).await {
+                Ok(()) => sink.flush().await,
+                Err(e) => Err(e),
+            }
+        }
+    };
+    send(Some(&agent), "sys.app").await.expect("the agent's certificate is accepted");
+    let _ = send(Some(&stranger), "sys.stranger").await;
+    let _ = send(None, "sys.anonymous").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let lines = loop {
+        let (status, body) = get(http, "/v1/logs?service=sys.*", Some(TOKEN)).await;
+        assert_eq!(status, 200, "{body}");
+        let lines: Vec<String> = body.lines().map(|l| Record::from_json(l).expect("NDJSON").line).collect();
+        if lines.len() >= 3 || Instant::now() > deadline {
+            break lines;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, body) = get(http, "/v1/logs?service=sys.*", Some(TOKEN)).await;
+    assert_eq!(lines, ["sys.app 0", "sys.app 1", "sys.app 2"]);
+    assert_eq!(body.lines().count(), 3, "nothing from a certificate of another CA or from no certificate: {body}");
 }
 
 #[cfg(all(feature = "etcd", feature = "docker"))]

@@ -36,6 +36,52 @@ struct Args {
     /// Rotated files kept per service.
     #[arg(long, default_value_t = 5)]
     keep_files: usize,
+    /// Also receive syslog over TLS (RFC 5425) on this address; senders must present a
+    /// certificate signed by --syslog-client-ca.
+    #[arg(long, requires_all = ["syslog_tls_cert", "syslog_tls_key", "syslog_client_ca"])]
+    syslog_listen: Option<SocketAddr>,
+    /// The syslog listener's certificate chain (PEM).
+    #[arg(long)]
+    syslog_tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long)]
+    syslog_tls_key: Option<PathBuf>,
+    /// The CA (PEM) whose certificates syslog senders must present.
+    #[arg(long)]
+    syslog_client_ca: Option<PathBuf>,
+}
+
+/// The syslog listener's TLS: this server's certificate, and client certificates
+/// required, checked against the CA.
+fn syslog_tls(args: &Args) -> Result<Option<(SocketAddr, std::sync::Arc<rustls::ServerConfig>)>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let (Some(addr), Some(cert), Some(key), Some(ca)) =
+        (args.syslog_listen, &args.syslog_tls_cert, &args.syslog_tls_key, &args.syslog_client_ca)
+    else {
+        return Ok(None);
+    };
+    let named = |flag: &str, path: &PathBuf, e: &dyn std::fmt::Display| format!("{flag} {}: {e}", path.display());
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| named("--syslog-tls-cert", cert, &e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| named("--syslog-tls-cert", cert, &e))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| named("--syslog-tls-key", key, &e))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).map_err(|e| named("--syslog-client-ca", ca, &e))? {
+        roots.add(c.map_err(|e| named("--syslog-client-ca", ca, &e))?).map_err(|e| named("--syslog-client-ca", ca, &e))?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(std::sync::Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| named("--syslog-client-ca", ca, &e))?;
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| format!("--syslog-tls-cert/--syslog-tls-key: {e}"))?;
+    Ok(Some((addr, std::sync::Arc::new(config))))
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -56,6 +102,10 @@ async fn main() -> ExitCode {
     let mut config = LogdConfig::new(&args.dir, token);
     config.files.max_bytes = Some(args.max_file_bytes);
     config.files.keep = args.keep_files;
+    config.syslog = match syslog_tls(&args) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
     let listener = match tokio::net::TcpListener::bind(args.listen).await {
         Ok(l) => l,
         Err(e) => return fail(format!("--listen {}: {e}", args.listen)),
