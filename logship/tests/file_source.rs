@@ -244,3 +244,18 @@ async fn over_long_lines_come_in_pieces_and_bad_settings_are_refused() {
     let err = FileSource::new(c).expect_err("torn checkpoint");
     assert!(err.to_string().contains("cp.json"), "{err}");
 }
+
+#[tokio::test]
+async fn two_live_files_that_begin_alike_are_both_read_whole() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let banner: Vec<String> = (0..10).map(|i| format!("=== the same banner line {i} of a long shared header ===")).collect();
+    let a = dir.path().join("a.log");
+    append(&a, banner.iter().cloned().chain(numbered("a", 0..5)));
+    let mut source = FileSource::new(config(&[&dir.path().join("*.log")])).expect("source");
+    assert_eq!(read_n(&mut source, 15).await.len(), 15);
+    let b = dir.path().join("b.log");
+    append(&b, banner.iter().cloned().chain(numbered("b", 0..5)));
+    let got = read_n(&mut source, 15).await;
+    assert_eq!(got.len(), 15, "b.log from its first line, not from where a.log was: {got:?}");
+    assert_eq!(got[14], "b-4");
+}

@@ -335,7 +335,11 @@ impl FileSource {
     /// if neither exists or the offset is past the end (the file was truncated since).
     fn claim_offset(&mut self, file: &std::fs::File, inode: u64, size: u64) -> Result<Option<u64>> {
         let mut heads = HeadHashes::new(file, size);
-        for open in self.files.iter().filter(|f| f.inode != inode) {
+        // Only an open file that has shrunk since it was read (the original of a
+        // copytruncate) hands over its offset: two live files that merely begin alike
+        // (a common banner) are different files.
+        let shrunk = |f: &Tailed| f.file.metadata().is_ok_and(|m| m.len() < f.read_to);
+        for open in self.files.iter().filter(|f| f.inode != inode && shrunk(f)) {
             if let Some(fp) = open.fingerprint {
                 if heads.matches(fp)? {
                     // From what the original had acknowledged: its records after that
