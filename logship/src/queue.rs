@@ -211,17 +211,18 @@ impl DiskQueue {
                 let mut inner = self.lock();
                 // A batch bigger than the whole queue goes in alone rather than never.
                 let full = used(&inner) + len > self.config.max_bytes && used(&inner) > 0;
-                if !full || self.config.overflow == Overflow::DropOldest && self.drop_oldest(&mut inner)? {
-                    if full {
-                        continue;
-                    }
+                if !full {
                     self.write(&mut inner, text.as_bytes())?;
                     self.pushed.fetch_add(records.len() as u64, Ordering::Relaxed);
                     drop(inner);
                     self.data.notify_waiters();
                     return Ok(());
                 }
+                if self.config.overflow == Overflow::DropOldest && self.drop_oldest(&mut inner)? {
+                    continue; // room was made: look again
+                }
             }
+            // Block: an acknowledgement makes room.
             wait.await;
         }
     }
