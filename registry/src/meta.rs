@@ -9,7 +9,7 @@
 
 use std::path::Path;
 
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::digest::Digest;
 use crate::error::{Error, Result};
@@ -34,13 +34,6 @@ fn db_err(e: impl std::fmt::Display) -> Error {
 /// The metadata store.
 pub struct Meta {
     db: Database,
-}
-
-impl Drop for Meta {
-    fn drop(&mut self) {
-        // Sessions begun since the last durable commit survive a clean shutdown.
-        let _ = self.flush();
-    }
 }
 
 impl std::fmt::Debug for Meta {
@@ -88,11 +81,12 @@ impl Meta {
         Ok(Meta { db })
     }
 
-    fn write<T>(&self, durable: bool, f: impl FnOnce(&redb::WriteTransaction) -> Result<T>) -> Result<T> {
-        let mut tx = self.db.begin_write().map_err(db_err)?;
-        if !durable {
-            tx.set_durability(Durability::None).map_err(db_err)?;
-        }
+    /// Runs `f` in one durable write transaction. Every commit is durable: redb 4.6's
+    /// reclamation of pages after non-durable commits tripped its own assertion (a page
+    /// freed while a read transaction still held it) under concurrent uploads, reads and
+    /// GC (the `gc` soak test, once in CI), so sessions pay an fsync rather than risk it.
+    fn write<T>(&self, f: impl FnOnce(&redb::WriteTransaction) -> Result<T>) -> Result<T> {
+        let tx = self.db.begin_write().map_err(db_err)?;
         let out = f(&tx)?;
         tx.commit().map_err(db_err)?;
         Ok(out)
@@ -111,7 +105,7 @@ impl Meta {
     /// Records that `repo` holds the blob `d`. Durable: the client is told so next.
     pub fn link_blob(&self, repo: &str, d: &Digest, size: u64) -> Result<()> {
         let ds = d.to_string();
-        self.write(true, |tx| {
+        self.write(|tx| {
             tx.open_table(REPOS).map_err(db_err)?.insert(repo, ()).map_err(db_err)?;
             tx.open_table(BLOB_LINKS).map_err(db_err)?.insert((repo, ds.as_str()), size).map_err(db_err)?;
             tx.open_table(LINKED_BY).map_err(db_err)?.insert((ds.as_str(), repo), ()).map_err(db_err)?;
@@ -122,20 +116,16 @@ impl Meta {
     /// Forgets that `repo` holds `d`; false if it did not.
     pub fn unlink_blob(&self, repo: &str, d: &Digest) -> Result<bool> {
         let ds = d.to_string();
-        self.write(true, |tx| {
+        self.write(|tx| {
             let had = tx.open_table(BLOB_LINKS).map_err(db_err)?.remove((repo, ds.as_str())).map_err(db_err)?.is_some();
             tx.open_table(LINKED_BY).map_err(db_err)?.remove((ds.as_str(), repo)).map_err(db_err)?;
             Ok(had)
         })
     }
 
-    /// Records an upload session of `repo`. Not durable on its own (an fsync per
-    /// session would halve the upload rate): the next durable commit, any blob or
-    /// manifest acknowledged, or closing the store makes it so. A session lost to a
-    /// crash before then is answered BLOB_UPLOAD_UNKNOWN and the client starts over;
-    /// no acknowledged blob is lost.
+    /// Records an upload session of `repo` (durably, as every commit; see `write`).
     pub fn begin_session(&self, id: &str, repo: &str) -> Result<()> {
-        self.write(false, |tx| {
+        self.write(|tx| {
             tx.open_table(UPLOADS).map_err(db_err)?.insert(id, repo).map_err(db_err)?;
             Ok(())
         })
@@ -151,7 +141,7 @@ impl Meta {
     /// client is told the blob is there next.
     pub fn finish_session(&self, id: &str, repo: &str, d: &Digest, size: u64) -> Result<()> {
         let ds = d.to_string();
-        self.write(true, |tx| {
+        self.write(|tx| {
             tx.open_table(UPLOADS).map_err(db_err)?.remove(id).map_err(db_err)?;
             tx.open_table(REPOS).map_err(db_err)?.insert(repo, ()).map_err(db_err)?;
             tx.open_table(BLOB_LINKS).map_err(db_err)?.insert((repo, ds.as_str()), size).map_err(db_err)?;
@@ -160,15 +150,9 @@ impl Meta {
         })
     }
 
-    /// Makes every earlier commit durable (an empty durable transaction).
-    pub fn flush(&self) -> Result<()> {
-        self.write(true, |_| Ok(()))
-    }
-
-    /// Forgets a session. Not durable on its own: a session that reappears after a
-    /// crash finds no upload in the blob store, and is collected.
+    /// Forgets a session.
     pub fn end_session(&self, id: &str) -> Result<()> {
-        self.write(false, |tx| {
+        self.write(|tx| {
             tx.open_table(UPLOADS).map_err(db_err)?.remove(id).map_err(db_err)?;
             Ok(())
         })
@@ -191,7 +175,7 @@ impl Meta {
     pub fn put_manifest(&self, repo: &str, d: &Digest, info: &ManifestInfo, tag: Option<&str>) -> Result<bool> {
         let ds = d.to_string();
         let encoded = serde_json::to_vec(info).map_err(db_err)?;
-        self.write(true, |tx| {
+        self.write(|tx| {
             let mut manifests = tx.open_table(MANIFESTS).map_err(db_err)?;
             {
                 let links = tx.open_table(BLOB_LINKS).map_err(db_err)?;
@@ -245,14 +229,14 @@ impl Meta {
 
     /// Removes a tag; false if there was none.
     pub fn delete_tag(&self, repo: &str, tag: &str) -> Result<bool> {
-        self.write(true, |tx| Ok(tx.open_table(TAGS).map_err(db_err)?.remove((repo, tag)).map_err(db_err)?.is_some()))
+        self.write(|tx| Ok(tx.open_table(TAGS).map_err(db_err)?.remove((repo, tag)).map_err(db_err)?.is_some()))
     }
 
     /// Removes a manifest link, the tags pointing to it and its referrer entry, and
     /// releases its references; false if `repo` did not hold it.
     pub fn delete_manifest(&self, repo: &str, d: &Digest) -> Result<bool> {
         let ds = d.to_string();
-        self.write(true, |tx| {
+        self.write(|tx| {
             let Some(encoded) =
                 tx.open_table(MANIFESTS).map_err(db_err)?.remove((repo, ds.as_str())).map_err(db_err)?.map(|v| v.value().to_vec())
             else {
@@ -297,7 +281,7 @@ impl Meta {
     /// Forgets every repository's link to a blob that garbage collection removed.
     pub fn forget_blob(&self, d: &Digest) -> Result<()> {
         let ds = d.to_string();
-        self.write(true, |tx| {
+        self.write(|tx| {
             let mut by = tx.open_table(LINKED_BY).map_err(db_err)?;
             let mut repos = Vec::new();
             for e in by.range((ds.as_str(), "")..(ds.as_str(), HIGH)).map_err(db_err)? {
