@@ -41,6 +41,11 @@ pub trait Transform: Send + std::fmt::Debug {
     fn flush(&mut self, all: bool, out: &mut Vec<Item>) {
         let _ = (all, out);
     }
+
+    /// Records it dropped on purpose so far (a filter's), for metrics.
+    fn dropped(&self) -> u64 {
+        0
+    }
 }
 
 /// Parses lines that are JSON objects into [`Record::fields`]; with `message_field`, the
@@ -321,14 +326,13 @@ impl Filter {
             dropped: 0,
         })
     }
-
-    /// Records dropped so far.
-    pub fn dropped(&self) -> u64 {
-        self.dropped
-    }
 }
 
 impl Transform for Filter {
+    fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
     fn apply(&mut self, item: Item, out: &mut Vec<Item>) {
         let line = &item.record.line;
         let keep = self.include.as_ref().is_none_or(|p| p.is_match(line)) && !self.exclude.as_ref().is_some_and(|p| p.is_match(line));
@@ -370,9 +374,9 @@ impl<S: Source> Transformed<S> {
         }
     }
 
-    /// The transforms, to read their counters.
-    pub fn transforms(&self) -> &[Box<dyn Transform>] {
-        &self.transforms
+    /// Records the transforms dropped on purpose so far (filters), for metrics.
+    pub fn dropped(&self) -> u64 {
+        self.transforms.iter().map(|t| t.dropped()).sum()
     }
 
     /// Feeds `items` through the transforms in order; with `flush`, each transform also

@@ -99,6 +99,7 @@ async fn pieces_join_enrich_and_filter() {
         .iter()
         .all(|r| r.labels.node.as_deref() == Some("node-1") && r.labels.extra.get("env").map(String::as_str) == Some("prod")));
     assert!(Arc::ptr_eq(&got[0].labels, &got[1].labels), "records of one origin share their labels");
+    assert_eq!(source.dropped(), 1, "the filtered line is counted where metrics can read it");
     assert!(Filter::new(Some("[bad"), None).is_err());
 }
 

@@ -135,6 +135,13 @@ struct Mark {
     offset: u64,
 }
 
+impl Tailed {
+    /// The file's end as of the last read: what is pending ends there.
+    fn read_to(&self) -> u64 {
+        self.pending_at + self.pending.len() as u64
+    }
+}
+
 #[derive(Debug)]
 struct Tailed {
     path: PathBuf,
@@ -148,8 +155,6 @@ struct Tailed {
     pending: Vec<u8>,
     pending_pos: usize,
     pending_at: u64,
-    /// The file's end as of the last read (`pending_at + pending.len()`).
-    read_to: u64,
     /// Offset after the last line handed out, and after the last one acknowledged.
     emitted: u64,
     acked: u64,
@@ -318,7 +323,6 @@ impl FileSource {
             pending: Vec::new(),
             pending_pos: 0,
             pending_at: start,
-            read_to: start,
             emitted: start,
             acked: start,
             matched: true,
@@ -338,7 +342,7 @@ impl FileSource {
         // Only an open file that has shrunk since it was read (the original of a
         // copytruncate) hands over its offset: two live files that merely begin alike
         // (a common banner) are different files.
-        let shrunk = |f: &Tailed| f.file.metadata().is_ok_and(|m| m.len() < f.read_to);
+        let shrunk = |f: &Tailed| f.file.metadata().is_ok_and(|m| m.len() < f.read_to());
         for open in self.files.iter().filter(|f| f.inode != inode && shrunk(f)) {
             if let Some(fp) = open.fingerprint {
                 if heads.matches(fp)? {
@@ -518,16 +522,15 @@ struct Refill {
 fn refill(f: &mut Tailed, chunk: usize, fingerprint_bytes: usize, saved: &mut Vec<Saved>) -> Result<Refill> {
     let size = f.file.metadata().map_err(|source| Error::Io { context: format!("reading {}", f.path.display()), source })?.len();
     let mut truncated = false;
-    if size < f.read_to {
+    if size < f.read_to() {
         // A copy made just before the truncation (copytruncate) resumes from here.
         if let Some(fingerprint) = f.fingerprint {
             saved.push(Saved { fingerprint, offset: f.acked, path: f.path.clone(), inode: f.inode });
         }
-        tracing::info!(path = %f.path.display(), size, offset = f.read_to, "file shrank; reading it again from its start");
+        tracing::info!(path = %f.path.display(), size, offset = f.read_to(), "file shrank; reading it again from its start");
         f.pending.clear();
         f.pending_pos = 0;
         f.pending_at = 0;
-        f.read_to = 0;
         f.emitted = 0;
         f.acked = 0;
         f.fingerprint = None;
@@ -537,7 +540,7 @@ fn refill(f: &mut Tailed, chunk: usize, fingerprint_bytes: usize, saved: &mut Ve
     if f.fingerprint.is_none_or(|fp| (fp.len as usize) < fingerprint_bytes && u64::from(fp.len) < size) {
         f.fingerprint = fingerprint(&f.file, size, fingerprint_bytes)?;
     }
-    if size == f.read_to {
+    if size == f.read_to() {
         f.at_eof = true;
         return Ok(Refill { bytes: 0, truncated });
     }
@@ -547,16 +550,16 @@ fn refill(f: &mut Tailed, chunk: usize, fingerprint_bytes: usize, saved: &mut Ve
         f.pending_at += f.pending_pos as u64;
         f.pending_pos = 0;
     }
-    let want = chunk.min((size - f.read_to) as usize);
+    let from = f.read_to();
+    let want = chunk.min((size - from) as usize);
     let old = f.pending.len();
     f.pending.resize(old + want, 0);
     let got = f
         .file
-        .read_at(&mut f.pending[old..], f.read_to)
+        .read_at(&mut f.pending[old..], from)
         .map_err(|source| Error::Io { context: format!("reading {}", f.path.display()), source })?;
     f.pending.truncate(old + got);
-    f.read_to += got as u64;
-    f.at_eof = f.read_to >= size;
+    f.at_eof = f.read_to() >= size;
     f.last_change = Instant::now();
     Ok(Refill { bytes: got, truncated })
 }

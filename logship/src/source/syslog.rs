@@ -72,6 +72,7 @@ struct Counters {
     connections: AtomicU64,
     refused: AtomicU64,
     handshakes_failed: AtomicU64,
+    lost: AtomicU64,
 }
 
 /// What a [`SyslogSource`] saw so far.
@@ -93,6 +94,9 @@ pub struct SyslogSourceStats {
     pub refused: u64,
     /// TLS handshakes that failed (no or an untrusted client certificate, say).
     pub handshakes_failed: u64,
+    /// UDP messages received but not queued because the queue failed (a disk error);
+    /// TCP senders see their connection closed instead.
+    pub lost: u64,
     /// Records dropped by the queue's overflow policy.
     pub dropped: u64,
 }
@@ -176,6 +180,7 @@ impl SyslogSource {
             connections: c.connections.load(Ordering::Relaxed),
             refused: c.refused.load(Ordering::Relaxed),
             handshakes_failed: c.handshakes_failed.load(Ordering::Relaxed),
+            lost: c.lost.load(Ordering::Relaxed),
             dropped: self.queue.stats().dropped,
         }
     }
@@ -255,6 +260,7 @@ async fn receive_udp(socket: UdpSocket, queue: Arc<DiskQueue>, counters: Arc<Cou
             }
         }
         if let Err(e) = queue.push(&batch).await {
+            counters.lost.fetch_add(batch.len() as u64, Ordering::Relaxed);
             tracing::error!(error = %e, lost = batch.len(), "syslog messages could not be queued");
         }
         batch.clear();
