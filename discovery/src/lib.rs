@@ -72,6 +72,12 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! ## Feature flags
+//!
+#![doc = document_features::document_features!()]
+// docs.rs (all features, --cfg docsrs) marks each backend item with the feature it needs.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 #[cfg(feature = "consul")]
 mod consul;

@@ -27,14 +27,16 @@
 pub struct ReadmeExamples;
 
 pub mod backends;
+pub mod ctl;
+pub mod daemon;
 pub mod hello;
 pub mod logd;
 pub mod logs_client;
 pub mod metrics_http;
 pub mod minipaas;
 
-/// Logs of the reference binaries: `tracing` events on stderr, filtered by `RUST_LOG`
-/// (default `info`).
+/// Logs of the interactive tools (`minipaas demo`): `tracing` events on stderr, filtered
+/// by `RUST_LOG` (default `info`). Daemons use [`daemon::init_logging`].
 pub fn init_tracing() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))

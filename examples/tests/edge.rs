@@ -60,7 +60,7 @@ async fn edge_serves_reloads_and_reports_metrics() {
     let listen: SocketAddr = format!("127.0.0.1:{}", keelson_testkit::free_port().expect("port")).parse().expect("addr");
     let metrics: SocketAddr = format!("127.0.0.1:{}", keelson_testkit::free_port().expect("port")).parse().expect("addr");
     let (child, mut out) =
-        start_edge(&["--routes", file.to_str().expect("path"), "--listen", &listen.to_string(), "--metrics", &metrics.to_string()]);
+        start_edge(&["--routes", file.to_str().expect("path"), "--listen", &listen.to_string(), "--metrics-listen", &metrics.to_string()]);
     let mut line = String::new();
     out.read_line(&mut line).expect("ready line");
     assert!(line.starts_with("edge serving 1 routes on"), "{line}");
@@ -291,7 +291,8 @@ async fn edge_reports_an_etcd_outage_as_staleness_and_clears_it_when_etcd_return
         .expect("register");
     let ports = keelson_testkit::free_ports(2).expect("ports");
     let (listen, metrics): (SocketAddr, SocketAddr) = (([127, 0, 0, 1], ports[0]).into(), ([127, 0, 0, 1], ports[1]).into());
-    let (child, mut out) = start_edge(&["--etcd", &etcd.client_url(), "--listen", &listen.to_string(), "--metrics", &metrics.to_string()]);
+    let (child, mut out) =
+        start_edge(&["--etcd", &etcd.client_url(), "--listen", &listen.to_string(), "--metrics-listen", &metrics.to_string()]);
     let mut line = String::new();
     out.read_line(&mut line).expect("ready line");
     until_status(listen, "dog.test", 200).await;
@@ -327,7 +328,8 @@ async fn edge_follows_the_consul_catalog_and_reports_staleness() {
     let (up, _t) = echo_server("from-consul").await.expect("upstream");
     let ports = keelson_testkit::free_ports(2).expect("ports");
     let (listen, metrics): (SocketAddr, SocketAddr) = (([127, 0, 0, 1], ports[0]).into(), ([127, 0, 0, 1], ports[1]).into());
-    let (child, mut out) = start_edge(&["--consul", &consul.url(), "--listen", &listen.to_string(), "--metrics", &metrics.to_string()]);
+    let (child, mut out) =
+        start_edge(&["--consul", &consul.url(), "--listen", &listen.to_string(), "--metrics-listen", &metrics.to_string()]);
     let mut line = String::new();
     out.read_line(&mut line).expect("ready line");
 
@@ -370,7 +372,7 @@ async fn edge_workers_share_the_listen_address_and_the_metrics() {
         file.to_str().expect("path"),
         "--listen",
         &listen.to_string(),
-        "--metrics",
+        "--metrics-listen",
         &metrics.to_string(),
         "--workers",
         "3",

@@ -263,10 +263,12 @@ mod end_to_end {
                     "4000",
                     "--memory",
                     "4096",
-                    "--ttl-secs",
-                    "2",
-                    "--interval-ms",
-                    "200",
+                    "--ttl",
+                    "2s",
+                    "--interval",
+                    "200ms",
+                    "--address",
+                    "127.0.0.1",
                 ])
                 .args(["--ports", "27600-27649", "--logs-to", &format!("http://{addr}/v1/push")])
                 .arg("--logs-token-file")

@@ -30,7 +30,22 @@ impl Agent {
     fn start_with(etcd: &str, node: &str, ports: &str, extra: &[&str]) -> Agent {
         let child = Command::new(env!("CARGO_BIN_EXE_node-agent"))
             .args(extra)
-            .args(["--etcd", etcd, "--node", node, "--cpu", "8000", "--memory", "8192", "--ttl-secs", "2", "--interval-ms", "200"])
+            .args([
+                "--etcd",
+                etcd,
+                "--node",
+                node,
+                "--cpu",
+                "8000",
+                "--memory",
+                "8192",
+                "--ttl",
+                "2s",
+                "--interval",
+                "200ms",
+                "--address",
+                "127.0.0.1",
+            ])
             .args(["--ports", ports])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -62,6 +77,7 @@ fn web(image: &str) -> GroupSpec {
             resources: Resources::new(500, 64),
             ports: 1,
             volumes: Vec::new(),
+            ..DesiredGroup::default()
         },
         task: TaskTemplate {
             image: Some(image.to_owned()),
@@ -287,7 +303,22 @@ fn ctl_env(env: &[(&'static str, String)], args: &[&str]) -> (i32, String, Strin
 fn agent_with_env(env: &Env, node: &str, cpu: &str, ports: &str, extra: &[&str]) -> Agent {
     let child = Command::new(env!("CARGO_BIN_EXE_node-agent"))
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .args(["--node", node, "--cpu", cpu, "--memory", "8192", "--ttl-secs", "2", "--interval-ms", "200", "--ports", ports])
+        .args([
+            "--node",
+            node,
+            "--cpu",
+            cpu,
+            "--memory",
+            "8192",
+            "--ttl",
+            "2s",
+            "--interval",
+            "200ms",
+            "--address",
+            "127.0.0.1",
+            "--ports",
+            ports,
+        ])
         .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())

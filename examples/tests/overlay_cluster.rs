@@ -58,6 +58,7 @@ fn group(job: &str, image: &str, script: &str, service: Option<ServiceSpec>) -> 
             resources: Resources::new(200, 64),
             ports: u16::from(service.is_some()),
             volumes: Vec::new(),
+            ..DesiredGroup::default()
         },
         task: TaskTemplate {
             image: Some(image.to_owned()),
@@ -115,10 +116,10 @@ async fn services_on_two_hosts_reach_each_other_over_the_overlay_by_address_name
             "8000",
             "--memory",
             "8192",
-            "--ttl-secs",
-            "5",
-            "--interval-ms",
-            "200",
+            "--ttl",
+            "5s",
+            "--interval",
+            "200ms",
             "--ports",
             &ports,
             "--network",

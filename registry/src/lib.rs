@@ -26,6 +26,12 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! ## Feature flags
+//!
+#![doc = document_features::document_features!()]
+// docs.rs (all features, --cfg docsrs) marks each backend item with the feature it needs.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod digest;
 mod error;

@@ -105,6 +105,12 @@
 //! assert_eq!(report.started.len(), 2);
 //! # Ok(()) }
 //! ```
+//!
+//! ## Feature flags
+//!
+#![doc = document_features::document_features!()]
+// docs.rs (all features, --cfg docsrs) marks each backend item with the feature it needs.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod error;
 mod orchestrate;
@@ -138,10 +144,11 @@ pub use placement::state::ClusterState;
 // Orchestration.
 pub use orchestrate::cluster_cache::ClusterCache;
 pub use orchestrate::cluster_store::{wall_clock_ms, ClusterStore, ClusterView, NodeMembership, PlanCommit};
-pub use orchestrate::controller::{Controller, GroupState, Leadership, TickReport, CONTROLLER_LOCK_TTL};
+pub use orchestrate::controller::{Controller, DeploymentRecord, GroupState, Leadership, TickReport, CONTROLLER_LOCK_TTL, HISTORY_KEPT};
 pub use orchestrate::deployment::{Action, AllocHealth, AllocView, Deployment, Millis, Phase, Traffic};
 pub use orchestrate::metrics::OrchestrationMetrics;
 pub use orchestrate::oneoff::{OneOffRun, RunAction, RunObserved, RunOutcome};
+pub use orchestrate::operations::DeployPlan;
 pub use orchestrate::planner::ReschedulePass;
 pub use orchestrate::reconcile::{reconcile, AllocRecord, AllocStatus, DesiredGroup, Reconciliation};
 pub use orchestrate::runs::{RunRecord, RunResult, RunSpec, RESULT_OUTPUT_BYTES, RUN_LABEL};
@@ -156,6 +163,7 @@ pub use runtime::docker::{DockerDriver, RegistryAuth, MANAGED_LABEL, TASK_LABEL}
 #[cfg(feature = "docker")]
 pub use runtime::docker_volumes::DockerVolumes;
 pub use runtime::driver::{Driver, DriverCapabilities, Output};
+pub use runtime::fingerprint::{default_route_address, fingerprint, Fingerprint};
 pub use runtime::process::{ProcessDriver, OUTPUT_TAIL};
 pub use runtime::task_logs::{output_source, TaskLogShipper};
 pub use runtime::task_network::TaskNetwork;

@@ -35,6 +35,7 @@ fn web(count: u32) -> DesiredGroup {
         resources: Resources::new(100, 64),
         ports: 1,
         volumes: Vec::new(),
+        ..DesiredGroup::default()
     }
 }
 

@@ -46,6 +46,7 @@ fn web(image: &str, version: u64) -> GroupSpec {
             resources: Resources::new(100, 64),
             ports: 1,
             volumes: Vec::new(),
+            ..DesiredGroup::default()
         },
         task: TaskTemplate {
             image: Some(image.to_owned()),
@@ -334,6 +335,7 @@ fn stateful(image: &str, volume: &str, version: u64) -> GroupSpec {
             resources: Resources::new(100, 64),
             ports: 1,
             volumes: vec![VolumeRequest { name: volume.into(), access: VolumeAccess::SingleWriter, read_only: false, per_task: false }],
+            ..DesiredGroup::default()
         },
         task: TaskTemplate {
             image: Some(image.to_owned()),

@@ -9,15 +9,19 @@
 //! The catalog lives in memory, or in etcd with `--etcd http://127.0.0.1:2379` (build
 //! with `--features etcd`), where every keelson process registering in the same etcd
 //! shows up. `--register` adds instances for as long as this process runs.
+//!
+//! Every flag is also `KEELSON_DNS_CATALOG_<FLAG>` and a key of `--config FILE` (TOML);
+//! `--metrics-listen` serves `/metrics`, `/healthz` and `/readyz`. SIGTERM or SIGINT
+//! stop serving, deregister `--register`ed instances and exit 0.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
-use clap::Parser;
 use keelson_discovery::{Discovery, DnsServer, DnsServerConfig, MemoryDiscovery, Registration, ServiceName};
 
-#[derive(Parser, Debug)]
+#[derive(clap::Parser, Debug)]
 #[command(version, about = "Serve a keelson service catalog over DNS")]
 struct Args {
     /// UDP and TCP listen address.
@@ -26,13 +30,13 @@ struct Args {
     /// The zone served.
     #[arg(long, default_value = "keelson")]
     domain: String,
-    /// TTL of answers, in seconds.
-    #[arg(long, default_value_t = 5)]
-    ttl: u32,
-    /// How long resolvers may cache a negative answer (NXDOMAIN or NODATA), in seconds:
-    /// the zone SOA's minimum.
-    #[arg(long, default_value_t = 5)]
-    negative_ttl: u32,
+    /// TTL of answers (whole seconds on the wire).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+    /// How long resolvers may cache a negative answer (NXDOMAIN or NODATA): the zone
+    /// SOA's minimum.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    negative_ttl: Duration,
     /// The address the zone's NS (`ns.<domain>`) resolves to (default: the listen address).
     #[arg(long)]
     ns_address: Option<std::net::IpAddr>,
@@ -43,6 +47,16 @@ struct Args {
     /// Register `service=id@ip:port` (repeatable).
     #[arg(long, value_parser = parse_registration)]
     register: Vec<Registration>,
+    /// Serve /metrics, /healthz and /readyz on this address.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    daemon: keelson_examples::daemon::DaemonArgs,
+}
+
+/// A TTL in the whole seconds DNS carries.
+fn ttl_seconds(flag: &str, ttl: Duration) -> Result<u32, String> {
+    u32::try_from(ttl.as_secs()).map_err(|_| format!("{flag} {}: too long for a DNS TTL", humantime::format_duration(ttl)))
 }
 
 fn parse_registration(s: &str) -> Result<Registration, String> {
@@ -68,41 +82,27 @@ async fn discovery(etcd: &keelson_examples::backends::EtcdArgs) -> Result<Arc<dy
     Err("this build has no etcd support: rebuild with `--features etcd` (needs protoc: apt-get install -y protobuf-compiler)".into())
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    keelson_examples::init_tracing();
-    let args = Args::parse();
-    let d = match discovery(&args.etcd).await {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("dns-catalog: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let mut handles = Vec::new();
-    for reg in args.register {
-        match d.register(reg).await {
-            Ok(h) => handles.push(h),
-            Err(e) => {
-                eprintln!("dns-catalog: {e}");
-                return ExitCode::FAILURE;
-            }
-        }
-    }
+async fn run(args: Args) -> Result<(), String> {
     let mut config = DnsServerConfig::default();
     config.domain = args.domain.clone();
-    config.ttl = args.ttl;
-    config.negative_ttl = args.negative_ttl;
+    config.ttl = ttl_seconds("--ttl", args.ttl)?;
+    config.negative_ttl = ttl_seconds("--negative-ttl", args.negative_ttl)?;
     config.ns_address = args.ns_address;
     config.listen = args.listen;
-    let server = match DnsServer::start(d, config).await {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("dns-catalog: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let stop = keelson_examples::daemon::shutdown_signal()?;
+    let d = discovery(&args.etcd).await?;
+    let mut handles = Vec::new();
+    for reg in args.register {
+        handles.push(d.register(reg).await.map_err(|e| e.to_string())?);
+    }
+    let server = DnsServer::start(d, config).await.map_err(|e| e.to_string())?;
+    let readiness = keelson_examples::metrics_http::Readiness::new();
+    if let Some(addr) = args.metrics_listen {
+        let registry = prometheus_client::registry::Registry::default();
+        keelson_examples::daemon::serve_ops("--metrics-listen", addr, registry, "dns-catalog", readiness.clone()).await?;
+    }
     let addr = server.local_addr();
+    readiness.set_ready();
     println!(
         "dns-catalog serving {} on {addr} -- try: dig @{} -p {} <service>.service.{} A",
         args.domain,
@@ -110,10 +110,30 @@ async fn main() -> ExitCode {
         addr.port(),
         args.domain
     );
-    let _ = tokio::signal::ctrl_c().await;
+    let signal = stop.await;
+    readiness.set_not_ready("stopping");
+    tracing::info!(?signal, "stopping");
     server.shutdown().await;
     for h in handles {
-        let _ = h.deregister().await;
+        if let Err(e) = h.deregister().await {
+            tracing::warn!(error = %e, "deregistering on the way out");
+        }
     }
-    ExitCode::SUCCESS
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args: Args = keelson_examples::daemon::parse("dns-catalog");
+    if let Err(e) = keelson_examples::daemon::init_logging(&args.daemon) {
+        eprintln!("dns-catalog: {e}");
+        return ExitCode::from(2);
+    }
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dns-catalog: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

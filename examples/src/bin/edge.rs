@@ -1,7 +1,7 @@
 //! `edge`: the keelson reverse proxy as a program.
 //!
 //! ```text
-//! edge --routes routes.json --listen 127.0.0.1:8080 --metrics 127.0.0.1:9100
+//! edge --routes routes.json --listen 127.0.0.1:8080 --metrics-listen 127.0.0.1:9100
 //! curl -H 'Host: app.example' http://127.0.0.1:8080/
 //! kill -HUP $(pidof edge)     # re-read routes.json; connections are not dropped
 //! curl http://127.0.0.1:9100/metrics
@@ -20,7 +20,7 @@
 //! `{"routes": [{"host": "app.example", "endpoints": [{"id": "a", "addr": "127.0.0.1:9000"}]}]}`;
 //! a route may add `"path": "/api"` (longest prefix wins), `"balancer"` and
 //! `"upstream": "h2c"`, and `host` may be a `*.example` wildcard.
-//! On SIGHUP, and within `--routes-poll-ms` (1 s) of the file changing, the file is read
+//! On SIGHUP, and within `--routes-poll` (1s) of the file changing, the file is read
 //! again and only the difference is applied (`keelson_routing::RoutesFileSource`); a file
 //! that no longer parses is reported and the routes in force are kept. SIGINT or SIGTERM stop
 //! accepting and drain in-flight requests.
@@ -39,6 +39,12 @@
 //! host). SIGHUP re-reads the certificate files too: new handshakes get the new
 //! certificate, open connections keep theirs, and a file that no longer loads leaves the
 //! previous certificate in place. Clients speak HTTP/1.1 or HTTP/2 on either listener.
+//!
+//! Configuration: every flag is also `KEELSON_EDGE_<FLAG>` (`KEELSON_EDGE_LISTEN`) and a
+//! key of the TOML file given with `--config` (`listen = "127.0.0.1:8080"`); flags win
+//! over the environment, the environment over the file. Every flag is checked (and every
+//! certificate loaded) before the first listener opens. `/healthz` and `/readyz` answer
+//! beside `/metrics`; `/readyz` turns 503 as soon as a drain starts.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -47,20 +53,19 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Parser;
 use keelson_routing::{MemoryRouter, Proxy, ProxyConfig, Router, RoutesFileSource};
 use prometheus_client::registry::Registry;
 use tokio::signal::unix::{signal, SignalKind};
 
-#[derive(Parser, Debug)]
+#[derive(clap::Parser, Debug)]
 #[command(version, about = "Serve HTTP routes from a routes file through the keelson proxy")]
 struct Args {
     /// Routes file (JSON); re-read on SIGHUP and when it changes.
     #[arg(long, required_unless_present_any = ["etcd", "consul"])]
     routes: Option<PathBuf>,
-    /// How often the routes file is checked for changes, in milliseconds.
-    #[arg(long, default_value_t = 1000)]
-    routes_poll_ms: u64,
+    /// How often the routes file is checked for changes.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    routes_poll: Duration,
     /// etcd (`--etcd` and its TLS and credential flags): follow the keelson catalog
     /// stored there.
     #[command(flatten)]
@@ -90,15 +95,15 @@ struct Args {
     /// passes). Two failures in a row take an endpoint out, two passes bring it back.
     #[arg(long)]
     health_check: Option<String>,
-    /// Time between health checks, in milliseconds.
-    #[arg(long, default_value_t = 2_000)]
-    health_interval_ms: u64,
+    /// Time between health checks.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    health_interval: Duration,
     /// Append one JSON line per request to this file.
     #[arg(long)]
     access_log: Option<PathBuf>,
-    /// Serve Prometheus metrics at http://<addr>/metrics.
+    /// Serve Prometheus metrics at http://<addr>/metrics, and /healthz and /readyz.
     #[arg(long)]
-    metrics: Option<SocketAddr>,
+    metrics_listen: Option<SocketAddr>,
     /// Worker threads (default: one per available core). 1 runs everything on a single
     /// thread, which is the fastest setup for a proxy pinned to one core.
     #[arg(long)]
@@ -108,13 +113,53 @@ struct Args {
     /// upstream pools: one per core scales without sharing. Default 1.
     #[arg(long, default_value_t = 1)]
     workers: usize,
-    /// Upstream answer timeout, in milliseconds, counted once the request was sent whole.
-    #[arg(long, default_value_t = 30_000)]
-    upstream_timeout_ms: u64,
+    /// Upstream answer timeout, counted once the request was sent whole.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    upstream_timeout: Duration,
     /// Longest pause inside a request or response body, and longest a client may leave
-    /// its response unread, in milliseconds; past it the connection is cut.
-    #[arg(long, default_value_t = 60_000)]
-    body_idle_timeout_ms: u64,
+    /// its response unread; past it the connection is cut.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    body_idle_timeout: Duration,
+    #[command(flatten)]
+    daemon: keelson_examples::daemon::DaemonArgs,
+}
+
+/// What the flags ask for, checked whole before anything starts serving.
+struct Checked {
+    certs: Vec<CertSpec>,
+    probe: Option<keelson_routing::ActiveProbe>,
+}
+
+fn check(args: &Args) -> Result<Checked, String> {
+    if args.workers == 0 {
+        return Err("--workers must be at least 1".into());
+    }
+    if args.threads == Some(0) {
+        return Err("--threads must be at least 1".into());
+    }
+    if args.etcd.is_set() && args.consul.address.is_some() {
+        return Err("--etcd and --consul are two catalogs: follow one".into());
+    }
+    for (flag, value) in [
+        ("--routes-poll", args.routes_poll),
+        ("--health-interval", args.health_interval),
+        ("--upstream-timeout", args.upstream_timeout),
+        ("--body-idle-timeout", args.body_idle_timeout),
+    ] {
+        if value.is_zero() {
+            return Err(format!("{flag} must be longer than 0s"));
+        }
+    }
+    let probe = match args.health_check.as_deref() {
+        None => None,
+        Some("tcp") => Some(keelson_routing::ActiveProbe::Tcp),
+        Some(other) => match other.strip_prefix("http:") {
+            Some(path) => Some(keelson_routing::ActiveProbe::Http { path: path.to_owned() }),
+            None => return Err(format!("--health-check {other:?}: expected tcp or http:/path")),
+        },
+    };
+    let certs = args.cert.iter().map(|s| parse_cert_spec(s)).collect::<Result<Vec<_>, _>>()?;
+    Ok(Checked { certs, probe })
 }
 
 /// A listening socket on `addr`; with `shared`, SO_REUSEPORT lets other sockets bind
@@ -175,9 +220,6 @@ fn tcp_config(args: &Args) -> keelson_routing::TcpProxyConfig {
 
 /// Follows a catalog in etcd or Consul, if asked to. Returns whether one is followed.
 async fn follow_catalog(args: &Args, router: Arc<MemoryRouter>, status: keelson_routing::SourceStatus) -> Result<bool, String> {
-    if args.etcd.is_set() && args.consul.address.is_some() {
-        return Err("--etcd and --consul are two catalogs: follow one".into());
-    }
     let discovery: Arc<dyn keelson_discovery::Discovery> = if args.etcd.is_set() {
         etcd_catalog(&args.etcd).await?
     } else if args.consul.address.is_some() {
@@ -218,6 +260,11 @@ fn consul_catalog(_: &keelson_examples::backends::ConsulArgs) -> Result<Arc<dyn 
 }
 
 async fn run(args: Args) -> Result<(), String> {
+    let Checked { certs: specs, probe } = check(&args)?;
+    let certs = keelson_routing::CertStore::new();
+    load_certs(&specs, &certs)?;
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+    let mut stop_signal = std::pin::pin!(keelson_examples::daemon::shutdown_signal()?);
     let router = Arc::new(MemoryRouter::new());
     // The routes file, installed and then kept installed (SIGHUP, or the file changing).
     let mut tcp_routers = BTreeMap::new();
@@ -226,20 +273,13 @@ async fn run(args: Args) -> Result<(), String> {
         Some(path) => {
             let source = RoutesFileSource::open(path, router.clone()).await.map_err(|e| e.to_string())?;
             tcp_routers = source.tcp_routers().clone();
-            Some(source.watch(Duration::from_millis(args.routes_poll_ms)).map_err(|e| e.to_string())?)
+            Some(source.watch(args.routes_poll).map_err(|e| e.to_string())?)
         }
     };
-    let _checks = match args.health_check.as_deref() {
+    let _checks = match probe {
         None => None,
-        Some(spec) => {
-            let probe = match spec {
-                "tcp" => keelson_routing::ActiveProbe::Tcp,
-                other => match other.strip_prefix("http:") {
-                    Some(path) => keelson_routing::ActiveProbe::Http { path: path.to_owned() },
-                    None => return Err(format!("--health-check {other:?}: expected tcp or http:/path")),
-                },
-            };
-            let interval = Duration::from_millis(args.health_interval_ms);
+        Some(probe) => {
+            let interval = args.health_interval;
             let mut config = keelson_routing::CheckConfig::default();
             config.interval = interval;
             config.timeout = interval.min(Duration::from_secs(1));
@@ -250,8 +290,8 @@ async fn run(args: Args) -> Result<(), String> {
     let source_status = keelson_routing::SourceStatus::new();
     let following = follow_catalog(&args, router.clone(), source_status.clone()).await?;
     let mut config = ProxyConfig::default();
-    config.upstream_timeout = Duration::from_millis(args.upstream_timeout_ms);
-    config.body_idle_timeout = Duration::from_millis(args.body_idle_timeout_ms);
+    config.upstream_timeout = args.upstream_timeout;
+    config.body_idle_timeout = args.body_idle_timeout;
     let mut proxy = Proxy::new(router.clone(), config.clone());
     let mut access_log = None;
     if let Some(path) = &args.access_log {
@@ -260,22 +300,17 @@ async fn run(args: Args) -> Result<(), String> {
         access_log = Some(log);
     }
     let proxy = Arc::new(proxy);
-    if let Some(addr) = args.metrics {
+    let readiness = keelson_examples::metrics_http::Readiness::new();
+    if let Some(addr) = args.metrics_listen {
         let mut registry = Registry::default();
         proxy.register_metrics(&mut registry);
         if following {
             source_status.register(&mut registry);
         }
-        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("metrics listen {addr}: {e}"))?;
-        tokio::spawn(keelson_examples::metrics_http::serve_metrics(listener, Arc::new(registry)));
-    }
-    if args.workers == 0 {
-        return Err("--workers must be at least 1".into());
+        keelson_examples::daemon::serve_ops("--metrics-listen", addr, registry, "edge", readiness.clone()).await?;
     }
     let listener = bind_shared(args.listen, args.workers > 1).map_err(|e| format!("listen {}: {e}", args.listen))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
-    let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
-    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
@@ -298,9 +333,6 @@ async fn run(args: Args) -> Result<(), String> {
         });
         workers.push(thread.map_err(|e| format!("starting worker {n}: {e}"))?);
     }
-    let specs = args.cert.iter().map(|s| parse_cert_spec(s)).collect::<Result<Vec<_>, _>>()?;
-    let certs = keelson_routing::CertStore::new();
-    load_certs(&specs, &certs)?;
     let mut tls_local = None;
     if let Some(addr) = args.tls_listen {
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("listen {addr}: {e}"))?;
@@ -315,6 +347,7 @@ async fn run(args: Args) -> Result<(), String> {
         servers.push(tokio::spawn(tcp.serve(listener, until_stopped(stopped.clone()))));
     }
     // Printed once every listener is up, so a supervisor can wait for this line.
+    readiness.set_ready();
     println!("edge serving {} routes on {local}", router.snapshot().len());
     if let Some(tls_local) = tls_local {
         println!("edge serving TLS for {:?} on {tls_local}", certs.names());
@@ -330,10 +363,13 @@ async fn run(args: Args) -> Result<(), String> {
                     tracing::info!(names = ?certs.names(), "certificates reloaded");
                 }
             }
-            _ = term.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
+            signal = &mut stop_signal => {
+                tracing::info!(?signal, "draining");
+                break;
+            }
         }
     }
+    readiness.set_not_ready("draining");
     let _ = stop.send(true);
     for server in servers {
         server.await.map_err(|e| e.to_string())?;
@@ -345,8 +381,11 @@ async fn run(args: Args) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    keelson_examples::init_tracing();
-    let args = Args::parse();
+    let args: Args = keelson_examples::daemon::parse("edge");
+    if let Err(e) = keelson_examples::daemon::init_logging(&args.daemon) {
+        eprintln!("edge: {e}");
+        return ExitCode::from(2);
+    }
     let runtime = match args.threads {
         Some(0) => Err(std::io::Error::other("--threads must be at least 1")),
         Some(1) => tokio::runtime::Builder::new_current_thread().enable_all().build(),

@@ -7,15 +7,15 @@
 //!
 //! The token comes from a file (or `KEELSON_LOGD_TOKEN_FILE`), never the command line;
 //! without one logd refuses to start unless `--insecure-no-auth` says otherwise.
+//! Every flag is also `KEELSON_LOGD_<FLAG>` and a key of `--config FILE` (TOML).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
 use keelson_examples::logd::{serve, LogdConfig};
 
-#[derive(Parser, Debug)]
+#[derive(clap::Parser, Debug)]
 #[command(version, about = "keelson's log server: receives records from agents, answers queries and follows")]
 struct Args {
     /// Where the per-service files are kept.
@@ -49,6 +49,8 @@ struct Args {
     /// The CA (PEM) whose certificates syslog senders must present.
     #[arg(long)]
     syslog_client_ca: Option<PathBuf>,
+    #[command(flatten)]
+    daemon: keelson_examples::daemon::DaemonArgs,
 }
 
 /// The syslog listener's TLS: this server's certificate, and client certificates
@@ -86,8 +88,15 @@ fn syslog_tls(args: &Args) -> Result<Option<(SocketAddr, std::sync::Arc<rustls::
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> ExitCode {
-    keelson_examples::init_tracing();
-    let args = Args::parse();
+    let args: Args = keelson_examples::daemon::parse("logd");
+    if let Err(e) = keelson_examples::daemon::init_logging(&args.daemon) {
+        eprintln!("logd: {e}");
+        return ExitCode::from(2);
+    }
+    let stop = match keelson_examples::daemon::shutdown_signal() {
+        Ok(stop) => stop,
+        Err(e) => return fail(e),
+    };
     let token = match (&args.token_file, args.insecure_no_auth) {
         (Some(path), _) => match std::fs::read_to_string(path) {
             Ok(t) if t.trim().len() >= 16 => Some(t.trim().to_owned()),
@@ -112,11 +121,8 @@ async fn main() -> ExitCode {
     };
     println!("logd: serving on {} from {}", args.listen, args.dir.display());
     let stop = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
-        }
+        let signal = stop.await;
+        tracing::info!(?signal, "stopping");
     };
     match serve(listener, config, stop).await {
         Ok(()) => ExitCode::SUCCESS,

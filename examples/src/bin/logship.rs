@@ -10,6 +10,9 @@
 //! A file's offset is saved only after the receiver has the lines before it: kill
 //! `logship` at any moment and the next start sends what was not acknowledged (at most
 //! one batch again), never skipping a line. While the receiver stalls, reading pauses.
+//!
+//! Every flag is also `KEELSON_LOGSHIP_<FLAG>` and a key of `--config FILE` (TOML);
+//! `--metrics-listen` serves `/metrics`, `/healthz` and `/readyz`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -17,12 +20,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::ValueEnum;
 use keelson_logship::{
     sink_from_url, FileSource, FileSourceConfig, Labels, ReaderSource, ShipConfig, ShipMetrics, Shipper, Sink, SinkOptions, Source, StartAt,
 };
 
-#[derive(Parser, Debug)]
+#[derive(clap::Parser, Debug)]
 #[command(version, about = "Ships log files or stdin to syslog or files, at least once")]
 struct Args {
     /// Files to tail (glob patterns; include rotated names such as 'app.log*').
@@ -66,9 +69,11 @@ struct Args {
     /// Records per batch at most.
     #[arg(long, default_value_t = 2048)]
     max_batch: usize,
-    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464).
-    #[arg(long, env = "KEELSON_LOGSHIP_METRICS")]
-    metrics: Option<SocketAddr>,
+    /// Serve Prometheus metrics (and /healthz, /readyz) on this address (e.g. 127.0.0.1:9464).
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    daemon: keelson_examples::daemon::DaemonArgs,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -79,8 +84,11 @@ enum Start {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    keelson_examples::init_tracing();
-    let args = Args::parse();
+    let args: Args = keelson_examples::daemon::parse("logship");
+    if let Err(e) = keelson_examples::daemon::init_logging(&args.daemon) {
+        eprintln!("logship: {e}");
+        return ExitCode::from(2);
+    }
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -119,17 +127,18 @@ async fn run(args: Args) -> Result<(), String> {
     };
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = ShipMetrics::register(&mut registry);
-    if let Some(addr) = args.metrics {
-        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("binding the metrics listener {addr}: {e}"))?;
-        tokio::spawn(keelson_examples::metrics_http::serve_metrics(listener, Arc::new(registry)));
+    let readiness = keelson_examples::metrics_http::Readiness::new();
+    if let Some(addr) = args.metrics_listen {
+        keelson_examples::daemon::serve_ops("--metrics-listen", addr, registry, "logship", readiness.clone()).await?;
     }
+    readiness.set_ready();
     let mut config = ShipConfig::default();
     config.max_batch = args.max_batch;
     let mut shipper = Shipper::new(config.clone()).map_err(|e| e.to_string())?.with_metrics(metrics);
     tracing::info!(to = %args.to, "shipping");
     let mut pauses = config.pauses();
     let mut shipped_at_last_error = 0;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut stop = std::pin::pin!(keelson_examples::daemon::shutdown_signal()?);
     loop {
         tokio::select! {
             result = shipper.run(&mut *source, &*sink) => match result {
@@ -150,8 +159,10 @@ async fn run(args: Args) -> Result<(), String> {
                 }
                 Err(e) => return Err(e.to_string()),
             },
-            _ = tokio::signal::ctrl_c() => break,
-            _ = term.recv() => break,
+            signal = &mut stop => {
+                tracing::info!(?signal, "stopping");
+                break;
+            }
         }
     }
     // What was not acknowledged is sent again by the next start.

@@ -7,30 +7,44 @@
 //! to other nodes (to move a stateful service, see `keelson_scheduler::fetch_volume`).
 //!
 //! ```text
-//! node-agent --etcd http://127.0.0.1:2379 --node n1 --cpu 4000 --memory 4096
+//! node-agent --etcd http://127.0.0.1:2379 --node n1 --datacenter eu1 --label tier=edge --attr gpu=none
 //! ```
+//!
+//! The agent describes its node for placement to match: `--datacenter`, `--pool`,
+//! `--label k=v` (an operator's, `label.k`) and `--attr k=v` (`attr.k`), plus what it
+//! detects (`keelson_scheduler::fingerprint`): cpu, memory and disk as the node's
+//! resources (`--cpu`, `--memory`, `--disk` override them) and `attr.cpu.cores`,
+//! `attr.memory.mb`, `attr.disk.mb`, `attr.kernel.name`, `attr.kernel.version`,
+//! `attr.os.name`, `attr.os.version`, `attr.arch` (`--attr` overrides any of them).
+//! The address services register at is `--address`, or else the IPv4 address of the
+//! interface the default route leaves by: the one other hosts reach.
+//!
+//! Every flag is also `KEELSON_NODE_AGENT_<FLAG>` and a key of `--config FILE` (TOML);
+//! `--metrics-listen` serves `/metrics`, `/healthz` and `/readyz`.
 //!
 //! With `--network bridge`, tasks get addresses of their own on a keelson bridge on this
 //! host; with `--network overlay`, on a VXLAN overlay across every agent of the cluster
 //! (each host leases a subnet of `--network-subnet` in etcd): services register at
 //! their own address and port, and reach each other across hosts.
 //!
-//! Build with `--features etcd,docker`. SIGINT or SIGTERM leave the cluster at once (the
-//! lease is revoked); a killed agent's node is lost after `--ttl-secs` and its work is
-//! re-placed by the controller of another agent. Containers outlive the agent: restarted
-//! with the same `--node`, it adopts them.
+//! Build with `--features etcd,docker`. SIGINT or SIGTERM stop the agent and leave its
+//! tasks running: restarted with the same `--node` within `--ttl`, it adopts them and
+//! nothing moves (an upgrade of the agent); if it stays away longer, the node is lost and
+//! its work is re-placed by the controller of another agent. With `--drain-on-sigterm`
+//! the agent first drains its node (the controller moves its allocations elsewhere and
+//! this agent stops them), waits for that up to `--drain-timeout`, and then leaves the
+//! cluster at once: for a host going away.
 
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Parser;
 use keelson_discovery::{Discovery, KeyValue, KvDiscovery};
 use keelson_scheduler::{
-    ClusterStore, Controller, DockerDriver, Node, NodeAgent, OrchestrationMetrics, PortRange, Resources, VolumeManager,
+    ClusterStore, Controller, DockerDriver, Eligibility, Node, NodeAgent, OrchestrationMetrics, PortRange, VolumeManager,
 };
 
-#[derive(Parser, Debug)]
+#[derive(clap::Parser, Debug)]
 #[command(version, about = "Run a keelson node: cluster state in etcd, tasks on Docker")]
 struct Args {
     #[command(flatten)]
@@ -38,22 +52,48 @@ struct Args {
     /// This node's id.
     #[arg(long)]
     node: String,
-    /// The address clients reach this node's published ports at.
-    #[arg(long, default_value = "127.0.0.1")]
-    address: String,
-    /// CPU offered, in thousandths of a core.
-    #[arg(long, default_value_t = 2000)]
-    cpu: u64,
-    /// Memory offered, in MiB.
-    #[arg(long, default_value_t = 2048)]
-    memory: u64,
-    /// Heartbeat lease TTL in seconds: the node is lost this long after the agent dies,
-    /// and a controller that dies while leading is replaced this long after.
-    #[arg(long, default_value_t = 5)]
-    ttl_secs: u64,
-    /// Time between syncs, in milliseconds.
-    #[arg(long, default_value_t = 500)]
-    interval_ms: u64,
+    /// The address other hosts reach this node's services at (default: the IPv4 address
+    /// of the interface the default route leaves by).
+    #[arg(long)]
+    address: Option<String>,
+    /// The node's datacenter (`node.datacenter` in constraints).
+    #[arg(long, default_value = "dc1")]
+    datacenter: String,
+    /// The node's pool (`node.pool`).
+    #[arg(long, default_value = "default")]
+    pool: String,
+    /// An attribute, KEY=VALUE (`attr.KEY`; repeatable); overrides a detected one.
+    #[arg(long, value_name = "KEY=VALUE", value_parser = parse_pair)]
+    attr: Vec<(String, String)>,
+    /// A label, KEY=VALUE (`label.KEY`; repeatable).
+    #[arg(long, value_name = "KEY=VALUE", value_parser = parse_pair)]
+    label: Vec<(String, String)>,
+    /// CPU offered, in thousandths of a core (default: every core detected).
+    #[arg(long)]
+    cpu: Option<u64>,
+    /// Memory offered, in MiB (default: the memory detected).
+    #[arg(long)]
+    memory: Option<u64>,
+    /// Disk offered, in MiB (default: the size of --disk-path's filesystem).
+    #[arg(long)]
+    disk: Option<u64>,
+    /// A path on the filesystem tasks' data lives on (for detecting the disk size).
+    #[arg(long, default_value = "/var/lib/docker")]
+    disk_path: std::path::PathBuf,
+    /// Heartbeat lease TTL: the node is lost this long after the agent dies, and a
+    /// controller that dies while leading is replaced this long after.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+    /// Time between syncs.
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    interval: Duration,
+    /// On SIGTERM or SIGINT, drain the node before leaving (instead of leaving its tasks
+    /// running for the agent's next start).
+    #[arg(long)]
+    drain_on_sigterm: bool,
+    /// How long a drain on SIGTERM may take before the agent leaves anyway.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    drain_timeout: Duration,
     /// Root of the cluster state keys.
     #[arg(long, default_value = "keelson/cluster")]
     root: String,
@@ -127,6 +167,49 @@ struct Args {
     /// PEM file of the certificates an https:// or tls:// --logs-to is checked against.
     #[arg(long)]
     logs_ca: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    daemon: keelson_examples::daemon::DaemonArgs,
+}
+
+/// KEY=VALUE of --attr and --label.
+fn parse_pair(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{text:?}: expected KEY=VALUE")),
+    }
+}
+
+/// This node as the flags and the machine describe it, and the address it advertises.
+fn describe_node(args: &Args) -> Result<(Node, String), String> {
+    let facts = keelson_scheduler::fingerprint(&args.disk_path);
+    let mut resources = facts.resources;
+    resources.cpu_millis = args.cpu.unwrap_or(resources.cpu_millis);
+    resources.memory_mb = args.memory.unwrap_or(resources.memory_mb);
+    resources.disk_mb = args.disk.unwrap_or(resources.disk_mb);
+    if resources.cpu_millis == 0 || resources.memory_mb == 0 {
+        return Err(format!(
+            "cpu {} and memory {} MiB: could not detect them; give --cpu and --memory",
+            resources.cpu_millis, resources.memory_mb
+        ));
+    }
+    let mut node = Node::new(args.node.clone(), resources);
+    node.datacenter.clone_from(&args.datacenter);
+    node.pool.clone_from(&args.pool);
+    node.attributes = facts.attributes;
+    node.attributes.extend(args.attr.iter().cloned());
+    node.labels.extend(args.label.iter().cloned());
+    if let Some(ports) = args.ports {
+        node.dynamic_ports = ports;
+    }
+    let address = match &args.address {
+        Some(a) => a.clone(),
+        None => keelson_scheduler::default_route_address()
+            .map_err(|e| format!("detecting the address (give --address): {e}"))?
+            .ok_or("no default route with an IPv4 address to advertise: give --address")?
+            .to_string(),
+    };
+    node.address = Some(address.clone());
+    Ok((node, address))
 }
 
 /// The registry credentials of `--registry-auth` and the environment.
@@ -170,7 +253,7 @@ enum NetworkKind {
 }
 
 /// The keelson network tasks go on, created (bridge) or joined (overlay) if needed.
-async fn task_network(args: &Args, kv: Arc<dyn KeyValue>) -> Result<Option<keelson_scheduler::TaskNetwork>, String> {
+async fn task_network(args: &Args, address: &str, kv: Arc<dyn KeyValue>) -> Result<Option<keelson_scheduler::TaskNetwork>, String> {
     use keelson_netplumb::{BridgeNetwork, KernelConfig, NetworkDriver, NetworkSpec, OverlayConfig, OverlayNetwork};
     let Some(kind) = args.network else { return Ok(None) };
     let bridge = BridgeNetwork::open(KernelConfig::in_dir(&args.network_state_dir)).map_err(|e| format!("--network-state-dir: {e}"))?;
@@ -188,7 +271,7 @@ async fn task_network(args: &Args, kv: Arc<dyn KeyValue>) -> Result<Option<keels
             spec.subnet = Some(args.network_subnet.clone().unwrap_or_else(|| "10.244.0.0/16".into()));
             let underlay = match args.underlay_address {
                 Some(a) => a,
-                None => args.address.parse().map_err(|_| "--network overlay needs --underlay-address (or an IPv4 --address)".to_owned())?,
+                None => address.parse().map_err(|_| "--network overlay needs --underlay-address (or an IPv4 --address)".to_owned())?,
             };
             let overlay = OverlayNetwork::new(bridge, OverlayConfig::new(kv, &args.node, underlay)).map_err(|e| e.to_string())?;
             overlay.create_network(spec).await.map_err(|e| format!("--network overlay: {e}"))?;
@@ -202,15 +285,24 @@ async fn run(args: Args) -> Result<(), String> {
     if !args.etcd.is_set() {
         return Err("--etcd (or KEELSON_ETCD_ENDPOINTS) is required".into());
     }
+    if args.interval.is_zero() || args.ttl < Duration::from_secs(2) {
+        return Err(format!(
+            "--interval {} must be above 0 and --ttl {} at least 2s (etcd's shortest lease)",
+            humantime::format_duration(args.interval),
+            humantime::format_duration(args.ttl)
+        ));
+    }
+    let (node, address) = describe_node(&args)?;
+    let stop = keelson_examples::daemon::shutdown_signal()?;
     let kv: Arc<dyn KeyValue> = Arc::new(args.etcd.connect().await?);
     let store = ClusterStore::new(kv.clone(), args.root.clone());
-    let publish = args.publish_address.or_else(|| args.address.parse().ok()).unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
+    let publish = args.publish_address.or_else(|| address.parse().ok()).unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
     let driver = DockerDriver::connect().await.map_err(|e| format!("docker: {e}"))?;
     let mut driver = driver.with_publish_address(publish).map_err(|e| format!("--publish-address: {e}"))?;
     for auth in registry_auth(&args)? {
         driver = driver.with_registry_auth(auth);
     }
-    if let Some(net) = task_network(&args, kv.clone()).await? {
+    if let Some(net) = task_network(&args, &address, kv.clone()).await? {
         // Attachments of containers that are gone (the agent or host died) go first.
         let keep: Vec<String> =
             keelson_scheduler::Driver::list(&driver).await.map_err(|e| format!("docker: {e}"))?.into_iter().map(|t| t.id).collect();
@@ -250,47 +342,79 @@ async fn run(args: Args) -> Result<(), String> {
         println!("node-agent: serving volumes on {addr}");
     }
     let discovery: Arc<dyn Discovery> = Arc::new(KvDiscovery::new(kv));
-    let mut node = Node::new(args.node.clone(), Resources::new(args.cpu, args.memory));
-    if let Some(ports) = args.ports {
-        node.dynamic_ports = ports;
-    }
-    let membership = store.join(&node, Duration::from_secs(args.ttl_secs)).await.map_err(|e| format!("joining: {e}"))?;
+    let membership = store.join(&node, args.ttl).await.map_err(|e| format!("joining: {e}"))?;
     let metrics = OrchestrationMetrics::new();
+    let readiness = keelson_examples::metrics_http::Readiness::new();
     if let Some(addr) = args.metrics_listen {
         let mut registry = prometheus_client::registry::Registry::default();
         metrics.register(&mut registry);
         driver.register_metrics(&mut registry);
-        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("--metrics-listen {addr}: {e}"))?;
-        tokio::spawn(keelson_examples::metrics_http::serve_metrics(listener, Arc::new(registry)));
+        keelson_examples::daemon::serve_ops("--metrics-listen", addr, registry, "node-agent", readiness.clone()).await?;
     }
     let log_shipping = log_shipper(&args, driver.clone())?;
     let agent = Arc::new(
-        NodeAgent::new(args.node.clone(), store.clone(), driver, Some(discovery), args.address.clone())
+        NodeAgent::new(args.node.clone(), store.clone(), driver, Some(discovery), address.clone())
             .with_volumes(volumes)
             .with_metrics(metrics.clone()),
     );
-    let interval = Duration::from_millis(args.interval_ms);
+    let interval = args.interval;
     if !args.no_controller {
         // The controller lock lives as long as a node lease: if this node dies while it
         // leads, another agent's controller takes over as soon as the node is lost.
-        let controller = Controller::new(store).with_metrics(metrics).with_lock_ttl(Duration::from_secs(args.ttl_secs));
+        let controller = Controller::new(store.clone()).with_metrics(metrics).with_lock_ttl(args.ttl);
         tokio::spawn(async move { controller.run(interval, std::future::pending()).await });
     }
     if let Some(shipper) = log_shipping {
         tokio::spawn(shipper.run(interval, std::future::pending()));
         println!("node-agent: shipping task output to {}", args.logs_to.as_deref().unwrap_or_default());
     }
-    println!("node-agent: node {} joined", args.node);
-    let stop = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
-        }
+    readiness.set_ready();
+    println!("node-agent: node {} joined at {address}", args.node);
+    let (agent_stop, agent_stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = {
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            agent
+                .run(interval, async {
+                    let _ = agent_stopped.await;
+                })
+                .await
+        })
     };
-    agent.run(interval, stop).await;
+    let signal = stop.await;
+    readiness.set_not_ready("stopping");
+    tracing::info!(?signal, drain = args.drain_on_sigterm, "stopping");
+    if !args.drain_on_sigterm {
+        let _ = agent_stop.send(());
+        running.await.map_err(|e| e.to_string())?;
+        // The lease is left to expire: an agent back within --ttl finds its node and its
+        // tasks as they were.
+        drop(membership);
+        println!("node-agent: node {} stopped; its tasks keep running for the next start", args.node);
+        return Ok(());
+    }
+    // The agent keeps running while draining: it stops what the controller moves away.
+    store.set_eligibility(&args.node, Eligibility::Draining).await.map_err(|e| format!("draining: {e}"))?;
+    let drained = tokio::time::timeout(args.drain_timeout, async {
+        loop {
+            match store.allocations_on(&args.node).await {
+                Ok(left) if left.is_empty() => return,
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "reading this node's allocations while draining"),
+            }
+            tokio::time::sleep(interval).await;
+        }
+    })
+    .await;
+    let _ = agent_stop.send(());
+    running.await.map_err(|e| e.to_string())?;
     membership.leave().await.map_err(|e| format!("leaving: {e}"))?;
-    println!("node-agent: node {} left", args.node);
+    // Gone now (nothing can be placed here), so its next start takes work again.
+    store.set_eligibility(&args.node, Eligibility::Eligible).await.map_err(|e| format!("after draining: {e}"))?;
+    match drained {
+        Ok(()) => println!("node-agent: node {} drained and left", args.node),
+        Err(_) => println!("node-agent: node {} left with work still on it after --drain-timeout", args.node),
+    }
     Ok(())
 }
 
@@ -305,8 +429,11 @@ fn parse_ports(text: &str) -> Result<PortRange, String> {
 }
 
 fn main() -> ExitCode {
-    keelson_examples::init_tracing();
-    let args = Args::parse();
+    let args: Args = keelson_examples::daemon::parse("node-agent");
+    if let Err(e) = keelson_examples::daemon::init_logging(&args.daemon) {
+        eprintln!("node-agent: {e}");
+        return ExitCode::from(2);
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

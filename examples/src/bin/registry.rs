@@ -11,6 +11,10 @@
 //!
 //! Secrets (htpasswd, token secret, TLS key, client password) come from files or the
 //! environment, never from flags another user can read in the process list.
+//!
+//! Every flag is also `KEELSON_REGISTRY_<FLAG>` and a key of `--config FILE` (TOML, the
+//! flags of the subcommand run); `--metrics-listen` serves `/metrics`, `/healthz` and
+//! `/readyz`. SIGTERM or SIGINT stop accepting and finish the requests in flight.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -21,16 +25,18 @@ use std::time::Duration;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use clap::{Parser, Subcommand};
+use clap::Subcommand;
 use keelson_registry::client::{Client, ClientConfig, Credentials, Progress};
 use keelson_registry::server::{Acl, Auth, Htpasswd, Server, ServerConfig, Tokens};
 use keelson_registry::{Digest, Registry, RegistryConfig, RepoName};
 
-#[derive(Parser, Debug)]
+#[derive(clap::Parser, Debug)]
 #[command(version, about = "keelson's OCI image registry")]
 struct Args {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    daemon: keelson_examples::daemon::DaemonArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -264,11 +270,11 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         );
     }
     let server = Server::new(registry.clone(), config);
+    let readiness = keelson_examples::metrics_http::Readiness::new();
     if let Some(addr) = metrics_listen {
         let mut reg = prometheus_client::registry::Registry::default();
         server.metrics().register(&mut reg);
-        let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("binding metrics {addr}: {e}"))?;
-        tokio::spawn(keelson_examples::metrics_http::serve_metrics(l, Arc::new(reg)));
+        keelson_examples::daemon::serve_ops("--metrics-listen", addr, reg, "registry", readiness.clone()).await?;
     }
     if !gc_interval.is_zero() {
         let registry = registry.clone();
@@ -297,8 +303,12 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     }
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("binding {listen}: {e}"))?;
     tracing::info!(addr = %listener.local_addr().map_err(|e| e.to_string())?, "registry serving");
+    let stop = keelson_examples::daemon::shutdown_signal()?;
+    readiness.set_ready();
     let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
+        let signal = stop.await;
+        readiness.set_not_ready("draining");
+        tracing::info!(?signal, "draining");
     };
     server.serve(listener, shutdown).await;
     Ok(())
@@ -355,8 +365,12 @@ async fn run(args: Args) -> Result<ExitCode, String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    keelson_examples::init_tracing();
-    match run(Args::parse()).await {
+    let args: Args = keelson_examples::daemon::parse("registry");
+    if let Err(e) = keelson_examples::daemon::init_logging(&args.daemon) {
+        eprintln!("registry: {e}");
+        return ExitCode::from(2);
+    }
+    match run(args).await {
         Ok(code) => code,
         Err(e) => {
             eprintln!("registry: {e}");

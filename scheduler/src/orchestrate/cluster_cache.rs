@@ -137,6 +137,12 @@ impl ClusterCache {
         self.lock().allocs.len()
     }
 
+    /// The live nodes an operator is draining.
+    pub(crate) fn draining_nodes(&self) -> Vec<String> {
+        let data = self.lock();
+        data.nodes.values().filter(|n| n.eligibility == crate::placement::model::Eligibility::Draining).map(|n| n.id.clone()).collect()
+    }
+
     /// A [`ClusterView`] of the cache (everything copied: for tools and tests; plans use
     /// the cache directly).
     pub async fn view(&self) -> Result<ClusterView> {

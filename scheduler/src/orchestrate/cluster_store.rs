@@ -285,8 +285,9 @@ impl ClusterStore {
     /// whose nodes live and die together. Written in as few transactions as the backend
     /// allows, so 10,000 nodes cost a few dozen round trips and one renewal per TTL/3.
     pub async fn join_all(&self, nodes: &[Node], ttl: Duration) -> Result<NodeMembership> {
+        let nodes = self.with_settings(nodes).await?;
         let mut records = Vec::with_capacity(nodes.len());
-        for node in nodes {
+        for node in &nodes {
             crate::error::validate_id("node id", &node.id)?;
             records.push((self.key(&["nodes", &node.id]), encode(node)?));
         }

@@ -50,6 +50,25 @@ pub struct GroupState {
     pub deployment: Option<Deployment>,
     /// How the last deployment ended (`Succeeded`, `RolledBack`, `Failed`).
     pub last_outcome: Option<Phase>,
+    /// The deployments that ended, oldest first (the last [`HISTORY_KEPT`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<DeploymentRecord>,
+}
+
+/// How many ended deployments a group remembers.
+pub const HISTORY_KEPT: usize = 10;
+
+/// A deployment that ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeploymentRecord {
+    /// The version it moved from.
+    pub from: Option<u64>,
+    /// The version it moved to.
+    pub to: u64,
+    /// How it ended.
+    pub outcome: Phase,
+    /// When it ended, in milliseconds since the Unix epoch.
+    pub ended_ms: u64,
 }
 
 /// What one [`Controller::tick`] did.
@@ -76,7 +95,7 @@ impl ClusterStore {
         self.kv.get(&key).await.map_err(kv_err)?.map(|e| decode(&key, &e.value)).transpose()
     }
 
-    async fn group_state_versioned(&self, job: &str, group: &str) -> Result<Option<(GroupState, Origin)>> {
+    pub(crate) async fn group_state_versioned(&self, job: &str, group: &str) -> Result<Option<(GroupState, Origin)>> {
         let key = self.group_state_key(job, group);
         match self.kv.get(&key).await.map_err(kv_err)? {
             Some(e) => Ok(Some((decode(&key, &e.value)?, Origin::of(&e)))),
@@ -86,7 +105,7 @@ impl ClusterStore {
 
     /// Writes `state` over the record it was read from (`None`: a new one), if that is
     /// still what is stored; fields this version does not know are kept.
-    async fn save_group_state(&self, state: &GroupState, origin: Option<&Origin>) -> Result<()> {
+    pub(crate) async fn save_group_state(&self, state: &GroupState, origin: Option<&Origin>) -> Result<()> {
         let key = self.group_state_key(&state.job, &state.group);
         let value = encode_over(Origin::bytes(origin), state)?;
         let txn = Txn::new().when(Compare::key(&key, Origin::expect(origin))).put(&key, value, None);
@@ -116,6 +135,7 @@ impl ClusterStore {
                     count: d.count,
                     deployment: None,
                     last_outcome: None,
+                    history: Vec::new(),
                 },
                 None,
             ),
@@ -164,7 +184,7 @@ impl ClusterStore {
         self.with_deployment(job, group, |d| d.rollback(reason)).await
     }
 
-    async fn all_group_states(&self) -> Result<Vec<(GroupState, Origin)>> {
+    pub(crate) async fn all_group_states(&self) -> Result<Vec<(GroupState, Origin)>> {
         let list = self.kv.list(&self.key(&["desired", ""])).await.map_err(kv_err)?;
         list.entries.iter().map(|e| Ok((decode(&e.key, &e.value)?, Origin::of(e)))).collect()
     }
@@ -340,6 +360,14 @@ impl Controller {
                 tracing::info!(job = %state.job, group = %state.group, ?phase, "deployment ended");
                 state.stable = deployment.stable_version().unwrap_or(state.stable);
                 state.last_outcome = Some(phase.clone());
+                state.history.push(DeploymentRecord {
+                    from: deployment.from_version(),
+                    to: deployment.to_version(),
+                    outcome: phase.clone(),
+                    ended_ms: wall_clock_ms(),
+                });
+                let excess = state.history.len().saturating_sub(HISTORY_KEPT);
+                state.history.drain(..excess);
                 report.deployments_ended.push((state.job.clone(), state.group.clone(), phase));
             } else {
                 state.deployment = Some(deployment);
@@ -349,6 +377,11 @@ impl Controller {
                 Ok(()) | Err(Error::Stale { .. }) => {}
                 Err(e) => return Err(e),
             }
+        }
+        // Work on draining nodes stops first; the pass below places it elsewhere.
+        let drained = store.drain_pass(cache, &steady).await?;
+        if drained > 0 {
+            tracing::info!(allocations = drained, "draining nodes");
         }
         let pass = match cache {
             Some(cache) => store.reschedule_with(cache, &steady).await?,

@@ -251,6 +251,27 @@ impl Deployment {
         &self.phase
     }
 
+    /// The version it moves from (`None`: nothing ran before).
+    pub fn from_version(&self) -> Option<u64> {
+        self.from
+    }
+
+    /// The version it moves to.
+    pub fn to_version(&self) -> u64 {
+        self.to
+    }
+
+    /// Allocations wanted at the end.
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    /// The most allocations of the new version that were healthy at once so far (its
+    /// progress, out of [`Deployment::count`]).
+    pub fn healthy(&self) -> u32 {
+        self.best
+    }
+
     /// Which allocations should be in the routing catalog now.
     pub fn traffic(&self) -> Traffic {
         self.traffic

@@ -11,6 +11,7 @@ pub(crate) mod controller;
 pub(crate) mod deployment;
 pub(crate) mod metrics;
 pub(crate) mod oneoff;
+pub(crate) mod operations;
 pub(crate) mod planner;
 pub(crate) mod reconcile;
 pub(crate) mod run_store;

@@ -10,8 +10,9 @@ use crate::error::{Error, Result};
 use crate::orchestrate::cluster_cache::ClusterCache;
 use crate::orchestrate::cluster_store::{kv_err, wall_clock_ms, ClusterStore, ClusterView, PlanCommit};
 use crate::orchestrate::deployment::{Action, AllocHealth, AllocView, Deployment};
+use crate::orchestrate::operations::task_group;
 use crate::orchestrate::reconcile::{placement_allocation, reconcile, AllocRecord, AllocStatus, DesiredGroup};
-use crate::placement::model::{Allocation, ClusterSnapshot, HostVolume, Job, TaskGroup};
+use crate::placement::model::{Allocation, ClusterSnapshot, HostVolume, Job};
 use crate::placement::scheduler::Scheduler;
 use crate::placement::state::ClusterState;
 
@@ -302,10 +303,7 @@ pub(crate) fn place(
                 let count = if d.volumes.iter().any(|v| v.per_task) { 1 } else { *n };
                 let fresh: HashSet<String> =
                     volumes.iter().filter(|v| !state.volumes.contains_key(&v.name)).map(|v| v.name.clone()).collect();
-                let mut group = TaskGroup::new(d.group.clone(), count, d.resources).with_dynamic_ports(d.ports);
-                for v in volumes {
-                    group = group.with_volume(v);
-                }
+                let group = task_group(d, count, &volumes);
                 let placed = scheduler.place_in(state, &Job::new(d.job.clone(), vec![group]))?;
                 for u in &placed.unplaced {
                     // Left for the next pass (a node may join, a volume's node may come back).

@@ -37,6 +37,16 @@ pub struct DesiredGroup {
     /// holds an existing volume, and a new one is created where the allocation lands.
     #[serde(default)]
     pub volumes: Vec<crate::placement::model::VolumeRequest>,
+    /// Where allocations may go: `attr.kernel.name = linux`, `label.tier = edge`,
+    /// `node.datacenter = dc2` (see [`crate::Constraint`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub constraints: Vec<crate::placement::model::Constraint>,
+    /// Where allocations would rather go, weighted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub affinities: Vec<crate::placement::model::Affinity>,
+    /// How allocations spread over the values of a node target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spread: Option<crate::placement::model::Spread>,
 }
 
 impl DesiredGroup {

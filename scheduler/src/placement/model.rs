@@ -158,6 +158,10 @@ pub struct Node {
     /// Where dynamic ports are allocated from.
     #[serde(default)]
     pub dynamic_ports: PortRange,
+    /// The address other hosts reach this node at, as its agent advertises it (for
+    /// operators' tools; placement does not look at it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
 }
 
 impl Node {
@@ -173,6 +177,7 @@ impl Node {
             eligibility: Eligibility::Eligible,
             reserved_ports: BTreeSet::new(),
             dynamic_ports: PortRange::default(),
+            address: None,
         }
     }
 

@@ -10,6 +10,7 @@ pub(crate) mod docker;
 #[cfg(feature = "docker")]
 pub(crate) mod docker_volumes;
 pub(crate) mod driver;
+pub(crate) mod fingerprint;
 pub(crate) mod process;
 pub(crate) mod process_record;
 pub(crate) mod run_exec;
