@@ -101,7 +101,17 @@ pub fn parse_strict<T: DeserializeOwned + Serialize>(what: &'static str, text: &
     }
 }
 
-/// Paths of the keys of `input` (not null) that `output` does not have.
+/// Whether `v` is null, an empty list or an empty object.
+fn is_empty(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+        _ => false,
+    }
+}
+
+/// Paths of the keys of `input` (not empty) that `output` does not have.
 fn dropped_keys(input: &Value, output: &Value, path: String, found: &mut Vec<String>) {
     let join = |key: &str| if path.is_empty() { key.to_owned() } else { format!("{path}.{key}") };
     match (input, output) {
@@ -109,7 +119,8 @@ fn dropped_keys(input: &Value, output: &Value, path: String, found: &mut Vec<Str
             for (k, v) in i {
                 match o.get(k) {
                     Some(ov) => dropped_keys(v, ov, join(k), found),
-                    None if !v.is_null() => found.push(join(k)),
+                    // An empty value may be one the output skips (`skip_serializing_if`).
+                    None if !is_empty(v) => found.push(join(k)),
                     None => {}
                 }
             }
