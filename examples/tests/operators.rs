@@ -264,3 +264,47 @@ fn sigterm_leaves_tasks_for_the_next_start_and_drain_on_sigterm_hands_them_over(
     assert!(c_row.is_none_or(|n| n["status"] == "lost"), "the drained node left: {nodes}");
     drop(other);
 }
+
+#[test]
+fn a_saved_state_restored_after_its_loss_is_adopted_by_the_agents() {
+    let image = keelson_testkit::docker::busybox_image().unwrap_or_else(|e| panic!("the busybox test image: {e}"));
+    let etcd = keelson_testkit::etcd::Etcd::start().unwrap_or_else(|e| panic!("etcd for this test: {e}"));
+    let url = etcd.client_url();
+    let node = format!("snap-{}", std::process::id());
+    let mut agent = Agent::start(&url, &node, "27900-27949", &[]);
+    wait_until("the node to join", Duration::from_secs(20), || ctl_json(&url, &["nodes"]).as_array().is_some_and(|n| n.len() == 1));
+    let dir = tempfile::tempdir().expect("dir");
+    let (code, _, err) = ctl(&url, &["deploy", &deploy_file(dir.path(), &image, "saved", 1, 2, serde_json::json!([]), SERVE), "--wait"]);
+    assert_eq!(code, 0, "{err}");
+    let before = agent.containers();
+    assert_eq!(before.len(), 2);
+    let backup = dir.path().join("state.json");
+    let (code, _, err) = ctl(&url, &["snapshot", "save", backup.to_str().expect("utf-8")]);
+    assert!(code == 0 && err.contains("saved to"), "{err}");
+
+    // The agent stops (its tasks run on), and the cluster state is lost.
+    let (status, _) = agent.terminate(Duration::from_secs(15));
+    assert!(status.success());
+    let wiped = Command::new("etcdctl").env("ETCDCTL_API", "3").args(["--endpoints", &url, "del", "--prefix", "keelson/"]).output();
+    assert!(wiped.as_ref().is_ok_and(|o| o.status.success()), "etcdctl del: {wiped:?} (apt-get install -y etcd-client)");
+    assert!(ctl_json(&url, &["jobs"]).as_array().is_some_and(|j| j.is_empty()), "the state is gone");
+
+    let (code, _, err) = ctl(&url, &["snapshot", "restore", backup.to_str().expect("utf-8")]);
+    assert!(code == 0 && err.contains("restored"), "{err}");
+    let (code, _, err) = ctl(&url, &["snapshot", "restore", backup.to_str().expect("utf-8")]);
+    assert!(code == 1 && err.contains("not empty"), "a second restore over the first is refused: {err}");
+
+    // The agent comes back: the same containers, adopted; none started, none left over.
+    let agent = Agent::start(&url, &node, "27900-27949", &[]);
+    wait_until("the allocations running again", Duration::from_secs(30), || {
+        allocs_of(&url, "saved") == vec![(node.clone(), "running".to_owned()); 2]
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(agent.containers(), before, "adopted, none duplicated, none orphaned");
+    let jobs = ctl_json(&url, &["jobs"]);
+    assert_eq!(
+        (jobs[0]["job"].as_str(), jobs[0]["count"].as_u64(), jobs[0]["running"].as_u64()),
+        (Some("saved"), Some(2), Some(2)),
+        "{jobs}"
+    );
+}

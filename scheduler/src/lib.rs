@@ -152,6 +152,7 @@ pub use orchestrate::operations::DeployPlan;
 pub use orchestrate::planner::ReschedulePass;
 pub use orchestrate::reconcile::{reconcile, AllocRecord, AllocStatus, DesiredGroup, Reconciliation};
 pub use orchestrate::runs::{RunRecord, RunResult, RunSpec, RESULT_OUTPUT_BYTES, RUN_LABEL};
+pub use orchestrate::snapshot::{SnapshotEntry, StoreSnapshot, SNAPSHOT_FORMAT};
 pub use orchestrate::spec::{GroupSpec, ServiceSpec, TaskTemplate, NODE_LABEL};
 pub use orchestrate::store_check::StoredCheck;
 pub use orchestrate::strategy::{Gates, Strategy};

@@ -307,3 +307,40 @@ async fn etcd_down_is_a_retryable_typed_error_and_the_agent_leaves_running_work_
     assert_eq!(tasks.len(), 1);
     assert_eq!(tasks[0].state, keelson_scheduler::TaskState::Running);
 }
+
+/// A snapshot holds what should run (not the lease-bound nodes); restored into an empty
+/// root it gives the same view; a root that holds state is refused, naming a key.
+#[tokio::test]
+async fn a_snapshot_restores_what_should_run_into_an_empty_root() {
+    let kv: Arc<dyn KeyValue> = Arc::new(MemoryKv::new());
+    let store = ClusterStore::new(kv.clone(), "snap");
+    let _member = store.join(&Node::new("n1", Resources::new(4000, 4096)), Duration::from_secs(30)).await.expect("join");
+    store.reschedule(&[web(3)]).await.expect("placed");
+    let before = store.view().await.expect("view");
+    let snapshot = store.snapshot().await.expect("snapshot");
+    assert!(snapshot.entries.iter().all(|e| !e.key.starts_with("nodes/")), "lease-bound keys stay out");
+    assert!(snapshot.entries.iter().filter(|e| e.key.starts_with("allocs/n1/")).count() == 3, "{:?}", snapshot.entries);
+
+    // Through its file form, into a root that holds state: refused, nothing written.
+    let text = serde_json::to_string(&snapshot).expect("to JSON");
+    let read: keelson_scheduler::StoreSnapshot = serde_json::from_str(&text).expect("from JSON");
+    match store.restore(&read).await {
+        Err(Error::Conflict { reason, .. }) => assert!(reason.contains("snap/"), "{reason}"),
+        other => panic!("a full root must be refused: {other:?}"),
+    }
+
+    // Lost: everything but the node's own key. Restored: the same allocations.
+    for e in kv.list("snap/").await.expect("list").entries.iter().filter(|e| !e.key.starts_with("snap/nodes/")) {
+        kv.delete(&e.key).await.expect("delete");
+    }
+    assert!(store.view().await.expect("view").allocations.is_empty());
+    let written = store.restore(&read).await.expect("restore");
+    assert_eq!(written, snapshot.entries.len());
+    let after = store.view().await.expect("view");
+    assert_eq!(after.allocations, before.allocations);
+    assert_eq!(after.nodes, before.nodes);
+
+    let mut wrong = read.clone();
+    wrong.format = "something-else/9".into();
+    assert!(matches!(store.restore(&wrong).await, Err(Error::InvalidInput { .. })), "an unknown format is refused");
+}

@@ -16,6 +16,8 @@
 //! keelson-ctl jobs
 //! keelson-ctl allocs --node n1 | --job web
 //! keelson-ctl deployments [web]
+//! keelson-ctl snapshot save state.json       # backup of the cluster state
+//! keelson-ctl snapshot restore state.json    # into an empty root; then start the agents
 //! keelson-ctl run migrate.json               # a RunSpec
 //! keelson-ctl result migrate-42
 //! keelson-ctl logs shop http --follow --since 10m --logd http://127.0.0.1:7070 --token-file logd.token
@@ -126,6 +128,9 @@ enum Command {
     },
     /// Lists deployments under way and those that ended.
     Deployments { job: Option<String> },
+    /// Saves or restores the cluster state.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Submits a one-off run from a JSON file (a RunSpec).
     Run { file: std::path::PathBuf },
     /// Prints a run's result (null while it has not ended).
@@ -142,6 +147,16 @@ enum NodeCommand {
     Drain { node: String },
     /// Sets whether new work may be placed on a node.
     Eligibility { node: String, eligibility: EligibilityArg },
+}
+
+#[derive(Subcommand, Debug)]
+enum SnapshotCommand {
+    /// Writes every key of the cluster state but the lease-bound ones (nodes, locks),
+    /// read at one revision, to a file.
+    Save { file: std::path::PathBuf },
+    /// Writes a saved state back into an empty root. Stop the node agents first (their
+    /// tasks keep running) and start them after: they adopt their containers.
+    Restore { file: std::path::PathBuf },
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -328,6 +343,26 @@ async fn run(args: Args) -> Done {
             let states: Vec<_> =
                 store.group_states().await.map_err(err)?.into_iter().filter(|s| job.as_ref().is_none_or(|j| &s.job == j)).collect();
             show(json, &states, || ctl::deployments_table(&states, wall_clock_ms()).render())?;
+            Ok(None)
+        }
+        Command::Snapshot(SnapshotCommand::Save { file }) => {
+            let snapshot = store.snapshot().await.map_err(err)?;
+            let text = serde_json::to_vec_pretty(&snapshot).map_err(|e| e.to_string())?;
+            // Written beside and renamed over: a crash never leaves half a backup.
+            let partial = file.with_extension("partial");
+            std::fs::write(&partial, text)
+                .and_then(|()| std::fs::File::open(&partial)?.sync_all())
+                .and_then(|()| std::fs::rename(&partial, &file))
+                .map_err(|e| format!("{}: {e}", file.display()))?;
+            eprintln!("{} keys at revision {} saved to {}", snapshot.entries.len(), snapshot.revision, file.display());
+            Ok(None)
+        }
+        Command::Snapshot(SnapshotCommand::Restore { file }) => {
+            let text = std::fs::read(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+            let snapshot: keelson_scheduler::StoreSnapshot =
+                serde_json::from_slice(&text).map_err(|e| format!("{}: not a keelson snapshot: {e}", file.display()))?;
+            let written = store.restore(&snapshot).await.map_err(err)?;
+            eprintln!("{written} keys restored from {} (taken at revision {})", file.display(), snapshot.revision);
             Ok(None)
         }
         Command::Run { file } => {

@@ -16,6 +16,7 @@ pub(crate) mod planner;
 pub(crate) mod reconcile;
 pub(crate) mod run_store;
 pub(crate) mod runs;
+pub(crate) mod snapshot;
 pub(crate) mod spec;
 pub(crate) mod store_check;
 pub(crate) mod strategy;
