@@ -9,6 +9,7 @@ use futures::StreamExt;
 use keelson_logship::{Labels, Record, ShipConfig, ShipMetrics, Shipper, Sink, StreamSource};
 
 use super::driver::Driver;
+use crate::orchestrate::spec::NODE_LABEL;
 use crate::task::OutputStream;
 
 /// Follows the tasks of a driver and ships each one's output to a sink, labelled with
@@ -88,7 +89,9 @@ impl TaskLogShipper {
             }
         };
         self.done.retain(|id, _| tasks.iter().any(|t| &t.id == id));
-        for task in tasks {
+        // Only this node's tasks: agents sharing an engine (several nodes on one Docker
+        // host) would otherwise each ship every task's output, under their own node.
+        for task in tasks.into_iter().filter(|t| t.labels.get(NODE_LABEL) == Some(&self.node)) {
             if self.shipping.contains_key(&task.id) || self.done.get(&task.id) == Some(&task.started_at) {
                 continue;
             }
@@ -150,6 +153,41 @@ async fn ship_task(
                 tracing::warn!(task = %id, error = %e, retry_in = ?pause, "shipping task output paused");
                 tokio::time::sleep(pause).await;
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::process::ProcessDriver;
+    use crate::task::TaskSpec;
+
+    /// Agents sharing one engine each see every task: each ships only its own node's.
+    #[tokio::test]
+    async fn only_this_nodes_tasks_are_shipped() {
+        let driver = Arc::new(ProcessDriver::new());
+        for (id, node, word) in [("mine-1", "n1", "mine"), ("theirs-1", "n2", "theirs")] {
+            let spec = TaskSpec::new(id, vec!["/bin/sh".into(), "-c".into(), format!("echo {word}; sleep 5")])
+                .with_label("keelson.job", "web")
+                .with_label(NODE_LABEL, node);
+            driver.start(spec).await.expect("start");
+        }
+        let dir = tempfile::tempdir().expect("dir");
+        let sink: Arc<dyn Sink> = Arc::new(keelson_logship::FileSink::new(dir.path()).expect("sink"));
+        let mut shipper = TaskLogShipper::new(driver.clone(), sink, "n1");
+        assert_eq!(shipper.sync().await, 1, "one task of n1 is shipped, n2's is not");
+        let file = dir.path().join("web.log");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string(&file).unwrap_or_default().contains("mine") {
+            assert!(std::time::Instant::now() < deadline, "n1's output never arrived");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let shipped = std::fs::read_to_string(&file).expect("shipped");
+        assert!(!shipped.contains("theirs"), "{shipped}");
+        for id in ["mine-1", "theirs-1"] {
+            let _ = driver.stop(id, Duration::from_millis(100)).await;
+            let _ = driver.remove(id).await;
         }
     }
 }
