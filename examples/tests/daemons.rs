@@ -189,3 +189,33 @@ fn edge_checks_every_flag_before_it_listens() {
         assert!(!out.contains("edge serving"), "{bad:?}: it served before refusing: {out}");
     }
 }
+
+#[test]
+fn the_example_configs_under_deploy_parse_for_their_binaries() {
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    for (bin, name, sub) in [
+        (env!("CARGO_BIN_EXE_node-agent"), "node-agent", None),
+        (env!("CARGO_BIN_EXE_edge"), "edge", None),
+        (env!("CARGO_BIN_EXE_dns-catalog"), "dns-catalog", None),
+        (env!("CARGO_BIN_EXE_logd"), "logd", None),
+        (env!("CARGO_BIN_EXE_registry"), "registry", Some("serve")),
+    ] {
+        let config = deploy.join(format!("{name}.toml"));
+        let out = Command::new(bin).args(sub).arg("--config").arg(&config).arg("--check-config").env_clear().output().expect("runs");
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{}: {stderr}", config.display());
+        assert!(stdout.starts_with("Args {"), "{name} prints what it resolved: {stdout}");
+        let unit = std::fs::read_to_string(deploy.join(format!("{name}.service"))).expect("a unit beside the config");
+        assert!(unit.contains(&format!("--config /etc/keelson/{name}.toml")), "{name}.service runs with its config");
+    }
+    // A list from the file satisfies a flag that requires it (edge's tls-listen needs cert).
+    let edge = Command::new(env!("CARGO_BIN_EXE_edge"))
+        .arg("--config")
+        .arg(deploy.join("edge.toml"))
+        .args(["--check-config", "--cert", "only=/a.pem,/a.key"])
+        .env_clear()
+        .output()
+        .expect("runs");
+    let resolved = String::from_utf8_lossy(&edge.stdout);
+    assert!(resolved.contains("only=/a.pem,/a.key") && !resolved.contains("default=/etc"), "a flag replaces the file's list: {resolved}");
+}

@@ -13,7 +13,8 @@
 //! The file's values reach clap as environment values of the process (only where the
 //! variable is not set already), so they are parsed and validated exactly as a flag
 //! would be and count toward `required` flags. A repeatable flag without a delimiter
-//! takes the file's list as its default instead.
+//! (whose variable could carry one value only) gets the file's list as flags instead,
+//! unless the command line or its variable gives it.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -39,6 +40,10 @@ pub struct DaemonArgs {
     /// Print a completion script for this shell and exit.
     #[arg(long, value_name = "SHELL", global = true)]
     pub completions: Option<clap_complete::Shell>,
+    /// Check the flags, environment and config file, print the settings they resolve
+    /// to, and exit (0 when they parse).
+    #[arg(long, global = true)]
+    pub check_config: bool,
 }
 
 /// The environment variable of `flag` (a long name) for `binary`.
@@ -48,11 +53,11 @@ pub fn env_name(binary: &str, flag: &str) -> String {
 
 /// Parses the process's arguments for `binary` with its environment variables and
 /// config file; prints usage errors and completion scripts and exits as clap does.
-pub fn parse<T: clap::Parser>(binary: &str) -> T {
+pub fn parse<T: clap::Parser + std::fmt::Debug>(binary: &str) -> T {
     match try_parse_from::<T>(binary, std::env::args_os()) {
         Ok(Parsed::Args(args)) => args,
-        Ok(Parsed::Completions(script)) => {
-            print!("{script}");
+        Ok(Parsed::Completions(text)) | Ok(Parsed::Checked(text)) => {
+            print!("{text}");
             std::process::exit(0)
         }
         Err(e) => e.exit(),
@@ -66,11 +71,13 @@ pub enum Parsed<T> {
     Args(T),
     /// Print this completion script.
     Completions(String),
+    /// `--check-config`: print these settings and exit.
+    Checked(String),
 }
 
 /// [`parse`] over given arguments (the first is the program name), for tests. Sets the
 /// variables of the config file's values in this process's environment.
-pub fn try_parse_from<T: clap::Parser>(
+pub fn try_parse_from<T: clap::Parser + std::fmt::Debug>(
     binary: &str,
     args: impl IntoIterator<Item = impl Into<OsString>>,
 ) -> Result<Parsed<T>, clap::Error> {
@@ -93,15 +100,38 @@ pub fn try_parse_from<T: clap::Parser>(
         list_defaults = apply_file(&shape, subcommand(&shape, &args), binary, &path)?;
     }
     // Built again: clap reads each variable when the argument is defined.
-    let mut cmd = with_env_names(T::command().name(binary.to_owned()), binary);
-    for (sub, id, values) in list_defaults {
-        cmd = match sub {
-            None => cmd.mut_arg(id, |a| a.default_values(values)),
-            Some(sub) => cmd.mut_subcommand(sub, |sc| sc.mut_arg(id, |a| a.default_values(values))),
-        };
-    }
+    let cmd = with_env_names(T::command().name(binary.to_owned()), binary);
+    let args = with_lists(args, list_defaults);
     let matches = cmd.try_get_matches_from(args)?;
-    T::from_arg_matches(&matches).map(Parsed::Args)
+    let parsed = T::from_arg_matches(&matches)?;
+    if matches.get_flag("check_config") {
+        // Paths and settings only: secrets come from files and variables never parsed here.
+        return Ok(Parsed::Checked(format!("{parsed:#?}\n")));
+    }
+    Ok(Parsed::Args(parsed))
+}
+
+/// `args` with the file's lists of repeatable flags put in as flags (right after the
+/// program, or after the subcommand they belong to), each unless the command line gives
+/// that flag itself: a flag's values replace the file's list.
+fn with_lists(mut args: Vec<OsString>, lists: Vec<ListDefault>) -> Vec<OsString> {
+    for (sub, long, values) in lists.into_iter().rev() {
+        let flag = format!("--{long}");
+        let given = args.iter().any(|a| a.to_str().is_some_and(|a| a == flag || a.starts_with(&format!("{flag}="))));
+        if given {
+            continue;
+        }
+        let at = match &sub {
+            None => 1,
+            Some(sub) => match args.iter().position(|a| a == sub.as_str()) {
+                Some(i) => i + 1,
+                None => continue,
+            },
+        };
+        let inserted: Vec<OsString> = values.into_iter().map(|v| OsString::from(format!("{flag}={v}"))).collect();
+        args.splice(at..at, inserted);
+    }
+    args
 }
 
 /// The subcommand `args` invoke (the first argument naming one), if any.
@@ -142,7 +172,7 @@ fn flag_value(args: &[OsString], name: &str) -> Option<OsString> {
     None
 }
 
-/// A repeatable flag's values from the file: (subcommand, argument id, values).
+/// A repeatable flag's values from the file: (subcommand, long name, values).
 type ListDefault = (Option<String>, String, Vec<String>);
 
 /// Reads the config file, whose keys are flags of `cmd` or of the subcommand `sub`
@@ -180,7 +210,7 @@ fn apply_file(cmd: &Command, sub: Option<&Command>, binary: &str, path: &Path) -
         }
         match arg.get_value_delimiter() {
             Some(delimiter) => std::env::set_var(&variable, values.join(&delimiter.to_string())),
-            None if repeatable => lists.push((owner, arg.get_id().to_string(), values)),
+            None if repeatable => lists.push((owner, key.clone(), values)),
             None => std::env::set_var(&variable, &values[0]),
         }
     }
@@ -196,5 +226,71 @@ fn scalar(key: &str, value: toml::Value) -> Result<String, String> {
         toml::Value::Boolean(b) => Ok(b.to_string()),
         toml::Value::Datetime(d) => Ok(d.to_string()),
         toml::Value::Array(_) | toml::Value::Table(_) => Err(format!("`{key}`: expected a string, number or boolean")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(clap::Parser, Debug)]
+    struct Tool {
+        #[command(subcommand)]
+        command: Sub,
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    }
+
+    #[derive(clap::Subcommand, Debug)]
+    enum Sub {
+        Serve {
+            #[arg(long)]
+            root: String,
+            #[arg(long)]
+            insecure: bool,
+            #[arg(long)]
+            peer: Vec<String>,
+        },
+    }
+
+    fn parse(binary: &str, file: &str, args: &[&str]) -> Result<Tool, clap::Error> {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, file).expect("write");
+        let mut argv = vec![binary.to_owned()];
+        argv.extend(args.iter().map(|a| a.to_string()));
+        argv.extend(["--config".to_owned(), path.display().to_string()]);
+        match try_parse_from::<Tool>(binary, argv)? {
+            Parsed::Args(t) => Ok(t),
+            other => panic!("neither completions nor a check asked for: {other:?}"),
+        }
+    }
+
+    // Each test its own binary name: the file's values land in the process environment.
+    #[test]
+    fn a_subcommands_flags_come_from_the_file_and_flags_replace_its_lists() {
+        let t = parse("cfgtest-a", "root = \"/srv\"\ninsecure = true\npeer = [\"a\", \"b\"]\nlog-level = \"debug\"\n", &["serve"])
+            .expect("parses");
+        let Sub::Serve { root, insecure, peer } = t.command;
+        assert_eq!((root.as_str(), insecure, peer), ("/srv", true, vec!["a".to_owned(), "b".to_owned()]));
+        assert_eq!(t.daemon.log_level, "debug");
+        let t = parse("cfgtest-b", "root = \"/srv\"\npeer = [\"a\", \"b\"]\n", &["serve", "--peer", "c"]).expect("parses");
+        let Sub::Serve { peer, .. } = t.command;
+        assert_eq!(peer, vec!["c".to_owned()], "flags replace the file's list");
+    }
+
+    #[test]
+    fn unknown_and_reserved_keys_are_refused_by_name() {
+        let e = parse("cfgtest-c", "rooot = \"/srv\"\n", &["serve"]).expect_err("a typo");
+        assert!(e.to_string().contains("unknown key `rooot`") && e.to_string().contains("cfgtest-c has no --rooot"), "{e}");
+        let e = parse("cfgtest-d", "config = \"other.toml\"\n", &["serve", "--root", "/x"]).expect_err("reserved");
+        assert!(e.to_string().contains("`config` cannot be set in a config file"), "{e}");
+        let e = parse("cfgtest-e", "[serve]\nroot = \"/srv\"\n", &["serve"]).expect_err("a table");
+        assert!(e.to_string().contains("unknown key `serve`"), "{e}");
+    }
+
+    #[test]
+    fn variable_names_follow_the_binary_and_the_flag() {
+        assert_eq!(env_name("node-agent", "metrics-listen"), "KEELSON_NODE_AGENT_METRICS_LISTEN");
     }
 }
