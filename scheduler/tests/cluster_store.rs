@@ -344,3 +344,23 @@ async fn a_snapshot_restores_what_should_run_into_an_empty_root() {
     wrong.format = "something-else/9".into();
     assert!(matches!(store.restore(&wrong).await, Err(Error::InvalidInput { .. })), "an unknown format is refused");
 }
+
+/// An operator's drain outlives the agent: the node joins again still draining, and the
+/// controller moves its work away; eligible again, it takes work.
+#[tokio::test]
+async fn a_drained_node_stays_drained_across_its_agents_restart() {
+    let kv: Arc<dyn KeyValue> = Arc::new(MemoryKv::new());
+    let store = ClusterStore::new(kv, "drain");
+    let node = Node::new("n1", Resources::new(4000, 4096));
+    let member = store.join(&node, Duration::from_secs(30)).await.expect("join");
+    assert!(matches!(store.set_eligibility("nope", keelson_scheduler::Eligibility::Draining).await, Err(Error::NotFound { .. })));
+    store.set_eligibility("n1", keelson_scheduler::Eligibility::Draining).await.expect("drain");
+    assert_eq!(store.nodes().await.expect("nodes")[0].eligibility, keelson_scheduler::Eligibility::Draining, "the live record too");
+    member.leave().await.expect("leave");
+    let _member = store.join(&node, Duration::from_secs(30)).await.expect("join again");
+    assert_eq!(store.nodes().await.expect("nodes")[0].eligibility, keelson_scheduler::Eligibility::Draining, "kept across the restart");
+    let pass = store.reschedule(&[web(2)]).await.expect("pass");
+    assert!(pass.placed.is_empty(), "nothing is placed on a draining node: {pass:?}");
+    store.set_eligibility("n1", keelson_scheduler::Eligibility::Eligible).await.expect("eligible");
+    assert_eq!(store.reschedule(&[web(2)]).await.expect("pass").placed.len(), 2);
+}
