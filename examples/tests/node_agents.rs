@@ -164,7 +164,8 @@ async fn a_killed_agents_work_is_replaced_on_the_other_node_within_ttl_plus_2s()
 
 /// Runs `keelson-ctl` with `args`: (exit code, stdout, stderr).
 fn ctl(etcd: &str, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_keelson-ctl")).args(["--etcd", etcd]).args(args).output().expect("keelson-ctl runs");
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_keelson-ctl")).args(["--etcd", etcd, "--json"]).args(args).output().expect("keelson-ctl runs");
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
@@ -293,6 +294,7 @@ fn secure_env(etcd: &keelson_testkit::etcd_secure::SecureEtcd, password_file: &s
 fn ctl_env(env: &[(&'static str, String)], args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_keelson-ctl"))
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .arg("--json")
         .args(args)
         .output()
         .expect("keelson-ctl runs");
