@@ -132,6 +132,7 @@ async fn a_killed_agents_work_is_replaced_on_the_other_node_within_ttl_plus_2s()
             since_ms: 0,
             volumes: Vec::new(),
             resources: Default::default(),
+            restarts: 0,
         });
     }
     store.commit(&plan).await.expect("commit");

@@ -212,6 +212,21 @@ fn placement_uses_what_nodes_describe_and_operators_plan_wait_scale_drain_and_st
         allocs_of(&url, "edgeweb").iter().filter(|(_, s)| s == "running").count() == 3
     });
 
+    // A task that exits now and then is restarted in place, and allocs counts it.
+    let flaky = deploy_file(dir.path(), &image, "flaky", 1, 1, serde_json::json!([]), "sleep 1; exit 1");
+    let mut body: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&flaky).expect("read")).expect("json");
+    body["group"]["task"]["restart"] = serde_json::json!({"max_restarts": 100, "initial_backoff": "100ms", "max_backoff": "200ms"});
+    std::fs::write(&flaky, body.to_string()).expect("write");
+    let (code, _, err) = ctl(&url, &["deploy", &flaky]);
+    assert_eq!(code, 0, "{err}");
+    wait_until("a restart to be counted", Duration::from_secs(60), || {
+        ctl_json(&url, &["allocs", "--job", "flaky"]).as_array().is_some_and(|l| l.len() == 1 && l[0]["restarts"].as_u64() >= Some(1))
+    });
+    let (code, table, _) = ctl(&url, &["allocs", "--job", "flaky"]);
+    assert!(code == 0 && table.lines().next().is_some_and(|h| h.contains("RESTARTS")), "{table}");
+    let (code, _, err) = ctl(&url, &["stop", "flaky"]);
+    assert_eq!(code, 0, "{err}");
+
     // stop: count 0, every allocation stops.
     let (code, out, err) = ctl(&url, &["stop", "anyweb"]);
     assert!(code == 0 && out.contains("anyweb/web stopped"), "{out}{err}");

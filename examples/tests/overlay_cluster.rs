@@ -170,6 +170,7 @@ async fn services_on_two_hosts_reach_each_other_over_the_overlay_by_address_name
             since_ms: 0,
             volumes: Vec::new(),
             resources: Default::default(),
+            restarts: 0,
         });
     }
     store.commit(&plan).await.expect("commit");

@@ -23,6 +23,7 @@ fn alloc(id: &str, node: &str) -> AllocRecord {
         since_ms: 0,
         volumes: Vec::new(),
         resources: Default::default(),
+        restarts: 0,
     }
 }
 

@@ -65,6 +65,7 @@ fn main() -> ExitCode {
                 since_ms: 0,
                 volumes: Vec::new(),
                 resources: Default::default(),
+                restarts: 0,
             });
         }
     }

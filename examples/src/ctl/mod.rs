@@ -177,11 +177,12 @@ fn age(since_ms: u64, now_ms: u64) -> String {
     humantime::format_duration(std::time::Duration::from_secs(secs)).to_string()
 }
 
-/// The allocations table: where each runs, its status and since when, its address.
+/// The allocations table: where each runs, its status and since when, how often its
+/// task restarted in place, its address.
 pub fn allocs_table(view: &ClusterView, allocs: &[&AllocRecord], now_ms: u64) -> Table {
     let lost = view.lost_nodes();
     let address: BTreeMap<&str, &str> = view.nodes.iter().filter_map(|n| Some((n.id.as_str(), n.address.as_deref()?))).collect();
-    let mut t = Table::new(&["id", "job", "group", "version", "node", "status", "age", "address"]);
+    let mut t = Table::new(&["id", "job", "group", "version", "node", "status", "restarts", "age", "address"]);
     for a in allocs {
         let status = if lost.contains(&a.node) { "lost".to_owned() } else { format!("{:?}", a.status).to_lowercase() };
         let addr = match (address.get(a.node.as_str()), a.ports.first()) {
@@ -196,6 +197,7 @@ pub fn allocs_table(view: &ClusterView, allocs: &[&AllocRecord], now_ms: u64) ->
             format!("v{}", a.version),
             a.node.clone(),
             status,
+            a.restarts.to_string(),
             age(a.since_ms, now_ms),
             addr,
         ]);

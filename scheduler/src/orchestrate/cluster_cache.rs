@@ -304,6 +304,7 @@ impl CacheData {
             if let Some(r) = self.status.get(key) {
                 a.status = r.status;
                 a.since_ms = r.since_ms;
+                a.restarts = r.restarts;
             }
         }
         Some(a)

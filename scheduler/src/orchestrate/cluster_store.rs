@@ -72,6 +72,8 @@ pub(crate) struct StatusRecord {
     pub(crate) status: AllocStatus,
     #[serde(default)]
     pub(crate) since_ms: u64,
+    #[serde(default)]
+    pub(crate) restarts: u32,
 }
 
 /// A node's membership: its lease is renewed until this is dropped or
@@ -346,7 +348,7 @@ impl ClusterStore {
     /// Records an allocation's status as its node agent reports it, in the status key
     /// only that agent writes (a plan's record of the allocation is left as it is).
     pub async fn report(&self, alloc: &AllocRecord) -> Result<()> {
-        let record = StatusRecord { status: alloc.status, since_ms: alloc.since_ms };
+        let record = StatusRecord { status: alloc.status, since_ms: alloc.since_ms, restarts: alloc.restarts };
         self.kv.put(&self.key(&["status", &alloc.node, &alloc.id]), encode(&record)?, None).await.map_err(kv_err)?;
         Ok(())
     }
@@ -547,6 +549,7 @@ fn merge_status(
             if let Some(r) = reported.get(&format!("{}/{}", a.node, a.id)) {
                 a.status = r.status;
                 a.since_ms = r.since_ms;
+                a.restarts = r.restarts;
             }
         }
         out.push(a);

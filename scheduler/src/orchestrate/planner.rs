@@ -326,6 +326,7 @@ pub(crate) fn place(
                         since_ms: wall_clock_ms(),
                         volumes: p.volumes,
                         resources: d.resources,
+                        restarts: 0,
                     });
                 }
             }

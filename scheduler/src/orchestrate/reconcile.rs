@@ -98,6 +98,13 @@ pub struct AllocRecord {
     /// is working on (records from before this field count as zero).
     #[serde(default)]
     pub resources: crate::placement::model::Resources,
+    /// How often its task was restarted in place, as its agent last reported.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub restarts: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// What to do to make the cluster match.
@@ -203,6 +210,7 @@ mod tests {
             since_ms: 0,
             volumes: Vec::new(),
             resources: Default::default(),
+            restarts: 0,
         }
     }
 

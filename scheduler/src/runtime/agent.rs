@@ -189,14 +189,14 @@ impl NodeAgent {
         let mut report = SyncReport::default();
         let assigned: HashMap<String, AllocRecord> =
             self.store.allocations_on(&self.node).await?.into_iter().map(|a| (a.id.clone(), a)).collect();
-        let running: HashMap<String, (TaskState, Option<TaskHealth>, Option<std::net::IpAddr>)> = self
+        let running: HashMap<String, (TaskState, Option<TaskHealth>, Option<std::net::IpAddr>, u32)> = self
             .driver
             .list()
             .await?
             .into_iter()
             // One-off runs have their own loop (`runs`).
             .filter(|t| t.labels.get(NODE_LABEL) == Some(&self.node) && !t.labels.contains_key(crate::orchestrate::runs::RUN_LABEL))
-            .map(|t| (t.id, (t.state, t.health, t.address)))
+            .map(|t| (t.id, (t.state, t.health, t.address, t.restarts)))
             .collect();
         let mut traffic: HashMap<(String, String), Traffic> = HashMap::new();
         // Registrations come first in a pass and deregistrations after, so a switch of
@@ -223,8 +223,8 @@ impl NodeAgent {
                         AllocStatus::Failed
                     }
                 },
-                Some((TaskState::Exited { .. }, _, _)) => AllocStatus::Failed,
-                Some((TaskState::Running, health, _)) => {
+                Some((TaskState::Exited { .. }, _, _, _)) => AllocStatus::Failed,
+                Some((TaskState::Running, health, _, _)) => {
                     // The task's own check (Docker HEALTHCHECK) and keelson's probe must
                     // both pass, when there are both.
                     let own = health.is_none_or(|h| h == TaskHealth::Healthy);
@@ -253,10 +253,11 @@ impl NodeAgent {
             } else {
                 unroute.push(id.clone());
             }
-            if status != alloc.status {
-                self.store
-                    .report(&AllocRecord { status, since_ms: crate::orchestrate::cluster_store::wall_clock_ms(), ..alloc.clone() })
-                    .await?;
+            let restarts = running.get(id).map_or(alloc.restarts, |r| r.3);
+            if status != alloc.status || restarts != alloc.restarts {
+                // A restart alone keeps the time the status began.
+                let since_ms = if status != alloc.status { crate::orchestrate::cluster_store::wall_clock_ms() } else { alloc.since_ms };
+                self.store.report(&AllocRecord { status, since_ms, restarts, ..alloc.clone() }).await?;
                 report.reported.push((id.clone(), status));
             }
         }

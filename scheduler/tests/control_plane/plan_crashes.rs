@@ -23,6 +23,7 @@ fn alloc(id: String, node: &str, port: u16) -> AllocRecord {
         since_ms: 0,
         volumes: Vec::new(),
         resources: Default::default(),
+        restarts: 0,
     }
 }
 

@@ -29,6 +29,7 @@ fn alloc(node: usize, k: usize) -> AllocRecord {
         since_ms: 0,
         volumes: Vec::new(),
         resources: Default::default(),
+        restarts: 0,
     }
 }
 
