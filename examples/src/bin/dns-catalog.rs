@@ -124,11 +124,7 @@ async fn run(args: Args) -> Result<(), String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args: Args = keelson_examples::daemon::parse("dns-catalog");
-    if let Err(e) = keelson_examples::daemon::init_logging(&args.daemon) {
-        eprintln!("dns-catalog: {e}");
-        return ExitCode::from(2);
-    }
+    let args = keelson_examples::daemon::start("dns-catalog", |a: &Args| &a.daemon);
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

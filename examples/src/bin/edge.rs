@@ -381,11 +381,7 @@ async fn run(args: Args) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    let args: Args = keelson_examples::daemon::parse("edge");
-    if let Err(e) = keelson_examples::daemon::init_logging(&args.daemon) {
-        eprintln!("edge: {e}");
-        return ExitCode::from(2);
-    }
+    let args = keelson_examples::daemon::start("edge", |a: &Args| &a.daemon);
     let runtime = match args.threads {
         Some(0) => Err(std::io::Error::other("--threads must be at least 1")),
         Some(1) => tokio::runtime::Builder::new_current_thread().enable_all().build(),

@@ -88,11 +88,7 @@ fn syslog_tls(args: &Args) -> Result<Option<(SocketAddr, std::sync::Arc<rustls::
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> ExitCode {
-    let args: Args = keelson_examples::daemon::parse("logd");
-    if let Err(e) = keelson_examples::daemon::init_logging(&args.daemon) {
-        eprintln!("logd: {e}");
-        return ExitCode::from(2);
-    }
+    let args = keelson_examples::daemon::start("logd", |a: &Args| &a.daemon);
     let stop = match keelson_examples::daemon::shutdown_signal() {
         Ok(stop) => stop,
         Err(e) => return fail(e),

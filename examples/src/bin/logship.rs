@@ -84,11 +84,7 @@ enum Start {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args: Args = keelson_examples::daemon::parse("logship");
-    if let Err(e) = keelson_examples::daemon::init_logging(&args.daemon) {
-        eprintln!("logship: {e}");
-        return ExitCode::from(2);
-    }
+    let args = keelson_examples::daemon::start("logship", |a: &Args| &a.daemon);
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

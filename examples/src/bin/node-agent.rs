@@ -429,11 +429,7 @@ fn parse_ports(text: &str) -> Result<PortRange, String> {
 }
 
 fn main() -> ExitCode {
-    let args: Args = keelson_examples::daemon::parse("node-agent");
-    if let Err(e) = keelson_examples::daemon::init_logging(&args.daemon) {
-        eprintln!("node-agent: {e}");
-        return ExitCode::from(2);
-    }
+    let args = keelson_examples::daemon::start("node-agent", |a: &Args| &a.daemon);
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -365,11 +365,7 @@ async fn run(args: Args) -> Result<ExitCode, String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args: Args = keelson_examples::daemon::parse("registry");
-    if let Err(e) = keelson_examples::daemon::init_logging(&args.daemon) {
-        eprintln!("registry: {e}");
-        return ExitCode::from(2);
-    }
+    let args = keelson_examples::daemon::start("registry", |a: &Args| &a.daemon);
     match run(args).await {
         Ok(code) => code,
         Err(e) => {

@@ -51,6 +51,18 @@ pub fn init_logging(args: &DaemonArgs) -> Result<(), String> {
     result.map_err(|e| format!("logging: {e}"))
 }
 
+/// Parses `binary`'s flags, environment and config file ([`parse`]) and starts its logs
+/// ([`init_logging`]) from the [`DaemonArgs`] `daemon` finds in them: a daemon's first
+/// line. A usage or logging error is printed and the process exits with status 2.
+pub fn start<T: clap::Parser + std::fmt::Debug>(binary: &str, daemon: impl FnOnce(&T) -> &DaemonArgs) -> T {
+    let args: T = parse(binary);
+    if let Err(e) = init_logging(daemon(&args)) {
+        eprintln!("{binary}: {e}");
+        std::process::exit(2);
+    }
+    args
+}
+
 /// Which signal asked the process to stop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StopSignal {
