@@ -123,6 +123,11 @@ mod discovery {
             self.inner.revoke_lease(lease).await
         }
 
+        async fn lease_ttl(&self, lease: LeaseId) -> Result<keelson_discovery::LeaseTtl> {
+            self.calls.hit();
+            self.inner.lease_ttl(lease).await
+        }
+
         async fn lock(&self, key: &str, ttl: Duration, wait: Duration) -> Result<KvLock> {
             self.calls.hit();
             self.inner.lock(key, ttl, wait).await

@@ -37,6 +37,7 @@ pub async fn kv_all(kv: &dyn KeyValue) {
     kv_watch_resume_without_duplicates(kv).await;
     kv_lease_expiry_deletes_and_notifies(kv).await;
     kv_keep_alive_and_revoke(kv).await;
+    kv_lease_ttl_tells_the_time_since_renewal(kv).await;
     kv_rejects_bad_input(kv).await;
     kv_lock_is_exclusive(kv).await;
     kv_txn_all_or_nothing(kv).await;
@@ -195,6 +196,29 @@ pub async fn kv_keep_alive_and_revoke(kv: &dyn KeyValue) {
     kv.revoke_lease(lease).await.unwrap();
     assert_eq!(kv.get(&key).await.unwrap(), None, "revoke deletes the lease's keys");
     assert!(matches!(kv.revoke_lease(lease).await, Err(Error::NotFound { .. })));
+}
+
+/// A lease's TTL tells how long ago it was renewed (or `Unsupported`, said plainly);
+/// a revoked lease is `NotFound`.
+pub async fn kv_lease_ttl_tells_the_time_since_renewal(kv: &dyn KeyValue) {
+    let ttl = kv.capabilities().min_lease_ttl.max(Duration::from_secs(3));
+    let lease = kv.grant_lease(ttl).await.unwrap();
+    let first = match kv.lease_ttl(lease).await {
+        Err(Error::Unsupported { .. }) => {
+            kv.revoke_lease(lease).await.unwrap();
+            return;
+        }
+        other => other.unwrap(),
+    };
+    assert!(first.granted >= ttl && first.remaining <= first.granted, "{first:?} for a TTL of {ttl:?}");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let later = kv.lease_ttl(lease).await.unwrap();
+    assert!(later.since_renewal() >= Duration::from_secs(1), "time passes without renewal: {later:?}");
+    kv.keep_alive(lease).await.unwrap();
+    let renewed = kv.lease_ttl(lease).await.unwrap();
+    assert!(renewed.since_renewal() < later.since_renewal(), "a renewal resets it: {renewed:?} after {later:?}");
+    kv.revoke_lease(lease).await.unwrap();
+    assert!(matches!(kv.lease_ttl(lease).await, Err(Error::NotFound { .. })), "a revoked lease is gone");
 }
 
 /// Bad input gets a typed error and stores nothing.
@@ -809,5 +833,10 @@ impl KeyValue for TestKv {
     async fn revoke_lease(&self, lease: crate::LeaseId) -> crate::Result<()> {
         self.call()?;
         self.inner.revoke_lease(lease).await
+    }
+
+    async fn lease_ttl(&self, lease: crate::LeaseId) -> crate::Result<crate::LeaseTtl> {
+        self.call()?;
+        self.inner.lease_ttl(lease).await
     }
 }

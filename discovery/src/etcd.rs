@@ -512,6 +512,16 @@ impl KeyValue for EtcdKv {
         }
     }
 
+    async fn lease_ttl(&self, lease: LeaseId) -> Result<kv::LeaseTtl> {
+        let mut c = self.client.clone();
+        let resp = self.call("lease time to live", c.lease_time_to_live(lease as i64, None)).await?;
+        // etcd answers -1 for a lease it no longer has; it counts in whole seconds.
+        match (u64::try_from(resp.ttl()), u64::try_from(resp.granted_ttl())) {
+            (Ok(left), Ok(granted)) => Ok(kv::LeaseTtl::new(std::time::Duration::from_secs(granted), std::time::Duration::from_secs(left))),
+            _ => Err(Error::NotFound { kind: "lease", name: lease.to_string() }),
+        }
+    }
+
     async fn revoke_lease(&self, lease: LeaseId) -> Result<()> {
         let mut c = self.client.clone();
         self.call("revoke lease", c.lease_revoke(lease as i64)).await.map(|_| ()).map_err(|e| match e {

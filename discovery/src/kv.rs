@@ -16,6 +16,28 @@ use crate::error::{Error, Result};
 /// A lease identifier. Keys attached to a lease are deleted when it expires or is revoked.
 pub type LeaseId = u64;
 
+/// A lease's TTL ([`KeyValue::lease_ttl`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LeaseTtl {
+    /// The TTL it was granted (and is renewed to).
+    pub granted: Duration,
+    /// What is left before it expires.
+    pub remaining: Duration,
+}
+
+impl LeaseTtl {
+    /// A lease's TTL: `granted`, of which `remaining` is left.
+    pub fn new(granted: Duration, remaining: Duration) -> Self {
+        LeaseTtl { granted, remaining }
+    }
+
+    /// About how long ago the lease was granted or last renewed.
+    pub fn since_renewal(&self) -> Duration {
+        self.granted.saturating_sub(self.remaining)
+    }
+}
+
 /// The largest value every backend accepts (Consul caps values at 512 KB, etcd requests at
 /// 1.5 MiB): code that stays under it runs on any backend unchanged.
 pub const MAX_VALUE_BYTES: usize = 512 * 1024;
@@ -414,6 +436,15 @@ pub trait KeyValue: Send + Sync + std::fmt::Debug {
 
     /// Revokes a lease now, deleting its keys.
     async fn revoke_lease(&self, lease: LeaseId) -> Result<()>;
+
+    /// A lease's TTL as granted and the time it has left: its holder last renewed it
+    /// about `granted - remaining` ago (what `keelson-ctl nodes` shows as a node's last
+    /// heartbeat). [`Error::NotFound`] once it expired or was revoked. The default is
+    /// [`Error::Unsupported`] (Consul sessions do not tell).
+    async fn lease_ttl(&self, lease: LeaseId) -> Result<LeaseTtl> {
+        let _ = lease;
+        Err(Error::Unsupported { operation: "lease_ttl", backend: self.backend() })
+    }
 
     /// Takes the lock kept at `key`, waiting up to `wait` for a holder to release it. The
     /// key lives on a fresh lease of `ttl`: if the holder dies, the lock frees itself after

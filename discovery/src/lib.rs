@@ -124,8 +124,8 @@ pub use journal::{Journal, JournalRead};
 pub use keelson_base::{retry_pauses, RetryPauses};
 pub use kv::{
     failed_compare, list_paged, list_paged_at, validate_key, Compare, Expect, KeyValue, KvCapabilities, KvEntry, KvEvent, KvEventKind,
-    KvList, KvLock, KvWatch, LeaseId, Txn, TxnOp, ETCD_MAX_TXN_BYTES, ETCD_MAX_TXN_OPS, LIST_PAGE, MAX_KEY_BYTES, MAX_VALUE_BYTES,
-    MIN_LEASE_TTL,
+    KvList, KvLock, KvWatch, LeaseId, LeaseTtl, Txn, TxnOp, ETCD_MAX_TXN_BYTES, ETCD_MAX_TXN_OPS, LIST_PAGE, MAX_KEY_BYTES,
+    MAX_VALUE_BYTES, MIN_LEASE_TTL,
 };
 pub use kv_discovery::{KvDiscovery, MemoryDiscovery, DEFAULT_ROOT};
 pub use lease_keeper::LeaseKeeper;

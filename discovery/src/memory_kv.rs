@@ -319,6 +319,12 @@ impl KeyValue for MemoryKv {
         Ok(())
     }
 
+    async fn lease_ttl(&self, lease: LeaseId) -> Result<kv::LeaseTtl> {
+        let state = self.inner.lock();
+        let l = state.leases.get(&lease).ok_or_else(|| Error::NotFound { kind: "lease", name: lease.to_string() })?;
+        Ok(kv::LeaseTtl::new(l.ttl, l.deadline.saturating_duration_since(Instant::now())))
+    }
+
     async fn revoke_lease(&self, lease: LeaseId) -> Result<()> {
         let mut state = self.inner.lock();
         if self.inner.drop_lease(&mut state, lease) {

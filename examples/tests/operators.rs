@@ -140,9 +140,11 @@ fn placement_uses_what_nodes_describe_and_operators_plan_wait_scale_drain_and_st
     assert_eq!(nb["attributes"]["os.name"], "plan9", "--attr overrides what was detected: {nb}");
     assert_eq!((na["labels"]["tier"].as_str(), na["datacenter"].as_str()), (Some("edge"), Some("eu1")));
     assert_eq!(na["address"], "127.0.0.1");
+    let beat = nodes.as_array().expect("list").iter().find(|n| n["id"] == a).expect("node")["since_heartbeat_ms"].as_u64();
+    assert!(beat.is_some_and(|ms| ms <= 3_000), "renewed within the TTL (3s): {beat:?}");
     let (code, table, err) = ctl(&url, &["nodes"]);
     assert_eq!(code, 0, "{err}");
-    assert!(table.starts_with("ID ") && table.contains("tier=edge") && table.contains("eu1"), "{table}");
+    assert!(table.starts_with("ID ") && table.contains("HEARTBEAT") && table.contains("tier=edge") && table.contains("eu1"), "{table}");
     let (code, detail, _) = ctl(&url, &["node", "status", &a]);
     assert!(code == 0 && detail.contains("kernel.name = linux"), "{detail}");
 

@@ -304,12 +304,12 @@ async fn run(args: Args) -> Done {
             Ok(None)
         }
         Command::Nodes => {
-            let nodes = ctl::nodes(&store.view().await.map_err(err)?);
+            let nodes = ctl::nodes(&store.view().await.map_err(err)?, &store.node_heartbeats().await.map_err(err)?);
             show(json, &nodes, || ctl::nodes_table(&nodes).render())?;
             Ok(None)
         }
         Command::Node(NodeCommand::Status { node }) => {
-            let nodes = ctl::nodes(&store.view().await.map_err(err)?);
+            let nodes = ctl::nodes(&store.view().await.map_err(err)?, &store.node_heartbeats().await.map_err(err)?);
             let found = nodes.iter().find(|n| n.id == node).ok_or_else(|| format!("no node {node}"))?;
             show(json, found, || ctl::node_detail(found))?;
             Ok(None)

@@ -26,15 +26,27 @@ pub struct NodeSummary {
     pub used: Resources,
     /// Allocations on it, any status.
     pub allocations: usize,
+    /// How long ago its agent last renewed its heartbeat lease, in milliseconds (`None`:
+    /// lost, or a backend that cannot tell).
+    pub since_heartbeat_ms: Option<u64>,
 }
 
-/// Every node, live and lost, in id order.
-pub fn nodes(view: &ClusterView) -> Vec<NodeSummary> {
+/// Every node, live and lost, in id order, with how long ago each live one's agent
+/// renewed its heartbeat (from [`keelson_scheduler::ClusterStore::node_heartbeats`]).
+pub fn nodes(view: &ClusterView, heartbeats: &BTreeMap<String, std::time::Duration>) -> Vec<NodeSummary> {
     let mut out: BTreeMap<String, NodeSummary> = view
         .nodes
         .iter()
         .map(|n| {
-            let s = NodeSummary { id: n.id.clone(), status: "ready", node: Some(n.clone()), used: Resources::default(), allocations: 0 };
+            let since_heartbeat_ms = heartbeats.get(&n.id).map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            let s = NodeSummary {
+                id: n.id.clone(),
+                status: "ready",
+                node: Some(n.clone()),
+                used: Resources::default(),
+                allocations: 0,
+                since_heartbeat_ms,
+            };
             (n.id.clone(), s)
         })
         .collect();
@@ -45,6 +57,7 @@ pub fn nodes(view: &ClusterView) -> Vec<NodeSummary> {
             node: None,
             used: Resources::default(),
             allocations: 0,
+            since_heartbeat_ms: None,
         });
         s.allocations += 1;
         if matches!(a.status, AllocStatus::Pending | AllocStatus::Running) {
@@ -65,13 +78,29 @@ fn share(used: u64, total: u64) -> String {
 
 /// The nodes table: resources used of total, eligibility, address, labels.
 pub fn nodes_table(nodes: &[NodeSummary]) -> Table {
-    let mut t = Table::new(&["id", "status", "eligibility", "dc", "pool", "address", "cpu", "memory mb", "disk mb", "allocs", "labels"]);
+    let mut t = Table::new(&[
+        "id",
+        "status",
+        "heartbeat",
+        "eligibility",
+        "dc",
+        "pool",
+        "address",
+        "cpu",
+        "memory mb",
+        "disk mb",
+        "allocs",
+        "labels",
+    ]);
     for s in nodes {
         let n = s.node.as_ref();
         let total = n.map(|n| n.capacity).unwrap_or_default();
         t.row(vec![
             s.id.clone(),
             s.status.into(),
+            s.since_heartbeat_ms
+                .map(|ms| format!("{} ago", humantime::format_duration(std::time::Duration::from_secs(ms / 1000))))
+                .unwrap_or_default(),
             n.map(|n| format!("{:?}", n.eligibility).to_lowercase()).unwrap_or_default(),
             n.map(|n| n.datacenter.clone()).unwrap_or_default(),
             n.map(|n| n.pool.clone()).unwrap_or_default(),

@@ -130,6 +130,36 @@ impl ClusterStore {
         list.entries.iter().map(|e| decode(&e.key, &e.value)).collect()
     }
 
+    /// How long ago each live node's agent last renewed its heartbeat lease, by node id,
+    /// where the backend can tell ([`keelson_discovery::KeyValue::lease_ttl`]: etcd and memory, in etcd's
+    /// whole seconds); empty where it cannot. One query per lease, not per node.
+    pub async fn node_heartbeats(&self) -> Result<BTreeMap<String, std::time::Duration>> {
+        let prefix = self.key(&["nodes", ""]);
+        let list = self.kv.list(&prefix).await.map_err(kv_err)?;
+        let mut by_lease = BTreeMap::new();
+        let mut out = BTreeMap::new();
+        for e in &list.entries {
+            let Some(lease) = e.lease else { continue };
+            let since = match by_lease.get(&lease) {
+                Some(since) => *since,
+                None => {
+                    let since = match self.kv.lease_ttl(lease).await {
+                        Ok(ttl) => Some(ttl.since_renewal()),
+                        Err(keelson_discovery::Error::Unsupported { .. }) => return Ok(BTreeMap::new()),
+                        Err(keelson_discovery::Error::NotFound { .. }) => None, // expired meanwhile
+                        Err(e) => return Err(kv_err(e)),
+                    };
+                    by_lease.insert(lease, since);
+                    since
+                }
+            };
+            if let Some(since) = since {
+                out.insert(e.key[prefix.len()..].to_owned(), since);
+            }
+        }
+        Ok(out)
+    }
+
     /// Sets how many allocations of a group run; the controller places or stops the
     /// difference. [`Error::Conflict`] while a deployment of the group is under way (it
     /// owns the count until it ends).
