@@ -37,6 +37,11 @@ pub struct EtcdArgs {
     /// Send the password to an http:// endpoint anyway (anyone on the path can read it).
     #[arg(id = "etcd_allow_plaintext_password", long = "etcd-allow-plaintext-password")]
     pub allow_plaintext_password: bool,
+    /// How long a daemon waits at start for etcd to answer (booting together, say)
+    /// before it gives up; a refused certificate or password ends it at once.
+    /// `keelson-ctl` does not wait.
+    #[arg(id = "etcd_connect_timeout", long = "etcd-connect-timeout", env = "KEELSON_ETCD_CONNECT_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: std::time::Duration,
 }
 
 /// Reads a secret from a file: its first line, trimmed. Names the file on error, never
@@ -93,6 +98,34 @@ impl EtcdArgs {
     #[cfg(feature = "etcd")]
     pub async fn connect(&self) -> Result<keelson_discovery::EtcdKv, String> {
         keelson_discovery::EtcdKv::connect(self.config()?).await.map_err(|e| format!("etcd: {e}"))
+    }
+
+    /// Connects and waits until etcd answers a read, retrying what a retry can fix for
+    /// up to `--etcd-connect-timeout`: what a daemon does at start, so one started
+    /// before etcd (a boot, a walkthrough) does not exit.
+    #[cfg(feature = "etcd")]
+    pub async fn connect_waiting(&self) -> Result<keelson_discovery::EtcdKv, String> {
+        use keelson_discovery::KeyValue;
+        let deadline = tokio::time::Instant::now() + self.connect_timeout;
+        let mut pauses = keelson_discovery::retry_pauses(std::time::Duration::from_millis(200), std::time::Duration::from_secs(5));
+        loop {
+            let attempt = async {
+                let kv = keelson_discovery::EtcdKv::connect(self.config().map_err(|e| (false, e))?)
+                    .await
+                    .map_err(|e| (e.is_retryable(), e.to_string()))?;
+                kv.get("keelson/").await.map_err(|e| (e.is_retryable(), e.to_string()))?;
+                Ok::<_, (bool, String)>(kv)
+            };
+            match attempt.await {
+                Ok(kv) => return Ok(kv),
+                Err((true, e)) if tokio::time::Instant::now() < deadline => {
+                    let pause = pauses.next().unwrap_or(std::time::Duration::from_secs(5));
+                    tracing::warn!(error = %e, retry_in = ?pause, "etcd does not answer yet");
+                    tokio::time::sleep(pause).await;
+                }
+                Err((_, e)) => return Err(format!("etcd: {e}")),
+            }
+        }
     }
 }
 

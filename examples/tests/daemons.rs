@@ -219,3 +219,44 @@ fn the_example_configs_under_deploy_parse_for_their_binaries() {
     let resolved = String::from_utf8_lossy(&edge.stdout);
     assert!(resolved.contains("only=/a.pem,/a.key") && !resolved.contains("default=/etc"), "a flag replaces the file's list: {resolved}");
 }
+
+/// A daemon started before etcd answers waits for it (`--etcd-connect-timeout`) instead
+/// of exiting; past the timeout it exits 1 naming etcd.
+#[cfg(feature = "etcd")]
+#[test]
+fn a_daemon_started_before_etcd_waits_for_it_then_gives_up_by_name() {
+    let mut etcd = keelson_testkit::etcd::Etcd::start().unwrap_or_else(|e| panic!("etcd for this test: {e}"));
+    let url = etcd.client_url();
+    etcd.stop();
+    let spawn = |timeout: &str| {
+        Command::new(env!("CARGO_BIN_EXE_dns-catalog"))
+            .args(["--etcd", &url, "--etcd-connect-timeout", timeout, "--listen", &free_addr().to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("dns-catalog starts")
+    };
+
+    // Gives up: exit 1 after about the timeout, naming etcd.
+    let mut gives_up = Daemon(spawn("1s"));
+    let status = keelson_testkit::wait_exit(&mut gives_up.0, Duration::from_secs(20)).expect("gives up");
+    let mut err = String::new();
+    gives_up.0.stderr.take().expect("stderr").read_to_string(&mut err).expect("stderr");
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("dns-catalog: etcd"), "{err}");
+
+    // Waits: etcd comes up two seconds later and the daemon serves.
+    let mut waits = Daemon(spawn("60s"));
+    let stdout = waits.0.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(waits.0.try_wait().expect("status").is_none(), "it must not exit while etcd is away");
+    etcd.start_again().expect("etcd back");
+    let line = rx.recv_timeout(Duration::from_secs(30)).expect("the ready line once etcd answers");
+    assert!(line.starts_with("dns-catalog serving"), "{line}");
+}

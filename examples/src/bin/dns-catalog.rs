@@ -75,7 +75,7 @@ async fn discovery(etcd: &keelson_examples::backends::EtcdArgs) -> Result<Arc<dy
     }
     #[cfg(feature = "etcd")]
     {
-        let kv = etcd.connect().await?;
+        let kv = etcd.connect_waiting().await?;
         Ok(Arc::new(keelson_discovery::KvDiscovery::new(Arc::new(kv))))
     }
     #[cfg(not(feature = "etcd"))]

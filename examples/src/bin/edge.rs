@@ -238,7 +238,7 @@ async fn follow_catalog(args: &Args, router: Arc<MemoryRouter>, status: keelson_
 
 #[cfg(feature = "etcd")]
 async fn etcd_catalog(etcd: &keelson_examples::backends::EtcdArgs) -> Result<Arc<dyn keelson_discovery::Discovery>, String> {
-    let kv = etcd.connect().await?;
+    let kv = etcd.connect_waiting().await?;
     Ok(Arc::new(keelson_discovery::KvDiscovery::new(Arc::new(kv))))
 }
 

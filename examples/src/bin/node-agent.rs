@@ -294,7 +294,7 @@ async fn run(args: Args) -> Result<(), String> {
     }
     let (node, address) = describe_node(&args)?;
     let stop = keelson_examples::daemon::shutdown_signal()?;
-    let kv: Arc<dyn KeyValue> = Arc::new(args.etcd.connect().await?);
+    let kv: Arc<dyn KeyValue> = Arc::new(args.etcd.connect_waiting().await?);
     let store = ClusterStore::new(kv.clone(), args.root.clone());
     let publish = args.publish_address.or_else(|| address.parse().ok()).unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
     let driver = DockerDriver::connect().await.map_err(|e| format!("docker: {e}"))?;
