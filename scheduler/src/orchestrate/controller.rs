@@ -163,13 +163,22 @@ impl ClusterStore {
 
     /// Changes the deployment under way of a group (promote its canaries, roll it back).
     async fn with_deployment(&self, job: &str, group: &str, change: impl FnOnce(&mut Deployment) -> Result<()>) -> Result<()> {
+        self.with_group_state(job, group, |state| {
+            let deployment =
+                state.deployment.as_mut().ok_or_else(|| Error::NotFound { kind: "deployment of", name: format!("{job}/{group}") })?;
+            change(deployment)
+        })
+        .await
+    }
+
+    /// Changes a group's record over the version read ([`Error::NotFound`] without one;
+    /// [`Error::Stale`] if the controller wrote it meanwhile).
+    pub(crate) async fn with_group_state(&self, job: &str, group: &str, change: impl FnOnce(&mut GroupState) -> Result<()>) -> Result<()> {
         let (mut state, origin) = self
             .group_state_versioned(job, group)
             .await?
             .ok_or_else(|| Error::NotFound { kind: "group", name: format!("{job}/{group}") })?;
-        let deployment =
-            state.deployment.as_mut().ok_or_else(|| Error::NotFound { kind: "deployment of", name: format!("{job}/{group}") })?;
-        change(deployment)?;
+        change(&mut state)?;
         self.save_group_state(&state, Some(&origin)).await
     }
 

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::orchestrate::cluster_cache::ClusterCache;
 use crate::orchestrate::cluster_store::{decode, encode_over, kv_err, wall_clock_ms, ClusterStore};
+use crate::orchestrate::deployment::Phase;
 use crate::orchestrate::reconcile::{placement_allocation, AllocRecord, AllocStatus, DesiredGroup};
 use crate::orchestrate::spec::GroupSpec;
 use crate::placement::model::{Allocation, ClusterSnapshot, Eligibility, Job, Node, Plan, TaskGroup, VolumeRequest};
@@ -164,19 +165,18 @@ impl ClusterStore {
     /// difference. [`Error::Conflict`] while a deployment of the group is under way (it
     /// owns the count until it ends).
     pub async fn scale(&self, job: &str, group: &str, count: u32) -> Result<()> {
-        let (mut state, origin) = self
-            .group_state_versioned(job, group)
-            .await?
-            .ok_or_else(|| Error::NotFound { kind: "group", name: format!("{job}/{group}") })?;
-        if state.deployment.is_some() {
-            return Err(Error::Conflict {
-                kind: "group",
-                name: format!("{job}/{group}"),
-                reason: "a deployment is under way; scale after it ends".into(),
-            });
-        }
-        state.count = count;
-        self.save_group_state(&state, Some(&origin)).await
+        self.with_group_state(job, group, |state| {
+            if state.deployment.is_some() {
+                return Err(Error::Conflict {
+                    kind: "group",
+                    name: format!("{job}/{group}"),
+                    reason: "a deployment is under way; scale after it ends".into(),
+                });
+            }
+            state.count = count;
+            Ok(())
+        })
+        .await
     }
 
     /// Stops a group (count 0: the controller stops every allocation; deploying or
@@ -191,13 +191,16 @@ impl ClusterStore {
             return Err(Error::NotFound { kind: "job", name: job.to_owned() });
         }
         for g in &groups {
-            let (mut state, origin) =
-                self.group_state_versioned(job, g).await?.ok_or_else(|| Error::NotFound { kind: "group", name: format!("{job}/{g}") })?;
-            if let Some(d) = state.deployment.as_mut() {
-                d.rollback("stopped by an operator")?;
-            }
-            state.count = 0;
-            self.save_group_state(&state, Some(&origin)).await?;
+            self.with_group_state(job, g, |state| {
+                // A deployment under way goes back to the stable version (which then
+                // stops); one already rolling back is left to finish.
+                if let Some(d) = state.deployment.as_mut().filter(|d| !matches!(d.phase(), Phase::RollingBack { .. })) {
+                    d.rollback("stopped by an operator")?;
+                }
+                state.count = 0;
+                Ok(())
+            })
+            .await?;
         }
         Ok(groups)
     }
@@ -259,18 +262,26 @@ impl ClusterStore {
         if draining.is_empty() {
             return Ok(0);
         }
+        // A drained node stays draining until an operator says otherwise: read the
+        // whole cluster only while one still holds work to move (its own keys first).
+        let ours = |a: &AllocRecord| groups.iter().any(|g| g.job == a.job && g.group == a.group);
+        let movable = |a: &AllocRecord| ours(a) && matches!(a.status, AllocStatus::Pending | AllocStatus::Running);
+        let mut any = false;
+        for node in &draining {
+            any |= self.allocations_on(node).await?.iter().any(movable);
+        }
+        if !any {
+            return Ok(0);
+        }
         let view = match cache {
             Some(cache) => cache.view().await?,
             None => self.view().await?,
         };
-        let ours = |a: &AllocRecord| groups.iter().any(|g| g.job == a.job && g.group == a.group);
         let mut plan = view.plan();
         let now = wall_clock_ms();
-        for a in view.allocations.iter().filter(|a| draining.contains(a.node.as_str()) && ours(a)) {
-            if matches!(a.status, AllocStatus::Pending | AllocStatus::Running) {
-                tracing::info!(alloc = %a.id, node = %a.node, "moving off a draining node");
-                plan.put(AllocRecord { status: AllocStatus::Stopping, since_ms: now, ..a.clone() });
-            }
+        for a in view.allocations.iter().filter(|a| draining.contains(a.node.as_str()) && movable(a)) {
+            tracing::info!(alloc = %a.id, node = %a.node, "moving off a draining node");
+            plan.put(AllocRecord { status: AllocStatus::Stopping, since_ms: now, ..a.clone() });
         }
         let marked = plan.len();
         if marked == 0 {
