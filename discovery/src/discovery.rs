@@ -304,8 +304,11 @@ pub trait RegistrationLease: Send + Sync + std::fmt::Debug {
 }
 
 /// Returned by [`Discovery::register`]. While it lives, the registration is kept alive.
-/// Dropping it stops the keep-alive: the instance disappears after its TTL, as if the
-/// process had died. Call [`RegistrationHandle::deregister`] to remove it at once.
+/// Dropping it ends the registration: the instance disappears within its TTL (at once on
+/// [`crate::KvDiscovery`], whose instances share one lease per process and TTL; after the
+/// TTL on Consul, whose check stops being renewed). If the process dies, every instance
+/// it registered disappears after its TTL. Call [`RegistrationHandle::deregister`] to
+/// remove it at once and see any error.
 #[derive(Debug)]
 #[must_use = "the registration is released when the handle is dropped; keep it for as long as the instance should be listed"]
 pub struct RegistrationHandle {

@@ -1,6 +1,10 @@
 //! `KvDiscovery`: `Discovery` on top of any `KeyValue`. Each instance is one JSON record at
-//! `<root>/services/<service>/<id>`, attached to its own lease, so an instance whose
-//! process dies disappears after its TTL on every backend alike.
+//! `<root>/services/<service>/<id>`, attached to a lease shared by the instances this
+//! process registered with the same TTL (see [`shared_lease`]): registering is one write,
+//! a released or dropped handle deletes its record at once, and the instances of a
+//! process that dies disappear after their TTL on every backend alike.
+
+mod shared_lease;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -15,8 +19,7 @@ use crate::discovery::{
     SnapshotStream,
 };
 use crate::error::{Error, Result};
-use crate::kv::{Expect, KeyValue, KvEntry, KvEventKind, LeaseId};
-use crate::lease_keeper::LeaseKeeper;
+use crate::kv::{Expect, KeyValue, KvEntry, KvEventKind};
 use crate::memory_kv::MemoryKv;
 use crate::name::{validate_instance_id, ServiceName};
 
@@ -29,47 +32,7 @@ pub struct KvDiscovery {
     kv: Arc<dyn KeyValue>,
     root: String,
     retry: Duration,
-    leases: Arc<LeasePool>,
-}
-
-/// Leases granted ahead of need, per TTL, so that registering is one write instead of
-/// two round trips (grant, then put). A pooled lease is handed out only while younger
-/// than a third of its TTL, so its keeper's first renewal (at TTL/3 after hand-out) lands
-/// before it could expire. Unused ones simply expire; they hold no keys.
-#[derive(Debug, Default)]
-struct LeasePool {
-    ready: std::sync::Mutex<std::collections::HashMap<Duration, Vec<(LeaseId, std::time::Instant)>>>,
-}
-
-/// Leases kept ready per TTL.
-const POOLED_LEASES: usize = 2;
-
-impl LeasePool {
-    fn take(&self, ttl: Duration) -> Option<LeaseId> {
-        let mut ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
-        let list = ready.get_mut(&ttl)?;
-        list.retain(|(_, at)| at.elapsed() < ttl / 3);
-        list.pop().map(|(id, _)| id)
-    }
-
-    /// Tops the pool for `ttl` up in the background.
-    fn refill(self: &Arc<Self>, kv: Arc<dyn KeyValue>, ttl: Duration) {
-        let pool = self.clone();
-        tokio::spawn(async move {
-            let missing = {
-                let ready = pool.ready.lock().unwrap_or_else(|p| p.into_inner());
-                POOLED_LEASES.saturating_sub(ready.get(&ttl).map_or(0, Vec::len))
-            };
-            for _ in 0..missing {
-                let Ok(id) = kv.grant_lease(ttl).await else { return };
-                let mut ready = pool.ready.lock().unwrap_or_else(|p| p.into_inner());
-                let list = ready.entry(ttl).or_default();
-                if list.len() < POOLED_LEASES {
-                    list.push((id, std::time::Instant::now()));
-                }
-            }
-        });
-    }
+    leases: Arc<shared_lease::SharedLeases>,
 }
 
 /// The embedded default: [`KvDiscovery`] over a [`MemoryKv`]. Needs no server.
@@ -167,23 +130,36 @@ impl Record {
     }
 }
 
+/// One registration on its shared lease: releasing or dropping it deletes the record.
 #[derive(Debug)]
 struct KvLease {
-    kv: Arc<dyn KeyValue>,
+    shared: Arc<shared_lease::SharedLease>,
     key: String,
-    current: Arc<std::sync::Mutex<LeaseId>>,
-    _keeper: LeaseKeeper,
+    generation: u64,
+    released: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait]
 impl RegistrationLease for KvLease {
     async fn release(&self) -> Result<()> {
-        let lease = *self.current.lock().unwrap_or_else(|p| p.into_inner());
-        match self.kv.revoke_lease(lease).await {
-            Ok(()) => Ok(()),
-            // Already expired: make sure the key is gone all the same.
-            Err(Error::NotFound { .. }) => self.kv.delete(&self.key).await.map(|_| ()),
-            Err(e) => Err(e),
+        self.released.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.shared.release(&self.key, self.generation).await
+    }
+}
+
+impl Drop for KvLease {
+    fn drop(&mut self) {
+        if self.released.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        // Without a runtime (the process is ending), the shared lease expires instead.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (shared, key, generation) = (self.shared.clone(), std::mem::take(&mut self.key), self.generation);
+            runtime.spawn(async move {
+                if let Err(error) = shared.release(&key, generation).await {
+                    tracing::warn!(%key, %error, "could not delete a dropped registration; it expires with the process's lease");
+                }
+            });
         }
     }
 }
@@ -214,53 +190,21 @@ impl Discovery for KvDiscovery {
         };
         let ttl = registration.ttl;
         crate::kv::validate_ttl(ttl)?;
-        let pooled = self.leases.take(ttl);
-        self.leases.refill(self.kv.clone(), ttl);
-        let mut lease = match pooled {
-            Some(lease) => lease,
-            None => self.kv.grant_lease(ttl).await?,
-        };
-        let mut written = self.kv.put(&key, record.encode(), Some(lease)).await;
-        if pooled.is_some() && matches!(written, Err(Error::NotFound { kind: "lease", .. })) {
-            // The pooled lease is gone (the store restarted, say): use a fresh one.
-            lease = self.kv.grant_lease(ttl).await?;
-            written = self.kv.put(&key, record.encode(), Some(lease)).await;
-        }
-        if let Err(e) = written {
-            let _ = self.kv.revoke_lease(lease).await;
-            return Err(e);
-        }
-        // If the lease is lost (a long partition), put the record back on a new lease,
-        // keeping whatever health the checks set meanwhile if the key still exists.
-        let current = Arc::new(std::sync::Mutex::new(lease));
-        let keeper = {
-            let (kv, key, current) = (self.kv.clone(), key.clone(), current.clone());
-            LeaseKeeper::spawn(self.kv.clone(), lease, ttl, move || {
-                let (kv, key, current, mut record) = (kv.clone(), key.clone(), current.clone(), record.clone());
-                async move {
-                    let lease = kv.grant_lease(ttl).await.ok()?;
-                    if let Ok(Some(existing)) = kv.get(&key).await {
-                        if let Ok(r) = Record::decode(&existing) {
-                            record.health = r.health;
-                        }
-                    }
-                    kv.put(&key, record.encode(), Some(lease)).await.ok()?;
-                    *current.lock().unwrap_or_else(|p| p.into_inner()) = lease;
-                    Some(lease)
-                }
-            })
-        };
+        let shared = self.leases.for_ttl(&self.kv, ttl);
+        let generation = shared.register(&key, record).await?;
         tracing::debug!(service = %registration.service, id = %registration.id, "registered");
         Ok(RegistrationHandle::new(
             registration.service,
             registration.id,
-            Box::new(KvLease { kv: self.kv.clone(), key, current, _keeper: keeper }),
+            Box::new(KvLease { shared, key, generation, released: false.into() }),
         ))
     }
 
     async fn deregister(&self, service: &ServiceName, id: &str) -> Result<()> {
         validate_instance_id(id)?;
-        if self.kv.delete(&self.key(service, id)).await? {
+        let key = self.key(service, id);
+        self.leases.forget(&key).await;
+        if self.kv.delete(&key).await? {
             Ok(())
         } else {
             Err(Error::NotFound { kind: "instance", name: format!("{service}/{id}") })
