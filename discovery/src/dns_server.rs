@@ -20,6 +20,12 @@
 //! REFUSED: this is not a recursive resolver and cannot be used for amplification. UDP
 //! answers larger than the client's payload size are truncated with the TC bit set, so
 //! the client retries over TCP, where the whole answer fits.
+//!
+//! UDP is served by [`udp`]'s fast path (answers pre-encoded in wire format, batched
+//! system calls, optionally several `SO_REUSEPORT` workers); TCP by hickory-server. Both
+//! decide what to answer with [`decide`].
+
+mod udp;
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -59,6 +65,9 @@ pub struct DnsServerConfig {
     /// The address `ns.<domain>` (the zone's NS) resolves to (default: the listen
     /// address, unless that is unspecified, then 127.0.0.1).
     pub ns_address: Option<IpAddr>,
+    /// UDP sockets, each served by its own thread (default 1). More than one binds them
+    /// all with `SO_REUSEPORT`, and the kernel spreads clients over them.
+    pub udp_workers: usize,
 }
 
 impl Default for DnsServerConfig {
@@ -70,6 +79,7 @@ impl Default for DnsServerConfig {
             tcp_timeout: Duration::from_secs(5),
             negative_ttl: 5,
             ns_address: None,
+            udp_workers: 1,
         }
     }
 }
@@ -84,6 +94,33 @@ struct Catalog {
     names: HashSet<LowerName>,
     /// The zone's SOA, sent in the authority section of negative answers.
     soa: Option<Record>,
+    /// Every answer above, encoded for the UDP fast path.
+    wire: udp::WireAnswers,
+}
+
+/// What the zone says to a query.
+enum Decision<'a> {
+    /// Another zone: this server is not a recursive resolver.
+    Refused,
+    Answer(&'a Answer),
+    /// NXDOMAIN, or NOERROR with no data for a name that exists; the SOA goes with it.
+    Negative(ResponseCode),
+}
+
+/// The one place that decides an answer, for UDP and TCP alike.
+fn decide<'a>(catalog: &'a Catalog, domain: &LowerName, qname: &LowerName, qtype: RecordType) -> Decision<'a> {
+    if !domain.zone_of(qname) {
+        return Decision::Refused;
+    }
+    let qtype = match qtype {
+        RecordType::ANY => RecordType::SRV,
+        t => t,
+    };
+    match catalog.answers.get(&(qname.clone(), qtype)) {
+        Some(answer) => Decision::Answer(answer),
+        None if catalog.names.contains(qname) => Decision::Negative(ResponseCode::NoError),
+        None => Decision::Negative(ResponseCode::NXDomain),
+    }
 }
 
 /// What the zone itself holds, beside the services: its apex, SOA and NS.
@@ -111,6 +148,7 @@ struct Handler {
 pub struct DnsServer {
     addr: SocketAddr,
     server: Server<Handler>,
+    udp: udp::UdpWorkers,
     watcher: JoinHandle<()>,
 }
 
@@ -197,6 +235,7 @@ fn build_catalog(instances: Vec<Instance>, zone: &Zone, serial: u32) -> Catalog 
         }
     }
     catalog.names.extend(parents);
+    catalog.wire = udp::WireAnswers::build(&catalog);
     catalog
 }
 
@@ -261,14 +300,15 @@ impl DnsServer {
             }
         });
         let io = |e: std::io::Error| Error::Unavailable { backend: "dns-server", reason: format!("binding {}: {e}", config.listen) };
-        let udp = tokio::net::UdpSocket::bind(config.listen).await.map_err(io)?;
-        let addr = udp.local_addr().map_err(io)?;
+        let sockets = udp::bind(config.listen, config.udp_workers).map_err(io)?;
+        let addr = sockets[0].local_addr().map_err(io)?;
         let tcp = tokio::net::TcpListener::bind(addr).await.map_err(io)?;
-        let mut server = Server::new(Handler { catalog, domain: LowerName::from(domain) });
-        server.register_socket(udp);
+        let domain = LowerName::from(domain);
+        let udp = udp::UdpWorkers::start(sockets, catalog.clone(), domain.clone()).map_err(io)?;
+        let mut server = Server::new(Handler { catalog, domain });
         server.register_listener(tcp, config.tcp_timeout, 64);
-        tracing::info!(%addr, "DNS server serving discovery");
-        Ok(DnsServer { addr, server, watcher })
+        tracing::info!(%addr, udp_workers = config.udp_workers.max(1), "DNS server serving discovery");
+        Ok(DnsServer { addr, server, udp, watcher })
     }
 
     /// Where it listens (UDP and TCP).
@@ -279,6 +319,8 @@ impl DnsServer {
     /// Stops serving and following discovery.
     pub async fn shutdown(mut self) {
         self.watcher.abort();
+        let udp = self.udp;
+        let _ = tokio::task::spawn_blocking(move || udp.stop()).await;
         let _ = self.server.shutdown_gracefully().await;
     }
 }
@@ -293,24 +335,17 @@ impl RequestHandler for Handler {
             Ok(_) => return send(&mut response, builder.error_msg(&request.metadata, ResponseCode::NotImp)).await,
             Err(_) => return send(&mut response, builder.error_msg(&request.metadata, ResponseCode::FormErr)).await,
         };
-        let qname = info.query.name();
-        if !self.domain.zone_of(qname) {
-            return send(&mut response, builder.error_msg(&request.metadata, ResponseCode::Refused)).await;
-        }
-        metadata.authoritative = true;
         let catalog = self.catalog.load();
-        let qtype = match info.query.query_type() {
-            RecordType::ANY => RecordType::SRV,
-            t => t,
-        };
-        match catalog.answers.get(&(qname.clone(), qtype)) {
-            Some(answer) => {
+        match decide(&catalog, &self.domain, info.query.name(), info.query.query_type()) {
+            Decision::Refused => send(&mut response, builder.error_msg(&request.metadata, ResponseCode::Refused)).await,
+            Decision::Answer(answer) => {
+                metadata.authoritative = true;
                 metadata.response_code = ResponseCode::NoError;
                 send(&mut response, builder.build(metadata, answer.records.iter(), [], [], answer.additional.iter())).await
             }
-            None => {
-                // NODATA for a name that exists, NXDOMAIN otherwise; the SOA with either.
-                metadata.response_code = if catalog.names.contains(qname) { ResponseCode::NoError } else { ResponseCode::NXDomain };
+            Decision::Negative(code) => {
+                metadata.authoritative = true;
+                metadata.response_code = code;
                 send(&mut response, builder.build(metadata, [], [], catalog.soa.iter(), [])).await
             }
         }

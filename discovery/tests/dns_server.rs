@@ -52,7 +52,11 @@ async fn serves_a_and_srv_for_healthy_instances() {
     assert_eq!(lines(&ask(addr, &["+short", "web.service.keelson.test", "SRV"]).await).len(), 2, "Consul-style SRV name");
     assert_eq!(lines(&ask(addr, &["+short", "web-2.web.service.keelson.test", "A"]).await), vec!["127.0.0.12"], "SRV targets resolve");
     let full = ask(addr, &["_web._tcp.keelson.test", "SRV"]).await;
-    assert!(full.contains("ADDITIONAL: 2"), "targets' addresses sent as additional records:\n{full}");
+    // The two targets' addresses, and the OPT record: dig asks with EDNS, and a query with
+    // an OPT record gets one back (RFC 6891 6.1.1).
+    assert!(full.contains("ADDITIONAL: 3") && full.contains("EDNS: version: 0"), "targets' addresses sent as additional records:\n{full}");
+    let additional = full.split(";; ADDITIONAL SECTION:").nth(1).unwrap_or_default();
+    assert_eq!(additional.lines().filter(|l| l.contains("\tA\t")).count(), 2, "{full}");
     assert!(full.contains(" 7\tIN\tSRV") || full.contains("\t7\tIN\tSRV"), "configured TTL:\n{full}");
     assert!(full.contains("flags: qr aa"), "authoritative:\n{full}");
 
@@ -204,5 +208,65 @@ async fn a_recursive_resolver_resolves_the_zone_and_caches_negatives_by_its_soa(
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     drop(resolver);
+    server.shutdown().await;
+}
+
+/// The UDP fast path patches only the id, RD and the question into a pre-encoded answer:
+/// the question comes back in the client's case (DNS 0x20), ANY is answered as SRV with
+/// the question still ANY, and several SO_REUSEPORT workers answer on one port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_answers_keep_the_question_as_asked_and_reuseport_workers_share_the_port() {
+    let d = Arc::new(MemoryDiscovery::memory());
+    let web = ServiceName::new("web").expect("name");
+    let _a = d.register(Registration::new(web, "web-1", "127.0.0.11", 8080)).await.expect("reg");
+    let config = {
+        let mut built = DnsServerConfig::default();
+        built.domain = "keelson.test".into();
+        built.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        built.udp_workers = 3;
+        built
+    };
+    let server = DnsServer::start(d, config).await.expect("server starts");
+    let addr = server.local_addr();
+    for _ in 0..6 {
+        let mixed = ask(addr, &["WeB.SeRvIcE.KeElSoN.TeSt", "A"]).await;
+        let question = mixed.split(";; QUESTION SECTION:").nth(1).and_then(|q| q.lines().nth(1)).unwrap_or_default();
+        assert!(question.starts_with(";WeB.SeRvIcE.KeElSoN.TeSt."), "question in the client's case:\n{mixed}");
+        assert!(mixed.contains("127.0.0.11") && mixed.contains("flags: qr aa rd;"), "answered, RD copied:\n{mixed}");
+    }
+    let any = ask(addr, &["web.service.keelson.test", "ANY"]).await;
+    assert!(any.contains("IN\tANY") && any.contains("IN\tSRV\t1 1 8080"), "ANY answered with SRV:\n{any}");
+    let plain = ask(addr, &["+noedns", "web.service.keelson.test", "A"]).await;
+    assert!(plain.contains("127.0.0.11") && !plain.contains("OPT PSEUDOSECTION"), "no EDNS asked, none sent:\n{plain}");
+    server.shutdown().await;
+}
+
+/// Bytes that are not a query get FORMERR (when they carry an id), a response gets no
+/// answer at all (no reflection loops), and a name outside the zone is REFUSED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_packets_and_responses_are_not_answered_as_queries() {
+    let server = serve(Arc::new(MemoryDiscovery::memory())).await;
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    client.connect(server.local_addr()).await.expect("connect");
+    let mut buf = [0u8; 512];
+    let mut exchange = async |packet: &[u8]| -> Option<Vec<u8>> {
+        client.send(packet).await.expect("send");
+        match tokio::time::timeout(Duration::from_millis(500), client.recv(&mut buf)).await {
+            Ok(Ok(n)) => Some(buf[..n].to_vec()),
+            _ => None,
+        }
+    };
+    // A header that promises a question the packet does not hold.
+    let garbage = exchange(&[0x12, 0x34, 0x01, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0, 0, 0x07, b'k']).await.expect("an answer");
+    assert_eq!((garbage[0], garbage[1]), (0x12, 0x34), "the id answered");
+    assert_eq!(garbage[2] & 0x80, 0x80, "a response");
+    assert_eq!(garbage[3] & 0x0f, 1, "FORMERR");
+    // The same header with QR set: a response, never answered.
+    assert!(exchange(&[0x12, 0x35, 0x81, 0x00, 0, 0, 0, 0, 0, 0, 0, 0]).await.is_none(), "a response was answered");
+    // Another zone.
+    let mut other = vec![0x12, 0x36, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    other.extend_from_slice(b"\x07example\x03com\x00\x00\x01\x00\x01");
+    let refused = exchange(&other).await.expect("an answer");
+    assert_eq!(refused[3] & 0x0f, 5, "REFUSED");
     server.shutdown().await;
 }
