@@ -9,6 +9,7 @@ use std::time::Duration;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
@@ -42,6 +43,17 @@ pub(crate) struct ProxyMetrics {
     retries: Counter,
     retries_denied: Counter,
     ejections: Counter,
+    parked: Gauge,
+}
+
+/// Counts a parked connection until dropped.
+#[derive(Debug)]
+pub(crate) struct ParkedConnection(Gauge);
+
+impl Drop for ParkedConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl Default for ProxyMetrics {
@@ -53,6 +65,7 @@ impl Default for ProxyMetrics {
             retries: Counter::default(),
             retries_denied: Counter::default(),
             ejections: Counter::default(),
+            parked: Gauge::default(),
         }
     }
 }
@@ -83,6 +96,17 @@ impl ProxyMetrics {
             self.retries_denied.clone(),
         );
         registry.register("keelson_proxy_ejections", "Endpoints ejected by passive health checks", self.ejections.clone());
+        registry.register(
+            "keelson_proxy_connections_parked",
+            "Idle client connections held without HTTP buffers until their next request",
+            self.parked.clone(),
+        );
+    }
+
+    /// Counts one more parked connection, until the guard is dropped.
+    pub(crate) fn parked(&self) -> ParkedConnection {
+        self.parked.inc();
+        ParkedConnection(self.parked.clone())
     }
 
     fn request(&self, route: Option<&Arc<str>>, status: u16, took: Duration) {

@@ -13,7 +13,9 @@
 mod checks;
 mod forward;
 mod hooks;
+mod parking;
 mod respond;
+mod tunnel;
 mod upgrade;
 
 use std::convert::Infallible;
@@ -32,7 +34,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -48,6 +50,9 @@ pub use hooks::{ProxyHooks, RequestCtx, RequestSummary};
 
 /// The body type the proxy answers with.
 pub type ProxyBody = BoxBody<Bytes, crate::BodyError>;
+
+/// hyper's server connection builder for HTTP/1.1 and HTTP/2.
+type AutoBuilder = hyper_util::server::conn::auto::Builder<TokioExecutor>;
 
 /// Proxy timeouts and pool settings. Defaults suit a LAN upstream.
 #[derive(Clone, Debug, PartialEq)]
@@ -96,6 +101,11 @@ pub struct ProxyConfig {
     pub retry_ratio: f64,
     /// Retries allowed per second whatever the traffic (default 10).
     pub retry_floor_per_sec: f64,
+    /// A clear-text HTTP/1 connection quiet this long with every request answered is
+    /// parked: hyper's connection and its 16 KiB of buffers are dropped, and the socket
+    /// waits for the client's next request holding about 1 KiB (default 1 s; `None`
+    /// keeps every connection's buffers for its whole life). See `keelson_proxy_connections_parked`.
+    pub park_idle_after: Option<Duration>,
 }
 
 impl Default for ProxyConfig {
@@ -116,6 +126,7 @@ impl Default for ProxyConfig {
             max_retries: 2,
             retry_ratio: 0.2,
             retry_floor_per_sec: 10.0,
+            park_idle_after: Some(Duration::from_secs(1)),
         }
     }
 }
@@ -201,7 +212,7 @@ impl Proxy {
 
     /// The connection builder: HTTP/1.1 with upgrades and HTTP/2, told apart by the
     /// connection preface (h2c prior knowledge; over TLS ALPN has agreed already).
-    fn server_builder(&self) -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
+    fn server_builder(&self) -> AutoBuilder {
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -236,8 +247,11 @@ impl Proxy {
         tls: Option<tokio_rustls::TlsAcceptor>,
         shutdown: impl Future<Output = ()>,
     ) {
-        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-        let builder = self.server_builder();
+        // Connections finish their requests and end once `draining` is cancelled;
+        // `connections` tells when they all have.
+        let draining = CancellationToken::new();
+        let connections = TaskTracker::new();
+        let builder = Arc::new(self.server_builder());
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -252,17 +266,15 @@ impl Proxy {
                         }
                     };
                     let _ = stream.set_nodelay(true);
-                    let watcher = graceful.watcher();
-                    let proxy = self.clone();
-                    let builder = builder.clone();
+                    let (proxy, builder, draining) = (self.clone(), builder.clone(), draining.clone());
                     match tls.clone() {
                         None => {
-                            tokio::spawn(proxy.serve_connection(builder, watcher, stream, peer, false));
+                            connections.spawn(proxy.serve_clear_text(builder, draining, stream, peer));
                         }
                         Some(acceptor) => {
-                            tokio::spawn(async move {
+                            connections.spawn(async move {
                                 match tokio::time::timeout(proxy.config.tls_handshake_timeout, acceptor.accept(stream)).await {
-                                    Ok(Ok(stream)) => proxy.serve_connection(builder, watcher, stream, peer, true).await,
+                                    Ok(Ok(stream)) => proxy.serve_connection(&builder, &draining, stream, peer).await,
                                     Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                                     Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                                 }
@@ -274,7 +286,9 @@ impl Proxy {
             }
         }
         drop(listener);
-        if tokio::time::timeout(self.config.drain_timeout, graceful.shutdown()).await.is_err() {
+        draining.cancel();
+        connections.close();
+        if tokio::time::timeout(self.config.drain_timeout, connections.wait()).await.is_err() {
             tracing::warn!(timeout = ?self.config.drain_timeout, "drain timed out; closing remaining connections");
         }
         self.tunnels.close();
@@ -285,28 +299,118 @@ impl Proxy {
         }
     }
 
-    async fn serve_connection<I>(
-        self: Arc<Self>,
-        builder: hyper_util::server::conn::auto::Builder<TokioExecutor>,
-        watcher: hyper_util::server::graceful::Watcher,
-        io: I,
-        peer: SocketAddr,
-        secure: bool,
-    ) where
-        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
-        let proxy = self;
-        let proxy_idle = proxy.config.body_idle_timeout;
-        // Formatted once per connection, not per request.
-        let client = Arc::new(ClientInfo::new(peer, secure));
-        let service = service_fn(move |req| {
+    /// The service hyper calls for each request of one client connection.
+    fn service(
+        self: &Arc<Self>,
+        client: &Arc<ClientInfo>,
+    ) -> impl hyper::service::Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible, Future: Send + 'static>
+           + Clone
+           + Send
+           + 'static {
+        let (proxy, client) = (self.clone(), client.clone());
+        service_fn(move |req| {
             let (proxy, client) = (proxy.clone(), client.clone());
             async move { Ok::<_, Infallible>(proxy.handle_as(req, &client).await) }
-        });
-        let io = crate::watched_body::StallGuard::new(io, proxy_idle);
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-        if let Err(e) = watcher.watch(conn.into_owned()).await {
+        })
+    }
+
+    /// Serves one connection (TLS) with hyper until it ends, or until `draining`, then
+    /// lets its requests finish.
+    async fn serve_connection<I>(self: Arc<Self>, builder: &AutoBuilder, draining: &CancellationToken, io: I, peer: SocketAddr)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let client = Arc::new(ClientInfo::new(peer, true));
+        let io = crate::watched_body::StallGuard::new(io, self.config.body_idle_timeout);
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), self.service(&client));
+        tokio::pin!(conn);
+        let ended = tokio::select! {
+            ended = conn.as_mut() => ended,
+            () = draining.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = ended {
             tracing::debug!(%peer, error = %e, "client connection ended with an error");
+        }
+    }
+
+    /// Serves a clear-text connection in sessions, parking it between them (see
+    /// [`parking`]): the socket waits for the client's next request without hyper's
+    /// buffers, and closes after `header_read_timeout` without one.
+    async fn serve_clear_text(
+        self: Arc<Self>,
+        builder: Arc<AutoBuilder>,
+        draining: CancellationToken,
+        stream: TcpStream,
+        peer: SocketAddr,
+    ) {
+        let client = Arc::new(ClientInfo::new(peer, false));
+        let socket: parking::SharedSocket = Arc::new(std::sync::Mutex::new(stream));
+        let activity = Arc::new(parking::Activity::default());
+        let mut parked = None;
+        loop {
+            let waited = tokio::select! {
+                waited = tokio::time::timeout(self.config.header_read_timeout, parking::readable(&socket)) => waited,
+                () = draining.cancelled() => return,
+            };
+            drop(parked.take());
+            match waited {
+                Ok(Ok(true)) => activity.set_h2(),
+                Ok(Ok(false)) => {}
+                Ok(Err(_)) | Err(_) => return,
+            }
+            activity.new_session();
+            let io = crate::watched_body::StallGuard::new(
+                parking::SessionIo::new(socket.clone(), activity.clone()),
+                self.config.body_idle_timeout,
+            );
+            // Boxed, so that what a session holds (hyper's connection and buffers) is
+            // freed when it ends, not kept inside this task while it waits.
+            if !Box::pin(self.session(&builder, &draining, io, &client, &activity)).await {
+                return;
+            }
+            parked = Some(self.metrics.parked());
+        }
+    }
+
+    /// One session: hyper serves the connection until it ends by itself (false), or
+    /// until it has been quiet for `park_idle_after` and is ended to park (true).
+    async fn session(
+        self: &Arc<Self>,
+        builder: &AutoBuilder,
+        draining: &CancellationToken,
+        io: crate::watched_body::StallGuard<parking::SessionIo>,
+        client: &Arc<ClientInfo>,
+        activity: &parking::Activity,
+    ) -> bool {
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), self.service(client));
+        tokio::pin!(conn);
+        let check = self.config.park_idle_after.unwrap_or(Duration::MAX);
+        let may_park = self.config.park_idle_after.is_some() && !activity.is_h2();
+        let mut seen = activity.moves();
+        let mut drained = false;
+        loop {
+            tokio::select! {
+                ended = conn.as_mut() => {
+                    if let Err(e) = ended {
+                        tracing::debug!(peer = %client.addr, error = %e, "client connection ended with an error");
+                    }
+                    return activity.is_parking() && !drained;
+                }
+                () = tokio::time::sleep(check), if may_park && !activity.is_parking() && !drained => {
+                    if activity.quiet_since(seen) {
+                        activity.start_parking();
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    seen = activity.moves();
+                }
+                () = draining.cancelled(), if !drained => {
+                    drained = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
         }
     }
 

@@ -56,7 +56,7 @@ impl Proxy {
             };
             let (mut client_io, mut upstream_io) = (TokioIo::new(client_io), TokioIo::new(upstream_io));
             tokio::select! {
-                copied = tokio::io::copy_bidirectional(&mut client_io, &mut upstream_io) => {
+                copied = crate::proxy::tunnel::copy_both_ways(&mut client_io, &mut upstream_io) => {
                     if let Err(e) = copied {
                         tracing::debug!(%addr, error = %e, "upgraded connection ended with an error");
                     }
