@@ -14,6 +14,23 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// [`cpu_seconds`] of `pid` plus those of its direct children (an nginx master and its
+/// worker, say).
+pub fn tree_cpu_seconds(pid: u32) -> f64 {
+    let mut total = cpu_seconds(pid);
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for e in entries.flatten() {
+            let Some(child) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+            // The parent pid is the second field after the parenthesised command name.
+            if stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok()) == Some(pid) {
+                total += cpu_seconds(child);
+            }
+        }
+    }
+    total
+}
+
 /// Peak resident memory of `pid` (VmHWM), MiB.
 pub fn peak_rss_mib(pid: u32) -> f64 {
     status_kib(pid, "VmHWM:") / 1024.0

@@ -132,10 +132,11 @@ pub fn serve_backends(spec: &str) -> Fallible<()> {
             let port: u16 = port.parse().map_err(|_| bad())?;
             let delay = Duration::from_micros(delay.parse().map_err(|_| bad())?);
             let listener = tokio::net::TcpListener::bind(loopback(port)).await.map_err(|e| format!("backend port {port}: {e}"))?;
+            let served = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
             tokio::spawn(async move {
                 while let Ok((stream, _)) = listener.accept().await {
                     let _ = stream.set_nodelay(true);
-                    tokio::spawn(backend_connection(stream, delay));
+                    tokio::spawn(backend_connection(stream, delay, served.clone()));
                 }
             });
         }
@@ -143,7 +144,20 @@ pub fn serve_backends(spec: &str) -> Fallible<()> {
     })
 }
 
-async fn backend_connection(mut stream: tokio::net::TcpStream, delay: Duration) {
+/// The path that answers with how many requests a backend served (itself not counted).
+pub const COUNT_PATH: &str = "/__served";
+
+/// How many requests the backend on `port` has served, asked directly (not through a proxy).
+pub fn backend_served(port: u16) -> Fallible<u64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(loopback(port)).map_err(|e| format!("backend {port}: {e}"))?;
+    write!(s, "GET {COUNT_PATH} HTTP/1.1\r\nHost: count\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).map_err(|e| format!("backend {port}: {e}"))?;
+    answer.rsplit("\r\n\r\n").next().and_then(|b| b.trim().parse().ok()).ok_or_else(|| format!("backend {port} count: {answer:?}"))
+}
+
+async fn backend_connection(mut stream: tokio::net::TcpStream, delay: Duration, served: std::sync::Arc<std::sync::atomic::AtomicU64>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const KEEP: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Type: text/plain\r\n\r\nok\n";
     const CLOSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n";
@@ -159,6 +173,24 @@ async fn backend_connection(mut stream: tokio::net::TcpStream, delay: Duration) 
         while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = buf.drain(..end + 4).collect::<Vec<u8>>();
             let close = head.windows(17).any(|w| w.eq_ignore_ascii_case(b"connection: close"));
+            if head.windows(18).any(|w| w.eq_ignore_ascii_case(b"upgrade: websocket")) {
+                // A WebSocket that stays open and idle (the memory figures hold many):
+                // switch protocols, then keep the connection until the client leaves.
+                // The accept key is not checked by the proxies benched.
+                const SWITCH: &[u8] = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+                if stream.write_all(SWITCH).await.is_err() {
+                    return;
+                }
+                let _ = tokio::io::copy(&mut stream, &mut tokio::io::sink()).await;
+                return;
+            }
+            if head.starts_with(format!("GET {COUNT_PATH} ").as_bytes()) {
+                let n = served.load(std::sync::atomic::Ordering::Relaxed).to_string();
+                let answer = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{n}", n.len());
+                let _ = stream.write_all(answer.as_bytes()).await;
+                return;
+            }
+            served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
@@ -167,6 +199,27 @@ async fn backend_connection(mut stream: tokio::net::TcpStream, delay: Duration) 
             }
         }
     }
+}
+
+/// Raises this process's descriptor limit, which the proxies and backends it starts
+/// inherit: 10,000 WebSockets are 20,000 sockets in a proxy, and HAProxy with `maxconn`
+/// 20,480 wants about 41,000. Root with CAP_SYS_RESOURCE may go past the hard limit;
+/// otherwise the hard
+/// limit is taken. Returns the limit now in force.
+pub fn raise_fd_limit() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if setrlimit(Resource::RLIMIT_NOFILE, 100_000, 100_000).is_err() {
+        if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+    getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft)
+}
+
+/// HAProxy's `maxconn`: 20,480 as nginx's `worker_connections`, or what the descriptor
+/// limit allows (HAProxy refuses to start when it cannot have two per connection).
+pub fn haproxy_maxconn(fd_limit: u64) -> u64 {
+    20_480.min(fd_limit.saturating_sub(200) / 2)
 }
 
 /// Busy and total jiffies of one CPU, from /proc/stat.
@@ -184,6 +237,8 @@ pub fn cpu_times(cpu: &str) -> (u64, u64) {
 pub struct Run {
     /// Requests per second.
     pub rps: f64,
+    /// Requests completed in the run.
+    pub requests: u64,
     /// 99th percentile latency in microseconds.
     pub p99_us: f64,
     /// Socket errors plus non-2xx/3xx answers.
@@ -217,7 +272,9 @@ pub fn wrk(wrk: &Path, addr: SocketAddr, host: &str, connections: usize, seconds
     }
     let mut run = Run { load_cpu_busy: (after.0 - before.0) as f64 / (after.1 - before.1).max(1) as f64, ..Run::default() };
     for line in text.lines().map(str::trim) {
-        if let Some(v) = line.strip_prefix("Requests/sec:") {
+        if let Some((n, _)) = line.split_once(" requests in ") {
+            run.requests = n.trim().parse().map_err(|_| format!("wrk output: {line}"))?;
+        } else if let Some(v) = line.strip_prefix("Requests/sec:") {
             run.rps = v.trim().parse().map_err(|_| format!("wrk output: {line}"))?;
         } else if let Some(v) = line.strip_prefix("99%") {
             run.p99_us = duration_us(v.trim()).ok_or_else(|| format!("wrk output: {line}"))?;

@@ -4,9 +4,12 @@
 //! on each connection, so every setup is offered the same rate); `edge` runs on CPU 0,
 //! wrk and the backends on CPU 1; runs are interleaved and each figure is the median of
 //! `--rounds`. The target (issue 6): with Peak-EWMA, p99 with the slow backend within
-//! 1.1× of the all-healthy p99.
+//! 1.1× of the all-healthy p99. Each run with the slow backend also counts the share of
+//! requests the slow backend served (asked of the backend itself; target ≤ 1% for
+//! Peak-EWMA). `--hog` keeps a busy loop on wrk's CPU for the whole run, so both cores
+//! are busy, as on a loaded machine.
 //!
-//! `cargo run --release -p keelson-benches --bin balancer-tail`
+//! `cargo run --release -p keelson-benches --bin balancer-tail -- --hog`
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -14,8 +17,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use keelson_benches::proxy_bench::{
-    bench_main, edge_binary, loopback, median, spawn_pinned, start_backends, tool, wait_ready_host, write, wrk, BenchArgs, Fallible,
-    Server, PROXY_CPU,
+    backend_served, bench_main, edge_binary, loopback, median, spawn_pinned, start_backends, tool, wait_ready_host, write, wrk, BenchArgs,
+    Fallible, Server, LOAD_CPU, PROXY_CPU,
 };
 
 #[derive(Parser, Debug)]
@@ -29,6 +32,29 @@ struct Args {
     /// How late the slow backend answers, in milliseconds.
     #[arg(long, default_value_t = 5)]
     slow_ms: u64,
+    /// A busy loop on the load CPU throughout (both cores busy).
+    #[arg(long)]
+    hog: bool,
+}
+
+/// A busy loop pinned to the load CPU, killed when dropped.
+struct Hog(std::process::Child);
+
+impl Hog {
+    fn start() -> Fallible<Hog> {
+        let child = std::process::Command::new("taskset")
+            .args(["-c", LOAD_CPU, "sh", "-c", "while :; do :; done"])
+            .spawn()
+            .map_err(|e| format!("starting the CPU hog: {e}"))?;
+        Ok(Hog(child))
+    }
+}
+
+impl Drop for Hog {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 const BALANCERS: [&str; 3] = ["round_robin", "least_requests", "peak_ewma"];
@@ -81,17 +107,34 @@ fn run(args: &Args) -> Fallible<()> {
     let script = dir.path().join("pace.lua");
     write(&script, "function delay()\n  return 2\nend\n")?;
     let script = script.to_string_lossy().into_owned();
+    let _hog = if args.hog { Some(Hog::start()?) } else { None };
     println!(
-        "balancer-tail: {} rounds x {} s, {} paced connections, one of four backends {} ms late",
-        args.common.rounds, args.common.seconds, args.connections, args.slow_ms
+        "balancer-tail: {} rounds x {} s, {} paced connections, one of four backends {} ms late{}",
+        args.common.rounds,
+        args.common.seconds,
+        args.connections,
+        args.slow_ms,
+        if args.hog { ", a busy loop on the load CPU" } else { "" }
     );
     let cases: Vec<(&str, &str)> = BALANCERS.iter().flat_map(|b| [(*b, "healthy"), (*b, "slow")]).collect();
     let mut p99: BTreeMap<(&str, &str), Vec<f64>> = BTreeMap::new();
+    let mut share: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     for round in 0..args.common.rounds {
         for k in 0..cases.len() {
             let (b, set) = cases[(round + k) % cases.len()];
+            let before = backend_served(slow[3])?;
             let r = wrk(&wrk_bin, server.addr, &host(b, set), args.connections, args.common.seconds, &["-s", &script])?;
-            println!("  round {round} {b:<15} {set:<8} {:>8.0} req/s  p99 {:>7.0} us  errors {}", r.rps, r.p99_us, r.errors);
+            let slow_share = (backend_served(slow[3])? - before) as f64 / r.requests.max(1) as f64;
+            println!(
+                "  round {round} {b:<15} {set:<8} {:>8.0} req/s  p99 {:>7.0} us  errors {}{}",
+                r.rps,
+                r.p99_us,
+                r.errors,
+                if set == "slow" { format!("  slow backend served {:.2}%", slow_share * 100.0) } else { String::new() }
+            );
+            if set == "slow" {
+                share.entry(b).or_default().push(slow_share);
+            }
             if r.errors > 0 {
                 return Err(format!("{b}/{set}: {} failed requests", r.errors));
             }
@@ -99,10 +142,10 @@ fn run(args: &Args) -> Fallible<()> {
         }
     }
     println!();
-    println!("{:<16} {:>14} {:>14} {:>8}", "balancer", "p99 healthy", "p99 one slow", "ratio");
+    println!("{:<16} {:>14} {:>14} {:>8} {:>12}", "balancer", "p99 healthy", "p99 one slow", "ratio", "slow share");
     for b in BALANCERS {
         let (h, s) = (median(p99[&(b, "healthy")].clone()), median(p99[&(b, "slow")].clone()));
-        println!("{b:<16} {h:>11.0} us {s:>11.0} us {:>8.2}", s / h);
+        println!("{b:<16} {h:>11.0} us {s:>11.0} us {:>8.2} {:>11.2}%", s / h, median(share[b].clone()) * 100.0);
     }
     for b in BALANCERS {
         let (h, s) = (median(p99[&(b, "healthy")].clone()), median(p99[&(b, "slow")].clone()));

@@ -3,7 +3,13 @@
 //! to CPU 0; the load generator is pinned to CPU 1 (where `taskset` exists), so neither
 //! steals the other's core. Every answer is checked; a wrong one makes the run fail.
 //!
-//! `cargo run --release -p keelson-benches --bin dns-vs-dnsmasq -- --seconds 5`
+//! Rounds are interleaved (keelson, dnsmasq, then keelson with two `SO_REUSEPORT` UDP
+//! workers, unpinned); figures are medians. Beside queries per second, each server's CPU
+//! per query (user + system, from `/proc/<pid>/stat`) and the generator's own CPU use
+//! are reported: when the generator's core is near 100%, queries per second measure the
+//! generator, and CPU per query is the figure that compares the servers.
+//!
+//! `cargo run --release -p keelson-benches --bin dns-vs-dnsmasq -- --seconds 5 --rounds 3`
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -13,6 +19,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use hickory_proto::op::{Message, Query};
 use hickory_proto::rr::{Name, RecordType};
+use keelson_benches::procstat::cpu_seconds;
 use keelson_discovery::{Discovery, DnsServer, DnsServerConfig, MemoryDiscovery, Registration, ServiceName};
 use keelson_testkit::dnsmasq::{DnsRecord, Dnsmasq};
 
@@ -27,9 +34,15 @@ struct Args {
     /// Queries in flight (closed loop).
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
+    /// Interleaved rounds; figures are medians.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Internal: run keelson's DNS server on this port and wait.
     #[arg(long, hide = true)]
     serve_keelson: Option<u16>,
+    /// Internal: the served server's UDP workers.
+    #[arg(long, hide = true, default_value_t = 1)]
+    udp_workers: usize,
 }
 
 const DOMAIN: &str = "keelson.test";
@@ -38,7 +51,7 @@ fn ip(service: usize, instance: usize) -> Ipv4Addr {
     Ipv4Addr::new(127, 1 + (service / 250) as u8, (service % 250) as u8, 1 + instance as u8)
 }
 
-fn serve_keelson(port: u16, services: usize) {
+fn serve_keelson(port: u16, services: usize, udp_workers: usize) {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     rt.block_on(async {
         let d = Arc::new(MemoryDiscovery::memory());
@@ -56,6 +69,7 @@ fn serve_keelson(port: u16, services: usize) {
             built.domain = DOMAIN.into();
             built.ttl = 30;
             built.listen = SocketAddr::from(([127, 0, 0, 1], port));
+            built.udp_workers = udp_workers;
             built
         };
         let _server = DnsServer::start(d, config).await.expect("server");
@@ -168,39 +182,77 @@ fn pct(v: &[Duration], p: f64) -> Duration {
     v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1]
 }
 
-fn report(name: &str, o: &Outcome) -> (f64, Duration) {
-    let qps = o.ok as f64 / o.took.as_secs_f64();
-    let p99 = pct(&o.latencies, 0.99);
+/// One run's figures.
+#[derive(Clone, Copy, Debug, Default)]
+struct Figures {
+    qps: f64,
+    p99_us: f64,
+    /// Server CPU (user + system) per query, microseconds.
+    cpu_us: f64,
+    /// The generator's CPU use over the run, in cores (1.0: its core was saturated).
+    generator: f64,
+}
+
+/// Loads `server` (process `pid`) and measures it.
+fn measure(rt: &tokio::runtime::Runtime, server: SocketAddr, pid: u32, args: &Args) -> (Figures, u64) {
+    let me = std::process::id();
+    let (cpu0, gen0) = (cpu_seconds(pid), cpu_seconds(me));
+    let o = rt.block_on(load(server, args.services, args.seconds, args.concurrency));
+    let (cpu1, gen1) = (cpu_seconds(pid), cpu_seconds(me));
+    let took = o.took.as_secs_f64();
+    let figures = Figures {
+        qps: o.ok as f64 / took,
+        p99_us: pct(&o.latencies, 0.99).as_secs_f64() * 1e6,
+        cpu_us: (cpu1 - cpu0) / (o.ok.max(1) as f64) * 1e6,
+        generator: (gen1 - gen0) / took,
+    };
+    if o.timeouts > 0 {
+        println!("  ({} timeouts)", o.timeouts);
+    }
+    (figures, o.wrong)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn print_figures(name: &str, f: &Figures) {
     println!(
-        "{name:<8} {qps:>10.0} queries/s  p50 {:>7.1} us  p99 {:>7.1} us  ok {}  wrong {}  timeouts {}",
-        pct(&o.latencies, 0.5).as_secs_f64() * 1e6,
-        p99.as_secs_f64() * 1e6,
-        o.ok,
-        o.wrong,
-        o.timeouts
+        "{name:<22} {:>9.0} queries/s  p99 {:>7.1} us  server CPU {:>5.2} us/query  generator {:>3.0}% of a core",
+        f.qps,
+        f.p99_us,
+        f.cpu_us,
+        f.generator * 100.0
     );
-    (qps, p99)
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
     if let Some(port) = args.serve_keelson {
-        serve_keelson(port, args.services);
+        serve_keelson(port, args.services, args.udp_workers);
         return ExitCode::SUCCESS;
     }
     pin(std::process::id(), 1);
 
-    // keelson, in its own process.
-    let port = keelson_testkit::free_port().expect("port");
-    let me = std::env::current_exe().expect("own path");
-    let mut child: Child = Command::new(me)
-        .args(["--serve-keelson", &port.to_string(), "--services", &args.services.to_string()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("keelson server starts");
-    let mut ready = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().expect("stdout")), &mut ready).expect("ready line");
-    pin(child.id(), 0);
+    // keelson, in its own processes: one UDP worker pinned to CPU 0 like dnsmasq, and two
+    // SO_REUSEPORT workers free to use both cores (which the generator shares).
+    let start_keelson = |workers: usize| -> (Child, u16) {
+        let port = keelson_testkit::free_port().expect("port");
+        let me = std::env::current_exe().expect("own path");
+        let mut child: Child = Command::new(me)
+            .args(["--serve-keelson", &port.to_string(), "--services", &args.services.to_string()])
+            .args(["--udp-workers", &workers.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("keelson server starts");
+        let mut ready = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().expect("stdout")), &mut ready).expect("ready line");
+        (child, port)
+    };
+    let (mut one, one_port) = start_keelson(1);
+    pin(one.id(), 0);
+    let (mut two, two_port) = start_keelson(2);
 
     // dnsmasq with the same records.
     let mut records = Vec::new();
@@ -212,18 +264,49 @@ fn main() -> ExitCode {
     let dnsmasq = Dnsmasq::start(&records, 30).expect("dnsmasq starts");
     pin(dnsmasq.pid(), 0);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let keelson_addr = SocketAddr::from(([127, 0, 0, 1], port));
-    println!("{} services x 3 instances, {} s per server, {} queries in flight, A queries", args.services, args.seconds, args.concurrency);
-    let k = rt.block_on(load(keelson_addr, args.services, args.seconds, args.concurrency));
-    let d = rt.block_on(load(dnsmasq.addr(), args.services, args.seconds, args.concurrency));
-    let (kq, kp) = report("keelson", &k);
-    let (dq, dp) = report("dnsmasq", &d);
-    println!("ratio qps keelson/dnsmasq: {:.2}", kq / dq.max(1.0));
-    println!("ratio p99 keelson/dnsmasq: {:.2}", kp.as_secs_f64() / dp.as_secs_f64().max(1e-9));
-    let _ = child.kill();
-    let _ = child.wait();
-    if k.wrong > 0 || d.wrong > 0 {
-        println!("wrong answers: keelson {}, dnsmasq {}", k.wrong, d.wrong);
+    println!(
+        "{} services x 3 instances, {} rounds of {} s per server, {} queries in flight, A queries",
+        args.services, args.rounds, args.seconds, args.concurrency
+    );
+    let servers: [(&str, SocketAddr, u32); 3] = [
+        ("keelson (1 worker)", SocketAddr::from(([127, 0, 0, 1], one_port)), one.id()),
+        ("dnsmasq", dnsmasq.addr(), dnsmasq.pid()),
+        ("keelson (2 reuseport)", SocketAddr::from(([127, 0, 0, 1], two_port)), two.id()),
+    ];
+    let mut runs: Vec<Vec<Figures>> = vec![Vec::new(); servers.len()];
+    let mut wrong = 0;
+    for round in 0..args.rounds {
+        for (i, (name, addr, pid)) in servers.iter().enumerate() {
+            let (f, w) = measure(&rt, *addr, *pid, &args);
+            print_figures(&format!("round {} {name}", round + 1), &f);
+            runs[i].push(f);
+            wrong += w;
+        }
+    }
+    let medians: Vec<Figures> = runs
+        .iter()
+        .map(|r| Figures {
+            qps: median(r.iter().map(|f| f.qps).collect()),
+            p99_us: median(r.iter().map(|f| f.p99_us).collect()),
+            cpu_us: median(r.iter().map(|f| f.cpu_us).collect()),
+            generator: median(r.iter().map(|f| f.generator).collect()),
+        })
+        .collect();
+    println!("medians:");
+    for ((name, _, _), f) in servers.iter().zip(&medians) {
+        print_figures(name, f);
+    }
+    let (k, d, r) = (&medians[0], &medians[1], &medians[2]);
+    println!("ratio qps keelson/dnsmasq: {:.2}", k.qps / d.qps.max(1.0));
+    println!("ratio p99 keelson/dnsmasq: {:.2}", k.p99_us / d.p99_us.max(1e-9));
+    println!("ratio CPU per query keelson/dnsmasq: {:.2}", k.cpu_us / d.cpu_us.max(1e-9));
+    println!("ratio qps keelson 2 reuseport/dnsmasq: {:.2}", r.qps / d.qps.max(1.0));
+    for child in [&mut one, &mut two] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    if wrong > 0 {
+        println!("wrong answers: {wrong}");
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS

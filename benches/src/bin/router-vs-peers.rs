@@ -12,7 +12,9 @@
 //! Figures: keep-alive throughput; throughput with a new connection per request;
 //! p99 at 50% and 80% of HAProxy's maximum keep-alive rate (wrk paced by a fixed delay
 //! between requests on each connection), and a direct connection to one backend at 50%
-//! for the added latency; resident memory idle and per idle keep-alive connection.
+//! for the added latency; resident memory idle and per idle keep-alive connection; and
+//! in every scenario each proxy's CPU seconds (user + system, its process and children,
+//! from `/proc`) per million requests, the figure the load generator's limit cannot move.
 //! Every ratio is printed on its own line: `ratio <metric> keelson/<peer>: <value>`.
 //!
 //! `cargo run --release -p keelson-benches --bin router-vs-peers` (`--rounds`,
@@ -26,9 +28,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use keelson_benches::procstat::tree_cpu_seconds;
 use keelson_benches::proxy_bench::{
-    bench_main, edge_binary, loopback, median, spawn_pinned, start_backends, tool, wait_ready, write, wrk, BenchArgs, Fallible, Run,
-    Server, HOST, LOAD_CPU, PROXY_CPU,
+    bench_main, edge_binary, haproxy_maxconn, loopback, median, raise_fd_limit, spawn_pinned, start_backends, tool, wait_ready, write, wrk,
+    BenchArgs, Fallible, Run, Server, HOST, LOAD_CPU, PROXY_CPU,
 };
 
 #[derive(Parser, Debug)]
@@ -39,8 +42,8 @@ struct Args {
     /// Client connections for the throughput runs.
     #[arg(long, default_value_t = 50)]
     connections: usize,
-    /// Idle keep-alive connections opened for the memory figure.
-    #[arg(long, default_value_t = 1000)]
+    /// Idle keep-alive connections, and open WebSockets, held for the memory figures.
+    #[arg(long, default_value_t = 10_000)]
     idle_connections: usize,
 }
 
@@ -68,11 +71,13 @@ fn start_nginx(nginx: &Path, dir: &Path, port: u16, backends: &[u16]) -> Fallibl
         &conf,
         &format!(
             "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/nginx.err warn;\n\
-             events {{ worker_connections 8000; }}\nworker_rlimit_nofile 16000;\n\
+             events {{ worker_connections 20480; }}\nworker_rlimit_nofile 45000;\n\
              http {{\n  access_log off;\n  keepalive_requests 1000000;\n\
+             map $http_upgrade $connection_upgrade {{ default upgrade; '' ''; }}\n\
              upstream backends {{\n{upstreams}    keepalive 64;\n  }}\n\
              server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://backends;\n\
-             proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n",
+             proxy_http_version 1.1;\n      proxy_set_header Upgrade $http_upgrade;\n\
+             proxy_set_header Connection $connection_upgrade;\n    }}\n  }}\n}}\n",
             d = dir.display()
         ),
     )?;
@@ -80,13 +85,13 @@ fn start_nginx(nginx: &Path, dir: &Path, port: u16, backends: &[u16]) -> Fallibl
     Ok(Server { name: "nginx", child, addr: loopback(port) })
 }
 
-fn start_haproxy(haproxy: &Path, dir: &Path, port: u16, backends: &[u16]) -> Fallible<Server> {
+fn start_haproxy(haproxy: &Path, dir: &Path, port: u16, backends: &[u16], maxconn: u64) -> Fallible<Server> {
     let servers: String = backends.iter().enumerate().map(|(i, p)| format!("  server b{i} 127.0.0.1:{p}\n")).collect();
     let conf = dir.join("haproxy.cfg");
     write(
         &conf,
         &format!(
-            "global\n  nbthread 1\n  maxconn 8000\n\
+            "global\n  nbthread 1\n  maxconn {maxconn}\n\
              defaults\n  mode http\n  timeout connect 2s\n  timeout client 30s\n  timeout server 30s\n\
              option http-keep-alive\n  http-reuse always\n\
              frontend fe\n  bind 127.0.0.1:{port}\n  default_backend be\n\
@@ -97,23 +102,42 @@ fn start_haproxy(haproxy: &Path, dir: &Path, port: u16, backends: &[u16]) -> Fal
     Ok(Server { name: "haproxy", child, addr: loopback(port) })
 }
 
-/// Interleaved runs of one scenario over `targets`; returns the medians per target of
-/// (rps, p99) over the runs that were not void, and how many were void.
+/// What one target achieved in a scenario (medians).
+#[derive(Clone, Copy, Debug)]
+struct Figures {
+    rps: f64,
+    p99_us: f64,
+    /// The proxy's user + system CPU seconds per million requests (from /proc; NaN for
+    /// a target that is not one of the proxies).
+    cpu_per_mreq: f64,
+}
+
+/// Interleaved runs of one scenario over `targets` (name, address, the process whose
+/// CPU is counted); returns the medians per target over the runs that were not void.
+/// CPU per request is taken from every run, void or not: it is the proxy's own cost,
+/// whoever limited the rate.
 fn scenario(
     label: &str,
-    targets: &[(&'static str, SocketAddr)],
+    targets: &[(&'static str, SocketAddr, Option<u32>)],
     rounds: usize,
     run_one: &dyn Fn(SocketAddr) -> Fallible<Run>,
-) -> Fallible<BTreeMap<&'static str, (f64, f64)>> {
+) -> Fallible<BTreeMap<&'static str, Figures>> {
     let mut runs: BTreeMap<&str, Vec<Run>> = BTreeMap::new();
+    let mut cpu: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     for round in 0..rounds {
         for k in 0..targets.len() {
-            let (name, addr) = targets[(round + k) % targets.len()];
+            let (name, addr, pid) = targets[(round + k) % targets.len()];
+            let before = pid.map(tree_cpu_seconds);
             let r = run_one(addr)?;
+            let per_mreq = match (pid, before) {
+                (Some(pid), Some(before)) => (tree_cpu_seconds(pid) - before) / (r.requests.max(1) as f64) * 1e6,
+                _ => f64::NAN,
+            };
             println!(
-                "  {label:<22} round {round} {name:<8} {:>9.0} req/s  p99 {:>8.0} us  errors {}  load cpu {:>3.0}%{}",
+                "  {label:<22} round {round} {name:<8} {:>9.0} req/s  p99 {:>8.0} us  cpu {:>6.1} s/Mreq  errors {}  load cpu {:>3.0}%{}",
                 r.rps,
                 r.p99_us,
+                per_mreq,
                 r.errors,
                 r.load_cpu_busy * 100.0,
                 if r.void() { "  VOID (load generator saturated)" } else { "" }
@@ -122,10 +146,11 @@ fn scenario(
                 return Err(format!("{name}: {} failed requests in {label}", r.errors));
             }
             runs.entry(name).or_default().push(r);
+            cpu.entry(name).or_default().push(per_mreq);
         }
     }
     let mut medians = BTreeMap::new();
-    for (name, _) in targets {
+    for (name, _, _) in targets {
         let rs = &runs[name];
         let valid: Vec<&Run> = rs.iter().filter(|r| !r.void()).collect();
         let use_runs: Vec<&Run> = if valid.is_empty() { rs.iter().collect() } else { valid };
@@ -135,7 +160,14 @@ fn scenario(
         } else if void > 0 {
             println!("  {label}: {void} void {name} runs left out");
         }
-        medians.insert(*name, (median(use_runs.iter().map(|r| r.rps).collect()), median(use_runs.iter().map(|r| r.p99_us).collect())));
+        medians.insert(
+            *name,
+            Figures {
+                rps: median(use_runs.iter().map(|r| r.rps).collect()),
+                p99_us: median(use_runs.iter().map(|r| r.p99_us).collect()),
+                cpu_per_mreq: median(cpu[name].clone()),
+            },
+        );
     }
     Ok(medians)
 }
@@ -168,40 +200,62 @@ fn server_pid(server: &Server) -> u32 {
     server.child.id()
 }
 
-/// Opens `n` keep-alive connections, each used for one request and then left idle, and
-/// returns the server's resident memory growth per connection in bytes.
-fn per_idle_connection(server: &Server, n: usize) -> Fallible<f64> {
+/// What the memory figures hold open: keep-alive connections after one request each,
+/// or WebSockets (101 from the backend, then idle both ways).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Held {
+    KeepAlive,
+    WebSocket,
+}
+
+/// Resident memory with `n` connections of `kind` held idle by `server`: (total KiB,
+/// bytes per connection over the idle figure). Clients come from 127.0.0.2–127.0.0.9 so
+/// that no source address runs short of ports; the figure is read 3 s after the last
+/// connection (edge parks a keep-alive connection after 1 s quiet).
+fn held_memory(server: &Server, n: usize, kind: Held) -> Fallible<(u64, f64)> {
     let pid = server_pid(server);
     let before = rss_kib(pid);
     let mut held = Vec::with_capacity(n);
     let mut buf = [0u8; 1024];
-    for _ in 0..n {
-        let mut s = std::net::TcpStream::connect(server.addr).map_err(|e| format!("{}: idle connection: {e}", server.name))?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
-        write!(s, "GET / HTTP/1.1\r\nHost: {HOST}\r\n\r\n").map_err(|e| e.to_string())?;
+    let request = match kind {
+        Held::KeepAlive => format!("GET / HTTP/1.1\r\nHost: {HOST}\r\n\r\n"),
+        Held::WebSocket => format!(
+            "GET / HTTP/1.1\r\nHost: {HOST}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ),
+    };
+    for i in 0..n {
+        let source = std::net::SocketAddr::from(([127, 0, 0, 2 + (i % 8) as u8], 0));
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).map_err(|e| e.to_string())?;
+        socket.bind(&source.into()).map_err(|e| format!("binding {source}: {e}"))?;
+        socket.connect(&server.addr.into()).map_err(|e| format!("{}: connection {i}: {e}", server.name))?;
+        let mut s: std::net::TcpStream = socket.into();
+        s.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+        s.write_all(request.as_bytes()).map_err(|e| e.to_string())?;
         let mut got = Vec::new();
-        while !got.ends_with(b"ok\n") {
-            let k = s.read(&mut buf).map_err(|e| format!("{}: reading on an idle connection: {e}", server.name))?;
+        let complete = |got: &[u8]| match kind {
+            Held::KeepAlive => got.ends_with(b"ok\n"),
+            Held::WebSocket => got.windows(4).any(|w| w == b"\r\n\r\n"),
+        };
+        while !complete(&got) {
+            let k = s.read(&mut buf).map_err(|e| format!("{}: reading on connection {i}: {e}", server.name))?;
             if k == 0 {
-                return Err(format!("{} closed a keep-alive connection", server.name));
+                return Err(format!("{} closed connection {i} ({kind:?})", server.name));
             }
             got.extend_from_slice(&buf[..k]);
         }
+        let expected: &[u8] = if kind == Held::KeepAlive { b"HTTP/1.1 200" } else { b"HTTP/1.1 101" };
+        if !got.starts_with(expected) {
+            return Err(format!("{}: {kind:?} answered {}", server.name, String::from_utf8_lossy(&got)));
+        }
         held.push(s);
     }
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(Duration::from_secs(3));
     let after = rss_kib(pid);
     drop(held);
-    Ok((after.saturating_sub(before) as f64 * 1024.0) / n as f64)
-}
-
-fn raise_fd_limit() {
-    // Idle-connection figures need a few thousand descriptors in this process and the
-    // proxies (which inherit the limit).
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-    }
+    // Let the server notice the closes before the next figure.
+    std::thread::sleep(Duration::from_secs(1));
+    Ok((after, (after.saturating_sub(before) as f64 * 1024.0) / n as f64))
 }
 
 fn ratio(metric: &str, ours: f64, peer: &str, theirs: f64) {
@@ -214,7 +268,15 @@ fn run(args: &Args) -> Fallible<()> {
     let wrk_bin = tool("wrk", "wrk")?;
     tool("taskset", "util-linux")?;
     let edge = edge_binary(args.common.edge.as_deref())?;
-    raise_fd_limit();
+    let fd_limit = raise_fd_limit();
+    let maxconn = haproxy_maxconn(fd_limit);
+    // A WebSocket is two sockets in a proxy; keep within the descriptor limit.
+    let held = args.idle_connections.min((fd_limit.saturating_sub(200) / 2) as usize);
+    if held < args.idle_connections || maxconn < 20_480 {
+        println!(
+            "descriptor limit {fd_limit} (a hard limit this process cannot raise): {held} connections held for the memory figures, HAProxy maxconn {maxconn}"
+        );
+    }
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let ports = keelson_testkit::free_ports(7).map_err(|e| e.to_string())?;
     let backend_ports = &ports[..4];
@@ -224,14 +286,14 @@ fn run(args: &Args) -> Fallible<()> {
     let servers = [
         start_keelson(&edge, dir.path(), ports[4], backend_ports)?,
         start_nginx(&nginx, dir.path(), ports[5], backend_ports)?,
-        start_haproxy(&haproxy, dir.path(), ports[6], backend_ports)?,
+        start_haproxy(&haproxy, dir.path(), ports[6], backend_ports, maxconn)?,
     ];
     for s in &servers {
         wait_ready(s)?;
     }
     std::thread::sleep(Duration::from_millis(300));
     let idle: BTreeMap<&str, u64> = servers.iter().map(|s| (s.name, rss_kib(server_pid(s)))).collect();
-    let targets: Vec<(&'static str, SocketAddr)> = servers.iter().map(|s| (s.name, s.addr)).collect();
+    let targets: Vec<(&'static str, SocketAddr, Option<u32>)> = servers.iter().map(|s| (s.name, s.addr, Some(server_pid(s)))).collect();
     let (rounds, secs, conns) = (args.common.rounds, args.common.seconds, args.connections);
     println!(
         "router-vs-peers: {rounds} rounds x {secs} s, {conns} connections, proxies on CPU {PROXY_CPU}, wrk and backends on CPU {LOAD_CPU}"
@@ -250,7 +312,7 @@ fn run(args: &Args) -> Fallible<()> {
 
     // Paced load: each connection waits a fixed delay between requests, so the offered
     // rate is about connections / (delay + latency), the same for every proxy.
-    let haproxy_max = keepalive["haproxy"].0;
+    let haproxy_max = keepalive["haproxy"].rps;
     let script = dir.path().join("pace.lua");
     let delay_ms = 2.0;
     write(&script, &format!("function delay()\n  return {delay_ms}\nend\n"))?;
@@ -260,7 +322,7 @@ fn run(args: &Args) -> Fallible<()> {
         let connections = ((haproxy_max * share * (delay_ms / 1000.0 + 0.0001)).ceil() as usize).max(1);
         let mut t = targets.clone();
         if share == 0.5 {
-            t.push(("direct", backends.addr));
+            t.push(("direct", backends.addr, None));
         }
         let label = format!("paced {:.0}% ({connections} conns)", share * 100.0);
         paced.insert(
@@ -270,8 +332,10 @@ fn run(args: &Args) -> Fallible<()> {
     }
 
     let mut per_conn = BTreeMap::new();
+    let mut per_ws = BTreeMap::new();
     for s in &servers {
-        per_conn.insert(s.name, per_idle_connection(s, args.idle_connections)?);
+        per_conn.insert(s.name, held_memory(s, held, Held::KeepAlive)?);
+        per_ws.insert(s.name, held_memory(s, held, Held::WebSocket)?);
     }
 
     println!();
@@ -279,25 +343,37 @@ fn run(args: &Args) -> Fallible<()> {
     let row = |label: &str, f: &dyn Fn(&str) -> f64, unit: &str| {
         println!("{label:<34} {:>12.0} {:>12.0} {:>12.0}  {unit}", f("keelson"), f("nginx"), f("haproxy"));
     };
-    row("keep-alive throughput", &|p| keepalive[p].0, "req/s");
-    row("keep-alive p99 (saturated)", &|p| keepalive[p].1, "us");
-    row("new connection per request", &|p| newconn[p].0, "req/s");
+    row("keep-alive throughput", &|p| keepalive[p].rps, "req/s");
+    row("keep-alive CPU per million requests", &|p| keepalive[p].cpu_per_mreq, "s");
+    row("keep-alive p99 (saturated)", &|p| keepalive[p].p99_us, "us");
+    row("new connection per request", &|p| newconn[p].rps, "req/s");
+    row("new connection CPU per million req", &|p| newconn[p].cpu_per_mreq, "s");
     for pct in [50, 80] {
-        row(&format!("p99 at {pct}% of haproxy max"), &|p| paced[&pct][p].1, "us");
-        row(&format!("rate achieved at {pct}%"), &|p| paced[&pct][p].0, "req/s");
+        row(&format!("p99 at {pct}% of haproxy max"), &|p| paced[&pct][p].p99_us, "us");
+        row(&format!("rate achieved at {pct}%"), &|p| paced[&pct][p].rps, "req/s");
+        row(&format!("CPU per million req at {pct}%"), &|p| paced[&pct][p].cpu_per_mreq, "s");
     }
     row("idle resident memory", &|p| idle[p] as f64, "KiB");
-    row("memory per idle keep-alive conn", &|p| per_conn[p], "bytes");
-    let direct = paced[&50]["direct"];
-    println!("direct to one backend at 50%: p99 {:.0} us; keelson adds {:.0} us at p99", direct.1, paced[&50]["keelson"].1 - direct.1);
+    let n = held;
+    row(&format!("resident with {n} idle keep-alive"), &|p| per_conn[p].0 as f64, "KiB");
+    row("memory per idle keep-alive conn", &|p| per_conn[p].1, "bytes");
+    row(&format!("resident with {n} open WebSockets"), &|p| per_ws[p].0 as f64, "KiB");
+    row("memory per open WebSocket", &|p| per_ws[p].1, "bytes");
+    let direct = paced[&50]["direct"].p99_us;
+    for proxy in ["keelson", "nginx", "haproxy"] {
+        println!("direct to one backend at 50%: p99 {direct:.0} us; {proxy} adds {:.0} us at p99", paced[&50][proxy].p99_us - direct);
+    }
     println!();
     for peer in ["nginx", "haproxy"] {
-        ratio("keepalive-rps", keepalive["keelson"].0, peer, keepalive[peer].0);
-        ratio("newconn-rps", newconn["keelson"].0, peer, newconn[peer].0);
-        ratio("p99-at-50pct", paced[&50]["keelson"].1, peer, paced[&50][peer].1);
-        ratio("p99-at-80pct", paced[&80]["keelson"].1, peer, paced[&80][peer].1);
+        ratio("keepalive-rps", keepalive["keelson"].rps, peer, keepalive[peer].rps);
+        ratio("keepalive-cpu-per-request", keepalive["keelson"].cpu_per_mreq, peer, keepalive[peer].cpu_per_mreq);
+        ratio("newconn-rps", newconn["keelson"].rps, peer, newconn[peer].rps);
+        ratio("newconn-cpu-per-request", newconn["keelson"].cpu_per_mreq, peer, newconn[peer].cpu_per_mreq);
+        ratio("p99-at-50pct", paced[&50]["keelson"].p99_us, peer, paced[&50][peer].p99_us);
+        ratio("p99-at-80pct", paced[&80]["keelson"].p99_us, peer, paced[&80][peer].p99_us);
         ratio("idle-rss", idle["keelson"] as f64, peer, idle[peer] as f64);
-        ratio("per-idle-conn-bytes", per_conn["keelson"], peer, per_conn[peer]);
+        ratio("per-idle-conn-bytes", per_conn["keelson"].1, peer, per_conn[peer].1);
+        ratio("per-websocket-bytes", per_ws["keelson"].1, peer, per_ws[peer].1);
     }
     Ok(())
 }

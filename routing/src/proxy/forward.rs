@@ -14,6 +14,7 @@ use crate::proxy::checks::{check_path, request_host, strip_hop_by_hop};
 use crate::proxy::hooks::RequestCtx;
 use crate::proxy::respond::{empty_body, error, root_cause};
 use crate::proxy::upgrade::{upgrade_offer, RoutedEndpoint};
+use crate::proxy::upstream_pool::UpstreamError;
 use crate::proxy::{ClientInfo, Proxy, ProxyBody};
 use crate::route::UpstreamProtocol;
 
@@ -119,11 +120,12 @@ impl Proxy {
                 hook.upstream_request(&mut head, ctx);
             }
             let upstream = Request::from_parts(head, upstream_body);
-            let client = match protocol {
-                UpstreamProtocol::Http1 => &self.client,
-                UpstreamProtocol::H2c => &self.h2_client,
+            let answer = async {
+                match protocol {
+                    UpstreamProtocol::Http1 => self.pools.request(addr, upstream).await,
+                    UpstreamProtocol::H2c => self.h2_client.request(upstream).await.map_err(UpstreamError::from),
+                }
             };
-            let answer = client.request(upstream);
             let timed = async {
                 tokio::pin!(answer);
                 // Until the request is sent whole, only the body's idle timeout applies.
@@ -257,10 +259,14 @@ fn upstream_request(
     parts.method = original.method.clone();
     parts.headers = original.headers.clone();
     // Built from parts: the endpoint's authority is parsed once per route update, and
-    // the path is shared with the client's request, not re-parsed.
+    // the path is shared with the client's request, not re-parsed. HTTP/1.1 upstreams get
+    // the origin form (the pool knows the address); the HTTP/2 client needs the
+    // authority to pick its connection.
     let mut target = http::uri::Parts::default();
-    target.scheme = Some(http::uri::Scheme::HTTP);
-    target.authority = Some(endpoint.clone());
+    if fwd.protocol == UpstreamProtocol::H2c {
+        target.scheme = Some(http::uri::Scheme::HTTP);
+        target.authority = Some(endpoint.clone());
+    }
     target.path_and_query = Some(original.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
     parts.uri = Uri::from_parts(target).map_err(|e| format!("bad request target: {e}"))?;
     parts.version = match fwd.protocol {

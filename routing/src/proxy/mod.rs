@@ -17,6 +17,7 @@ mod parking;
 mod respond;
 mod tunnel;
 mod upgrade;
+mod upstream_pool;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -135,7 +136,8 @@ impl Default for ProxyConfig {
 #[derive(Debug)]
 pub struct Proxy {
     router: Arc<dyn Router>,
-    client: Client<HttpConnector, ProxyBody>,
+    /// HTTP/1.1 upstream connections, pooled per endpoint.
+    pools: upstream_pool::UpstreamPools,
     /// For routes whose upstream speaks h2c (gRPC): one multiplexed connection per endpoint.
     h2_client: Client<HttpConnector, ProxyBody>,
     /// Upgraded connections (WebSockets), which outlive their HTTP exchange.
@@ -163,12 +165,12 @@ impl Proxy {
             .pool_max_idle_per_host(config.pool_max_idle_per_host)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new());
-        let client = builder.build(connector.clone());
         let h2_client = builder.http2_only(true).build(connector);
+        let pools = upstream_pool::UpstreamPools::new(config.connect_timeout, config.pool_idle_timeout, config.pool_max_idle_per_host);
         let budget = RetryBudget::new(config.retry_ratio, config.retry_floor_per_sec);
         Proxy {
             router,
-            client,
+            pools,
             h2_client,
             tunnels: TaskTracker::new(),
             close_tunnels: CancellationToken::new(),
