@@ -201,6 +201,49 @@ async fn backend_connection(mut stream: tokio::net::TcpStream, delay: Duration, 
     }
 }
 
+/// Writes the nginx configuration every proxy bench uses: one worker, access log off,
+/// upstream keep-alive, round robin over `backends`, WebSocket upgrades passed on,
+/// `worker_connections` 20,480. `master_process off` for callgrind, which must see the
+/// process that serves. Returns the file.
+pub fn write_nginx_conf(dir: &Path, port: u16, backends: &[u16], master_process: bool) -> Fallible<PathBuf> {
+    let upstreams: String = backends.iter().map(|p| format!("    server 127.0.0.1:{p};\n")).collect();
+    let conf = dir.join("nginx.conf");
+    write(
+        &conf,
+        &format!(
+            "daemon off;\nmaster_process {master};\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/nginx.err warn;\n\
+             events {{ worker_connections 20480; }}\nworker_rlimit_nofile 45000;\n\
+             http {{\n  access_log off;\n  keepalive_requests 1000000;\n\
+             map $http_upgrade $connection_upgrade {{ default upgrade; '' ''; }}\n\
+             upstream backends {{\n{upstreams}    keepalive 64;\n  }}\n\
+             server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://backends;\n\
+             proxy_http_version 1.1;\n      proxy_set_header Upgrade $http_upgrade;\n\
+             proxy_set_header Connection $connection_upgrade;\n    }}\n  }}\n}}\n",
+            master = if master_process { "on" } else { "off" },
+            d = dir.display()
+        ),
+    )?;
+    Ok(conf)
+}
+
+/// Writes the HAProxy configuration every proxy bench uses: one thread, `maxconn`,
+/// keep-alive both sides with connection reuse, round robin over `backends`.
+pub fn write_haproxy_conf(dir: &Path, port: u16, backends: &[u16], maxconn: u64) -> Fallible<PathBuf> {
+    let servers: String = backends.iter().enumerate().map(|(i, p)| format!("  server b{i} 127.0.0.1:{p}\n")).collect();
+    let conf = dir.join("haproxy.cfg");
+    write(
+        &conf,
+        &format!(
+            "global\n  nbthread 1\n  maxconn {maxconn}\n\
+             defaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
+             option http-keep-alive\n  http-reuse always\n\
+             frontend fe\n  bind 127.0.0.1:{port}\n  default_backend be\n\
+             backend be\n  balance roundrobin\n{servers}"
+        ),
+    )?;
+    Ok(conf)
+}
+
 /// Raises this process's descriptor limit, which the proxies and backends it starts
 /// inherit: 10,000 WebSockets are 20,000 sockets in a proxy, and HAProxy with `maxconn`
 /// 20,480 wants about 41,000. Root with CAP_SYS_RESOURCE may go past the hard limit;
@@ -359,6 +402,106 @@ pub fn http_get(addr: SocketAddr, host: &str) -> Fallible<String> {
     let mut out = String::new();
     s.read_to_string(&mut out).map_err(|e| e.to_string())?;
     Ok(out)
+}
+
+/// Open-loop paced load, corrected for coordinated omission: `connections` keep-alive
+/// connections together send `rate` requests per second at fixed intended times, and
+/// each latency is measured from the request's intended time, not from when it could
+/// be sent. A stall therefore counts against every request it delayed, as wrk2 and
+/// oha's latency correction count it (wrk, closed-loop, would send less and hide it).
+/// Runs on a thread pinned to [`LOAD_CPU`].
+pub fn paced(addr: SocketAddr, host: &str, rate: f64, connections: usize, seconds: u64) -> Fallible<Run> {
+    let host = host.to_owned();
+    let thread = std::thread::spawn(move || -> Fallible<Run> {
+        let cpu: usize = LOAD_CPU.parse().unwrap_or(1);
+        let mut set = nix::sched::CpuSet::new();
+        let _ = set.set(cpu).map(|()| nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set));
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+        let before = cpu_times(LOAD_CPU);
+        let outcome = rt.block_on(paced_load(addr, host, rate, connections, seconds));
+        let after = cpu_times(LOAD_CPU);
+        let (mut latencies, errors) = outcome?;
+        latencies.sort_unstable();
+        let requests = latencies.len() as u64;
+        let p99_us = latencies.get((latencies.len() * 99 / 100).min(latencies.len().saturating_sub(1))).copied().unwrap_or(0) as f64;
+        Ok(Run {
+            rps: requests as f64 / seconds as f64,
+            requests,
+            p99_us,
+            errors,
+            load_cpu_busy: (after.0 - before.0) as f64 / (after.1 - before.1).max(1) as f64,
+        })
+    });
+    thread.join().map_err(|_| "the paced load thread panicked".to_owned())?
+}
+
+/// Latencies in microseconds from each request's intended send time, and errors.
+async fn paced_load(addr: SocketAddr, host: String, rate: f64, connections: usize, seconds: u64) -> Fallible<(Vec<u64>, u64)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let interval = Duration::from_secs_f64(connections as f64 / rate.max(1.0));
+    let start = tokio::time::Instant::now() + Duration::from_millis(50);
+    let end = start + Duration::from_secs(seconds);
+    let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").into_bytes();
+    let mut tasks = Vec::new();
+    for c in 0..connections {
+        let request = request.clone();
+        // Staggered, so the connections' sends spread evenly over each interval.
+        let first = start + interval.mul_f64(c as f64 / connections as f64);
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut errors = 0u64;
+            let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else { return (latencies, 1) };
+            let _ = s.set_nodelay(true);
+            let mut buf = [0u8; 2048];
+            let mut k = 0u32;
+            loop {
+                let intended = first + interval * k;
+                if intended >= end {
+                    break;
+                }
+                k += 1;
+                tokio::time::sleep_until(intended).await;
+                if s.write_all(&request).await.is_err() {
+                    errors += 1;
+                    break;
+                }
+                let mut got = 0usize;
+                let mut head_ok = None;
+                loop {
+                    match s.read(&mut buf[got..]).await {
+                        Ok(0) | Err(_) => {
+                            errors += 1;
+                            return (latencies, errors);
+                        }
+                        Ok(n) => got += n,
+                    }
+                    if head_ok.is_none() && got >= 12 {
+                        head_ok = Some(buf.starts_with(b"HTTP/1.1 200"));
+                    }
+                    if buf[..got].ends_with(b"ok\n") {
+                        break;
+                    }
+                    if got == buf.len() {
+                        got = 0; // an answer this bench's backends never send; keep reading
+                    }
+                }
+                if head_ok == Some(true) {
+                    latencies.push(intended.elapsed().as_micros() as u64);
+                } else {
+                    errors += 1;
+                }
+            }
+            (latencies, errors)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await.map_err(|e| e.to_string())?;
+        all.extend(l);
+        errors += e;
+    }
+    Ok((all, errors))
 }
 
 #[cfg(test)]

@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use keelson_benches::proxy_bench::{
-    bench_main, edge_binary, haproxy_maxconn, loopback, raise_fd_limit, start_backends, tool, write, BenchArgs, Fallible, HOST,
+    bench_main, edge_binary, haproxy_maxconn, loopback, raise_fd_limit, start_backends, tool, write, write_haproxy_conf, write_nginx_conf,
+    BenchArgs, Fallible, HOST,
 };
 
 #[derive(Parser, Debug)]
@@ -183,34 +184,8 @@ fn run(args: &Args) -> Fallible<()> {
         backend_ports.iter().enumerate().map(|(i, p)| format!("{{\"id\": \"b{i}\", \"addr\": \"127.0.0.1:{p}\"}}")).collect();
     let routes = d.join("routes.json");
     write(&routes, &format!("{{\"routes\": [{{\"host\": \"{HOST}\", \"endpoints\": [{}]}}]}}", endpoints.join(", ")))?;
-    let upstreams: String = backend_ports.iter().map(|p| format!("    server 127.0.0.1:{p};\n")).collect();
-    let nginx_conf = d.join("nginx.conf");
-    write(
-        &nginx_conf,
-        &format!(
-            "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/nginx.err warn;\n\
-             events {{ worker_connections 20480; }}\n\
-             http {{\n  access_log off;\n  keepalive_requests 1000000;\n\
-             upstream backends {{\n{upstreams}    keepalive 64;\n  }}\n\
-             server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://backends;\n\
-             proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n",
-            d = d.display(),
-            port = ports[5]
-        ),
-    )?;
-    let servers: String = backend_ports.iter().enumerate().map(|(i, p)| format!("  server b{i} 127.0.0.1:{p}\n")).collect();
-    let haproxy_conf = d.join("haproxy.cfg");
-    write(
-        &haproxy_conf,
-        &format!(
-            "global\n  nbthread 1\n  maxconn {maxconn}\n\
-             defaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
-             option http-keep-alive\n  http-reuse always\n\
-             frontend fe\n  bind 127.0.0.1:{}\n  default_backend be\n\
-             backend be\n  balance roundrobin\n{servers}",
-            ports[6],
-        ),
-    )?;
+    let nginx_conf = write_nginx_conf(d, ports[5], backend_ports, false)?;
+    let haproxy_conf = write_haproxy_conf(d, ports[6], backend_ports, maxconn)?;
     println!(
         "proxy-instructions: {} requests per proxy over {} keep-alive connections after {} to warm up, under callgrind",
         args.requests, args.connections, args.warmup

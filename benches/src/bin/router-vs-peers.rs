@@ -10,9 +10,10 @@
 //! round) and each figure is the median of `--rounds` runs.
 //!
 //! Figures: keep-alive throughput; throughput with a new connection per request;
-//! p99 at 50% and 80% of HAProxy's maximum keep-alive rate (wrk paced by a fixed delay
-//! between requests on each connection), and a direct connection to one backend at 50%
-//! for the added latency; resident memory idle and per idle keep-alive connection; and
+//! p99 at 50% and 80% of HAProxy's maximum keep-alive rate (an open-loop paced load,
+//! latency from each request's intended send time, so stalls are not hidden by
+//! coordinated omission), and a direct connection to one backend at 50% for the added
+//! latency; resident memory idle and per idle keep-alive connection; and
 //! in every scenario each proxy's CPU seconds (user + system, its process and children,
 //! from `/proc`) per million requests, the figure the load generator's limit cannot move.
 //! Every ratio is printed on its own line: `ratio <metric> keelson/<peer>: <value>`.
@@ -30,8 +31,8 @@ use std::time::Duration;
 use clap::Parser;
 use keelson_benches::procstat::tree_cpu_seconds;
 use keelson_benches::proxy_bench::{
-    bench_main, edge_binary, haproxy_maxconn, loopback, median, raise_fd_limit, spawn_pinned, start_backends, tool, wait_ready, write, wrk,
-    BenchArgs, Fallible, Run, Server, HOST, LOAD_CPU, PROXY_CPU,
+    bench_main, edge_binary, haproxy_maxconn, loopback, median, paced, raise_fd_limit, spawn_pinned, start_backends, tool, wait_ready,
+    write, write_haproxy_conf, write_nginx_conf, wrk, BenchArgs, Fallible, Run, Server, HOST, LOAD_CPU, PROXY_CPU,
 };
 
 #[derive(Parser, Debug)]
@@ -45,6 +46,9 @@ struct Args {
     /// Idle keep-alive connections, and open WebSockets, held for the memory figures.
     #[arg(long, default_value_t = 10_000)]
     idle_connections: usize,
+    /// Only the memory figures (no load runs).
+    #[arg(long)]
+    memory_only: bool,
 }
 
 fn start_keelson(edge: &Path, dir: &Path, port: u16, backends: &[u16]) -> Fallible<Server> {
@@ -65,39 +69,13 @@ fn start_keelson(edge: &Path, dir: &Path, port: u16, backends: &[u16]) -> Fallib
 }
 
 fn start_nginx(nginx: &Path, dir: &Path, port: u16, backends: &[u16]) -> Fallible<Server> {
-    let upstreams: String = backends.iter().map(|p| format!("    server 127.0.0.1:{p};\n")).collect();
-    let conf = dir.join("nginx.conf");
-    write(
-        &conf,
-        &format!(
-            "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/nginx.err warn;\n\
-             events {{ worker_connections 20480; }}\nworker_rlimit_nofile 45000;\n\
-             http {{\n  access_log off;\n  keepalive_requests 1000000;\n\
-             map $http_upgrade $connection_upgrade {{ default upgrade; '' ''; }}\n\
-             upstream backends {{\n{upstreams}    keepalive 64;\n  }}\n\
-             server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://backends;\n\
-             proxy_http_version 1.1;\n      proxy_set_header Upgrade $http_upgrade;\n\
-             proxy_set_header Connection $connection_upgrade;\n    }}\n  }}\n}}\n",
-            d = dir.display()
-        ),
-    )?;
+    let conf = write_nginx_conf(dir, port, backends, true)?;
     let child = spawn_pinned(PROXY_CPU, nginx, &["-e", &dir.join("nginx.err").to_string_lossy(), "-c", &conf.to_string_lossy()])?;
     Ok(Server { name: "nginx", child, addr: loopback(port) })
 }
 
 fn start_haproxy(haproxy: &Path, dir: &Path, port: u16, backends: &[u16], maxconn: u64) -> Fallible<Server> {
-    let servers: String = backends.iter().enumerate().map(|(i, p)| format!("  server b{i} 127.0.0.1:{p}\n")).collect();
-    let conf = dir.join("haproxy.cfg");
-    write(
-        &conf,
-        &format!(
-            "global\n  nbthread 1\n  maxconn {maxconn}\n\
-             defaults\n  mode http\n  timeout connect 2s\n  timeout client 30s\n  timeout server 30s\n\
-             option http-keep-alive\n  http-reuse always\n\
-             frontend fe\n  bind 127.0.0.1:{port}\n  default_backend be\n\
-             backend be\n  balance roundrobin\n{servers}"
-        ),
-    )?;
+    let conf = write_haproxy_conf(dir, port, backends, maxconn)?;
     let child = spawn_pinned(PROXY_CPU, haproxy, &["-db", "-f", &conf.to_string_lossy()])?;
     Ok(Server { name: "haproxy", child, addr: loopback(port) })
 }
@@ -258,6 +236,56 @@ fn held_memory(server: &Server, n: usize, kind: Held) -> Fallible<(u64, f64)> {
     Ok((after, (after.saturating_sub(before) as f64 * 1024.0) / n as f64))
 }
 
+/// The binaries and setup every proxy start needs.
+struct Proxies<'a> {
+    edge: &'a Path,
+    nginx: &'a Path,
+    haproxy: &'a Path,
+    dir: &'a Path,
+    backends: &'a [u16],
+    maxconn: u64,
+}
+
+/// Memory per idle keep-alive connection and per open WebSocket, each figure on fresh
+/// proxy processes: memory a proxy freed during an earlier figure (and its allocator
+/// kept) would otherwise be reused and hide the next figure's cost.
+#[allow(clippy::type_complexity)]
+fn memory_figures(p: &Proxies<'_>, held: usize) -> Fallible<(BTreeMap<&'static str, (u64, f64)>, BTreeMap<&'static str, (u64, f64)>)> {
+    let mut per_conn = BTreeMap::new();
+    let mut per_ws = BTreeMap::new();
+    for kind in [Held::KeepAlive, Held::WebSocket] {
+        let ports = keelson_testkit::free_ports(3).map_err(|e| e.to_string())?;
+        let fresh = [
+            start_keelson(p.edge, p.dir, ports[0], p.backends)?,
+            start_nginx(p.nginx, p.dir, ports[1], p.backends)?,
+            start_haproxy(p.haproxy, p.dir, ports[2], p.backends, p.maxconn)?,
+        ];
+        for s in &fresh {
+            wait_ready(s)?;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        for s in &fresh {
+            let figure = held_memory(s, held, kind)?;
+            println!("  {kind:?} {}: {} KiB resident with {held} held, {:.0} bytes each", s.name, figure.0, figure.1);
+            match kind {
+                Held::KeepAlive => per_conn.insert(s.name, figure),
+                Held::WebSocket => per_ws.insert(s.name, figure),
+            };
+        }
+    }
+    Ok((per_conn, per_ws))
+}
+
+fn print_memory(per_conn: &BTreeMap<&str, (u64, f64)>, per_ws: &BTreeMap<&str, (u64, f64)>, n: usize) {
+    let row = |label: &str, f: &dyn Fn(&str) -> f64, unit: &str| {
+        println!("{label:<34} {:>12.0} {:>12.0} {:>12.0}  {unit}", f("keelson"), f("nginx"), f("haproxy"));
+    };
+    row(&format!("resident with {n} idle keep-alive"), &|p| per_conn[p].0 as f64, "KiB");
+    row("memory per idle keep-alive conn", &|p| per_conn[p].1, "bytes");
+    row(&format!("resident with {n} open WebSockets"), &|p| per_ws[p].0 as f64, "KiB");
+    row("memory per open WebSocket", &|p| per_ws[p].1, "bytes");
+}
+
 fn ratio(metric: &str, ours: f64, peer: &str, theirs: f64) {
     println!("ratio {metric} keelson/{peer}: {:.2}", ours / theirs);
 }
@@ -283,6 +311,13 @@ fn run(args: &Args) -> Fallible<()> {
 
     let backends = start_backends(&backend_ports.iter().map(|p| (*p, Duration::ZERO)).collect::<Vec<_>>())?;
     wait_ready(&backends)?;
+    let proxies = Proxies { edge: &edge, nginx: &nginx, haproxy: &haproxy, dir: dir.path(), backends: backend_ports, maxconn };
+    if args.memory_only {
+        let (per_conn, per_ws) = memory_figures(&proxies, held)?;
+        println!();
+        print_memory(&per_conn, &per_ws, held);
+        return Ok(());
+    }
     let servers = [
         start_keelson(&edge, dir.path(), ports[4], backend_ports)?,
         start_nginx(&nginx, dir.path(), ports[5], backend_ports)?,
@@ -310,34 +345,25 @@ fn run(args: &Args) -> Fallible<()> {
     let newconn =
         scenario("new connection", &targets, rounds, &|addr| wrk(&wrk_bin, addr, HOST, conns, secs, &["-H", "Connection: close"]))?;
 
-    // Paced load: each connection waits a fixed delay between requests, so the offered
-    // rate is about connections / (delay + latency), the same for every proxy.
+    // Paced open-loop load at a share of HAProxy's maximum keep-alive rate, the same
+    // offered rate for every target, latency measured from each request's intended send
+    // time (see `proxy_bench::paced`).
     let haproxy_max = keepalive["haproxy"].rps;
-    let script = dir.path().join("pace.lua");
-    let delay_ms = 2.0;
-    write(&script, &format!("function delay()\n  return {delay_ms}\nend\n"))?;
-    let script = script.to_string_lossy().into_owned();
-    let mut paced = BTreeMap::new();
+    let mut paced_runs = BTreeMap::new();
     for share in [0.5, 0.8] {
-        let connections = ((haproxy_max * share * (delay_ms / 1000.0 + 0.0001)).ceil() as usize).max(1);
+        let rate = haproxy_max * share;
+        let connections = 64;
         let mut t = targets.clone();
         if share == 0.5 {
             t.push(("direct", backends.addr, None));
         }
-        let label = format!("paced {:.0}% ({connections} conns)", share * 100.0);
-        paced.insert(
-            (share * 100.0) as u32,
-            scenario(&label, &t, rounds, &|addr| wrk(&wrk_bin, addr, HOST, connections, secs, &["-s", &script]))?,
-        );
+        let label = format!("paced {:.0}% ({rate:.0} req/s)", share * 100.0);
+        paced_runs.insert((share * 100.0) as u32, scenario(&label, &t, rounds, &|addr| paced(addr, HOST, rate, connections, secs))?);
     }
+    let paced = paced_runs;
 
-    let mut per_conn = BTreeMap::new();
-    let mut per_ws = BTreeMap::new();
-    for s in &servers {
-        per_conn.insert(s.name, held_memory(s, held, Held::KeepAlive)?);
-        per_ws.insert(s.name, held_memory(s, held, Held::WebSocket)?);
-    }
-
+    drop(servers);
+    let (per_conn, per_ws) = memory_figures(&proxies, held)?;
     println!();
     println!("{:<34} {:>12} {:>12} {:>12}", "figure (median)", "keelson", "nginx", "haproxy");
     let row = |label: &str, f: &dyn Fn(&str) -> f64, unit: &str| {
@@ -354,11 +380,7 @@ fn run(args: &Args) -> Fallible<()> {
         row(&format!("CPU per million req at {pct}%"), &|p| paced[&pct][p].cpu_per_mreq, "s");
     }
     row("idle resident memory", &|p| idle[p] as f64, "KiB");
-    let n = held;
-    row(&format!("resident with {n} idle keep-alive"), &|p| per_conn[p].0 as f64, "KiB");
-    row("memory per idle keep-alive conn", &|p| per_conn[p].1, "bytes");
-    row(&format!("resident with {n} open WebSockets"), &|p| per_ws[p].0 as f64, "KiB");
-    row("memory per open WebSocket", &|p| per_ws[p].1, "bytes");
+    print_memory(&per_conn, &per_ws, held);
     let direct = paced[&50]["direct"].p99_us;
     for proxy in ["keelson", "nginx", "haproxy"] {
         println!("direct to one backend at 50%: p99 {direct:.0} us; {proxy} adds {:.0} us at p99", paced[&50][proxy].p99_us - direct);
