@@ -222,7 +222,8 @@ async fn peak_ewma_steers_real_traffic_away_from_a_slow_upstream() {
 /// that much holds on a shared 2-core test machine, where a CPU stall of a fast
 /// upstream's task looks just like 5 ms of latency (shares of 0.1–15% were seen, by
 /// load). The 1% share and the p99 it buys are speed targets, judged by the
-/// `balancer-tail` bench on pinned cores.
+/// `balancer-tail` bench on pinned cores; the test that tells Peak-EWMA from least
+/// requests with latencies fed in, no clock involved, is in `src/balance.rs`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peak_ewma_keeps_a_5ms_slow_upstream_of_four_below_its_share_through_the_proxy() {
     let _alone = alone().await;
