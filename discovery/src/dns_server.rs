@@ -273,6 +273,9 @@ impl DnsServer {
             validate_label("dns domain", label)?;
         }
         let domain = Name::from_ascii(format!("{domain}.")).map_err(|e| Error::invalid("dns domain", &config.domain, e.to_string()))?;
+        if config.udp_workers == 0 {
+            return Err(Error::invalid("dns udp_workers", "0", "must be at least 1".to_owned()));
+        }
         if !discovery.capabilities().query_all_services {
             return Err(Error::Unsupported { operation: "watching every service (needed to serve DNS)", backend: discovery.backend() });
         }

@@ -110,15 +110,22 @@ async fn large_udp_answers_are_truncated_with_tc_and_complete_over_tcp() {
 }
 
 #[tokio::test]
-async fn bad_domain_is_a_typed_error() {
-    let d = Arc::new(MemoryDiscovery::memory());
+async fn bad_domain_and_no_udp_worker_are_typed_errors() {
+    let d: Arc<dyn Discovery> = Arc::new(MemoryDiscovery::memory());
     let config = {
         let mut built = DnsServerConfig::default();
         built.domain = "Bad_Domain".into();
         built.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         built
     };
-    assert!(matches!(DnsServer::start(d, config).await, Err(keelson_discovery::Error::InvalidInput { field: "dns domain", .. })));
+    assert!(matches!(DnsServer::start(d.clone(), config).await, Err(keelson_discovery::Error::InvalidInput { field: "dns domain", .. })));
+    let config = {
+        let mut built = DnsServerConfig::default();
+        built.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        built.udp_workers = 0;
+        built
+    };
+    assert!(matches!(DnsServer::start(d, config).await, Err(keelson_discovery::Error::InvalidInput { field: "dns udp_workers", .. })));
 }
 
 /// The zone is served as an authority: SOA and NS at the apex, NODATA (NOERROR, no

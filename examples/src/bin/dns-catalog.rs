@@ -40,6 +40,9 @@ struct Args {
     /// The address the zone's NS (`ns.<domain>`) resolves to (default: the listen address).
     #[arg(long)]
     ns_address: Option<std::net::IpAddr>,
+    /// UDP sockets, a thread each; more than one share the port with SO_REUSEPORT.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    udp_workers: u16,
     /// etcd (`--etcd` and its TLS and credential flags); without it the catalog is in
     /// memory.
     #[command(flatten)]
@@ -89,6 +92,7 @@ async fn run(args: Args) -> Result<(), String> {
     config.negative_ttl = ttl_seconds("--negative-ttl", args.negative_ttl)?;
     config.ns_address = args.ns_address;
     config.listen = args.listen;
+    config.udp_workers = usize::from(args.udp_workers);
     let stop = keelson_examples::daemon::shutdown_signal()?;
     let d = discovery(&args.etcd).await?;
     let mut handles = Vec::new();

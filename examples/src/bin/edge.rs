@@ -120,6 +120,10 @@ struct Args {
     /// its response unread; past it the connection is cut.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     body_idle_timeout: Duration,
+    /// A clear-text HTTP/1 connection quiet this long is parked: its HTTP buffers are
+    /// dropped until the client's next request. `0s` keeps every connection's buffers.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    park_idle_after: Duration,
     #[command(flatten)]
     daemon: keelson_examples::daemon::DaemonArgs,
 }
@@ -292,6 +296,7 @@ async fn run(args: Args) -> Result<(), String> {
     let mut config = ProxyConfig::default();
     config.upstream_timeout = args.upstream_timeout;
     config.body_idle_timeout = args.body_idle_timeout;
+    config.park_idle_after = (!args.park_idle_after.is_zero()).then_some(args.park_idle_after);
     let mut proxy = Proxy::new(router.clone(), config.clone());
     let mut access_log = None;
     if let Some(path) = &args.access_log {
