@@ -369,15 +369,19 @@ fn run(args: &Args) -> Fallible<()> {
     let row = |label: &str, f: &dyn Fn(&str) -> f64, unit: &str| {
         println!("{label:<34} {:>12.0} {:>12.0} {:>12.0}  {unit}", f("keelson"), f("nginx"), f("haproxy"));
     };
+    // CPU figures are a few seconds per million requests: one decimal matters.
+    let cpu_row = |label: &str, f: &dyn Fn(&str) -> f64| {
+        println!("{label:<34} {:>12.1} {:>12.1} {:>12.1}  s", f("keelson"), f("nginx"), f("haproxy"));
+    };
     row("keep-alive throughput", &|p| keepalive[p].rps, "req/s");
-    row("keep-alive CPU per million requests", &|p| keepalive[p].cpu_per_mreq, "s");
+    cpu_row("keep-alive CPU per million requests", &|p| keepalive[p].cpu_per_mreq);
     row("keep-alive p99 (saturated)", &|p| keepalive[p].p99_us, "us");
     row("new connection per request", &|p| newconn[p].rps, "req/s");
-    row("new connection CPU per million req", &|p| newconn[p].cpu_per_mreq, "s");
+    cpu_row("new connection CPU per million req", &|p| newconn[p].cpu_per_mreq);
     for pct in [50, 80] {
         row(&format!("p99 at {pct}% of haproxy max"), &|p| paced[&pct][p].p99_us, "us");
         row(&format!("rate achieved at {pct}%"), &|p| paced[&pct][p].rps, "req/s");
-        row(&format!("CPU per million req at {pct}%"), &|p| paced[&pct][p].cpu_per_mreq, "s");
+        cpu_row(&format!("CPU per million req at {pct}%"), &|p| paced[&pct][p].cpu_per_mreq);
     }
     row("idle resident memory", &|p| idle[p] as f64, "KiB");
     print_memory(&per_conn, &per_ws, held);
