@@ -81,22 +81,45 @@ fn parked(proxy: &Proxy) -> i64 {
         .expect("the parked gauge is exported")
 }
 
-/// Reads one whole response (headers and a Content-Length body) from a keep-alive connection.
-async fn response(s: &mut TcpStream) -> String {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
-            let length: usize =
-                head.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
-            if got.len() >= end + 4 + length {
-                return String::from_utf8_lossy(&got).into_owned();
+/// A keep-alive client that reads answers one at a time, keeping bytes that belong to
+/// the next one (pipelined answers may arrive in one read).
+struct Client {
+    s: TcpStream,
+    pending: Vec<u8>,
+}
+
+impl Client {
+    async fn connect(addr: SocketAddr) -> Client {
+        Client { s: TcpStream::connect(addr).await.expect("connect"), pending: Vec::new() }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.s.write_all(bytes).await.expect("write");
+    }
+
+    /// One whole response (headers and a Content-Length body).
+    async fn response(&mut self) -> String {
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(end) = self.pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.pending[..end]).to_ascii_lowercase();
+                let length: usize =
+                    head.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+                if self.pending.len() >= end + 4 + length {
+                    let answer: Vec<u8> = self.pending.drain(..end + 4 + length).collect();
+                    return String::from_utf8_lossy(&answer).into_owned();
+                }
             }
+            let n = tokio::time::timeout(Duration::from_secs(5), self.s.read(&mut buf)).await.expect("an answer within 5 s").expect("read");
+            assert!(n > 0, "the proxy closed the connection; got so far: {}", String::from_utf8_lossy(&self.pending));
+            self.pending.extend_from_slice(&buf[..n]);
         }
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.expect("an answer within 5 s").expect("read");
-        assert!(n > 0, "the proxy closed the connection; got so far: {}", String::from_utf8_lossy(&got));
-        got.extend_from_slice(&buf[..n]);
+    }
+
+    /// Waits for the proxy to close the connection, with nothing more sent.
+    async fn closed_within(&mut self, limit: Duration) -> bool {
+        let mut rest = Vec::new();
+        matches!(tokio::time::timeout(limit, self.s.read_to_end(&mut rest)).await, Ok(Ok(0)))
     }
 }
 
@@ -113,10 +136,10 @@ async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_keep_alive_connection_is_parked_and_serves_its_next_request() {
     let edge = edge(Duration::from_secs(10)).await;
-    let mut s = TcpStream::connect(edge.addr).await.expect("connect");
+    let mut s = Client::connect(edge.addr).await;
     for round in 0..3 {
-        s.write_all(format!("GET /r{round} HTTP/1.1\r\nHost: h.test\r\n\r\n").as_bytes()).await.expect("write");
-        let answer = response(&mut s).await;
+        s.send(format!("GET /r{round} HTTP/1.1\r\nHost: h.test\r\n\r\n").as_bytes()).await;
+        let answer = s.response().await;
         assert!(answer.starts_with("HTTP/1.1 200"), "round {round}: {answer}");
         assert!(!answer.to_ascii_lowercase().contains("connection: close"), "round {round}: keep-alive kept: {answer}");
         eventually("parking", || parked(&edge.proxy) == 1).await;
@@ -128,47 +151,42 @@ async fn an_idle_keep_alive_connection_is_parked_and_serves_its_next_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_split_across_quiet_periods_or_waiting_on_its_upstream_is_never_cut() {
     let edge = edge(Duration::from_secs(10)).await;
-    let mut s = TcpStream::connect(edge.addr).await.expect("connect");
+    let mut s = Client::connect(edge.addr).await;
     // Half a head, then silence for several periods: hyper holds those bytes, so the
     // connection must not be parked under them.
-    s.write_all(b"GET /split HTTP/1.1\r\nHo").await.expect("write");
+    s.send(b"GET /split HTTP/1.1\r\nHo").await;
     tokio::time::sleep(QUIET * 5).await;
     assert_eq!(parked(&edge.proxy), 0, "parked with half a request read");
-    s.write_all(b"st: h.test\r\nX-Req: split\r\n\r\n").await.expect("write");
-    let answer = response(&mut s).await;
+    s.send(b"st: h.test\r\nX-Req: split\r\n\r\n").await;
+    let answer = s.response().await;
     assert!(answer.starts_with("HTTP/1.1 200") && answer.contains("x-req: split"), "{answer}");
     // A request whose upstream takes six quiet periods to answer.
-    s.write_all(b"GET /late HTTP/1.1\r\nHost: slow.test\r\n\r\n").await.expect("write");
-    let answer = response(&mut s).await;
+    s.send(b"GET /late HTTP/1.1\r\nHost: slow.test\r\n\r\n").await;
+    let answer = s.response().await;
     assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("late\n"), "{answer}");
     assert!(!answer.to_ascii_lowercase().contains("connection: close"), "{answer}");
     // Two pipelined requests in one write, both answered in order.
-    s.write_all(b"GET / HTTP/1.1\r\nHost: h.test\r\nX-Req: p1\r\n\r\nGET / HTTP/1.1\r\nHost: h.test\r\nX-Req: p2\r\n\r\n")
-        .await
-        .expect("write");
-    let (first, second) = (response(&mut s).await, response(&mut s).await);
+    s.send(b"GET / HTTP/1.1\r\nHost: h.test\r\nX-Req: p1\r\n\r\nGET / HTTP/1.1\r\nHost: h.test\r\nX-Req: p2\r\n\r\n").await;
+    let (first, second) = (s.response().await, s.response().await);
     assert!(first.contains("x-req: p1") && second.contains("x-req: p2"), "{first}\n{second}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parked_connection_closes_after_the_idle_timeout_and_on_shutdown() {
     let mut edge = edge(Duration::from_millis(700)).await;
-    let mut idle = TcpStream::connect(edge.addr).await.expect("connect");
-    idle.write_all(b"GET / HTTP/1.1\r\nHost: h.test\r\n\r\n").await.expect("write");
-    response(&mut idle).await;
+    let mut idle = Client::connect(edge.addr).await;
+    idle.send(b"GET / HTTP/1.1\r\nHost: h.test\r\n\r\n").await;
+    idle.response().await;
     eventually("parking", || parked(&edge.proxy) == 1).await;
-    let mut rest = Vec::new();
-    let closed = tokio::time::timeout(Duration::from_secs(3), idle.read_to_end(&mut rest)).await;
-    assert!(matches!(closed, Ok(Ok(0))), "closed after the idle timeout, with nothing sent: {closed:?} {rest:?}");
+    assert!(idle.closed_within(Duration::from_secs(3)).await, "closed after the idle timeout, with nothing sent");
 
-    let mut waiting = TcpStream::connect(edge.addr).await.expect("connect");
-    waiting.write_all(b"GET / HTTP/1.1\r\nHost: h.test\r\n\r\n").await.expect("write");
-    response(&mut waiting).await;
+    let mut waiting = Client::connect(edge.addr).await;
+    waiting.send(b"GET / HTTP/1.1\r\nHost: h.test\r\n\r\n").await;
+    waiting.response().await;
     eventually("parking", || parked(&edge.proxy) == 1).await;
     let _ = edge.stop.take().map(|stop| stop.send(()));
     tokio::time::timeout(Duration::from_secs(3), &mut edge.served).await.expect("shutdown does not wait on a parked connection").ok();
-    let closed = tokio::time::timeout(Duration::from_secs(1), waiting.read_to_end(&mut rest)).await;
-    assert!(matches!(closed, Ok(Ok(0))), "closed on shutdown: {closed:?}");
+    assert!(waiting.closed_within(Duration::from_secs(1)).await, "closed on shutdown");
     assert_eq!(parked(&edge.proxy), 0);
 }
 
