@@ -303,9 +303,17 @@ impl DnsServer {
             }
         });
         let io = |e: std::io::Error| Error::Unavailable { backend: "dns-server", reason: format!("binding {}: {e}", config.listen) };
-        let sockets = udp::bind(config.listen, config.udp_workers).map_err(io)?;
-        let addr = sockets[0].local_addr().map_err(io)?;
-        let tcp = tokio::net::TcpListener::bind(addr).await.map_err(io)?;
+        // Port 0 picks a port free for UDP, which TCP may hold already: pick again.
+        let mut attempts = 0;
+        let (sockets, addr, tcp) = loop {
+            let sockets = udp::bind(config.listen, config.udp_workers).map_err(io)?;
+            let addr = sockets[0].local_addr().map_err(io)?;
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(tcp) => break (sockets, addr, tcp),
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && config.listen.port() == 0 && attempts < 32 => attempts += 1,
+                Err(e) => return Err(io(e)),
+            }
+        };
         let domain = LowerName::from(domain);
         let udp = udp::UdpWorkers::start(sockets, catalog.clone(), domain.clone()).map_err(io)?;
         let mut server = Server::new(Handler { catalog, domain });
