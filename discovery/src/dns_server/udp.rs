@@ -264,6 +264,9 @@ fn serve(socket: &std::net::UdpSocket, catalog: &ArcSwap<Catalog>, domain: &Lowe
     let mut received: Vec<(usize, Option<SockaddrStorage>)> = Vec::with_capacity(BATCH);
     let mut answers: Vec<Vec<u8>> = (0..BATCH).map(|_| Vec::with_capacity(512)).collect();
     let mut key = Vec::with_capacity(260);
+    // Per batch: the clients answered, and which answers go out (kept, not reallocated).
+    let mut addresses: Vec<Option<SockaddrStorage>> = Vec::with_capacity(BATCH);
+    let mut due: Vec<usize> = Vec::with_capacity(BATCH);
     let mut recv_headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
     let mut send_headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
     while !stop.load(Ordering::Relaxed) {
@@ -281,8 +284,8 @@ fn serve(socket: &std::net::UdpSocket, catalog: &ArcSwap<Catalog>, domain: &Lowe
             }
         }
         let catalog = catalog.load();
-        let mut addresses: Vec<Option<SockaddrStorage>> = Vec::with_capacity(received.len());
-        let mut due: Vec<usize> = Vec::with_capacity(received.len());
+        addresses.clear();
+        due.clear();
         for (i, (len, address)) in received.iter().enumerate() {
             answer(&catalog, domain, &buffers[i][..(*len).min(MAX_QUERY)], &mut key, &mut answers[i]);
             if !answers[i].is_empty() && address.is_some() {
