@@ -107,16 +107,21 @@ enum Decision<'a> {
     Negative(ResponseCode),
 }
 
+/// The type a query is answered with: ANY gets the SRV records (which carry the
+/// addresses too), everything else itself.
+fn answered_as(qtype: RecordType) -> RecordType {
+    match qtype {
+        RecordType::ANY => RecordType::SRV,
+        t => t,
+    }
+}
+
 /// The one place that decides an answer, for UDP and TCP alike.
 fn decide<'a>(catalog: &'a Catalog, domain: &LowerName, qname: &LowerName, qtype: RecordType) -> Decision<'a> {
     if !domain.zone_of(qname) {
         return Decision::Refused;
     }
-    let qtype = match qtype {
-        RecordType::ANY => RecordType::SRV,
-        t => t,
-    };
-    match catalog.answers.get(&(qname.clone(), qtype)) {
+    match catalog.answers.get(&(qname.clone(), answered_as(qtype))) {
         Some(answer) => Decision::Answer(answer),
         None if catalog.names.contains(qname) => Decision::Negative(ResponseCode::NoError),
         None => Decision::Negative(ResponseCode::NXDomain),

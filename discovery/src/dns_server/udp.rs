@@ -105,10 +105,7 @@ fn parse_simple(packet: &[u8], key: &mut Vec<u8>) -> Option<SimpleQuery> {
             return None;
         }
     }
-    let qtype = match u16::from_be_bytes(packet.get(at..at + 2)?.try_into().ok()?) {
-        255 => u16::from(RecordType::SRV),
-        t => t,
-    };
+    let qtype = u16::from(super::answered_as(RecordType::from(u16::from_be_bytes(packet.get(at..at + 2)?.try_into().ok()?))));
     key.extend_from_slice(&qtype.to_be_bytes());
     let question_end = at + 4;
     packet.get(at..question_end)?;
