@@ -34,6 +34,8 @@ pub mod logd;
 pub mod logs_client;
 pub mod metrics_http;
 pub mod minipaas;
+#[cfg(feature = "docker")]
+pub mod testgrid;
 
 /// Logs of the interactive tools (`minipaas demo`): `tracing` events on stderr, filtered
 /// by `RUST_LOG` (default `info`). Daemons use [`daemon::init_logging`].

@@ -46,13 +46,8 @@ impl LogQuery {
     }
 }
 
-/// Asks logd at `base` (http://host:port) and prints each record as it comes: one line
-/// `<time> <instance> <stream> <line>`, or NDJSON with `json`. Errors are one line each.
-pub async fn print_logs(query: &LogQuery, base: &str, token_file: Option<&Path>, json: bool) -> Result<(), String> {
-    let token = match token_file {
-        Some(p) => Some(std::fs::read_to_string(p).map_err(|e| format!("--token-file {}: {e}", p.display()))?.trim().to_owned()),
-        None => None,
-    };
+/// Sends `query` to logd at `base` (http://host:port) and returns the answer's body.
+async fn ask(query: &LogQuery, base: &str, token: Option<&str>) -> Result<hyper::body::Incoming, String> {
     let url = format!("{}/v1/logs?{}", base.trim_end_matches('/'), query.to_query_string());
     let uri: hyper::Uri = url.parse().map_err(|e| format!("--logd {base}: {e}"))?;
     if uri.scheme_str() != Some("http") {
@@ -60,17 +55,41 @@ pub async fn print_logs(query: &LogQuery, base: &str, token_file: Option<&Path>,
     }
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
     let mut req = hyper::Request::get(uri);
-    if let Some(t) = &token {
+    if let Some(t) = token {
         req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
     }
     let req = req.body(Empty::new()).map_err(|e| e.to_string())?;
     let response = client.request(req).await.map_err(|e| format!("logd at {base}: {e}"))?;
     let status = response.status();
-    let mut body = response.into_body();
+    let body = response.into_body();
     if !status.is_success() {
         let text = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
         return Err(format!("logd answered {status}: {}", String::from_utf8_lossy(&text).trim()));
     }
+    Ok(body)
+}
+
+/// Reads a bearer token from a file (its first line).
+pub fn read_token(path: &Path) -> Result<String, String> {
+    Ok(std::fs::read_to_string(path).map_err(|e| format!("--token-file {}: {e}", path.display()))?.trim().to_owned())
+}
+
+/// Asks logd at `base` for `query` (which must not follow) and returns its records,
+/// oldest first.
+pub async fn fetch_records(query: &LogQuery, base: &str, token: Option<&str>) -> Result<Vec<Record>, String> {
+    let body = ask(query, base, token).await?.collect().await.map_err(|e| format!("reading from logd: {e}"))?.to_bytes();
+    String::from_utf8_lossy(&body)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| Record::from_json(l).map_err(|e| format!("logd sent a record that does not parse ({e}): {l}")))
+        .collect()
+}
+
+/// Asks logd at `base` (http://host:port) and prints each record as it comes: one line
+/// `<time> <instance> <stream> <line>`, or NDJSON with `json`. Errors are one line each.
+pub async fn print_logs(query: &LogQuery, base: &str, token_file: Option<&Path>, json: bool) -> Result<(), String> {
+    let token = token_file.map(read_token).transpose()?;
+    let mut body = ask(query, base, token.as_deref()).await?;
     let mut pending = Vec::new();
     let mut out = std::io::stdout().lock();
     while let Some(frame) = body.frame().await {

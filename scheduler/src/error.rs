@@ -99,6 +99,16 @@ pub enum Error {
         /// Why the pull failed.
         reason: String,
     },
+    /// An image could not be built (a failed step, or a setup command that failed).
+    #[error("image {image:?} could not be built: {reason}")]
+    BuildFailed {
+        /// The image's tag.
+        image: String,
+        /// The engine's message.
+        reason: String,
+        /// The build's last lines of output.
+        output: String,
+    },
     /// The other side refused the caller (a missing or wrong token).
     #[error("{operation} denied: {reason}")]
     Denied {

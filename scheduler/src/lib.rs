@@ -162,11 +162,13 @@ pub use runtime::agent::{NodeAgent, SyncReport};
 #[cfg(feature = "docker")]
 pub use runtime::docker::{DockerDriver, RegistryAuth, MANAGED_LABEL, TASK_LABEL};
 #[cfg(feature = "docker")]
+pub use runtime::docker_images::{BuildRequest, DockerImages};
+#[cfg(feature = "docker")]
 pub use runtime::docker_volumes::DockerVolumes;
 pub use runtime::driver::{Driver, DriverCapabilities, Output};
 pub use runtime::fingerprint::{default_route_address, fingerprint, Fingerprint};
 pub use runtime::process::{ProcessDriver, OUTPUT_TAIL};
-pub use runtime::task_logs::{output_source, TaskLogShipper};
+pub use runtime::task_logs::{output_source, ShippedOutputs, TaskLogShipper};
 pub use runtime::task_network::TaskNetwork;
 pub use runtime::volume_archive::TarStream;
 pub use runtime::volume_transfer::{

@@ -15,6 +15,7 @@
 //! ```
 
 pub mod child;
+pub mod chromium;
 pub mod consul;
 pub mod distribution;
 pub mod dnsmasq;

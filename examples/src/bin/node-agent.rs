@@ -233,6 +233,11 @@ fn registry_auth(args: &Args) -> Result<Vec<keelson_scheduler::RegistryAuth>, St
     Ok(out)
 }
 
+/// The longest a finished one-off run waits for its output to reach `--logs-to` before
+/// its result is written anyway (saying so, and counted in
+/// `keelson_runs_output_undelivered`).
+const RUN_OUTPUT_DELIVERY_LIMIT: Duration = Duration::from_secs(60);
+
 /// The shipper of task output that `--logs-to` asks for.
 fn log_shipper(args: &Args, driver: Arc<DockerDriver>) -> Result<Option<keelson_scheduler::TaskLogShipper>, String> {
     let Some(url) = &args.logs_to else { return Ok(None) };
@@ -352,11 +357,15 @@ async fn run(args: Args) -> Result<(), String> {
         keelson_examples::daemon::serve_ops("--metrics-listen", addr, registry, "node-agent", readiness.clone()).await?;
     }
     let log_shipping = log_shipper(&args, driver.clone())?;
-    let agent = Arc::new(
-        NodeAgent::new(args.node.clone(), store.clone(), driver, Some(discovery), address.clone())
-            .with_volumes(volumes)
-            .with_metrics(metrics.clone()),
-    );
+    let mut agent = NodeAgent::new(args.node.clone(), store.clone(), driver, Some(discovery), address.clone())
+        .with_volumes(volumes)
+        .with_metrics(metrics.clone());
+    if let Some(shipper) = &log_shipping {
+        // A one-off run's result is written once its whole output is at --logs-to, so
+        // whoever reads the result (testgrid, keelson-ctl result) finds every line there.
+        agent = agent.with_output_shipping(shipper.shipped_outputs(), RUN_OUTPUT_DELIVERY_LIMIT);
+    }
+    let agent = Arc::new(agent);
     let interval = args.interval;
     if !args.no_controller {
         // The controller lock lives as long as a node lease: if this node dies while it

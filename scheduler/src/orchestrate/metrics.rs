@@ -38,6 +38,7 @@ pub struct OrchestrationMetrics {
     pub(crate) store_unreachable: prometheus_client::metrics::gauge::Gauge,
     pub(crate) sync_seconds: Histogram,
     pub(crate) runs_finished: Family<Outcome, Counter>,
+    pub(crate) runs_output_undelivered: Counter,
     pub(crate) ticks: Counter,
     pub(crate) tick_errors: Counter,
     pub(crate) deployments_ended: Family<Outcome, Counter>,
@@ -58,6 +59,7 @@ impl Default for OrchestrationMetrics {
             // 1 ms to ~16 s.
             sync_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             runs_finished: Family::default(),
+            runs_output_undelivered: Counter::default(),
             ticks: Counter::default(),
             tick_errors: Counter::default(),
             deployments_ended: Family::default(),
@@ -88,6 +90,11 @@ impl OrchestrationMetrics {
         );
         registry.register("keelson_agent_sync_seconds", "Duration of agent passes", self.sync_seconds.clone());
         registry.register("keelson_runs_finished", "One-off runs that ended, by outcome", self.runs_finished.clone());
+        registry.register(
+            "keelson_runs_output_undelivered",
+            "One-off runs whose task was removed before the log shipper confirmed their whole output delivered (waited past the limit)",
+            self.runs_output_undelivered.clone(),
+        );
         registry.register("keelson_controller_ticks", "Controller passes that held the lock", self.ticks.clone());
         registry.register("keelson_controller_tick_errors", "Controller passes that failed (retried)", self.tick_errors.clone());
         registry.register("keelson_controller_deployments_ended", "Deployments ended, by outcome", self.deployments_ended.clone());

@@ -57,6 +57,7 @@ pub struct NodeAgent {
     drain: Duration,
     registrations: Mutex<HashMap<String, RegistrationHandle>>,
     metrics: OrchestrationMetrics,
+    output_wait: Option<crate::runtime::run_exec::RunOutputWait>,
 }
 
 impl NodeAgent {
@@ -80,7 +81,19 @@ impl NodeAgent {
             drain: Duration::from_millis(500),
             registrations: Mutex::new(HashMap::new()),
             metrics: OrchestrationMetrics::default(),
+            output_wait: None,
         }
+    }
+
+    /// A finished one-off run keeps its task, and its result stays unwritten, until
+    /// `shipped` says its whole output reached the log sink (from
+    /// [`TaskLogShipper::shipped_outputs`](crate::TaskLogShipper::shipped_outputs)), for at
+    /// most `limit`: whoever reads the result then finds every line in the log server.
+    /// Past the limit the result says the output may be incomplete, and
+    /// `keelson_runs_output_undelivered` counts it.
+    pub fn with_output_shipping(mut self, shipped: crate::ShippedOutputs, limit: Duration) -> Self {
+        self.output_wait = Some(crate::runtime::run_exec::RunOutputWait::new(shipped, limit));
+        self
     }
 
     /// How long a stopped task gets between SIGTERM and SIGKILL (default 5 s).
@@ -290,7 +303,15 @@ impl NodeAgent {
         for id in unroute {
             self.deregister(&id).await;
         }
-        let finished = crate::runtime::run_exec::sync_runs(&self.store, self.driver.as_ref(), &self.node, self.stop_grace).await?;
+        let pass = crate::runtime::run_exec::RunPass {
+            store: &self.store,
+            driver: self.driver.as_ref(),
+            node: &self.node,
+            stop_grace: self.stop_grace,
+            output_wait: self.output_wait.as_ref(),
+            metrics: &self.metrics,
+        };
+        let finished = crate::runtime::run_exec::sync_runs(&pass).await?;
         for (id, outcome) in finished {
             self.metrics.runs_finished.get_or_create(&OrchestrationMetrics::outcome(outcome)).inc();
             report.runs_finished.push(id);

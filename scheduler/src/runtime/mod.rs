@@ -8,6 +8,8 @@ pub(crate) mod cgroups;
 #[cfg(feature = "docker")]
 pub(crate) mod docker;
 #[cfg(feature = "docker")]
+pub(crate) mod docker_images;
+#[cfg(feature = "docker")]
 pub(crate) mod docker_volumes;
 pub(crate) mod driver;
 pub(crate) mod fingerprint;

@@ -3,18 +3,21 @@
 //! in the store, remove the task). Placement and records are orchestration's
 //! ([`RunSpec`](crate::RunSpec)); this is the node's half.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt;
 
 use crate::error::{Error, Result};
 use crate::orchestrate::cluster_store::{wall_clock_ms, ClusterStore};
+use crate::orchestrate::metrics::OrchestrationMetrics;
 use crate::orchestrate::oneoff::{RunAction, RunObserved, RunOutcome};
 use crate::orchestrate::runs::{RunRecord, RunResult, RESULT_OUTPUT_BYTES, RUN_LABEL};
 use crate::orchestrate::spec::NODE_LABEL;
 use crate::records::Origin;
 use crate::runtime::driver::Driver;
 use crate::runtime::process::OUTPUT_TAIL;
+use crate::runtime::task_logs::ShippedOutputs;
 use crate::task::OutputLine;
 
 fn millis(t: std::time::SystemTime) -> u64 {
@@ -76,18 +79,60 @@ impl OutputTail {
     }
 }
 
+/// A finished run waits for its output to reach the log sink before its result is kept
+/// and its task removed, for at most `limit`.
+#[derive(Debug)]
+pub(crate) struct RunOutputWait {
+    shipped: ShippedOutputs,
+    limit: Duration,
+    /// When each run was first seen ended and not delivered.
+    since: std::sync::Mutex<HashMap<String, Instant>>,
+}
+
+enum Delivery {
+    Delivered,
+    Waiting,
+    GaveUp(Duration),
+}
+
+impl RunOutputWait {
+    pub(crate) fn new(shipped: ShippedOutputs, limit: Duration) -> Self {
+        RunOutputWait { shipped, limit, since: std::sync::Mutex::new(HashMap::new()) }
+    }
+
+    fn check(&self, id: &str, started: SystemTime) -> Delivery {
+        let Ok(mut since) = self.since.lock() else { return Delivery::GaveUp(Duration::ZERO) };
+        if self.shipped.is_delivered(id, started) {
+            since.remove(id);
+            return Delivery::Delivered;
+        }
+        let waited = since.entry(id.to_owned()).or_insert_with(Instant::now).elapsed();
+        if waited >= self.limit {
+            since.remove(id);
+            return Delivery::GaveUp(waited);
+        }
+        self.shipped.look_now();
+        Delivery::Waiting
+    }
+}
+
+/// What a pass over the node's runs works with.
+pub(crate) struct RunPass<'a> {
+    pub(crate) store: &'a ClusterStore,
+    pub(crate) driver: &'a dyn Driver,
+    pub(crate) node: &'a str,
+    pub(crate) stop_grace: Duration,
+    pub(crate) output_wait: Option<&'a RunOutputWait>,
+    pub(crate) metrics: &'a OrchestrationMetrics,
+}
+
 /// One agent pass over its node's runs: start, stop at the limit, keep what ended.
-pub(crate) async fn sync_runs(
-    store: &ClusterStore,
-    driver: &dyn Driver,
-    node: &str,
-    stop_grace: Duration,
-) -> Result<Vec<(String, RunOutcome)>> {
+pub(crate) async fn sync_runs(pass: &RunPass<'_>) -> Result<Vec<(String, RunOutcome)>> {
     let mut finished = Vec::new();
     let mut failed = None;
-    for (record, origin) in store.runs_on_stored(node).await? {
+    for (record, origin) in pass.store.runs_on_stored(pass.node).await? {
         let id = record.spec.id.clone();
-        match step_run(store, driver, node, stop_grace, record, &origin).await {
+        match step_run(pass, record, &origin).await {
             Ok(Some(outcome)) => finished.push((id, outcome)),
             Ok(None) => {}
             // The store is away: no other run can be saved either.
@@ -106,23 +151,21 @@ pub(crate) async fn sync_runs(
 }
 
 /// One step of one run; its outcome when it ended in this step.
-async fn step_run(
-    store: &ClusterStore,
-    driver: &dyn Driver,
-    node: &str,
-    stop_grace: Duration,
-    mut record: RunRecord,
-    origin: &Origin,
-) -> Result<Option<RunOutcome>> {
+async fn step_run(pass: &RunPass<'_>, mut record: RunRecord, origin: &Origin) -> Result<Option<RunOutcome>> {
+    let RunPass { store, driver, node, stop_grace, .. } = *pass;
     let id = record.spec.id.clone();
     if store.run_result(&id).await?.is_some() {
         // Ended, and the agent stopped between keeping the result and clearing this.
         store.forget_run(node, &id).await?;
         return Ok(None);
     }
+    let mut started_at = None;
     let observed = match driver.inspect(&id).await {
         Ok(s) => match s.state {
-            crate::task::TaskState::Exited { code, .. } => RunObserved::Exited { code },
+            crate::task::TaskState::Exited { code, .. } => {
+                started_at = Some(s.started_at);
+                RunObserved::Exited { code }
+            }
             crate::task::TaskState::Running => RunObserved::Running { since: millis(s.started_at) },
         },
         Err(Error::NotFound { .. }) => RunObserved::Absent,
@@ -164,8 +207,29 @@ async fn step_run(
         None => {}
     }
     if let Some(outcome) = record.run.outcome() {
+        let mut undelivered = None;
+        if let (Some(wait), Some(started)) = (pass.output_wait, started_at) {
+            match wait.check(&id, started) {
+                Delivery::Delivered => {}
+                Delivery::Waiting => {
+                    // Kept as it is (the outcome saved) until the shipper has it all.
+                    if record.run != before {
+                        store.save_run(&record, origin).await?;
+                    }
+                    return Ok(None);
+                }
+                Delivery::GaveUp(waited) => {
+                    pass.metrics.runs_output_undelivered.inc();
+                    tracing::warn!(run = %id, ?waited, "a run's output did not reach the log sink in time; its task is removed anyway");
+                    undelivered = Some(format!(
+                        "[keelson: this run's output was not confirmed delivered to the log sink after {}; the log server may miss lines]",
+                        humantime::format_duration(Duration::from_secs(waited.as_secs()))
+                    ));
+                }
+            }
+        }
         let mut output = collect_output(driver, &id).await;
-        if let Some(line) = failure_line {
+        for line in failure_line.into_iter().chain(undelivered) {
             output.push(OutputLine {
                 stream: crate::task::OutputStream::Stderr,
                 line,

@@ -12,6 +12,44 @@ use super::driver::Driver;
 use crate::orchestrate::spec::NODE_LABEL;
 use crate::task::OutputStream;
 
+/// Which tasks' output a [`TaskLogShipper`] has delivered to its end (every line
+/// acknowledged by the sink), shared with the node agent: a finished one-off run's task
+/// is removed, and its result written, only once its whole output is in the log sink
+/// ([`NodeAgent::with_output_shipping`](crate::NodeAgent::with_output_shipping)), so a
+/// reader who sees the result finds every line in the log server. Removing the task
+/// first would lose what was not yet read (Docker deletes a container's log with it).
+#[derive(Clone, Debug, Default)]
+pub struct ShippedOutputs {
+    /// Task id to the start of the run whose output was delivered whole.
+    delivered: Arc<std::sync::Mutex<HashMap<String, SystemTime>>>,
+    /// Wakes the shipper to look for tasks now rather than at its next interval.
+    look_now: Arc<tokio::sync::Notify>,
+}
+
+impl ShippedOutputs {
+    /// Whether the output of task `id`, in its run started at `started`, was delivered whole.
+    pub fn is_delivered(&self, id: &str, started: SystemTime) -> bool {
+        self.delivered.lock().map(|d| d.get(id) == Some(&started)).unwrap_or(false)
+    }
+
+    /// Asks the shipper to look for new tasks now (a run that ended before it looked).
+    pub fn look_now(&self) {
+        self.look_now.notify_one();
+    }
+
+    fn mark_delivered(&self, id: &str, started: SystemTime) {
+        if let Ok(mut d) = self.delivered.lock() {
+            d.insert(id.to_owned(), started);
+        }
+    }
+
+    fn forget_except(&self, live: &dyn Fn(&str) -> bool) {
+        if let Ok(mut d) = self.delivered.lock() {
+            d.retain(|id, _| live(id));
+        }
+    }
+}
+
 /// Follows the tasks of a driver and ships each one's output to a sink, labelled with
 /// the service (`<job>.<group>`, or `<job>` for a one-off run), the instance (the task
 /// id), the node and the stream.
@@ -34,6 +72,8 @@ pub struct TaskLogShipper {
     shipping: HashMap<String, (SystemTime, tokio::task::JoinHandle<()>)>,
     /// Runs whose output was shipped to its end: not shipped again until they restart.
     done: HashMap<String, SystemTime>,
+    /// The same, shared with the node agent.
+    shipped: ShippedOutputs,
 }
 
 impl TaskLogShipper {
@@ -47,7 +87,14 @@ impl TaskLogShipper {
             metrics: ShipMetrics::default(),
             shipping: HashMap::new(),
             done: HashMap::new(),
+            shipped: ShippedOutputs::default(),
         }
+    }
+
+    /// What this shipper has delivered whole; give it to the node agent
+    /// ([`NodeAgent::with_output_shipping`](crate::NodeAgent::with_output_shipping)).
+    pub fn shipped_outputs(&self) -> ShippedOutputs {
+        self.shipped.clone()
     }
 
     /// Counts what is shipped in `metrics`.
@@ -60,11 +107,13 @@ impl TaskLogShipper {
     /// output until it ends.
     pub async fn run(mut self, interval: Duration, stop: impl std::future::Future<Output = ()>) {
         tokio::pin!(stop);
+        let look_now = self.shipped.look_now.clone();
         loop {
             self.sync().await;
             tokio::select! {
                 _ = &mut stop => break,
                 _ = tokio::time::sleep(interval) => {}
+                _ = look_now.notified() => {}
             }
         }
         for (_, (_, handle)) in self.shipping.drain() {
@@ -89,6 +138,7 @@ impl TaskLogShipper {
             }
         };
         self.done.retain(|id, _| tasks.iter().any(|t| &t.id == id));
+        self.shipped.forget_except(&|id| tasks.iter().any(|t| t.id == id));
         // Only this node's tasks: agents sharing an engine (several nodes on one Docker
         // host) would otherwise each ship every task's output, under their own node.
         for task in tasks.into_iter().filter(|t| t.labels.get(NODE_LABEL) == Some(&self.node)) {
@@ -112,7 +162,12 @@ impl TaskLogShipper {
                 }
             };
             let (sink, config, metrics) = (self.sink.clone(), self.config.clone(), self.metrics.clone());
-            let handle = tokio::spawn(ship_task(task.id.clone(), Arc::new(labels), output, sink, config, metrics));
+            let (id, started, shipped) = (task.id.clone(), task.started_at, self.shipped.clone());
+            let handle = tokio::spawn(async move {
+                if ship_task(id.clone(), Arc::new(labels), output, sink, config, metrics).await {
+                    shipped.mark_delivered(&id, started);
+                }
+            });
             self.shipping.insert(task.id, (task.started_at, handle));
         }
         self.shipping.len()
@@ -138,14 +193,14 @@ async fn ship_task(
     sink: Arc<dyn Sink>,
     config: ShipConfig,
     metrics: ShipMetrics,
-) {
+) -> bool {
     let mut source = output_source(output, labels);
-    let Ok(shipper) = Shipper::new(config.clone()) else { return };
+    let Ok(shipper) = Shipper::new(config.clone()) else { return false };
     let mut shipper = shipper.with_metrics(metrics);
     let mut pauses = config.pauses();
     loop {
         match shipper.run(&mut source, &*sink).await {
-            Ok(_) => return,
+            Ok(_) => return true,
             Err(e) => {
                 // Held records go first on the next run: keep trying while the task's
                 // output lasts.
