@@ -357,20 +357,27 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// The `edge` binary: `given`, or built with `cargo build --release` next to the
-/// running bench (with the etcd and Consul features, so every bench shares one build).
+/// running bench (see [`example_binary`]).
 pub fn edge_binary(given: Option<&Path>) -> Fallible<PathBuf> {
-    if let Some(p) = given {
-        return Ok(p.to_owned());
+    match given {
+        Some(p) => Ok(p.to_owned()),
+        None => example_binary("edge"),
     }
+}
+
+/// A binary of `keelson-examples`, built with `cargo build --release` next to the running
+/// bench, with the etcd, Consul and Docker features (every bench asks for the same set,
+/// so they share one build).
+pub fn example_binary(name: &str) -> Fallible<PathBuf> {
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--release", "--quiet", "-p", "keelson-examples", "--features", "etcd,consul", "--bin", "edge"])
+        .args(["build", "--release", "--quiet", "-p", "keelson-examples", "--features", "etcd,consul,docker", "--bin", name])
         .status()
-        .map_err(|e| format!("building edge: {e}"))?;
+        .map_err(|e| format!("building {name}: {e}"))?;
     if !status.success() {
-        return Err("building edge failed".into());
+        return Err(format!("building {name} failed"));
     }
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
-    Ok(me.with_file_name("edge"))
+    Ok(me.with_file_name(name))
 }
 
 /// Waits until `server` answers a GET for the bench host with the backends' body.

@@ -163,3 +163,89 @@ async fn a_run_printing_ten_mib_keeps_a_bounded_result_and_holds_up_no_other_run
     assert!(started < Duration::from_secs(2), "started {started:?} after its submission");
     assert_eq!(until_done(&agent, &store, "next").await.outcome, RunOutcome::Succeeded);
 }
+
+/// A log sink that takes nothing until its gate opens, then keeps every line.
+#[derive(Debug)]
+struct GatedSink {
+    open: tokio::sync::watch::Receiver<bool>,
+    lines: std::sync::Mutex<Vec<String>>,
+}
+
+#[async_trait::async_trait]
+impl keelson_logship::Sink for GatedSink {
+    fn name(&self) -> &'static str {
+        "gated"
+    }
+
+    async fn send(&self, batch: &[keelson_logship::Record]) -> keelson_logship::Result<()> {
+        let mut open = self.open.clone();
+        let _ = open.wait_for(|o| *o).await;
+        self.lines.lock().expect("lines").extend(batch.iter().map(|r| r.line.clone()));
+        Ok(())
+    }
+
+    async fn flush(&self) -> keelson_logship::Result<()> {
+        Ok(())
+    }
+}
+
+/// A run's result is written, and its task removed, only once its whole output is in the
+/// log sink (a reader of the result finds every line there); past the limit it is written
+/// anyway, saying so, and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runs_result_waits_until_its_output_is_in_the_log_sink() {
+    let (gate, open) = tokio::sync::watch::channel(false);
+    let sink = Arc::new(GatedSink { open, lines: std::sync::Mutex::new(Vec::new()) });
+    let driver: Arc<dyn Driver> = Arc::new(ProcessDriver::new());
+    let store = ClusterStore::new(Arc::new(MemoryKv::new()), "runs");
+    let _member = store.join(&Node::new("n1", Resources::new(1000, 512)), Duration::from_secs(30)).await.expect("join");
+    let shipper = keelson_scheduler::TaskLogShipper::new(driver.clone(), sink.clone(), "n1");
+    let agent = NodeAgent::new("n1", store.clone(), driver.clone(), None, "127.0.0.1")
+        .with_output_shipping(shipper.shipped_outputs(), Duration::from_secs(60));
+    // The shipper looks once at start, then only when the agent asks it to (an hour is
+    // never): a run that ends between two looks is still shipped at once.
+    let shipping = tokio::spawn(shipper.run(Duration::from_secs(3600), std::future::pending()));
+    let script = TaskTemplate {
+        command: vec!["/bin/sh".into(), "-c".into(), "echo one; echo two >&2; echo three".into()],
+        ..TaskTemplate::default()
+    };
+    store.submit_run(&run("gated", script, Duration::from_secs(30))).await.expect("submit");
+    let held = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < held {
+        agent.sync().await.expect("agent pass");
+        assert!(store.run_result("gated").await.expect("result").is_none(), "no result while the sink holds the output");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(driver.inspect("gated").await.is_ok(), "the task (and its output) is kept while the output is not delivered");
+    gate.send(true).expect("open the gate");
+    let result = until_done(&agent, &store, "gated").await;
+    assert_eq!(result.outcome, RunOutcome::Succeeded);
+    let mut shipped = sink.lines.lock().expect("lines").clone();
+    shipped.sort();
+    assert_eq!(shipped, ["one", "three", "two"], "every line was in the sink when the result appeared");
+    assert!(matches!(driver.inspect("gated").await, Err(Error::NotFound { .. })), "removed once delivered");
+    shipping.abort();
+
+    // A sink that never takes it: the result comes after the limit, and says so.
+    let (_closed, never) = tokio::sync::watch::channel(false);
+    let sink = Arc::new(GatedSink { open: never, lines: std::sync::Mutex::new(Vec::new()) });
+    let shipper = keelson_scheduler::TaskLogShipper::new(driver.clone(), sink, "n1");
+    let metrics = keelson_scheduler::OrchestrationMetrics::new();
+    let agent = NodeAgent::new("n1", store.clone(), driver.clone(), None, "127.0.0.1")
+        .with_metrics(metrics.clone())
+        .with_output_shipping(shipper.shipped_outputs(), Duration::from_millis(500));
+    let shipping = tokio::spawn(shipper.run(Duration::from_millis(100), std::future::pending()));
+    let script = TaskTemplate { command: vec!["/bin/sh".into(), "-c".into(), "echo lost".into()], ..TaskTemplate::default() };
+    store.submit_run(&run("undelivered", script, Duration::from_secs(30))).await.expect("submit");
+    let result = until_done(&agent, &store, "undelivered").await;
+    assert_eq!(result.outcome, RunOutcome::Succeeded);
+    let last = result.output.last().expect("a note");
+    assert!(last.line.contains("not confirmed delivered to the log sink"), "{:?}", result.output);
+    assert!(result.output.iter().any(|l| l.line == "lost"), "the result still keeps the tail");
+    let mut registry = prometheus_client::registry::Registry::default();
+    metrics.register(&mut registry);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+    assert!(text.contains("keelson_runs_output_undelivered_total 1"), "{text}");
+    shipping.abort();
+}
