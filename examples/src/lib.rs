@@ -29,6 +29,8 @@ pub struct ReadmeExamples;
 pub mod backends;
 pub mod ctl;
 pub mod daemon;
+#[cfg(feature = "docker")]
+pub mod git_build;
 pub mod hello;
 pub mod logd;
 pub mod logs_client;

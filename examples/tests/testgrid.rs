@@ -167,6 +167,17 @@ async fn testgrid_runs_a_suite_in_parallel_from_a_snapshot_and_reports_every_tes
     assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
     assert_eq!(report(&suite)["tests"].as_array().map(Vec::len), Some(0));
 
+    // An image given as the baseline (what a pipeline does with its fresh build): the
+    // modules run from it, no recipe is built.
+    let snapshot = full["snapshot"].as_str().expect("snapshot").to_owned();
+    let out = testgrid(&["full", path, "--image", &snapshot, "--changed-since", "HEAD~1"]);
+    assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
+    let given = report(&suite);
+    assert_eq!(given["snapshot"], snapshot.as_str());
+    assert_eq!(given["snapshot_note"], "the given image, used as it is");
+    assert_eq!(given["baseline"]["status"]["status"], "passed");
+    assert_eq!(by_name(&given, "changed")["status"]["status"], "passed");
+
     // A changed recipe has no snapshot yet: quick says so and runs nothing.
     std::fs::write(&dockerfile, format!("{recipe}RUN echo again > /opt/app/again\n")).expect("edit recipe");
     let out = testgrid(&["quick", path]);

@@ -6,6 +6,7 @@
 //! testgrid quick tests/suite                        # reuse the snapshot of the same recipe
 //! testgrid quick tests/suite --changed-since main   # only modules touched since main
 //! testgrid quick tests/suite --changed-since last   # ... since the last run that passed whole
+//! testgrid full  tests/suite --image 127.0.0.1:5000/shop:4be2c1d0a9f3   # test an image as it is
 //! testgrid full  tests/suite --etcd http://10.0.0.1:2379 --logd http://10.0.0.1:7070 --logd-token-file logd.token
 //! ```
 //!
@@ -58,6 +59,9 @@ struct RunArgs {
     /// Where snapshot records and the last success are kept (default <suite>/.testgrid).
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Test this image (on the engine) instead of building the suite's baseline recipe.
+    #[arg(long)]
+    image: Option<String>,
     #[command(flatten)]
     cluster: ClusterArgs,
 }
@@ -107,6 +111,7 @@ async fn run(args: Args) -> Result<bool, String> {
     };
     options.report_dir = run.report;
     options.state_dir = run.state_dir;
+    options.image = run.image;
     let target = cluster_target(&run.cluster).await?;
     let report = testgrid::run(&options, target).await.map_err(|e| e.to_string())?;
     let c = report.counts();

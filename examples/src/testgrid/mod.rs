@@ -121,12 +121,14 @@ pub struct Options {
     pub report_dir: Option<PathBuf>,
     /// Where snapshot records and the last success live (default `<suite>/.testgrid`).
     pub state_dir: Option<PathBuf>,
+    /// Test this image instead of the suite's baseline recipe (a pipeline's fresh build).
+    pub image: Option<String>,
 }
 
 impl Options {
     /// Defaults for `suite`.
     pub fn new(suite: impl Into<PathBuf>, mode: Mode) -> Self {
-        Options { suite: suite.into(), mode, workers: 4, selection: Selection::All, report_dir: None, state_dir: None }
+        Options { suite: suite.into(), mode, workers: 4, selection: Selection::All, report_dir: None, state_dir: None, image: None }
     }
 
     /// Runs `workers` tests at once.
@@ -156,12 +158,14 @@ fn now_rfc3339() -> String {
 pub async fn run(options: &Options, target: Option<Target>) -> Result<RunReport, TestgridError> {
     let started = Instant::now();
     let started_at = now_rfc3339();
-    let suite = Suite::load(&options.suite)?;
+    let mut suite = Suite::load(&options.suite)?;
+    if let Some(image) = &options.image {
+        suite.baseline.recipe = suite::Recipe::Image { image: image.clone() };
+    }
     let state_dir = options.state_dir_for(&suite.root);
     let show = progress::Live::new();
     let images = DockerImages::connect().await?;
-    let inputs = snapshot::baseline_inputs(&suite)?;
-    let tag = snapshot::snapshot_tag(&inputs);
+    let tag = snapshot::snapshot_tag(&suite)?;
 
     // Which modules: all, or those git says changed.
     let (modules, selection) = select(&suite, &options.selection, &state_dir)?;
@@ -226,7 +230,7 @@ async fn run_on(cx: &RunContext<'_>, tag: &str, modules: Vec<suite::Module>) -> 
     let (snapshot_id, snapshot_note, baseline) = match cx.options.mode {
         Mode::Full => {
             let building = Instant::now();
-            cx.show.phase(&format!("building the baseline snapshot {tag}"));
+            cx.show.phase(&format!("making the baseline snapshot {tag}"));
             let id = snapshot::build_snapshot(cx.images, cx.suite, tag, &mut |line| cx.show.build_line(line)).await?;
             let build_seconds = building.elapsed().as_secs_f64();
             let baseline = match &cx.suite.baseline.test {
@@ -251,7 +255,11 @@ async fn run_on(cx: &RunContext<'_>, tag: &str, modules: Vec<suite::Module>) -> 
                 test: baseline.clone(),
             };
             record.save(cx.state_dir)?;
-            (id, format!("built in {build_seconds:.1} s for this run"), baseline)
+            let note = match &cx.suite.baseline.recipe {
+                suite::Recipe::Image { .. } => "the given image, used as it is".to_owned(),
+                _ => format!("built in {build_seconds:.1} s for this run"),
+            };
+            (id, note, baseline)
         }
         Mode::Quick => {
             let id = cx.images.id_of(tag).await?.ok_or_else(|| TestgridError::NoSnapshot { tag: tag.to_owned() })?;

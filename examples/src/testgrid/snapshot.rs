@@ -81,13 +81,18 @@ pub fn baseline_inputs(suite: &Suite) -> Result<String, TestgridError> {
                 hash.update(format!("arg {} {arg}\n", arg.len()));
             }
         }
+        Recipe::Image { image } => hash.update(format!("image {image}\n")),
     }
     Ok(hex(&hash.finalize()))
 }
 
-/// The snapshot's tag for inputs `hash`.
-pub fn snapshot_tag(hash: &str) -> String {
-    format!("{SNAPSHOT_REPO}:{}", &hash[..16.min(hash.len())])
+/// The snapshot's tag: the image itself for an image recipe, else named by the hash of
+/// the recipe's inputs.
+pub fn snapshot_tag(suite: &Suite) -> Result<String, TestgridError> {
+    Ok(match &suite.baseline.recipe {
+        Recipe::Image { image } => image.clone(),
+        _ => format!("{SNAPSHOT_REPO}:{}", &baseline_inputs(suite)?[..16]),
+    })
 }
 
 /// What is remembered of a snapshot: when it was made and how its own test went.
@@ -107,7 +112,8 @@ pub struct BaselineRecord {
 
 impl BaselineRecord {
     fn path(state_dir: &Path, tag: &str) -> std::path::PathBuf {
-        state_dir.join(format!("{}.json", tag.replace(':', "-")))
+        let name: String = tag.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '-' }).collect();
+        state_dir.join(format!("{name}.json"))
     }
 
     /// The record of `tag`, if this state folder has one.
@@ -144,6 +150,12 @@ pub async fn build_snapshot(
             let labels = [("keelson.testgrid".to_owned(), "baseline".to_owned())].into();
             images.commit_setup(from, command, tag, &labels, progress).await?
         }
+        Recipe::Image { image } => images.id_of(image).await?.ok_or_else(|| {
+            TestgridError::Scheduler(keelson_scheduler::Error::ImageUnavailable {
+                image: image.clone(),
+                reason: "the baseline image is not on this engine".into(),
+            })
+        })?,
     };
     Ok(id)
 }

@@ -38,6 +38,8 @@ struct BaselineFile {
     dockerfile: Option<String>,
     /// Or: an image to run `setup` in, committed as the snapshot.
     from: Option<String>,
+    /// Or: an image used as it is (a pipeline's freshly built application image).
+    image: Option<String>,
     setup: Option<Vec<String>>,
     /// The baseline's own test, run in the snapshot before any module.
     test: Option<Vec<String>>,
@@ -88,6 +90,11 @@ pub enum Recipe {
         from: String,
         /// The command.
         command: Vec<String>,
+    },
+    /// An image on the engine, used as it is.
+    Image {
+        /// Its reference.
+        image: String,
     },
 }
 
@@ -150,6 +157,10 @@ impl Suite {
         let time_limit = file.defaults.time_limit.unwrap_or(DEFAULT_TIME_LIMIT);
         let b = file.baseline;
         let recipe = match (b.context, b.from, b.setup) {
+            (None, None, None) if b.dockerfile.is_none() && b.image.is_some() => Recipe::Image { image: b.image.unwrap_or_default() },
+            _ if b.image.is_some() => {
+                return Err(manifest_error(&manifest, "baseline: `image` is a recipe of its own: give no `context`, `from` or `setup` with it"))
+            }
             (Some(context), None, None) => {
                 let dockerfile = b.dockerfile.unwrap_or_else(|| "Dockerfile".into());
                 let context = root.join(context);
@@ -167,7 +178,7 @@ impl Suite {
             _ => {
                 return Err(manifest_error(
                     &manifest,
-                    "baseline: give either `context` (a folder with a Dockerfile, and optionally `dockerfile`) or `from` and `setup` (a command run in that image and committed), not both",
+                    "baseline: give either `context` (a folder with a Dockerfile, and optionally `dockerfile`), `from` and `setup` (a command run in that image and committed), or `image` (used as it is), not more than one",
                 ))
             }
         };
@@ -258,12 +269,16 @@ mod tests {
         let e = unknown.expect_err("unknown field").to_string();
         assert!(e.contains("testgrid.toml") && e.contains("contxt"), "{e}");
         let (_d, both) = suite("[baseline]\ncontext = \"base\"\nfrom = \"x\"\nsetup = [\"true\"]\n", &[]);
-        assert!(both.expect_err("both recipes").to_string().contains("not both"));
+        assert!(both.expect_err("both recipes").to_string().contains("not more than one"));
         let (_d, limit) = suite("[baseline]\ncontext = \"base\"\n", &[("m", Some("time_limit = \"soon\"\n"))]);
         let e = limit.expect_err("bad duration").to_string();
         assert!(e.contains("soon") && e.contains("test.toml"), "{e}");
         let (_d, name) = suite("[baseline]\ncontext = \"base\"\n", &[("bad name", None)]);
         assert!(name.expect_err("bad module name").to_string().contains("bad name"));
+        let (_d, image_and_more) = suite("[baseline]\nimage = \"app:1\"\ncontext = \"base\"\n", &[]);
+        assert!(image_and_more.expect_err("image with a context").to_string().contains("recipe of its own"));
+        let (_d, image) = suite("[baseline]\nimage = \"app:1\"\n", &[]);
+        assert_eq!(image.expect("an image recipe").baseline.recipe, Recipe::Image { image: "app:1".into() });
         let (_d, missing) = suite("[baseline]\ncontext = \"nowhere\"\n", &[]);
         assert!(missing.expect_err("no Dockerfile").to_string().contains("nowhere"));
     }

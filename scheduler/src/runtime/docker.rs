@@ -80,11 +80,21 @@ impl RegistryAuth {
         }
         Ok(RegistryAuth { server, username: username.into(), password: password.into() })
     }
+
+    /// What the engine takes with a pull or a push.
+    pub(crate) fn credentials(&self) -> bollard::auth::DockerCredentials {
+        bollard::auth::DockerCredentials {
+            username: Some(self.username.clone()),
+            password: Some(self.password.clone()),
+            serveraddress: Some(self.server.clone()),
+            ..Default::default()
+        }
+    }
 }
 
 /// The registry an image name points at (`host[:port]/path:tag`), if it names one:
 /// the first component counts as a host when it has a dot or a port, or is `localhost`.
-fn image_registry(image: &str) -> Option<&str> {
+pub(crate) fn image_registry(image: &str) -> Option<&str> {
     let (first, _) = image.split_once('/')?;
     (first.contains('.') || first.contains(':') || first == "localhost").then_some(first)
 }
@@ -199,14 +209,8 @@ impl DockerDriver {
             return Ok(());
         }
         let options = CreateImageOptionsBuilder::new().from_image(image).build();
-        let credentials = image_registry(image).and_then(|r| self.registry_auth.iter().find(|a| a.server == r)).map(|a| {
-            bollard::auth::DockerCredentials {
-                username: Some(a.username.clone()),
-                password: Some(a.password.clone()),
-                serveraddress: Some(a.server.clone()),
-                ..Default::default()
-            }
-        });
+        let credentials =
+            image_registry(image).and_then(|r| self.registry_auth.iter().find(|a| a.server == r)).map(RegistryAuth::credentials);
         let pulled: std::result::Result<Vec<_>, _> =
             tokio::time::timeout(Duration::from_secs(300), self.docker.create_image(Some(options), None, credentials).try_collect())
                 .await
@@ -464,10 +468,9 @@ impl Driver for DockerDriver {
     async fn output(&self, id: &str) -> Result<Output> {
         validate_id("task id", id)?;
         self.status_of(id).await?;
-        let options = LogsOptionsBuilder::new().follow(true).stdout(true).stderr(true).tail("all").build();
-        let frames = self.docker.logs(&container_name(id), Some(options));
+        let frames = whole_log(self.docker.clone(), container_name(id));
         let split = self.lines_split.clone();
-        let lines = lines(frames.map(|f| f.ok()).take_while(|f| std::future::ready(f.is_some())).filter_map(std::future::ready));
+        let lines = lines(frames);
         Ok(lines
             .inspect(move |l| {
                 if l.partial {
@@ -503,6 +506,72 @@ impl Driver for DockerDriver {
         }
         self.remove_container(id).await
     }
+}
+
+/// How many times a follow that ends while its container still runs is opened again.
+const LOG_REOPENS: u32 = 20;
+
+/// A container's whole log, from its start to its end, as frames (backpressure kept: the
+/// engine is read only as fast as the caller reads).
+///
+/// The engine's follow stream can end before it has sent everything a container wrote
+/// when the container exits quickly after writing a lot (seen here: 6,455 of 20,000
+/// lines, no error), and it stops after a json-file rotation (moby#37646). So when a
+/// follow ends the container is looked at: exited (or gone), the log is read once more
+/// without following; still running, the follow is opened again. Either way the bytes
+/// already passed on, counted per stream, are skipped, so each byte comes once and a line
+/// cut at the break is joined again by the line splitter downstream. (A log rotated
+/// away and deleted between two opens cannot be replayed; its bytes are not there to read.)
+fn whole_log(docker: Docker, name: String) -> impl futures::Stream<Item = LogOutput> + Send + 'static {
+    let (tx, rx) = tokio::sync::mpsc::channel::<LogOutput>(64);
+    tokio::spawn(async move {
+        // Bytes passed on so far: stdout, stderr.
+        let mut passed = [0usize; 2];
+        let mut follow = true;
+        let mut reopens = 0;
+        loop {
+            let options = LogsOptionsBuilder::new().follow(follow).stdout(true).stderr(true).tail("all").build();
+            let mut frames = docker.logs(&name, Some(options));
+            let mut skip = passed;
+            while let Some(frame) = frames.next().await {
+                let Ok(frame) = frame else { break };
+                let (k, message) = match &frame {
+                    LogOutput::StdOut { message } | LogOutput::Console { message } => (0, message.clone()),
+                    LogOutput::StdErr { message } => (1, message.clone()),
+                    LogOutput::StdIn { .. } => continue,
+                };
+                let fresh = if skip[k] >= message.len() {
+                    skip[k] -= message.len();
+                    continue;
+                } else {
+                    message.slice(std::mem::take(&mut skip[k])..)
+                };
+                passed[k] += fresh.len();
+                let out = if k == 0 { LogOutput::StdOut { message: fresh } } else { LogOutput::StdErr { message: fresh } };
+                if tx.send(out).await.is_err() {
+                    return; // the reader is gone
+                }
+            }
+            if !follow {
+                return; // the log of an exited container, read to its end
+            }
+            let running = match docker.inspect_container(&name, None::<InspectContainerOptions>).await {
+                Ok(c) => c.state.and_then(|s| s.running).unwrap_or(false),
+                Err(_) => false,
+            };
+            if running {
+                reopens += 1;
+                if reopens > LOG_REOPENS {
+                    tracing::warn!(container = %name, "its log follow keeps ending while it runs; no more of its output is read");
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            } else {
+                follow = false;
+            }
+        }
+    });
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|frame| (frame, rx)) })
 }
 
 /// Splits the engine's log frames into lines per stream, carrying partial lines across

@@ -9,13 +9,14 @@ use std::time::Duration;
 
 use bollard::models::ContainerCreateBody;
 use bollard::query_parameters::{
-    BuildImageOptionsBuilder, CommitContainerOptionsBuilder, CreateContainerOptionsBuilder, LogsOptionsBuilder,
+    BuildImageOptionsBuilder, CommitContainerOptionsBuilder, CreateContainerOptionsBuilder, LogsOptionsBuilder, PushImageOptionsBuilder,
     RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder, WaitContainerOptions,
 };
 use bollard::Docker;
 use futures::StreamExt;
 
 use crate::error::{Error, Result};
+use crate::runtime::docker::{image_registry, RegistryAuth};
 
 const BACKEND: &str = "docker";
 
@@ -225,6 +226,50 @@ impl DockerImages {
         Ok(id.id)
     }
 
+    /// Pushes `image` (`host[:port]/repository:tag`) to its registry, with `auth` if
+    /// given (it must be for the image's registry); each status line (a layer pushing,
+    /// pushed, mounted) goes to `progress`. Returns the manifest digest the registry
+    /// took, as the engine reports it. A refusal is [`Error::Denied`]; any other failure
+    /// [`Error::Unavailable`] naming the image.
+    pub async fn push(&self, image: &str, auth: Option<&RegistryAuth>, progress: &mut (dyn FnMut(&str) + Send)) -> Result<Option<String>> {
+        let registry = image_registry(image)
+            .ok_or_else(|| Error::invalid("image", image, "names no registry: expected host[:port]/repository:tag"))?;
+        if let Some(a) = auth.filter(|a| a.server != registry) {
+            return Err(Error::invalid("registry credentials", a.server.clone(), format!("the image is on {registry}")));
+        }
+        // The tag is after the last ':' that follows the last '/' (a port has a '/' after it).
+        let (name, tag) = match image.rsplit_once(':') {
+            Some((name, tag)) if !tag.contains('/') => (name, tag),
+            _ => (image, "latest"),
+        };
+        let options = PushImageOptionsBuilder::new().tag(tag).build();
+        let mut digest = None;
+        let mut tail = Tail::default();
+        let run = async {
+            let mut stream = self.docker.push_image(name, Some(options), auth.map(RegistryAuth::credentials));
+            while let Some(item) = stream.next().await {
+                let info = item.map_err(|e| push_failed(image, e.to_string()))?;
+                if let Some(detail) = info.error_detail.and_then(|d| d.message) {
+                    return Err(push_failed(
+                        image,
+                        format!("{detail} (last lines: {})", tail.0.iter().cloned().collect::<Vec<_>>().join(" | ")),
+                    ));
+                }
+                if let Some(status) = info.status.as_deref() {
+                    let line = status.to_owned();
+                    if let Some(d) = status.split_whitespace().skip_while(|w| *w != "digest:").nth(1) {
+                        digest = Some(d.to_owned());
+                    }
+                    tail.push(&line);
+                    progress(&line);
+                }
+            }
+            Ok(())
+        };
+        tokio::time::timeout(self.limit, run).await.map_err(|_| Error::Timeout { operation: "docker push", after: self.limit })??;
+        Ok(digest)
+    }
+
     /// Removes an image (absent is fine).
     pub async fn remove(&self, image: &str) -> Result<()> {
         match self.docker.remove_image(image, Some(RemoveImageOptionsBuilder::default().force(true).build()), None).await {
@@ -280,6 +325,15 @@ impl Tail {
             self.0.pop_front();
         }
         self.0.push_back(line.to_owned());
+    }
+}
+
+fn push_failed(image: &str, reason: String) -> Error {
+    let lower = reason.to_ascii_lowercase();
+    if lower.contains("unauthorized") || lower.contains("authentication required") || lower.contains("denied") {
+        Error::Denied { operation: "docker push", reason: format!("{image}: {reason}") }
+    } else {
+        Error::Unavailable { backend: BACKEND, reason: format!("pushing {image}: {reason}") }
     }
 }
 

@@ -1,0 +1,147 @@
+//! From a commit in a git repository to an image in a registry: the commit's tree is
+//! exported into a fresh folder (`git archive`, so the repository, bare or not, is only
+//! read), its Dockerfile built, the image pushed. What `pipeline` does on every push and
+//! what minipaas's git deploys do, with each step's output handed to one progress
+//! callback.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), keelson_examples::git_build::GitBuildError> {
+//! use keelson_examples::git_build::{build_commit, CommitBuild};
+//! let images = keelson_scheduler::DockerImages::connect().await?;
+//! let build = CommitBuild::new("/srv/git/shop.git", "main", "127.0.0.1:5000/shop");
+//! let built = build_commit(&images, &build, &mut |line| eprintln!("{line}")).await?;
+//! println!("{} is {}", built.image, built.commit);
+//! # Ok(())
+//! # }
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use keelson_scheduler::{BuildRequest, DockerImages, RegistryAuth};
+
+/// Why a commit could not become an image.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GitBuildError {
+    /// git could not read the commit.
+    #[error("git: {0}")]
+    Git(String),
+    /// The commit has no Dockerfile where expected.
+    #[error("commit {commit}: no {dockerfile} at the top of its tree")]
+    NoDockerfile {
+        /// The commit.
+        commit: String,
+        /// The Dockerfile looked for.
+        dockerfile: String,
+    },
+    /// Building or pushing failed (the error carries the build's last lines).
+    #[error(transparent)]
+    Image(#[from] keelson_scheduler::Error),
+    /// A local file operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// What to build.
+#[derive(Clone, Debug)]
+pub struct CommitBuild {
+    /// The repository (a bare one, or a checkout's `.git`).
+    pub repo: PathBuf,
+    /// A commit, branch or tag.
+    pub rev: String,
+    /// The image's repository, with its registry (`127.0.0.1:5000/shop`); the tag is
+    /// the commit's first 12 hex digits.
+    pub repository: String,
+    /// The Dockerfile, relative to the tree's top (default `Dockerfile`).
+    pub dockerfile: String,
+    /// Credentials for the registry.
+    pub auth: Option<RegistryAuth>,
+    /// Labels on the image (the commit is always one: `keelson.git.commit`).
+    pub labels: Vec<(String, String)>,
+}
+
+impl CommitBuild {
+    /// Builds `rev` of `repo` as `repository:<commit>`.
+    pub fn new(repo: impl Into<PathBuf>, rev: impl Into<String>, repository: impl Into<String>) -> Self {
+        CommitBuild {
+            repo: repo.into(),
+            rev: rev.into(),
+            repository: repository.into(),
+            dockerfile: "Dockerfile".into(),
+            auth: None,
+            labels: Vec::new(),
+        }
+    }
+}
+
+/// A built and pushed commit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BuiltCommit {
+    /// The full commit id.
+    pub commit: String,
+    /// The image reference pushed (`repository:<commit[..12]>`).
+    pub image: String,
+    /// The manifest digest the registry took, when the engine said.
+    pub digest: Option<String>,
+    /// The engine's id of the image.
+    pub image_id: String,
+}
+
+fn git(repo: &Path, args: &[&str]) -> Result<Vec<u8>, GitBuildError> {
+    let out = std::process::Command::new("git")
+        .arg("--git-dir")
+        .arg(repo)
+        .args(args)
+        .output()
+        .map_err(|e| GitBuildError::Git(format!("running git: {e}")))?;
+    if !out.status.success() {
+        return Err(GitBuildError::Git(format!("git {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())));
+    }
+    Ok(out.stdout)
+}
+
+/// The full id of `rev` in `repo`.
+pub fn resolve(repo: &Path, rev: &str) -> Result<String, GitBuildError> {
+    let out = git(repo, &["rev-parse", "--verify", "--quiet", &format!("{rev}^{{commit}}")])?;
+    Ok(String::from_utf8_lossy(&out).trim().to_owned())
+}
+
+/// Exports the tree of `commit` into `into` (which should be empty).
+pub fn export_commit(repo: &Path, commit: &str, into: &Path) -> Result<(), GitBuildError> {
+    let tar = git(repo, &["archive", "--format=tar", commit])?;
+    let mut archive = tar::Archive::new(std::io::Cursor::new(tar));
+    archive.set_preserve_permissions(true);
+    archive.unpack(into).map_err(|source| GitBuildError::Io { context: format!("unpacking {commit} into {}", into.display()), source })
+}
+
+/// Exports `build.rev`, builds its Dockerfile and pushes the image; every line of the
+/// build and the push goes to `progress`.
+pub async fn build_commit(
+    images: &DockerImages,
+    build: &CommitBuild,
+    progress: &mut (dyn FnMut(&str) + Send),
+) -> Result<BuiltCommit, GitBuildError> {
+    let commit = resolve(&build.repo, &build.rev)?;
+    let tree = tempfile::tempdir().map_err(|source| GitBuildError::Io { context: "a folder for the commit's tree".into(), source })?;
+    progress(&format!("checking out {}", &commit[..12.min(commit.len())]));
+    export_commit(&build.repo, &commit, tree.path())?;
+    if !tree.path().join(&build.dockerfile).is_file() {
+        return Err(GitBuildError::NoDockerfile { commit, dockerfile: build.dockerfile.clone() });
+    }
+    let image = format!("{}:{}", build.repository, &commit[..12.min(commit.len())]);
+    let mut request =
+        BuildRequest::new(tree.path(), &image).with_dockerfile(build.dockerfile.clone()).with_label("keelson.git.commit", &commit);
+    for (k, v) in &build.labels {
+        request = request.with_label(k, v);
+    }
+    progress(&format!("building {image}"));
+    let image_id = images.build(&request, progress).await?;
+    progress(&format!("pushing {image}"));
+    let digest = images.push(&image, build.auth.as_ref(), progress).await?;
+    Ok(BuiltCommit { commit, image, digest, image_id })
+}
