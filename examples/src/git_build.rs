@@ -34,6 +34,17 @@ pub enum GitBuildError {
         /// The Dockerfile looked for.
         dockerfile: String,
     },
+    /// The registry refused the credentials (checked before building: the engine
+    /// retries a refused push for most of a minute before it gives up).
+    #[error("registry {registry} refused the credentials of {user:?}: {reason}")]
+    Refused {
+        /// The registry.
+        registry: String,
+        /// The user.
+        user: String,
+        /// What it answered.
+        reason: String,
+    },
     /// Building or pushing failed (the error carries the build's last lines).
     #[error(transparent)]
     Image(#[from] keelson_scheduler::Error),
@@ -119,6 +130,28 @@ pub fn export_commit(repo: &Path, commit: &str, into: &Path) -> Result<(), GitBu
     archive.unpack(into).map_err(|source| GitBuildError::Io { context: format!("unpacking {commit} into {}", into.display()), source })
 }
 
+/// Asks the registry whether `auth` may push to `repository` (a token or basic-auth
+/// round trip on `/v2/`), so that wrong credentials fail at once.
+pub async fn check_credentials(auth: &RegistryAuth, repository: &str) -> Result<(), GitBuildError> {
+    let refused = |reason: String| GitBuildError::Refused { registry: auth.server.clone(), user: auth.username.clone(), reason };
+    // The engine speaks plain HTTP only to registries on loopback; so does this check.
+    let host = auth.server.rsplit_once(':').map_or(auth.server.as_str(), |(h, _)| h);
+    let scheme = if host == "localhost" || host.starts_with("127.") || host == "[::1]" { "http" } else { "https" };
+    let client = keelson_registry::client::Client::new(
+        &format!("{scheme}://{}", auth.server),
+        Some(keelson_registry::client::Credentials::new(auth.username.clone(), auth.password())),
+        keelson_registry::client::ClientConfig::default(),
+    )
+    .map_err(|e| refused(e.to_string()))?;
+    let path = repository.split_once('/').map_or("", |(_, p)| p);
+    let scopes = [format!("repository:{path}:push,pull")];
+    let answer = client.raw(http::Method::GET, "/v2/", &[], bytes::Bytes::new(), &scopes).await.map_err(|e| refused(e.to_string()))?;
+    match answer.status {
+        s if s.is_success() => Ok(()),
+        s => Err(refused(format!("{s} on /v2/"))),
+    }
+}
+
 /// Exports `build.rev`, builds its Dockerfile and pushes the image; every line of the
 /// build and the push goes to `progress`.
 pub async fn build_commit(
@@ -127,6 +160,9 @@ pub async fn build_commit(
     progress: &mut (dyn FnMut(&str) + Send),
 ) -> Result<BuiltCommit, GitBuildError> {
     let commit = resolve(&build.repo, &build.rev)?;
+    if let Some(auth) = &build.auth {
+        check_credentials(auth, &build.repository).await?;
+    }
     let tree = tempfile::tempdir().map_err(|source| GitBuildError::Io { context: "a folder for the commit's tree".into(), source })?;
     progress(&format!("checking out {}", &commit[..12.min(commit.len())]));
     export_commit(&build.repo, &commit, tree.path())?;

@@ -1,7 +1,7 @@
 //! From a commit to an image in keelson's registry (`git_build`), on the Docker Engine
 //! here and the `registry` binary with basic auth: a commit of a bare repository is
 //! exported, built and pushed, and the registry then holds its manifest; a wrong password
-//! is `Denied`; a commit without a Dockerfile and a ref that does not exist are errors
+//! is refused before anything is built; a commit without a Dockerfile and a ref that does not exist are errors
 //! naming them. Images and processes go at the end, also when the test fails.
 #![cfg(feature = "docker")]
 
@@ -108,11 +108,15 @@ async fn a_commit_is_built_and_pushed_to_the_keelson_registry() {
     let (digest, _, _) = client.manifest(&repo, &head[..12]).await.expect("the manifest is in the registry");
     assert_eq!(Some(digest.to_string()), built.digest);
 
-    // A wrong password is refused as such.
+    // A wrong password is refused as such, before anything is built.
     build.auth = Some(RegistryAuth::new(&registry, "builder", "wrong").expect("auth"));
-    let err = build_commit(&images, &build, &mut |_| {}).await.expect_err("refused");
-    assert!(matches!(err, GitBuildError::Image(keelson_scheduler::Error::Denied { .. })), "{err:?}");
+    let mut lines = Vec::new();
+    let err = build_commit(&images, &build, &mut |l| lines.push(l.to_owned())).await.expect_err("refused");
+    assert!(matches!(err, GitBuildError::Refused { ref user, .. } if user == "builder"), "{err:?}");
+    assert!(!err.to_string().contains("wrong"), "the password is not in the error: {err}");
+    assert!(lines.is_empty(), "nothing built: {lines:?}");
     // No Dockerfile in that commit; a ref that is not there.
+    build.auth = Some(RegistryAuth::new(&registry, "builder", "build-pw").expect("auth"));
     build.rev = bare_commit.clone();
     match build_commit(&images, &build, &mut |_| {}).await {
         Err(GitBuildError::NoDockerfile { commit, .. }) => assert_eq!(commit, bare_commit),

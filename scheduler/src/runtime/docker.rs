@@ -81,6 +81,11 @@ impl RegistryAuth {
         Ok(RegistryAuth { server, username: username.into(), password: password.into() })
     }
 
+    /// The password (for a client that checks the credentials before the engine uses them).
+    pub fn password(&self) -> &str {
+        &self.password
+    }
+
     /// What the engine takes with a pull or a push.
     pub(crate) fn credentials(&self) -> bollard::auth::DockerCredentials {
         bollard::auth::DockerCredentials {

@@ -230,7 +230,9 @@ impl DockerImages {
     /// given (it must be for the image's registry); each status line (a layer pushing,
     /// pushed, mounted) goes to `progress`. Returns the manifest digest the registry
     /// took, as the engine reports it. A refusal is [`Error::Denied`]; any other failure
-    /// [`Error::Unavailable`] naming the image.
+    /// [`Error::Unavailable`] naming the image. The engine retries a refused push for
+    /// most of a minute (its `max-upload-attempts` with back-off) before it reports the
+    /// refusal: check credentials with the registry first where that matters.
     pub async fn push(&self, image: &str, auth: Option<&RegistryAuth>, progress: &mut (dyn FnMut(&str) + Send)) -> Result<Option<String>> {
         let registry = image_registry(image)
             .ok_or_else(|| Error::invalid("image", image, "names no registry: expected host[:port]/repository:tag"))?;
