@@ -6,10 +6,10 @@
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), keelson_examples::git_build::GitBuildError> {
-//! use keelson_examples::git_build::{build_commit, CommitBuild};
+//! use keelson_examples::git_build::{build_and_push, CommitBuild};
 //! let images = keelson_scheduler::DockerImages::connect().await?;
 //! let build = CommitBuild::new("/srv/git/shop.git", "main", "127.0.0.1:5000/shop");
-//! let built = build_commit(&images, &build, &mut |line| eprintln!("{line}")).await?;
+//! let built = build_and_push(&images, &build, &mut |line| eprintln!("{line}")).await?;
 //! println!("{} is {}", built.image, built.commit);
 //! # Ok(())
 //! # }
@@ -152,13 +152,28 @@ pub async fn check_credentials(auth: &RegistryAuth, repository: &str) -> Result<
     }
 }
 
-/// Exports `build.rev`, builds its Dockerfile and pushes the image; every line of the
-/// build and the push goes to `progress`.
+/// A commit built on the local engine, with its tree (kept while the value lives, for
+/// tests that read it).
+#[derive(Debug)]
+pub struct LocalBuild {
+    /// The full commit id.
+    pub commit: String,
+    /// The image reference (`repository:<commit[..12]>`).
+    pub image: String,
+    /// The engine's id of the image.
+    pub image_id: String,
+    /// The commit's tree.
+    pub tree: tempfile::TempDir,
+}
+
+/// Exports `build.rev` and builds its Dockerfile on the local engine (after checking the
+/// registry credentials, so a push would not be refused after a long build); every line
+/// goes to `progress`.
 pub async fn build_commit(
     images: &DockerImages,
     build: &CommitBuild,
     progress: &mut (dyn FnMut(&str) + Send),
-) -> Result<BuiltCommit, GitBuildError> {
+) -> Result<LocalBuild, GitBuildError> {
     let commit = resolve(&build.repo, &build.rev)?;
     if let Some(auth) = &build.auth {
         check_credentials(auth, &build.repository).await?;
@@ -177,7 +192,28 @@ pub async fn build_commit(
     }
     progress(&format!("building {image}"));
     let image_id = images.build(&request, progress).await?;
-    progress(&format!("pushing {image}"));
-    let digest = images.push(&image, build.auth.as_ref(), progress).await?;
-    Ok(BuiltCommit { commit, image, digest, image_id })
+    Ok(LocalBuild { commit, image, image_id, tree })
+}
+
+/// Pushes a local build to its registry.
+pub async fn push_build(
+    images: &DockerImages,
+    local: &LocalBuild,
+    auth: Option<&RegistryAuth>,
+    progress: &mut (dyn FnMut(&str) + Send),
+) -> Result<BuiltCommit, GitBuildError> {
+    progress(&format!("pushing {}", local.image));
+    let digest = images.push(&local.image, auth, progress).await?;
+    Ok(BuiltCommit { commit: local.commit.clone(), image: local.image.clone(), digest, image_id: local.image_id.clone() })
+}
+
+/// Exports `build.rev`, builds its Dockerfile and pushes the image: [`build_commit`]
+/// then [`push_build`].
+pub async fn build_and_push(
+    images: &DockerImages,
+    build: &CommitBuild,
+    progress: &mut (dyn FnMut(&str) + Send),
+) -> Result<BuiltCommit, GitBuildError> {
+    let local = build_commit(images, build, progress).await?;
+    push_build(images, &local, build.auth.as_ref(), progress).await
 }

@@ -37,6 +37,8 @@ pub mod logs_client;
 pub mod metrics_http;
 pub mod minipaas;
 #[cfg(feature = "docker")]
+pub mod pipeline;
+#[cfg(feature = "docker")]
 pub mod testgrid;
 
 /// Logs of the interactive tools (`minipaas demo`): `tracing` events on stderr, filtered

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use keelson_examples::git_build::{build_commit, CommitBuild, GitBuildError};
+use keelson_examples::git_build::{build_and_push, CommitBuild, GitBuildError};
 use keelson_scheduler::{DockerImages, RegistryAuth};
 
 struct Proc(Child);
@@ -91,7 +91,7 @@ async fn a_commit_is_built_and_pushed_to_the_keelson_registry() {
     build.labels.push(("keelson.test.git-build".into(), pid.clone()));
     build.auth = Some(RegistryAuth::new(&registry, "builder", "build-pw").expect("auth"));
     let mut lines = Vec::new();
-    let built = build_commit(&images, &build, &mut |l| lines.push(l.to_owned())).await.expect("built and pushed");
+    let built = build_and_push(&images, &build, &mut |l| lines.push(l.to_owned())).await.expect("built and pushed");
     assert_eq!(built.commit, head);
     assert_eq!(built.image, format!("{registry}/apps/hello:{}", &head[..12]));
     assert!(built.digest.as_deref().is_some_and(|d| d.starts_with("sha256:")), "{built:?}");
@@ -111,18 +111,18 @@ async fn a_commit_is_built_and_pushed_to_the_keelson_registry() {
     // A wrong password is refused as such, before anything is built.
     build.auth = Some(RegistryAuth::new(&registry, "builder", "wrong").expect("auth"));
     let mut lines = Vec::new();
-    let err = build_commit(&images, &build, &mut |l| lines.push(l.to_owned())).await.expect_err("refused");
+    let err = build_and_push(&images, &build, &mut |l| lines.push(l.to_owned())).await.expect_err("refused");
     assert!(matches!(err, GitBuildError::Refused { ref user, .. } if user == "builder"), "{err:?}");
     assert!(!err.to_string().contains("wrong"), "the password is not in the error: {err}");
     assert!(lines.is_empty(), "nothing built: {lines:?}");
     // No Dockerfile in that commit; a ref that is not there.
     build.auth = Some(RegistryAuth::new(&registry, "builder", "build-pw").expect("auth"));
     build.rev = bare_commit.clone();
-    match build_commit(&images, &build, &mut |_| {}).await {
+    match build_and_push(&images, &build, &mut |_| {}).await {
         Err(GitBuildError::NoDockerfile { commit, .. }) => assert_eq!(commit, bare_commit),
         other => panic!("expected NoDockerfile, got {other:?}"),
     }
     build.rev = "no-such-branch".into();
-    let err = build_commit(&images, &build, &mut |_| {}).await.expect_err("no such ref");
+    let err = build_and_push(&images, &build, &mut |_| {}).await.expect_err("no such ref");
     assert!(matches!(err, GitBuildError::Git(ref m) if m.contains("no-such-branch")), "{err:?}");
 }
