@@ -38,6 +38,7 @@ pub mod metrics_http;
 pub mod minipaas;
 #[cfg(feature = "docker")]
 pub mod pipeline;
+pub mod pipeline_runs;
 #[cfg(feature = "docker")]
 pub mod testgrid;
 

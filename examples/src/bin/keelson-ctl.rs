@@ -21,6 +21,8 @@
 //! keelson-ctl run migrate.json               # a RunSpec
 //! keelson-ctl result migrate-42
 //! keelson-ctl logs shop http --follow --since 10m --logd http://127.0.0.1:7070 --token-file logd.token
+//! keelson-ctl pipeline [shop]                # pipeline runs: commit, outcome, version, steps
+//! keelson-ctl logs pipeline shop             # what the pipeline's runs of job shop logged
 //! ```
 //!
 //! etcd comes from `--etcd` or `KEELSON_ETCD_ENDPOINTS` (and the TLS and credential
@@ -137,6 +139,11 @@ enum Command {
     Result { id: String },
     /// Prints a job's output (every group, or one) from logd.
     Logs(LogsArgs),
+    /// Lists pipeline runs (every job's, or one's): commit, outcome, version, steps.
+    Pipeline {
+        /// Only this job's runs.
+        job: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -247,6 +254,11 @@ async fn run(args: Args) -> Done {
         return Err("--etcd (or KEELSON_ETCD_ENDPOINTS) is required".into());
     }
     let kv: Arc<dyn KeyValue> = Arc::new(args.etcd.connect().await?);
+    if let Command::Pipeline { job } = &command {
+        let runs = keelson_examples::pipeline_runs::RunLog::new(kv, &args.root, None).list(job.as_deref()).await?;
+        show(args.json, &runs, || keelson_examples::pipeline_runs::runs_table(&runs))?;
+        return Ok(None);
+    }
     let store = ClusterStore::new(kv, args.root);
     let json = args.json;
     let err = |e: keelson_scheduler::Error| e.to_string();
@@ -377,7 +389,7 @@ async fn run(args: Args) -> Done {
             show(true, &result, String::new)?;
             Ok(None)
         }
-        Command::Logs(_) => Ok(None),
+        Command::Logs(_) | Command::Pipeline { .. } => Ok(None),
     }
 }
 

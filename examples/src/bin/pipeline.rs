@@ -20,8 +20,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use keelson_examples::pipeline::record::RunLog;
 use keelson_examples::pipeline::{status, Pipeline};
+use keelson_examples::pipeline_runs::RunLog;
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Build, test, push and deploy every new commit of a branch")]

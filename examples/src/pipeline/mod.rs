@@ -10,10 +10,9 @@
 //! test stops the run before any push; a version failing its health gates is rolled back
 //! by the controller (`auto_rollback`), and the run says so.
 //!
-//! Every run is kept in the cluster's `KeyValue` ([`record`]) and its log shipped to
+//! Every run is kept in the cluster's `KeyValue` ([`pipeline_runs`](crate::pipeline_runs)) and its log shipped to
 //! logd; the status endpoint ([`status`]) serves both as JSON.
 
-pub mod record;
 pub mod status;
 
 use std::path::PathBuf;
@@ -23,8 +22,8 @@ use keelson_logship::Stream;
 use keelson_scheduler::{ClusterStore, DockerImages, Gates, GroupSpec, Phase, RegistryAuth, Strategy};
 use serde::{Deserialize, Serialize};
 
-use self::record::{Outcome, PipelineRun, RunLog, Step, StepState};
 use crate::git_build::{build_commit, push_build, CommitBuild};
+use crate::pipeline_runs::{Outcome, PipelineRun, RunLog, Step, StepState};
 
 /// The file at the top of a commit that says what to deploy.
 pub const DEPLOY_FILE: &str = "keelson.json";

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::Full;
 
-use super::record::RunLog;
+use crate::pipeline_runs::RunLog;
 
 fn json(status: u16, body: String) -> hyper::Response<Full<Bytes>> {
     let mut r = hyper::Response::new(Full::new(Bytes::from(body)));

@@ -126,3 +126,31 @@ impl RunLog {
         }
     }
 }
+
+/// Runs as a table for people: id, commit, outcome, version, each step with its time.
+pub fn runs_table(runs: &[PipelineRun]) -> String {
+    let mut table = crate::ctl::table::Table::new(&["run", "commit", "outcome", "version", "steps", "served after"]);
+    for r in runs {
+        let steps: Vec<String> = r
+            .steps
+            .iter()
+            .map(|s| {
+                let mark = match s.state {
+                    StepState::Running => "…",
+                    StepState::Passed => "ok",
+                    StepState::Failed => "FAILED",
+                };
+                format!("{} {mark} {:.1}s", s.name, s.seconds)
+            })
+            .collect();
+        table.row(vec![
+            r.id.clone(),
+            r.commit.chars().take(12).collect(),
+            serde_json::to_value(&r.outcome).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default(),
+            r.version.map(|v| format!("v{v}")).unwrap_or_default(),
+            steps.join(", "),
+            r.served_after.map(|s| format!("{s:.1}s")).unwrap_or_default(),
+        ]);
+    }
+    table.render()
+}
