@@ -34,19 +34,6 @@ impl Drop for EngineCleanup {
     }
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for entry in std::fs::read_dir(from).expect("read fixture") {
-        let entry = entry.expect("entry");
-        let target = to.join(entry.file_name());
-        if entry.file_type().expect("type").is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).expect("copy");
-        }
-    }
-}
-
 fn git(dir: &Path, args: &[&str]) {
     let out = Command::new("git")
         .arg("-C")
@@ -82,7 +69,7 @@ async fn testgrid_runs_a_suite_in_parallel_from_a_snapshot_and_reports_every_tes
     let _cleanup = EngineCleanup;
     let work = tempfile::tempdir().expect("dir");
     let suite: PathBuf = work.path().join("suite");
-    copy_dir(Path::new(FIXTURE), &suite);
+    keelson_testkit::copy_dir(Path::new(FIXTURE), &suite).expect("fixture");
     let dockerfile = suite.join("baseline/Dockerfile");
     let recipe = std::fs::read_to_string(&dockerfile).expect("Dockerfile").replace("@BUSYBOX@", &busybox);
     std::fs::write(&dockerfile, &recipe).expect("Dockerfile");

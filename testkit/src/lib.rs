@@ -33,4 +33,4 @@ pub mod tls;
 mod tools;
 pub mod unbound;
 
-pub use tools::{free_port, free_ports, require, run, wait_exit, wait_for_tcp, TestkitError};
+pub use tools::{copy_dir, free_port, free_ports, require, run, wait_exit, wait_for_tcp, TestkitError};

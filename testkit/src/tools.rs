@@ -66,6 +66,22 @@ pub fn run(program: &std::path::Path, args: &[&str]) -> Result<String, TestkitEr
     }
 }
 
+/// Copies the folder `from` into `to` (created), recursively: a test's fixture tree
+/// into a temporary folder it may change.
+pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> Result<(), TestkitError> {
+    std::fs::create_dir_all(to).map_err(io(format!("creating {}", to.display())))?;
+    for entry in std::fs::read_dir(from).map_err(io(format!("reading {}", from.display())))? {
+        let entry = entry.map_err(io(format!("reading {}", from.display())))?;
+        let target = to.join(entry.file_name());
+        if entry.file_type().map_err(io(format!("reading {}", entry.path().display())))?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target).map_err(io(format!("copying {}", entry.path().display())))?;
+        }
+    }
+    Ok(())
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> Result<u16, TestkitError> {
     let l = TcpListener::bind("127.0.0.1:0").map_err(io("binding a free port"))?;

@@ -145,33 +145,33 @@ impl RunReport {
         let _ = writeln!(
             xml,
             "  <testsuite name=\"{}\" tests=\"{}\" failures=\"{failures}\" errors=\"0\" skipped=\"{skipped}\" time=\"{:.3}\" timestamp=\"{}\">",
-            xml_esc(&self.suite),
+            esc(&self.suite),
             all.len(),
             self.seconds,
-            xml_esc(&self.started_at)
+            esc(&self.started_at)
         );
         for t in all {
             let class = if self.baseline.as_ref().is_some_and(|b| std::ptr::eq(b, t)) { "baseline" } else { "modules" };
-            let _ = write!(xml, "    <testcase classname=\"testgrid.{class}\" name=\"{}\" time=\"{:.3}\">", xml_esc(&t.name), t.seconds);
+            let _ = write!(xml, "    <testcase classname=\"testgrid.{class}\" name=\"{}\" time=\"{:.3}\">", esc(&t.name), t.seconds);
             match &t.status {
                 Status::Passed => {}
                 Status::Failed { code } => {
                     let code =
                         code.map_or_else(|| "no exit code (a signal, or it could not start)".to_owned(), |c| format!("exit code {c}"));
-                    let _ = write!(xml, "<failure type=\"failed\" message=\"{}\"/>", xml_esc(&code));
+                    let _ = write!(xml, "<failure type=\"failed\" message=\"{}\"/>", esc(&code));
                 }
                 Status::TimedOut => {
                     let _ = write!(xml, "<failure type=\"timeout\" message=\"stopped at its time limit\"/>");
                 }
                 Status::Skipped { reason } => {
-                    let _ = write!(xml, "<skipped message=\"{}\"/>", xml_esc(reason));
+                    let _ = write!(xml, "<skipped message=\"{}\"/>", esc(reason));
                 }
             }
             if !t.stdout.text.is_empty() {
-                let _ = write!(xml, "<system-out>{}</system-out>", xml_esc(&t.stdout.text));
+                let _ = write!(xml, "<system-out>{}</system-out>", esc(&t.stdout.text));
             }
             if !t.stderr.text.is_empty() {
-                let _ = write!(xml, "<system-err>{}</system-err>", xml_esc(&t.stderr.text));
+                let _ = write!(xml, "<system-err>{}</system-err>", esc(&t.stderr.text));
             }
             xml.push_str("</testcase>\n");
         }
@@ -230,7 +230,9 @@ fn stream(page: &mut String, test: &str, which: &str, captured: &Captured) {
     let _ = write!(page, "<pre class=\"{which}\">{}</pre>", esc(shown));
 }
 
-/// Text for HTML element content and attribute values.
+/// Text for HTML and XML 1.0 element content and attribute values: escaped, and the
+/// characters XML cannot hold at all (most control characters, such as a terminal's
+/// escape sequences) shown as `\u{..}`.
 fn esc(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for ch in text.chars() {
@@ -240,22 +242,6 @@ fn esc(text: &str) -> String {
             '>' => out.push_str("&gt;"),
             '"' => out.push_str("&quot;"),
             '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
-/// Text for XML 1.0: escaped, and characters XML cannot hold at all (most control
-/// characters, such as a terminal's escape sequences) shown as `\u{..}`.
-fn xml_esc(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for ch in text.chars() {
-        match ch {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
             '\t' | '\n' | '\r' => out.push(ch),
             c if (c as u32) < 0x20 || matches!(c, '\u{FFFE}' | '\u{FFFF}') => {
                 let _ = write!(out, "\\u{{{:x}}}", c as u32);
@@ -283,6 +269,6 @@ mod tests {
     #[test]
     fn text_is_escaped_for_html_and_xml() {
         assert_eq!(esc("<a href=\"x\">&'"), "&lt;a href=&quot;x&quot;&gt;&amp;&#39;");
-        assert_eq!(xml_esc("a\u{1b}[31mred\tb<"), "a\\u{1b}[31mred\tb&lt;");
+        assert_eq!(esc("a\u{1b}[31mred\tb<"), "a\\u{1b}[31mred\tb&lt;");
     }
 }

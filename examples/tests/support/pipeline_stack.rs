@@ -64,19 +64,6 @@ pub fn git(dir: &Path, args: &[&str]) {
     assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for entry in std::fs::read_dir(from).expect("read fixture") {
-        let entry = entry.expect("entry");
-        let target = to.join(entry.file_name());
-        if entry.file_type().expect("type").is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).expect("copy");
-        }
-    }
-}
-
 /// The running platform. Field order is drop order: the pipeline and the agent stop
 /// before the servers they use.
 pub struct Stack {
@@ -203,7 +190,7 @@ impl Stack {
             ],
             &logs.join("pipeline.log"),
         );
-        copy_dir(Path::new(FIXTURE), &work);
+        keelson_testkit::copy_dir(Path::new(FIXTURE), &work).expect("fixture");
         let dockerfile = std::fs::read_to_string(work.join("Dockerfile")).expect("Dockerfile").replace("@BUSYBOX@", &base);
         std::fs::write(work.join("Dockerfile"), dockerfile).expect("Dockerfile");
         git(&work, &["init", "-q", "-b", "main"]);
