@@ -132,13 +132,15 @@ impl Chromium {
         self.session = Some(session);
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
-            let state = self.eval("document.readyState").await?;
-            let here = self.eval("location.href").await?;
-            if state == json!("complete") && here != json!("about:blank") {
+            // One evaluation, so both facts are of the same document: read apart, the
+            // state could be the blank page's and the address the new page's, still
+            // loading.
+            let seen = self.eval("[document.readyState, location.href]").await?;
+            if seen[0] == json!("complete") && seen[1] != json!("about:blank") {
                 return Ok(());
             }
             if std::time::Instant::now() > deadline {
-                return Err(failed("opening a page", format!("{url} did not load within 20 s (state {state}, at {here})")));
+                return Err(failed("opening a page", format!("{url} did not load within 20 s (state and address: {seen})")));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
