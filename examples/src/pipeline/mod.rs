@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use keelson_logship::Stream;
-use keelson_scheduler::{ClusterStore, DockerImages, Gates, GroupSpec, Phase, RegistryAuth, Strategy};
+use keelson_scheduler::{AllocStatus, ClusterStore, DockerImages, Gates, GroupSpec, Phase, RegistryAuth, Strategy};
 use serde::{Deserialize, Serialize};
 
 use crate::git_build::{build_commit, push_build, CommitBuild};
@@ -251,20 +251,33 @@ impl Pipeline {
             };
             if state.deployment.is_none() {
                 if state.stable == version {
-                    return (Outcome::Deployed, format!("{job}/{name} v{version} runs everywhere"));
+                    // A first version is stable at once: it counts once its instances run.
+                    if self.running(&job, &name, version).await >= state.count {
+                        return (Outcome::Deployed, format!("{job}/{name} v{version} runs everywhere"));
+                    }
+                } else {
+                    return match state.history.iter().rev().find(|h| h.to == version).map(|h| &h.outcome) {
+                        Some(Phase::RolledBack { reason }) => (Outcome::RolledBack, format!("v{version} rolled back: {reason}")),
+                        Some(Phase::Failed { reason }) => (Outcome::Failed, format!("v{version}: {reason}")),
+                        _ => (Outcome::Failed, format!("v{version}: the group runs v{}", state.stable)),
+                    };
                 }
-                let why = match state.history.iter().rev().find(|h| h.to == version).map(|h| &h.outcome) {
-                    Some(Phase::RolledBack { reason }) => return (Outcome::RolledBack, format!("v{version} rolled back: {reason}")),
-                    Some(Phase::Failed { reason }) => reason.clone(),
-                    _ => format!("the group runs v{}", state.stable),
-                };
-                return (Outcome::Failed, format!("v{version}: {why}"));
             }
             if Instant::now() >= deadline {
                 return (Outcome::Failed, format!("v{version} still deploying after {}", humantime::format_duration(self.deploy_timeout)));
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
+    }
+
+    /// How many allocations of `version` of the group run.
+    async fn running(&self, job: &str, group: &str, version: u64) -> u32 {
+        let Ok(view) = self.store.view().await else { return 0 };
+        let running = view
+            .allocations
+            .iter()
+            .filter(|a| a.job == job && a.group == group && a.version == version && a.status == AllocStatus::Running);
+        u32::try_from(running.count()).unwrap_or(u32::MAX)
     }
 
     /// Runs the pipeline for every new commit of the branch, looking every `poll`, until
