@@ -12,6 +12,27 @@
 //!
 //! Every run is kept in the cluster's `KeyValue` ([`pipeline_runs`](crate::pipeline_runs)) and its log shipped to
 //! logd; the status endpoint ([`status`]) serves both as JSON.
+//!
+//! ```no_run
+//! # async fn demo(kv: std::sync::Arc<dyn keelson_discovery::KeyValue>) -> Result<(), Box<dyn std::error::Error>> {
+//! use keelson_examples::pipeline::Pipeline;
+//! use keelson_examples::pipeline_runs::RunLog;
+//! let pipeline = Pipeline {
+//!     repo: "/srv/git/shop.git".into(),
+//!     branch: "main".into(),
+//!     registry: "127.0.0.1:5000".into(),
+//!     registry_auth: None,
+//!     store: keelson_scheduler::ClusterStore::new(kv.clone(), "keelson/cluster"),
+//!     runs: RunLog::new(kv, "keelson/cluster", None),
+//!     images: keelson_scheduler::DockerImages::connect().await?,
+//!     deploy_timeout: std::time::Duration::from_secs(300),
+//! };
+//! let head = pipeline.head()?;
+//! let run = pipeline.run_commit(&head, 1).await;
+//! println!("{}: {:?}", run.id, run.outcome);
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod status;
 

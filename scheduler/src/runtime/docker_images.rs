@@ -2,6 +2,19 @@
 //! snapshotting the result of a setup command (run in a container from a base image, then
 //! committed). What a test grid's baseline and a pipeline's build step need, with the
 //! build's progress handed to the caller line by line.
+//!
+//! ```no_run
+//! # async fn demo() -> keelson_scheduler::Result<()> {
+//! use keelson_scheduler::{BuildRequest, DockerImages, RegistryAuth};
+//! let images = DockerImages::connect().await?;
+//! let request = BuildRequest::new("./app", "127.0.0.1:5000/shop:v1").with_label("team", "shop");
+//! let id = images.build(&request, &mut |line| eprintln!("{line}")).await?;
+//! let auth = RegistryAuth::new("127.0.0.1:5000", "ci", "secret-from-a-file")?;
+//! let digest = images.push("127.0.0.1:5000/shop:v1", Some(&auth), &mut |line| eprintln!("{line}")).await?;
+//! println!("{id} pushed as {digest:?}");
+//! # Ok(())
+//! # }
+//! ```
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
