@@ -28,6 +28,7 @@ fn bin(name: &str) -> PathBuf {
         "edge" => env!("CARGO_BIN_EXE_edge"),
         "pipeline" => env!("CARGO_BIN_EXE_pipeline"),
         "keelson-ctl" => env!("CARGO_BIN_EXE_keelson-ctl"),
+        "testgrid" => env!("CARGO_BIN_EXE_testgrid"),
         other => panic!("no binary {other} in this test"),
     })
 }
@@ -123,4 +124,27 @@ async fn commits_are_built_tested_pushed_deployed_and_served_and_bad_ones_stop_o
         !std::fs::read_to_string(stack.logs.join("pipeline.log")).unwrap_or_default().contains("ci-pw"),
         "the password stays out of logs"
     );
+
+    // testgrid on the same cluster: its tests are one-off runs placed on the node agent,
+    // their whole output read back from the logd the agent ships to.
+    let suite = stack.work.parent().expect("dir").join("grid");
+    keelson_testkit::copy_dir(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/testgrid")), &suite)
+        .expect("fixture");
+    let busybox = keelson_testkit::docker::busybox_image().expect("busybox image");
+    let recipe = std::fs::read_to_string(suite.join("baseline/Dockerfile")).expect("Dockerfile").replace("@BUSYBOX@", &busybox);
+    std::fs::write(suite.join("baseline/Dockerfile"), recipe).expect("Dockerfile");
+    let out = std::process::Command::new(bin("testgrid"))
+        .args(["full", suite.to_str().expect("utf8"), "--workers", "2", "--etcd", &stack.etcd_url])
+        .args(["--logd", &format!("http://{}", stack.logd), "--logd-token-file", stack.logd_token_file.to_str().expect("utf8")])
+        .output()
+        .expect("testgrid");
+    assert_eq!(out.status.code(), Some(1), "a failed and a timed-out test\n{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(suite.join(".testgrid/report/report.json")).expect("report")).expect("json");
+    let tests = report["tests"].as_array().expect("tests");
+    assert!(tests.iter().all(|t| t["node"] == stack.node.as_str()), "every test ran on the cluster's node: {tests:?}");
+    let chatty = tests.iter().find(|t| t["name"] == "chatty").expect("chatty");
+    assert_eq!(chatty["stdout"]["lines"], 20_000, "the whole output, from the cluster's logd");
+    let fails = tests.iter().find(|t| t["name"] == "fails").expect("fails");
+    assert_eq!(fails["stderr"]["text"], "config error: /etc/app.conf is missing");
 }

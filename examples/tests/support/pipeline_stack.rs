@@ -80,9 +80,12 @@ pub struct Stack {
     pub edge: SocketAddr,
     /// The pipeline's status endpoint.
     pub status: SocketAddr,
-    /// logd (`127.0.0.1:port`) and its token.
+    /// logd (`127.0.0.1:port`), its token and the file holding it.
     pub logd: String,
     pub logd_token: String,
+    pub logd_token_file: PathBuf,
+    /// The node agent's node.
+    pub node: String,
     /// The registry (`127.0.0.1:port`).
     pub registry: String,
     /// The working copy commits are made in (the fixture app, on branch main).
@@ -207,6 +210,8 @@ impl Stack {
             status,
             logd,
             logd_token,
+            logd_token_file: token,
+            node,
             registry,
             work,
             bare,
