@@ -161,3 +161,32 @@ impl ConsulArgs {
         Ok(Some(config))
     }
 }
+
+/// Where the platform's log server is, for tools that read from it or write to it
+/// (`testgrid --etcd`, `pipeline`).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct LogdArgs {
+    /// logd (`http://host:port`).
+    #[arg(long, env = "KEELSON_LOGD")]
+    pub logd: Option<String>,
+    /// A file holding logd's bearer token.
+    #[arg(long, env = "KEELSON_LOGD_TOKEN_FILE")]
+    pub logd_token_file: Option<PathBuf>,
+}
+
+impl LogdArgs {
+    /// The token, read from its file.
+    pub fn token(&self) -> Result<Option<String>, String> {
+        self.logd_token_file.as_deref().map(crate::logs_client::read_token).transpose()
+    }
+
+    /// A sink pushing to logd, if one was given.
+    pub fn sink(&self) -> Result<Option<std::sync::Arc<dyn keelson_logship::Sink>>, String> {
+        let Some(url) = &self.logd else { return Ok(None) };
+        let mut options = keelson_logship::SinkOptions::default();
+        options.bearer_token = self.token()?;
+        let sink = keelson_logship::sink_from_url(&format!("{}/v1/push", url.trim_end_matches('/')), &options)
+            .map_err(|e| format!("--logd: {e}"))?;
+        Ok(Some(sink))
+    }
+}

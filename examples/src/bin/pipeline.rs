@@ -43,12 +43,9 @@ struct Args {
     /// Root of the cluster state keys (as given to the node agents).
     #[arg(long, default_value = "keelson/cluster", env = "KEELSON_ROOT")]
     root: String,
-    /// logd, where each run's log goes (`http://host:port`).
-    #[arg(long, env = "KEELSON_LOGD")]
-    logd: Option<String>,
-    /// A file holding logd's bearer token.
-    #[arg(long, env = "KEELSON_LOGD_TOKEN_FILE")]
-    logd_token_file: Option<PathBuf>,
+    /// logd, where each run's log goes.
+    #[command(flatten)]
+    logd: keelson_examples::backends::LogdArgs,
     /// Where the status endpoint listens.
     #[arg(long, default_value = "127.0.0.1:7090")]
     listen: SocketAddr,
@@ -75,17 +72,7 @@ async fn run(args: Args) -> Result<(), String> {
     };
     let kv: Arc<dyn keelson_discovery::KeyValue> = Arc::new(args.etcd.connect_waiting().await?);
     let store = keelson_scheduler::ClusterStore::new(kv.clone(), args.root.clone());
-    let sink = match &args.logd {
-        Some(url) => {
-            let mut options = keelson_logship::SinkOptions::default();
-            options.bearer_token = args.logd_token_file.as_deref().map(keelson_examples::logs_client::read_token).transpose()?;
-            Some(
-                keelson_logship::sink_from_url(&format!("{}/v1/push", url.trim_end_matches('/')), &options)
-                    .map_err(|e| format!("--logd: {e}"))?,
-            )
-        }
-        None => None,
-    };
+    let sink = args.logd.sink()?;
     let runs = Arc::new(RunLog::new(kv, &args.root, sink));
     let images = keelson_scheduler::DockerImages::connect().await.map_err(|e| format!("Docker Engine: {e}"))?;
     let pipeline = Pipeline {

@@ -76,23 +76,20 @@ struct ClusterArgs {
     #[arg(long, default_value = "keelson/cluster", env = "KEELSON_ROOT")]
     root: String,
     /// The log server the cluster's agents ship task output to (with --etcd).
-    #[arg(long, env = "KEELSON_LOGD")]
-    logd: Option<String>,
-    /// A file holding logd's bearer token.
-    #[arg(long, env = "KEELSON_LOGD_TOKEN_FILE")]
-    logd_token_file: Option<PathBuf>,
+    #[command(flatten)]
+    logd: keelson_examples::backends::LogdArgs,
 }
 
 async fn cluster_target(args: &ClusterArgs) -> Result<Option<testgrid::runner::Target>, String> {
     #[cfg(feature = "etcd")]
     if !args.etcd.endpoints.is_empty() {
-        let logd = args.logd.clone().ok_or("--etcd needs --logd: the log server the node agents ship to (their --logs-to)")?;
-        let token = args.logd_token_file.as_deref().map(keelson_examples::logs_client::read_token).transpose()?;
+        let logd = args.logd.logd.clone().ok_or("--etcd needs --logd: the log server the node agents ship to (their --logs-to)")?;
+        let token = args.logd.token()?;
         let kv = args.etcd.connect().await?;
         let store = keelson_scheduler::ClusterStore::new(std::sync::Arc::new(kv), args.root.clone());
         return Ok(Some(testgrid::runner::Target { store, logd, logd_token: token }));
     }
-    if args.logd.is_some() {
+    if args.logd.logd.is_some() {
         return Err("--logd is for a cluster given with --etcd; without it testgrid runs its own".into());
     }
     Ok(None)
