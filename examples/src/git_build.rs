@@ -45,6 +45,14 @@ pub enum GitBuildError {
         /// What it answered.
         reason: String,
     },
+    /// The registry could not be asked (down, unreachable, not a registry).
+    #[error("registry {registry}: {reason}")]
+    Registry {
+        /// The registry.
+        registry: String,
+        /// What failed.
+        reason: String,
+    },
     /// Building or pushing failed (the error carries the build's last lines).
     #[error(transparent)]
     Image(#[from] keelson_scheduler::Error),
@@ -142,13 +150,17 @@ pub async fn check_credentials(auth: &RegistryAuth, repository: &str) -> Result<
         Some(keelson_registry::client::Credentials::new(auth.username.clone(), auth.password())),
         keelson_registry::client::ClientConfig::default(),
     )
-    .map_err(|e| refused(e.to_string()))?;
+    .map_err(|e| GitBuildError::Registry { registry: auth.server.clone(), reason: e.to_string() })?;
     let path = repository.split_once('/').map_or("", |(_, p)| p);
     let scopes = [format!("repository:{path}:push,pull")];
-    let answer = client.raw(http::Method::GET, "/v2/", &[], bytes::Bytes::new(), &scopes).await.map_err(|e| refused(e.to_string()))?;
+    let answer = client
+        .raw(http::Method::GET, "/v2/", &[], bytes::Bytes::new(), &scopes)
+        .await
+        .map_err(|e| GitBuildError::Registry { registry: auth.server.clone(), reason: e.to_string() })?;
     match answer.status {
         s if s.is_success() => Ok(()),
-        s => Err(refused(format!("{s} on /v2/"))),
+        s @ (http::StatusCode::UNAUTHORIZED | http::StatusCode::FORBIDDEN) => Err(refused(format!("{s} on /v2/"))),
+        s => Err(GitBuildError::Registry { registry: auth.server.clone(), reason: format!("{s} on /v2/") }),
     }
 }
 

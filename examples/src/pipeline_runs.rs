@@ -70,8 +70,14 @@ pub struct PipelineRun {
     pub version: Option<u64>,
     /// Its steps, in order.
     pub steps: Vec<Step>,
-    /// When the new version was first served, in seconds from the start.
-    pub served_after: Option<f64>,
+    /// When the deployment ended with every instance of the new version running, in
+    /// seconds from the start (edge serves the new version from its first healthy
+    /// instance, earlier).
+    pub deployed_after: Option<f64>,
+    /// Lines of this run's log that logd did not take (it was down or refused them):
+    /// they are gone, and said so here rather than silently.
+    #[serde(default)]
+    pub log_lines_undelivered: u64,
 }
 
 /// Where runs are kept and their logs sent.
@@ -111,25 +117,27 @@ impl RunLog {
         Ok(runs)
     }
 
-    /// Ships `lines` of run `id` of `job` (best effort: a log server that is down costs
-    /// the lines, counted in its sink's metrics, never the run).
-    pub async fn ship(&self, job: &str, id: &str, lines: &[String], stream: Stream) {
-        let Some(sink) = &self.sink else { return };
+    /// Ships `lines` of run `id` of `job`. A log server that is down costs the lines,
+    /// never the run: the error says how many, for the run's record.
+    pub async fn ship(&self, job: &str, id: &str, lines: &[String], stream: Stream) -> Result<(), String> {
+        let Some(sink) = &self.sink else { return Ok(()) };
         if lines.is_empty() {
-            return;
+            return Ok(());
         }
         let labels = Arc::new(Labels::new(format!("pipeline.{job}"), id.to_owned()));
         let records: Vec<Record> =
             lines.iter().map(|l| Record { timestamp: SystemTime::now(), ..Record::new(labels.clone(), stream, l.clone()) }).collect();
-        if let Err(e) = sink.send(&records).await.and(sink.flush().await) {
-            tracing::warn!(run = %id, error = %e, "shipping the run's log");
+        match sink.send(&records).await {
+            Ok(()) => sink.flush().await,
+            Err(e) => Err(e),
         }
+        .map_err(|e| format!("{} lines of run {id} not delivered to logd: {e}", lines.len()))
     }
 }
 
 /// Runs as a table for people: id, commit, outcome, version, each step with its time.
 pub fn runs_table(runs: &[PipelineRun]) -> String {
-    let mut table = crate::ctl::table::Table::new(&["run", "commit", "outcome", "version", "steps", "served after"]);
+    let mut table = crate::ctl::table::Table::new(&["run", "commit", "outcome", "version", "steps", "deployed after"]);
     for r in runs {
         let steps: Vec<String> = r
             .steps
@@ -149,7 +157,7 @@ pub fn runs_table(runs: &[PipelineRun]) -> String {
             serde_json::to_value(&r.outcome).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default(),
             r.version.map(|v| format!("v{v}")).unwrap_or_default(),
             steps.join(", "),
-            r.served_after.map(|s| format!("{s:.1}s")).unwrap_or_default(),
+            r.deployed_after.map(|s| format!("{s:.1}s")).unwrap_or_default(),
         ]);
     }
     table.render()

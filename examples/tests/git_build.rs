@@ -1,7 +1,8 @@
 //! From a commit to an image in keelson's registry (`git_build`), on the Docker Engine
 //! here and the `registry` binary with basic auth: a commit of a bare repository is
 //! exported, built and pushed, and the registry then holds its manifest; a wrong password
-//! is refused before anything is built; a commit without a Dockerfile and a ref that does not exist are errors
+//! is refused before anything is built, a registry that does not answer is said to be
+//! unreachable; a commit without a Dockerfile and a ref that does not exist are errors
 //! naming them. Images and processes go at the end, also when the test fails.
 #![cfg(feature = "docker")]
 
@@ -115,6 +116,13 @@ async fn a_commit_is_built_and_pushed_to_the_keelson_registry() {
     assert!(matches!(err, GitBuildError::Refused { ref user, .. } if user == "builder"), "{err:?}");
     assert!(!err.to_string().contains("wrong"), "the password is not in the error: {err}");
     assert!(lines.is_empty(), "nothing built: {lines:?}");
+    // A registry that does not answer is not a refusal of the credentials.
+    let nowhere = format!("127.0.0.1:{}", keelson_testkit::free_port().expect("port"));
+    let mut elsewhere = CommitBuild::new(&bare, "main", format!("{nowhere}/apps/hello"));
+    elsewhere.auth = Some(RegistryAuth::new(&nowhere, "builder", "build-pw").expect("auth"));
+    let err = build_and_push(&images, &elsewhere, &mut |_| {}).await.expect_err("nothing listens there");
+    assert!(matches!(err, GitBuildError::Registry { ref registry, .. } if *registry == nowhere), "{err:?}");
+
     // No Dockerfile in that commit; a ref that is not there.
     build.auth = Some(RegistryAuth::new(&registry, "builder", "build-pw").expect("auth"));
     build.rev = bare_commit.clone();

@@ -109,6 +109,7 @@ async fn commits_are_built_tested_pushed_deployed_and_served_and_bad_ones_stop_o
     let listed: Vec<serde_json::Value> = serde_json::from_str(&ctl(&["--json", "pipeline", "shop"])).expect("runs as JSON");
     let outcomes: Vec<&str> = listed.iter().filter_map(|r| r["outcome"].as_str()).collect();
     assert_eq!(outcomes, ["deployed", "deployed", "tests_failed", "rolled_back"]);
+    assert!(listed.iter().all(|r| r["log_lines_undelivered"] == 0), "logd took every run's log: {listed:?}");
     let table = ctl(&["pipeline"]);
     assert!(table.contains("shop-3") && table.contains("tests_failed") && table.contains("test FAILED"), "{table}");
 

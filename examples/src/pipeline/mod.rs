@@ -139,8 +139,11 @@ impl Running<'_> {
         }
     }
 
-    async fn log(&self, lines: Vec<String>) {
-        self.pipeline.runs.ship(&self.run.job, &self.run.id, &lines, Stream::Stdout).await;
+    async fn log(&mut self, lines: Vec<String>) {
+        if let Err(e) = self.pipeline.runs.ship(&self.run.job, &self.run.id, &lines, Stream::Stdout).await {
+            tracing::warn!(error = %e, "a run's log lines are lost");
+            self.run.log_lines_undelivered += lines.len() as u64;
+        }
     }
 }
 
@@ -238,7 +241,7 @@ impl Pipeline {
         let (outcome, message) = self.deploy(deploy, &local.image, &mut running.run).await;
         let state = if outcome == Outcome::Deployed { StepState::Passed } else { StepState::Failed };
         if outcome == Outcome::Deployed {
-            running.run.served_after = Some(running.started.elapsed().as_secs_f64());
+            running.run.deployed_after = Some(running.started.elapsed().as_secs_f64());
         }
         running.end_step(state, message, began).await;
         running.finish(outcome).await
@@ -340,7 +343,8 @@ fn new_run(job: &str, commit: &str, n: u64) -> PipelineRun {
         image: None,
         version: None,
         steps: Vec::new(),
-        served_after: None,
+        deployed_after: None,
+        log_lines_undelivered: 0,
     }
 }
 

@@ -31,15 +31,14 @@ pub struct LocalCluster {
     _logs: tempfile::TempDir,
 }
 
-fn random_token() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    (0..4)
-        .map(|_| {
-            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_u64(std::process::id().into());
-            format!("{:016x}", h.finish())
-        })
-        .collect()
+/// 32 bytes from the kernel's random source, as hex: the log server's token for this run.
+fn random_token() -> Result<String, TestgridError> {
+    use std::io::Read;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|source| TestgridError::Io { context: "reading /dev/urandom for the log server's token".into(), source })?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 impl LocalCluster {
@@ -58,7 +57,7 @@ impl LocalCluster {
 
         // The log server, on loopback with a token of this run only.
         let logs = tempfile::tempdir().map_err(|source| TestgridError::Io { context: "the log server's folder".into(), source })?;
-        let token = random_token();
+        let token = random_token()?;
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
             .await
             .map_err(|source| TestgridError::Io { context: "binding the log server".into(), source })?;
