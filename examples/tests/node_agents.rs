@@ -133,6 +133,9 @@ async fn a_killed_agents_work_is_replaced_on_the_other_node_within_ttl_plus_2s()
             volumes: Vec::new(),
             resources: Default::default(),
             restarts: 0,
+            slot: None,
+            address: None,
+            prefer_address: None,
         });
     }
     store.commit(&plan).await.expect("commit");

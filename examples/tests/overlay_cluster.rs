@@ -7,7 +7,7 @@
 //! also when the test fails.
 #![cfg(all(feature = "etcd", feature = "docker"))]
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,15 +37,7 @@ impl Drop for NodeContainers {
 }
 
 fn in_host(host: &Netns, program: &str, args: &[&str], log: &std::path::Path) -> Proc {
-    let log = std::fs::File::create(log).expect("log file");
-    let child = Command::new("ip")
-        .args(["netns", "exec", host.name(), program])
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap_or_else(|e| panic!("{program}: {e}"));
-    Proc(child)
+    Proc(host.spawn(std::path::Path::new(program), args, log).unwrap_or_else(|e| panic!("{e}")))
 }
 
 fn group(job: &str, image: &str, script: &str, service: Option<ServiceSpec>) -> GroupSpec {
@@ -171,6 +163,9 @@ async fn services_on_two_hosts_reach_each_other_over_the_overlay_by_address_name
             volumes: Vec::new(),
             resources: Default::default(),
             restarts: 0,
+            slot: None,
+            address: None,
+            prefer_address: None,
         });
     }
     store.commit(&plan).await.expect("commit");

@@ -1,12 +1,15 @@
 //! `pipeline` end to end with the real binaries: etcd, keelson's registry (basic auth),
-//! logd, a node agent on the Docker Engine here, edge following the catalog, and the
-//! pipeline watching a bare repository (`support/pipeline_stack.rs`). An application
+//! logd, two node agents in network namespaces acting as hosts (their tasks on keelson's
+//! overlay), edge on the first host following the catalog, and the pipeline watching a
+//! bare repository (`support/pipeline_stack.rs`). An application
 //! (`tests/fixtures/pipeline-app`: busybox httpd serving a page, a testgrid suite,
 //! `keelson.json`) is pushed commit by commit: v1 is built, tested, pushed, deployed and
 //! served through edge by name; v2 rolls out while a client calls through edge the whole
 //! time and sees no failed request; a commit whose test fails deploys nothing; a commit
-//! whose health check fails is rolled back by the controller. The status endpoint and
-//! logd show every run. Processes, containers and images go at the end, also when the
+//! whose health check fails is rolled back by the controller; a stop-first update keeps
+//! each task on its host at its overlay address; one that may not use a host moves its
+//! tasks, their addresses change and edge follows. The status endpoint and logd show
+//! every run. Processes, containers, images and namespaces go at the end, also when the
 //! test fails.
 #![cfg(all(feature = "etcd", feature = "docker"))]
 
@@ -18,7 +21,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pipeline_stack::Stack;
+use keelson_scheduler::{AllocStatus, ClusterStore};
+use pipeline_stack::{Hosts, Stack};
 
 fn bin(name: &str) -> PathBuf {
     PathBuf::from(match name {
@@ -37,9 +41,33 @@ fn steps(run: &serde_json::Value) -> Vec<&str> {
     run["steps"].as_array().expect("steps").iter().filter_map(|s| s["name"].as_str()).collect()
 }
 
+/// The running allocations of `version` of the app, by slot: (node, overlay address).
+async fn slots(store: &ClusterStore, version: u64) -> std::collections::BTreeMap<u32, (String, String)> {
+    let view = store.view().await.expect("view");
+    view.allocations
+        .iter()
+        .filter(|a| a.job == "shop" && a.version == version && a.status == AllocStatus::Running)
+        .map(|a| {
+            let address = a.address.map(|ip| ip.to_string()).unwrap_or_default();
+            (a.slot.expect("a slot"), (a.node.clone(), address))
+        })
+        .collect()
+}
+
+/// Rewrites the strategy (and the constraints) of the app's `keelson.json`.
+fn set_deploy(stack: &Stack, strategy: serde_json::Value, constraints: serde_json::Value) {
+    let file = stack.work.join("keelson.json");
+    let mut deploy: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).expect("keelson.json")).expect("json");
+    deploy["strategy"] = strategy;
+    deploy["group"]["desired"]["constraints"] = constraints;
+    std::fs::write(&file, serde_json::to_string_pretty(&deploy).expect("json")).expect("keelson.json");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commits_are_built_tested_pushed_deployed_and_served_and_bad_ones_stop_or_roll_back() {
-    let stack = Stack::start(&bin);
+    let stack = Stack::start(&bin, Hosts::Overlay(2));
+    let kv = keelson_discovery::EtcdKv::connect(keelson_discovery::EtcdConfig::new([stack.etcd_url.clone()])).await.expect("etcd");
+    let store = ClusterStore::new(Arc::new(kv), "keelson/cluster");
 
     // v1: built, tested, pushed, deployed, served by name.
     let pushed = Instant::now();
@@ -93,6 +121,45 @@ async fn commits_are_built_tested_pushed_deployed_and_served_and_bad_ones_stop_o
     assert_eq!(run["version"], 3, "the version after the stable one: the failed test deployed nothing");
     assert_eq!(stack.served().await.as_deref(), Some("v2"));
 
+    // A stop-first update (max surge 0): each slot's task is stopped, then its
+    // replacement goes back to the same host and gets the same overlay address.
+    let before = slots(&store, 2).await;
+    assert_eq!(before.len(), 2, "v2 runs twice: {before:?}");
+    assert!(before.values().all(|(_, ip)| ip.starts_with("10.247.")), "on the overlay: {before:?}");
+    let stop_first = serde_json::json!({"kind": "rolling", "max_surge": 0, "max_unavailable": 1});
+    set_deploy(&stack, stop_first.clone(), serde_json::json!([]));
+    std::fs::write(stack.work.join("www/index.html"), "v5\n").expect("v5");
+    std::fs::write(stack.work.join("www/health"), "ok\n").expect("health");
+    stack.push("v5, stop-first");
+    let run = stack.ended("shop-5").await;
+    assert_eq!(run["outcome"], "deployed", "{run}");
+    assert_eq!(run["version"], 4);
+    stack.until_served("v5", Duration::from_secs(30)).await;
+    let after = slots(&store, 4).await;
+    assert_eq!(after, before, "every slot on its host at its address\n{}", stack.agent_logs());
+
+    // A host the app may no longer use: its slot moves to the other host, on that host's
+    // subnet, and edge follows the new address through the catalog.
+    let (left, _) = before.values().next().expect("a slot").clone();
+    let not_left = serde_json::json!([{"target": "node.id", "op": "!=", "value": left}]);
+    set_deploy(&stack, stop_first, not_left);
+    std::fs::write(stack.work.join("www/index.html"), "v6\n").expect("v6");
+    stack.push("v6, off one host");
+    let run = stack.ended("shop-6").await;
+    assert_eq!(run["outcome"], "deployed", "{run}");
+    stack.until_served("v6", Duration::from_secs(30)).await;
+    let moved = slots(&store, 5).await;
+    assert_eq!(moved.len(), 2, "{moved:?}");
+    for (slot, (node, ip)) in &moved {
+        assert_ne!(node, &left, "slot {slot} left the host");
+        let (was_on, had) = &before[slot];
+        if was_on == &left {
+            assert_ne!(ip, had, "slot {slot} moved host: another subnet, another address");
+        } else {
+            assert_eq!(ip, had, "slot {slot} stayed on its host and kept its address");
+        }
+    }
+
     stop.store(true, Ordering::Relaxed);
     client.await.expect("client");
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
@@ -108,7 +175,7 @@ async fn commits_are_built_tested_pushed_deployed_and_served_and_bad_ones_stop_o
     };
     let listed: Vec<serde_json::Value> = serde_json::from_str(&ctl(&["--json", "pipeline", "shop"])).expect("runs as JSON");
     let outcomes: Vec<&str> = listed.iter().filter_map(|r| r["outcome"].as_str()).collect();
-    assert_eq!(outcomes, ["deployed", "deployed", "tests_failed", "rolled_back"]);
+    assert_eq!(outcomes, ["deployed", "deployed", "tests_failed", "rolled_back", "deployed", "deployed"]);
     assert!(listed.iter().all(|r| r["log_lines_undelivered"] == 0), "logd took every run's log: {listed:?}");
     let table = ctl(&["pipeline"]);
     assert!(table.contains("shop-3") && table.contains("tests_failed") && table.contains("test FAILED"), "{table}");
@@ -143,7 +210,10 @@ async fn commits_are_built_tested_pushed_deployed_and_served_and_bad_ones_stop_o
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(suite.join(".testgrid/report/report.json")).expect("report")).expect("json");
     let tests = report["tests"].as_array().expect("tests");
-    assert!(tests.iter().all(|t| t["node"] == stack.node.as_str()), "every test ran on the cluster's node: {tests:?}");
+    assert!(
+        tests.iter().all(|t| stack.nodes.iter().any(|n| t["node"] == n.as_str())),
+        "every test ran on one of the cluster's nodes: {tests:?}"
+    );
     let chatty = tests.iter().find(|t| t["name"] == "chatty").expect("chatty");
     assert_eq!(chatty["stdout"]["lines"], 20_000, "the whole output, from the cluster's logd");
     let fails = tests.iter().find(|t| t["name"] == "fails").expect("fails");

@@ -29,6 +29,7 @@ pub async fn network_all(d: &dyn NetworkDriver, f: &Fixture<'_>) {
     network_lifecycle(d, f).await;
     network_gc_keeps_only_valid(d, f).await;
     network_rejects_bad_input(d, f).await;
+    network_gives_a_preferred_address_when_free(d, f).await;
     let report = d.gc(&[]).await.unwrap();
     assert!(report.removed.is_empty(), "gc after every scenario cleaned up removes nothing: {report:?}");
 }
@@ -79,6 +80,32 @@ pub async fn network_gc_keeps_only_valid(d: &dyn NetworkDriver, f: &Fixture<'_>)
     let again = d.attach((f.endpoint)(&net, "lose")).await.unwrap();
     d.detach(&again.key()).await.unwrap();
     d.detach(&keep.key()).await.unwrap();
+    d.delete_network(&net).await.unwrap();
+}
+
+/// An endpoint asking for the address another had before it left gets it back (a task
+/// replaced in place keeps its address); one asking for an address in use gets another.
+pub async fn network_gives_a_preferred_address_when_free(d: &dyn NetworkDriver, f: &Fixture<'_>) {
+    if !d.capabilities().isolated_endpoints {
+        // Endpoints share the host's addresses: there is nothing to prefer.
+        return;
+    }
+    let net = unique("p");
+    d.create_network((f.network)(&net, 2)).await.unwrap();
+    let first = d.attach((f.endpoint)(&net, "old")).await.unwrap();
+    let other = d.attach((f.endpoint)(&net, "other")).await.unwrap();
+    let had = first.addresses()[0];
+    d.detach(&first.key()).await.unwrap();
+    let back = d.attach((f.endpoint)(&net, "new").preferring(Some(had))).await.unwrap();
+    assert_eq!(back.addresses(), vec![had], "the replacement gets the address it asked for");
+    let taken = other.addresses()[0];
+    let next = d.attach((f.endpoint)(&net, "next").preferring(Some(taken))).await.unwrap();
+    assert!(!next.addresses().contains(&taken), "an address in use is not given twice: {next:?}");
+    let v6 = (f.endpoint)(&net, "v6").preferring(Some("fd00::5".parse().unwrap()));
+    assert!(matches!(d.attach(v6).await, Err(Error::InvalidInput { field: "address", .. })), "pools are IPv4");
+    for ep in [&back, &other, &next] {
+        d.detach(&ep.key()).await.unwrap();
+    }
     d.delete_network(&net).await.unwrap();
 }
 

@@ -70,6 +70,11 @@ pub struct EndpointSpec {
     /// Ports to publish.
     #[serde(default)]
     pub port_mappings: Vec<PortMapping>,
+    /// The address the endpoint would like (the one it had before a restart or a
+    /// stop-first update): given when it is in the network's pool and free, otherwise the
+    /// endpoint gets the next free one as usual. A hint, never a reason to fail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<std::net::IpAddr>,
 }
 
 fn default_ifname() -> String {
@@ -79,7 +84,14 @@ fn default_ifname() -> String {
 impl EndpointSpec {
     /// An endpoint with no namespace, `eth0`, and no port mappings.
     pub fn new(network: impl Into<String>, id: impl Into<String>) -> Self {
-        EndpointSpec { network: network.into(), id: id.into(), netns: None, ifname: default_ifname(), port_mappings: Vec::new() }
+        EndpointSpec {
+            network: network.into(),
+            id: id.into(),
+            netns: None,
+            ifname: default_ifname(),
+            port_mappings: Vec::new(),
+            address: None,
+        }
     }
 
     /// The same spec in namespace `netns`.
@@ -92,6 +104,26 @@ impl EndpointSpec {
     pub fn publish(mut self, mapping: PortMapping) -> Self {
         self.port_mappings.push(mapping);
         self
+    }
+
+    /// The same spec preferring `address` (see [`EndpointSpec::address`]).
+    pub fn preferring(mut self, address: Option<std::net::IpAddr>) -> Self {
+        self.address = address;
+        self
+    }
+
+    /// The address asked for, as the IPv4 address pools hand out.
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) for an IPv6 one: pools are IPv4.
+    pub fn preferred_v4(&self) -> crate::error::Result<Option<std::net::Ipv4Addr>> {
+        match self.address {
+            None => Ok(None),
+            Some(std::net::IpAddr::V4(a)) => Ok(Some(a)),
+            Some(v6) => Err(crate::Error::InvalidInput {
+                field: "address",
+                value: v6.to_string(),
+                reason: "pools hand out IPv4 addresses only".into(),
+            }),
+        }
     }
 
     /// The same spec with interface `ifname`.

@@ -39,6 +39,30 @@ async fn local_ipam_leases_releases_and_refuses() {
     assert!(matches!(other.forget_network("n").await, Err(Error::Conflict { .. })), "leases still held");
 }
 
+/// A released address asked for again comes back, though the usual order would give the
+/// next one; one held by another, or outside the pool, is a hint ignored.
+async fn a_preferred_address_is_given_when_free(ipam: &dyn Ipam) {
+    let pool = Pool::parse("10.33.0.0/24").unwrap();
+    let a = ipam.allocate(&pool, request("p", "a")).await.unwrap();
+    let b = ipam.allocate(&pool, request("p", "b")).await.unwrap();
+    ipam.release("p", &a.key).await.unwrap();
+    let back = ipam.allocate(&pool, request("p", "a2").preferring(Some(a.address))).await.unwrap();
+    assert_eq!(back.address, a.address, "the address it had");
+    let held = ipam.allocate(&pool, request("p", "c").preferring(Some(b.address))).await.unwrap();
+    assert!(held.address != b.address && held.address != a.address, "held by another: the next free one, {held:?}");
+    let outside = ipam.allocate(&pool, request("p", "d").preferring(Some(Ipv4Addr::new(10, 34, 0, 9)))).await.unwrap();
+    assert!(pool.subnet.contains(&outside.address), "outside the pool: ignored, {outside:?}");
+    let gateway = ipam.allocate(&pool, request("p", "e").preferring(Some(pool.gateway))).await.unwrap();
+    assert_ne!(gateway.address, pool.gateway, "never the gateway");
+    assert_distinct(&ipam.leases("p").await.unwrap());
+}
+
+#[tokio::test]
+async fn local_ipam_gives_a_preferred_address_when_free() {
+    let dir = tempfile::tempdir().unwrap();
+    a_preferred_address_is_given_when_free(&LocalIpam::open(dir.path()).unwrap()).await;
+}
+
 #[tokio::test]
 async fn local_ipam_refuses_a_published_port_twice_across_networks() {
     let dir = tempfile::tempdir().unwrap();
@@ -185,6 +209,12 @@ mod cluster {
     use keelson_discovery::MemoryKv;
     use keelson_netplumb::KvIpam;
     use std::sync::Arc;
+
+    #[tokio::test]
+    async fn kv_ipam_gives_a_preferred_address_when_free() {
+        let kv: Arc<dyn keelson_discovery::KeyValue> = Arc::new(MemoryKv::new());
+        a_preferred_address_is_given_when_free(&KvIpam::new(kv, "keelson/netplumb/ipam")).await;
+    }
 
     #[tokio::test]
     async fn kv_ipam_hosts_racing_never_share_an_address() {

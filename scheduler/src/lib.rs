@@ -143,7 +143,7 @@ pub use placement::state::ClusterState;
 
 // Orchestration.
 pub use orchestrate::cluster_cache::ClusterCache;
-pub use orchestrate::cluster_store::{wall_clock_ms, ClusterStore, ClusterView, NodeMembership, PlanCommit};
+pub use orchestrate::cluster_store::{wall_clock_ms, ClusterStore, ClusterView, NodeMembership, PlanCommit, SlotHome};
 pub use orchestrate::controller::{Controller, DeploymentRecord, GroupState, Leadership, TickReport, CONTROLLER_LOCK_TTL, HISTORY_KEPT};
 pub use orchestrate::deployment::{Action, AllocHealth, AllocView, Deployment, Millis, Phase, Traffic};
 pub use orchestrate::metrics::OrchestrationMetrics;

@@ -42,6 +42,11 @@ pub struct TaskSpec {
     /// A named network to attach to (Docker: a network created beforehand).
     #[serde(default)]
     pub network: Option<String>,
+    /// On a keelson network, the address the task would like (the one its slot had
+    /// before a stop-first update): given when the network has it free, otherwise the
+    /// task gets another. A hint, never a reason to fail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<std::net::IpAddr>,
     /// Restart the task on the node when it fails (none: a failed task stays exited and
     /// the scheduler replaces it).
     #[serde(default)]

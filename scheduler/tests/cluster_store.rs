@@ -24,6 +24,9 @@ fn alloc(id: &str, node: &str) -> AllocRecord {
         volumes: Vec::new(),
         resources: Default::default(),
         restarts: 0,
+        slot: None,
+        address: None,
+        prefer_address: None,
     }
 }
 
@@ -201,6 +204,71 @@ async fn each_replica_keeps_its_own_volume(kv: Arc<dyn KeyValue>) {
     store.forget(&failed).await.expect("forget");
     assert!(store.reschedule(std::slice::from_ref(&db)).await.expect("steady").placed.is_empty());
     assert!(store.volume_home("data-3").await.expect("home").is_none());
+}
+
+/// A slot whose allocation stopped (a stop-first update) goes back to the node it ran on
+/// and asks for the address it had there; with no room on that node it goes elsewhere
+/// and asks for nothing (another host's subnet: the address changes).
+async fn a_replaced_slot_goes_back_to_its_node_and_address(kv: Arc<dyn KeyValue>) {
+    let store = ClusterStore::new(kv, "test/slots");
+    let ttl = Duration::from_secs(30);
+    let mut members = Vec::new();
+    for n in ["n1", "n2", "n3"] {
+        members.push(store.join(&Node::new(n, Resources::new(150, 4096)), ttl).await.expect("join"));
+    }
+    let desired = [web(2)];
+    let first = store.reschedule(&desired).await.expect("place");
+    let mut slots: Vec<Option<u32>> = first.placed.iter().map(|a| a.slot).collect();
+    slots.sort();
+    assert_eq!(slots, [Some(0), Some(1)], "each allocation takes a slot of its own");
+    let old = first.placed.iter().find(|a| a.slot == Some(0)).expect("slot 0").clone();
+    let had: std::net::IpAddr = "10.246.3.7".parse().expect("ip");
+    // Its agent reports it running at its address; then an update stops it and the agent
+    // forgets it once it is gone.
+    store.report(&AllocRecord { status: AllocStatus::Running, address: Some(had), ..old.clone() }).await.expect("report");
+    let seen = store.view().await.expect("view");
+    assert_eq!(seen.allocations.iter().find(|a| a.id == old.id).and_then(|a| a.address), Some(had), "the view shows the address");
+    let stopping = AllocRecord { status: AllocStatus::Stopping, ..old.clone() };
+    let mut plan = seen.plan();
+    plan.put(stopping.clone());
+    store.commit(&plan).await.expect("stop");
+    let forgotten = store.allocations_on(&old.node).await.expect("allocs").into_iter().find(|a| a.id == old.id).expect("still there");
+    assert_eq!(forgotten.address, Some(had), "a stopping allocation keeps its reported address");
+    store.forget(&forgotten).await.expect("forget");
+    let homes = store.slot_homes("web", "http").await.expect("homes");
+    assert_eq!(homes.get(&0).map(|h| (h.node.as_str(), h.address)), Some((old.node.as_str(), Some(had))));
+
+    let back = store.reschedule(&desired).await.expect("replace");
+    assert_eq!(back.placed.len(), 1);
+    let new = &back.placed[0];
+    assert_eq!((new.slot, new.node.as_str(), new.prefer_address), (Some(0), old.node.as_str(), Some(had)), "back home: {new:?}");
+
+    // The same again, with the slot's node full: it goes to the empty node, asking for
+    // no address.
+    let mut plan = store.view().await.expect("view").plan();
+    plan.put(AllocRecord { status: AllocStatus::Stopping, ..new.clone() });
+    store.commit(&plan).await.expect("stop");
+    store.forget(&AllocRecord { address: Some(had), ..new.clone() }).await.expect("forget");
+    let mut plan = store.view().await.expect("view").plan();
+    plan.put(AllocRecord { job: "blocker".into(), group: "b".into(), resources: Resources::new(100, 64), ..alloc("blocker-1", &old.node) });
+    store.commit(&plan).await.expect("fill the slot's node");
+    let moved = store.reschedule(&desired).await.expect("replace elsewhere");
+    assert_eq!(moved.placed.len(), 1);
+    let other = first.placed.iter().find(|a| a.slot == Some(1)).expect("slot 1");
+    assert_eq!(moved.placed[0].slot, Some(0));
+    assert!(moved.placed[0].node != old.node && moved.placed[0].node != other.node, "on the empty node: {:?}", moved.placed[0]);
+    assert_eq!(moved.placed[0].prefer_address, None, "another node, another subnet: no address asked for");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_kv_puts_a_replaced_slot_back_on_its_node_at_its_address() {
+    a_replaced_slot_goes_back_to_its_node_and_address(Arc::new(MemoryKv::new())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_puts_a_replaced_slot_back_on_its_node_at_its_address() {
+    let (_etcd, kv) = etcd().await;
+    a_replaced_slot_goes_back_to_its_node_and_address(kv).await;
 }
 
 /// Groups placed one at a time (one `reschedule` per job, as a bench or a second

@@ -73,5 +73,37 @@ async fn tasks_on_a_keelson_network_get_their_own_address_and_published_ports() 
     driver.stop("kn-1", Duration::from_secs(2)).await.expect("stop");
     assert!(bridge.inspect(&name).await.expect("inspect").endpoints.is_empty(), "the address went back at stop");
     driver.remove("kn-1").await.expect("remove");
+
+    // Its replacement asks for the address it had, and gets it.
+    let again = TaskSpec {
+        image: Some(keelson_testkit::docker::busybox_image().expect("image")),
+        address: Some(ip),
+        ..TaskSpec::new("kn-2", ["/bin/sh", "-c", "exec sleep 60"])
+    }
+    .with_label("keelson.test-run", &run);
+    assert_eq!(driver.start(again).await.expect("start").address, Some(ip), "the address asked for");
+    driver.stop("kn-2", Duration::from_secs(1)).await.expect("stop");
+    driver.remove("kn-2").await.expect("remove");
+
+    // A task that exits before it can be attached ran without its network: it started,
+    // and its exit is its result (a one-off run failing at once, say).
+    let quick = TaskSpec {
+        image: Some(keelson_testkit::docker::busybox_image().expect("image")),
+        ..TaskSpec::new("kn-3", ["/bin/sh", "-c", "echo no config >&2; exit 3"])
+    }
+    .with_label("keelson.test-run", &run);
+    driver.start(quick).await.expect("a task that exits at once still started");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let exited = loop {
+        let s = driver.inspect("kn-3").await.expect("inspect");
+        if s.state.is_exited() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "kn-3 never exited: {s:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(matches!(exited.state, TaskState::Exited { code: Some(3), .. }), "{exited:?}");
+    driver.remove("kn-3").await.expect("remove");
+    assert!(bridge.inspect(&name).await.expect("inspect").endpoints.is_empty(), "nothing stays attached");
     bridge.delete_network(&name).await.expect("delete network");
 }

@@ -55,6 +55,22 @@ impl Netns {
         run(&ip()?, &all)
     }
 
+    /// Starts `program args` inside the namespace (a server playing this host's part),
+    /// its stdout discarded and its stderr into `log`. The caller owns the child.
+    pub fn spawn(&self, program: &std::path::Path, args: &[&str], log: &std::path::Path) -> Result<std::process::Child, TestkitError> {
+        let failed =
+            |e: std::io::Error| TestkitError::Failed { what: format!("{} in {}", program.display(), self.name), detail: e.to_string() };
+        let stderr = std::fs::File::create(log).map_err(failed)?;
+        std::process::Command::new(ip()?)
+            .args(["netns", "exec", &self.name])
+            .arg(program)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .map_err(failed)
+    }
+
     /// Adds a veth pair: `host_if` (address `host_cidr`) in the host namespace and
     /// `ns_if` (address `ns_cidr`) in this one, both up. Deleted with the namespace.
     pub fn add_veth(&self, host_if: &str, host_cidr: &str, ns_if: &str, ns_cidr: &str) -> Result<(), TestkitError> {

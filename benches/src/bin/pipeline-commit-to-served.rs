@@ -30,7 +30,7 @@ async fn bench(args: Args) -> Fallible<()> {
     for name in ["registry", "logd", "node-agent", "edge", "pipeline"] {
         bins.insert(name, example_binary(name)?);
     }
-    let stack = pipeline_stack::Stack::start(&|name| bins[name].clone());
+    let stack = pipeline_stack::Stack::start(&|name| bins[name].clone(), pipeline_stack::Hosts::Loopback);
     let mut times = Vec::new();
     for i in 1..=args.pushes {
         let page = format!("v{i}");

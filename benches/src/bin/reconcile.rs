@@ -66,6 +66,9 @@ fn main() -> ExitCode {
                 volumes: Vec::new(),
                 resources: Default::default(),
                 restarts: 0,
+                slot: None,
+                address: None,
+                prefer_address: None,
             });
         }
     }

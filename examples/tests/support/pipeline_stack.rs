@@ -1,8 +1,15 @@
 //! The platform a pipeline deploys to, started from the real binaries for a test or a
-//! bench: etcd, keelson's registry (basic auth), logd (a token), one node agent on the
+//! bench: etcd, keelson's registry (basic auth), logd (a token), node agents on the
 //! Docker Engine here, edge following the catalog, and `pipeline` watching a bare
 //! repository, with a working copy of `examples/tests/fixtures/pipeline-app` to commit
-//! from. Everything goes on drop (processes, the node's containers, the registry's images).
+//! from. Everything goes on drop (processes, the nodes' containers, the registry's
+//! images, the hosts' namespaces).
+//!
+//! Two layouts: [`Hosts::Loopback`], one agent on the host's own network (the bench), and
+//! [`Hosts::Overlay`], agents in network namespaces acting as hosts on one underlay,
+//! their tasks on keelson's overlay, with edge on the first host (the end-to-end test).
+//! etcd and logd then listen on the root namespace's underlay address; the registry stays
+//! on loopback, since the Docker Engine that pulls from it runs in the root namespace.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -20,15 +27,27 @@ impl Drop for Proc {
     }
 }
 
-/// The node's containers, runs' containers and the registry's images, removed on drop.
+/// Where the node agents run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(dead_code)] // the bench uses one layout, the test the other
+pub enum Hosts {
+    /// One agent on the host's network, tasks publishing ports on loopback.
+    Loopback,
+    /// This many agents, each in a namespace acting as a host, tasks on the overlay.
+    Overlay(usize),
+}
+
+/// The nodes' containers, runs' containers and the registry's images, removed on drop.
 struct Cleanup {
-    node: String,
+    nodes: Vec<String>,
     registry: String,
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        keelson_testkit::docker::remove_containers(&[&format!("label=keelson.node={}", self.node)]);
+        for node in &self.nodes {
+            keelson_testkit::docker::remove_containers(&[&format!("label=keelson.node={node}")]);
+        }
         for id in keelson_testkit::docker::containers(&["label=keelson.run"]) {
             let _ = Command::new("docker").args(["rm", "-f", &id]).output();
         }
@@ -64,16 +83,17 @@ pub fn git(dir: &Path, args: &[&str]) {
     assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// The running platform. Field order is drop order: the pipeline and the agent stop
-/// before the servers they use.
+/// The running platform. Field order is drop order: the pipeline and the agents stop
+/// before the servers they use, the containers go before the hosts' namespaces.
 pub struct Stack {
     _pipeline: Proc,
     _edge: Proc,
-    _agent: Proc,
+    _agents: Vec<Proc>,
     _logd: Proc,
     _registry: Proc,
     _etcd: keelson_testkit::etcd::Etcd,
     _cleanup: Cleanup,
+    _underlay: Option<keelson_testkit::netns::Underlay>,
     /// etcd's client URL.
     pub etcd_url: String,
     /// edge.
@@ -84,8 +104,8 @@ pub struct Stack {
     pub logd: String,
     pub logd_token: String,
     pub logd_token_file: PathBuf,
-    /// The node agent's node.
-    pub node: String,
+    /// The node agents' nodes.
+    pub nodes: Vec<String>,
     /// The registry (`127.0.0.1:port`).
     pub registry: String,
     /// The working copy commits are made in (the fixture app, on branch main).
@@ -99,9 +119,21 @@ pub struct Stack {
 
 impl Stack {
     /// Starts it all; `bin` finds a keelson-examples binary by name.
-    pub fn start(bin: &dyn Fn(&str) -> PathBuf) -> Stack {
+    pub fn start(bin: &dyn Fn(&str) -> PathBuf, hosts: Hosts) -> Stack {
         let base = keelson_testkit::docker::busybox_image().expect("busybox image");
-        let etcd = keelson_testkit::etcd::Etcd::start().expect("etcd");
+        let (mut underlay, servers_at) = match hosts {
+            Hosts::Loopback => (None, std::net::Ipv4Addr::LOCALHOST),
+            Hosts::Overlay(n) => {
+                let mut ul = keelson_testkit::netns::Underlay::create(n, "198.18.71").expect("underlay");
+                let root = ul.join_root().expect("the test on the underlay");
+                (Some(ul), root)
+            }
+        };
+        let etcd = match hosts {
+            Hosts::Loopback => keelson_testkit::etcd::Etcd::start(),
+            Hosts::Overlay(_) => keelson_testkit::etcd::Etcd::start_on(servers_at, &[]),
+        }
+        .expect("etcd");
         let url = etcd.client_url();
         let dir = tempfile::tempdir().expect("dir");
         let logs = dir.path().join("logs");
@@ -112,8 +144,11 @@ impl Stack {
         let creds = dir.path().join("registry.creds");
         std::fs::write(&creds, "ci:ci-pw\n").expect("creds");
         let registry = format!("127.0.0.1:{}", keelson_testkit::free_port().expect("port"));
-        let node = format!("pipe-{}", std::process::id());
-        let cleanup = Cleanup { node: node.clone(), registry: registry.clone() };
+        let nodes: Vec<String> = match hosts {
+            Hosts::Loopback => vec![format!("pipe-{}", std::process::id())],
+            Hosts::Overlay(n) => (1..=n).map(|i| format!("pipe{i}-{}", std::process::id())).collect(),
+        };
+        let cleanup = Cleanup { nodes: nodes.clone(), registry: registry.clone() };
         let registry_proc = spawn(
             &bin("registry"),
             &["serve", "--root", &path(&dir.path().join("registry")), "--listen", &registry, "--htpasswd", &path(&htpasswd)],
@@ -122,7 +157,7 @@ impl Stack {
         let token = dir.path().join("logd.token");
         let logd_token = "pipeline-test-token".to_owned();
         std::fs::write(&token, format!("{logd_token}\n")).expect("token");
-        let logd = format!("127.0.0.1:{}", keelson_testkit::free_port().expect("port"));
+        let logd = format!("{servers_at}:{}", keelson_testkit::free_port().expect("port"));
         let logd_proc = spawn(
             &bin("logd"),
             &["--dir", &path(&dir.path().join("logd")), "--listen", &logd, "--token-file", &path(&token)],
@@ -133,13 +168,12 @@ impl Stack {
         }
         let auth = format!("{registry}={}", creds.display());
         let logs_to = format!("http://{logd}/v1/push");
-        let agent = spawn(
-            &bin("node-agent"),
-            &[
+        let agent_args = |node: &str, address: &str, ports: &str| -> Vec<String> {
+            [
                 "--etcd",
                 &url,
                 "--node",
-                &node,
+                node,
                 "--cpu",
                 "4000",
                 "--memory",
@@ -149,20 +183,48 @@ impl Stack {
                 "--interval",
                 "200ms",
                 "--address",
-                "127.0.0.1",
+                address,
                 "--ports",
-                "27500-27549",
+                ports,
                 "--registry-auth",
                 &auth,
                 "--logs-to",
                 &logs_to,
                 "--logs-token-file",
                 &path(&token),
-            ],
-            &logs.join("agent.log"),
-        );
-        let edge: SocketAddr = format!("127.0.0.1:{}", keelson_testkit::free_port().expect("port")).parse().expect("addr");
-        let edge_proc = spawn(&bin("edge"), &["--etcd", &url, "--listen", &edge.to_string()], &logs.join("edge.log"));
+            ]
+            .map(str::to_owned)
+            .to_vec()
+        };
+        let (agents, edge, edge_proc) = match &underlay {
+            None => {
+                let args = agent_args(&nodes[0], "127.0.0.1", "27500-27549");
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let agent = spawn(&bin("node-agent"), &args, &logs.join("agent0.log"));
+                let edge: SocketAddr = format!("127.0.0.1:{}", keelson_testkit::free_port().expect("port")).parse().expect("addr");
+                let edge_proc = spawn(&bin("edge"), &["--etcd", &url, "--listen", &edge.to_string()], &logs.join("edge.log"));
+                (vec![agent], edge, edge_proc)
+            }
+            Some(ul) => {
+                let mut agents = Vec::new();
+                for (i, host) in ul.hosts.iter().enumerate() {
+                    let addr = ul.addresses[i].to_string();
+                    let mut args = agent_args(&nodes[i], &addr, "27500-27549");
+                    let state = path(&dir.path().join(format!("netplumb{i}")));
+                    for a in ["--network", "overlay", "--network-subnet", "10.247.0.0/16", "--network-name", "pipe"] {
+                        args.push(a.to_owned());
+                    }
+                    args.extend(["--network-state-dir".to_owned(), state]);
+                    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                    let child = host.spawn(&bin("node-agent"), &args, &logs.join(format!("agent{i}.log"))).expect("node agent");
+                    agents.push(Proc(child));
+                }
+                // Edge on the first host: it reaches every task over the overlay.
+                let edge = SocketAddr::from((ul.addresses[0], 8088));
+                let child = ul.hosts[0].spawn(&bin("edge"), &["--etcd", &url, "--listen", &edge.to_string()], &logs.join("edge.log"));
+                (agents, edge, Proc(child.expect("edge")))
+            }
+        };
         let work = dir.path().join("work");
         let bare = dir.path().join("shop.git");
         git(dir.path(), &["init", "-q", "--bare", &path(&bare)]);
@@ -200,18 +262,19 @@ impl Stack {
         Stack {
             _pipeline: pipeline,
             _edge: edge_proc,
-            _agent: agent,
+            _agents: agents,
             _logd: logd_proc,
             _registry: registry_proc,
             _etcd: etcd,
             _cleanup: cleanup,
+            _underlay: underlay.take(),
             etcd_url: url,
             edge,
             status,
             logd,
             logd_token,
             logd_token_file: token,
-            node,
+            nodes,
             registry,
             work,
             bare,
@@ -255,10 +318,18 @@ impl Stack {
                 "run {id} never ended: {:?}\npipeline: {}\nagent: {}",
                 self.runs().await,
                 std::fs::read_to_string(self.logs.join("pipeline.log")).unwrap_or_default(),
-                std::fs::read_to_string(self.logs.join("agent.log")).unwrap_or_default()
+                self.agent_logs()
             );
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
+    }
+
+    /// Every agent's stderr.
+    pub fn agent_logs(&self) -> String {
+        (0..self.nodes.len())
+            .map(|i| std::fs::read_to_string(self.logs.join(format!("agent{i}.log"))).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n---\n")
     }
 
     /// Waits until edge serves `body`, for at most `limit`.

@@ -64,7 +64,7 @@ impl Ipam for KvIpam {
         // Start after the highest address in use: new leases do not reuse a just-freed one.
         let after = held.iter().map(|(_, _, l)| l.address).max();
         let taken: std::collections::HashSet<Ipv4Addr> = held.iter().map(|(_, _, l)| l.address).collect();
-        for address in pool.candidates(after).filter(|a| !taken.contains(a)) {
+        for address in pool.candidates_preferring(request.prefer, after).filter(|a| !taken.contains(a)) {
             let lease = Lease {
                 key: request.key.clone(),
                 address,

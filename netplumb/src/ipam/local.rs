@@ -283,7 +283,7 @@ impl Ipam for LocalIpam {
                 }
                 check_ports(&request, leases.by_address.values())?;
                 let address = pool
-                    .candidates(leases.last)
+                    .candidates_preferring(request.prefer, leases.last)
                     .find(|a| !leases.by_address.contains_key(a))
                     .ok_or_else(|| Error::PoolExhausted { network: network.clone(), subnet: pool.subnet.to_string() })?;
                 let lease = Lease { key: request.key, address, host_link: request.host_link, ports: request.ports, netns: request.netns };

@@ -56,12 +56,21 @@ pub struct LeaseRequest {
     pub ports: Vec<PortMapping>,
     /// The endpoint's namespace.
     pub netns: Option<PathBuf>,
+    /// The address it would like: taken when it is in the pool and free, otherwise the
+    /// next free one as usual.
+    pub prefer: Option<Ipv4Addr>,
 }
 
 impl LeaseRequest {
     /// A request for `key` with nothing on the host.
     pub fn new(key: AttachmentKey) -> Self {
-        LeaseRequest { key, host_link: None, ports: Vec::new(), netns: None }
+        LeaseRequest { key, host_link: None, ports: Vec::new(), netns: None, prefer: None }
+    }
+
+    /// The same request, preferring `address`.
+    pub fn preferring(mut self, address: Option<Ipv4Addr>) -> Self {
+        self.prefer = address;
+        self
     }
 }
 

@@ -51,6 +51,15 @@ impl Pool {
         (start..=last).chain(first..start).map(Ipv4Addr::from)
     }
 
+    /// [`Pool::candidates`], with `prefer` first when it is one of the pool's endpoint
+    /// addresses (a caller asking for the address it had; one outside the pool is
+    /// ignored: the endpoint moved to another subnet).
+    pub fn candidates_preferring(&self, prefer: Option<Ipv4Addr>, after: Option<Ipv4Addr>) -> impl Iterator<Item = Ipv4Addr> {
+        let (first, last) = (self.first(), self.last());
+        let prefer = prefer.filter(|a| (first..=last).contains(&u32::from(*a)));
+        prefer.into_iter().chain(self.candidates(after).filter(move |a| Some(*a) != prefer))
+    }
+
     /// Whether two pools share an address.
     pub fn overlaps(&self, other: &Pool) -> bool {
         self.subnet.contains(&other.subnet.network()) || other.subnet.contains(&self.subnet.network())
@@ -72,6 +81,20 @@ mod tests {
         assert_eq!(wrapped[0], Ipv4Addr::new(10, 9, 0, 6));
         assert_eq!(wrapped[1], Ipv4Addr::new(10, 9, 0, 2));
         assert_eq!(wrapped.len(), 5);
+    }
+
+    #[test]
+    fn a_preferred_address_comes_first_when_it_is_in_the_pool() {
+        let p = Pool::parse("10.9.0.0/29").unwrap();
+        let after = Some(Ipv4Addr::new(10, 9, 0, 3));
+        let preferred: Vec<_> = p.candidates_preferring(Some(Ipv4Addr::new(10, 9, 0, 2)), after).collect();
+        assert_eq!(preferred[0], Ipv4Addr::new(10, 9, 0, 2));
+        assert_eq!(preferred[1], Ipv4Addr::new(10, 9, 0, 4), "then the usual order");
+        assert_eq!(preferred.len(), 5, "no address twice");
+        for outside in [Ipv4Addr::new(10, 9, 0, 1), Ipv4Addr::new(10, 9, 0, 7), Ipv4Addr::new(10, 8, 0, 2)] {
+            let ignored: Vec<_> = p.candidates_preferring(Some(outside), after).collect();
+            assert_eq!(ignored, p.candidates(after).collect::<Vec<_>>(), "{outside}: gateway, broadcast and other subnets are ignored");
+        }
     }
 
     #[test]

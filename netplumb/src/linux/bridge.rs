@@ -414,8 +414,13 @@ impl NetworkDriver for BridgeNetwork {
         let ns = open_endpoint(&spec, BACKEND)?;
         let net = self.inner.networks.require(&spec.network)?;
         let key = spec.key();
-        let request =
-            LeaseRequest { host_link: Some(host_link_name(&key)), ports: spec.port_mappings.clone(), netns: spec.netns.clone(), key };
+        let request = LeaseRequest {
+            host_link: Some(host_link_name(&key)),
+            ports: spec.port_mappings.clone(),
+            netns: spec.netns.clone(),
+            prefer: spec.preferred_v4()?,
+            key,
+        };
         let lease = self.inner.ipam.allocate(&net.pool, request).await?;
         if let Err(e) = self.attach_kernel_side(&net, &lease, ns).await {
             if let Err(undo) = self.teardown(Some(&net), &lease).await {

@@ -136,7 +136,7 @@ impl NetworkDriver for MacvlanNetwork {
         let lease = self
             .inner
             .ipam
-            .allocate(&net.pool, LeaseRequest { host_link: None, ports: Vec::new(), netns: spec.netns.clone(), key })
+            .allocate(&net.pool, LeaseRequest { netns: spec.netns.clone(), ..LeaseRequest::new(key) }.preferring(spec.preferred_v4()?))
             .await?;
         let made: Result<()> = async {
             let parent = links::by_name(&self.inner.host.rtnl, &net.link)

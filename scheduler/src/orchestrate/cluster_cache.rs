@@ -300,12 +300,8 @@ impl CacheData {
     /// its agent reported (`Pending` before any report).
     fn merged(&self, key: &str) -> Option<AllocRecord> {
         let mut a = self.allocs.get(key)?.record.clone();
-        if a.status != AllocStatus::Stopping {
-            if let Some(r) = self.status.get(key) {
-                a.status = r.status;
-                a.since_ms = r.since_ms;
-                a.restarts = r.restarts;
-            }
+        if let Some(r) = self.status.get(key) {
+            r.apply_to(&mut a);
         }
         Some(a)
     }

@@ -74,6 +74,39 @@ pub(crate) struct StatusRecord {
     pub(crate) since_ms: u64,
     #[serde(default)]
     pub(crate) restarts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) address: Option<std::net::IpAddr>,
+}
+
+impl StatusRecord {
+    /// What readers see of `a` with this report: a plan's `Stopping` wins over the
+    /// reported status; the address is a fact either way.
+    pub(crate) fn apply_to(&self, a: &mut AllocRecord) {
+        if a.status != AllocStatus::Stopping {
+            a.status = self.status;
+            a.since_ms = self.since_ms;
+            a.restarts = self.restarts;
+        }
+        if self.address.is_some() {
+            a.address = self.address;
+        }
+    }
+}
+
+/// Where a group's slot last ran, and at which address (`slots/<job>/<group>/<slot>`,
+/// written by its agent when it stops the slot's allocation): the next allocation of
+/// the slot is placed on that node if it fits there, and asks for that address.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotHome {
+    /// The node.
+    pub node: String,
+    /// Its address on the node's keelson network, if it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<std::net::IpAddr>,
+    /// When its allocation was forgotten (milliseconds since the Unix epoch): the slot
+    /// left most recently is the one a replacement takes.
+    #[serde(default)]
+    pub left_ms: u64,
 }
 
 /// A node's membership: its lease is renewed until this is dropped or
@@ -348,7 +381,7 @@ impl ClusterStore {
     /// Records an allocation's status as its node agent reports it, in the status key
     /// only that agent writes (a plan's record of the allocation is left as it is).
     pub async fn report(&self, alloc: &AllocRecord) -> Result<()> {
-        let record = StatusRecord { status: alloc.status, since_ms: alloc.since_ms, restarts: alloc.restarts };
+        let record = StatusRecord { status: alloc.status, since_ms: alloc.since_ms, restarts: alloc.restarts, address: alloc.address };
         self.kv.put(&self.key(&["status", &alloc.node, &alloc.id]), encode(&record)?, None).await.map_err(kv_err)?;
         Ok(())
     }
@@ -420,9 +453,29 @@ impl ClusterStore {
 
     /// Removes a finished allocation's record (its agent has stopped it).
     pub async fn forget(&self, alloc: &AllocRecord) -> Result<()> {
-        let txn = Txn::new().delete(self.key(&["allocs", &alloc.node, &alloc.id])).delete(self.key(&["status", &alloc.node, &alloc.id]));
+        let mut txn =
+            Txn::new().delete(self.key(&["allocs", &alloc.node, &alloc.id])).delete(self.key(&["status", &alloc.node, &alloc.id]));
+        if let Some(slot) = alloc.slot {
+            // In the same write: the slot's next allocation finds where this one was.
+            let home = SlotHome { node: alloc.node.clone(), address: alloc.address, left_ms: wall_clock_ms() };
+            txn = txn.put(self.key(&["slots", &alloc.job, &alloc.group, &slot.to_string()]), encode(&home)?, None);
+        }
         self.kv.txn(txn).await.map_err(kv_err)?;
         Ok(())
+    }
+
+    /// Where each slot of `job`/`group` last ran ([`SlotHome`]), by slot.
+    pub async fn slot_homes(&self, job: &str, group: &str) -> Result<HashMap<u32, SlotHome>> {
+        let prefix = self.key(&["slots", job, group, ""]);
+        let list = self.kv.list(&prefix).await.map_err(kv_err)?;
+        let mut out = HashMap::new();
+        for e in list.entries {
+            // A key that is not a slot number is not ours to judge: skipped.
+            if let Ok(slot) = e.key[prefix.len()..].parse::<u32>() {
+                out.insert(slot, decode(&e.key, &e.value)?);
+            }
+        }
+        Ok(out)
     }
 
     /// Commits `plan` if no node it touches changed since its view was read; otherwise
@@ -545,12 +598,8 @@ fn merge_status(
     let mut out = Vec::with_capacity(allocs.len());
     for e in allocs {
         let mut a: AllocRecord = decode(&e.key, &e.value)?;
-        if a.status != AllocStatus::Stopping {
-            if let Some(r) = reported.get(&format!("{}/{}", a.node, a.id)) {
-                a.status = r.status;
-                a.since_ms = r.since_ms;
-                a.restarts = r.restarts;
-            }
+        if let Some(r) = reported.get(&format!("{}/{}", a.node, a.id)) {
+            r.apply_to(&mut a);
         }
         out.push(a);
     }

@@ -3,16 +3,16 @@
 //! [`Scheduler`] where new allocations go, and commit optimistically, planning again after
 //! a lost race.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::orchestrate::cluster_cache::ClusterCache;
-use crate::orchestrate::cluster_store::{kv_err, wall_clock_ms, ClusterStore, ClusterView, PlanCommit};
+use crate::orchestrate::cluster_store::{kv_err, wall_clock_ms, ClusterStore, ClusterView, PlanCommit, SlotHome};
 use crate::orchestrate::deployment::{Action, AllocHealth, AllocView, Deployment};
 use crate::orchestrate::operations::task_group;
 use crate::orchestrate::reconcile::{placement_allocation, reconcile, AllocRecord, AllocStatus, DesiredGroup};
-use crate::placement::model::{Allocation, ClusterSnapshot, HostVolume, Job};
+use crate::placement::model::{Allocation, ClusterSnapshot, Constraint, ConstraintOp, HostVolume, Job, VolumeRequest};
 use crate::placement::scheduler::Scheduler;
 use crate::placement::state::ClusterState;
 
@@ -109,7 +109,8 @@ impl ClusterStore {
                     Action::Start { version, count } => {
                         let spec = self.group_version(job, group, *version).await?;
                         let desired = [DesiredGroup { count: *count, ..spec.desired }];
-                        self.place_in(source, &input, &desired, &[(0, *count)], &mut plan)?;
+                        let homes = [self.slot_homes(job, group).await?];
+                        self.place_in(source, &input, &desired, &[(0, *count)], &homes, &mut plan)?;
                     }
                     Action::Stop { ids } => {
                         for a in mine.iter().filter(|a| ids.contains(&a.id)) {
@@ -123,7 +124,7 @@ impl ClusterStore {
             if self.traffic(job, group).await? != trial.traffic() {
                 plan.set_traffic(job, group, trial.traffic());
             }
-            let committed = match self.place_in(source, &input, &[], &[], &mut plan) {
+            let committed = match self.place_in(source, &input, &[], &[], &[], &mut plan) {
                 Ok(_) => self.commit_from(source, &plan).await,
                 Err(e) => Err(e),
             };
@@ -174,7 +175,11 @@ impl ClusterStore {
             for a in &stopping {
                 plan.put(AllocRecord { status: AllocStatus::Stopping, since_ms: wall_clock_ms(), ..(*a).clone() });
             }
-            let committed = match self.place_in(source, &input, desired, &r.place, &mut plan) {
+            let mut homes = vec![HashMap::new(); desired.len()];
+            for (i, _) in &r.place {
+                homes[*i] = self.slot_homes(&desired[*i].job, &desired[*i].group).await?;
+            }
+            let committed = match self.place_in(source, &input, desired, &r.place, &homes, &mut plan) {
                 Ok(placed) => self.commit_from(source, &plan).await.map(|()| placed),
                 Err(e) => Err(e),
             };
@@ -216,25 +221,28 @@ impl ClusterStore {
     }
 
     /// Places `wanted` allocations of `desired` into `plan`, in the state `input` came
-    /// from. From a cache, also seals the plan: the cache must still be at the head the
-    /// plan was read at ([`Error::Stale`] otherwise), and the plan takes the fences of
-    /// the nodes it touches from it.
+    /// from, `homes[i]` holding where the slots of `desired[i]` last ran. From a cache,
+    /// also seals the plan: the cache must still be at the head the plan was read at
+    /// ([`Error::Stale`] otherwise), and the plan takes the fences of the nodes it touches
+    /// from it.
     fn place_in(
         &self,
         source: Source<'_>,
         input: &PlanInput,
         desired: &[DesiredGroup],
         wanted: &[(usize, u32)],
+        homes: &[HashMap<u32, SlotHome>],
         plan: &mut PlanCommit,
     ) -> Result<Vec<AllocRecord>> {
         let existing: Vec<&AllocRecord> = input.allocs.iter().collect();
+        let ask = Placing { desired, wanted, homes, existing: &existing, lost: &input.lost };
         match (source, &input.view) {
-            (Source::Cache(cache), _) => cache.place_and_seal(plan, desired, |state, plan| {
-                place(self.scheduler().as_ref(), state, &existing, desired, wanted, &input.lost, plan)
-            }),
+            (Source::Cache(cache), _) => {
+                cache.place_and_seal(plan, desired, |state, plan| place(self.scheduler().as_ref(), state, &ask, plan))
+            }
             (Source::Store, Some(view)) if !wanted.is_empty() => {
                 let mut state = view.placement_state(desired, &input.lost)?;
-                place(self.scheduler().as_ref(), &mut state, &existing, desired, wanted, &input.lost, plan)
+                place(self.scheduler().as_ref(), &mut state, &ask, plan)
             }
             (Source::Store, _) => Ok(Vec::new()),
         }
@@ -276,40 +284,69 @@ impl ClusterView {
     }
 }
 
-/// Places `wanted` new allocations of `desired` with `scheduler` in `state` (the
-/// live nodes and what they hold), given the groups' current allocations `existing`; adds
-/// them, and the homes of volumes they create, to `plan`. `state` is left as it was.
+/// What [`place`] is asked to place.
+pub(crate) struct Placing<'a> {
+    /// The groups.
+    pub(crate) desired: &'a [DesiredGroup],
+    /// How many new allocations of which group (an index into `desired`).
+    pub(crate) wanted: &'a [(usize, u32)],
+    /// Where each group's slots last ran (parallel to `desired`; shorter is fine).
+    pub(crate) homes: &'a [HashMap<u32, SlotHome>],
+    /// The groups' current allocations.
+    pub(crate) existing: &'a [&'a AllocRecord],
+    /// Lost nodes.
+    pub(crate) lost: &'a HashSet<String>,
+}
+
+/// Places `ask.wanted` new allocations with `scheduler` in `state` (the live nodes and
+/// what they hold); adds them, and the homes of volumes they create, to `plan`. Each
+/// takes a free slot of its group; a slot that last ran on a node goes back there if it
+/// fits (and asks for the address it had), elsewhere if not. `state` is left as it was.
 pub(crate) fn place(
     scheduler: &dyn Scheduler,
     state: &mut ClusterState,
-    existing: &[&AllocRecord],
-    desired: &[DesiredGroup],
-    wanted: &[(usize, u32)],
-    lost: &HashSet<String>,
+    ask: &Placing<'_>,
     plan: &mut PlanCommit,
 ) -> Result<Vec<AllocRecord>> {
-    if wanted.is_empty() {
+    if ask.wanted.is_empty() {
         return Ok(Vec::new());
     }
+    let no_homes = HashMap::new();
     let mut out = Vec::new();
     let mut homed: HashSet<String> = HashSet::new();
     // Batches are placed one after another in a trial of the state, so each sees the
     // ports, resources and volume writers of the ones before; the trial is undone at the
     // end: the allocations come back to the state once committed.
     state.trial(|state| -> Result<()> {
-        for (i, n) in wanted {
-            let d = &desired[*i];
-            for volumes in volume_batches(existing, d, *n, lost) {
-                let count = if d.volumes.iter().any(|v| v.per_task) { 1 } else { *n };
+        for (i, n) in ask.wanted {
+            let d = &ask.desired[*i];
+            let homes = ask.homes.get(*i).unwrap_or(&no_homes);
+            for batch in slot_batches(ask.existing, d, *n, ask.lost, homes) {
                 let fresh: HashSet<String> =
-                    volumes.iter().filter(|v| !state.volumes.contains_key(&v.name)).map(|v| v.name.clone()).collect();
-                let group = task_group(d, count, &volumes);
-                let placed = scheduler.place_in(state, &Job::new(d.job.clone(), vec![group]))?;
+                    batch.volumes.iter().filter(|v| !state.volumes.contains_key(&v.name)).map(|v| v.name.clone()).collect();
+                let group = task_group(d, len32(&batch.slots), &batch.volumes);
+                let mut at_home = None;
+                if let Some(home) = batch.home.filter(|h| !ask.lost.contains(&h.node)) {
+                    // The slot's node first, as a hard constraint (affinities score node
+                    // classes, and one node is not a class); elsewhere if it does not fit.
+                    let mut pinned = group.clone();
+                    pinned.constraints.push(Constraint { target: "node.id".into(), op: ConstraintOp::Equal, value: home.node.clone() });
+                    let placed = scheduler.place_in(state, &Job::new(d.job.clone(), vec![pinned]))?;
+                    if placed.unplaced.is_empty() {
+                        at_home = Some((placed, home));
+                    } else {
+                        tracing::info!(job = %d.job, group = %d.group, slot = ?batch.slots, node = %home.node, "slot's node has no room; placed elsewhere");
+                    }
+                }
+                let (placed, home) = match at_home {
+                    Some((placed, home)) => (placed, Some(home)),
+                    None => (scheduler.place_in(state, &Job::new(d.job.clone(), vec![group]))?, None),
+                };
                 for u in &placed.unplaced {
                     // Left for the next pass (a node may join, a volume's node may come back).
                     tracing::warn!(job = %d.job, group = %d.group, unplaced = ?u, "allocation not placed");
                 }
-                for p in placed.placements {
+                for (p, slot) in placed.placements.into_iter().zip(&batch.slots) {
                     for (m, req) in p.volumes.iter().zip(&d.volumes) {
                         if fresh.contains(&m.name) && homed.insert(m.name.clone()) {
                             plan.new_volume(HostVolume { name: m.name.clone(), node: p.node.clone(), access: req.access });
@@ -320,6 +357,7 @@ pub(crate) fn place(
                         job: d.job.clone(),
                         group: d.group.clone(),
                         version: d.version,
+                        prefer_address: home.and_then(|h| h.address),
                         node: p.node,
                         status: AllocStatus::Pending,
                         ports: p.ports,
@@ -327,6 +365,8 @@ pub(crate) fn place(
                         volumes: p.volumes,
                         resources: d.resources,
                         restarts: 0,
+                        slot: Some(*slot),
+                        address: None,
                     });
                 }
             }
@@ -339,45 +379,82 @@ pub(crate) fn place(
     Ok(out)
 }
 
-/// The volume requests of each placement batch for `n` new allocations of `d`. Without
-/// per-task volumes: one batch of `n`, the requests as they are. With them: one batch per
-/// allocation, each taking the lowest task index no live allocation of the group holds,
-/// its per-task requests turned into that index's volume (`data-2`), so a replacement
-/// mounts the volume of the task it replaces and placement pins it to that volume's node.
-/// Stopping allocations free their index (their volume stays busy until they are gone:
-/// a single writer is not placed beside them).
-fn volume_batches(
+fn len32<T>(v: &[T]) -> u32 {
+    u32::try_from(v.len()).unwrap_or(u32::MAX)
+}
+
+/// A placement batch: the slots it fills, in order, its volume requests, and, for a
+/// batch of one slot that ran before, where it ran.
+struct SlotBatch<'h> {
+    slots: Vec<u32>,
+    volumes: Vec<VolumeRequest>,
+    home: Option<&'h SlotHome>,
+}
+
+/// The batches for `n` new allocations of `d`, each taking a slot no live allocation of
+/// the group holds (stopping ones free theirs): first the slots that ran before, the one
+/// left most recently first (the slot a stop-first update just stopped: its replacement
+/// goes back to its node and address), then the lowest free ones. A slot that ran
+/// before is a batch of its own, to go back to its node; the rest are one batch.
+///
+/// With per-task volumes the slot is the volume's index: always the lowest free one,
+/// each a batch of its own, its per-task requests turned into that slot's volume
+/// (`data-2`), so a replacement mounts the volume of the task it replaces and placement
+/// pins it to that volume's node (a single writer is not placed beside a stopping one:
+/// its volume stays busy until it is gone).
+fn slot_batches<'h>(
     existing: &[&AllocRecord],
     d: &DesiredGroup,
     n: u32,
     lost: &HashSet<String>,
-) -> Vec<Vec<crate::placement::model::VolumeRequest>> {
-    let Some(first) = d.volumes.iter().position(|v| v.per_task) else { return vec![d.volumes.clone()] };
-    let prefix = format!("{}-", d.volumes[first].name);
+    homes: &'h HashMap<u32, SlotHome>,
+) -> Vec<SlotBatch<'h>> {
+    let per_task = d.volumes.iter().position(|v| v.per_task);
+    let volume_prefix = per_task.map(|first| (first, format!("{}-", d.volumes[first].name)));
     let mut taken: HashSet<u32> = existing
         .iter()
         .filter(|a| a.job == d.job && a.group == d.group && !lost.contains(&a.node))
         .filter(|a| !matches!(a.status, AllocStatus::Failed | AllocStatus::Stopping))
-        .filter_map(|a| a.volumes.get(first)?.name.strip_prefix(&prefix)?.parse().ok())
+        .filter_map(|a| {
+            // Records from before slots were kept hold the index of their volume.
+            a.slot.or_else(|| {
+                let (first, prefix) = volume_prefix.as_ref()?;
+                a.volumes.get(*first)?.name.strip_prefix(prefix.as_str())?.parse().ok()
+            })
+        })
         .collect();
+    let mut chosen: Vec<u32> = Vec::with_capacity(n as usize);
+    if per_task.is_none() {
+        let mut returning: Vec<(&u32, &SlotHome)> = homes.iter().filter(|(s, _)| !taken.contains(s)).collect();
+        returning.sort_by_key(|(s, h)| (std::cmp::Reverse(h.left_ms), **s));
+        chosen.extend(returning.into_iter().take(n as usize).map(|(s, _)| *s));
+        taken.extend(chosen.iter().copied());
+    }
+    let mut slot = 0u32;
+    while chosen.len() < n as usize {
+        if taken.insert(slot) {
+            chosen.push(slot);
+        }
+        slot += 1;
+    }
     let mut batches = Vec::new();
-    let mut index = 0u32;
-    while batches.len() < n as usize {
-        if taken.insert(index) {
+    let mut shared = SlotBatch { slots: Vec::new(), volumes: d.volumes.clone(), home: None };
+    for slot in chosen {
+        if per_task.is_some() {
             let volumes = d
                 .volumes
                 .iter()
-                .map(|v| {
-                    if v.per_task {
-                        crate::placement::model::VolumeRequest { name: v.volume_for(index), per_task: false, ..v.clone() }
-                    } else {
-                        v.clone()
-                    }
-                })
+                .map(|v| if v.per_task { VolumeRequest { name: v.volume_for(slot), per_task: false, ..v.clone() } } else { v.clone() })
                 .collect();
-            batches.push(volumes);
+            batches.push(SlotBatch { slots: vec![slot], volumes, home: homes.get(&slot) });
+        } else if let Some(home) = homes.get(&slot) {
+            batches.push(SlotBatch { slots: vec![slot], volumes: d.volumes.clone(), home: Some(home) });
+        } else {
+            shared.slots.push(slot);
         }
-        index += 1;
+    }
+    if !shared.slots.is_empty() {
+        batches.push(shared);
     }
     batches
 }

@@ -101,6 +101,18 @@ pub struct AllocRecord {
     /// How often its task was restarted in place, as its agent last reported.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub restarts: u32,
+    /// Its place among its group's allocations (0..count, the lowest free when it was
+    /// placed; a per-task volume's index): a replacement takes the slot of what it
+    /// replaces, so it can go back to that slot's node and address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<u32>,
+    /// Its address on a keelson network, as its agent last reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<std::net::IpAddr>,
+    /// The address its slot had on this node before (a stop-first update): the agent
+    /// asks the network for it, and gets it when it is free.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefer_address: Option<std::net::IpAddr>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -211,6 +223,9 @@ mod tests {
             volumes: Vec::new(),
             resources: Default::default(),
             restarts: 0,
+            slot: None,
+            address: None,
+            prefer_address: None,
         }
     }
 

@@ -163,11 +163,17 @@ impl NodeAgent {
             (Some(s), Some(&host)) => vec![PortMapping::new(host, host).named(&s.name)],
             _ => Vec::new(),
         };
-        Ok(TaskSpec { ports, mounts: self.mounts(alloc, spec).await?, ..spec.task.to_spec(alloc.id.clone()) }
-            .with_label(NODE_LABEL, self.node.clone())
-            .with_label("keelson.job", alloc.job.clone())
-            .with_label("keelson.group", alloc.group.clone())
-            .with_label("keelson.version", alloc.version.to_string()))
+        Ok(TaskSpec {
+            ports,
+            mounts: self.mounts(alloc, spec).await?,
+            // The address its slot had here, if any (a stop-first update keeps it).
+            address: alloc.prefer_address,
+            ..spec.task.to_spec(alloc.id.clone())
+        }
+        .with_label(NODE_LABEL, self.node.clone())
+        .with_label("keelson.job", alloc.job.clone())
+        .with_label("keelson.group", alloc.group.clone())
+        .with_label("keelson.version", alloc.version.to_string()))
     }
 
     async fn start(&self, alloc: &AllocRecord, spec: &GroupSpec) -> Result<()> {
@@ -267,10 +273,12 @@ impl NodeAgent {
                 unroute.push(id.clone());
             }
             let restarts = running.get(id).map_or(alloc.restarts, |r| r.3);
-            if status != alloc.status || restarts != alloc.restarts {
-                // A restart alone keeps the time the status began.
+            let moved = address.is_some() && address != alloc.address;
+            if status != alloc.status || restarts != alloc.restarts || moved {
+                // A restart or an address alone keeps the time the status began.
                 let since_ms = if status != alloc.status { crate::orchestrate::cluster_store::wall_clock_ms() } else { alloc.since_ms };
-                self.store.report(&AllocRecord { status, since_ms, restarts, ..alloc.clone() }).await?;
+                let address = address.or(alloc.address);
+                self.store.report(&AllocRecord { status, since_ms, restarts, address, ..alloc.clone() }).await?;
                 report.reported.push((id.clone(), status));
             }
         }
@@ -297,8 +305,10 @@ impl NodeAgent {
             report.stopped.push(id.clone());
         }
         // Stopped now (or never ran): those allocations are done.
+        // Their slots remember this node and the address they had here.
         for alloc in assigned.values().filter(|a| a.status == AllocStatus::Stopping) {
-            self.store.forget(alloc).await?;
+            let address = running.get(&alloc.id).and_then(|r| r.2).or(alloc.address);
+            self.store.forget(&AllocRecord { address, ..alloc.clone() }).await?;
         }
         for id in unroute {
             self.deregister(&id).await;

@@ -358,21 +358,37 @@ impl DockerDriver {
         })
     }
 
-    /// Attaches a just-started container's namespace to the keelson network.
+    /// Attaches a just-started container's namespace to the keelson network. The engine
+    /// starts the process before keelson can attach it: a container that has already
+    /// exited (a one-off run that fails at once, say) ran without its network, and that
+    /// run's exit and output are its result, not an attach error.
     async fn attach(&self, net: &crate::runtime::task_network::TaskNetwork, spec: &TaskSpec) -> Result<()> {
+        let Some(pid) = self.running_pid(spec).await? else {
+            tracing::info!(task = %spec.id, "task exited before it could be attached to its network; it ran without it");
+            return Ok(());
+        };
+        match net.attach(&spec.id, pid, &spec.ports, spec.address).await {
+            Ok(address) => {
+                tracing::info!(task = %spec.id, network = %net.name(), %address, "task attached");
+                Ok(())
+            }
+            // Its namespace went between the inspect and the attach: it exited.
+            Err(e) if self.running_pid(spec).await?.is_none() => {
+                tracing::info!(task = %spec.id, error = %e, "task exited while it was being attached to its network; it ran without it");
+                net.detach(&spec.id).await
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The container's process, while it runs.
+    async fn running_pid(&self, spec: &TaskSpec) -> Result<Option<u32>> {
         let info = self
             .docker
             .inspect_container(&container_name(&spec.id), None::<InspectContainerOptions>)
             .await
             .map_err(map_err("task", &spec.id))?;
-        let pid = info.state.and_then(|s| s.pid).and_then(|p| u32::try_from(p).ok()).filter(|p| *p > 0).ok_or_else(|| Error::Conflict {
-            kind: "task",
-            name: spec.id.clone(),
-            reason: "exited before it could be attached to its network".into(),
-        })?;
-        let address = net.attach(&spec.id, pid, &spec.ports).await?;
-        tracing::info!(task = %spec.id, network = %net.name(), %address, "task attached");
-        Ok(())
+        Ok(info.state.filter(|s| s.running == Some(true)).and_then(|s| s.pid).and_then(|p| u32::try_from(p).ok()).filter(|p| *p > 0))
     }
 
     /// Removes the container, and its attachment first (already gone is fine).

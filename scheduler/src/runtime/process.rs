@@ -600,7 +600,7 @@ impl Driver for ProcessDriver {
             dir.forget(&spec.id);
         }
         if let Some(net) = &self.network {
-            let address = net.prepare(&spec.id, &spec.ports).await?;
+            let address = net.prepare(&spec.id, &spec.ports, spec.address).await?;
             tracing::info!(task = %spec.id, network = %net.net.name(), %address, "task namespace attached");
         }
         let spawned = spawn_run(&spec, self.state_dir.as_ref(), self.cgroups.as_ref(), self.network.as_ref());

@@ -62,14 +62,16 @@ impl TaskNetwork {
         AttachmentKey::new(&self.network, task, "eth0")
     }
 
-    /// Attaches the task whose process is `pid`, publishing `ports` on the host.
-    pub async fn attach(&self, task: &str, pid: u32, ports: &[PortMapping]) -> Result<IpAddr> {
-        self.attach_at(task, std::path::Path::new(&netns_of(pid)), ports).await
+    /// Attaches the task whose process is `pid`, publishing `ports` on the host, at
+    /// `prefer` if the network has it free (the address the task's slot had).
+    pub async fn attach(&self, task: &str, pid: u32, ports: &[PortMapping], prefer: Option<IpAddr>) -> Result<IpAddr> {
+        self.attach_at(task, std::path::Path::new(&netns_of(pid)), ports, prefer).await
     }
 
-    /// Attaches the task's namespace at `netns`, publishing `ports` on the host.
-    pub async fn attach_at(&self, task: &str, netns: &std::path::Path, ports: &[PortMapping]) -> Result<IpAddr> {
-        let mut spec = EndpointSpec::new(&self.network, task).in_netns(netns);
+    /// Attaches the task's namespace at `netns`, publishing `ports` on the host, at
+    /// `prefer` if the network has it free.
+    pub async fn attach_at(&self, task: &str, netns: &std::path::Path, ports: &[PortMapping], prefer: Option<IpAddr>) -> Result<IpAddr> {
+        let mut spec = EndpointSpec::new(&self.network, task).in_netns(netns).preferring(prefer);
         for p in ports {
             spec = spec.publish(keelson_netplumb::PortMapping::tcp(p.host, p.container));
         }
@@ -94,14 +96,16 @@ impl TaskNetwork {
                 } else {
                     ports.to_vec()
                 };
+                // It keeps its address: the new namespace asks for the one it had.
+                let had = a.addresses().first().copied();
                 self.detach(task).await?;
-                self.attach(task, pid, &ports).await.map(Some)
+                self.attach(task, pid, &ports, had).await.map(Some)
             }
             Err(keelson_netplumb::Error::NotFound { .. }) => Ok(None),
             // Its host link is gone (the namespace went): attach anew.
             Err(keelson_netplumb::Error::Backend { .. }) => {
                 self.detach(task).await?;
-                self.attach(task, pid, ports).await.map(Some)
+                self.attach(task, pid, ports, None).await.map(Some)
             }
             Err(e) => Err(net_error(e)),
         }
@@ -157,9 +161,10 @@ impl ProcessNetwork {
         self.dir.join(task)
     }
 
-    /// Creates the task's namespace (kept if it exists) and attaches it.
+    /// Creates the task's namespace (kept if it exists) and attaches it, at `prefer` if
+    /// the network has it free.
     #[cfg(feature = "netns")]
-    pub(crate) async fn prepare(&self, task: &str, ports: &[PortMapping]) -> Result<IpAddr> {
+    pub(crate) async fn prepare(&self, task: &str, ports: &[PortMapping], prefer: Option<IpAddr>) -> Result<IpAddr> {
         let path = self.path(task);
         let made = path.clone();
         tokio::task::spawn_blocking(move || keelson_netplumb::create_netns(&made))
@@ -169,7 +174,7 @@ impl ProcessNetwork {
         if let Some(address) = self.net.lookup(task).await? {
             return Ok(address);
         }
-        match self.net.attach_at(task, &path, ports).await {
+        match self.net.attach_at(task, &path, ports, prefer).await {
             Ok(address) => Ok(address),
             Err(e) => {
                 let _ = keelson_netplumb::delete_netns(&path);
@@ -179,7 +184,7 @@ impl ProcessNetwork {
     }
 
     #[cfg(not(feature = "netns"))]
-    pub(crate) async fn prepare(&self, _task: &str, _ports: &[PortMapping]) -> Result<IpAddr> {
+    pub(crate) async fn prepare(&self, _task: &str, _ports: &[PortMapping], _prefer: Option<IpAddr>) -> Result<IpAddr> {
         Err(Error::Unsupported { operation: "networks (build with the netns feature)", backend: "process" })
     }
 

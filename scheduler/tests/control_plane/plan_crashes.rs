@@ -24,6 +24,9 @@ fn alloc(id: String, node: &str, port: u16) -> AllocRecord {
         volumes: Vec::new(),
         resources: Default::default(),
         restarts: 0,
+        slot: None,
+        address: None,
+        prefer_address: None,
     }
 }
 

@@ -30,6 +30,9 @@ fn alloc(node: usize, k: usize) -> AllocRecord {
         volumes: Vec::new(),
         resources: Default::default(),
         restarts: 0,
+        slot: None,
+        address: None,
+        prefer_address: None,
     }
 }
 
