@@ -190,3 +190,16 @@ impl LogdArgs {
         Ok(Some(sink))
     }
 }
+
+/// Credentials for `registry` from a file whose first line is `user:password` (a file,
+/// so the password is never on a command line or in a log).
+#[cfg(feature = "docker")]
+pub fn registry_auth_from_file(registry: &str, file: &std::path::Path) -> Result<keelson_scheduler::RegistryAuth, String> {
+    let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let (user, password) = text
+        .lines()
+        .next()
+        .and_then(|l| l.split_once(':'))
+        .ok_or_else(|| format!("{}: the first line must be user:password", file.display()))?;
+    keelson_scheduler::RegistryAuth::new(registry, user, password).map_err(|e| format!("{registry}: {e}"))
+}

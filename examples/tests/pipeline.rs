@@ -132,7 +132,7 @@ async fn commits_are_built_tested_pushed_deployed_and_served_and_bad_ones_stop_o
     std::fs::write(stack.work.join("www/health"), "ok\n").expect("health");
     stack.push("v5, stop-first");
     let run = stack.ended("shop-5").await;
-    assert_eq!(run["outcome"], "deployed", "{run}");
+    assert_eq!(run["outcome"], "deployed", "{run}\n{}", stack.agent_logs());
     assert_eq!(run["version"], 4);
     stack.until_served("v5", Duration::from_secs(30)).await;
     let after = slots(&store, 4).await;
@@ -204,9 +204,22 @@ async fn commits_are_built_tested_pushed_deployed_and_served_and_bad_ones_stop_o
     let out = std::process::Command::new(bin("testgrid"))
         .args(["full", suite.to_str().expect("utf8"), "--workers", "2", "--etcd", &stack.etcd_url])
         .args(["--logd", &format!("http://{}", stack.logd), "--logd-token-file", stack.logd_token_file.to_str().expect("utf8")])
+        .args(["--push-to", &stack.registry, "--registry-auth-file", stack.registry_creds.to_str().expect("utf8")])
         .output()
         .expect("testgrid");
     assert_eq!(out.status.code(), Some(1), "a failed and a timed-out test\n{}", String::from_utf8_lossy(&out.stderr));
+    // The baseline and suite images went to the registry, where nodes with engines of
+    // their own pull them from (the agents have its credentials).
+    let registry: std::net::SocketAddr = stack.registry.parse().expect("registry");
+    let basic = [("authorization", "Basic Y2k6Y2ktcHc=")]; // ci:ci-pw
+    for repository in ["testgrid-baseline", "testgrid-suite"] {
+        let tags = keelson_testkit::http::request(registry, "GET", &stack.registry, &format!("/v2/{repository}/tags/list"), &basic)
+            .await
+            .expect("registry");
+        assert_eq!(tags.status, 200, "{repository}: {}", tags.body);
+        let tags: serde_json::Value = serde_json::from_str(&tags.body).expect("json");
+        assert_eq!(tags["tags"].as_array().map(Vec::len), Some(1), "{repository}: {tags}");
+    }
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(suite.join(".testgrid/report/report.json")).expect("report")).expect("json");
     let tests = report["tests"].as_array().expect("tests");

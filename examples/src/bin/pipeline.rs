@@ -58,18 +58,12 @@ struct Args {
 }
 
 async fn run(args: Args) -> Result<(), String> {
-    let registry_auth = match &args.registry_auth_file {
-        Some(file) => {
-            let text = std::fs::read_to_string(file).map_err(|e| format!("--registry-auth-file {}: {e}", file.display()))?;
-            let (user, password) = text
-                .lines()
-                .next()
-                .and_then(|l| l.split_once(':'))
-                .ok_or_else(|| format!("--registry-auth-file {}: the first line must be user:password", file.display()))?;
-            Some(keelson_scheduler::RegistryAuth::new(&args.registry, user, password).map_err(|e| format!("--registry: {e}"))?)
-        }
-        None => None,
-    };
+    let registry_auth = args
+        .registry_auth_file
+        .as_deref()
+        .map(|file| keelson_examples::backends::registry_auth_from_file(&args.registry, file))
+        .transpose()
+        .map_err(|e| format!("--registry-auth-file: {e}"))?;
     let kv: Arc<dyn keelson_discovery::KeyValue> = Arc::new(args.etcd.connect_waiting().await?);
     let store = keelson_scheduler::ClusterStore::new(kv.clone(), args.root.clone());
     let sink = args.logd.sink()?;

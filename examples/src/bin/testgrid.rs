@@ -7,14 +7,16 @@
 //! testgrid quick tests/suite --changed-since main   # only modules touched since main
 //! testgrid quick tests/suite --changed-since last   # ... since the last run that passed whole
 //! testgrid full  tests/suite --image 127.0.0.1:5000/shop:4be2c1d0a9f3   # test an image as it is
-//! testgrid full  tests/suite --etcd http://10.0.0.1:2379 --logd http://10.0.0.1:7070 --logd-token-file logd.token
+//! testgrid full  tests/suite --etcd http://10.0.0.1:2379 --logd http://10.0.0.1:7070 --logd-token-file logd.token \
+//!                --push-to 10.0.0.1:5000 --registry-auth-file ci.creds
 //! ```
 //!
 //! Without `--etcd` the tests run on the local Docker Engine through a cluster of one in
 //! this process (a store in memory, a node agent, a log server on loopback). With it,
 //! they are one-off runs on the cluster's node agents (started with `--logs-to` the
-//! same logd); every node's engine must have the snapshot and suite images (nodes
-//! sharing this engine do).
+//! same logd). Nodes with engines of their own pull the snapshot and suite images
+//! from a registry: give it with `--push-to` (and the agents its credentials);
+//! without it, the nodes must share this engine.
 //!
 //! Exit status: 0 when every test passed, 1 when one failed or timed out (or the
 //! baseline failed), 2 when the run could not be made (a bad manifest, no snapshot for
@@ -62,6 +64,13 @@ struct RunArgs {
     /// Test this image (on the engine) instead of building the suite's baseline recipe.
     #[arg(long)]
     image: Option<String>,
+    /// Push the snapshot and suite images to this registry (`host:port`) and run tests
+    /// from there: for a cluster whose nodes have engines of their own.
+    #[arg(long, value_name = "REGISTRY")]
+    push_to: Option<String>,
+    /// A file whose first line is `user:password` for --push-to's registry.
+    #[arg(long, requires = "push_to")]
+    registry_auth_file: Option<PathBuf>,
     #[command(flatten)]
     cluster: ClusterArgs,
 }
@@ -109,6 +118,18 @@ async fn run(args: Args) -> Result<bool, String> {
     options.report_dir = run.report;
     options.state_dir = run.state_dir;
     options.image = run.image;
+    options.push_to = match &run.push_to {
+        Some(registry) => Some(testgrid::PushTo {
+            registry: registry.clone(),
+            auth: run
+                .registry_auth_file
+                .as_deref()
+                .map(|file| keelson_examples::backends::registry_auth_from_file(registry, file))
+                .transpose()
+                .map_err(|e| format!("--registry-auth-file: {e}"))?,
+        }),
+        None => None,
+    };
     let target = cluster_target(&run.cluster).await?;
     let report = testgrid::run(&options, target).await.map_err(|e| e.to_string())?;
     let c = report.counts();

@@ -123,12 +123,33 @@ pub struct Options {
     pub state_dir: Option<PathBuf>,
     /// Test this image instead of the suite's baseline recipe (a pipeline's fresh build).
     pub image: Option<String>,
+    /// Push the images tests run from to this registry, and run them from there: for a
+    /// cluster whose nodes have engines of their own. None: nodes share this engine.
+    pub push_to: Option<PushTo>,
+}
+
+/// A registry the snapshot and suite images are pushed to, so every node can pull them.
+#[derive(Clone, Debug)]
+pub struct PushTo {
+    /// `host:port` (the node agents need its credentials too: their `--registry-auth`).
+    pub registry: String,
+    /// Credentials for it, if it asks for them.
+    pub auth: Option<keelson_scheduler::RegistryAuth>,
 }
 
 impl Options {
     /// Defaults for `suite`.
     pub fn new(suite: impl Into<PathBuf>, mode: Mode) -> Self {
-        Options { suite: suite.into(), mode, workers: 4, selection: Selection::All, report_dir: None, state_dir: None, image: None }
+        Options {
+            suite: suite.into(),
+            mode,
+            workers: 4,
+            selection: Selection::All,
+            report_dir: None,
+            state_dir: None,
+            image: None,
+            push_to: None,
+        }
     }
 
     /// Runs `workers` tests at once.
@@ -238,7 +259,7 @@ async fn run_on(cx: &RunContext<'_>, tag: &str, modules: Vec<suite::Module>) -> 
                     cx.show.phase("testing the baseline");
                     let case = TestCase {
                         name: "baseline".into(),
-                        image: tag.to_owned(),
+                        image: publish(cx, tag, "testgrid-baseline").await?,
                         command: command.clone(),
                         time_limit: cx.suite.baseline.time_limit,
                         resources: per_test,
@@ -279,6 +300,7 @@ async fn run_on(cx: &RunContext<'_>, tag: &str, modules: Vec<suite::Module>) -> 
     }
     cx.show.phase("building the suite layer");
     let image = snapshot::suite_image(cx.images, cx.suite, tag, &snapshot_id, &mut |line| cx.show.build_line(line)).await?;
+    let image = publish(cx, &image, "testgrid-suite").await?;
     let cases: Vec<TestCase> = modules
         .iter()
         .map(|m| {
@@ -292,6 +314,18 @@ async fn run_on(cx: &RunContext<'_>, tag: &str, modules: Vec<suite::Module>) -> 
     cx.show.tests(cases.len());
     let tests = runner::run_all(cx.target, cx.job, cases, cx.options.workers, cx.show.clone()).await?;
     Ok((snapshot_note, baseline, tests))
+}
+
+/// The name tests run `image` by: itself, or with `--push-to`, its copy in that registry
+/// (`<registry>/<repository>:<the image's tag>`), tagged and pushed first.
+async fn publish(cx: &RunContext<'_>, image: &str, repository: &str) -> Result<String, TestgridError> {
+    let Some(push) = &cx.options.push_to else { return Ok(image.to_owned()) };
+    let tag = image.rsplit_once(':').map_or("latest", |(_, t)| t);
+    let target = format!("{}/{repository}:{tag}", push.registry);
+    cx.show.phase(&format!("pushing {target}"));
+    cx.images.tag(image, &target).await?;
+    cx.images.push(&target, push.auth.as_ref(), &mut |line| cx.show.build_line(line)).await?;
+    Ok(target)
 }
 
 /// The modules to run, and a sentence saying how they were chosen (when not all).

@@ -83,6 +83,21 @@ pub fn git(dir: &Path, args: &[&str]) {
     assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// Keeps every process's log when the test fails: copied out of the temporary folder
+/// (which goes on drop) to one named on stderr.
+struct KeepLogsOnFailure(PathBuf);
+
+impl Drop for KeepLogsOnFailure {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let kept = std::env::temp_dir().join(format!("keelson-pipeline-logs-{}", std::process::id()));
+            if keelson_testkit::copy_dir(&self.0, &kept).is_ok() {
+                eprintln!("the platform's logs are kept in {}", kept.display());
+            }
+        }
+    }
+}
+
 /// The running platform. Field order is drop order: the pipeline and the agents stop
 /// before the servers they use, the containers go before the hosts' namespaces.
 pub struct Stack {
@@ -94,6 +109,7 @@ pub struct Stack {
     _etcd: keelson_testkit::etcd::Etcd,
     _cleanup: Cleanup,
     _underlay: Option<keelson_testkit::netns::Underlay>,
+    _keep_logs: KeepLogsOnFailure,
     /// etcd's client URL.
     pub etcd_url: String,
     /// edge.
@@ -108,6 +124,8 @@ pub struct Stack {
     pub nodes: Vec<String>,
     /// The registry (`127.0.0.1:port`).
     pub registry: String,
+    /// The file holding the registry's credentials (`ci:ci-pw`).
+    pub registry_creds: PathBuf,
     /// The working copy commits are made in (the fixture app, on branch main).
     pub work: PathBuf,
     /// The bare repository the pipeline watches.
@@ -268,6 +286,7 @@ impl Stack {
             _etcd: etcd,
             _cleanup: cleanup,
             _underlay: underlay.take(),
+            _keep_logs: KeepLogsOnFailure(logs.clone()),
             etcd_url: url,
             edge,
             status,
@@ -276,6 +295,7 @@ impl Stack {
             logd_token_file: token,
             nodes,
             registry,
+            registry_creds: creds,
             work,
             bare,
             logs,

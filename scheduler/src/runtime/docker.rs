@@ -372,8 +372,9 @@ impl DockerDriver {
                 tracing::info!(task = %spec.id, network = %net.name(), %address, "task attached");
                 Ok(())
             }
-            // Its namespace went between the inspect and the attach: it exited.
-            Err(e) if self.running_pid(spec).await?.is_none() => {
+            // Its namespace went between the inspect and the attach: it exited (the
+            // engine may still say running for a moment; the process's namespace is gone).
+            Err(e) if !std::path::Path::new(&format!("/proc/{pid}/ns/net")).exists() || self.running_pid(spec).await?.is_none() => {
                 tracing::info!(task = %spec.id, error = %e, "task exited while it was being attached to its network; it ran without it");
                 net.detach(&spec.id).await
             }

@@ -23,7 +23,7 @@ use std::time::Duration;
 use bollard::models::ContainerCreateBody;
 use bollard::query_parameters::{
     BuildImageOptionsBuilder, CommitContainerOptionsBuilder, CreateContainerOptionsBuilder, LogsOptionsBuilder, PushImageOptionsBuilder,
-    RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder, WaitContainerOptions,
+    RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder, TagImageOptionsBuilder, WaitContainerOptions,
 };
 use bollard::Docker;
 use futures::StreamExt;
@@ -283,6 +283,24 @@ impl DockerImages {
         };
         tokio::time::timeout(self.limit, run).await.map_err(|_| Error::Timeout { operation: "docker push", after: self.limit })??;
         Ok(digest)
+    }
+
+    /// Gives `image` a second name, `target` (`host:port/repository:tag`), as
+    /// `docker tag` does: what [`DockerImages::push`] needs to push a local image to a
+    /// registry. [`Error::NotFound`] if the engine has no `image`.
+    pub async fn tag(&self, image: &str, target: &str) -> Result<()> {
+        let (repo, tag) = match target.rsplit_once(':') {
+            Some((repo, tag)) if !tag.contains('/') => (repo, tag),
+            _ => (target, "latest"),
+        };
+        let options = TagImageOptionsBuilder::new().repo(repo).tag(tag).build();
+        match self.docker.tag_image(image, Some(options)).await {
+            Ok(()) => Ok(()),
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {
+                Err(Error::NotFound { kind: "image", name: image.to_owned() })
+            }
+            Err(e) => Err(unavailable(e)),
+        }
     }
 
     /// Removes an image (absent is fine).

@@ -4,6 +4,7 @@
 //! and detaches it when the task stops. A container restarted in place by its engine
 //! has a new namespace: the attachment follows it (see [`TaskNetwork::address`]).
 
+use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -18,6 +19,22 @@ pub struct TaskNetwork {
     driver: Arc<dyn NetworkDriver>,
     network: String,
     dns: Vec<IpAddr>,
+    /// Tasks being attached now. A status read meanwhile sees a half-made attachment
+    /// (its lease is written before its interface exists) and must not "repair" it by
+    /// detaching it under the attach: it reports no address yet instead.
+    attaching: Arc<std::sync::Mutex<HashSet<String>>>,
+}
+
+/// A task marked as being attached, until dropped.
+struct Attaching<'a> {
+    set: &'a std::sync::Mutex<HashSet<String>>,
+    task: String,
+}
+
+impl Drop for Attaching<'_> {
+    fn drop(&mut self) {
+        self.set.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&self.task);
+    }
 }
 
 fn net_error(e: keelson_netplumb::Error) -> Error {
@@ -31,6 +48,30 @@ fn net_error(e: keelson_netplumb::Error) -> Error {
     }
 }
 
+/// How long an attach waits for a repair of the same task to finish, and how often it looks.
+const ATTACH_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+const ATTACH_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
+type Checked = std::result::Result<keelson_netplumb::Attachment, keelson_netplumb::Error>;
+
+/// Whether a check's result is a stale attachment: in another namespace than `netns`
+/// (the engine restarted the task), or with its host side gone.
+fn needs_repair(checked: &Checked, netns: &std::path::Path) -> bool {
+    match checked {
+        Ok(a) => a.interfaces.last().and_then(|i| i.sandbox.as_deref()) != Some(netns),
+        Err(keelson_netplumb::Error::Backend { .. }) => true,
+        Err(_) => false,
+    }
+}
+
+fn address_of(checked: Checked) -> Result<Option<IpAddr>> {
+    match checked {
+        Ok(a) => Ok(a.addresses().first().copied()),
+        Err(keelson_netplumb::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(net_error(e)),
+    }
+}
+
 fn netns_of(pid: u32) -> String {
     format!("/proc/{pid}/ns/net")
 }
@@ -38,7 +79,7 @@ fn netns_of(pid: u32) -> String {
 impl TaskNetwork {
     /// Tasks on `network` of `driver` (the network must exist).
     pub fn new(driver: Arc<dyn NetworkDriver>, network: impl Into<String>) -> Self {
-        TaskNetwork { driver, network: network.into(), dns: Vec::new() }
+        TaskNetwork { driver, network: network.into(), dns: Vec::new(), attaching: Arc::default() }
     }
 
     /// The same, telling tasks to resolve names with `servers` (a catalog's DNS server
@@ -62,6 +103,12 @@ impl TaskNetwork {
         AttachmentKey::new(&self.network, task, "eth0")
     }
 
+    /// Marks `task` as being attached; `None` if it already is.
+    fn begin_attach(&self, task: &str) -> Option<Attaching<'_>> {
+        let fresh = self.attaching.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(task.to_owned());
+        fresh.then(|| Attaching { set: &self.attaching, task: task.to_owned() })
+    }
+
     /// Attaches the task whose process is `pid`, publishing `ports` on the host, at
     /// `prefer` if the network has it free (the address the task's slot had).
     pub async fn attach(&self, task: &str, pid: u32, ports: &[PortMapping], prefer: Option<IpAddr>) -> Result<IpAddr> {
@@ -71,6 +118,22 @@ impl TaskNetwork {
     /// Attaches the task's namespace at `netns`, publishing `ports` on the host, at
     /// `prefer` if the network has it free.
     pub async fn attach_at(&self, task: &str, netns: &std::path::Path, ports: &[PortMapping], prefer: Option<IpAddr>) -> Result<IpAddr> {
+        // A repair by a status read may hold it for the moment that takes.
+        let mut waited = std::time::Duration::ZERO;
+        let _attaching = loop {
+            if let Some(guard) = self.begin_attach(task) {
+                break guard;
+            }
+            if waited >= ATTACH_WAIT {
+                return Err(Error::Conflict { kind: "task", name: task.to_owned(), reason: "being attached already".into() });
+            }
+            tokio::time::sleep(ATTACH_POLL).await;
+            waited += ATTACH_POLL;
+        };
+        self.attach_now(task, netns, ports, prefer).await
+    }
+
+    async fn attach_now(&self, task: &str, netns: &std::path::Path, ports: &[PortMapping], prefer: Option<IpAddr>) -> Result<IpAddr> {
         let mut spec = EndpointSpec::new(&self.network, task).in_netns(netns).preferring(prefer);
         for p in ports {
             spec = spec.publish(keelson_netplumb::PortMapping::tcp(p.host, p.container));
@@ -83,12 +146,33 @@ impl TaskNetwork {
     }
 
     /// The task's address while its process is `pid`; re-attached if the engine
-    /// restarted it (a new process, a new namespace) since it was attached.
+    /// restarted it (a new process, a new namespace) since it was attached. `None`
+    /// while it is not attached, or still being attached.
     pub async fn address(&self, task: &str, pid: u32, ports: &[PortMapping]) -> Result<Option<IpAddr>> {
-        match self.driver.check(&self.key(task)).await {
-            Ok(a) if a.interfaces.last().and_then(|i| i.sandbox.as_ref()).is_some_and(|s| s.to_str() == Some(netns_of(pid).as_str())) => {
-                Ok(a.addresses().first().copied())
-            }
+        if self.attaching.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains(task) {
+            return Ok(None);
+        }
+        let netns = netns_of(pid);
+        let netns = std::path::Path::new(&netns);
+        let checked = self.driver.check(&self.key(task)).await;
+        if !needs_repair(&checked, netns) {
+            return address_of(checked);
+        }
+        // Not while an attach runs (it may have begun since), and looked at again under
+        // the mark: one may have finished meanwhile.
+        let Some(_repairing) = self.begin_attach(task) else { return Ok(None) };
+        let checked = self.driver.check(&self.key(task)).await;
+        if needs_repair(&checked, netns) {
+            self.repair(task, netns, ports, checked).await
+        } else {
+            address_of(checked)
+        }
+    }
+
+    /// Attaches anew a task whose attachment is stale (`checked`: in another namespace,
+    /// or its host side gone).
+    async fn repair(&self, task: &str, netns: &std::path::Path, ports: &[PortMapping], checked: Checked) -> Result<Option<IpAddr>> {
+        match checked {
             Ok(a) => {
                 // Restarted in place: the old namespace is gone with its interface.
                 let ports: Vec<PortMapping> = if ports.is_empty() {
@@ -99,13 +183,13 @@ impl TaskNetwork {
                 // It keeps its address: the new namespace asks for the one it had.
                 let had = a.addresses().first().copied();
                 self.detach(task).await?;
-                self.attach(task, pid, &ports, had).await.map(Some)
+                self.attach_now(task, netns, &ports, had).await.map(Some)
             }
             Err(keelson_netplumb::Error::NotFound { .. }) => Ok(None),
             // Its host link is gone (the namespace went): attach anew.
             Err(keelson_netplumb::Error::Backend { .. }) => {
                 self.detach(task).await?;
-                self.attach(task, pid, ports, None).await.map(Some)
+                self.attach_now(task, netns, ports, None).await.map(Some)
             }
             Err(e) => Err(net_error(e)),
         }
@@ -205,5 +289,94 @@ impl ProcessNetwork {
     #[cfg(not(feature = "netns"))]
     pub(crate) fn spawn_in<R: Send>(&self, _task: &str, _spawn: impl FnOnce() -> R + Send) -> Result<R> {
         Err(Error::Unsupported { operation: "networks (build with the netns feature)", backend: "process" })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_trait::async_trait;
+    use keelson_netplumb::{Attachment, GcReport, Interface, IpConfig, NetworkCapabilities, NetworkInfo, NetworkSpec};
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    /// A network whose attach takes a while, with its lease written first: a check in
+    /// between sees a half-made attachment, as with the real drivers.
+    #[derive(Debug, Default)]
+    struct SlowAttach {
+        state: Mutex<Option<(bool, Attachment)>>,
+        detaches: AtomicU32,
+    }
+
+    #[async_trait]
+    impl NetworkDriver for SlowAttach {
+        fn name(&self) -> &'static str {
+            "slow"
+        }
+        fn capabilities(&self) -> NetworkCapabilities {
+            NetworkCapabilities::default()
+        }
+        async fn create_network(&self, _spec: NetworkSpec) -> keelson_netplumb::Result<NetworkInfo> {
+            unimplemented!("not used")
+        }
+        async fn delete_network(&self, _name: &str) -> keelson_netplumb::Result<()> {
+            Ok(())
+        }
+        async fn attach(&self, spec: EndpointSpec) -> keelson_netplumb::Result<Attachment> {
+            let a = Attachment {
+                id: spec.id.clone(),
+                network: spec.network.clone(),
+                ifname: spec.ifname.clone(),
+                interfaces: vec![Interface { name: spec.ifname.clone(), mac: None, mtu: None, sandbox: spec.netns.clone() }],
+                ips: vec![IpConfig { address: "10.9.0.5/24".parse().expect("net"), gateway: None, interface: 0 }],
+                routes: Vec::new(),
+                dns: Default::default(),
+                port_mappings: Vec::new(),
+            };
+            *self.state.lock().expect("lock") = Some((false, a.clone()));
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            *self.state.lock().expect("lock") = Some((true, a.clone()));
+            Ok(a)
+        }
+        async fn detach(&self, _key: &AttachmentKey) -> keelson_netplumb::Result<()> {
+            self.detaches.fetch_add(1, Ordering::SeqCst);
+            *self.state.lock().expect("lock") = None;
+            Ok(())
+        }
+        async fn check(&self, key: &AttachmentKey) -> keelson_netplumb::Result<Attachment> {
+            match self.state.lock().expect("lock").clone() {
+                Some((true, a)) => Ok(a),
+                Some((false, _)) => Err(keelson_netplumb::Error::Backend { backend: "slow", source: "eth0 is missing".into() }),
+                None => Err(keelson_netplumb::Error::NotFound { kind: "attachment", name: key.to_string() }),
+            }
+        }
+        async fn inspect(&self, _name: &str) -> keelson_netplumb::Result<NetworkInfo> {
+            unimplemented!("not used")
+        }
+        async fn list(&self) -> keelson_netplumb::Result<Vec<NetworkInfo>> {
+            Ok(Vec::new())
+        }
+        async fn gc(&self, _valid: &[AttachmentKey]) -> keelson_netplumb::Result<GcReport> {
+            Ok(GcReport::default())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_status_read_during_an_attach_leaves_it_alone() {
+        let driver = Arc::new(SlowAttach::default());
+        let net = TaskNetwork::new(driver.clone(), "n");
+        let attach = tokio::spawn({
+            let net = net.clone();
+            async move { net.attach("t", 4242, &[], None).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(net.address("t", 4242, &[]).await.expect("read"), None, "no address while it is being attached");
+        let ip = attach.await.expect("join").expect("attach");
+        assert_eq!(driver.detaches.load(Ordering::SeqCst), 0, "the half-made attachment was not torn down under the attach");
+        assert_eq!(net.address("t", 4242, &[]).await.expect("read"), Some(ip));
+        // Restarted in place (a new process): attached again, at the address it had.
+        assert_eq!(net.address("t", 4343, &[]).await.expect("read"), Some(ip));
+        assert_eq!(driver.detaches.load(Ordering::SeqCst), 1);
     }
 }
