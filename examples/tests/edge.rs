@@ -4,6 +4,7 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use keelson_testkit::http::{echo_server, get};
@@ -404,4 +405,75 @@ async fn edge_workers_share_the_listen_address_and_the_metrics() {
         .expect("request counter");
     assert!(count >= 31, "metrics counted {count} of at least 31 requests:\n{m}");
     stop_edge(child);
+}
+
+/// `--acme-*`: edge gets its certificate from a real ACME CA (pebble, resolving the name
+/// with keelson's DNS server), answering the HTTP-01 challenge on its own listener, and
+/// serves it on the TLS listener; restarted on the same state, it serves the stored one
+/// without asking the CA again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_gets_its_certificate_from_an_acme_ca() {
+    use keelson_discovery::{Discovery, DnsServer, DnsServerConfig, MemoryDiscovery, Registration, ServiceName};
+    let discovery = Arc::new(MemoryDiscovery::memory());
+    let _shop = discovery.register(Registration::new(ServiceName::new("shop").expect("name"), "s1", "127.0.0.1", 80)).await.expect("reg");
+    let mut dns_config = DnsServerConfig::default();
+    dns_config.domain = "keelson.test".into();
+    dns_config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    let dns = DnsServer::start(discovery.clone() as Arc<dyn Discovery>, dns_config).await.expect("dns");
+    let ports = keelson_testkit::free_ports(2).expect("ports");
+    let (listen, tls_listen) = (format!("127.0.0.1:{}", ports[0]), format!("127.0.0.1:{}", ports[1]));
+    let pebble = keelson_testkit::pebble::Pebble::start(ports[0], dns.local_addr(), 5).expect("pebble");
+    let dir = tempfile::tempdir().expect("dir");
+    let routes_file = dir.path().join("routes.json");
+    std::fs::write(&routes_file, routes(&[])).expect("routes");
+    let state = dir.path().join("acme");
+    let ca = pebble.ca_file.to_str().expect("utf8").to_owned();
+    let directory = pebble.directory.clone();
+    let args = [
+        "--routes",
+        routes_file.to_str().expect("utf8"),
+        "--listen",
+        &listen,
+        "--tls-listen",
+        &tls_listen,
+        "--acme-directory",
+        &directory,
+        "--acme-domain",
+        "shop.service.keelson.test",
+        "--acme-state",
+        state.to_str().expect("utf8"),
+        "--acme-ca-file",
+        &ca,
+    ];
+    let root_pem = pebble.issuing_root().expect("root");
+    let root = keelson_testkit::tls::TestCert {
+        der: rustls::pki_types::pem::PemObject::from_pem_slice(root_pem.as_bytes()).expect("der"),
+        chain_pem: root_pem.clone(),
+        key_pem: String::new(),
+    };
+    let tls_addr: SocketAddr = tls_listen.parse().expect("addr");
+    let verified = |limit: Duration| {
+        let root = root.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + limit;
+            loop {
+                match keelson_testkit::tls::handshake(tls_addr, "shop.service.keelson.test", &[&root]).await {
+                    Ok(_) => return true,
+                    Err(_) if tokio::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+                    Err(_) => return false,
+                }
+            }
+        }
+    };
+    let (edge, _out) = start_edge(&args);
+    assert!(verified(Duration::from_secs(30)).await, "no certificate from the CA\npebble:\n{}", pebble.log());
+    stop_edge(edge);
+    let issued = std::fs::read(state.join("certs/shop.service.keelson.test.crt")).expect("stored");
+
+    // Restarted: the stored certificate, at once, with no new order.
+    drop(pebble);
+    let (edge, _out) = start_edge(&args);
+    assert!(verified(Duration::from_secs(10)).await, "the stored certificate is served with the CA gone");
+    stop_edge(edge);
+    assert_eq!(std::fs::read(state.join("certs/shop.service.keelson.test.crt")).expect("stored"), issued, "not issued again");
 }

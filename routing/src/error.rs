@@ -42,6 +42,14 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A certificate could not be had from the ACME CA.
+    #[error("ACME certificate for {names}: {reason}")]
+    Acme {
+        /// The names asked for, comma-separated.
+        names: String,
+        /// What the CA or the network said.
+        reason: String,
+    },
     /// A route source (discovery, say) failed.
     #[error("route source failed: {0}")]
     Source(#[from] keelson_discovery::Error),

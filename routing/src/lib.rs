@@ -9,7 +9,9 @@
 //! tag `keelson.http.host=<host>`. Hosts may be `*.parent` wildcards and routes may serve
 //! a path prefix (longest wins). [`TcpProxy`] serves TCP routes, by TLS server name
 //! without decrypting or by listener, moving bytes with splice(2) on Linux; active health checks, rate limits, an access log
-//! and Prometheus metrics are built in.
+//! and Prometheus metrics are built in. With the `acme` feature, [`acme`] gets the
+//! proxy's certificates from an ACME CA (Let's Encrypt) over HTTP-01, answered by the
+//! proxy itself.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -43,6 +45,8 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod access_log;
+#[cfg(feature = "acme")]
+pub mod acme;
 mod active_health;
 mod balance;
 mod error;

@@ -27,6 +27,7 @@ pub mod http;
 pub mod memory;
 pub mod netns;
 pub mod oci;
+pub mod pebble;
 pub mod rsyslog;
 pub mod syslog_counter;
 pub mod tls;

@@ -40,6 +40,13 @@
 //! certificate, open connections keep theirs, and a file that no longer loads leaves the
 //! previous certificate in place. Clients speak HTTP/1.1 or HTTP/2 on either listener.
 //!
+//! ACME: `--acme-directory https://acme-v02.api.letsencrypt.org/directory --acme-domain
+//! shop.example --tls-listen 0.0.0.0:443 --listen 0.0.0.0:80` gets a certificate for each
+//! `--acme-domain` from the CA once the listeners are up, answering its HTTP-01
+//! challenges on `--listen`; keeps the account and certificates in `--acme-state`
+//! (`edge-acme`, files mode 0600), reuses them across restarts and renews them 30 days
+//! before they expire. `--acme-ca-file` trusts a private CA's HTTPS (a test CA).
+//!
 //! Configuration: every flag is also `KEELSON_EDGE_<FLAG>` (`KEELSON_EDGE_LISTEN`) and a
 //! key of the TOML file given with `--config` (`listen = "127.0.0.1:8080"`); flags win
 //! over the environment, the environment over the file. Every flag is checked (and every
@@ -85,8 +92,8 @@ struct Args {
     /// Proxy listen address.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
-    /// TLS listen address (needs at least one --cert).
-    #[arg(long, requires = "cert")]
+    /// TLS listen address (needs at least one --cert or --acme-domain).
+    #[arg(long)]
     tls_listen: Option<SocketAddr>,
     /// A certificate: NAME=CHAIN_PEM,KEY_PEM, NAME an exact host, `*.parent` or `default`.
     #[arg(long)]
@@ -126,6 +133,29 @@ struct Args {
     park_idle_after: Duration,
     #[command(flatten)]
     daemon: keelson_examples::daemon::DaemonArgs,
+    #[command(flatten)]
+    acme: AcmeArgs,
+}
+
+/// Certificates from an ACME CA, validated over HTTP-01 on `--listen` (which must be
+/// what the names' port 80 reaches).
+#[derive(clap::Args, Debug)]
+struct AcmeArgs {
+    /// The CA's directory URL (`https://acme-v02.api.letsencrypt.org/directory`).
+    #[arg(long, requires = "acme_domain")]
+    acme_directory: Option<String>,
+    /// A name to get a certificate for (repeatable: each gets its own).
+    #[arg(long, requires = "acme_directory")]
+    acme_domain: Vec<String>,
+    /// Where the account key and the certificates are kept.
+    #[arg(long, default_value = "edge-acme")]
+    acme_state: PathBuf,
+    /// A PEM root the CA's own HTTPS certificate chains to (a private or test CA).
+    #[arg(long)]
+    acme_ca_file: Option<PathBuf>,
+    /// The account's contact (`mailto:ops@example.com`; repeatable).
+    #[arg(long)]
+    acme_contact: Vec<String>,
 }
 
 /// What the flags ask for, checked whole before anything starts serving.
@@ -163,6 +193,9 @@ fn check(args: &Args) -> Result<Checked, String> {
         },
     };
     let certs = args.cert.iter().map(|s| parse_cert_spec(s)).collect::<Result<Vec<_>, _>>()?;
+    if args.tls_listen.is_some() && certs.is_empty() && args.acme.acme_domain.is_empty() {
+        return Err("--tls-listen needs a certificate: --cert or --acme-domain".into());
+    }
     Ok(Checked { certs, probe })
 }
 
@@ -297,7 +330,9 @@ async fn run(args: Args) -> Result<(), String> {
     config.upstream_timeout = args.upstream_timeout;
     config.body_idle_timeout = args.body_idle_timeout;
     config.park_idle_after = (!args.park_idle_after.is_zero()).then_some(args.park_idle_after);
-    let mut proxy = Proxy::new(router.clone(), config.clone());
+    // The CA's HTTP-01 challenges are answered on every HTTP listener.
+    let challenges = Arc::new(keelson_routing::acme::Http01Challenges::default());
+    let mut proxy = Proxy::new(router.clone(), config.clone()).with_hooks(challenges.clone());
     let mut access_log = None;
     if let Some(path) = &args.access_log {
         let (log, _writer) = keelson_routing::AccessLog::to_file(path, 65_536).await.map_err(|e| e.to_string())?;
@@ -323,7 +358,7 @@ async fn run(args: Args) -> Result<(), String> {
     let mut servers = vec![tokio::spawn(proxy.clone().serve(listener, until_stopped(stopped.clone())))];
     let mut workers = Vec::new();
     for n in 1..args.workers {
-        let mut worker = Proxy::new(router.clone(), config.clone()).with_metrics_of(&proxy);
+        let mut worker = Proxy::new(router.clone(), config.clone()).with_metrics_of(&proxy).with_hooks(challenges.clone());
         if let Some(log) = &access_log {
             worker = worker.with_access_log(log.clone());
         }
@@ -360,6 +395,16 @@ async fn run(args: Args) -> Result<(), String> {
     for addr in tcp_local {
         println!("edge serving TCP on {addr}");
     }
+    // Once the listeners answer the CA's challenges: stored certificates, or new ones,
+    // then renewals twice a day.
+    let _acme = args.acme.acme_directory.as_ref().map(|directory| {
+        let mut config = keelson_routing::acme::AcmeConfig::new(directory.clone(), args.acme.acme_state.clone());
+        config.ca_file.clone_from(&args.acme.acme_ca_file);
+        config.contact.clone_from(&args.acme.acme_contact);
+        let issuer = Arc::new(keelson_routing::acme::AcmeIssuer::new(config, challenges.clone(), certs.clone()));
+        let sets: Vec<Vec<String>> = args.acme.acme_domain.iter().map(|d| vec![d.clone()]).collect();
+        tokio::spawn(issuer.run(sets, Duration::from_secs(12 * 3600), until_stopped(stopped.clone())))
+    });
     loop {
         tokio::select! {
             // The routes file reloads itself on SIGHUP; the certificates are read here.
