@@ -85,6 +85,7 @@ fn web(image: &str) -> GroupSpec {
             ..TaskTemplate::default()
         },
         service: Some(ServiceSpec { name: "web".into(), port: 8080, tags: Vec::new(), http_check: None }),
+        release: None,
     }
 }
 

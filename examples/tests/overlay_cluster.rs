@@ -58,6 +58,7 @@ fn group(job: &str, image: &str, script: &str, service: Option<ServiceSpec>) -> 
             ..TaskTemplate::default()
         },
         service,
+        release: None,
     }
 }
 

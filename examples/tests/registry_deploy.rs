@@ -148,6 +148,7 @@ async fn an_image_pushed_to_the_keelson_registry_is_deployed_and_served_through_
             ..TaskTemplate::default()
         },
         service: Some(ServiceSpec { name: "web".into(), port: 8080, tags: vec!["keelson.http.host=web.test".into()], http_check: None }),
+        release: None,
     };
     let deploy = dir.path().join("deploy.json");
     std::fs::write(&deploy, serde_json::json!({"group": group}).to_string()).expect("deploy file");

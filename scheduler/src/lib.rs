@@ -98,6 +98,7 @@
 //!     desired: DesiredGroup { job: "batch".into(), group: "w".into(), version: 1, count: 2, resources: Resources::new(100, 16), ..Default::default() },
 //!     task: TaskTemplate { command: vec!["sleep".into(), "30".into()], ..Default::default() },
 //!     service: None,
+//!     release: None,
 //! };
 //! store.deploy(&group, Strategy::default(), Gates::default()).await?; // the first version runs at once
 //! Controller::new(store.clone()).tick().await?;                       // places two allocations
@@ -153,7 +154,7 @@ pub use orchestrate::planner::ReschedulePass;
 pub use orchestrate::reconcile::{reconcile, AllocRecord, AllocStatus, DesiredGroup, Reconciliation};
 pub use orchestrate::runs::{RunRecord, RunResult, RunSpec, RESULT_OUTPUT_BYTES, RUN_LABEL};
 pub use orchestrate::snapshot::{SnapshotEntry, StoreSnapshot, SNAPSHOT_FORMAT};
-pub use orchestrate::spec::{GroupSpec, ServiceSpec, TaskTemplate, NODE_LABEL};
+pub use orchestrate::spec::{GroupSpec, ReleaseNote, ServiceSpec, TaskTemplate, NODE_LABEL};
 pub use orchestrate::store_check::StoredCheck;
 pub use orchestrate::strategy::{Gates, Strategy};
 

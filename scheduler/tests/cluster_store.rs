@@ -355,6 +355,7 @@ async fn etcd_down_is_a_retryable_typed_error_and_the_agent_leaves_running_work_
             ..Default::default()
         },
         service: None,
+        release: None,
     };
     store.put_group(&group).await.expect("group");
     store.reschedule(std::slice::from_ref(&group.desired)).await.expect("place");

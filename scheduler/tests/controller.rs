@@ -30,6 +30,7 @@ fn spec(version: u64, script: &str) -> GroupSpec {
             ..TaskTemplate::default()
         },
         service: None,
+        release: None,
     }
 }
 

@@ -59,6 +59,7 @@ fn web(image: &str, version: u64) -> GroupSpec {
             tags: vec!["keelson.http.host=web.test".into()],
             http_check: Some("/index.html".into()),
         }),
+        release: None,
     }
 }
 
@@ -344,6 +345,7 @@ fn stateful(image: &str, volume: &str, version: u64) -> GroupSpec {
             ..TaskTemplate::default()
         },
         service: Some(ServiceSpec { name: "kv".into(), port: 8080, tags: Vec::new(), http_check: Some("/current".into()) }),
+        release: None,
     }
 }
 

@@ -150,6 +150,7 @@ fn hello_group(config: &DemoConfig) -> GroupSpec {
             tags: vec![format!("{HTTP_HOST_TAG}={HOST}")],
             http_check: Some("/health".into()),
         }),
+        release: None,
     }
 }
 

@@ -310,6 +310,7 @@ impl Service {
                 tags: self.domains.iter().map(|d| format!("{}={d}", keelson_routing::HTTP_HOST_TAG)).collect(),
                 http_check: self.health_check.clone(),
             }),
+            release: None,
         }
     }
 }

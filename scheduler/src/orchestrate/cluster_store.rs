@@ -406,6 +406,20 @@ impl ClusterStore {
         }
     }
 
+    /// Every stored version of a group, oldest first: its release timeline.
+    pub async fn group_versions(&self, job: &str, group: &str) -> Result<Vec<crate::orchestrate::spec::GroupSpec>> {
+        let prefix = self.key(&["groups", job, group, "v"]);
+        let mut out: Vec<crate::orchestrate::spec::GroupSpec> = Vec::new();
+        for e in self.kv.list(&prefix).await.map_err(kv_err)?.entries {
+            // `v10` sorts before `v9` as text: order by the number.
+            if e.key[prefix.len()..].parse::<u64>().is_ok() {
+                out.push(decode(&e.key, &e.value)?);
+            }
+        }
+        out.sort_by_key(|g| g.desired.version);
+        Ok(out)
+    }
+
     /// Which allocations of a group should be in the routing catalog (default all).
     pub async fn traffic(&self, job: &str, group: &str) -> Result<Traffic> {
         let key = self.key(&["traffic", job, group]);

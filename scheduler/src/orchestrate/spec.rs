@@ -23,6 +23,21 @@ pub struct GroupSpec {
     /// The service each allocation offers, if any.
     #[serde(default)]
     pub service: Option<ServiceSpec>,
+    /// Who made this version, when, and what it changed: a group's versions with their
+    /// notes are its release timeline ([`ClusterStore::group_versions`](crate::ClusterStore::group_versions)).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<ReleaseNote>,
+}
+
+/// Who made a version of a group, when, and what it changed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseNote {
+    /// Who (a user, a pipeline).
+    pub by: String,
+    /// When, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// What changed (`deploy 4be2c1d`, `config set GREETING`, `rollback to v3`).
+    pub change: String,
 }
 
 /// The task of a group.

@@ -145,6 +145,13 @@ impl TaskLogShipper {
             if self.shipping.contains_key(&task.id) || self.done.get(&task.id) == Some(&task.started_at) {
                 continue;
             }
+            // Listed between its creation and its start (Docker lists created containers,
+            // with no start time yet): shipped from the next look, under the start time it
+            // will keep. Shipped now, it would be recorded as done under no start time and
+            // shipped whole a second time once listed with its real one.
+            if task.started_at == SystemTime::UNIX_EPOCH {
+                continue;
+            }
             let Some(job) = task.labels.get("keelson.job") else { continue };
             let service = match task.labels.get("keelson.group") {
                 Some(group) => format!("{job}.{group}"),
@@ -217,6 +224,76 @@ mod tests {
     use super::*;
     use crate::runtime::process::ProcessDriver;
     use crate::task::TaskSpec;
+
+    /// A driver whose first listing shows its tasks as not started yet (no start time),
+    /// as Docker lists a container between its creation and its start.
+    #[derive(Debug)]
+    struct ListedBeforeStart {
+        inner: ProcessDriver,
+        lists: std::sync::atomic::AtomicU32,
+    }
+
+    #[async_trait::async_trait]
+    impl Driver for ListedBeforeStart {
+        fn name(&self) -> &'static str {
+            "listed-before-start"
+        }
+        fn capabilities(&self) -> crate::runtime::driver::DriverCapabilities {
+            self.inner.capabilities()
+        }
+        async fn start(&self, spec: TaskSpec) -> crate::Result<crate::task::TaskStatus> {
+            self.inner.start(spec).await
+        }
+        async fn stop(&self, id: &str, grace: Duration) -> crate::Result<crate::task::TaskStatus> {
+            self.inner.stop(id, grace).await
+        }
+        async fn inspect(&self, id: &str) -> crate::Result<crate::task::TaskStatus> {
+            self.inner.inspect(id).await
+        }
+        async fn output(&self, id: &str) -> crate::Result<super::super::driver::Output> {
+            self.inner.output(id).await
+        }
+        async fn list(&self) -> crate::Result<Vec<crate::task::TaskStatus>> {
+            let mut tasks = self.inner.list().await?;
+            if self.lists.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                for t in &mut tasks {
+                    t.started_at = SystemTime::UNIX_EPOCH;
+                }
+            }
+            Ok(tasks)
+        }
+        async fn remove(&self, id: &str) -> crate::Result<()> {
+            self.inner.remove(id).await
+        }
+    }
+
+    /// A task listed before its start is shipped once, from when it is listed started:
+    /// its output is in the sink once, not twice.
+    #[tokio::test]
+    async fn a_task_listed_before_its_start_is_shipped_once() {
+        let driver = Arc::new(ListedBeforeStart { inner: ProcessDriver::new(), lists: Default::default() });
+        let spec =
+            TaskSpec::new("quick-1", ["/bin/sh", "-c", "echo only-once"]).with_label("keelson.job", "web").with_label(NODE_LABEL, "n1");
+        driver.start(spec).await.expect("start");
+        let dir = tempfile::tempdir().expect("dir");
+        let sink: Arc<dyn Sink> = Arc::new(keelson_logship::FileSink::new(dir.path()).expect("sink"));
+        let mut shipper = TaskLogShipper::new(driver.clone(), sink, "n1");
+        assert_eq!(shipper.sync().await, 0, "not started yet: not shipped");
+        let file = dir.path().join("web.log");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string(&file).unwrap_or_default().contains("only-once") {
+            assert!(std::time::Instant::now() < deadline, "the output never arrived");
+            shipper.sync().await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Its shipping ends with its output; later looks must not ship it again.
+        for _ in 0..10 {
+            shipper.sync().await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let text = std::fs::read_to_string(&file).expect("log");
+        assert_eq!(text.matches("only-once").count(), 1, "{text}");
+    }
 
     /// Agents sharing one engine each see every task: each ships only its own node's.
     #[tokio::test]

@@ -55,6 +55,7 @@ fn group() -> GroupSpec {
         },
         task: TaskTemplate { command: vec!["/bin/true".into()], ..TaskTemplate::default() },
         service: None,
+        release: None,
     }
 }
 

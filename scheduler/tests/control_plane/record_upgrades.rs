@@ -35,6 +35,7 @@ fn spec(version: u64) -> GroupSpec {
         },
         task: TaskTemplate { command: vec!["/bin/true".into()], ..TaskTemplate::default() },
         service: None,
+        release: None,
     }
 }
 
