@@ -125,7 +125,7 @@ impl ClusterStore {
         let d = &spec.desired;
         strategy.validate()?;
         gates.validate()?;
-        self.put_group(spec).await?;
+        // A refused deploy stores nothing: its version never enters the group's timeline.
         let (state, origin) = match self.group_state_versioned(&d.job, &d.group).await? {
             None => (
                 GroupState {
@@ -157,6 +157,7 @@ impl ClusterStore {
                 (current, Some(origin))
             }
         };
+        self.put_group(spec).await?;
         self.save_group_state(&state, origin.as_ref()).await?;
         Ok(state)
     }
