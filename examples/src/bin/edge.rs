@@ -330,9 +330,14 @@ async fn run(args: Args) -> Result<(), String> {
     config.upstream_timeout = args.upstream_timeout;
     config.body_idle_timeout = args.body_idle_timeout;
     config.park_idle_after = (!args.park_idle_after.is_zero()).then_some(args.park_idle_after);
-    // The CA's HTTP-01 challenges are answered on every HTTP listener.
-    let challenges = Arc::new(keelson_routing::acme::Http01Challenges::default());
-    let mut proxy = Proxy::new(router.clone(), config.clone()).with_hooks(challenges.clone());
+    // With ACME, the CA's HTTP-01 challenges are answered on every HTTP listener (a hook
+    // only then: it would cost every request a call).
+    let challenges = args.acme.acme_directory.is_some().then(|| Arc::new(keelson_routing::acme::Http01Challenges::default()));
+    let with_challenges = |proxy: Proxy| match &challenges {
+        Some(c) => proxy.with_hooks(c.clone()),
+        None => proxy,
+    };
+    let mut proxy = with_challenges(Proxy::new(router.clone(), config.clone()));
     let mut access_log = None;
     if let Some(path) = &args.access_log {
         let (log, _writer) = keelson_routing::AccessLog::to_file(path, 65_536).await.map_err(|e| e.to_string())?;
@@ -358,7 +363,7 @@ async fn run(args: Args) -> Result<(), String> {
     let mut servers = vec![tokio::spawn(proxy.clone().serve(listener, until_stopped(stopped.clone())))];
     let mut workers = Vec::new();
     for n in 1..args.workers {
-        let mut worker = Proxy::new(router.clone(), config.clone()).with_metrics_of(&proxy).with_hooks(challenges.clone());
+        let mut worker = with_challenges(Proxy::new(router.clone(), config.clone()).with_metrics_of(&proxy));
         if let Some(log) = &access_log {
             worker = worker.with_access_log(log.clone());
         }
@@ -397,7 +402,7 @@ async fn run(args: Args) -> Result<(), String> {
     }
     // Once the listeners answer the CA's challenges: stored certificates, or new ones,
     // then renewals twice a day.
-    let _acme = args.acme.acme_directory.as_ref().map(|directory| {
+    let _acme = args.acme.acme_directory.as_ref().zip(challenges.as_ref()).map(|(directory, challenges)| {
         let mut config = keelson_routing::acme::AcmeConfig::new(directory.clone(), args.acme.acme_state.clone());
         config.ca_file.clone_from(&args.acme.acme_ca_file);
         config.contact.clone_from(&args.acme.acme_contact);
