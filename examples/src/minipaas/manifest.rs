@@ -28,7 +28,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use keelson_scheduler::{DesiredGroup, Gates, GroupSpec, Resources, ServiceSpec, Strategy, TaskTemplate};
+use keelson_scheduler::{DesiredGroup, Gates, GroupSpec, Resources, ServiceSpec, Strategy, TaskTemplate, VolumeAccess, VolumeRequest};
 use serde::{Deserialize, Serialize};
 
 /// Why a manifest was refused.
@@ -301,9 +301,21 @@ impl Service {
                 count: self.replicas,
                 resources: Resources::new(u64::from(self.cpu), u64::from(self.memory_mb)),
                 ports: u16::from(self.port.is_some()),
+                // Each task its own volume of each name (`data-0`, `data-1`), one writer.
+                volumes: self
+                    .volumes
+                    .keys()
+                    .map(|name| VolumeRequest { name: name.clone(), access: VolumeAccess::SingleWriter, read_only: false, per_task: true })
+                    .collect(),
                 ..DesiredGroup::default()
             },
-            task: TaskTemplate { image: Some(image.to_owned()), command: self.command.clone(), env, ..TaskTemplate::default() },
+            task: TaskTemplate {
+                image: Some(image.to_owned()),
+                command: self.command.clone(),
+                env,
+                mounts: self.volumes.iter().map(|(name, path)| (name.clone(), path.into())).collect(),
+                ..TaskTemplate::default()
+            },
             service: self.port.map(|port| ServiceSpec {
                 name: format!("{app}-{service}"),
                 port,
@@ -371,6 +383,15 @@ mod tests {
         assert_eq!((g.task.env["A"].as_str(), g.task.env["B"].as_str()), ("config", "kept"));
         assert_eq!(g.desired.version, 2);
         assert_eq!(g.service.expect("service").name, "app-web");
+    }
+
+    #[test]
+    fn volumes_become_per_task_volumes_mounted_at_their_paths() {
+        let m = Manifest::parse("m.toml", "[services.db]\nimage = \"pg\"\nvolumes = { data = \"/var/lib/data\" }\n").expect("parses");
+        let g = m.services["db"].group_spec("app", "db", "pg", &BTreeMap::new(), 1);
+        assert_eq!(g.desired.volumes.len(), 1);
+        assert!(g.desired.volumes[0].per_task && g.desired.volumes[0].name == "data");
+        assert_eq!(g.task.mounts["data"], std::path::PathBuf::from("/var/lib/data"));
     }
 
     #[test]

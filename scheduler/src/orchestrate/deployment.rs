@@ -24,7 +24,7 @@ use crate::orchestrate::strategy::{Gates, Strategy};
 pub type Millis = u64;
 
 /// A length as a count of allocations (saturating: a stored record can claim anything).
-fn len32<T>(v: &[T]) -> u32 {
+pub(crate) fn len32<T>(v: &[T]) -> u32 {
     u32::try_from(v.len()).unwrap_or(u32::MAX)
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 use crate::orchestrate::cluster_cache::ClusterCache;
 use crate::orchestrate::cluster_store::{kv_err, wall_clock_ms, ClusterStore, ClusterView, PlanCommit, SlotHome};
-use crate::orchestrate::deployment::{Action, AllocHealth, AllocView, Deployment};
+use crate::orchestrate::deployment::{len32, Action, AllocHealth, AllocView, Deployment};
 use crate::orchestrate::operations::task_group;
 use crate::orchestrate::reconcile::{placement_allocation, reconcile, AllocRecord, AllocStatus, DesiredGroup};
 use crate::placement::model::{Allocation, ClusterSnapshot, Constraint, ConstraintOp, HostVolume, Job, VolumeRequest};
@@ -377,10 +377,6 @@ pub(crate) fn place(
         plan.put(a.clone());
     }
     Ok(out)
-}
-
-fn len32<T>(v: &[T]) -> u32 {
-    u32::try_from(v.len()).unwrap_or(u32::MAX)
 }
 
 /// A placement batch: the slots it fills, in order, its volume requests, and, for a
