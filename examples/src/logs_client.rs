@@ -46,8 +46,9 @@ impl LogQuery {
     }
 }
 
-/// Sends `query` to logd at `base` (http://host:port) and returns the answer's body.
-async fn ask(query: &LogQuery, base: &str, token: Option<&str>) -> Result<hyper::body::Incoming, String> {
+/// Sends `query` to logd at `base` (http://host:port) and returns the answer's body
+/// (NDJSON records; read them with [`records`]).
+pub async fn open(query: &LogQuery, base: &str, token: Option<&str>) -> Result<hyper::body::Incoming, String> {
     let url = format!("{}/v1/logs?{}", base.trim_end_matches('/'), query.to_query_string());
     let uri: hyper::Uri = url.parse().map_err(|e| format!("--logd {base}: {e}"))?;
     if uri.scheme_str() != Some("http") {
@@ -69,6 +70,43 @@ async fn ask(query: &LogQuery, base: &str, token: Option<&str>) -> Result<hyper:
     Ok(body)
 }
 
+/// The records of a logd answer as they arrive (a line that does not parse is an error
+/// item; the stream goes on after it).
+pub fn records(body: hyper::body::Incoming) -> impl futures::Stream<Item = Result<Record, String>> + Send {
+    futures::stream::unfold((body, Vec::<u8>::new(), false), |(mut body, mut pending, mut ended)| async move {
+        loop {
+            if let Some(nl) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=nl).collect();
+                let text = String::from_utf8_lossy(&line);
+                if text.trim().is_empty() {
+                    continue;
+                }
+                let item = Record::from_json(&text).map_err(|e| format!("logd sent a record that does not parse ({e}): {}", text.trim()));
+                return Some((item, (body, pending, ended)));
+            }
+            if ended {
+                return None;
+            }
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        pending.extend_from_slice(data);
+                    }
+                }
+                Some(Err(e)) => {
+                    ended = true;
+                    pending.clear();
+                    return Some((Err(format!("reading from logd: {e}")), (body, pending, ended)));
+                }
+                None => {
+                    ended = true;
+                    pending.push(b'\n');
+                }
+            }
+        }
+    })
+}
+
 /// Reads a bearer token from a file (its first line).
 pub fn read_token(path: &Path) -> Result<String, String> {
     Ok(std::fs::read_to_string(path).map_err(|e| format!("--token-file {}: {e}", path.display()))?.trim().to_owned())
@@ -77,7 +115,7 @@ pub fn read_token(path: &Path) -> Result<String, String> {
 /// Asks logd at `base` for `query` (which must not follow) and returns its records,
 /// oldest first.
 pub async fn fetch_records(query: &LogQuery, base: &str, token: Option<&str>) -> Result<Vec<Record>, String> {
-    let body = ask(query, base, token).await?.collect().await.map_err(|e| format!("reading from logd: {e}"))?.to_bytes();
+    let body = open(query, base, token).await?.collect().await.map_err(|e| format!("reading from logd: {e}"))?.to_bytes();
     String::from_utf8_lossy(&body)
         .lines()
         .filter(|l| !l.trim().is_empty())
@@ -89,7 +127,7 @@ pub async fn fetch_records(query: &LogQuery, base: &str, token: Option<&str>) ->
 /// `<time> <instance> <stream> <line>`, or NDJSON with `json`. Errors are one line each.
 pub async fn print_logs(query: &LogQuery, base: &str, token_file: Option<&Path>, json: bool) -> Result<(), String> {
     let token = token_file.map(read_token).transpose()?;
-    let mut body = ask(query, base, token.as_deref()).await?;
+    let mut body = open(query, base, token.as_deref()).await?;
     let mut pending = Vec::new();
     let mut out = std::io::stdout().lock();
     while let Some(frame) = body.frame().await {

@@ -225,6 +225,8 @@ impl TaskSpec {
     pub fn validate(&self) -> Result<()> {
         validate_id("task id", &self.id)?;
         match self.command.first() {
+            // An image without a command runs the image's own (its CMD).
+            None if self.image.is_some() => {}
             None => return Err(Error::invalid("command", "", format!("task {:?}: must name a program", self.id))),
             Some(p) if p.is_empty() => return Err(Error::invalid("command", "", format!("task {:?}: program must not be empty", self.id))),
             _ => {}
@@ -354,4 +356,19 @@ pub struct OutputLine {
     /// A piece of a line longer than [`MAX_LINE_BYTES`], with more of it to come.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub partial: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_image_task_may_leave_the_command_to_the_image() {
+        let mut spec = TaskSpec::new("t1", Vec::<String>::new());
+        assert!(matches!(spec.validate(), Err(Error::InvalidInput { .. })), "no image, no command: nothing to run");
+        spec.image = Some("registry.test/shop:1".into());
+        spec.validate().expect("the image's CMD runs");
+        spec.command = vec![String::new()];
+        assert!(spec.validate().is_err(), "an empty program is still refused");
+    }
 }

@@ -192,10 +192,13 @@ mod humantime_serde_text {
 impl Manifest {
     /// Parses and checks `text`, read from `file` (named in errors).
     pub fn parse(file: &str, text: &str) -> Result<Manifest, ManifestError> {
-        let manifest: Manifest = toml::from_str(text).map_err(|e| ManifestError {
-            file: file.to_owned(),
-            key: "(file)".into(),
-            reason: e.message().to_owned() + &e.span().map(|s| format!(" (at byte {})", s.start)).unwrap_or_default(),
+        let manifest: Manifest = toml::from_str(text).map_err(|e| {
+            // Where it went wrong, as the line the writer sees (it names the key).
+            let at = e.span().map(|span| {
+                let line = text[..span.start.min(text.len())].matches('\n').count();
+                format!(" (line {}: {})", line + 1, text.lines().nth(line).unwrap_or_default().trim())
+            });
+            ManifestError { file: file.to_owned(), key: "(file)".into(), reason: e.message().to_owned() + &at.unwrap_or_default() }
         })?;
         manifest.check(file)?;
         Ok(manifest)

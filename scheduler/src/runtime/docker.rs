@@ -303,7 +303,8 @@ impl DockerDriver {
         });
         ContainerCreateBody {
             image: Some(image.to_owned()),
-            cmd: Some(spec.command.clone()),
+            // None: the image's CMD (an empty list would replace it with nothing).
+            cmd: (!spec.command.is_empty()).then(|| spec.command.clone()),
             healthcheck,
             env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
             working_dir: spec.working_dir.as_ref().map(|p| p.display().to_string()),

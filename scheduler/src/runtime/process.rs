@@ -568,6 +568,10 @@ impl Driver for ProcessDriver {
 
     async fn start(&self, mut spec: TaskSpec) -> Result<TaskStatus> {
         spec.validate()?;
+        // No image to take a command from: the program must be named.
+        if spec.command.is_empty() {
+            return Err(Error::invalid("command", "", format!("task {:?}: must name a program", spec.id)));
+        }
         // Silently running without the isolation asked for would be worse than refusing.
         if (spec.limits.is_some() && self.cgroups.is_none())
             || !spec.mounts.is_empty()

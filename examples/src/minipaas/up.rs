@@ -1,0 +1,432 @@
+//! `minipaas up` and `down`: the platform on one machine from keelson's own programs.
+//!
+//! `up` starts, each on a free loopback port, with its log in `<data-dir>/logs/`:
+//! etcd (the cluster state), `registry` (images, loopback only), `logd` (output, behind
+//! a token), a `node-agent` running tasks on the Docker Engine on a keelson bridge with
+//! NAT (`minipaas`, 10.249.0.0/24), `edge` routing apps' domains, and the controller
+//! itself (the API, the dashboard and the apps' git repositories). It writes
+//! `<data-dir>/up.json` (where everything is; the CLI reads it) and stays in the
+//! foreground until SIGTERM or Ctrl-C, or `minipaas down`, which signals it. Going down
+//! removes everything it made: processes, containers, one-off runs, volumes, images
+//! pushed to its registry, the bridge with its nft rules, and the data folder.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::api::{Controller, LogdAccess};
+use super::client::{UpFile, UP_FILE};
+use super::git::{DockerBuilder, GitRepos};
+use super::platform::{cluster_root, Platform};
+
+/// The keelson network apps' tasks go on.
+pub const NETWORK: &str = "minipaas";
+/// Its subnet.
+pub const SUBNET: &str = "10.249.0.0/24";
+/// The root of the platform's keys in etcd.
+pub const ROOT: &str = "minipaas";
+
+/// How `up` runs.
+#[derive(Clone, Debug)]
+pub struct UpConfig {
+    /// Everything goes here (and is removed on the way down).
+    pub data_dir: PathBuf,
+    /// The controller's address.
+    pub listen: SocketAddr,
+    /// edge's address.
+    pub edge: SocketAddr,
+    /// Where keelson's programs are (`registry`, `logd`, `node-agent`, `edge`).
+    pub bin_dir: PathBuf,
+    /// The `minipaas` program (git hooks call it).
+    pub minipaas: PathBuf,
+    /// Resources the node offers: millicores and MiB.
+    pub cpu: u64,
+    /// MiB.
+    pub memory: u64,
+}
+
+/// A child process, killed when dropped (a failed start leaves nothing running).
+struct Supervised {
+    name: &'static str,
+    child: Child,
+}
+
+impl Supervised {
+    fn stop(&mut self, grace: Duration) {
+        // SIGTERM first so each program stops its own way (edge drains, logd flushes).
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        tracing::warn!(process = self.name, "did not stop in time; killed");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn free_port() -> Result<u16, String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("a free port: {e}"))?;
+    l.local_addr().map(|a| a.port()).map_err(|e| e.to_string())
+}
+
+fn random_token() -> Result<String, String> {
+    let mut bytes = [0u8; 24];
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).map_err(|e| format!("/dev/urandom: {e}"))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn write_private(path: &Path, text: &str) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    f.write_all(text.as_bytes()).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn program(dir: &Path, name: &str) -> Result<PathBuf, String> {
+    let p = dir.join(name);
+    if p.is_file() {
+        return Ok(p);
+    }
+    Err(format!("{} is missing: build keelson's programs first (cargo build -p keelson-examples --all-features)", p.display()))
+}
+
+fn which(name: &str) -> Result<PathBuf, String> {
+    std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(name)).find(|p| p.is_file()))
+        .ok_or_else(|| format!("{name} is not installed (scripts/test installs it: etcd-server)"))
+}
+
+struct Started {
+    children: Vec<Supervised>,
+    logs: PathBuf,
+}
+
+impl Started {
+    fn spawn(&mut self, name: &'static str, program: &Path, args: &[String]) -> Result<(), String> {
+        let log = std::fs::File::create(self.logs.join(format!("{name}.log"))).map_err(|e| format!("{name}'s log: {e}"))?;
+        let child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", program.display()))?;
+        self.children.push(Supervised { name, child });
+        Ok(())
+    }
+
+    /// Waits until `addr` accepts connections, or the process named `name` exits.
+    async fn wait_for(&mut self, name: &str, addr: SocketAddr, limit: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                return Ok(());
+            }
+            if let Some(c) = self.children.iter_mut().find(|c| c.name == name) {
+                if let Ok(Some(status)) = c.child.try_wait() {
+                    let log = std::fs::read_to_string(self.logs.join(format!("{name}.log"))).unwrap_or_default();
+                    let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                    return Err(format!("{name} exited ({status}): {}", tail.into_iter().rev().collect::<Vec<_>>().join(" | ")));
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!("{name} does not answer on {addr} after {}", humantime::format_duration(limit)));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Runs the platform until `stop` resolves, then takes it all down. `ready` gets the
+/// state once everything answers.
+pub async fn up(config: UpConfig, ready: impl FnOnce(&UpFile), stop: impl std::future::Future<Output = ()>) -> Result<(), String> {
+    let data = &config.data_dir;
+    if let Ok(state) = UpFile::read(data) {
+        if Path::new(&format!("/proc/{}", state.pid)).exists() {
+            return Err(format!("{} is in use by minipaas up (pid {}): minipaas down first", data.display(), state.pid));
+        }
+    }
+    let logs = data.join("logs");
+    std::fs::create_dir_all(&logs).map_err(|e| format!("{}: {e}", logs.display()))?;
+    let data = std::fs::canonicalize(data).map_err(|e| format!("{}: {e}", data.display()))?;
+    let logs = data.join("logs");
+    let node = format!("minipaas-{}", std::process::id());
+    let mut cleanup = Teardown { data: data.clone(), node: node.clone(), registry: None, volumes: Vec::new(), done: false };
+    let result = run(&config, &data, &logs, &node, &mut cleanup, ready, stop).await;
+    cleanup.run().await;
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    config: &UpConfig,
+    data: &Path,
+    logs: &Path,
+    node: &str,
+    cleanup: &mut Teardown,
+    ready: impl FnOnce(&UpFile),
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), String> {
+    let s = |p: &Path| p.display().to_string();
+    let mut started = Started { children: Vec::new(), logs: logs.to_owned() };
+    let t0 = Instant::now();
+
+    let (etcd_port, peer_port) = (free_port()?, free_port()?);
+    let etcd_url = format!("http://127.0.0.1:{etcd_port}");
+    let peer = format!("http://127.0.0.1:{peer_port}");
+    started.spawn(
+        "etcd",
+        &which("etcd")?,
+        &[
+            "--name".into(),
+            "minipaas".into(),
+            "--data-dir".into(),
+            s(&data.join("etcd")),
+            "--listen-client-urls".into(),
+            etcd_url.clone(),
+            "--advertise-client-urls".into(),
+            etcd_url.clone(),
+            "--listen-peer-urls".into(),
+            peer.clone(),
+            "--initial-advertise-peer-urls".into(),
+            peer.clone(),
+            "--initial-cluster".into(),
+            format!("minipaas={peer}"),
+        ],
+    )?;
+
+    let registry = format!("127.0.0.1:{}", free_port()?);
+    cleanup.registry = Some(registry.clone());
+    started.spawn(
+        "registry",
+        &program(&config.bin_dir, "registry")?,
+        &["serve".into(), "--root".into(), s(&data.join("registry")), "--listen".into(), registry.clone()],
+    )?;
+
+    let logd = format!("127.0.0.1:{}", free_port()?);
+    let logd_token_file = data.join("logd.token");
+    let logd_token = random_token()?;
+    write_private(&logd_token_file, &format!("{logd_token}\n"))?;
+    started.spawn(
+        "logd",
+        &program(&config.bin_dir, "logd")?,
+        &["--dir".into(), s(&data.join("logd")), "--listen".into(), logd.clone(), "--token-file".into(), s(&logd_token_file)],
+    )?;
+
+    started.wait_for("etcd", etcd_url.trim_start_matches("http://").parse().map_err(|_| "etcd address")?, Duration::from_secs(20)).await?;
+    started.wait_for("registry", registry.parse().map_err(|_| "registry address")?, Duration::from_secs(20)).await?;
+    started.wait_for("logd", logd.parse().map_err(|_| "logd address")?, Duration::from_secs(20)).await?;
+
+    let cluster = cluster_root(ROOT);
+    started.spawn(
+        "node-agent",
+        &program(&config.bin_dir, "node-agent")?,
+        &[
+            "--etcd".into(),
+            etcd_url.clone(),
+            "--root".into(),
+            cluster.clone(),
+            "--node".into(),
+            node.to_owned(),
+            "--address".into(),
+            "127.0.0.1".into(),
+            "--cpu".into(),
+            config.cpu.to_string(),
+            "--memory".into(),
+            config.memory.to_string(),
+            "--ttl".into(),
+            "3s".into(),
+            "--interval".into(),
+            "200ms".into(),
+            "--network".into(),
+            "bridge".into(),
+            "--network-name".into(),
+            NETWORK.into(),
+            "--network-subnet".into(),
+            SUBNET.into(),
+            "--network-state-dir".into(),
+            s(&data.join("netplumb")),
+            "--logs-to".into(),
+            format!("http://{logd}/v1/push"),
+            "--logs-token-file".into(),
+            s(&logd_token_file),
+        ],
+    )?;
+    started.spawn(
+        "edge",
+        &program(&config.bin_dir, "edge")?,
+        &["--etcd".into(), etcd_url.clone(), "--listen".into(), config.edge.to_string()],
+    )?;
+    started.wait_for("edge", config.edge, Duration::from_secs(20)).await?;
+
+    let kv: Arc<dyn keelson_discovery::KeyValue> = Arc::new(
+        keelson_discovery::EtcdKv::connect(keelson_discovery::EtcdConfig::new([etcd_url.clone()]))
+            .await
+            .map_err(|e| format!("etcd at {etcd_url}: {e}"))?,
+    );
+    let platform = Platform::new(kv, ROOT);
+    let token_file = data.join("controller.token");
+    write_private(&token_file, &format!("{}\n", random_token()?))?;
+    let token = std::fs::read_to_string(&token_file).map_err(|e| e.to_string())?.trim().to_owned();
+    let controller_url = format!("http://{}", config.listen);
+    let hook = format!("'{}' hook --controller {controller_url} --token-file '{}'", config.minipaas.display(), token_file.display());
+    let images = keelson_scheduler::DockerImages::connect().await.map_err(|e| format!("Docker Engine: {e}"))?;
+    let controller = Arc::new(Controller {
+        platform: platform.clone(),
+        git: Some(GitRepos::new(data.join("git"), hook)),
+        builder: Some(Arc::new(DockerBuilder { images, registry: registry.clone(), auth: None })),
+        logd: Some(LogdAccess { base: format!("http://{logd}"), token: Some(logd_token) }),
+        token: Some(token),
+        rollout_timeout: Duration::from_secs(300),
+    });
+    let listener = tokio::net::TcpListener::bind(config.listen).await.map_err(|e| format!("--listen {}: {e}", config.listen))?;
+    let (stopping, stopped) = tokio::sync::watch::channel(false);
+    let mut stopped_rx = stopped.clone();
+    let serving = tokio::spawn(super::api::serve(listener, controller, async move {
+        let _ = stopped_rx.wait_for(|s| *s).await;
+    }));
+    // The node is in the cluster once its agent has joined.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !platform.store.nodes().await.map_err(|e| e.to_string())?.iter().any(|n| n.id == node) {
+        if Instant::now() > deadline {
+            return Err(format!("the node agent did not join in 30 s (see {}/node-agent.log)", logs.display()));
+        }
+        if let Some(c) = started.children.iter_mut().find(|c| c.name == "node-agent") {
+            if let Ok(Some(status)) = c.child.try_wait() {
+                let log = std::fs::read_to_string(logs.join("node-agent.log")).unwrap_or_default();
+                return Err(format!("node-agent exited ({status}): {}", log.lines().last().unwrap_or_default()));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let state = UpFile {
+        pid: std::process::id(),
+        controller: controller_url,
+        token_file,
+        edge: config.edge,
+        registry,
+        etcd: etcd_url,
+        logd,
+        git_root: data.join("git"),
+        node: node.to_owned(),
+    };
+    write_private(&data.join(UP_FILE), &serde_json::to_string_pretty(&state).map_err(|e| e.to_string())?)?;
+    tracing::info!(elapsed_ms = t0.elapsed().as_millis() as u64, "minipaas is up");
+    ready(&state);
+
+    stop.await;
+    tracing::info!("minipaas going down");
+    // What the cluster made that outlives the agent: its volumes.
+    if let Ok(view) = platform.store.view().await {
+        cleanup.volumes = view.volumes.into_iter().map(|v| v.name).collect();
+    }
+    let _ = stopping.send(true);
+    let _ = serving.await;
+    // The agent first (so nothing restarts what goes next), the servers after it.
+    for name in ["edge", "node-agent", "logd", "registry", "etcd"] {
+        if let Some(c) = started.children.iter_mut().find(|c| c.name == name) {
+            c.stop(Duration::from_secs(10));
+        }
+    }
+    Ok(())
+}
+
+/// What going down removes, run whether `up` ended well or not.
+struct Teardown {
+    data: PathBuf,
+    node: String,
+    registry: Option<String>,
+    volumes: Vec<String>,
+    done: bool,
+}
+
+impl Teardown {
+    async fn run(&mut self) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let docker = |args: &[&str]| Command::new("docker").args(args).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+        for filter in [format!("label=keelson.node={}", self.node)] {
+            if let Ok(ids) = docker(&["ps", "-aq", "--filter", &filter]) {
+                let ids: Vec<&str> = ids.split_whitespace().collect();
+                if !ids.is_empty() {
+                    let mut args = vec!["rm", "-f"];
+                    args.extend(ids);
+                    let _ = docker(&args);
+                }
+            }
+        }
+        for v in &self.volumes {
+            let _ = docker(&["volume", "rm", "-f", v]);
+        }
+        if let Some(registry) = &self.registry {
+            if let Ok(images) = docker(&["images", "--format", "{{.Repository}}:{{.Tag}}"]) {
+                for image in images.lines().filter(|i| i.starts_with(&format!("{registry}/"))) {
+                    let _ = docker(&["rmi", "-f", image]);
+                }
+            }
+        }
+        // The bridge, its addresses and its nft rules.
+        use keelson_netplumb::NetworkDriver;
+        match keelson_netplumb::BridgeNetwork::open(keelson_netplumb::KernelConfig::in_dir(self.data.join("netplumb"))) {
+            Ok(bridge) => {
+                if let Err(e) = bridge.delete_network(NETWORK).await {
+                    if !matches!(e, keelson_netplumb::Error::NotFound { .. }) {
+                        tracing::warn!(error = %e, "removing the minipaas network");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "opening the minipaas network's state"),
+        }
+        if let Err(e) = std::fs::remove_dir_all(&self.data) {
+            tracing::warn!(error = %e, dir = %self.data.display(), "removing the data folder");
+        }
+    }
+}
+
+/// Signals the `minipaas up` using `data_dir` to go down and waits until it is gone.
+pub fn down(data_dir: &Path, limit: Duration) -> Result<UpFile, String> {
+    let state = UpFile::read(data_dir)?;
+    let pid = nix::unistd::Pid::from_raw(state.pid as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
+        .map_err(|e| format!("signalling minipaas up (pid {}): {e}", state.pid))?;
+    let deadline = Instant::now() + limit;
+    while Path::new(&format!("/proc/{}", state.pid)).exists() && !is_zombie(state.pid) {
+        if Instant::now() > deadline {
+            return Err(format!("minipaas up (pid {}) still runs after {}", state.pid, humantime::format_duration(limit)));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(state)
+}
+
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')))
+        .unwrap_or(false)
+}
