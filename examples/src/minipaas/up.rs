@@ -394,6 +394,11 @@ impl Teardown {
         use keelson_netplumb::NetworkDriver;
         match keelson_netplumb::BridgeNetwork::open(keelson_netplumb::KernelConfig::in_dir(self.data.join("netplumb"))) {
             Ok(bridge) => {
+                // Its containers are gone; what they were attached with goes first (a
+                // network with attachments is not deleted).
+                if let Err(e) = bridge.gc(&[]).await {
+                    tracing::warn!(error = %e, "detaching the minipaas network's endpoints");
+                }
                 if let Err(e) = bridge.delete_network(NETWORK).await {
                     if !matches!(e, keelson_netplumb::Error::NotFound { .. }) {
                         tracing::warn!(error = %e, "removing the minipaas network");
