@@ -477,3 +477,91 @@ async fn edge_gets_its_certificate_from_an_acme_ca() {
     stop_edge(edge);
     assert_eq!(std::fs::read(state.join("certs/shop.service.keelson.test.crt")).expect("stored"), issued, "not issued again");
 }
+
+/// `--acme-routed-domain`: each routed host under the domain gets its certificate as its
+/// route appears (a reloaded routes file here; the catalog works the same); a routed host
+/// outside the domain is never sent to the CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_gets_certificates_for_routed_names_under_its_domain_as_they_appear() {
+    use keelson_discovery::{Discovery, DnsServer, DnsServerConfig, MemoryDiscovery, Registration, ServiceName};
+    let discovery = Arc::new(MemoryDiscovery::memory());
+    let mut held = Vec::new();
+    for service in ["shop", "blog"] {
+        held.push(
+            discovery.register(Registration::new(ServiceName::new(service).expect("name"), "i1", "127.0.0.1", 80)).await.expect("reg"),
+        );
+    }
+    let mut dns_config = DnsServerConfig::default();
+    dns_config.domain = "keelson.test".into();
+    dns_config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    let dns = DnsServer::start(discovery.clone() as Arc<dyn Discovery>, dns_config).await.expect("dns");
+    let ports = keelson_testkit::free_ports(2).expect("ports");
+    let (listen, tls_listen) = (format!("127.0.0.1:{}", ports[0]), format!("127.0.0.1:{}", ports[1]));
+    let pebble = keelson_testkit::pebble::Pebble::start(ports[0], dns.local_addr(), 5).expect("pebble");
+    let dir = tempfile::tempdir().expect("dir");
+    let routes_file = dir.path().join("routes.json");
+    let upstream: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+    std::fs::write(&routes_file, routes(&[("shop.service.keelson.test", upstream), ("elsewhere.test", upstream)])).expect("routes");
+    let state = dir.path().join("acme");
+    let args = [
+        "--routes",
+        routes_file.to_str().expect("utf8"),
+        "--listen",
+        &listen,
+        "--tls-listen",
+        &tls_listen,
+        "--acme-directory",
+        &pebble.directory,
+        "--acme-routed-domain",
+        "service.keelson.test",
+        "--acme-state",
+        state.to_str().expect("utf8"),
+        "--acme-ca-file",
+        pebble.ca_file.to_str().expect("utf8"),
+    ];
+    let root_pem = pebble.issuing_root().expect("root");
+    let root = keelson_testkit::tls::TestCert {
+        der: rustls::pki_types::pem::PemObject::from_pem_slice(root_pem.as_bytes()).expect("der"),
+        chain_pem: root_pem.clone(),
+        key_pem: String::new(),
+    };
+    let tls_addr: SocketAddr = tls_listen.parse().expect("addr");
+    let verified = |name: &'static str, limit: Duration| {
+        let root = root.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + limit;
+            loop {
+                match keelson_testkit::tls::handshake(tls_addr, name, &[&root]).await {
+                    Ok(_) => return true,
+                    Err(_) if tokio::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+                    Err(_) => return false,
+                }
+            }
+        }
+    };
+    struct Edge(Option<Child>);
+    impl Drop for Edge {
+        fn drop(&mut self) {
+            if let Some(mut c) = self.0.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+    let (child, _out) = start_edge(&args);
+    let mut edge = Edge(Some(child));
+    assert!(verified("shop.service.keelson.test", Duration::from_secs(30)).await, "no certificate for shop\npebble:\n{}", pebble.log());
+    // A new route under the domain: its certificate follows.
+    std::fs::write(
+        &routes_file,
+        routes(&[("shop.service.keelson.test", upstream), ("blog.service.keelson.test", upstream), ("elsewhere.test", upstream)]),
+    )
+    .expect("routes");
+    signal(edge.0.as_ref().expect("edge"), Signal::SIGHUP);
+    assert!(verified("blog.service.keelson.test", Duration::from_secs(30)).await, "no certificate for blog\npebble:\n{}", pebble.log());
+    stop_edge(edge.0.take().expect("edge"));
+    let certs: Vec<String> =
+        std::fs::read_dir(state.join("certs")).expect("certs").flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    assert!(certs.iter().all(|c| !c.contains("elsewhere")), "a name outside the domain was ordered: {certs:?}");
+    assert!(!pebble.log().contains("elsewhere.test"), "the CA heard of a name outside the domain");
+}

@@ -122,8 +122,13 @@ async fn apps_releases_config_scale_domains_and_rollback_through_the_api() {
     let made = c.call(Method::POST, "/v1/apps/shop/config", Some(&json!({ "set": { "GREETING": "bonjour" } }))).await.expect("config");
     assert_eq!(made[0]["release"], 2);
     settled(&r, "shop").await;
-    c.call(Method::PUT, "/v1/apps/shop/secrets/DB_PASSWORD", None).await.ok();
-    c.call_raw(Method::PUT, "/v1/apps/shop/secrets/DB_PASSWORD", Some(SECRET.into())).await.expect("secret");
+    // A secret is a release too: its tasks get it as a file (named, not valued, here).
+    let made = c.call_raw(Method::PUT, "/v1/apps/shop/secrets/DB_PASSWORD", Some(SECRET.into())).await.expect("secret");
+    assert_eq!(made[0]["release"], 3);
+    let v3 = r.platform.store.group_version("shop", "web", 3).await.expect("v3");
+    assert_eq!(v3.task.secrets["DB_PASSWORD"], "shop/DB_PASSWORD");
+    assert_eq!(r.platform.store.secret("shop/DB_PASSWORD").await.expect("read").as_deref(), Some(SECRET.as_bytes()));
+    settled(&r, "shop").await;
     let (code, msg) = status(c.call_raw(Method::PUT, "/v1/apps/shop/secrets/bad-name", Some("x".into())).await.unwrap_err());
     assert_eq!((code, msg.contains("bad-name")), (400, true), "{msg}");
     assert_eq!(c.call(Method::GET, "/v1/apps/shop/secrets", None).await.expect("names"), json!(["DB_PASSWORD"]));
@@ -131,9 +136,9 @@ async fn apps_releases_config_scale_domains_and_rollback_through_the_api() {
     // Domains: a new release routed by the new name too.
     let made =
         c.call(Method::POST, "/v1/apps/shop/domains", Some(&json!({ "service": "web", "domain": "www.shop.test" }))).await.expect("domain");
-    assert_eq!(made, json!([{ "service": "web", "release": 3 }, { "service": "worker", "release": 3 }]));
-    let v3 = r.platform.store.group_version("shop", "web", 3).await.expect("v3");
-    let tags = &v3.service.as_ref().expect("service").tags;
+    assert_eq!(made, json!([{ "service": "web", "release": 4 }, { "service": "worker", "release": 4 }]));
+    let v4 = r.platform.store.group_version("shop", "web", 4).await.expect("v4");
+    let tags = &v4.service.as_ref().expect("service").tags;
     assert!(tags.iter().any(|t| t.ends_with("=www.shop.test")) && tags.iter().any(|t| t.ends_with("=shop.test")), "{tags:?}");
     settled(&r, "shop").await;
     for (body, what) in [
@@ -153,10 +158,10 @@ async fn apps_releases_config_scale_domains_and_rollback_through_the_api() {
 
     // Rollback: one service to the release before, as a new release.
     let back = c.call(Method::POST, "/v1/apps/shop/rollback", Some(&json!({ "service": "web" }))).await.expect("rollback");
-    assert_eq!(back, json!([["web", 4]]));
-    let v4 = r.platform.store.group_version("shop", "web", 4).await.expect("v4");
-    assert_eq!(v4.task.env["GREETING"], "bonjour", "v2's environment");
-    assert_eq!(v4.release.expect("note").change, "rollback to v2");
+    assert_eq!(back, json!([{ "service": "web", "release": 5 }]));
+    let v5 = r.platform.store.group_version("shop", "web", 5).await.expect("v5");
+    assert_eq!(v5.task.env["GREETING"], "bonjour", "v3's environment");
+    assert_eq!(v5.release.expect("note").change, "rollback to v3");
     settled(&r, "shop").await;
     let (code, _) = status(c.call(Method::POST, "/v1/apps/shop/rollback", Some(&json!({ "release": 1 }))).await.unwrap_err());
     assert_eq!(code, 400, "a release number with two services needs the service");
@@ -174,8 +179,9 @@ async fn apps_releases_config_scale_domains_and_rollback_through_the_api() {
         [
             (1, "deploy reg.test/shop:1".to_owned()),
             (2, "config set GREETING".to_owned()),
-            (3, "domains add www.shop.test to web".to_owned()),
-            (4, "rollback to v2".to_owned())
+            (3, "secret set DB_PASSWORD".to_owned()),
+            (4, "domains add www.shop.test to web".to_owned()),
+            (5, "rollback to v3".to_owned())
         ]
     );
 
@@ -265,6 +271,7 @@ async fn the_dashboard_shows_in_a_browser_what_the_api_says() {
     c.call(Method::POST, "/v1/apps/shop/deploy", Some(&json!({ "image": "reg.test/shop:<1>" }))).await.expect("deploy");
     settled(&r, "shop").await;
     c.call(Method::POST, "/v1/apps/shop/config", Some(&json!({ "set": { "GREETING": "hi" } }))).await.expect("config");
+    settled(&r, "shop").await;
     c.call_raw(Method::PUT, "/v1/apps/shop/secrets/API_KEY", Some(SECRET.into())).await.expect("secret");
     settled(&r, "shop").await;
 

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 const MINIPAAS: &str = env!("CARGO_BIN_EXE_minipaas");
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/minipaas-app");
 const DOMAIN: &str = "shop.localhost";
+const SECRET: &str = "pw-only-the-task-reads";
 
 /// What of the machine the platform may touch, to compare before `up` and after `down`.
 #[derive(Debug, PartialEq, Eq)]
@@ -75,15 +76,7 @@ struct Up {
 
 impl Drop for Up {
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        // The logs first: going down removes the data folder they are in.
         if std::thread::panicking() {
             eprintln!("minipaas up said:\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
             eprintln!("{}", std::fs::read_to_string(self.log.with_file_name("up.stderr")).unwrap_or_default());
@@ -92,6 +85,15 @@ impl Drop for Up {
                 let tail: Vec<&str> = log.lines().rev().take(30).collect();
                 eprintln!("--- {name} (last lines)\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
             }
+        }
+        if let Ok(None) = self.child.try_wait() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
     }
 }
@@ -164,13 +166,31 @@ async fn a_new_user_pushes_configures_scales_runs_rolls_back_and_leaves_nothing_
     let dir = tempfile::tempdir().expect("dir");
     let data = dir.path().join("data");
     let log = dir.path().join("up.log");
-    let listen = format!("127.0.0.1:{}", keelson_testkit::free_port().expect("port"));
-    let edge: SocketAddr = format!("127.0.0.1:{}", keelson_testkit::free_port().expect("port")).parse().expect("addr");
+    let ports = keelson_testkit::free_ports(3).expect("ports");
+    let listen = format!("127.0.0.1:{}", ports[0]);
+    let edge: SocketAddr = format!("127.0.0.1:{}", ports[1]).parse().expect("addr");
+    let edge_tls: SocketAddr = format!("127.0.0.1:{}", ports[2]).parse().expect("addr");
+    // An ACME CA (pebble) whose HTTP-01 checks reach edge, resolving names with a keelson
+    // DNS server that knows the app's TLS name.
+    let catalog = Arc::new(keelson_discovery::MemoryDiscovery::memory());
+    let _registered = keelson_discovery::Discovery::register(
+        catalog.as_ref(),
+        keelson_discovery::Registration::new(keelson_discovery::ServiceName::new("shop").expect("name"), "i1", "127.0.0.1", 80),
+    )
+    .await
+    .expect("register");
+    let mut dns_config = keelson_discovery::DnsServerConfig::default();
+    dns_config.domain = "keelson.test".into();
+    dns_config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    let dns = keelson_discovery::DnsServer::start(catalog.clone() as Arc<dyn keelson_discovery::Discovery>, dns_config).await.expect("dns");
+    let pebble = keelson_testkit::pebble::Pebble::start(edge.port(), dns.local_addr(), 5).expect("pebble");
     let t0 = Instant::now();
     let child = Command::new(MINIPAAS)
         .arg("--data-dir")
         .arg(&data)
-        .args(["up", "--listen", &listen, "--edge", &edge.to_string()])
+        .args(["up", "--listen", &listen, "--edge", &edge.to_string(), "--tls-listen", &edge_tls.to_string()])
+        .args(["--acme-directory", &pebble.directory, "--acme-domain", "service.keelson.test", "--acme-ca-file"])
+        .arg(&pebble.ca_file)
         .stdout(std::fs::File::create(&log).expect("log"))
         .stderr(std::fs::File::create(dir.path().join("up.stderr")).expect("log"))
         .spawn()
@@ -197,6 +217,25 @@ async fn a_new_user_pushes_configures_scales_runs_rolls_back_and_leaves_nothing_
     until_served(edge, "hello from shop", Duration::from_secs(30)).await;
     eprintln!("git push to served: {:?} (base image {base})", pushed.elapsed());
 
+    // secrets set: a release whose tasks find the value in /run/secrets, and nothing shows it.
+    let mut secret = Command::new(MINIPAAS)
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["secrets", "set", "--app", "shop", "DB_PASSWORD"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("secrets set");
+    std::io::Write::write_all(&mut secret.stdin.take().expect("stdin"), format!("{SECRET}\n").as_bytes()).expect("value");
+    let said = secret.wait_with_output().expect("secrets set");
+    assert!(said.status.success() && String::from_utf8_lossy(&said.stdout).contains("web v2"), "{said:?}");
+    settled(&data).await;
+    let bytes = format!("secret file DB_PASSWORD: {} bytes", SECRET.len());
+    until("the task reads its secret file", Duration::from_secs(20), || {
+        ok(&data, &["logs", "--app", "shop", "--tail", "500"]).contains(&bytes)
+    })
+    .await;
+
     // config set: a new release, rolled while a client calls through edge.
     let failures = Arc::new(AtomicU64::new(0));
     let calls = Arc::new(AtomicU64::new(0));
@@ -216,7 +255,7 @@ async fn a_new_user_pushes_configures_scales_runs_rolls_back_and_leaves_nothing_
         })
     };
     let said = ok(&data, &["config", "set", "--app", "shop", "GREETING=bonjour"]);
-    assert!(said.contains("released web v2"), "{said}");
+    assert!(said.contains("released web v3"), "{said}");
     settled(&data).await;
     until_served(edge, "bonjour from shop", Duration::from_secs(10)).await;
     stop.store(true, Ordering::Relaxed);
@@ -243,16 +282,34 @@ async fn a_new_user_pushes_configures_scales_runs_rolls_back_and_leaves_nothing_
     assert_eq!(run.status.code(), Some(3), "{}", String::from_utf8_lossy(&run.stderr));
     assert!(String::from_utf8_lossy(&run.stdout).contains("migrated with bonjour"), "{}", String::from_utf8_lossy(&run.stdout));
 
-    // rollback: back to v1 (no GREETING), as release v3.
+    // rollback: back to v2 (no GREETING), as release v4.
     let said = ok(&data, &["rollback", "--app", "shop", "--service", "web"]);
-    assert!(said.contains("web v3"), "{said}");
+    assert!(said.contains("web v4"), "{said}");
     settled(&data).await;
     until_served(edge, "hello from shop", Duration::from_secs(10)).await;
     let releases = ok(&data, &["releases", "--app", "shop"]);
-    for change in ["git push", "config set GREETING", "rollback to v1"] {
+    for change in ["git push", "secret set DB_PASSWORD", "config set GREETING", "rollback to v2"] {
         assert!(releases.contains(change), "{change} missing from\n{releases}");
     }
     assert!(releases.contains("newcomer"), "who made each release: {releases}");
+    for shown in [releases, ok(&data, &["config", "--app", "shop"]), ok(&data, &["logs", "--app", "shop", "--tail", "1000"])] {
+        assert!(!shown.contains(SECRET), "a secret's value shows: {shown}");
+    }
+
+    // domains add: routed by the new name too, over HTTPS with a certificate from the CA.
+    let said = ok(&data, &["domains", "add", "--app", "shop", "--service", "web", "shop.service.keelson.test"]);
+    assert!(said.contains("web: v5 is live"), "{said}");
+    let root_pem = pebble.issuing_root().expect("root");
+    let root = keelson_testkit::tls::TestCert {
+        der: rustls::pki_types::pem::PemObject::from_pem_slice(root_pem.as_bytes()).expect("der"),
+        chain_pem: root_pem.clone(),
+        key_pem: String::new(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while keelson_testkit::tls::handshake(edge_tls, "shop.service.keelson.test", &[&root]).await.is_err() {
+        assert!(Instant::now() < deadline, "no certificate for the app's domain\npebble:\n{}", pebble.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // down: everything goes.
     ok(&data, &["down"]);

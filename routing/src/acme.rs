@@ -250,6 +250,57 @@ impl AcmeIssuer {
         }
     }
 
+    /// Gets a certificate for every host `router` routes that lies under one of
+    /// `suffixes` (`example.com` covers `example.com` and `shop.example.com`; wildcards are
+    /// skipped: HTTP-01 cannot prove them), as such routes appear, looking every `look`;
+    /// each is looked at again (renewed when due) every `renew_every`, and a failure is
+    /// tried again after a minute. Names outside the suffixes are never sent to the CA:
+    /// whoever can add a route must not make this edge order certificates for any name.
+    pub async fn follow_routes(
+        self: Arc<Self>,
+        router: Arc<dyn crate::Router>,
+        suffixes: Vec<String>,
+        look: Duration,
+        renew_every: Duration,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        let suffixes: Vec<String> = suffixes.iter().map(|s| s.trim_start_matches('.').to_ascii_lowercase()).collect();
+        let covered =
+            |host: &str| suffixes.iter().any(|s| host == s || host.strip_suffix(s.as_str()).is_some_and(|rest| rest.ends_with('.')));
+        let mut next_look: HashMap<String, tokio::time::Instant> = HashMap::new();
+        tokio::pin!(shutdown);
+        let mut ticker = tokio::time::interval(look);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                () = &mut shutdown => return,
+            }
+            let table = router.snapshot();
+            let mut hosts: Vec<String> = table
+                .routes()
+                .iter()
+                .filter(|r| !r.host.is_wildcard())
+                .map(|r| r.host.as_str().to_owned())
+                .filter(|h| covered(h))
+                .collect();
+            hosts.dedup();
+            let now = tokio::time::Instant::now();
+            for host in hosts {
+                if next_look.get(&host).is_some_and(|at| *at > now) {
+                    continue;
+                }
+                let again = match self.ensure(std::slice::from_ref(&host)).await {
+                    Ok(_) => renew_every,
+                    Err(e) => {
+                        tracing::warn!(name = %host, error = %e, "no certificate for a routed name; trying again in a minute");
+                        Duration::from_secs(60)
+                    }
+                };
+                next_look.insert(host, tokio::time::Instant::now() + again);
+            }
+        }
+    }
+
     fn install(&self, stored: &StoredCert) -> Result<()> {
         let chain = std::fs::read(&stored.chain).map_err(|e| io_error(&stored.chain, e))?;
         let key = std::fs::read(&stored.key).map_err(|e| io_error(&stored.key, e))?;

@@ -169,6 +169,7 @@ pub use runtime::docker_volumes::DockerVolumes;
 pub use runtime::driver::{Driver, DriverCapabilities, Output};
 pub use runtime::fingerprint::{default_route_address, fingerprint, Fingerprint};
 pub use runtime::process::{ProcessDriver, OUTPUT_TAIL};
+pub use runtime::secret_files::{is_secret_file_name, SecretFiles, SECRETS_MOUNT};
 pub use runtime::task_logs::{output_source, ShippedOutputs, TaskLogShipper};
 pub use runtime::task_network::TaskNetwork;
 pub use runtime::volume_archive::TarStream;

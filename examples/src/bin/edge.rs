@@ -46,6 +46,9 @@
 //! challenges on `--listen`; keeps the account and certificates in `--acme-state`
 //! (`edge-acme`, files mode 0600), reuses them across restarts and renews them 30 days
 //! before they expire. `--acme-ca-file` trusts a private CA's HTTPS (a test CA).
+//! `--acme-routed-domain apps.example.com` gets one for every routed host under that
+//! domain as its route appears (from the catalog or the routes file); hosts outside every
+//! such domain are never sent to the CA.
 //!
 //! Configuration: every flag is also `KEELSON_EDGE_<FLAG>` (`KEELSON_EDGE_LISTEN`) and a
 //! key of the TOML file given with `--config` (`listen = "127.0.0.1:8080"`); flags win
@@ -142,11 +145,16 @@ struct Args {
 #[derive(clap::Args, Debug)]
 struct AcmeArgs {
     /// The CA's directory URL (`https://acme-v02.api.letsencrypt.org/directory`).
-    #[arg(long, requires = "acme_domain")]
+    #[arg(long)]
     acme_directory: Option<String>,
     /// A name to get a certificate for (repeatable: each gets its own).
     #[arg(long, requires = "acme_directory")]
     acme_domain: Vec<String>,
+    /// Get a certificate for every routed host under this domain as its route appears
+    /// (`apps.example.com` covers `shop.apps.example.com`; repeatable). Names outside
+    /// every such domain are never sent to the CA.
+    #[arg(long, requires = "acme_directory")]
+    acme_routed_domain: Vec<String>,
     /// Where the account key and the certificates are kept.
     #[arg(long, default_value = "edge-acme")]
     acme_state: PathBuf,
@@ -193,8 +201,12 @@ fn check(args: &Args) -> Result<Checked, String> {
         },
     };
     let certs = args.cert.iter().map(|s| parse_cert_spec(s)).collect::<Result<Vec<_>, _>>()?;
-    if args.tls_listen.is_some() && certs.is_empty() && args.acme.acme_domain.is_empty() {
-        return Err("--tls-listen needs a certificate: --cert or --acme-domain".into());
+    let acme_names = !args.acme.acme_domain.is_empty() || !args.acme.acme_routed_domain.is_empty();
+    if args.tls_listen.is_some() && certs.is_empty() && !acme_names {
+        return Err("--tls-listen needs a certificate: --cert, --acme-domain or --acme-routed-domain".into());
+    }
+    if args.acme.acme_directory.is_some() && !acme_names {
+        return Err("--acme-directory needs names: --acme-domain or --acme-routed-domain".into());
     }
     Ok(Checked { certs, probe })
 }
@@ -408,6 +420,16 @@ async fn run(args: Args) -> Result<(), String> {
         config.contact.clone_from(&args.acme.acme_contact);
         let issuer = Arc::new(keelson_routing::acme::AcmeIssuer::new(config, challenges.clone(), certs.clone()));
         let sets: Vec<Vec<String>> = args.acme.acme_domain.iter().map(|d| vec![d.clone()]).collect();
+        if !args.acme.acme_routed_domain.is_empty() {
+            let follow = issuer.clone().follow_routes(
+                router.clone(),
+                args.acme.acme_routed_domain.clone(),
+                Duration::from_secs(1),
+                Duration::from_secs(12 * 3600),
+                until_stopped(stopped.clone()),
+            );
+            tokio::spawn(follow);
+        }
         tokio::spawn(issuer.run(sets, Duration::from_secs(12 * 3600), until_stopped(stopped.clone())))
     });
     loop {

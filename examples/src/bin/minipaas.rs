@@ -57,9 +57,13 @@ struct Target {
     /// The app a command is about.
     #[arg(long, short, global = true, env = "MINIPAAS_APP")]
     app: Option<String>,
+    /// Return once a release is made, without waiting for it to go live.
+    #[arg(long, global = true)]
+    no_wait: bool,
     /// Who you are, as releases record it.
-    #[arg(long = "as", global = true, env = "USER", default_value = "anonymous")]
-    user: String,
+    /// (default: $USER, else the account this runs as).
+    #[arg(long = "as", global = true, env = "USER")]
+    user: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -92,6 +96,18 @@ enum Command {
         /// MiB the node offers.
         #[arg(long, default_value_t = 4096)]
         memory: u64,
+        /// Serve apps' domains over HTTPS here too, with certificates from --acme-directory.
+        #[arg(long, requires_all = ["acme_directory", "acme_domain"])]
+        tls_listen: Option<SocketAddr>,
+        /// An ACME CA's directory URL (its HTTP-01 challenges are answered on --edge).
+        #[arg(long, requires = "tls_listen")]
+        acme_directory: Option<String>,
+        /// A PEM root the CA's own HTTPS chains to (a private or test CA).
+        #[arg(long, requires = "acme_directory")]
+        acme_ca_file: Option<PathBuf>,
+        /// Apps' domains under this one get certificates (repeatable); others stay HTTP.
+        #[arg(long, requires = "acme_directory")]
+        acme_domain: Vec<String>,
     },
     /// Take down the platform `up` runs with this --data-dir, and everything it made.
     Down,
@@ -268,7 +284,10 @@ fn client(target: &Target) -> Result<Client, String> {
     let token = token_file
         .map(|f| std::fs::read_to_string(&f).map(|t| t.trim().to_owned()).map_err(|e| format!("--token-file {}: {e}", f.display())))
         .transpose()?;
-    Client::new(&base, token, &target.user).map_err(|e| e.to_string())
+    let user = target.user.clone().unwrap_or_else(|| {
+        nix::unistd::User::from_uid(nix::unistd::getuid()).ok().flatten().map_or_else(|| "anonymous".to_owned(), |u| u.name)
+    });
+    Client::new(&base, token, &user).map_err(|e| e.to_string())
 }
 
 fn s(v: &Value) -> String {
@@ -291,6 +310,44 @@ fn made_text(made: &Value) -> String {
         "no release (never deployed: it applies at the first deploy)".into()
     } else {
         format!("released {}", list.join(", "))
+    }
+}
+
+/// Waits until every release in `made` is live (the stable version, nothing rolling out),
+/// saying so line by line; an error when one ended otherwise (rolled back, failed).
+async fn wait_live(c: &Client, target: &Target, app: &str, made: &Value) -> Result<(), String> {
+    let made: Vec<(String, u64)> =
+        made.as_array().into_iter().flatten().filter_map(|m| Some((s(&m["service"]), m["release"].as_u64()?))).collect();
+    if target.no_wait || made.is_empty() {
+        return Ok(());
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    let mut waiting = made;
+    loop {
+        let info = c.call(Method::GET, &format!("/v1/apps/{app}"), None).await.map_err(|e| e.to_string())?;
+        let services = info["services"].as_array().cloned().unwrap_or_default();
+        let mut still = Vec::new();
+        for (service, release) in waiting {
+            let Some(state) = services.iter().find(|sv| sv["name"] == service.as_str()) else { continue };
+            if !state["rolling_out"].is_null() {
+                still.push((service, release));
+            } else if state["release"].as_u64() == Some(release) {
+                println!("{service}: v{release} is live");
+            } else {
+                return Err(format!(
+                    "{service}: v{release} did not go live; v{} runs (see minipaas ps, minipaas logs)",
+                    s(&state["release"])
+                ));
+            }
+        }
+        if still.is_empty() {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err("still rolling out after 10 minutes (see minipaas ps)".into());
+        }
+        waiting = still;
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     }
 }
 
@@ -357,13 +414,14 @@ async fn cli(target: Target, command: Command) -> Result<ExitCode, String> {
         Command::Deploy { image } => {
             let app = target.app()?;
             let c = client(&target)?;
-            let made = c.call(Method::POST, &format!("/v1/apps/{}/deploy", app), Some(&json!({ "image": image }))).await.map_err(e)?;
+            let made = c.call(Method::POST, &format!("/v1/apps/{app}/deploy"), Some(&json!({ "image": image }))).await.map_err(e)?;
             println!("{}", made_text(&made));
+            wait_live(&c, &target, &app, &made).await?;
         }
         Command::Releases => {
             let app = target.app()?;
             let c = client(&target)?;
-            let timeline = c.call(Method::GET, &format!("/v1/apps/{}/releases", app), None).await.map_err(e)?;
+            let timeline = c.call(Method::GET, &format!("/v1/apps/{app}/releases"), None).await.map_err(e)?;
             let mut t = Table::new(&["service", "release", "", "by", "when", "change", "image"]);
             for r in timeline.as_array().into_iter().flatten() {
                 t.row(vec![
@@ -385,16 +443,16 @@ async fn cli(target: Target, command: Command) -> Result<ExitCode, String> {
                 .transpose()?;
             let c = client(&target)?;
             let made = c
-                .call(Method::POST, &format!("/v1/apps/{}/rollback", app), Some(&json!({ "service": service, "release": release })))
+                .call(Method::POST, &format!("/v1/apps/{app}/rollback"), Some(&json!({ "service": service, "release": release })))
                 .await
                 .map_err(e)?;
-            let list: Vec<String> = made.as_array().into_iter().flatten().map(|m| format!("{} v{}", s(&m[0]), s(&m[1]))).collect();
-            println!("rolled back: {}", list.join(", "));
+            println!("{}", made_text(&made).replacen("released", "rolled back:", 1));
+            wait_live(&c, &target, &app, &made).await?;
         }
         Command::Config { change: None } => {
             let app = target.app()?;
             let c = client(&target)?;
-            let config = c.call(Method::GET, &format!("/v1/apps/{}/config", app), None).await.map_err(e)?;
+            let config = c.call(Method::GET, &format!("/v1/apps/{app}/config"), None).await.map_err(e)?;
             for (k, v) in config.as_object().into_iter().flatten() {
                 println!("{k}={}", s(v));
             }
@@ -406,15 +464,16 @@ async fn cli(target: Target, command: Command) -> Result<ExitCode, String> {
                 ConfigCommand::Unset { keys } => json!({ "unset": keys }),
             };
             let c = client(&target)?;
-            let made = c.call(Method::POST, &format!("/v1/apps/{}/config", app), Some(&body)).await.map_err(e)?;
+            let made = c.call(Method::POST, &format!("/v1/apps/{app}/config"), Some(&body)).await.map_err(e)?;
             println!("{}", made_text(&made));
+            wait_live(&c, &target, &app, &made).await?;
         }
         Command::Scale { counts } => {
             let app = target.app()?;
             let c = client(&target)?;
             for (service, count) in counts {
                 let count: u32 = count.parse().map_err(|_| format!("{service}={count}: the count is not a number"))?;
-                c.call(Method::POST, &format!("/v1/apps/{}/scale", app), Some(&json!({ "service": service, "count": count })))
+                c.call(Method::POST, &format!("/v1/apps/{app}/scale"), Some(&json!({ "service": service, "count": count })))
                     .await
                     .map_err(e)?;
                 println!("{service}: {count} tasks");
@@ -423,7 +482,7 @@ async fn cli(target: Target, command: Command) -> Result<ExitCode, String> {
         Command::Ps => {
             let app = target.app()?;
             let c = client(&target)?;
-            let ps = c.call(Method::GET, &format!("/v1/apps/{}/ps", app), None).await.map_err(e)?;
+            let ps = c.call(Method::GET, &format!("/v1/apps/{app}/ps"), None).await.map_err(e)?;
             let mut t = Table::new(&["instance", "service", "release", "node", "status", "health", "address", "restarts"]);
             for i in ps.as_array().into_iter().flatten() {
                 t.row(vec![
@@ -450,7 +509,7 @@ async fn cli(target: Target, command: Command) -> Result<ExitCode, String> {
             let c = client(&target)?;
             let mut code = None;
             let body = json!({ "command": command, "service": service, "time_limit": time_limit });
-            c.stream(Method::POST, &format!("/v1/apps/{}/runs", app), Some(&body), &mut |line| {
+            c.stream(Method::POST, &format!("/v1/apps/{app}/runs"), Some(&body), &mut |line| {
                 if let Some(n) = line.strip_prefix("exit: ") {
                     code = n.trim().parse::<i32>().ok();
                 } else if let Some(id) = line.strip_prefix("run: ") {
@@ -471,15 +530,16 @@ async fn cli(target: Target, command: Command) -> Result<ExitCode, String> {
             let app = target.app()?;
             let c = client(&target)?;
             let made = c
-                .call(Method::POST, &format!("/v1/apps/{}/domains", app), Some(&json!({ "service": service, "domain": domain })))
+                .call(Method::POST, &format!("/v1/apps/{app}/domains"), Some(&json!({ "service": service, "domain": domain })))
                 .await
                 .map_err(e)?;
             println!("{domain} routes to {}/{service}; {}", app, made_text(&made));
+            wait_live(&c, &target, &app, &made).await?;
         }
         Command::Secrets { change: None } => {
             let app = target.app()?;
             let c = client(&target)?;
-            for name in c.call(Method::GET, &format!("/v1/apps/{}/secrets", app), None).await.map_err(e)?.as_array().into_iter().flatten() {
+            for name in c.call(Method::GET, &format!("/v1/apps/{app}/secrets"), None).await.map_err(e)?.as_array().into_iter().flatten() {
                 println!("{}", s(name));
             }
         }
@@ -490,14 +550,16 @@ async fn cli(target: Target, command: Command) -> Result<ExitCode, String> {
             std::io::stdin().read_to_string(&mut value).map_err(|err| format!("reading the value from stdin: {err}"))?;
             let value = value.strip_suffix('\n').unwrap_or(&value).to_owned();
             let c = client(&target)?;
-            c.call_raw(Method::PUT, &format!("/v1/apps/{}/secrets/{key}", app), Some(value.into())).await.map_err(e)?;
-            println!("set secret {key}");
+            let made = c.call_raw(Method::PUT, &format!("/v1/apps/{app}/secrets/{key}"), Some(value.into())).await.map_err(e)?;
+            println!("set secret {key} (a file in /run/secrets); {}", made_text(&made));
+            wait_live(&c, &target, &app, &made).await?;
         }
         Command::Secrets { change: Some(SecretsCommand::Unset { key }) } => {
             let app = target.app()?;
             let c = client(&target)?;
-            c.call(Method::DELETE, &format!("/v1/apps/{}/secrets/{key}", app), None).await.map_err(e)?;
-            println!("unset secret {key}");
+            let made = c.call(Method::DELETE, &format!("/v1/apps/{app}/secrets/{key}"), None).await.map_err(e)?;
+            println!("unset secret {key}; {}", made_text(&made));
+            wait_live(&c, &target, &app, &made).await?;
         }
         Command::Hook { app } => return hook(&target, &app).await,
         Command::Demo { .. } | Command::Up { .. } | Command::Down | Command::Hello { .. } => unreachable!("handled in main"),
@@ -552,9 +614,15 @@ async fn main() -> ExitCode {
                 Err(e) => Err(e),
             }
         }
-        Command::Up { listen, edge, cpu, memory } => {
+        Command::Up { listen, edge, cpu, memory, tls_listen, acme_directory, acme_ca_file, acme_domain } => {
             keelson_examples::init_tracing();
-            up(&target, listen, edge, cpu, memory).await
+            let tls = tls_listen.zip(acme_directory).map(|(listen, directory)| UpTlsArgs {
+                listen,
+                directory,
+                ca_file: acme_ca_file,
+                domains: acme_domain,
+            });
+            up(&target, listen, edge, cpu, memory, tls).await
         }
         Command::Down => down(&target),
         command => cli(target, command).await,
@@ -568,9 +636,25 @@ async fn main() -> ExitCode {
     }
 }
 
+/// `up`'s HTTPS flags.
+#[cfg_attr(not(all(feature = "etcd", feature = "docker")), allow(dead_code))]
+struct UpTlsArgs {
+    listen: SocketAddr,
+    directory: String,
+    ca_file: Option<PathBuf>,
+    domains: Vec<String>,
+}
+
 #[cfg(all(feature = "etcd", feature = "docker"))]
-async fn up(target: &Target, listen: SocketAddr, edge: SocketAddr, cpu: u64, memory: u64) -> Result<ExitCode, String> {
-    use keelson_examples::minipaas::up::{up, UpConfig};
+async fn up(
+    target: &Target,
+    listen: SocketAddr,
+    edge: SocketAddr,
+    cpu: u64,
+    memory: u64,
+    tls: Option<UpTlsArgs>,
+) -> Result<ExitCode, String> {
+    use keelson_examples::minipaas::up::{up, UpConfig, UpTls};
     let me = std::env::current_exe().map_err(|e| format!("this program's path: {e}"))?;
     let config = UpConfig {
         data_dir: target.data_dir.clone(),
@@ -580,6 +664,7 @@ async fn up(target: &Target, listen: SocketAddr, edge: SocketAddr, cpu: u64, mem
         minipaas: me,
         cpu,
         memory,
+        tls: tls.map(|t| UpTls { listen: t.listen, directory: t.directory, ca_file: t.ca_file, domains: t.domains }),
     };
     let stop = async {
         let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -595,6 +680,9 @@ async fn up(target: &Target, listen: SocketAddr, edge: SocketAddr, cpu: u64, mem
         config,
         |state| {
             println!("minipaas is up: controller {}, apps served by edge on http://{}", state.controller, state.edge);
+            if let Some(tls) = state.edge_tls {
+                println!("and on https://{tls} for domains under the --acme-domain ones");
+            }
             println!("next: minipaas apps create <name>   then   git push {}/<name>.git main", state.git_root.display());
         },
         stop,
@@ -605,7 +693,7 @@ async fn up(target: &Target, listen: SocketAddr, edge: SocketAddr, cpu: u64, mem
 }
 
 #[cfg(not(all(feature = "etcd", feature = "docker")))]
-async fn up(_: &Target, _: SocketAddr, _: SocketAddr, _: u64, _: u64) -> Result<ExitCode, String> {
+async fn up(_: &Target, _: SocketAddr, _: SocketAddr, _: u64, _: u64, _: Option<UpTlsArgs>) -> Result<ExitCode, String> {
     Err("this minipaas was built without `up` (build with --features etcd,docker)".into())
 }
 

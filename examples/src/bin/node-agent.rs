@@ -142,6 +142,10 @@ struct Args {
     /// Where netplumb keeps its state (a tmpfs: a reboot clears it with the containers).
     #[arg(long, default_value = "/run/keelson/netplumb")]
     network_state_dir: std::path::PathBuf,
+    /// Where tasks' secret files go, a folder per task mounted read-only at /run/secrets
+    /// (a tmpfs: a reboot clears them with the containers).
+    #[arg(long, default_value = "/run/keelson/secrets")]
+    secrets_dir: std::path::PathBuf,
     /// The address other hosts send this host's VXLAN packets to (default: --address).
     #[arg(long)]
     underlay_address: Option<std::net::Ipv4Addr>,
@@ -359,6 +363,7 @@ async fn run(args: Args) -> Result<(), String> {
     let log_shipping = log_shipper(&args, driver.clone())?;
     let mut agent = NodeAgent::new(args.node.clone(), store.clone(), driver, Some(discovery), address.clone())
         .with_volumes(volumes)
+        .with_secret_files(keelson_scheduler::SecretFiles::new(&args.secrets_dir))
         .with_metrics(metrics.clone());
     if let Some(shipper) = &log_shipping {
         // A one-off run's result is written once its whole output is at --logs-to, so

@@ -16,7 +16,7 @@
 //! | `GET /v1/apps/<app>/ps` | instances: node, status, health, address |
 //! | `GET /v1/apps/<app>/logs?tail=N&follow=1` | output from logd, one line per record (text, streamed) |
 //! | `POST /v1/apps/<app>/runs` [`RunRequest`] | a one-off: its output, then `exit: <code>` (text, streamed) |
-//! | `GET /v1/apps/<app>/secrets`, `PUT …/secrets/<K>` (value), `DELETE …/secrets/<K>` | names only, set, unset |
+//! | `GET /v1/apps/<app>/secrets`, `PUT …/secrets/<K>` (value), `DELETE …/secrets/<K>` | names only; set, unset (roll the app: tasks read them as files) |
 //! | `POST /v1/apps/<app>/domains` `{service, domain}` | route a host name to a service |
 //! | `GET /`, `GET /apps/<app>` | the dashboard (HTML, read-only) |
 //!
@@ -245,10 +245,7 @@ impl Controller {
                     Ok(r) => r,
                     Err(resp) => return resp,
                 };
-                match self.rollback(app, r.service, r.release, &by).await {
-                    Ok(made) => json(200, &made),
-                    Err(e) => failed(e),
-                }
+                releases_made(self.rollback(app, r.service, r.release, &by).await)
             }
             (M::GET, ["v1", "apps", app, "config"]) => match self.platform.apps.config(app).await {
                 Ok(c) => json(200, &c),
@@ -313,15 +310,9 @@ impl Controller {
                 let Ok(value) = String::from_utf8(body.to_vec()) else {
                     return error(400, format!("secret {key}: the value is not UTF-8"));
                 };
-                match self.platform.apps.secret_set(app, key, &value).await {
-                    Ok(()) => json(200, &serde_json::json!({ "set": key })),
-                    Err(e) => failed(e.into()),
-                }
+                releases_made(self.platform.change_secret(app, key, Some(&value), &by).await)
             }
-            (M::DELETE, ["v1", "apps", app, "secrets", key]) => match self.platform.apps.secret_unset(app, key).await {
-                Ok(existed) => json(if existed { 200 } else { 404 }, &serde_json::json!({ "unset": existed })),
-                Err(e) => failed(e.into()),
-            },
+            (M::DELETE, ["v1", "apps", app, "secrets", key]) => releases_made(self.platform.change_secret(app, key, None, &by).await),
             (M::POST, ["v1", "apps", app, "domains"]) => {
                 #[derive(Deserialize)]
                 struct Domain {

@@ -91,6 +91,7 @@ impl App {
 pub struct Apps {
     kv: Arc<dyn KeyValue>,
     prefix: String,
+    secrets: String,
 }
 
 /// Attempts of a compare-and-swap before giving up (each lost to another writer).
@@ -99,7 +100,13 @@ const CAS_ATTEMPTS: u32 = 20;
 impl Apps {
     /// Apps under `<root>/minipaas/` of `kv`.
     pub fn new(kv: Arc<dyn KeyValue>, root: &str) -> Apps {
-        Apps { kv, prefix: format!("{}/minipaas", root.trim_end_matches('/')) }
+        // Secrets live where the node agents read them for tasks' files: the cluster
+        // store's secrets, `<app>/<KEY>` (`ClusterStore::put_secret`).
+        Apps { kv, prefix: format!("{}/minipaas", root.trim_end_matches('/')), secrets: format!("{}/secrets", cluster_root(root)) }
+    }
+
+    fn secret_key(&self, app: &str, key: &str) -> String {
+        format!("{}/{app}/{key}", self.secrets)
     }
 
     fn key(&self, parts: &[&str]) -> String {
@@ -152,7 +159,7 @@ impl Apps {
         check_app_name(name)?;
         let existed = self.kv.get(&self.key(&["apps", name])).await?.is_some();
         for secret in self.secret_names(name).await? {
-            self.kv.delete(&self.key(&["secrets", name, &secret])).await?;
+            self.kv.delete(&self.secret_key(name, &secret)).await?;
         }
         self.kv.delete(&self.key(&["config", name])).await?;
         self.kv.delete(&self.key(&["apps", name])).await?;
@@ -241,7 +248,7 @@ impl Apps {
         if !is_env_name(key) {
             return Err(AppsError::InvalidInput { field: "secret name", value: key.to_owned(), reason: env_rule() });
         }
-        self.kv.put(&self.key(&["secrets", name, key]), value.as_bytes().to_vec(), None).await?;
+        self.kv.put(&self.secret_key(name, key), value.as_bytes().to_vec(), None).await?;
         Ok(())
     }
 
@@ -249,20 +256,20 @@ impl Apps {
     pub async fn secret_unset(&self, name: &str, key: &str) -> Result<bool, AppsError> {
         self.get(name).await?;
         let existed = self.secret(name, key).await?.is_some();
-        self.kv.delete(&self.key(&["secrets", name, key])).await?;
+        self.kv.delete(&self.secret_key(name, key)).await?;
         Ok(existed)
     }
 
     /// The names of the app's secrets (never their values).
     pub async fn secret_names(&self, name: &str) -> Result<Vec<String>, AppsError> {
-        let prefix = self.key(&["secrets", name, ""]);
+        let prefix = self.secret_key(name, "");
         let mut names: Vec<String> = self.kv.list(&prefix).await?.entries.into_iter().map(|e| e.key[prefix.len()..].to_owned()).collect();
         names.sort();
         Ok(names)
     }
 
     async fn secret(&self, name: &str, key: &str) -> Result<Option<String>, AppsError> {
-        let k = self.key(&["secrets", name, key]);
+        let k = self.secret_key(name, key);
         match self.kv.get(&k).await? {
             Some(e) => String::from_utf8(e.value).map(Some).map_err(|_| AppsError::Corrupt { key: k, reason: "not UTF-8".into() }),
             None => Ok(None),
@@ -280,6 +287,12 @@ impl Apps {
         }
         Ok(out)
     }
+}
+
+/// Where the cluster's keys live under the platform's root (as the node agents are
+/// given it: `--root <root>/cluster`).
+pub fn cluster_root(root: &str) -> String {
+    format!("{}/cluster", root.trim_end_matches('/'))
 }
 
 fn check_app_name(name: &str) -> Result<(), AppsError> {

@@ -22,6 +22,9 @@ pub struct UpFile {
     pub token_file: PathBuf,
     /// Where edge serves apps' domains.
     pub edge: SocketAddr,
+    /// Where edge serves them over HTTPS (certificates from ACME), if it does.
+    #[serde(default)]
+    pub edge_tls: Option<SocketAddr>,
     /// The registry, as image names spell it.
     pub registry: String,
     /// etcd's client URL.

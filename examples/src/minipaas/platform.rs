@@ -24,6 +24,7 @@ use keelson_discovery::{Discovery, KeyValue, KvDiscovery, Query, ServiceName};
 use keelson_scheduler::{AllocStatus, ClusterStore, Resources, RunResult, RunSpec};
 use serde::{Deserialize, Serialize};
 
+pub use super::apps::cluster_root;
 use super::apps::{App, Apps, AppsError};
 use super::manifest::Manifest;
 use super::releases::{Release, ReleaseError, Releases};
@@ -162,11 +163,6 @@ pub struct Platform {
     catalog: Arc<dyn Discovery>,
 }
 
-/// Where the cluster's keys live under the platform's root.
-pub fn cluster_root(root: &str) -> String {
-    format!("{}/cluster", root.trim_end_matches('/'))
-}
-
 impl Platform {
     /// The platform whose state is under `root` in `kv`: apps under `<root>/minipaas`,
     /// the cluster (as the node agents are given it) under `<root>/cluster`, the catalog
@@ -250,6 +246,29 @@ impl Platform {
         match self.releases.roll_config(app, by, &format!("config {}", change.join(", "))).await {
             Ok(made) => Ok(made),
             // Never deployed: the config waits for the first deploy.
+            Err(ReleaseError::Nothing(_)) => Ok(Vec::new()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Sets (`Some`) or removes (`None`) a secret, then rolls the app so its tasks get the
+    /// files as they are now. Returns the releases made (none before the first deploy).
+    pub async fn change_secret(&self, app: &str, key: &str, value: Option<&str>, by: &str) -> Result<Vec<(String, u64)>, PlatformError> {
+        self.ensure_idle(app).await?;
+        let change = match value {
+            Some(v) => {
+                self.apps.secret_set(app, key, v).await?;
+                format!("secret set {key}")
+            }
+            None => {
+                if !self.apps.secret_unset(app, key).await? {
+                    return Err(PlatformError::Invalid(format!("{app} has no secret {key}")));
+                }
+                format!("secret unset {key}")
+            }
+        };
+        match self.releases.roll_config(app, by, &change).await {
+            Ok(made) => Ok(made),
             Err(ReleaseError::Nothing(_)) => Ok(Vec::new()),
             Err(e) => Err(e.into()),
         }

@@ -107,6 +107,7 @@ impl Releases {
         let record = self.apps.get(app).await?;
         let manifest = record.parsed().map_err(AppsError::from)?;
         let config = self.apps.config(app).await?;
+        let secrets = self.apps.secret_names(app).await?;
         // All services or none: refused before any is released while one is rolling.
         for name in manifest.services.keys() {
             if self.store.group_state(app, name).await?.is_some_and(|s| s.deployment.is_some()) {
@@ -118,6 +119,8 @@ impl Releases {
             let version = self.next_version(app, name).await?;
             let mut spec = service.group_spec(app, name, &image_of(name, service), &config, version);
             spec.release = Some(note(by, change));
+            // Each secret a file named after it; the values stay in the store.
+            spec.task.secrets = secrets.iter().map(|k| (k.clone(), format!("{app}/{k}"))).collect();
             self.store.deploy(&spec, service.strategy(), service.gates()).await?;
             made.push((name.clone(), version));
         }

@@ -45,6 +45,22 @@ pub struct UpConfig {
     pub cpu: u64,
     /// MiB.
     pub memory: u64,
+    /// HTTPS for apps' domains, with certificates from an ACME CA.
+    pub tls: Option<UpTls>,
+}
+
+/// HTTPS on edge with certificates from an ACME CA (HTTP-01 answered on edge's HTTP
+/// address, which must be what the names' port 80 reaches).
+#[derive(Clone, Debug)]
+pub struct UpTls {
+    /// Where edge serves HTTPS.
+    pub listen: SocketAddr,
+    /// The CA's directory URL.
+    pub directory: String,
+    /// A PEM root the CA's HTTPS chains to (a private or test CA).
+    pub ca_file: Option<PathBuf>,
+    /// Domains whose routed names get certificates (`apps.example.com`).
+    pub domains: Vec<String>,
 }
 
 /// A child process, killed when dropped (a failed start leaves nothing running).
@@ -269,17 +285,26 @@ async fn run(
             SUBNET.into(),
             "--network-state-dir".into(),
             s(&data.join("netplumb")),
+            "--secrets-dir".into(),
+            s(&data.join("secrets")),
             "--logs-to".into(),
             format!("http://{logd}/v1/push"),
             "--logs-token-file".into(),
             s(&logd_token_file),
         ],
     )?;
-    started.spawn(
-        "edge",
-        &program(&config.bin_dir, "edge")?,
-        &["--etcd".into(), etcd_url.clone(), "--listen".into(), config.edge.to_string()],
-    )?;
+    let mut edge_args = vec!["--etcd".into(), etcd_url.clone(), "--listen".into(), config.edge.to_string()];
+    if let Some(tls) = &config.tls {
+        edge_args.extend(["--tls-listen".into(), tls.listen.to_string(), "--acme-directory".into(), tls.directory.clone()]);
+        edge_args.extend(["--acme-state".into(), s(&data.join("acme"))]);
+        for d in &tls.domains {
+            edge_args.extend(["--acme-routed-domain".into(), d.clone()]);
+        }
+        if let Some(ca) = &tls.ca_file {
+            edge_args.extend(["--acme-ca-file".into(), s(ca)]);
+        }
+    }
+    started.spawn("edge", &program(&config.bin_dir, "edge")?, &edge_args)?;
     started.wait_for("edge", config.edge, Duration::from_secs(20)).await?;
 
     let kv: Arc<dyn keelson_discovery::KeyValue> = Arc::new(
@@ -327,6 +352,7 @@ async fn run(
         controller: controller_url,
         token_file,
         edge: config.edge,
+        edge_tls: config.tls.as_ref().map(|t| t.listen),
         registry,
         etcd: etcd_url,
         logd,

@@ -35,41 +35,49 @@ pub const TCP_PORT_TAG: &str = "keelson.tcp.port";
 /// default route.
 pub const SNI_TAG: &str = "keelson.sni";
 
-/// Groups instances into routes by their [`HTTP_HOST_TAG`] and [`HTTP_PATH_TAG`].
+/// Groups instances into routes by their [`HTTP_HOST_TAG`]s (an instance with several
+/// host tags is in a route for each) and [`HTTP_PATH_TAG`].
 /// Instances without a host tag are ignored; ones with an invalid host or path, or a
 /// non-IP address, are skipped with a warning (DNS names are not resolved on the
 /// request path).
 pub fn routes_from_instances(instances: &[Instance]) -> BTreeMap<RouteKey, Route> {
     let mut routes: BTreeMap<RouteKey, Route> = BTreeMap::new();
     for i in instances {
-        let Some(tag) = i.tag_value(HTTP_HOST_TAG) else { continue };
-        let host = match Host::new(tag) {
-            Ok(h) => h,
-            Err(e) => {
-                tracing::warn!(service = %i.service, id = %i.id, error = %e, "ignoring instance with a bad host tag");
-                continue;
-            }
-        };
-        let path = match i.tag_value(HTTP_PATH_TAG).map(PathPrefix::new).transpose() {
-            Ok(p) => p.unwrap_or_default(),
-            Err(e) => {
-                tracing::warn!(service = %i.service, id = %i.id, error = %e, "ignoring instance with a bad path tag");
-                continue;
-            }
-        };
-        let Some(endpoint) = endpoint_of(i) else { continue };
-        let balancer = balancer_of(i);
-        let upstream = match i.tag_value(PROTOCOL_TAG) {
-            Some("h2c") => UpstreamProtocol::H2c,
-            _ => UpstreamProtocol::Http1,
-        };
-        routes
-            .entry((host.clone(), path.clone()))
-            .or_insert_with(|| Route::new(host, Vec::new()).with_path(path).with_balancer(balancer).with_upstream(upstream))
-            .endpoints
-            .push(endpoint);
+        let hosts = i.tags.iter().filter_map(|t| t.strip_prefix(HTTP_HOST_TAG).and_then(|rest| rest.strip_prefix('=')));
+        for tag in hosts {
+            add_host_route(&mut routes, i, tag);
+        }
     }
     routes
+}
+
+/// Puts instance `i` into the route of host `tag` (and its path tag).
+fn add_host_route(routes: &mut BTreeMap<RouteKey, Route>, i: &Instance, tag: &str) {
+    let host = match Host::new(tag) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!(service = %i.service, id = %i.id, error = %e, "ignoring instance with a bad host tag");
+            return;
+        }
+    };
+    let path = match i.tag_value(HTTP_PATH_TAG).map(PathPrefix::new).transpose() {
+        Ok(p) => p.unwrap_or_default(),
+        Err(e) => {
+            tracing::warn!(service = %i.service, id = %i.id, error = %e, "ignoring instance with a bad path tag");
+            return;
+        }
+    };
+    let Some(endpoint) = endpoint_of(i) else { return };
+    let balancer = balancer_of(i);
+    let upstream = match i.tag_value(PROTOCOL_TAG) {
+        Some("h2c") => UpstreamProtocol::H2c,
+        _ => UpstreamProtocol::Http1,
+    };
+    routes
+        .entry((host.clone(), path.clone()))
+        .or_insert_with(|| Route::new(host, Vec::new()).with_path(path).with_balancer(balancer).with_upstream(upstream))
+        .endpoints
+        .push(endpoint);
 }
 
 /// The endpoint an instance is, or `None` (with a warning) when its address is not an IP.
@@ -202,4 +210,26 @@ pub async fn follow_discovery_with(discovery: Arc<dyn Discovery>, router: Arc<dy
             let _ = sync_routes(router.as_ref(), &mut owned, routes_from_instances(&snapshot.instances), "http from discovery").await;
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_instance_with_several_host_tags_is_in_a_route_for_each() {
+        let instance = Instance {
+            service: keelson_discovery::ServiceName::new("shop").expect("name"),
+            id: "i1".into(),
+            address: "10.0.0.2".into(),
+            port: 8080,
+            tags: vec![format!("{HTTP_HOST_TAG}=shop.test"), format!("{HTTP_HOST_TAG}=www.shop.test"), format!("{HTTP_HOST_TAG}=Bad Host")],
+            meta: Default::default(),
+            health: keelson_discovery::Health::Passing,
+        };
+        let routes = routes_from_instances(&[instance]);
+        let hosts: Vec<&str> = routes.keys().map(|(h, _)| h.as_str()).collect();
+        assert_eq!(hosts, ["shop.test", "www.shop.test"], "each good host routed, the bad one skipped");
+        assert!(routes.values().all(|r| r.endpoints.len() == 1));
+    }
 }

@@ -386,6 +386,43 @@ impl ClusterStore {
         Ok(())
     }
 
+    /// Stores a secret under `<root>/secrets/<name>` (`name`: segments of `A-Za-z0-9_.-`
+    /// joined by `/`, e.g. `shop/DB_PASSWORD`). Tasks get it as a file; never logged.
+    pub async fn put_secret(&self, name: &str, value: &[u8]) -> Result<()> {
+        self.kv.put(&self.secret_key(name)?, value.to_vec(), None).await.map_err(kv_err)?;
+        Ok(())
+    }
+
+    /// A secret's value, if it is stored.
+    pub async fn secret(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.kv.get(&self.secret_key(name)?).await.map_err(kv_err)?.map(|e| e.value))
+    }
+
+    /// Removes a secret; `false` if there was none.
+    pub async fn delete_secret(&self, name: &str) -> Result<bool> {
+        let key = self.secret_key(name)?;
+        let existed = self.kv.get(&key).await.map_err(kv_err)?.is_some();
+        self.kv.delete(&key).await.map_err(kv_err)?;
+        Ok(existed)
+    }
+
+    /// The names of the secrets under `prefix` (`shop/` lists `shop/…`), sorted.
+    pub async fn secret_names(&self, prefix: &str) -> Result<Vec<String>> {
+        let base = self.key(&["secrets", ""]);
+        let listed = self.kv.list(&format!("{base}{prefix}")).await.map_err(kv_err)?;
+        let mut names: Vec<String> = listed.entries.into_iter().map(|e| e.key[base.len()..].to_owned()).collect();
+        names.sort();
+        Ok(names)
+    }
+
+    fn secret_key(&self, name: &str) -> Result<String> {
+        let ok = name.split('/').all(crate::is_secret_file_name);
+        if !ok {
+            return Err(Error::invalid("secret name", name, "segments of A-Za-z0-9_.- (not starting with a dot) joined by /"));
+        }
+        Ok(self.key(&["secrets", name]))
+    }
+
     /// Stores what a group runs at one version (kept per version: old and new run side by
     /// side during a deployment).
     pub async fn put_group(&self, spec: &crate::orchestrate::spec::GroupSpec) -> Result<()> {

@@ -65,6 +65,11 @@ pub struct TaskTemplate {
     /// while it passes (and the service's probe, if any).
     #[serde(default)]
     pub health_check: Option<HealthCheck>,
+    /// Secrets the task finds as files under [`SECRETS_MOUNT`](crate::SECRETS_MOUNT): file
+    /// name → the secret's name in the cluster store ([`ClusterStore::put_secret`](crate::ClusterStore::put_secret)).
+    /// The agent needs a secrets directory ([`NodeAgent::with_secret_files`](crate::NodeAgent::with_secret_files)).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secrets: BTreeMap<String, String>,
 }
 
 impl TaskTemplate {
@@ -112,6 +117,8 @@ mod tests {
             env: BTreeMap::from([("MODE".to_owned(), "prod".to_owned())]),
             limits: Some(Limits::new(500, 64)),
             mounts: BTreeMap::new(),
+            // Secrets become a mount the agent adds (it reads them from the store).
+            secrets: BTreeMap::new(),
             restart: Some(RestartPolicy {
                 max_restarts: 3,
                 initial_backoff: Duration::from_millis(100),

@@ -58,6 +58,7 @@ pub struct NodeAgent {
     registrations: Mutex<HashMap<String, RegistrationHandle>>,
     metrics: OrchestrationMetrics,
     output_wait: Option<crate::runtime::run_exec::RunOutputWait>,
+    secret_files: Option<crate::SecretFiles>,
 }
 
 impl NodeAgent {
@@ -82,6 +83,7 @@ impl NodeAgent {
             registrations: Mutex::new(HashMap::new()),
             metrics: OrchestrationMetrics::default(),
             output_wait: None,
+            secret_files: None,
         }
     }
 
@@ -120,6 +122,29 @@ impl NodeAgent {
     pub fn with_volumes(mut self, volumes: Arc<dyn VolumeManager>) -> Self {
         self.volumes = Some(volumes);
         self
+    }
+
+    /// Where tasks' secret files go (a folder per task; see [`crate::SecretFiles`]).
+    /// Without it, allocations whose task names secrets fail with [`Error::Unsupported`].
+    pub fn with_secret_files(mut self, files: crate::SecretFiles) -> Self {
+        self.secret_files = Some(files);
+        self
+    }
+
+    /// The secrets of an allocation's task, read from the store now, as files.
+    async fn secret_mount(&self, alloc: &AllocRecord, spec: &GroupSpec) -> Result<Option<MountSpec>> {
+        if spec.task.secrets.is_empty() {
+            return Ok(None);
+        }
+        let files = self.secret_files.as_ref().ok_or(Error::Unsupported { operation: "secret files", backend: "this node agent" })?;
+        let mut values = std::collections::BTreeMap::new();
+        for (file, name) in &spec.task.secrets {
+            let value = self.store.secret(name).await?.ok_or_else(|| {
+                Error::invalid("secret", name, format!("group {:?} names it, and the cluster has no such secret", alloc.group))
+            })?;
+            values.insert(file.clone(), value);
+        }
+        files.write(&alloc.id, &values).map(Some)
     }
 
     /// The mounts of an allocation: each of its volumes from the node's manager (created
@@ -165,7 +190,11 @@ impl NodeAgent {
         };
         Ok(TaskSpec {
             ports,
-            mounts: self.mounts(alloc, spec).await?,
+            mounts: {
+                let mut mounts = self.mounts(alloc, spec).await?;
+                mounts.extend(self.secret_mount(alloc, spec).await?);
+                mounts
+            },
             // The address its slot had here, if any (a stop-first update keeps it).
             address: alloc.prefer_address,
             ..spec.task.to_spec(alloc.id.clone())
@@ -312,6 +341,15 @@ impl NodeAgent {
         }
         for id in unroute {
             self.deregister(&id).await;
+        }
+        // Secret files live as long as their task: a stopped or vanished task's go now.
+        if let Some(files) = &self.secret_files {
+            let mut keep: std::collections::HashSet<String> = running.keys().cloned().collect();
+            keep.extend(assigned.iter().filter(|(_, a)| a.status != AllocStatus::Stopping).map(|(id, _)| id.clone()));
+            keep.retain(|id| !report.stopped.contains(id));
+            if let Err(e) = files.collect(&keep) {
+                tracing::warn!(error = %e, "removing stopped tasks' secret files");
+            }
         }
         let pass = crate::runtime::run_exec::RunPass {
             store: &self.store,

@@ -16,6 +16,7 @@ pub(crate) mod fingerprint;
 pub(crate) mod process;
 pub(crate) mod process_record;
 pub(crate) mod run_exec;
+pub(crate) mod secret_files;
 pub(crate) mod task_logs;
 pub(crate) mod task_network;
 pub(crate) mod volume_archive;
