@@ -413,13 +413,7 @@ async fn edge_workers_share_the_listen_address_and_the_metrics() {
 /// without asking the CA again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edge_gets_its_certificate_from_an_acme_ca() {
-    use keelson_discovery::{Discovery, DnsServer, DnsServerConfig, MemoryDiscovery, Registration, ServiceName};
-    let discovery = Arc::new(MemoryDiscovery::memory());
-    let _shop = discovery.register(Registration::new(ServiceName::new("shop").expect("name"), "s1", "127.0.0.1", 80)).await.expect("reg");
-    let mut dns_config = DnsServerConfig::default();
-    dns_config.domain = "keelson.test".into();
-    dns_config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    let dns = DnsServer::start(discovery.clone() as Arc<dyn Discovery>, dns_config).await.expect("dns");
+    let (dns, _held) = names_at_loopback(&["shop"]).await;
     let ports = keelson_testkit::free_ports(2).expect("ports");
     let (listen, tls_listen) = (format!("127.0.0.1:{}", ports[0]), format!("127.0.0.1:{}", ports[1]));
     let pebble = keelson_testkit::pebble::Pebble::start(ports[0], dns.local_addr(), 5).expect("pebble");
@@ -445,12 +439,7 @@ async fn edge_gets_its_certificate_from_an_acme_ca() {
         "--acme-ca-file",
         &ca,
     ];
-    let root_pem = pebble.issuing_root().expect("root");
-    let root = keelson_testkit::tls::TestCert {
-        der: rustls::pki_types::pem::PemObject::from_pem_slice(root_pem.as_bytes()).expect("der"),
-        chain_pem: root_pem.clone(),
-        key_pem: String::new(),
-    };
+    let root = pebble.issuing_root_cert().expect("root");
     let tls_addr: SocketAddr = tls_listen.parse().expect("addr");
     let verified = |limit: Duration| {
         let root = root.clone();
@@ -478,23 +467,30 @@ async fn edge_gets_its_certificate_from_an_acme_ca() {
     assert_eq!(std::fs::read(state.join("certs/shop.service.keelson.test.crt")).expect("stored"), issued, "not issued again");
 }
 
-/// `--acme-routed-domain`: each routed host under the domain gets its certificate as its
-/// route appears (a reloaded routes file here; the catalog works the same); a routed host
-/// outside the domain is never sent to the CA.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn edge_gets_certificates_for_routed_names_under_its_domain_as_they_appear() {
+/// A keelson DNS server answering `<service>.service.keelson.test` with 127.0.0.1 for
+/// each of `services` (what pebble resolves the names it validates with); the handles
+/// keep the names registered.
+async fn names_at_loopback(services: &[&str]) -> (keelson_discovery::DnsServer, Vec<keelson_discovery::RegistrationHandle>) {
     use keelson_discovery::{Discovery, DnsServer, DnsServerConfig, MemoryDiscovery, Registration, ServiceName};
     let discovery = Arc::new(MemoryDiscovery::memory());
     let mut held = Vec::new();
-    for service in ["shop", "blog"] {
+    for service in services {
         held.push(
-            discovery.register(Registration::new(ServiceName::new(service).expect("name"), "i1", "127.0.0.1", 80)).await.expect("reg"),
+            discovery.register(Registration::new(ServiceName::new(*service).expect("name"), "i1", "127.0.0.1", 80)).await.expect("reg"),
         );
     }
     let mut dns_config = DnsServerConfig::default();
     dns_config.domain = "keelson.test".into();
     dns_config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    let dns = DnsServer::start(discovery.clone() as Arc<dyn Discovery>, dns_config).await.expect("dns");
+    (DnsServer::start(discovery as Arc<dyn Discovery>, dns_config).await.expect("dns"), held)
+}
+
+/// `--acme-routed-domain`: each routed host under the domain gets its certificate as its
+/// route appears (a reloaded routes file here; the catalog works the same); a routed host
+/// outside the domain is never sent to the CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_gets_certificates_for_routed_names_under_its_domain_as_they_appear() {
+    let (dns, _held) = names_at_loopback(&["shop", "blog"]).await;
     let ports = keelson_testkit::free_ports(2).expect("ports");
     let (listen, tls_listen) = (format!("127.0.0.1:{}", ports[0]), format!("127.0.0.1:{}", ports[1]));
     let pebble = keelson_testkit::pebble::Pebble::start(ports[0], dns.local_addr(), 5).expect("pebble");
@@ -519,12 +515,7 @@ async fn edge_gets_certificates_for_routed_names_under_its_domain_as_they_appear
         "--acme-ca-file",
         pebble.ca_file.to_str().expect("utf8"),
     ];
-    let root_pem = pebble.issuing_root().expect("root");
-    let root = keelson_testkit::tls::TestCert {
-        der: rustls::pki_types::pem::PemObject::from_pem_slice(root_pem.as_bytes()).expect("der"),
-        chain_pem: root_pem.clone(),
-        key_pem: String::new(),
-    };
+    let root = pebble.issuing_root_cert().expect("root");
     let tls_addr: SocketAddr = tls_listen.parse().expect("addr");
     let verified = |name: &'static str, limit: Duration| {
         let root = root.clone();

@@ -299,12 +299,7 @@ async fn a_new_user_pushes_configures_scales_runs_rolls_back_and_leaves_nothing_
     // domains add: routed by the new name too, over HTTPS with a certificate from the CA.
     let said = ok(&data, &["domains", "add", "--app", "shop", "--service", "web", "shop.service.keelson.test"]);
     assert!(said.contains("web: v5 is live"), "{said}");
-    let root_pem = pebble.issuing_root().expect("root");
-    let root = keelson_testkit::tls::TestCert {
-        der: rustls::pki_types::pem::PemObject::from_pem_slice(root_pem.as_bytes()).expect("der"),
-        chain_pem: root_pem.clone(),
-        key_pem: String::new(),
-    };
+    let root = pebble.issuing_root_cert().expect("root");
     let deadline = Instant::now() + Duration::from_secs(30);
     while keelson_testkit::tls::handshake(edge_tls, "shop.service.keelson.test", &[&root]).await.is_err() {
         assert!(Instant::now() < deadline, "no certificate for the app's domain\npebble:\n{}", pebble.log());

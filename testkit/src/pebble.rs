@@ -112,6 +112,15 @@ impl Pebble {
         }
         Ok(body.to_owned())
     }
+
+    /// [`Pebble::issuing_root`] as a trust anchor for [`crate::tls::handshake`]: what a
+    /// client checking the certificates this CA issues trusts.
+    pub fn issuing_root_cert(&self) -> Result<crate::tls::TestCert, TestkitError> {
+        let pem = self.issuing_root()?;
+        let der =
+            pem_der(&pem).ok_or_else(|| TestkitError::Failed { what: "reading pebble's issuing root".into(), detail: "bad PEM".into() })?;
+        Ok(crate::tls::TestCert { der: der.into(), chain_pem: pem, key_pem: String::new() })
+    }
 }
 
 /// The DER of the first PEM block.
