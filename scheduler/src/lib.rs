@@ -127,8 +127,8 @@ pub mod conformance;
 pub use error::{validate_id, Dimension, Error, Result};
 pub use records::{parse_strict, SCHEMA_VERSION};
 pub use task::{
-    HealthCheck, Limits, MountSource, MountSpec, OutputLine, OutputStream, PortMapping, RestartPolicy, TaskHealth, TaskSpec, TaskState,
-    TaskStatus, MAX_LINE_BYTES,
+    is_secret_file_name, HealthCheck, Limits, MountSource, MountSpec, OutputLine, OutputStream, PortMapping, RestartPolicy, TaskHealth,
+    TaskSpec, TaskState, TaskStatus, MAX_LINE_BYTES,
 };
 
 // Placement.
@@ -169,7 +169,7 @@ pub use runtime::docker_volumes::DockerVolumes;
 pub use runtime::driver::{Driver, DriverCapabilities, Output};
 pub use runtime::fingerprint::{default_route_address, fingerprint, Fingerprint};
 pub use runtime::process::{ProcessDriver, OUTPUT_TAIL};
-pub use runtime::secret_files::{is_secret_file_name, SecretFiles, SECRETS_MOUNT};
+pub use runtime::secret_files::{SecretFiles, SECRETS_MOUNT};
 pub use runtime::task_logs::{output_source, ShippedOutputs, TaskLogShipper};
 pub use runtime::task_network::TaskNetwork;
 pub use runtime::volume_archive::TarStream;

@@ -358,6 +358,14 @@ pub struct OutputLine {
     pub partial: bool,
 }
 
+/// A file name a secret may have (and each `/`-separated part of a secret's name in the
+/// cluster store): 1 to 128 of `A-Za-z0-9_.-`, not starting with a dot.
+pub fn is_secret_file_name(name: &str) -> bool {
+    (1..=128).contains(&name.len())
+        && !name.starts_with('.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -416,7 +416,7 @@ impl ClusterStore {
     }
 
     fn secret_key(&self, name: &str) -> Result<String> {
-        let ok = name.split('/').all(crate::is_secret_file_name);
+        let ok = name.split('/').all(crate::task::is_secret_file_name);
         if !ok {
             return Err(Error::invalid("secret name", name, "segments of A-Za-z0-9_.- (not starting with a dot) joined by /"));
         }

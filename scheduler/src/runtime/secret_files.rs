@@ -23,7 +23,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::task::{MountSource, MountSpec};
+use crate::task::{is_secret_file_name, MountSource, MountSpec};
 
 /// Where a task finds its secrets.
 pub const SECRETS_MOUNT: &str = "/run/secrets";
@@ -36,13 +36,6 @@ pub struct SecretFiles {
 
 fn io(context: String) -> impl FnOnce(std::io::Error) -> Error {
     move |e| Error::Unavailable { backend: "secret files", reason: format!("{context}: {e}") }
-}
-
-/// A file name a secret may have: 1 to 128 of `A-Za-z0-9_.-`, not starting with a dot.
-pub fn is_secret_file_name(name: &str) -> bool {
-    (1..=128).contains(&name.len())
-        && !name.starts_with('.')
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
 impl SecretFiles {
