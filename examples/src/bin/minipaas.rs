@@ -281,9 +281,7 @@ fn client(target: &Target) -> Result<Client, String> {
             (up.controller, t.clone().or(Some(up.token_file)))
         }
     };
-    let token = token_file
-        .map(|f| std::fs::read_to_string(&f).map(|t| t.trim().to_owned()).map_err(|e| format!("--token-file {}: {e}", f.display())))
-        .transpose()?;
+    let token = token_file.as_deref().map(keelson_examples::logs_client::read_token).transpose()?;
     let user = target.user.clone().unwrap_or_else(|| {
         nix::unistd::User::from_uid(nix::unistd::getuid()).ok().flatten().map_or_else(|| "anonymous".to_owned(), |u| u.name)
     });

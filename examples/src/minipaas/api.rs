@@ -374,12 +374,17 @@ impl Controller {
         tokio::spawn(async move {
             let sender = tx.clone();
             let mut last = String::new();
+            let dropped = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let counted = dropped.clone();
             let mut progress = move |line: &str| {
                 // The engine repeats its status lines ("Pushing") many times over.
                 if line != last {
                     last = line.to_owned();
-                    // A pusher that went away does not stop the release.
-                    let _ = sender.try_send(line.to_owned());
+                    // The build does not wait for a slow (or gone) pusher: a line it cannot
+                    // take now is dropped and counted, and the count is said at the end.
+                    if sender.try_send(line.to_owned()).is_err() {
+                        counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                 }
             };
             let push = super::git::Push { app: &app, rev: &rev, by: &by, rollout_timeout: me.rollout_timeout };
@@ -388,6 +393,10 @@ impl Controller {
                 Ok(made) => format!("deployed: {}", made.iter().map(|(s, v)| format!("{s} v{v}")).collect::<Vec<_>>().join(", ")),
                 Err(e) => format!("failed: {e}"),
             };
+            let dropped = dropped.load(std::sync::atomic::Ordering::Relaxed);
+            if dropped > 0 {
+                let _ = tx.send(format!("({dropped} progress lines were dropped: they came faster than they were read)")).await;
+            }
             let _ = tx.send(last).await;
         });
         response

@@ -314,8 +314,8 @@ async fn run(
     );
     let platform = Platform::new(kv, ROOT);
     let token_file = data.join("controller.token");
-    write_private(&token_file, &format!("{}\n", random_token()?))?;
-    let token = std::fs::read_to_string(&token_file).map_err(|e| e.to_string())?.trim().to_owned();
+    let token = random_token()?;
+    write_private(&token_file, &format!("{token}\n"))?;
     let controller_url = format!("http://{}", config.listen);
     let hook = format!("'{}' hook --controller {controller_url} --token-file '{}'", config.minipaas.display(), token_file.display());
     let images = keelson_scheduler::DockerImages::connect().await.map_err(|e| format!("Docker Engine: {e}"))?;
@@ -396,14 +396,13 @@ impl Teardown {
         }
         self.done = true;
         let docker = |args: &[&str]| Command::new("docker").args(args).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
-        for filter in [format!("label=keelson.node={}", self.node)] {
-            if let Ok(ids) = docker(&["ps", "-aq", "--filter", &filter]) {
-                let ids: Vec<&str> = ids.split_whitespace().collect();
-                if !ids.is_empty() {
-                    let mut args = vec!["rm", "-f"];
-                    args.extend(ids);
-                    let _ = docker(&args);
-                }
+        // The node's containers: its tasks and one-off runs.
+        if let Ok(ids) = docker(&["ps", "-aq", "--filter", &format!("label=keelson.node={}", self.node)]) {
+            let ids: Vec<&str> = ids.split_whitespace().collect();
+            if !ids.is_empty() {
+                let mut args = vec!["rm", "-f"];
+                args.extend(ids);
+                let _ = docker(&args);
             }
         }
         for v in &self.volumes {
