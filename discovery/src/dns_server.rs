@@ -4,7 +4,9 @@
 //! - `<service>.service.<domain>`: A / AAAA of the healthy instances, and SRV;
 //! - `_<service>._tcp.<domain>`: SRV;
 //! - `<instance>.<service>.service.<domain>`: A / AAAA of one instance (the SRV targets,
-//!   sent as additional records too, so clients need no second lookup).
+//!   sent as additional records too, so clients need no second lookup);
+//! - fixed names set in [`DnsServerConfig::hosts`] (the apex among them, as `@`): A / AAAA
+//!   of the addresses given, like a load balancer in front of the services.
 //!
 //! The server is authoritative for the zone (RFC 1034, 2308, 8020): the apex answers SOA
 //! and NS (`ns.<domain>`, whose address is the listen address or the configured one);
@@ -68,6 +70,10 @@ pub struct DnsServerConfig {
     /// UDP sockets, each served by its own thread (default 1). More than one binds them
     /// all with `SO_REUSEPORT`, and the kernel spreads clients over them.
     pub udp_workers: usize,
+    /// Fixed names in the zone and their addresses, beside the catalog's: `www` is
+    /// `www.<domain>`, `@` the apex itself (default none). A name may not be under
+    /// `service.` or `_tcp.`, which the catalog owns, nor `ns`, the zone's NS.
+    pub hosts: Vec<(String, IpAddr)>,
 }
 
 impl Default for DnsServerConfig {
@@ -80,6 +86,7 @@ impl Default for DnsServerConfig {
             negative_ttl: 5,
             ns_address: None,
             udp_workers: 1,
+            hosts: Vec::new(),
         }
     }
 }
@@ -135,6 +142,8 @@ struct Zone {
     ttl: u32,
     negative_ttl: u32,
     ns_address: IpAddr,
+    /// Fixed names with their addresses ([`DnsServerConfig::hosts`]), checked.
+    hosts: Vec<(Name, IpAddr)>,
 }
 
 #[derive(Debug, Default)]
@@ -228,6 +237,12 @@ fn build_catalog(instances: Vec<Instance>, zone: &Zone, serial: u32) -> Catalog 
         }
     }
     add_apex(&mut catalog, zone, serial);
+    for (name, ip) in &zone.hosts {
+        let record = address_record(name.clone(), *ip, ttl);
+        let key = LowerName::from(name.clone());
+        catalog.names.insert(key.clone());
+        catalog.answers.entry((key, record.record_type())).or_default().records.push(record);
+    }
     // Every name between a name that exists and the apex exists too (an empty
     // non-terminal): NODATA there, never NXDOMAIN (RFC 8020).
     let apex = LowerName::from(domain.clone());
@@ -269,6 +284,24 @@ fn add_apex(catalog: &mut Catalog, zone: &Zone, serial: u32) {
     catalog.soa = Some(soa);
 }
 
+/// The full name of a fixed host in the zone (`@` is the apex), refusing names the
+/// catalog or the zone's NS own.
+fn host_name(name: &str, apex: &Name) -> Result<Name> {
+    let relative = name.trim_end_matches('.').to_ascii_lowercase();
+    if relative == "@" {
+        return Ok(apex.clone());
+    }
+    let invalid = |reason: &str| Error::invalid("dns host", name, reason.to_owned());
+    for label in relative.split('.') {
+        validate_label("dns host", label)?;
+    }
+    let top = relative.rsplit('.').next().unwrap_or_default();
+    if top == "service" || relative == "ns" {
+        return Err(invalid("names under service. belong to the catalog, ns to the zone"));
+    }
+    Name::from_ascii(&relative).and_then(|n| n.append_domain(apex)).map_err(|e| invalid(&e.to_string()))
+}
+
 impl DnsServer {
     /// Binds UDP and TCP on `config.listen` (port 0 picks a free port for both), takes
     /// the first snapshot of `discovery`, and starts serving.
@@ -288,7 +321,8 @@ impl DnsServer {
             ip if ip.is_unspecified() => IpAddr::from([127, 0, 0, 1]),
             ip => ip,
         });
-        let zone = Zone { apex: domain.clone(), ttl: config.ttl, negative_ttl: config.negative_ttl, ns_address };
+        let hosts = config.hosts.iter().map(|(name, ip)| Ok((host_name(name, &domain)?, *ip))).collect::<Result<Vec<_>>>()?;
+        let zone = Zone { apex: domain.clone(), ttl: config.ttl, negative_ttl: config.negative_ttl, ns_address, hosts };
         let mut snapshots = discovery.watch(Query::all()).await?;
         let first = snapshots.next().await.map(|s| s.instances).unwrap_or_default();
         // The SOA serial counts catalog changes from the start time, so it grows across

@@ -277,3 +277,36 @@ async fn malformed_packets_and_responses_are_not_answered_as_queries() {
     assert_eq!(refused[3] & 0x0f, 5, "REFUSED");
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fixed_hosts_answer_beside_the_catalog_and_bad_ones_are_refused() {
+    let d = Arc::new(MemoryDiscovery::memory());
+    let web = ServiceName::new("web").expect("name");
+    let _a = d.register(Registration::new(web, "web-1", "127.0.0.11", 8080)).await.expect("reg");
+    let mut config = DnsServerConfig::default();
+    config.domain = "cloud.test".into();
+    config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    let lb = std::net::IpAddr::from([10, 78, 0, 11]);
+    config.hosts = vec![("@".into(), lb), ("master.edge".into(), lb), ("Web".into(), "::1".parse().expect("ip"))];
+    let server = DnsServer::start(d.clone(), config.clone()).await.expect("server starts");
+    let addr = server.local_addr();
+    // Over UDP (the fast path) and TCP alike.
+    for transport in ["+notcp", "+tcp"] {
+        assert_eq!(lines(&ask(addr, &[transport, "+short", "cloud.test", "A"]).await), vec!["10.78.0.11"], "the apex");
+        assert_eq!(lines(&ask(addr, &[transport, "+short", "master.edge.cloud.test", "A"]).await), vec!["10.78.0.11"]);
+        assert_eq!(lines(&ask(addr, &[transport, "+short", "web.cloud.test", "AAAA"]).await), vec!["::1"], "names are case-blind");
+        assert_eq!(lines(&ask(addr, &[transport, "+short", "web.service.cloud.test", "A"]).await), vec!["127.0.0.11"], "the catalog too");
+    }
+    let between = ask(addr, &["edge.cloud.test", "A"]).await;
+    assert!(between.contains("status: NOERROR") && between.contains("ANSWER: 0"), "a name above a host is NODATA:\n{between}");
+    let soa = ask(addr, &["+short", "cloud.test", "SOA"]).await;
+    assert!(soa.starts_with("ns.cloud.test. hostmaster.cloud.test."), "the apex keeps its SOA:\n{soa}");
+    server.shutdown().await;
+
+    for bad in ["ns", "x.service", "-x", "a b"] {
+        let mut c = config.clone();
+        c.hosts = vec![(bad.into(), lb)];
+        let err = DnsServer::start(d.clone(), c).await.expect_err(bad);
+        assert!(err.to_string().contains(bad), "{bad}: {err}");
+    }
+}

@@ -32,6 +32,8 @@ pub mod daemon;
 #[cfg(feature = "docker")]
 pub mod git_build;
 pub mod hello;
+#[cfg(feature = "etcd")]
+pub mod localcloud;
 pub mod logd;
 pub mod logs_client;
 pub mod metrics_http;
@@ -39,6 +41,7 @@ pub mod minipaas;
 #[cfg(feature = "docker")]
 pub mod pipeline;
 pub mod pipeline_runs;
+pub mod supervise;
 #[cfg(feature = "docker")]
 pub mod testgrid;
 

@@ -8,7 +8,7 @@
 //! volume, image, link, namespace or nft rule of the platform's is left.
 #![cfg(all(feature = "etcd", feature = "docker"))]
 
-use std::collections::BTreeSet;
+use keelson_testkit::machine::MachineState;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
@@ -21,51 +21,8 @@ const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/minip
 const DOMAIN: &str = "shop.localhost";
 const SECRET: &str = "pw-only-the-task-reads";
 
-/// What of the machine the platform may touch, to compare before `up` and after `down`.
-#[derive(Debug, PartialEq, Eq)]
-struct MachineState {
-    processes: BTreeSet<String>,
-    links: BTreeSet<String>,
-    namespaces: BTreeSet<String>,
-    nft: String,
-    containers: BTreeSet<String>,
-    volumes: BTreeSet<String>,
-    images: BTreeSet<String>,
-}
-
-fn lines(program: &str, args: &[&str]) -> BTreeSet<String> {
-    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
-    String::from_utf8_lossy(&out.stdout).lines().map(|l| l.trim().to_owned()).filter(|l| !l.is_empty()).collect()
-}
-
-impl MachineState {
-    fn read() -> MachineState {
-        // Processes by program name (the platform's are etcd and keelson's binaries).
-        let mut processes = BTreeSet::new();
-        for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
-            if let Ok(comm) = std::fs::read_to_string(entry.path().join("comm")) {
-                let comm = comm.trim();
-                if ["etcd", "registry", "logd", "node-agent", "edge", "minipaas"].contains(&comm) {
-                    processes.insert(format!("{comm}[{}]", entry.file_name().to_string_lossy()));
-                }
-            }
-        }
-        let links = lines("ip", &["-o", "link", "show"])
-            .into_iter()
-            .filter_map(|l| l.split(':').nth(1).map(|n| n.trim().split('@').next().unwrap_or_default().to_owned()))
-            .collect();
-        let nft = Command::new("nft").args(["-s", "list", "ruleset"]).output().expect("nft");
-        MachineState {
-            processes,
-            links,
-            namespaces: lines("ip", &["netns", "list"]),
-            nft: String::from_utf8_lossy(&nft.stdout).into_owned(),
-            containers: lines("docker", &["ps", "-aq"]),
-            volumes: lines("docker", &["volume", "ls", "-q"]),
-            images: lines("docker", &["images", "-q", "--no-trunc"]),
-        }
-    }
-}
+/// The programs `minipaas up` runs: none may outlive `down`.
+const PLATFORM_PROGRAMS: &[&str] = &["etcd", "registry", "logd", "node-agent", "edge", "minipaas"];
 
 /// `minipaas up`, running; on drop (a failed test) it is taken down all the same.
 struct Up {
@@ -162,7 +119,7 @@ async fn settled(data: &Path) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_user_pushes_configures_scales_runs_rolls_back_and_leaves_nothing_behind() {
     let base = keelson_testkit::docker::busybox_image().expect("busybox image"); // the engine answers
-    let before = MachineState::read();
+    let before = MachineState::read(PLATFORM_PROGRAMS);
     let dir = tempfile::tempdir().expect("dir");
     let data = dir.path().join("data");
     let log = dir.path().join("up.log");
@@ -311,5 +268,5 @@ async fn a_new_user_pushes_configures_scales_runs_rolls_back_and_leaves_nothing_
     let status = up.child.wait().expect("up exits");
     assert!(status.success(), "minipaas up ended with {status}");
     assert!(!data.exists(), "the data folder is removed");
-    assert_eq!(MachineState::read(), before, "the machine after down differs from before up");
+    assert_eq!(MachineState::read(PLATFORM_PROGRAMS), before, "the machine after down differs from before up");
 }

@@ -84,6 +84,15 @@ fn even_spread_has_skew_at_most_one_and_counts_existing_tasks() {
 }
 
 #[test]
+fn spread_over_node_ids_is_refused_naming_the_target() {
+    let snap = zones(3, 8000);
+    let g = TaskGroup::new("web", 3, Resources::new(100, 64)).with_spread(Spread { target: "node.id".into(), targets: vec![] });
+    let mut state = ClusterState::from_snapshot(&snap).expect("state");
+    let err = state.plan(&Job::new("sp", vec![g]), &EngineConfig::default()).expect_err("node.id spread");
+    assert!(err.to_string().contains("node.id"), "{err}");
+}
+
+#[test]
 fn spread_targets_follow_percentages() {
     let snap = zones(9, 8000);
     let targets = vec![

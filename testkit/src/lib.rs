@@ -24,6 +24,7 @@ pub mod dockerd;
 pub mod etcd;
 pub mod etcd_secure;
 pub mod http;
+pub mod machine;
 pub mod memory;
 pub mod netns;
 pub mod oci;

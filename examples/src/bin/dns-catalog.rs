@@ -4,6 +4,7 @@
 //! dns-catalog --domain keelson --listen 127.0.0.1:8600 --register web=web-1@127.0.0.1:8080
 //! dig @127.0.0.1 -p 8600 web.service.keelson A
 //! dig @127.0.0.1 -p 8600 _web._tcp.keelson SRV
+//! dns-catalog --domain cloud.test --host @=10.0.0.5 --host www=10.0.0.5   # fixed names too
 //! ```
 //!
 //! The catalog lives in memory, or in etcd with `--etcd http://127.0.0.1:2379` (build
@@ -40,6 +41,10 @@ struct Args {
     /// The address the zone's NS (`ns.<domain>`) resolves to (default: the listen address).
     #[arg(long)]
     ns_address: Option<std::net::IpAddr>,
+    /// A fixed name in the zone: `NAME=IP`, where `www` is `www.<domain>` and `@` the
+    /// domain itself (repeatable), like a load balancer in front of the services.
+    #[arg(long = "host", value_parser = parse_host)]
+    hosts: Vec<(String, std::net::IpAddr)>,
     /// UDP sockets, a thread each; more than one share the port with SO_REUSEPORT.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     udp_workers: u16,
@@ -60,6 +65,12 @@ struct Args {
 /// A TTL in the whole seconds DNS carries.
 fn ttl_seconds(flag: &str, ttl: Duration) -> Result<u32, String> {
     u32::try_from(ttl.as_secs()).map_err(|_| format!("{flag} {}: too long for a DNS TTL", humantime::format_duration(ttl)))
+}
+
+fn parse_host(s: &str) -> Result<(String, std::net::IpAddr), String> {
+    let (name, ip) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected NAME=IP"))?;
+    let ip = ip.parse().map_err(|e| format!("address {ip:?}: {e}"))?;
+    Ok((name.to_owned(), ip))
 }
 
 fn parse_registration(s: &str) -> Result<Registration, String> {
@@ -91,6 +102,7 @@ async fn run(args: Args) -> Result<(), String> {
     config.ttl = ttl_seconds("--ttl", args.ttl)?;
     config.negative_ttl = ttl_seconds("--negative-ttl", args.negative_ttl)?;
     config.ns_address = args.ns_address;
+    config.hosts = args.hosts.clone();
     config.listen = args.listen;
     config.udp_workers = usize::from(args.udp_workers);
     let stop = keelson_examples::daemon::shutdown_signal()?;

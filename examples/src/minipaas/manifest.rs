@@ -28,7 +28,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use keelson_scheduler::{DesiredGroup, Gates, GroupSpec, Resources, ServiceSpec, Strategy, TaskTemplate, VolumeAccess, VolumeRequest};
+use keelson_scheduler::{
+    DesiredGroup, Gates, GroupSpec, Resources, ServiceSpec, Spread, Strategy, TaskTemplate, VolumeAccess, VolumeRequest,
+};
 use serde::{Deserialize, Serialize};
 
 /// Why a manifest was refused.
@@ -91,6 +93,12 @@ pub struct Service {
     /// Volumes: name → path inside the task; each task gets its own.
     #[serde(default)]
     pub volumes: BTreeMap<String, String>,
+    /// Spread the tasks evenly over the values of a node property: `label.<name>`,
+    /// `attr.<name>`, `node.datacenter` or `node.pool`; over a label each host has its
+    /// own value of (`label.host`), they go on as many hosts as there are. Default:
+    /// packed, the scheduler's best fit.
+    #[serde(default)]
+    pub spread: Option<String>,
     /// How new releases roll out.
     #[serde(default)]
     pub deploy: Deploy,
@@ -252,6 +260,13 @@ impl Manifest {
                     return Err(err(key("volumes"), format!("{v:?} = {path:?}: a volume name and an absolute path")));
                 }
             }
+            if let Some(target) = &s.spread {
+                let known = matches!(target.as_str(), "node.datacenter" | "node.pool")
+                    || target.strip_prefix("attr.").or_else(|| target.strip_prefix("label.")).is_some_and(|k| !k.is_empty());
+                if !known {
+                    return Err(err(key("spread"), format!("{target:?}: label.<name>, attr.<name>, node.datacenter or node.pool")));
+                }
+            }
             if !["rolling", "recreate", "canary", "blue-green"].contains(&s.deploy.strategy.as_str()) {
                 return Err(err(key("deploy.strategy"), format!("{:?}: rolling, recreate, canary or blue-green", s.deploy.strategy)));
             }
@@ -310,6 +325,7 @@ impl Service {
                     .keys()
                     .map(|name| VolumeRequest { name: name.clone(), access: VolumeAccess::SingleWriter, read_only: false, per_task: true })
                     .collect(),
+                spread: self.spread.as_ref().map(|target| Spread { target: target.clone(), targets: Vec::new() }),
                 ..DesiredGroup::default()
             },
             task: TaskTemplate {
@@ -395,6 +411,18 @@ mod tests {
         assert_eq!(g.desired.volumes.len(), 1);
         assert!(g.desired.volumes[0].per_task && g.desired.volumes[0].name == "data");
         assert_eq!(g.task.mounts["data"], std::path::PathBuf::from("/var/lib/data"));
+    }
+
+    #[test]
+    fn spread_spreads_the_group_over_a_node_property() {
+        let m = Manifest::parse("m.toml", "[services.node]\nimage = \"img\"\nreplicas = 3\nspread = \"label.host\"\n").expect("parses");
+        let g = m.services["node"].group_spec("app", "node", "img", &BTreeMap::new(), 1);
+        assert_eq!(g.desired.spread, Some(Spread { target: "label.host".into(), targets: Vec::new() }));
+        for bad in ["host", "node.id", "label."] {
+            let e = refused(&format!("[services.node]\nimage = \"img\"\nspread = \"{bad}\"\n"));
+            assert_eq!(e.key, "services.node.spread");
+            assert!(e.reason.contains(&format!("{bad:?}")), "{e}");
+        }
     }
 
     #[test]

@@ -12,7 +12,6 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +19,7 @@ use super::api::{Controller, LogdAccess};
 use super::client::{UpFile, UP_FILE};
 use super::git::{DockerBuilder, GitRepos};
 use super::platform::{cluster_root, Platform};
+use crate::supervise::{free_port, program, random_token, write_private, Children};
 
 /// The keelson network apps' tasks go on.
 pub const NETWORK: &str = "minipaas";
@@ -63,125 +63,12 @@ pub struct UpTls {
     pub domains: Vec<String>,
 }
 
-/// A child process, killed when dropped (a failed start leaves nothing running).
-struct Supervised {
-    name: &'static str,
-    child: Child,
-}
-
-impl Supervised {
-    fn stop(&mut self, grace: Duration) {
-        // SIGTERM first so each program stops its own way (edge drains, logd flushes).
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + grace;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        tracing::warn!(process = self.name, "did not stop in time; killed");
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Supervised {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn free_port() -> Result<u16, String> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("a free port: {e}"))?;
-    l.local_addr().map(|a| a.port()).map_err(|e| e.to_string())
-}
-
-fn random_token() -> Result<String, String> {
-    let mut bytes = [0u8; 24];
-    use std::io::Read;
-    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).map_err(|e| format!("/dev/urandom: {e}"))?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
-}
-
-fn write_private(path: &Path, text: &str) -> Result<(), String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    f.write_all(text.as_bytes()).map_err(|e| format!("{}: {e}", path.display()))
-}
-
-fn program(dir: &Path, name: &str) -> Result<PathBuf, String> {
-    let p = dir.join(name);
-    if p.is_file() {
-        return Ok(p);
-    }
-    Err(format!("{} is missing: build keelson's programs first (cargo build -p keelson-examples --all-features)", p.display()))
-}
-
-fn which(name: &str) -> Result<PathBuf, String> {
-    std::env::var_os("PATH")
-        .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(name)).find(|p| p.is_file()))
-        .ok_or_else(|| format!("{name} is not installed (scripts/test installs it: etcd-server)"))
-}
-
-struct Started {
-    children: Vec<Supervised>,
-    logs: PathBuf,
-}
-
-impl Started {
-    fn spawn(&mut self, name: &'static str, program: &Path, args: &[String]) -> Result<(), String> {
-        let log = std::fs::File::create(self.logs.join(format!("{name}.log"))).map_err(|e| format!("{name}'s log: {e}"))?;
-        let child = Command::new(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|e| e.to_string())?)
-            .stderr(log)
-            .spawn()
-            .map_err(|e| format!("starting {}: {e}", program.display()))?;
-        self.children.push(Supervised { name, child });
-        Ok(())
-    }
-
-    /// Waits until `addr` accepts connections, or the process named `name` exits.
-    async fn wait_for(&mut self, name: &str, addr: SocketAddr, limit: Duration) -> Result<(), String> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if tokio::net::TcpStream::connect(addr).await.is_ok() {
-                return Ok(());
-            }
-            if let Some(c) = self.children.iter_mut().find(|c| c.name == name) {
-                if let Ok(Some(status)) = c.child.try_wait() {
-                    let log = std::fs::read_to_string(self.logs.join(format!("{name}.log"))).unwrap_or_default();
-                    let tail: Vec<&str> = log.lines().rev().take(5).collect();
-                    return Err(format!("{name} exited ({status}): {}", tail.into_iter().rev().collect::<Vec<_>>().join(" | ")));
-                }
-            }
-            if Instant::now() > deadline {
-                return Err(format!("{name} does not answer on {addr} after {}", humantime::format_duration(limit)));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
 /// Runs the platform until `stop` resolves, then takes it all down. `ready` gets the
 /// state once everything answers.
 pub async fn up(config: UpConfig, ready: impl FnOnce(&UpFile), stop: impl std::future::Future<Output = ()>) -> Result<(), String> {
     let data = &config.data_dir;
     if let Ok(state) = UpFile::read(data) {
-        if Path::new(&format!("/proc/{}", state.pid)).exists() {
+        if crate::supervise::is_running(state.pid) {
             return Err(format!("{} is in use by minipaas up (pid {}): minipaas down first", data.display(), state.pid));
         }
     }
@@ -207,7 +94,7 @@ async fn run(
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), String> {
     let s = |p: &Path| p.display().to_string();
-    let mut started = Started { children: Vec::new(), logs: logs.to_owned() };
+    let mut started = Children::new(logs)?;
     let t0 = Instant::now();
 
     let (etcd_port, peer_port) = (free_port()?, free_port()?);
@@ -215,7 +102,7 @@ async fn run(
     let peer = format!("http://127.0.0.1:{peer_port}");
     started.spawn(
         "etcd",
-        &which("etcd")?,
+        &crate::supervise::which("etcd", "etcd-server")?,
         &[
             "--name".into(),
             "minipaas".into(),
@@ -339,12 +226,7 @@ async fn run(
         if Instant::now() > deadline {
             return Err(format!("the node agent did not join in 30 s (see {}/node-agent.log)", logs.display()));
         }
-        if let Some(c) = started.children.iter_mut().find(|c| c.name == "node-agent") {
-            if let Ok(Some(status)) = c.child.try_wait() {
-                let log = std::fs::read_to_string(logs.join("node-agent.log")).unwrap_or_default();
-                return Err(format!("node-agent exited ({status}): {}", log.lines().last().unwrap_or_default()));
-            }
-        }
+        started.check_running("node-agent")?;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let state = UpFile {
@@ -372,11 +254,7 @@ async fn run(
     let _ = stopping.send(true);
     let _ = serving.await;
     // The agent first (so nothing restarts what goes next), the servers after it.
-    for name in ["edge", "node-agent", "logd", "registry", "etcd"] {
-        if let Some(c) = started.children.iter_mut().find(|c| c.name == name) {
-            c.stop(Duration::from_secs(10));
-        }
-    }
+    started.stop_in_order(&["edge", "node-agent", "logd", "registry", "etcd"], Duration::from_secs(10));
     Ok(())
 }
 
@@ -395,16 +273,11 @@ impl Teardown {
             return;
         }
         self.done = true;
-        let docker = |args: &[&str]| Command::new("docker").args(args).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+        let docker = |args: &[&str]| {
+            std::process::Command::new("docker").args(args).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        };
         // The node's containers: its tasks and one-off runs.
-        if let Ok(ids) = docker(&["ps", "-aq", "--filter", &format!("label=keelson.node={}", self.node)]) {
-            let ids: Vec<&str> = ids.split_whitespace().collect();
-            if !ids.is_empty() {
-                let mut args = vec!["rm", "-f"];
-                args.extend(ids);
-                let _ = docker(&args);
-            }
-        }
+        crate::supervise::remove_containers("keelson.node", &self.node);
         for v in &self.volumes {
             let _ = docker(&["volume", "rm", "-f", v]);
         }
@@ -441,22 +314,6 @@ impl Teardown {
 /// Signals the `minipaas up` using `data_dir` to go down and waits until it is gone.
 pub fn down(data_dir: &Path, limit: Duration) -> Result<UpFile, String> {
     let state = UpFile::read(data_dir)?;
-    let pid = nix::unistd::Pid::from_raw(state.pid as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
-        .map_err(|e| format!("signalling minipaas up (pid {}): {e}", state.pid))?;
-    let deadline = Instant::now() + limit;
-    while Path::new(&format!("/proc/{}", state.pid)).exists() && !is_zombie(state.pid) {
-        if Instant::now() > deadline {
-            return Err(format!("minipaas up (pid {}) still runs after {}", state.pid, humantime::format_duration(limit)));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    crate::supervise::signal_and_wait("minipaas up", state.pid, nix::sys::signal::Signal::SIGTERM, limit)?;
     Ok(state)
-}
-
-fn is_zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')))
-        .unwrap_or(false)
 }

@@ -136,6 +136,15 @@ pub(crate) fn validate_job(job: &Job, config: &EngineConfig) -> Result<()> {
         }
         if let Some(s) = &g.spread {
             validate_target("spread target", &s.target)?;
+            if s.target == "node.id" {
+                // Spread values are worked out per node class, and nodes of one class
+                // differ in their ids only: every node would count as one value.
+                return Err(Error::invalid(
+                    "spread target",
+                    &s.target,
+                    "not supported: spread over a label each node has its own value of",
+                ));
+            }
             if !s.targets.is_empty() {
                 let sum: u32 = s.targets.iter().map(|t| u32::from(t.percent)).sum();
                 if sum != 100 {
