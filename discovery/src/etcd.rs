@@ -13,8 +13,10 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KvClient, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
@@ -129,17 +131,50 @@ impl EtcdConfig {
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
 /// `KeyValue` on an etcd v3 cluster.
+///
+/// It talks to one member at a time and moves to the next endpoint when that member
+/// stops answering, as etcd's own Go client does. (etcd-client's balanced channel over
+/// all endpoints fails requests while any one member is down: etcd-client issue #39.)
+/// A request that never reached the member (the connection was refused or could not be
+/// made) is sent again to the next one; one that may have reached it is not, since a
+/// write may have been applied, but the next request goes elsewhere.
 #[derive(Clone)]
 pub struct EtcdKv {
+    member: Arc<ArcSwap<Member>>,
+    /// Held while moving to another member, so concurrent failures move once.
+    moving: Arc<tokio::sync::Mutex<()>>,
+    options: ConnectOptions,
+    config: EtcdConfig,
+}
+
+/// A client of the member at `config.endpoints[index]`.
+#[derive(Clone)]
+struct Member {
+    index: usize,
     client: Client,
     /// Key-value calls, with the configured response limit.
     kv: KvClient,
-    config: EtcdConfig,
 }
 
 impl std::fmt::Debug for EtcdKv {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EtcdKv").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+/// Whether a failed request surely never reached the member: no connection could be
+/// made. Only such a request may be sent to another member as it is.
+fn never_reached_member(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(t) => {
+            let text = causes(t);
+            text.contains("tcp connect error") || text.contains("Connection refused") || text.contains("No route to host")
+        }
+        etcd_client::Error::GRpcStatus(status) if status.code() == tonic::Code::Unavailable => {
+            let text = causes(status);
+            text.contains("tcp connect error") || text.contains("Connection refused") || text.contains("No route to host")
+        }
+        _ => false,
     }
 }
 
@@ -246,36 +281,116 @@ impl EtcdKv {
             }
             options = options.with_user(user.clone(), password.clone());
         }
-        let connect = Client::connect(config.endpoints.clone(), Some(options));
+        // The first member that takes the connection; a cluster with one member down
+        // still connects.
+        let mut first_error = None;
+        for index in 0..config.endpoints.len() {
+            match Self::connect_member(&config, &options, index).await {
+                Ok(member) => {
+                    return Ok(EtcdKv {
+                        member: Arc::new(ArcSwap::from_pointee(member)),
+                        moving: Arc::new(tokio::sync::Mutex::new(())),
+                        options,
+                        config,
+                    })
+                }
+                Err(e) => {
+                    tracing::debug!(endpoint = %config.endpoints[index], error = %e, "etcd member unreachable");
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        let e = first_error.unwrap_or_else(|| Error::Unavailable { backend: BACKEND, reason: "no endpoint".into() });
+        // etcd refusing our certificate reads as "connection closed": ask once more,
+        // directly, what the handshake says.
+        if let (Some(tls), Error::Unavailable { .. }) = (&config.tls, &e) {
+            if let Some(reason) = tls_probe(&config.endpoints[0], tls, config.connect_timeout).await {
+                return Err(Error::Tls { backend: BACKEND, reason });
+            }
+        }
+        Err(e)
+    }
+
+    /// A client of the member at `config.endpoints[index]` (bounded by the connect timeout).
+    async fn connect_member(config: &EtcdConfig, options: &ConnectOptions, index: usize) -> Result<Member> {
+        let endpoint = &config.endpoints[index];
+        let connect = Client::connect([endpoint.clone()], Some(options.clone()));
         let client = match tokio::time::timeout(config.connect_timeout, connect).await {
             Ok(Ok(client)) => client,
-            Ok(Err(e)) => {
-                let e = map_err(e);
-                // etcd refusing our certificate reads as "connection closed": ask once
-                // more, directly, what the handshake says.
-                if let (Some(tls), Error::Unavailable { .. }) = (&config.tls, &e) {
-                    if let Some(reason) = tls_probe(&config.endpoints[0], tls, config.connect_timeout).await {
-                        return Err(Error::Tls { backend: BACKEND, reason });
-                    }
-                }
-                return Err(e);
-            }
+            Ok(Err(e)) => return Err(map_err(e)),
             Err(_) => {
                 return Err(Error::Unavailable {
                     backend: BACKEND,
-                    reason: format!("no connection to {:?} within {:?}", config.endpoints, config.connect_timeout),
+                    reason: format!("no connection to {endpoint} within {:?}", config.connect_timeout),
                 })
             }
         };
         let kv = client.kv_client().max_decoding_message_size(config.max_message_bytes);
-        Ok(EtcdKv { client, kv, config })
+        Ok(Member { index, client, kv })
     }
 
-    /// Runs one request under the request timeout.
-    async fn call<T, F>(&self, what: &'static str, f: F) -> Result<T>
+    /// Moves from the member at `failed` to the next one that takes a connection (no
+    /// move if another request moved already).
+    async fn move_on(&self, failed: usize) {
+        let _moving = self.moving.lock().await;
+        let n = self.config.endpoints.len();
+        if n < 2 || self.member.load().index != failed {
+            return;
+        }
+        for step in 1..n {
+            let index = (failed + step) % n;
+            match Self::connect_member(&self.config, &self.options, index).await {
+                Ok(member) => {
+                    tracing::warn!(from = %self.config.endpoints[failed], to = %self.config.endpoints[index], "etcd member unavailable; moved to another");
+                    self.member.store(Arc::new(member));
+                    return;
+                }
+                Err(e) => tracing::debug!(endpoint = %self.config.endpoints[index], error = %e, "etcd member unreachable"),
+            }
+        }
+    }
+
+    /// Runs one request on the current member under the request timeout; when the
+    /// member is unavailable, the next request goes to another, and this one is sent
+    /// again there if it never reached the first (see [`EtcdKv`]).
+    async fn call<T, F, Fut>(&self, what: &'static str, f: F) -> Result<T>
     where
-        F: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
+        F: Fn(Member) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
     {
+        let mut sent_to = 0;
+        loop {
+            let member = Member::clone(&self.member.load());
+            let index = member.index;
+            let (error, never_sent) = match tokio::time::timeout(self.config.request_timeout, f(member)).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) => {
+                    let never_sent = never_reached_member(&e);
+                    (map_err(e), never_sent)
+                }
+                Err(_) => (
+                    Error::Unavailable { backend: BACKEND, reason: format!("{what}: no answer within {:?}", self.config.request_timeout) },
+                    false,
+                ),
+            };
+            if !matches!(error, Error::Unavailable { .. }) {
+                return Err(error);
+            }
+            self.move_on(index).await;
+            sent_to += 1;
+            if !never_sent || sent_to >= self.config.endpoints.len() {
+                return Err(error);
+            }
+        }
+    }
+
+    /// A request on a stream already open, under the request timeout (no other member
+    /// can continue the stream).
+    async fn on_stream<T>(
+        &self,
+        what: &'static str,
+        f: impl std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
+    ) -> Result<T> {
         match tokio::time::timeout(self.config.request_timeout, f).await {
             Ok(r) => r.map_err(map_err),
             Err(_) => {
@@ -284,20 +399,44 @@ impl EtcdKv {
         }
     }
 
+    fn get_with(
+        m: Member,
+        key: &str,
+        options: Option<GetOptions>,
+    ) -> impl std::future::Future<Output = std::result::Result<etcd_client::GetResponse, etcd_client::Error>> + '_ {
+        let mut c = m.kv;
+        async move { c.get(key, options).await }
+    }
+
+    fn txn_with(
+        m: Member,
+        txn: Txn,
+    ) -> impl std::future::Future<Output = std::result::Result<etcd_client::TxnResponse, etcd_client::Error>> {
+        let mut c = m.kv;
+        async move { c.txn(txn).await }
+    }
+
+    fn watch_with(
+        m: Member,
+        key: &str,
+        options: WatchOptions,
+    ) -> impl std::future::Future<Output = std::result::Result<WatchStream, etcd_client::Error>> + '_ {
+        let mut c = m.client;
+        async move { c.watch(key, Some(options)).await }
+    }
+
     /// etcd acknowledges a watch on a compacted revision as created and cancels it in a
     /// later message; a count-only read at that revision answers at once. If compacted,
     /// the watch's cancel message says which revision is the oldest kept.
     async fn check_not_compacted(&self, prefix: &str, revision: u64) -> Result<()> {
-        let mut c = self.kv.clone();
         let key = if prefix.is_empty() { "\0" } else { prefix };
         let probe = GetOptions::new().with_prefix().with_count_only().with_revision(i64::try_from(revision).unwrap_or(i64::MAX));
-        match self.call("watch", c.get(key, Some(probe))).await {
+        match self.call("watch", |m| Self::get_with(m, key, Some(probe.clone()))).await {
             Err(Error::InvalidInput { reason, .. }) if reason.contains("compacted") => {
-                let mut c = self.client.clone();
                 let options = WatchOptions::new().with_prefix().with_start_revision(i64::try_from(revision).unwrap_or(i64::MAX));
-                let mut stream = self.call("watch", c.watch(key, Some(options))).await?;
+                let mut stream = self.call("watch", |m| Self::watch_with(m, key, options.clone())).await?;
                 for _ in 0..3 {
-                    match self.call("watch", stream.message()).await? {
+                    match self.on_stream("watch", stream.message()).await? {
                         Some(r) if r.compact_revision() > 0 => {
                             return Err(Error::Compacted { requested: revision, oldest: r.compact_revision().max(0) as u64 })
                         }
@@ -346,16 +485,19 @@ impl KeyValue for EtcdKv {
 
     async fn get(&self, key: &str) -> Result<Option<KvEntry>> {
         kv::validate_key(key)?;
-        let mut c = self.kv.clone();
-        let resp = self.call("get", c.get(key, None)).await?;
+        let resp = self.call("get", |m| Self::get_with(m, key, None)).await?;
         Ok(resp.kvs().first().map(Self::entry))
     }
 
     async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<u64> {
         kv::validate_key(key)?;
         kv::validate_value(key, &value)?;
-        let mut c = self.kv.clone();
-        let resp = self.call("put", c.put(key, value, Self::put_options(lease))).await?;
+        let resp = self
+            .call("put", |m| {
+                let (mut c, value) = (m.kv, value.clone());
+                async move { c.put(key, value, Self::put_options(lease)).await }
+            })
+            .await?;
         Ok(resp.header().map_or(0, |h| h.revision().max(0) as u64))
     }
 
@@ -367,8 +509,7 @@ impl KeyValue for EtcdKv {
             Expect::Version(v) => Compare::mod_revision(key, CompareOp::Equal, i64::try_from(v).unwrap_or(i64::MAX)),
         };
         let txn = Txn::new().when([cmp]).and_then([TxnOp::put(key, value, Self::put_options(lease))]).or_else([TxnOp::get(key, None)]);
-        let mut c = self.kv.clone();
-        let resp = self.call("compare-and-swap", c.txn(txn)).await?;
+        let resp = self.call("compare-and-swap", |m| Self::txn_with(m, txn.clone())).await?;
         if resp.succeeded() {
             return Ok(resp.header().map_or(0, |h| h.revision().max(0) as u64));
         }
@@ -381,8 +522,13 @@ impl KeyValue for EtcdKv {
 
     async fn delete(&self, key: &str) -> Result<bool> {
         kv::validate_key(key)?;
-        let mut c = self.kv.clone();
-        Ok(self.call("delete", c.delete(key, None)).await?.deleted() > 0)
+        let resp = self
+            .call("delete", |m| {
+                let mut c = m.kv;
+                async move { c.delete(key, None).await }
+            })
+            .await?;
+        Ok(resp.deleted() > 0)
     }
 
     async fn txn(&self, txn: kv::Txn) -> Result<u64> {
@@ -410,8 +556,8 @@ impl KeyValue for EtcdKv {
         // etcd only says that a compare failed; reading the compared keys in the failure
         // branch (at the same revision) tells which one.
         let reads: Vec<TxnOp> = txn.compares.iter().map(|c| TxnOp::get(c.key_name(), None)).collect();
-        let mut c = self.kv.clone();
-        let resp = self.call("txn", c.txn(Txn::new().when(compares).and_then(writes).or_else(reads))).await?;
+        let request = Txn::new().when(compares).and_then(writes).or_else(reads);
+        let resp = self.call("txn", |m| Self::txn_with(m, request.clone())).await?;
         if resp.succeeded() {
             return Ok(resp.header().map_or(0, |h| h.revision().max(0) as u64));
         }
@@ -427,10 +573,9 @@ impl KeyValue for EtcdKv {
     }
 
     async fn list(&self, prefix: &str) -> Result<KvList> {
-        let mut c = self.kv.clone();
         // An empty prefix means "every key"; etcd spells that as key "\0" with prefix.
         let key = if prefix.is_empty() { "\0" } else { prefix };
-        let resp = self.call("list", c.get(key, Some(GetOptions::new().with_prefix()))).await?;
+        let resp = self.call("list", |m| Self::get_with(m, key, Some(GetOptions::new().with_prefix()))).await?;
         Ok(KvList {
             revision: resp.header().map_or(0, |h| h.revision().max(0) as u64),
             entries: resp.kvs().iter().map(Self::entry).collect(),
@@ -438,7 +583,6 @@ impl KeyValue for EtcdKv {
     }
 
     async fn list_page(&self, prefix: &str, after: Option<&str>, limit: usize, revision: Option<u64>) -> Result<KvList> {
-        let mut c = self.kv.clone();
         // The range [start, end of prefix): from just after `after`, or the prefix itself.
         let start = match after {
             Some(a) => format!("{a}\0"),
@@ -450,7 +594,7 @@ impl KeyValue for EtcdKv {
         if let Some(r) = revision {
             options = options.with_revision(i64::try_from(r).unwrap_or(i64::MAX));
         }
-        let resp = self.call("list", c.get(start, Some(options))).await.map_err(|e| match e {
+        let resp = self.call("list", |m| Self::get_with(m, &start, Some(options.clone()))).await.map_err(|e| match e {
             Error::InvalidInput { reason, .. } if reason.contains("compacted") => {
                 Error::Compacted { requested: revision.unwrap_or_default(), oldest: revision.unwrap_or_default() + 1 }
             }
@@ -469,8 +613,8 @@ impl KeyValue for EtcdKv {
                 r
             }
             None => {
-                let mut c = self.kv.clone();
-                let resp = self.call("watch", c.get(prefix, Some(GetOptions::new().with_prefix().with_count_only()))).await?;
+                let resp =
+                    self.call("watch", |m| Self::get_with(m, prefix, Some(GetOptions::new().with_prefix().with_count_only()))).await?;
                 resp.header().map_or(0, |h| h.revision().max(0) as u64) + 1
             }
         };
@@ -493,18 +637,24 @@ impl KeyValue for EtcdKv {
 
     async fn grant_lease(&self, ttl: std::time::Duration) -> Result<LeaseId> {
         kv::validate_ttl(ttl)?;
-        let mut c = self.client.clone();
-        let resp = self.call("grant lease", c.lease_grant(Self::ttl_secs(ttl), None)).await?;
+        let resp = self
+            .call("grant lease", |m| {
+                let mut c = m.client;
+                async move { c.lease_grant(Self::ttl_secs(ttl), None).await }
+            })
+            .await?;
         Ok(resp.id() as u64)
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<()> {
-        let mut c = self.client.clone();
         let id = lease as i64;
-        let once = async move {
-            let (mut keeper, mut responses) = c.lease_keep_alive(id).await?;
-            keeper.keep_alive().await?;
-            responses.message().await
+        let once = |m: Member| {
+            let mut c = m.client;
+            async move {
+                let (mut keeper, mut responses) = c.lease_keep_alive(id).await?;
+                keeper.keep_alive().await?;
+                responses.message().await
+            }
         };
         match self.call("keep alive", once).await? {
             Some(r) if r.ttl() > 0 => Ok(()),
@@ -513,8 +663,12 @@ impl KeyValue for EtcdKv {
     }
 
     async fn lease_ttl(&self, lease: LeaseId) -> Result<kv::LeaseTtl> {
-        let mut c = self.client.clone();
-        let resp = self.call("lease time to live", c.lease_time_to_live(lease as i64, None)).await?;
+        let resp = self
+            .call("lease time to live", |m| {
+                let mut c = m.client;
+                async move { c.lease_time_to_live(lease as i64, None).await }
+            })
+            .await?;
         // etcd answers -1 for a lease it no longer has; it counts in whole seconds.
         match (u64::try_from(resp.ttl()), u64::try_from(resp.granted_ttl())) {
             (Ok(left), Ok(granted)) => Ok(kv::LeaseTtl::new(std::time::Duration::from_secs(granted), std::time::Duration::from_secs(left))),
@@ -523,8 +677,11 @@ impl KeyValue for EtcdKv {
     }
 
     async fn revoke_lease(&self, lease: LeaseId) -> Result<()> {
-        let mut c = self.client.clone();
-        self.call("revoke lease", c.lease_revoke(lease as i64)).await.map(|_| ()).map_err(|e| match e {
+        let revoke = |m: Member| {
+            let mut c = m.client;
+            async move { c.lease_revoke(lease as i64).await }
+        };
+        self.call("revoke lease", revoke).await.map(|_| ()).map_err(|e| match e {
             Error::NotFound { .. } => Error::NotFound { kind: "lease", name: lease.to_string() },
             other => other,
         })
@@ -618,11 +775,10 @@ struct EtcdWatch {
 impl EtcdWatch {
     /// Opens a stream from `self.next` and reads its creation response.
     async fn open(&mut self) -> Result<()> {
-        let mut c = self.kv.client.clone();
         let key = if self.prefix.is_empty() { "\0".to_owned() } else { self.prefix.clone() };
         let options = WatchOptions::new().with_prefix().with_start_revision(i64::try_from(self.next).unwrap_or(i64::MAX));
-        let mut stream = self.kv.call("watch", c.watch(key, Some(options))).await?;
-        let first = self.kv.call("watch", stream.message()).await?;
+        let mut stream = self.kv.call("watch", |m| EtcdKv::watch_with(m, &key, options.clone())).await?;
+        let first = self.kv.on_stream("watch", stream.message()).await?;
         match first {
             Some(r) if r.canceled() && r.compact_revision() > 0 => {
                 Err(Error::Compacted { requested: self.next, oldest: r.compact_revision().max(0) as u64 })

@@ -224,3 +224,32 @@ async fn an_etcd_outage_is_reported_on_watches_and_cleared_when_it_returns() {
     let ev = tokio::time::timeout(Duration::from_secs(10), raw.next()).await.expect("event after recovery").expect("open");
     assert_eq!(ev.expect("an event").key, "raw/after", "the raw watch resumed by itself");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_move_to_a_live_member_when_the_one_in_use_dies() {
+    let mut cluster = EtcdCluster::start(3).expect("3-member etcd");
+    let urls = cluster.client_urls();
+    // A dead endpoint first: connecting skips it.
+    let dead = format!("http://127.0.0.1:{}", keelson_testkit::free_port().expect("port"));
+    let kv = connect([vec![dead], urls].concat()).await;
+    kv.put("mv/before", b"1".to_vec(), None).await.expect("put on the first live member");
+    let lease = kv.grant_lease(Duration::from_secs(10)).await.expect("lease");
+    // The member in use is the first live one: kill it. Every request after its
+    // connection is gone goes to another member, none fails.
+    // (Once the others have a leader: if it led, writes wait for an election, which is
+    // the watch test's subject, not this one's.)
+    cluster.kill(0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cluster.leader().is_err() {
+        assert!(Instant::now() < deadline, "no leader after the kill");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for i in 0..20 {
+        let key = format!("mv/{i}");
+        kv.put(&key, vec![i as u8], None).await.unwrap_or_else(|e| panic!("put {key} after the member died: {e}"));
+        assert_eq!(kv.get(&key).await.expect("get").map(|e| e.value), Some(vec![i as u8]));
+    }
+    kv.keep_alive(lease).await.expect("the lease is kept alive through another member");
+    let list = kv.list("mv/").await.expect("list");
+    assert_eq!(list.entries.len(), 21);
+}

@@ -9,7 +9,7 @@ use std::process::Command;
 /// One reading of the machine; compare two with `assert_eq!`.
 #[derive(Debug, PartialEq, Eq)]
 pub struct MachineState {
-    /// `program[pid]` of every process running one of the watched programs.
+    /// `program[pid]` of every live process (not a zombie) of the watched programs.
     pub processes: BTreeSet<String>,
     /// Link names of this namespace.
     pub links: BTreeSet<String>,
@@ -48,7 +48,11 @@ impl MachineState {
         for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
             if let Ok(comm) = std::fs::read_to_string(entry.path().join("comm")) {
                 let comm = comm.trim();
-                if programs.contains(&comm) {
+                // A zombie has exited and waits for its reaper (init, for a daemon whose
+                // parent is gone), which may take a moment: nothing of it is left running.
+                let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+                let zombie = stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+                if programs.contains(&comm) && !zombie {
                     processes.insert(format!("{comm}[{}]", entry.file_name().to_string_lossy()));
                 }
             }

@@ -59,9 +59,12 @@ pub fn check_free(layout: &Layout) -> Result<(), String> {
     let routes = Command::new("ip").args(["-4", "route", "show", "table", "all"]).output().map_err(|e| format!("ip route: {e}"))?;
     let underlay: ipnet::Ipv4Net = layout.underlay().parse().map_err(|e| format!("underlay: {e}"))?;
     for line in String::from_utf8_lossy(&routes.stdout).lines() {
-        let dest = line.split_whitespace().next().unwrap_or_default();
-        let dest = dest.parse::<ipnet::Ipv4Net>().or_else(|_| dest.parse::<std::net::Ipv4Addr>().map(ipnet::Ipv4Net::from));
-        if let Ok(dest) = dest {
+        // The destination, after the route's type if it has one (`local 127.0.0.0/8 ...`).
+        let dest = line
+            .split_whitespace()
+            .take(2)
+            .find_map(|t| t.parse::<ipnet::Ipv4Net>().ok().or_else(|| t.parse::<std::net::Ipv4Addr>().ok().map(ipnet::Ipv4Net::from)));
+        if let Some(dest) = dest {
             if dest.prefix_len() > 0 && (dest.contains(&underlay.network()) || underlay.contains(&dest.network())) {
                 return Err(format!("underlay {underlay} overlaps this machine's route {line:?}: choose another with --underlay"));
             }
