@@ -20,6 +20,13 @@ const PROGRAMS: &[&str] = &["etcd", "node-agent", "edge", "dns-catalog", "unboun
 /// A subnet reserved for benchmarking (RFC 2544), which no real network here uses.
 const UNDERLAY: &str = "198.18.94.0/24";
 
+/// The tests run one at a time: the machine-state diff would see the other's processes.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn localcloud(dir: &Path, args: &[&str]) -> Output {
     Command::new(LOCALCLOUD).arg("--state-dir").arg(dir).args(args).output().expect("localcloud runs")
 }
@@ -95,6 +102,7 @@ fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
 
 #[test]
 fn a_cloud_answers_by_name_survives_a_lost_host_resets_and_goes_down_leaving_nothing() {
+    let _serial = one_at_a_time();
     // The roles' image is built once and kept (like a build cache): not part of the diff.
     keelson_examples::localcloud::roles::ensure_image().expect("image");
     let before = MachineState::read(PROGRAMS);
@@ -179,6 +187,7 @@ fn a_cloud_answers_by_name_survives_a_lost_host_resets_and_goes_down_leaving_not
 
 #[test]
 fn bad_requests_are_refused_with_the_bad_value_named() {
+    let _serial = one_at_a_time();
     let dir = tempfile::tempdir().expect("dir");
     let state = dir.path().join("state");
     let refused = |args: &[&str], says: &str| {
