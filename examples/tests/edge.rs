@@ -183,6 +183,54 @@ async fn edge_terminates_tls_and_rotates_certificates_on_sighup() {
     stop_edge(child);
 }
 
+/// `--cert-dir`: names' certificates found in a folder, a name added while edge runs
+/// served after SIGHUP (how minipaas installs a domain's own certificate).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_serves_certificates_from_a_folder_and_picks_up_new_ones_on_sighup() {
+    use keelson_testkit::tls::{handshake, test_cert};
+    let (a, _ta) = echo_server("dir-upstream").await.expect("upstream");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("routes.json");
+    std::fs::write(&file, routes(&[("one.test", a), ("two.test", a)])).expect("write");
+    let certs = dir.path().join("certs");
+    std::fs::create_dir(&certs).expect("certs");
+    let (one, two) = (test_cert(&["one.test"]).expect("cert"), test_cert(&["two.test"]).expect("cert"));
+    std::fs::write(certs.join("one.test.crt"), &one.chain_pem).expect("write");
+    std::fs::write(certs.join("one.test.key"), &one.key_pem).expect("write");
+    let ports = keelson_testkit::free_ports(2).expect("ports");
+    let (listen, tls): (SocketAddr, SocketAddr) = (([127, 0, 0, 1], ports[0]).into(), ([127, 0, 0, 1], ports[1]).into());
+    let (child, mut out) = start_edge(&[
+        "--routes",
+        file.to_str().expect("path"),
+        "--listen",
+        &listen.to_string(),
+        "--tls-listen",
+        &tls.to_string(),
+        "--cert-dir",
+        certs.to_str().expect("path"),
+    ]);
+    let mut line = String::new();
+    out.read_line(&mut line).expect("ready line");
+    let roots = [&one, &two];
+    assert_eq!(handshake(tls, "one.test", &roots).await.expect("TLS handshake").leaf, one.der);
+    assert!(handshake(tls, "two.test", &roots).await.is_err(), "no certificate for two.test yet");
+
+    std::fs::write(certs.join("two.test.crt"), &two.chain_pem).expect("write");
+    std::fs::write(certs.join("two.test.key"), &two.key_pem).expect("write");
+    signal(&child, Signal::SIGHUP);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Ok(h) = handshake(tls, "two.test", &roots).await {
+            assert_eq!(h.leaf, two.der);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the added certificate not served within 5 s of SIGHUP");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(handshake(tls, "one.test", &roots).await.expect("handshake").leaf, one.der, "the first one stays");
+    stop_edge(child);
+}
+
 /// A TCP server that greets with `id`, then closes.
 async fn greeter(id: &'static str) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");

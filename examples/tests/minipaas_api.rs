@@ -39,6 +39,7 @@ async fn start_with(rollouts: bool) -> Running {
         builder: None,
         logd: None,
         token: Some(TOKEN.into()),
+        certs: None,
         rollout_timeout: Duration::from_secs(10),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -145,6 +146,9 @@ async fn apps_releases_config_scale_domains_and_rollback_through_the_api() {
         (json!({ "service": "worker", "domain": "w.shop.test" }), "has no port"),
         (json!({ "service": "web", "domain": "Not A Host" }), "Not A Host"),
         (json!({ "service": "db", "domain": "db.shop.test" }), "no service \"db\""),
+        // This controller installs no certificates (no HTTPS); half a pair is no pair.
+        (json!({ "service": "web", "domain": "tls.shop.test", "cert": "PEM", "key": "PEM" }), "serves no HTTPS"),
+        (json!({ "service": "web", "domain": "tls.shop.test", "cert": "PEM" }), "needs its key"),
     ] {
         let (code, msg) = status(c.call(Method::POST, "/v1/apps/shop/domains", Some(&body)).await.unwrap_err());
         assert_eq!(code, 400, "{msg}");
@@ -255,6 +259,7 @@ async fn without_the_token_only_healthz_answers() {
         builder: None,
         logd: None,
         token: None,
+        certs: None,
         rollout_timeout: Duration::from_secs(1),
     });
     let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.expect("bind");

@@ -263,6 +263,39 @@ async fn a_new_user_pushes_configures_scales_runs_rolls_back_and_leaves_nothing_
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
+    // domains add --cert: a domain with its own certificate, over HTTPS once edge has it;
+    // a certificate that does not parse is refused, naming the domain, with no release.
+    let own = keelson_testkit::tls::test_cert(&["shop.example.org"]).expect("cert");
+    let (cert, key) = (dir.path().join("own.crt"), dir.path().join("own.key"));
+    std::fs::write(&cert, &own.chain_pem).expect("cert");
+    std::fs::write(&key, &own.key_pem).expect("key");
+    let (cert_s, key_s) = (cert.to_str().expect("utf8"), key.to_str().expect("utf8"));
+    std::fs::write(dir.path().join("bad.crt"), "not a certificate").expect("bad");
+    let bad = minipaas(&data, &["domains", "add", "--app", "shop", "--service", "web", "bad.example.org", "--cert"]);
+    assert!(!bad.status.success());
+    let bad_cert = dir.path().join("bad.crt");
+    let bad = minipaas(
+        &data,
+        &["domains", "add", "--app", "shop", "--service", "web", "bad.example.org", "--cert", bad_cert.to_str().expect("utf8"), "--key", key_s],
+    );
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("bad.example.org"), "{bad:?}");
+    let said = ok(&data, &["domains", "add", "--app", "shop", "--service", "web", "shop.example.org", "--cert", cert_s, "--key", key_s]);
+    assert!(said.contains("web: v6 is live"), "no release for the refused one, v6 for this: {said}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match keelson_testkit::tls::handshake(edge_tls, "shop.example.org", &[&own]).await {
+            Ok(h) => {
+                assert_eq!(h.leaf, own.der, "edge serves the domain's own certificate");
+                break;
+            }
+            Err(e) => assert!(Instant::now() < deadline, "no HTTPS for shop.example.org: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let key_file = data.join("certs/shop.example.org.key");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&key_file).expect("key installed").permissions().mode() & 0o777, 0o600, "the key is the owner's only");
+
     // down: everything goes.
     ok(&data, &["down"]);
     let status = up.child.wait().expect("up exits");

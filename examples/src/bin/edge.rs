@@ -39,6 +39,8 @@
 //! host). SIGHUP re-reads the certificate files too: new handshakes get the new
 //! certificate, open connections keep theirs, and a file that no longer loads leaves the
 //! previous certificate in place. Clients speak HTTP/1.1 or HTTP/2 on either listener.
+//! `--cert-dir DIR` adds every `<name>.crt` with its `<name>.key` there (read at start
+//! and on SIGHUP, so a platform can add a name's certificate while edge runs).
 //!
 //! ACME: `--acme-directory https://acme-v02.api.letsencrypt.org/directory --acme-domain
 //! shop.example --tls-listen 0.0.0.0:443 --listen 0.0.0.0:80` gets a certificate for each
@@ -95,12 +97,16 @@ struct Args {
     /// Proxy listen address.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
-    /// TLS listen address (needs at least one --cert or --acme-domain).
+    /// TLS listen address (needs --cert, --cert-dir or --acme-domain).
     #[arg(long)]
     tls_listen: Option<SocketAddr>,
     /// A certificate: NAME=CHAIN_PEM,KEY_PEM, NAME an exact host, `*.parent` or `default`.
     #[arg(long)]
     cert: Vec<String>,
+    /// A folder of certificates: `<name>.crt` (chain, PEM) with `<name>.key`, for host
+    /// `<name>`; read at start and again on SIGHUP.
+    #[arg(long)]
+    cert_dir: Option<PathBuf>,
     /// Active health checks of every HTTP endpoint: `tcp` or `http:/path` (2xx/3xx
     /// passes). Two failures in a row take an endpoint out, two passes bring it back.
     #[arg(long)]
@@ -202,8 +208,8 @@ fn check(args: &Args) -> Result<Checked, String> {
     };
     let certs = args.cert.iter().map(|s| parse_cert_spec(s)).collect::<Result<Vec<_>, _>>()?;
     let acme_names = !args.acme.acme_domain.is_empty() || !args.acme.acme_routed_domain.is_empty();
-    if args.tls_listen.is_some() && certs.is_empty() && !acme_names {
-        return Err("--tls-listen needs a certificate: --cert, --acme-domain or --acme-routed-domain".into());
+    if args.tls_listen.is_some() && certs.is_empty() && args.cert_dir.is_none() && !acme_names {
+        return Err("--tls-listen needs a certificate: --cert, --cert-dir, --acme-domain or --acme-routed-domain".into());
     }
     if args.acme.acme_directory.is_some() && !acme_names {
         return Err("--acme-directory needs names: --acme-domain or --acme-routed-domain".into());
@@ -239,6 +245,25 @@ fn parse_cert_spec(spec: &str) -> Result<CertSpec, String> {
         return Err(bad());
     }
     Ok(CertSpec { name: name.to_owned(), chain: chain.into(), key: key.into() })
+}
+
+/// `--cert` specs and, with `--cert-dir`, one per `<name>.crt` there with its `.key`.
+fn cert_specs(fixed: &[CertSpec], dir: Option<&Path>) -> Result<Vec<CertSpec>, String> {
+    let mut specs = fixed.to_vec();
+    let Some(dir) = dir else { return Ok(specs) };
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("--cert-dir {}: {e}", dir.display()))?;
+    let mut found: Vec<CertSpec> = entries
+        .flatten()
+        .filter_map(|e| {
+            let path = e.path();
+            let name = path.file_name()?.to_str()?.strip_suffix(".crt")?.to_owned();
+            let key = dir.join(format!("{name}.key"));
+            Some(CertSpec { name, chain: path, key })
+        })
+        .collect();
+    found.sort_by(|a, b| a.name.cmp(&b.name));
+    specs.extend(found);
+    Ok(specs)
 }
 
 /// Reads every certificate and installs it; the first failure is returned, and a
@@ -309,9 +334,9 @@ fn consul_catalog(_: &keelson_examples::backends::ConsulArgs) -> Result<Arc<dyn 
 }
 
 async fn run(args: Args) -> Result<(), String> {
-    let Checked { certs: specs, probe } = check(&args)?;
+    let Checked { certs: fixed, probe } = check(&args)?;
     let certs = keelson_routing::CertStore::new();
-    load_certs(&specs, &certs)?;
+    load_certs(&cert_specs(&fixed, args.cert_dir.as_deref())?, &certs)?;
     let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
     let mut stop_signal = std::pin::pin!(keelson_examples::daemon::shutdown_signal()?);
     let router = Arc::new(MemoryRouter::new());
@@ -436,8 +461,13 @@ async fn run(args: Args) -> Result<(), String> {
         tokio::select! {
             // The routes file reloads itself on SIGHUP; the certificates are read here.
             _ = hup.recv() => {
-                if load_certs(&specs, &certs).is_ok() && !specs.is_empty() {
-                    tracing::info!(names = ?certs.names(), "certificates reloaded");
+                match cert_specs(&fixed, args.cert_dir.as_deref()) {
+                    Ok(specs) => {
+                        if load_certs(&specs, &certs).is_ok() && !specs.is_empty() {
+                            tracing::info!(names = ?certs.names(), "certificates reloaded");
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "certificates not reloaded; keeping those in force"),
                 }
             }
             signal = &mut stop_signal => {

@@ -130,7 +130,7 @@ fn up(name: &str, dir: &Path, args: &UpArgs) -> Result<(), String> {
         }
     }
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let log_path = dir.join("localcloud.log");
+    let log_path = dir.join(cloud::LOG_FILE);
     let log = std::fs::File::create(&log_path).map_err(|e| format!("{}: {e}", log_path.display()))?;
     let me = std::env::current_exe().map_err(|e| format!("this program's path: {e}"))?;
     let mut command = std::process::Command::new(me);
@@ -235,7 +235,7 @@ fn reset(dir: &Path) -> Result<(), String> {
                 return Ok(());
             }
             _ if !keelson_examples::supervise::is_running(before.pid) => {
-                return Err(format!("the supervisor stopped during the reset; see {}", dir.join("localcloud.log").display()));
+                return Err(format!("the supervisor stopped during the reset; see {}", dir.join(cloud::LOG_FILE).display()));
             }
             _ => std::thread::sleep(Duration::from_millis(20)),
         }

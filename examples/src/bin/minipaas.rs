@@ -14,6 +14,7 @@
 //! minipaas run --app shop -- /bin/migrate --all   # a one-off; its exit code is ours
 //! minipaas rollback --app shop --service web      # back to the release before
 //! minipaas domains add --app shop --service web shop.example.com
+//! minipaas domains add --app shop --service web shop.example.org --cert chain.pem --key key.pem
 //! minipaas secrets set --app shop DB_PASSWORD < pw.txt
 //! minipaas down --data-dir ~/.minipaas            # removes everything up made
 //! ```
@@ -96,11 +97,12 @@ enum Command {
         /// MiB the node offers.
         #[arg(long, default_value_t = 4096)]
         memory: u64,
-        /// Serve apps' domains over HTTPS here too, with certificates from --acme-directory.
-        #[arg(long, requires_all = ["acme_directory", "acme_domain"])]
+        /// Serve apps' domains over HTTPS here too: those added with `domains add --cert`,
+        /// and with --acme-directory those under the --acme-domain ones.
+        #[arg(long)]
         tls_listen: Option<SocketAddr>,
         /// An ACME CA's directory URL (its HTTP-01 challenges are answered on --edge).
-        #[arg(long, requires = "tls_listen")]
+        #[arg(long, requires_all = ["tls_listen", "acme_domain"])]
         acme_directory: Option<String>,
         /// A PEM root the CA's own HTTPS chains to (a private or test CA).
         #[arg(long, requires = "acme_directory")]
@@ -234,6 +236,13 @@ enum DomainsCommand {
         #[arg(long)]
         service: String,
         domain: String,
+        /// Its certificate chain (PEM): edge serves the domain over HTTPS with it
+        /// (`minipaas up --tls-listen`).
+        #[arg(long, requires = "key")]
+        cert: Option<PathBuf>,
+        /// The certificate's private key (PEM).
+        #[arg(long, requires = "cert")]
+        key: Option<PathBuf>,
     },
 }
 
@@ -524,13 +533,16 @@ async fn cli(target: Target, command: Command) -> Result<ExitCode, String> {
                 None => Err("the run's end was not reported (see minipaas logs)".into()),
             };
         }
-        Command::Domains(DomainsCommand::Add { service, domain }) => {
+        Command::Domains(DomainsCommand::Add { service, domain, cert, key }) => {
             let app = target.app()?;
             let c = client(&target)?;
-            let made = c
-                .call(Method::POST, &format!("/v1/apps/{app}/domains"), Some(&json!({ "service": service, "domain": domain })))
-                .await
-                .map_err(e)?;
+            let read = |p: &PathBuf| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
+            let mut body = json!({ "service": service, "domain": domain });
+            if let (Some(cert), Some(key)) = (&cert, &key) {
+                body["cert"] = json!(read(cert)?);
+                body["key"] = json!(read(key)?);
+            }
+            let made = c.call(Method::POST, &format!("/v1/apps/{app}/domains"), Some(&body)).await.map_err(e)?;
             println!("{domain} routes to {}/{service}; {}", app, made_text(&made));
             wait_live(&c, &target, &app, &made).await?;
         }
@@ -614,11 +626,9 @@ async fn main() -> ExitCode {
         }
         Command::Up { listen, edge, cpu, memory, tls_listen, acme_directory, acme_ca_file, acme_domain } => {
             keelson_examples::init_tracing();
-            let tls = tls_listen.zip(acme_directory).map(|(listen, directory)| UpTlsArgs {
+            let tls = tls_listen.map(|listen| UpTlsArgs {
                 listen,
-                directory,
-                ca_file: acme_ca_file,
-                domains: acme_domain,
+                acme: acme_directory.map(|directory| (directory, acme_ca_file, acme_domain)),
             });
             up(&target, listen, edge, cpu, memory, tls).await
         }
@@ -638,9 +648,8 @@ async fn main() -> ExitCode {
 #[cfg_attr(not(all(feature = "etcd", feature = "docker")), allow(dead_code))]
 struct UpTlsArgs {
     listen: SocketAddr,
-    directory: String,
-    ca_file: Option<PathBuf>,
-    domains: Vec<String>,
+    /// The CA's directory, its root, the domains.
+    acme: Option<(String, Option<PathBuf>, Vec<String>)>,
 }
 
 #[cfg(all(feature = "etcd", feature = "docker"))]
@@ -652,7 +661,7 @@ async fn up(
     memory: u64,
     tls: Option<UpTlsArgs>,
 ) -> Result<ExitCode, String> {
-    use keelson_examples::minipaas::up::{up, UpConfig, UpTls};
+    use keelson_examples::minipaas::up::{up, UpAcme, UpConfig, UpTls};
     let me = std::env::current_exe().map_err(|e| format!("this program's path: {e}"))?;
     let config = UpConfig {
         data_dir: target.data_dir.clone(),
@@ -662,7 +671,10 @@ async fn up(
         minipaas: me,
         cpu,
         memory,
-        tls: tls.map(|t| UpTls { listen: t.listen, directory: t.directory, ca_file: t.ca_file, domains: t.domains }),
+        tls: tls.map(|t| UpTls {
+            listen: t.listen,
+            acme: t.acme.map(|(directory, ca_file, domains)| UpAcme { directory, ca_file, domains }),
+        }),
     };
     let stop = async {
         let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -679,7 +691,7 @@ async fn up(
         |state| {
             println!("minipaas is up: controller {}, apps served by edge on http://{}", state.controller, state.edge);
             if let Some(tls) = state.edge_tls {
-                println!("and on https://{tls} for domains under the --acme-domain ones");
+                println!("and on https://{tls} for domains added with --cert, and those under the --acme-domain ones");
             }
             println!("next: minipaas apps create <name>   then   git push {}/<name>.git main", state.git_root.display());
         },

@@ -65,14 +65,33 @@ struct Teardown<'a> {
 impl Drop for Teardown<'_> {
     fn drop(&mut self) {
         machines::remove_all(self.layout);
-        for part in ["data", super::state::STATE_FILE, "unbound.conf"] {
+        // Only what the cloud wrote: the state folder may be one the user keeps other
+        // things in.
+        let mut made = vec!["data", super::state::STATE_FILE, "unbound.conf"];
+        if !self.keep_logs {
+            made.extend(["logs", LOG_FILE]);
+        }
+        for part in made {
             let path = self.state_dir.join(part);
             let _ = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
         }
-        if !self.keep_logs {
-            let _ = std::fs::remove_dir_all(self.state_dir);
-        }
+        // Gone if nothing else is in it.
+        let _ = std::fs::remove_dir(self.state_dir);
     }
+}
+
+/// The supervisor's own log in the state folder (`localcloud up` sends it there).
+pub const LOG_FILE: &str = "localcloud.log";
+
+/// Everything a start needs, looked for before anything is made.
+fn preflight(config: &CloudConfig) -> Result<(), String> {
+    for (tool, package) in [("ip", "iproute2"), ("etcd", "etcd-server"), ("unbound", "unbound"), ("curl", "curl"), ("docker", "docker.io")] {
+        which(tool, package)?;
+    }
+    for name in ["node-agent", "edge", "dns-catalog"] {
+        program(&config.bin_dir, name)?;
+    }
+    Ok(())
 }
 
 /// Runs the cloud until [`Event::Stop`] (or the sender is gone); `on_ready` hears of
@@ -84,6 +103,7 @@ pub async fn run(
 ) -> Result<(), String> {
     let layout = &config.layout;
     let roles = roles::prepare(layout, &config.roles_file, &config.roles_text)?;
+    preflight(&config)?;
     machines::check_free(layout)?;
     std::fs::create_dir_all(&config.state_dir).map_err(|e| format!("{}: {e}", config.state_dir.display()))?;
     let state_dir = std::fs::canonicalize(&config.state_dir).map_err(|e| format!("{}: {e}", config.state_dir.display()))?;
@@ -101,11 +121,19 @@ pub async fn run(
         let mut state = initial_state(layout, &roles, generation, &logs);
         state.write(&state_dir)?;
         let started = tokio::select! {
-            started = start_generation(&config, &roles, &state_dir, &mut lan) => started?,
-            // Told to stop while starting: what started is killed as it is dropped.
-            _ = events.recv() => break,
+            started = start_generation(&config, &roles, &state_dir, &mut lan) => Some(started?),
+            // Told something while starting: what started is killed as it is dropped;
+            // a reset starts over, anything else stops.
+            event = events.recv() => match event {
+                Some(Event::Reset) => None,
+                Some(Event::Stop) | None => break,
+            },
         };
-        let mut generation_children = started;
+        let Some(mut generation_children) = started else {
+            tracing::info!(generation, "reset while starting: starting over");
+            wipe_generation(layout, &state_dir)?;
+            continue;
+        };
         state.ready = true;
         state.ready_in_ms = t0.elapsed().as_millis() as u64;
         state.write(&state_dir)?;
@@ -116,9 +144,7 @@ pub async fn run(
                 tracing::info!(generation, "reset: wiping all data");
                 // Nothing to flush: the data goes. Killing is the quick way down.
                 generation_children.kill_all();
-                machines::remove_hosts(layout);
-                let data = state_dir.join("data");
-                std::fs::remove_dir_all(&data).map_err(|e| format!("{}: {e}", data.display()))?;
+                wipe_generation(layout, &state_dir)?;
             }
             Some(Event::Stop) | None => {
                 // In order, each its own way: edge drains, the agents leave, etcd last.
@@ -131,6 +157,16 @@ pub async fn run(
     teardown.keep_logs = false;
     drop(teardown);
     Ok(())
+}
+
+/// What a generation made: its hosts (with their processes and containers) and data.
+fn wipe_generation(layout: &Layout, state_dir: &Path) -> Result<(), String> {
+    machines::remove_hosts(layout);
+    let data = state_dir.join("data");
+    match std::fs::remove_dir_all(&data) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(format!("{}: {e}", data.display())),
+        _ => Ok(()),
+    }
 }
 
 fn initial_state(layout: &Layout, roles: &Roles, generation: u64, logs: &Path) -> CloudState {

@@ -17,7 +17,7 @@
 //! | `GET /v1/apps/<app>/logs?tail=N&follow=1` | output from logd, one line per record (text, streamed) |
 //! | `POST /v1/apps/<app>/runs` [`RunRequest`] | a one-off: its output, then `exit: <code>` (text, streamed) |
 //! | `GET /v1/apps/<app>/secrets`, `PUT …/secrets/<K>` (value), `DELETE …/secrets/<K>` | names only; set, unset (roll the app: tasks read them as files) |
-//! | `POST /v1/apps/<app>/domains` `{service, domain}` | route a host name to a service |
+//! | `POST /v1/apps/<app>/domains` `{service, domain, cert?, key?}` | route a host name to a service; with a certificate and key (PEM), edge serves it over HTTPS |
 //! | `GET /`, `GET /apps/<app>` | the dashboard (HTML, read-only) |
 //!
 //! With a token, every request but `/healthz` needs `Authorization: Bearer <token>`
@@ -62,6 +62,40 @@ pub struct Controller {
     pub token: Option<String>,
     /// How long a push waits for its release to go live.
     pub rollout_timeout: Duration,
+    /// Where domains' own certificates go for edge, if this controller installs them.
+    pub certs: Option<CertDir>,
+}
+
+/// edge's `--cert-dir`: a domain's certificate is written there as `<domain>.crt` and
+/// `<domain>.key` (readable by the owner only), then edge is told (SIGHUP) to read it.
+#[derive(Clone, Debug)]
+pub struct CertDir {
+    /// The folder.
+    pub dir: std::path::PathBuf,
+    /// The edge process to signal.
+    pub edge_pid: Option<u32>,
+}
+
+impl CertDir {
+    /// Checks that `chain` and `key` (PEM) are a certificate with its key, before any
+    /// change is made, naming the domain in the error.
+    pub fn check(domain: &str, chain: &str, key: &str) -> Result<(), String> {
+        keelson_routing::CertStore::new()
+            .set(domain, chain.as_bytes(), key.as_bytes())
+            .map_err(|e| format!("certificate for {domain}: {e}"))
+    }
+
+    /// Installs `domain`'s certificate and has edge load it.
+    pub fn install(&self, domain: &str, chain: &str, key: &str) -> Result<(), String> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))?;
+        crate::supervise::write_private(&self.dir.join(format!("{domain}.key")), key)?;
+        crate::supervise::write_private(&self.dir.join(format!("{domain}.crt")), chain)?;
+        if let Some(pid) = self.edge_pid {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGHUP)
+                .map_err(|e| format!("telling edge (pid {pid}) to load the certificate: {e}"))?;
+        }
+        Ok(())
+    }
 }
 
 type Body = BoxBody<Bytes, Infallible>;
@@ -318,12 +352,39 @@ impl Controller {
                 struct Domain {
                     service: String,
                     domain: String,
+                    #[serde(default)]
+                    cert: Option<String>,
+                    #[serde(default)]
+                    key: Option<String>,
                 }
                 let d: Domain = match read_json(req).await {
                     Ok(d) => d,
                     Err(r) => return r,
                 };
-                releases_made(self.platform.add_domain(app, &d.service, &d.domain, &by).await)
+                let tls = match (&d.cert, &d.key, &self.certs) {
+                    (None, None, _) => None,
+                    (Some(_), None, _) | (None, Some(_), _) => return error(400, format!("{}: a certificate needs its key, and a key its certificate", d.domain)),
+                    (Some(_), Some(_), None) => {
+                        return error(400, format!("{}: this platform serves no HTTPS (minipaas up --tls-listen)", d.domain))
+                    }
+                    (Some(cert), Some(key), Some(dir)) => {
+                        if !super::platform::is_domain(&d.domain) {
+                            return error(400, format!("domain {:?}: not a host name", d.domain));
+                        }
+                        if let Err(e) = CertDir::check(&d.domain, cert, key) {
+                            return error(400, e);
+                        }
+                        Some((dir, cert, key))
+                    }
+                };
+                let made = self.platform.add_domain(app, &d.service, &d.domain, &by).await;
+                if let (Ok(_), Some((dir, cert, key))) = (&made, tls) {
+                    if let Err(e) = dir.install(&d.domain, cert, key) {
+                        return error(500, e);
+                    }
+                    tracing::info!(app, domain = %d.domain, "certificate installed for edge");
+                }
+                releases_made(made)
             }
             (_, _) => error(404, format!("no such endpoint: {} {path}", req.method())),
         }

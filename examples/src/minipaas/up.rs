@@ -49,12 +49,20 @@ pub struct UpConfig {
     pub tls: Option<UpTls>,
 }
 
-/// HTTPS on edge with certificates from an ACME CA (HTTP-01 answered on edge's HTTP
-/// address, which must be what the names' port 80 reaches).
+/// HTTPS on edge: for domains added with their own certificate (`domains add --cert`),
+/// and, with an ACME CA, for routed names under some domains (HTTP-01 answered on
+/// edge's HTTP address, which must be what the names' port 80 reaches).
 #[derive(Clone, Debug)]
 pub struct UpTls {
     /// Where edge serves HTTPS.
     pub listen: SocketAddr,
+    /// Certificates from an ACME CA, if any.
+    pub acme: Option<UpAcme>,
+}
+
+/// An ACME CA for edge.
+#[derive(Clone, Debug)]
+pub struct UpAcme {
     /// The CA's directory URL.
     pub directory: String,
     /// A PEM root the CA's HTTPS chains to (a private or test CA).
@@ -181,17 +189,22 @@ async fn run(
         ],
     )?;
     let mut edge_args = vec!["--etcd".into(), etcd_url.clone(), "--listen".into(), config.edge.to_string()];
+    let cert_dir = data.join("certs");
     if let Some(tls) = &config.tls {
-        edge_args.extend(["--tls-listen".into(), tls.listen.to_string(), "--acme-directory".into(), tls.directory.clone()]);
-        edge_args.extend(["--acme-state".into(), s(&data.join("acme"))]);
-        for d in &tls.domains {
-            edge_args.extend(["--acme-routed-domain".into(), d.clone()]);
-        }
-        if let Some(ca) = &tls.ca_file {
-            edge_args.extend(["--acme-ca-file".into(), s(ca)]);
+        std::fs::create_dir_all(&cert_dir).map_err(|e| format!("{}: {e}", cert_dir.display()))?;
+        edge_args.extend(["--tls-listen".into(), tls.listen.to_string(), "--cert-dir".into(), s(&cert_dir)]);
+        if let Some(acme) = &tls.acme {
+            edge_args.extend(["--acme-directory".into(), acme.directory.clone(), "--acme-state".into(), s(&data.join("acme"))]);
+            for d in &acme.domains {
+                edge_args.extend(["--acme-routed-domain".into(), d.clone()]);
+            }
+            if let Some(ca) = &acme.ca_file {
+                edge_args.extend(["--acme-ca-file".into(), s(ca)]);
+            }
         }
     }
     started.spawn("edge", &program(&config.bin_dir, "edge")?, &edge_args)?;
+    let edge_pid = started.children.iter().find(|c| c.name == "edge").map(|c| c.child.id());
     started.wait_for("edge", config.edge, Duration::from_secs(20)).await?;
 
     let kv: Arc<dyn keelson_discovery::KeyValue> = Arc::new(
@@ -213,6 +226,7 @@ async fn run(
         logd: Some(LogdAccess { base: format!("http://{logd}"), token: Some(logd_token) }),
         token: Some(token),
         rollout_timeout: Duration::from_secs(300),
+        certs: config.tls.as_ref().map(|_| super::api::CertDir { dir: cert_dir.clone(), edge_pid }),
     });
     let listener = tokio::net::TcpListener::bind(config.listen).await.map_err(|e| format!("--listen {}: {e}", config.listen))?;
     let (stopping, stopped) = tokio::sync::watch::channel(false);
