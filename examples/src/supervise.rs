@@ -81,7 +81,12 @@ impl Children {
     }
 
     fn spawn_command(&mut self, name: &str, mut command: Command) -> Result<(), String> {
-        let log = std::fs::File::create(self.logs.join(format!("{name}.log"))).map_err(|e| format!("{name}'s log: {e}"))?;
+        // Appended to: a program started again (a reset) keeps the earlier runs' lines.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.logs.join(format!("{name}.log")))
+            .map_err(|e| format!("{name}'s log: {e}"))?;
         let child = command
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| e.to_string())?)

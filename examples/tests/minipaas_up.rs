@@ -276,7 +276,19 @@ async fn a_new_user_pushes_configures_scales_runs_rolls_back_and_leaves_nothing_
     let bad_cert = dir.path().join("bad.crt");
     let bad = minipaas(
         &data,
-        &["domains", "add", "--app", "shop", "--service", "web", "bad.example.org", "--cert", bad_cert.to_str().expect("utf8"), "--key", key_s],
+        &[
+            "domains",
+            "add",
+            "--app",
+            "shop",
+            "--service",
+            "web",
+            "bad.example.org",
+            "--cert",
+            bad_cert.to_str().expect("utf8"),
+            "--key",
+            key_s,
+        ],
     );
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("bad.example.org"), "{bad:?}");
     let said = ok(&data, &["domains", "add", "--app", "shop", "--service", "web", "shop.example.org", "--cert", cert_s, "--key", key_s]);

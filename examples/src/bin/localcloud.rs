@@ -265,24 +265,24 @@ fn status(dir: &Path, json: bool) -> Result<(), String> {
 }
 
 fn print_state(state: &CloudState) {
-    let running = keelson_examples::supervise::is_running(state.pid);
-    println!(
-        "cloud {} (generation {}, {}), supervisor pid {}",
-        state.name,
-        state.generation,
-        if state.ready { "answering" } else { "starting" },
-        state.pid
-    );
-    if !running {
-        println!("  the supervisor is not running: localcloud down cleans up what is left");
+    // A closed stdout (`| head`) is not this program's failure.
+    let _ = write_state(&mut std::io::stdout().lock(), state);
+}
+
+fn write_state(out: &mut impl std::io::Write, state: &CloudState) -> std::io::Result<()> {
+    let phase = if state.ready { "answering" } else { "starting" };
+    writeln!(out, "cloud {} (generation {}, {phase}), supervisor pid {}", state.name, state.generation, state.pid)?;
+    if !keelson_examples::supervise::is_running(state.pid) {
+        writeln!(out, "  the supervisor is not running: localcloud down cleans up what is left")?;
     }
-    println!("  names:   {} and lb.{} -> load balancer {}", state.domain, state.domain, state.edge.ip());
+    writeln!(out, "  names:   {} and lb.{} -> load balancer {}", state.domain, state.domain, state.edge.ip())?;
     for role in &state.roles {
-        println!("           http://{role}/");
+        writeln!(out, "           http://{role}/")?;
     }
-    println!("  dns:     dig @{} {} (from this machine)", state.dns.ip(), state.roles.first().map_or("", String::as_str));
-    println!("  lan:     ip netns exec {} curl http://{}/", state.lan_netns, state.roles.first().map_or("", String::as_str));
-    println!("  etcd:    {}", state.etcd.join(","));
-    println!("  hosts:   {}", state.hosts.iter().map(|h| format!("{} {}", h.netns, h.address)).collect::<Vec<_>>().join(", "));
-    println!("  logs:    {}", state.logs.display());
+    let first = state.roles.first().map_or("", String::as_str);
+    writeln!(out, "  dns:     dig @{} {first} (from this machine)", state.dns.ip())?;
+    writeln!(out, "  lan:     ip netns exec {} curl http://{first}/", state.lan_netns)?;
+    writeln!(out, "  etcd:    {}", state.etcd.join(","))?;
+    writeln!(out, "  hosts:   {}", state.hosts.iter().map(|h| format!("{} {}", h.netns, h.address)).collect::<Vec<_>>().join(", "))?;
+    writeln!(out, "  logs:    {}", state.logs.display())
 }

@@ -626,10 +626,8 @@ async fn main() -> ExitCode {
         }
         Command::Up { listen, edge, cpu, memory, tls_listen, acme_directory, acme_ca_file, acme_domain } => {
             keelson_examples::init_tracing();
-            let tls = tls_listen.map(|listen| UpTlsArgs {
-                listen,
-                acme: acme_directory.map(|directory| (directory, acme_ca_file, acme_domain)),
-            });
+            let tls =
+                tls_listen.map(|listen| UpTlsArgs { listen, acme: acme_directory.map(|directory| (directory, acme_ca_file, acme_domain)) });
             up(&target, listen, edge, cpu, memory, tls).await
         }
         Command::Down => down(&target),
@@ -671,10 +669,8 @@ async fn up(
         minipaas: me,
         cpu,
         memory,
-        tls: tls.map(|t| UpTls {
-            listen: t.listen,
-            acme: t.acme.map(|(directory, ca_file, domains)| UpAcme { directory, ca_file, domains }),
-        }),
+        tls: tls
+            .map(|t| UpTls { listen: t.listen, acme: t.acme.map(|(directory, ca_file, domains)| UpAcme { directory, ca_file, domains }) }),
     };
     let stop = async {
         let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

@@ -85,7 +85,8 @@ pub const LOG_FILE: &str = "localcloud.log";
 
 /// Everything a start needs, looked for before anything is made.
 fn preflight(config: &CloudConfig) -> Result<(), String> {
-    for (tool, package) in [("ip", "iproute2"), ("etcd", "etcd-server"), ("unbound", "unbound"), ("curl", "curl"), ("docker", "docker.io")] {
+    for (tool, package) in [("ip", "iproute2"), ("etcd", "etcd-server"), ("unbound", "unbound"), ("curl", "curl"), ("docker", "docker.io")]
+    {
         which(tool, package)?;
     }
     for name in ["node-agent", "edge", "dns-catalog"] {
@@ -233,8 +234,11 @@ fn start_lan_resolver(lan: &mut Children, layout: &Layout, state_dir: &Path) -> 
 async fn start_generation(config: &CloudConfig, roles: &Roles, state_dir: &Path, lan: &mut Children) -> Result<Children, String> {
     let layout = &config.layout;
     let s = |p: &Path| p.display().to_string();
-    let deadline = Instant::now() + config.ready_timeout;
+    let t0 = Instant::now();
+    let deadline = t0 + config.ready_timeout;
+    let step = |what: &str| tracing::info!(elapsed_ms = t0.elapsed().as_millis() as u64, "{what}");
     machines::create_hosts(layout)?;
+    step("hosts made");
     let data = state_dir.join("data");
     std::fs::create_dir_all(&data).map_err(|e| format!("{}: {e}", data.display()))?;
     let mut kids = Children::new(&state_dir.join("logs"))?;
@@ -271,9 +275,15 @@ async fn start_generation(config: &CloudConfig, roles: &Roles, state_dir: &Path,
             "500",
         ];
         kids.spawn_in(&layout.host_netns(i), &layout.etcd_member(i), &etcd, &args.map(str::to_owned))?;
+        // One member at a time: a new member first asks its peers whether it is in a
+        // cluster already, and a peer that has bound its port but not yet begun to
+        // serve holds that question for etcd's whole bootstrap timeout (1 s per peer).
+        // A peer not started refuses at once, one serving answers at once.
+        wait_for_peer_service(&mut kids, &layout.etcd_member(i), SocketAddr::from((a, 2380)), deadline).await?;
     }
     let endpoints = layout.etcd_endpoints();
     let kv = connect_etcd(&endpoints, &mut kids, deadline).await?;
+    step("etcd answers on every member");
 
     let etcd_flag = endpoints.join(",");
     let agent = program(&config.bin_dir, "node-agent")?;
@@ -317,8 +327,10 @@ async fn start_generation(config: &CloudConfig, roles: &Roles, state_dir: &Path,
     // earlier, they would all go to the first host to join).
     let platform = Platform::new(kv, ROOT);
     wait_for_hosts(&platform, layout, &mut kids, deadline).await?;
+    step("every host joined");
     platform.apps.create(APP, &roles.manifest, BY).await.map_err(|e| format!("the roles: {e}"))?;
     platform.deploy_image(APP, roles::IMAGE, BY).await.map_err(|e| format!("deploying the roles: {e}"))?;
+    step("roles deployed");
 
     let lb = layout.lb_address();
     let lb_netns = layout.host_netns(layout.lb_host());
@@ -335,6 +347,28 @@ async fn start_generation(config: &CloudConfig, roles: &Roles, state_dir: &Path,
 
     wait_until_answering(layout, roles, &mut kids, lan, deadline).await?;
     Ok(kids)
+}
+
+/// Waits until the etcd member `name` serves its peer API (`GET /members` answers).
+async fn wait_for_peer_service(kids: &mut Children, name: &str, peer: SocketAddr, deadline: Instant) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let asked = async {
+            let mut stream = tokio::net::TcpStream::connect(peer).await.ok()?;
+            stream.write_all(b"GET /members HTTP/1.0\r\n\r\n").await.ok()?;
+            let mut head = [0u8; 12];
+            stream.read_exact(&mut head).await.ok()?;
+            Some(head.starts_with(b"HTTP/1.0 200") || head.starts_with(b"HTTP/1.1 200"))
+        };
+        if tokio::time::timeout(Duration::from_millis(200), asked).await.ok().flatten() == Some(true) {
+            return Ok(());
+        }
+        kids.check_running(name)?;
+        if Instant::now() > deadline {
+            return Err(format!("{name} does not serve its peers on {peer} in time (logs: {})", kids.logs.display()));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// An etcd client once every member answers and the cluster has a leader (a write goes
@@ -389,7 +423,7 @@ async fn wait_for_hosts(platform: &Platform, layout: &Layout, kids: &mut Childre
 /// Calls `url` from the LAN machine (its resolver, its route): true on a 2xx answer.
 pub fn answers_from_lan(lan_netns: &str, url: &str) -> bool {
     Command::new("ip")
-        .args(["netns", "exec", lan_netns, "curl", "-sf", "-o", "/dev/null", "--max-time", "2", url])
+        .args(["netns", "exec", lan_netns, "curl", "-sf", "-o", "/dev/null", "--max-time", "0.5", url])
         .status()
         .is_ok_and(|s| s.success())
 }

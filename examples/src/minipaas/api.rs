@@ -363,7 +363,9 @@ impl Controller {
                 };
                 let tls = match (&d.cert, &d.key, &self.certs) {
                     (None, None, _) => None,
-                    (Some(_), None, _) | (None, Some(_), _) => return error(400, format!("{}: a certificate needs its key, and a key its certificate", d.domain)),
+                    (Some(_), None, _) | (None, Some(_), _) => {
+                        return error(400, format!("{}: a certificate needs its key, and a key its certificate", d.domain))
+                    }
                     (Some(_), Some(_), None) => {
                         return error(400, format!("{}: this platform serves no HTTPS (minipaas up --tls-listen)", d.domain))
                     }
