@@ -3,7 +3,8 @@
 //! keelson's DNS server, a LAN machine with unbound), names resolved with `dig` from this
 //! machine and called by name from the LAN machine, a host killed (its agent SIGKILLed,
 //! its containers `docker kill`ed, its namespace deleted) and its work moving to the
-//! others, `reset` wiping the data and bringing the same cloud back, and `down`, after
+//! others, the minipaas CLI working on the cloud (its roles are a minipaas app), `reset`
+//! wiping the data and bringing the same cloud back, and `down`, after
 //! which the machine is as before. The refusals need no cloud.
 #![cfg(all(feature = "etcd", feature = "docker"))]
 
@@ -133,6 +134,24 @@ fn a_cloud_answers_by_name_survives_a_lost_host_resets_and_goes_down_leaving_not
     assert!(from_lan(&state, "http://lct.test:9100/readyz").is_some(), "the load balancer by the cloud's name");
     assert_eq!(from_lan(&state, "http://nothing.lct.test/"), None, "an unknown name does not resolve");
 
+    // The roles are a minipaas app: the minipaas CLI works on the cloud, across its hosts.
+    let minipaas = |state: &CloudState, args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_minipaas"))
+            .args(["--controller", &state.controller, "--token-file"])
+            .arg(&state.token_file)
+            .args(["--app", "cloud"])
+            .args(args)
+            .output()
+            .expect("minipaas");
+        assert!(out.status.success(), "minipaas {args:?}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let ps = minipaas(&state, &["ps"]);
+    for host in &state.hosts {
+        assert!(ps.contains(&host.node), "an instance on every host: {ps}");
+    }
+    assert!(minipaas(&state, &["releases"]).contains("localcloud"), "the roles' release, by localcloud");
+
     // The node role spreads over the hosts; kill the third host with its share.
     let spread = node_role_containers();
     let lost = &state.hosts[2];
@@ -177,6 +196,16 @@ fn a_cloud_answers_by_name_survives_a_lost_host_resets_and_goes_down_leaving_not
     assert!(Path::new("/run/netns").join(&lost.netns).exists(), "the lost host is back");
     assert_eq!(node_role_containers().len(), 3);
     assert!(from_lan(&after, "http://master.lct.test/").is_some_and(|b| b.starts_with("master on")));
+
+    // Scaled through the controller of the new generation: a second master.
+    minipaas(&after, &["scale", "master=2"]);
+    wait_until("two masters", Duration::from_secs(30), || {
+        let out = Command::new("docker")
+            .args(["ps", "-q", "--filter", "label=keelson.job=cloud", "--filter", "label=keelson.group=master"])
+            .output()
+            .expect("docker ps");
+        String::from_utf8_lossy(&out.stdout).lines().count() == 2
+    });
 
     // Down: nothing left, the state folder included.
     let out = localcloud(&cloud.dir, &["--name", cloud.name, "down"]);

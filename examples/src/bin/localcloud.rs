@@ -283,6 +283,7 @@ fn write_state(out: &mut impl std::io::Write, state: &CloudState) -> std::io::Re
     writeln!(out, "  dns:     dig @{} {first} (from this machine)", state.dns.ip())?;
     writeln!(out, "  lan:     ip netns exec {} curl http://{first}/", state.lan_netns)?;
     writeln!(out, "  etcd:    {}", state.etcd.join(","))?;
+    writeln!(out, "  apps:    minipaas --controller {} --token-file {} --app cloud ps", state.controller, state.token_file.display())?;
     writeln!(out, "  hosts:   {}", state.hosts.iter().map(|h| format!("{} {}", h.netns, h.address)).collect::<Vec<_>>().join(", "))?;
     writeln!(out, "  logs:    {}", state.logs.display())
 }

@@ -67,7 +67,7 @@ impl Drop for Teardown<'_> {
         machines::remove_all(self.layout);
         // Only what the cloud wrote: the state folder may be one the user keeps other
         // things in.
-        let mut made = vec!["data", super::state::STATE_FILE, "unbound.conf"];
+        let mut made = vec!["data", super::state::STATE_FILE, "unbound.conf", TOKEN_FILE];
         if !self.keep_logs {
             made.extend(["logs", LOG_FILE]);
         }
@@ -83,6 +83,12 @@ impl Drop for Teardown<'_> {
 /// The supervisor's own log in the state folder (`localcloud up` sends it there).
 pub const LOG_FILE: &str = "localcloud.log";
 
+/// The controller API's token, in the state folder.
+pub const TOKEN_FILE: &str = "controller.token";
+
+/// The port of the minipaas controller's API, on this machine's underlay address.
+pub const CONTROLLER_PORT: u16 = 7800;
+
 /// Everything a start needs, looked for before anything is made.
 fn preflight(config: &CloudConfig) -> Result<(), String> {
     for (tool, package) in [("ip", "iproute2"), ("etcd", "etcd-server"), ("unbound", "unbound"), ("curl", "curl"), ("docker", "docker.io")]
@@ -93,6 +99,31 @@ fn preflight(config: &CloudConfig) -> Result<(), String> {
         program(&config.bin_dir, name)?;
     }
     Ok(())
+}
+
+/// A running generation: its programs, and the minipaas controller's API over its
+/// cluster (apps, releases, scale, ps across the hosts), served by the supervisor.
+struct Generation {
+    children: Children,
+    api_stop: tokio::sync::watch::Sender<bool>,
+    api: tokio::task::JoinHandle<Result<(), String>>,
+}
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        // Stopped already, or abandoned: either way nothing keeps serving.
+        self.api.abort();
+    }
+}
+
+impl Generation {
+    /// Stops serving the API and waits until its port is free again.
+    async fn stop_api(&mut self) {
+        let _ = self.api_stop.send(true);
+        if let Err(e) = (&mut self.api).await.map_err(|e| e.to_string()).and_then(|r| r) {
+            tracing::warn!(error = %e, "the controller API");
+        }
+    }
 }
 
 /// Runs the cloud until [`Event::Stop`] (or the sender is gone); `on_ready` hears of
@@ -114,15 +145,18 @@ pub async fn run(
     machines::create_segment(layout)?;
     let mut lan = Children::new(&logs)?;
     start_lan_resolver(&mut lan, layout, &state_dir)?;
+    // The controller's token, the same for every generation (the CLI keeps its file).
+    let token = crate::supervise::random_token()?;
+    crate::supervise::write_private(&state_dir.join(TOKEN_FILE), &format!("{token}\n"))?;
 
     let mut generation = 0;
     loop {
         generation += 1;
         let t0 = Instant::now();
-        let mut state = initial_state(layout, &roles, generation, &logs);
+        let mut state = initial_state(layout, &roles, generation, &state_dir);
         state.write(&state_dir)?;
         let started = tokio::select! {
-            started = start_generation(&config, &roles, &state_dir, &mut lan) => Some(started?),
+            started = start_generation(&config, &roles, &state_dir, &mut lan, &token) => Some(started?),
             // Told something while starting: what started is killed as it is dropped;
             // a reset starts over, anything else stops.
             event = events.recv() => match event {
@@ -130,7 +164,7 @@ pub async fn run(
                 Some(Event::Stop) | None => break,
             },
         };
-        let Some(mut generation_children) = started else {
+        let Some(mut running) = started else {
             tracing::info!(generation, "reset while starting: starting over");
             wipe_generation(layout, &state_dir)?;
             continue;
@@ -144,12 +178,14 @@ pub async fn run(
             Some(Event::Reset) => {
                 tracing::info!(generation, "reset: wiping all data");
                 // Nothing to flush: the data goes. Killing is the quick way down.
-                generation_children.kill_all();
+                running.stop_api().await;
+                running.children.kill_all();
                 wipe_generation(layout, &state_dir)?;
             }
             Some(Event::Stop) | None => {
                 // In order, each its own way: edge drains, the agents leave, etcd last.
-                generation_children.stop_in_order(&["edge", "dns", "agent", "etcd"], Duration::from_secs(10));
+                running.stop_api().await;
+                running.children.stop_in_order(&["edge", "dns", "agent", "etcd"], Duration::from_secs(10));
                 break;
             }
         }
@@ -170,7 +206,7 @@ fn wipe_generation(layout: &Layout, state_dir: &Path) -> Result<(), String> {
     }
 }
 
-fn initial_state(layout: &Layout, roles: &Roles, generation: u64, logs: &Path) -> CloudState {
+fn initial_state(layout: &Layout, roles: &Roles, generation: u64, state_dir: &Path) -> CloudState {
     let lb = layout.lb_address();
     CloudState {
         pid: std::process::id(),
@@ -188,7 +224,9 @@ fn initial_state(layout: &Layout, roles: &Roles, generation: u64, logs: &Path) -
             .collect(),
         lan_netns: layout.lan_netns(),
         roles: roles.names.clone(),
-        logs: logs.to_owned(),
+        controller: format!("http://{}:{CONTROLLER_PORT}", layout.machine_address()),
+        token_file: state_dir.join(TOKEN_FILE),
+        logs: state_dir.join("logs"),
     }
 }
 
@@ -231,7 +269,13 @@ fn start_lan_resolver(lan: &mut Children, layout: &Layout, state_dir: &Path) -> 
 
 /// One generation: hosts, etcd, the roles deployed, agents, DNS and edge, until every
 /// role answers. Its children are returned running.
-async fn start_generation(config: &CloudConfig, roles: &Roles, state_dir: &Path, lan: &mut Children) -> Result<Children, String> {
+async fn start_generation(
+    config: &CloudConfig,
+    roles: &Roles,
+    state_dir: &Path,
+    lan: &mut Children,
+    token: &str,
+) -> Result<Generation, String> {
     let layout = &config.layout;
     let s = |p: &Path| p.display().to_string();
     let t0 = Instant::now();
@@ -331,6 +375,11 @@ async fn start_generation(config: &CloudConfig, roles: &Roles, state_dir: &Path,
     platform.apps.create(APP, &roles.manifest, BY).await.map_err(|e| format!("the roles: {e}"))?;
     platform.deploy_image(APP, roles::IMAGE, BY).await.map_err(|e| format!("deploying the roles: {e}"))?;
     step("roles deployed");
+    let (api_stop, api) = serve_controller(&platform, layout, token).await?;
+    // From here the generation owns everything: an early return or a start abandoned
+    // (a reset while starting) kills its programs and frees the API's port.
+    let mut generation = Generation { children: kids, api_stop, api };
+    let kids = &mut generation.children;
 
     let lb = layout.lb_address();
     let lb_netns = layout.host_netns(layout.lb_host());
@@ -345,8 +394,33 @@ async fn start_generation(config: &CloudConfig, roles: &Roles, state_dir: &Path,
         ["--etcd", &etcd_flag, "--listen", &format!("{lb}:{EDGE_PORT}"), "--metrics-listen", &format!("{lb}:{EDGE_METRICS_PORT}")];
     kids.spawn_in(&lb_netns, "edge", &program(&config.bin_dir, "edge")?, &edge_args.map(str::to_owned))?;
 
-    wait_until_answering(layout, roles, &mut kids, lan, deadline).await?;
-    Ok(kids)
+    wait_until_answering(layout, roles, &mut generation.children, lan, deadline).await?;
+    Ok(generation)
+}
+
+/// The minipaas controller's API over the cloud's cluster, on this machine's address on
+/// the underlay (hosts and the LAN machine reach it), behind the token.
+async fn serve_controller(
+    platform: &Platform,
+    layout: &Layout,
+    token: &str,
+) -> Result<(tokio::sync::watch::Sender<bool>, tokio::task::JoinHandle<Result<(), String>>), String> {
+    let addr = SocketAddr::from((layout.machine_address(), CONTROLLER_PORT));
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("the controller API on {addr}: {e}"))?;
+    let controller = Arc::new(crate::minipaas::api::Controller {
+        platform: platform.clone(),
+        git: None,
+        builder: None,
+        logd: None,
+        token: Some(token.to_owned()),
+        rollout_timeout: Duration::from_secs(300),
+        certs: None,
+    });
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let serving = tokio::spawn(crate::minipaas::api::serve(listener, controller, async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    }));
+    Ok((stop, serving))
 }
 
 /// Waits until the etcd member `name` serves its peer API (`GET /members` answers).

@@ -39,6 +39,11 @@ pub struct CloudState {
     pub lan_netns: String,
     /// The names the roles answer by.
     pub roles: Vec<String>,
+    /// The minipaas controller's API over the cloud (`minipaas --controller`); the roles
+    /// are its app `cloud`.
+    pub controller: String,
+    /// The file holding its token (`minipaas --token-file`).
+    pub token_file: PathBuf,
     /// Every process's log.
     pub logs: PathBuf,
 }
