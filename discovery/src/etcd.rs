@@ -13,7 +13,6 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -165,17 +164,12 @@ impl std::fmt::Debug for EtcdKv {
 /// Whether a failed request surely never reached the member: no connection could be
 /// made. Only such a request may be sent to another member as it is.
 fn never_reached_member(e: &etcd_client::Error) -> bool {
-    match e {
-        etcd_client::Error::TransportError(t) => {
-            let text = causes(t);
-            text.contains("tcp connect error") || text.contains("Connection refused") || text.contains("No route to host")
-        }
-        etcd_client::Error::GRpcStatus(status) if status.code() == tonic::Code::Unavailable => {
-            let text = causes(status);
-            text.contains("tcp connect error") || text.contains("Connection refused") || text.contains("No route to host")
-        }
-        _ => false,
-    }
+    let text = match e {
+        etcd_client::Error::TransportError(t) => causes(t),
+        etcd_client::Error::GRpcStatus(status) if status.code() == tonic::Code::Unavailable => causes(status),
+        _ => return false,
+    };
+    ["tcp connect error", "Connection refused", "No route to host"].iter().any(|m| text.contains(m))
 }
 
 /// The whole chain of an error's causes, for messages that name the real one (a TLS
